@@ -1,0 +1,143 @@
+"""The replicated command schema and its msgpack codec.
+
+One Raft log entry carries a *batch* of commands (group commit: many SMTP
+sessions share one entry, one append and one LMDB transaction). Wire format:
+
+    entry := FORMAT_VERSION (1 byte) || msgpack([[tag, field, ...], ...])
+
+Everything a command needs to be applied deterministically (ids, timestamps,
+random choices) is made before submit and carried here. Unknown tags or a
+different format version raise `CodecError`: a node must never guess at an
+entry written by a newer version.
+
+Limits: an entry must stay under `MAX_ENTRY_BYTES` (pysyncobj mishandles
+entries near its 64 KiB append batch size), so bodies above
+`INLINE_BODY_MAX_BYTES` travel as `PutChunk` commands of `CHUNK_BYTES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import CodecError
+
+FORMAT_VERSION = 1
+MAX_ENTRY_BYTES = 56 * 1024
+CHUNK_BYTES = 48 * 1024
+INLINE_BODY_MAX_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """Queue one message. Body inline (`body`) or staged by `PutChunk` under `upload_id`."""
+
+    TAG: ClassVar[int] = 1
+    queue_id: str
+    received_ms: int
+    mail_from: str
+    recipients: tuple[str, ...]
+    body: bytes | None
+    upload_id: str
+    chunks: int
+    body_size: int
+    body_sha256: bytes
+    idem_key: bytes
+    message_id: str
+    client: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class PutChunk:
+    """One piece of a large body, staged until the `Enqueue` that names its upload."""
+
+    TAG: ClassVar[int] = 2
+    upload_id: str
+    seq: int
+    data: bytes
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A new leader tells the cluster who it is (maps Raft address to node id)."""
+
+    TAG: ClassVar[int] = 3
+    raft_addr: str
+    node_id: str
+    smtp_addr: str
+    admin_addr: str
+    term: int
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """Result of one delivery attempt: per-recipient (index, outcome, reply)."""
+
+    TAG: ClassVar[int] = 4
+    queue_id: str
+    at_ms: int
+    results: tuple[tuple[int, str, str], ...]
+    next_attempt_ms: int
+
+
+Command = Enqueue | PutChunk | Announce | RecordOutcome
+_BY_TAG: dict[int, type[Any]] = {c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome)}
+_TUPLE_FIELDS = {"recipients", "results"}
+
+
+def _to_list(cmd: Command) -> list[Any]:
+    return [cmd.TAG, *(getattr(cmd, f.name) for f in fields(cmd))]
+
+
+def _from_list(item: Any) -> Command:
+    if not isinstance(item, list) or not item:
+        raise CodecError(f"command is not a non-empty list: {type(item).__name__}")
+    cls = _BY_TAG.get(item[0])
+    if cls is None:
+        raise CodecError(f"unknown command tag {item[0]!r}")
+    names = [f.name for f in fields(cls)]
+    if len(item) != len(names) + 1:
+        raise CodecError(f"{cls.__name__}: expected {len(names)} fields, got {len(item) - 1}")
+    values = []
+    for name, value in zip(names, item[1:], strict=True):
+        if name == "results":
+            value = tuple(tuple(r) for r in value)
+        elif name in _TUPLE_FIELDS:
+            value = tuple(value)
+        values.append(value)
+    cmd: Command = cls(*values)
+    return cmd
+
+
+def encode_entry(commands: list[Command]) -> bytes:
+    if not commands:
+        raise CodecError("an entry needs at least one command")
+    payload: bytes = msgpack.packb([_to_list(c) for c in commands], use_bin_type=True)
+    return bytes([FORMAT_VERSION]) + payload
+
+
+def encode_command(cmd: Command) -> bytes:
+    """One command's encoded size contribution (used to fill entries up to the limit)."""
+    out: bytes = msgpack.packb(_to_list(cmd), use_bin_type=True)
+    return out
+
+
+def decode_entry(data: bytes) -> list[Command]:
+    if not data:
+        raise CodecError("empty entry")
+    if data[0] != FORMAT_VERSION:
+        raise CodecError(f"entry format version {data[0]} is not {FORMAT_VERSION}")
+    try:
+        items = msgpack.unpackb(data[1:], raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CodecError(f"undecodable entry: {exc}") from exc
+    if not isinstance(items, list):
+        raise CodecError("entry payload is not a list")
+    try:
+        return [_from_list(i) for i in items]
+    except TypeError as exc:
+        raise CodecError(f"bad command fields: {exc}") from exc

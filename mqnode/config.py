@@ -1,0 +1,175 @@
+"""NodeConfig: one node's settings, from a TOML file and/or command-line flags.
+
+Flags and TOML keys are the same names (`--raft-addr` == `raft_addr`); flags
+win. `validate()` is the only place settings are checked, and it names the
+offending key in one line (the CLI turns that into exit code 2).
+
+Settings with units carry them in the name: `*_ms`, `*_s`, `*_bytes`, `*_mb`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+
+
+def parse_hostport(value: str, key: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: port out of range in {value!r}")
+    return host.strip("[]"), port
+
+
+@dataclass
+class NodeConfig:
+    node_id: str = ""
+    data_dir: str = ""
+    raft_addr: str = ""
+    peers: list[str] = field(default_factory=list)
+    smtp_addr: str = "127.0.0.1:2525"
+    admin_addr: str = "127.0.0.1:8025"
+    cluster_secret_file: str = ""
+    relay_host: str = ""
+    dns_server: str = ""
+    hostname: str = "mqnode.localdomain"
+    allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_recipients: int = 1000
+    commit_timeout_ms: int = 10_000
+    max_pending_commits: int = 2000
+    election_timeout_min_ms: int = 400
+    election_timeout_max_ms: int = 1400
+    heartbeat_ms: int = 100
+    leader_fallback_ms: int = 3000
+    log_compaction_min_entries: int = 2000
+    log_compaction_min_time_s: int = 300
+    state_map_size_mb: int = 4096
+    raft_map_size_mb: int = 1024
+    delivery_concurrency: int = 20
+    retry_base_s: int = 300
+    retry_max_s: int = 4000
+    log_level: str = "INFO"
+
+    # --- loading -----------------------------------------------------------
+
+    @classmethod
+    def load(cls, config_file: str | None, overrides: dict[str, Any]) -> NodeConfig:
+        values: dict[str, Any] = {}
+        if config_file:
+            try:
+                with open(config_file, "rb") as fh:
+                    values = tomllib.load(fh)
+            except OSError as exc:
+                raise ConfigError(f"--config: cannot read {config_file}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"--config: {config_file} is not valid TOML: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name: f for f in fields(cls)}
+        cfg = cls()
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {key!r}")
+            setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+        cfg.validate()
+        return cfg
+
+    # --- checking ----------------------------------------------------------
+
+    def validate(self) -> None:
+        if not self.node_id or not self.node_id.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("node_id: required, letters/digits/-/_ only")
+        if not self.data_dir:
+            raise ConfigError("data_dir: required")
+        for key in ("raft_addr", "smtp_addr", "admin_addr"):
+            parse_hostport(getattr(self, key), key)
+        for peer in self.peers:
+            parse_hostport(peer, "peers")
+        if self.raft_addr in self.peers:
+            raise ConfigError("peers: must not contain this node's own raft_addr")
+        if len(set(self.peers)) != len(self.peers):
+            raise ConfigError("peers: duplicate entry")
+        for key in ("relay_host", "dns_server"):
+            if getattr(self, key):
+                parse_hostport(getattr(self, key), key)
+        if not self.cluster_secret_file:
+            raise ConfigError(
+                "cluster_secret_file: required; the Raft port runs code from anyone who "
+                "can reach it unless traffic is encrypted with a shared secret"
+            )
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"allowed_networks: {exc}") from exc
+        positive = (
+            "max_message_bytes",
+            "max_recipients",
+            "commit_timeout_ms",
+            "max_pending_commits",
+            "heartbeat_ms",
+            "log_compaction_min_entries",
+            "state_map_size_mb",
+            "raft_map_size_mb",
+            "delivery_concurrency",
+            "retry_base_s",
+            "retry_max_s",
+        )
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be > 0")
+        if not self.election_timeout_min_ms < self.election_timeout_max_ms:
+            raise ConfigError("election_timeout_min_ms: must be below election_timeout_max_ms")
+        if self.heartbeat_ms * 2 > self.election_timeout_min_ms:
+            raise ConfigError("heartbeat_ms: must be at most half of election_timeout_min_ms")
+
+    def read_secret(self) -> str:
+        """The cluster secret; refuse empty or world-readable files."""
+        path = Path(self.cluster_secret_file)
+        try:
+            st = path.stat()
+            secret = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cluster_secret_file: cannot read {path}: {exc.strerror}") from exc
+        if st.st_mode & 0o007:
+            raise ConfigError(f"cluster_secret_file: {path} is readable by others; chmod 600 it")
+        if len(secret) < 16:
+            raise ConfigError("cluster_secret_file: secret must be at least 16 characters")
+        return secret
+
+    @property
+    def data_path(self) -> Path:
+        return Path(os.path.abspath(self.data_dir))
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, list):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{key}: expected a list of strings or a comma-separated string")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from exc
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string")
+    return value

@@ -1,0 +1,59 @@
+"""Exception tree.
+
+    MqnodeError
+    ├── ConfigError            bad flags or config file: one line, exit code 2
+    ├── CorruptDataError       a data file fails its checksum or format check
+    ├── CodecError             a replicated command cannot be decoded (version, shape)
+    └── SubmitError            a command was not committed; carries the SMTP reply to give
+        ├── NoLeaderError      no leader known, or it changed under us (451)
+        ├── CommitTimeoutError no commit within commit_timeout_ms (451): outcome unknown
+        ├── BackpressureError  too many commits pending (451)
+        └── StoreFullError     the LMDB map or disk is full (452)
+"""
+
+from __future__ import annotations
+
+
+class MqnodeError(Exception):
+    """Base of every error mqnode raises on purpose."""
+
+
+class ConfigError(MqnodeError):
+    """Invalid configuration; the message names the offending key."""
+
+
+class CorruptDataError(MqnodeError):
+    """A data file on disk is damaged; never applied silently."""
+
+
+class CodecError(MqnodeError):
+    """A replicated entry could not be decoded."""
+
+
+class SubmitError(MqnodeError):
+    """A submission did not commit. `smtp_code`/`smtp_status` say what to answer."""
+
+    smtp_code = 451
+    smtp_status = "4.3.0"
+
+    def smtp_reply(self) -> str:
+        return f"{self.smtp_code} {self.smtp_status} {self}"
+
+
+class NoLeaderError(SubmitError):
+    """No leader is known or the leader changed before commit."""
+
+
+class CommitTimeoutError(SubmitError):
+    """Commit did not complete in time; the entry may still commit later."""
+
+
+class BackpressureError(SubmitError):
+    """Too many commits in flight; the client should retry later."""
+
+
+class StoreFullError(SubmitError):
+    """Storage is full; nothing new is accepted until space returns."""
+
+    smtp_code = 452
+    smtp_status = "4.3.1"

@@ -1,0 +1,191 @@
+"""Node: builds every part from a NodeConfig, wires them, runs until SIGTERM/SIGINT.
+
+Start-up order: lock the data dir (one process per dir), check its identity,
+open LMDB, bind Raft (encrypted with the cluster secret), then the admin and
+SMTP listeners. Shutdown reverses it: stop accepting, let in-flight commits
+finish briefly, stop the Raft tick, close LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+from typing import IO
+
+from aiosmtpd.smtp import SMTP
+
+from .clock import Clock, SystemClock
+from .commands import Announce
+from .config import NodeConfig, parse_hostport
+from .control import AdminServer
+from .delivery import DeliveryAgent
+from .dispatcher import Dispatcher
+from .errors import ConfigError, MqnodeError
+from .ingress import SmtpIngress
+from .policy import RetryPolicy
+from .raft import RaftNode, RaftSettings, RaftStatus
+from .replicator import CommitPipeline
+from .statemachine import QueueStateMachine
+from .store import QueueStore
+
+log = logging.getLogger(__name__)
+
+
+def _lock_data_dir(cfg: NodeConfig) -> IO[str]:
+    path = cfg.data_path
+    path.mkdir(parents=True, exist_ok=True)
+    lock = open(path / "LOCK", "w")  # noqa: SIM115 - held for the process lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        raise ConfigError(f"data_dir: {path} is in use by another mqnode process") from exc
+    ident = path / "node.json"
+    if ident.exists():
+        try:
+            stored = json.loads(ident.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data_dir: {ident} is unreadable: {exc}") from exc
+        if stored.get("node_id") != cfg.node_id or stored.get("raft_addr") != cfg.raft_addr:
+            raise ConfigError(
+                f"data_dir: {path} belongs to node {stored.get('node_id')} at "
+                f"{stored.get('raft_addr')}, not {cfg.node_id} at {cfg.raft_addr}"
+            )
+    else:
+        tmp = ident.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"node_id": cfg.node_id, "raft_addr": cfg.raft_addr}))
+        os.replace(tmp, ident)
+    return lock
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or SystemClock()
+        self._rng = random.Random()
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        secret = cfg.read_secret()
+        lock = _lock_data_dir(cfg)
+        loop = asyncio.get_running_loop()
+        store = QueueStore(cfg.data_path / "state", cfg.state_map_size_mb)
+        raft = RaftNode(
+            RaftSettings(
+                self_addr=cfg.raft_addr,
+                peers=cfg.peers,
+                secret=secret,
+                data_dir=cfg.data_path,
+                election_timeout_min_ms=cfg.election_timeout_min_ms,
+                election_timeout_max_ms=cfg.election_timeout_max_ms,
+                heartbeat_ms=cfg.heartbeat_ms,
+                leader_fallback_ms=cfg.leader_fallback_ms,
+                log_compaction_min_entries=cfg.log_compaction_min_entries,
+                log_compaction_min_time_s=cfg.log_compaction_min_time_s,
+                raft_map_size_mb=cfg.raft_map_size_mb,
+            ),
+            store,
+            QueueStateMachine(),
+            loop,
+            on_status_change=self._on_raft_status,
+        )
+        self._pipeline = pipeline = CommitPipeline(
+            raft, self.clock, cfg.max_pending_commits, cfg.commit_timeout_ms / 1000
+        )
+        self._raft = raft
+        ingress = SmtpIngress(
+            pipeline,
+            self.clock,
+            self._rng.randbytes,
+            cfg.node_id,
+            cfg.hostname,
+            cfg.allowed_networks,
+            cfg.max_recipients,
+            store.fill_ratio,
+        )
+        dispatcher = Dispatcher(
+            store,
+            pipeline,
+            DeliveryAgent(cfg.hostname),
+            self.clock,
+            RetryPolicy(cfg.retry_base_s, cfg.retry_max_s),
+            self._rng.random,
+            parse_hostport(cfg.relay_host, "relay_host") if cfg.relay_host else None,
+            cfg.delivery_concurrency,
+        )
+        admin = AdminServer(
+            {
+                "node_id": cfg.node_id,
+                "raft_addr": cfg.raft_addr,
+                "smtp_addr": cfg.smtp_addr,
+                "admin_addr": cfg.admin_addr,
+            },
+            store,
+            raft,
+            lease_held=lambda: False,
+        )
+        raft.start()
+        pipeline.start()
+        tasks = [asyncio.create_task(dispatcher.run(), name="dispatcher")]
+        smtp_server = None
+        try:
+            await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
+            host, port = parse_hostport(cfg.smtp_addr, "smtp_addr")
+            smtp_server = await loop.create_server(
+                lambda: SMTP(
+                    ingress,
+                    data_size_limit=cfg.max_message_bytes,
+                    hostname=cfg.hostname,
+                    enable_SMTPUTF8=True,
+                    ident="mqnode",
+                ),
+                host,
+                port,
+            )
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            log.info("node %s up: smtp %s, admin %s, raft %s peers %s",
+                     cfg.node_id, cfg.smtp_addr, cfg.admin_addr, cfg.raft_addr, cfg.peers)
+            await self._stop.wait()
+            log.info("shutting down")
+        except OSError as exc:
+            raise MqnodeError(f"cannot listen: {exc}") from exc
+        finally:
+            if smtp_server is not None:
+                smtp_server.close()
+            for t in tasks:
+                t.cancel()
+            await dispatcher.stop()
+            await pipeline.stop()
+            await admin.stop()
+            await asyncio.to_thread(raft.stop)
+            store.close()
+            lock.close()
+
+    def _on_raft_status(self, status: RaftStatus) -> None:
+        log.info("raft: %s, term %d, leader %s", status.role, status.term, status.leader_addr)
+        if status.role == "leader":
+            cfg = self.cfg
+            cmd = Announce(cfg.raft_addr, cfg.node_id, cfg.smtp_addr, cfg.admin_addr, status.term)
+            task = asyncio.get_running_loop().create_task(self._announce(cmd))
+            task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+
+    async def _announce(self, cmd: Announce) -> None:
+        try:
+            await self._pipeline.submit(cmd)
+        except MqnodeError as exc:
+            log.warning("leader announce not committed: %s", exc)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+def data_dir_exists(path: str) -> bool:
+    return Path(path).exists()

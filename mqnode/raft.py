@@ -1,0 +1,426 @@
+"""RaftNode: the only module that imports pysyncobj (pinned to 0.3.17).
+
+What it promises
+* `submit_entry(entry, done)` appends one entry; `done(results, None)` runs on
+  the asyncio loop only after the entry is committed by a majority, applied to
+  LMDB *and that LMDB transaction is committed*; otherwise `done(None, reason)`.
+  It may also never be called (leader lost, partition): callers time out.
+* An entry counts toward commit on a follower only after it is fsynced there:
+  acknowledgements (`next_node_idx`) are held back until the tick's journal
+  flush. Term and vote are written synchronously before any vote is sent.
+* One fsync per tick for the journal and one for the state, however many
+  entries the tick carried (group commit).
+
+What it assumes about pysyncobj (each item is a workaround, see
+docs/design/replication.md):
+* We run its tick loop ourselves (`autoTick=False`) so that we can flush and
+  release acks between ticks.
+* Its journal is replaced by `DurableJournal` right after construction; its
+  own FileJournal does not fsync and its dump-file loader drops entries.
+* Its startup dump-file load is disabled; the LMDB state (with its applied
+  index) is the snapshot, and the journal holds everything after it.
+* Snapshots go through its serializer/deserializer hooks as `snapshot.py`
+  files; installing one replaces the LMDB state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.journal import Journal
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.transport import TCPTransport
+
+from . import snapshot
+from .errors import CorruptDataError, StoreFullError
+from .statemachine import QueueStateMachine, Result
+from .store import LogStore, QueueStore
+
+log = logging.getLogger(__name__)
+
+NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP marker
+_ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+_FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper()}
+
+Done = Callable[[list[Result] | None, str | None], None]
+Entry = tuple[bytes, int, int]
+
+
+class DurableJournal(Journal):  # type: ignore[misc]
+    """pysyncobj's journal interface over `LogStore`: in memory for reads, durable per batch."""
+
+    def __init__(self, store: LogStore) -> None:
+        self._store = store
+        self._entries: list[Entry] = store.load()
+        self._meta: dict[str, Any] = store.get_meta()
+        self._ops: list[tuple[str, int, int, bytes]] = []
+        self._meta_dirty = False
+        if not self._entries:
+            self.add(NO_OP, 1, int(self._meta.get("term", 0)))
+            self.flush()
+
+    # -- the interface pysyncobj calls ---------------------------------------
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._entries and idx != self._entries[-1][1] + 1:
+            raise CorruptDataError(f"journal add out of order: {idx} after {self._entries[-1][1]}")
+        self._entries.append((command, idx, term))
+        self._ops.append(("add", idx, term, command))
+
+    def clear(self) -> None:
+        self._entries = []
+        self._ops.append(("clear", 0, 0, b""))
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802
+        if entryFrom >= len(self._entries):
+            return
+        idx = self._entries[entryFrom][1]
+        del self._entries[entryFrom:]
+        self._ops.append(("del_from", idx, 0, b""))
+
+    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
+        # Never compact away the last two entries: pysyncobj can ask to delete past the
+        # end of the log, after which every tick raises IndexError.
+        entryTo = min(entryTo, len(self._entries) - 2)
+        if entryTo <= 0:
+            return
+        idx = self._entries[entryTo][1]
+        self._entries = self._entries[entryTo:]
+        self._ops.append(("del_to", idx, 0, b""))
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _destroy(self) -> None:
+        pass
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802, N803
+        if self._meta.get("commit") != raftCommitIndex:
+            self._meta["commit"] = raftCommitIndex
+            self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:  # noqa: N802
+        return int(self._meta.get("commit", 1))
+
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:  # noqa: N802, N803
+        self._meta["term"] = term
+        self._meta["vote"] = votedForNodeId
+        self.flush(force_meta=True)  # durable before any vote message leaves
+
+    def getCurrentTerm(self) -> int:  # noqa: N802
+        return int(self._meta.get("term", 0))
+
+    def getVotedForNodeId(self) -> str | None:  # noqa: N802
+        vote = self._meta.get("vote")
+        return None if vote is None else str(vote)
+
+    def onOneSecondTimer(self) -> None:  # noqa: N802
+        if self._meta_dirty and not self._ops:
+            self.flush(force_meta=True)
+
+    # -- ours ------------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return bool(self._ops)
+
+    def flush(self, force_meta: bool = False) -> int:
+        """Write pending ops (and metadata) in one synced transaction; returns entries added."""
+        if not self._ops and not force_meta:
+            return 0
+        ops, self._ops = self._ops, []
+        self._store.write(ops, dict(self._meta))
+        self._meta_dirty = False
+        return sum(1 for op in ops if op[0] == "add")
+
+    def reset(self, entries: list[Entry]) -> None:
+        self.clear()
+        for e in entries:
+            self.add(*e)
+        self.flush()
+
+
+class _Transport(TCPTransport):  # type: ignore[misc]
+    """Holds back follower acknowledgements until the journal is fsynced."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
+        self._mq_deferred: list[tuple[Any, Any]] = []
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    def send(self, node: Any, message: Any) -> bool:
+        if message.get("type") == "next_node_idx" and self._syncObj._mq_journal.dirty:
+            self._mq_deferred.append((node, message))
+            return True
+        return bool(super().send(node, message))
+
+    def release_deferred(self) -> None:
+        deferred, self._mq_deferred = self._mq_deferred, []
+        for node, message in deferred:
+            super().send(node, message)
+
+
+class _SyncObj(SyncObj):  # type: ignore[misc]
+    def __init__(
+        self, owner: RaftNode, self_addr: str, peers: list[str], conf: Any, journal: DurableJournal
+    ) -> None:
+        self._mq_owner = owner
+        self._mq_journal = journal
+        super().__init__(self_addr, peers, conf, transportClass=_Transport)
+        self._mq_notifier = PipeNotifier(self._poller)
+
+    @replicated  # type: ignore[untyped-decorator]
+    def mq_apply(self, entry: bytes) -> list[Result] | None:
+        return self._mq_owner._apply(entry)
+
+
+@dataclass(frozen=True)
+class RaftSettings:
+    self_addr: str
+    peers: list[str]
+    secret: str
+    data_dir: Path
+    election_timeout_min_ms: int
+    election_timeout_max_ms: int
+    heartbeat_ms: int
+    leader_fallback_ms: int
+    log_compaction_min_entries: int
+    log_compaction_min_time_s: int
+    raft_map_size_mb: int
+
+
+@dataclass(frozen=True)
+class RaftStatus:
+    role: str
+    leader_addr: str | None
+    term: int
+    commit_index: int
+    last_applied: int
+    has_quorum: bool
+    log_len: int
+
+
+class RaftNode:
+    """Owns the pysyncobj instance, its tick thread, the journal and snapshot hooks."""
+
+    def __init__(
+        self,
+        settings: RaftSettings,
+        store: QueueStore,
+        machine: QueueStateMachine,
+        loop: asyncio.AbstractEventLoop,
+        on_status_change: Callable[[RaftStatus], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._machine = machine
+        self._loop = loop
+        self._on_status_change = on_status_change
+        self._snapshot_path = settings.data_dir / "snapshot.bin"
+        self._logstore = LogStore(settings.data_dir / "raft", settings.raft_map_size_mb)
+        self._journal = DurableJournal(self._logstore)
+        self._reconcile_startup()
+        self._completions: deque[tuple[Done, Any, int]] = deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._applied_written = store.applied_index()
+        self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
+        self._sync = _SyncObj(self, settings.self_addr, settings.peers, self._conf(), self._journal)
+        self._adopt_journal()
+
+    # -- construction ------------------------------------------------------------
+    def _conf(self) -> Any:
+        s = self._settings
+        max_s = s.election_timeout_max_ms / 1000
+        return SyncObjConf(
+            autoTick=False,
+            password=s.secret,
+            journalFile=None,
+            fullDumpFile=str(self._snapshot_path),
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            raftMinTimeout=s.election_timeout_min_ms / 1000,
+            raftMaxTimeout=max_s,
+            appendEntriesPeriod=s.heartbeat_ms / 1000,
+            leaderFallbackTimeout=max(s.leader_fallback_ms / 1000, 2 * s.heartbeat_ms / 1000),
+            connectionTimeout=max(3.5, 2 * max_s),
+            connectionRetryTime=0.5,
+            logCompactionMinEntries=s.log_compaction_min_entries,
+            logCompactionMinTime=s.log_compaction_min_time_s,
+            commandsWaitLeader=False,
+            appendEntriesUseBatch=True,
+            dynamicMembershipChange=False,
+            maxBindRetries=20,
+            bindRetryTime=0.5,
+        )
+
+    def _reconcile_startup(self) -> None:
+        """Make the journal and the LMDB state agree after a crash at any point."""
+        applied = self._store.applied_index()
+        first, last = self._journal[0][1], self._journal[-1][1]
+        if first <= applied + 1 and applied <= last:
+            return
+        header = snapshot.read_header(self._snapshot_path)
+        if applied + 1 < first:
+            if header.index + 1 < first:
+                raise CorruptDataError(
+                    f"state is at index {applied} but the log starts at {first} and the "
+                    f"snapshot at {header.index}: this data dir cannot catch up; move it "
+                    "away and restart the node to resync from its peers"
+                )
+            log.warning("state behind log start (%d < %d): restoring snapshot", applied, first)
+            snapshot.install(self._snapshot_path, self._store)
+            applied = header.index
+        if applied > last:
+            if header.index != applied:
+                raise CorruptDataError(f"state at {applied} is ahead of the log end {last}")
+            log.warning("log behind state (%d > %d): resetting log to snapshot", last, applied)
+            self._journal.reset([header.prev, header.last])
+
+    def _adopt_journal(self) -> None:
+        """Swap our journal into pysyncobj (it built a MemoryJournal before we could)."""
+        j, s = self._journal, self._sync
+        applied = max(self._store.applied_index(), 1)
+        s._SyncObj__raftLog = j
+        s._SyncObj__raftCurrentTerm = max(j.getCurrentTerm(), j[-1][2])
+        s._SyncObj__votedForNodeId = j.getVotedForNodeId()
+        s._SyncObj__raftCommitIndex = min(max(j.getRaftCommitIndex(), applied), j[-1][1])
+        s._SyncObj__raftLastApplied = applied
+        s._SyncObj__needLoadDumpFile = False
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="raft-tick", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._sync._doDestroy()
+        self._logstore.close()
+
+    # -- submission (any thread) -----------------------------------------------------
+    def submit_entry(self, entry: bytes, done: Done) -> None:
+        def on_result(result: Any, err: int) -> None:
+            self._completions.append((done, result, err))
+
+        self._sync.mq_apply(entry, callback=on_result)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            self._sync._mq_notifier.notify()
+        except BlockingIOError:
+            pass  # pipe full: the tick is already due to wake
+
+    def force_compaction(self) -> None:
+        self._sync.forceLogCompaction()
+
+    # -- the tick thread -----------------------------------------------------------------
+    def _apply(self, entry: bytes) -> list[Result] | None:
+        index = self._sync.raftLastApplied + 1
+        return self._machine.apply(index, entry, self._store.apply_txn())
+
+    def _run(self) -> None:
+        tick_s = min(self._settings.heartbeat_ms / 2000, 0.05)
+        while not self._stop.is_set():
+            try:
+                self._sync.doTick(tick_s)
+                self._after_tick()
+            except Exception:
+                log.exception("raft tick failed; rolling back this tick's applies")
+                self._roll_back()
+                self._stop.wait(0.2)
+
+    def _after_tick(self) -> None:
+        sync = self._sync
+        last_applied = sync.raftLastApplied
+        if last_applied > self._applied_written:
+            txn = self._store.apply_txn()
+            if txn.applied_index() < last_applied:
+                txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
+        self._store.commit_apply()
+        self._applied_written = last_applied
+        appended = self._journal.flush()
+        sync._SyncObj__transport.release_deferred()
+        if appended and sync._isLeader():
+            sync._SyncObj__newAppendEntriesTime = 0  # replicate now, not at the next heartbeat
+        self._deliver_completions(failed=False)
+        self._publish_status()
+
+    def _roll_back(self) -> None:
+        self._store.abort_apply()
+        committed = self._store.applied_index()
+        self._sync._SyncObj__raftLastApplied = max(committed, self._journal[0][1])
+        self._applied_written = committed
+        self._deliver_completions(failed=True)
+
+    def _deliver_completions(self, failed: bool) -> None:
+        items = []
+        while self._completions:
+            done, result, err = self._completions.popleft()
+            if failed and err == FAIL_REASON.SUCCESS:
+                items.append((done, None, "apply_failed"))
+            elif err == FAIL_REASON.SUCCESS:
+                items.append((done, result, None))
+            else:
+                items.append((done, None, _FAIL_NAMES.get(err, str(err))))
+        if items:
+            self._loop.call_soon_threadsafe(_run_completions, items)
+
+    def _publish_status(self) -> None:
+        sync = self._sync
+        leader = sync._getLeader()
+        status = RaftStatus(
+            role=_ROLES.get(sync._SyncObj__raftState, "unknown"),
+            leader_addr=None if leader is None else leader.address,
+            term=sync.raftCurrentTerm,
+            commit_index=sync.raftCommitIndex,
+            last_applied=sync.raftLastApplied,
+            has_quorum=sync.hasQuorum,
+            log_len=len(self._journal),
+        )
+        old, self.status = self.status, status
+        changed = (old.role, old.leader_addr, old.term) != (status.role, status.leader_addr, status.term)
+        if changed and self._on_status_change is not None:
+            self._loop.call_soon_threadsafe(self._on_status_change, status)
+
+    # -- snapshot hooks (tick thread, called by pysyncobj) ------------------------------------
+    def _serialize(self, filename: str, data: Any) -> None:
+        last, prev, cluster = data
+        txn = self._store.apply_txn()
+        if txn.applied_index() < last[1]:
+            txn.set_applied_index(last[1])
+        self._store.commit_apply()
+        snapshot.write_snapshot(
+            Path(filename),
+            self._store,
+            (bytes(last[0]), int(last[1]), int(last[2])),
+            (bytes(prev[0]), int(prev[1]), int(prev[2])),
+            sorted(n.address for n in cluster),
+        )
+        log.info("snapshot written at index %d", last[1])
+
+    def _deserialize(self, filename: str) -> tuple[Entry, Entry, list[str]]:
+        try:
+            self._store.commit_apply()
+        except StoreFullError:
+            self._store.abort_apply()
+        header = snapshot.install(Path(filename), self._store)
+        self._applied_written = header.index
+        log.info("installed snapshot at index %d from the leader", header.index)
+        return header.last, header.prev, header.cluster
+
+
+def _run_completions(items: list[tuple[Done, Any, str | None]]) -> None:
+    for done, result, err in items:
+        done(result, err)

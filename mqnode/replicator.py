@@ -1,0 +1,154 @@
+"""CommitPipeline: group commit between asyncio callers and the Raft log.
+
+Many SMTP sessions finish DATA at once; each awaits `submit(cmd)`. The
+pipeline packs whatever is queued into one log entry (up to
+`MAX_ENTRY_BYTES`) and keeps up to `max_inflight_entries` entries in flight,
+so concurrent sessions share appends, fsyncs and LMDB transactions.
+
+Limits and failure contract:
+* at most `max_pending` submissions waiting or in flight; beyond that
+  `BackpressureError` (451) at once — memory stays bounded;
+* every submission resolves within `commit_timeout_s` or raises
+  `CommitTimeoutError` (the entry may still commit: callers must make
+  commands idempotent, which Enqueue is, by idempotency key and queue id);
+* idempotent commands are retried on "no leader"/"leader changed" until the
+  deadline; others are retried only when the failure proves they were never
+  appended.
+
+Dispatcher and ingress depend on the `Replicator` protocol, not on Raft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .clock import Clock
+from .commands import MAX_ENTRY_BYTES, Command, RecordOutcome, encode_command, encode_entry
+from .errors import BackpressureError, CommitTimeoutError, NoLeaderError, SubmitError
+from .raft import RaftNode
+from .statemachine import Result
+
+log = logging.getLogger(__name__)
+
+# Failures that prove the command was never appended to any log.
+_NOT_APPENDED = {"missing_leader", "not_leader", "queue_full"}
+_RETRY_PAUSE_S = 0.05
+
+
+class Replicator(Protocol):
+    async def submit(self, cmd: Command) -> Result: ...
+
+    def is_leader(self) -> bool: ...
+
+
+@dataclass
+class _Item:
+    cmd: Command
+    size: int
+    future: asyncio.Future[Result] = field(repr=False)
+
+
+class CommitPipeline:
+    def __init__(
+        self,
+        raft: RaftNode,
+        clock: Clock,
+        max_pending: int,
+        commit_timeout_s: float,
+        max_inflight_entries: int = 16,
+    ) -> None:
+        self._raft = raft
+        self._clock = clock
+        self._max_pending = max_pending
+        self._timeout_s = commit_timeout_s
+        self._max_inflight = max_inflight_entries
+        self._queue: deque[_Item] = deque()
+        self._pending = 0
+        self._inflight = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="commit-pipeline")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def is_leader(self) -> bool:
+        return self._raft.status.role == "leader"
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def submit(self, cmd: Command) -> Result:
+        if self._pending >= self._max_pending:
+            raise BackpressureError(f"too many commits pending ({self._pending})")
+        self._pending += 1
+        deadline = self._clock.monotonic_s() + self._timeout_s
+        try:
+            return await self._submit_until(cmd, deadline)
+        finally:
+            self._pending -= 1
+
+    async def _submit_until(self, cmd: Command, deadline: float) -> Result:
+        idempotent = not isinstance(cmd, RecordOutcome)
+        size = len(encode_command(cmd))
+        while True:
+            loop = asyncio.get_running_loop()
+            item = _Item(cmd, size, loop.create_future())
+            self._queue.append(item)
+            self._wake.set()
+            remaining = deadline - self._clock.monotonic_s()
+            try:
+                return await asyncio.wait_for(item.future, max(remaining, 0.001))
+            except TimeoutError:
+                raise CommitTimeoutError("commit timed out; the message was not queued") from None
+            except NoLeaderError as exc:
+                retry = idempotent or str(exc) in _NOT_APPENDED
+                if not retry or self._clock.monotonic_s() + _RETRY_PAUSE_S >= deadline:
+                    raise
+                await asyncio.sleep(_RETRY_PAUSE_S)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue and self._inflight < self._max_inflight:
+                batch = self._take_batch()
+                self._inflight += 1
+                self._raft.submit_entry(
+                    encode_entry([i.cmd for i in batch]),
+                    lambda res, err, b=batch: self._done(b, res, err),  # type: ignore[misc]
+                )
+
+    def _take_batch(self) -> list[_Item]:
+        batch = [self._queue.popleft()]
+        total = batch[0].size + 16
+        while self._queue and total + self._queue[0].size < MAX_ENTRY_BYTES:
+            item = self._queue.popleft()
+            total += item.size
+            batch.append(item)
+        return batch
+
+    def _done(self, batch: list[_Item], results: list[Result] | None, err: str | None) -> None:
+        self._inflight -= 1
+        self._wake.set()
+        for i, item in enumerate(batch):
+            if item.future.done():
+                continue
+            if err is not None:
+                item.future.set_exception(NoLeaderError(err))
+            elif results is None or i >= len(results):
+                item.future.set_exception(SubmitError("entry was applied before (replay)"))
+            else:
+                item.future.set_result(results[i])

@@ -1,0 +1,397 @@
+"""LMDB storage: the only module that imports `lmdb`.
+
+Two environments per data dir, each with one job:
+
+* `QueueStore` (`<data>/state`): the replicated state machine's output —
+  messages, bodies, the due-time index, idempotency keys, counters and the
+  last applied Raft index. Writes happen only on the Raft tick thread, in one
+  transaction per tick (`apply_txn` / `commit_apply`), so many entries share a
+  commit and an fsync. Reads from other threads go through `reader()`.
+* `LogStore` (`<data>/raft`): the durable Raft journal and term/vote/commit
+  metadata, written in one synced transaction per batch.
+
+Limits: map sizes are fixed at open (`*_map_size_mb`); a full map raises
+`StoreFullError` and the transaction is rolled back, never half-applied.
+Log records carry a CRC32 because LMDB has none; a mismatch raises
+`CorruptDataError`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from .errors import CorruptDataError, StoreFullError
+from .model import MessageState, QueuedMessage
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
+
+
+def _pack(obj: Any) -> bytes:
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateTxn:
+    """Write access to the queue state inside one LMDB transaction (tick thread only)."""
+
+    def __init__(self, store: QueueStore, txn: Any) -> None:
+        self._s = store
+        self._txn = txn
+
+    # -- meta ---------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        raw = self._txn.get(key.encode(), db=self._s._meta)
+        return default if raw is None else _unpack(raw)
+
+    def put_meta(self, key: str, value: Any) -> None:
+        self._txn.put(key.encode(), _pack(value), db=self._s._meta)
+
+    def applied_index(self) -> int:
+        return int(self.get_meta("applied_index", 0))
+
+    def set_applied_index(self, index: int) -> None:
+        self.put_meta("applied_index", index)
+
+    def _bump(self, state: MessageState, delta: int) -> None:
+        key = COUNT_KEYS[state].decode()
+        self.put_meta(key, int(self.get_meta(key, 0)) + delta)
+
+    # -- messages -----------------------------------------------------------
+    def get_message(self, queue_id: str) -> QueuedMessage | None:
+        raw = self._txn.get(queue_id.encode(), db=self._s._msgs)
+        return None if raw is None else QueuedMessage.from_record(_unpack(raw))
+
+    def put_message(self, msg: QueuedMessage, old: QueuedMessage | None) -> None:
+        """Insert or replace, keeping the due index and state counters in step."""
+        if old is not None:
+            self._unindex(old)
+        self._txn.put(msg.queue_id.encode(), _pack(msg.to_record()), db=self._s._msgs)
+        if not msg.hold:
+            self._txn.put(_due_key(msg), b"", db=self._s._due)
+        self._bump(msg.state(), +1)
+
+    def delete_message(self, msg: QueuedMessage) -> None:
+        self._unindex(msg)
+        self._txn.delete(msg.queue_id.encode(), db=self._s._msgs)
+        self.delete_body(msg.body_key, msg.body_chunks)
+
+    def _unindex(self, msg: QueuedMessage) -> None:
+        self._txn.delete(_due_key(msg), db=self._s._due)
+        self._bump(msg.state(), -1)
+
+    # -- bodies -------------------------------------------------------------
+    def put_body_chunk(self, body_key: str, seq: int, data: bytes) -> None:
+        self._txn.put(_body_key(body_key, seq), data, db=self._s._body)
+
+    def has_body_chunk(self, body_key: str, seq: int) -> bool:
+        return self._txn.get(_body_key(body_key, seq), db=self._s._body) is not None
+
+    def read_body(self, body_key: str, chunks: int) -> bytes:
+        parts = []
+        for seq in range(chunks):
+            raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
+            if raw is None:
+                raise CorruptDataError(f"body {body_key} chunk {seq} missing")
+            parts.append(bytes(raw))
+        return b"".join(parts)
+
+    def delete_body(self, body_key: str, chunks: int) -> None:
+        for seq in range(chunks):
+            self._txn.delete(_body_key(body_key, seq), db=self._s._body)
+
+    # -- staged uploads (large bodies arriving as chunks) --------------------
+    def note_upload(self, upload_id: str, created_ms: int) -> None:
+        key = upload_id.encode()
+        if self._txn.get(key, db=self._s._uploads) is None:
+            self._txn.put(key, _U64.pack(created_ms), db=self._s._uploads)
+            self._txn.put(_U64.pack(created_ms) + key, b"", db=self._s._uploads_by_time)
+
+    def finish_upload(self, upload_id: str) -> None:
+        key = upload_id.encode()
+        raw = self._txn.get(key, db=self._s._uploads)
+        if raw is not None:
+            self._txn.delete(key, db=self._s._uploads)
+            self._txn.delete(bytes(raw) + key, db=self._s._uploads_by_time)
+
+    def expire_uploads(self, older_than_ms: int, limit: int) -> int:
+        """Drop staged chunks of uploads never enqueued (client gave up); bounded work."""
+        cur = self._txn.cursor(db=self._s._uploads_by_time)
+        doomed: list[bytes] = []
+        for key, _ in cur:
+            if _U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
+                break
+            doomed.append(bytes(key))
+        for key in doomed:
+            upload_id = key[8:].decode()
+            self._txn.delete(key, db=self._s._uploads_by_time)
+            self._txn.delete(key[8:], db=self._s._uploads)
+            bcur = self._txn.cursor(db=self._s._body)
+            prefix = upload_id.encode() + b"\0"
+            if bcur.set_range(prefix):
+                while bcur.key().startswith(prefix):
+                    if not bcur.delete():
+                        break
+        return len(doomed)
+
+    # -- idempotency --------------------------------------------------------
+    def get_idem(self, key: bytes) -> str | None:
+        raw = self._txn.get(key, db=self._s._idem)
+        return None if raw is None else str(_unpack(raw)[0])
+
+    def put_idem(self, key: bytes, queue_id: str, at_ms: int) -> None:
+        self._txn.put(key, _pack([queue_id, at_ms]), db=self._s._idem)
+        self._txn.put(_U64.pack(at_ms) + key, b"", db=self._s._idem_by_time)
+
+    def expire_idem(self, older_than_ms: int, limit: int) -> int:
+        cur = self._txn.cursor(db=self._s._idem_by_time)
+        doomed: list[bytes] = []
+        for key, _ in cur:
+            if _U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
+                break
+            doomed.append(bytes(key))
+        for key in doomed:
+            self._txn.delete(key, db=self._s._idem_by_time)
+            self._txn.delete(key[8:], db=self._s._idem)
+        return len(doomed)
+
+
+def _due_key(msg: QueuedMessage) -> bytes:
+    return _U64.pack(msg.next_attempt_ms) + msg.queue_id.encode()
+
+
+def _body_key(body_key: str, seq: int) -> bytes:
+    return body_key.encode() + b"\0" + _U32.pack(seq)
+
+
+class QueueStore:
+    """The queue state in LMDB. See the module docstring for the threading contract."""
+
+    DBS = ("meta", "msgs", "body", "due", "idem", "idem_by_time", "uploads", "uploads_by_time")
+
+    def __init__(self, path: Path, map_size_mb: int) -> None:
+        self.path = path
+        self._map_size = map_size_mb * 1024 * 1024
+        self._lock = threading.RLock()
+        self._txn: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                str(self.path), map_size=self._map_size, max_dbs=16, sync=True, metasync=True
+            )
+        except lmdb.Error as exc:
+            raise CorruptDataError(f"cannot open queue store {self.path}: {exc}") from exc
+        for name in self.DBS:
+            setattr(self, f"_{name}", self._env.open_db(name.encode()))
+
+    # -- the tick thread's write path ----------------------------------------
+    def apply_txn(self) -> StateTxn:
+        """The open write transaction of this tick (opened on first use)."""
+        if self._txn is None:
+            self._txn = self._env.begin(write=True)
+        return StateTxn(self, self._txn)
+
+    def commit_apply(self) -> None:
+        """Commit (and fsync) everything applied since the last commit."""
+        if self._txn is None:
+            return
+        txn, self._txn = self._txn, None
+        try:
+            txn.commit()
+        except lmdb.MapFullError as exc:
+            raise StoreFullError("queue store map is full") from exc
+
+    def abort_apply(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+    # -- readers (any thread) ------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[StateTxn]:
+        with self._lock, self._env.begin(write=False) as txn:
+            yield StateTxn(self, txn)
+
+    def applied_index(self) -> int:
+        with self.reader() as r:
+            return r.applied_index()
+
+    def counts(self) -> dict[str, int]:
+        with self.reader() as r:
+            return {s.value: int(r.get_meta(COUNT_KEYS[s].decode(), 0)) for s in MessageState}
+
+    def get_message(self, queue_id: str) -> QueuedMessage | None:
+        with self.reader() as r:
+            return r.get_message(queue_id)
+
+    def read_body(self, msg: QueuedMessage) -> bytes:
+        with self.reader() as r:
+            return r.read_body(msg.body_key, msg.body_chunks)
+
+    def list_messages(self, limit: int, state: MessageState | None = None) -> list[QueuedMessage]:
+        out: list[QueuedMessage] = []
+        with self._lock, self._env.begin(write=False) as txn:
+            for _, raw in txn.cursor(db=self._msgs):
+                msg = QueuedMessage.from_record(_unpack(raw))
+                if state is None or msg.state() is state:
+                    out.append(msg)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def due_messages(self, now_ms: int, limit: int) -> list[QueuedMessage]:
+        """Messages whose next attempt is due, oldest due first."""
+        out: list[QueuedMessage] = []
+        with self._lock, self._env.begin(write=False) as txn:
+            for key, _ in txn.cursor(db=self._due):
+                if _U64.unpack(key[:8])[0] > now_ms or len(out) >= limit:
+                    break
+                raw = txn.get(bytes(key[8:]), db=self._msgs)
+                if raw is not None:
+                    out.append(QueuedMessage.from_record(_unpack(raw)))
+        return out
+
+    def fill_ratio(self) -> float:
+        info = self._env.info()
+        stat = self._env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        return float(used) / float(info["map_size"])
+
+    # -- snapshots -----------------------------------------------------------
+    def copy_to(self, dest_file: Path) -> None:
+        """A consistent, compacted copy of the state as one file, fsynced."""
+        self.commit_apply()
+        with open(dest_file, "wb") as fh:
+            self._env.copyfd(fh.fileno(), compact=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def replace_from(self, data_file: Path) -> None:
+        """Swap the whole state for a snapshot copy (install-snapshot path)."""
+        with self._lock:
+            self.abort_apply()
+            self._env.close()
+            staging = self.path.with_name(self.path.name + ".new")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            shutil.copyfile(data_file, staging / "data.mdb")
+            with open(staging / "data.mdb", "rb+") as fh:
+                os.fsync(fh.fileno())
+            old = self.path.with_name(self.path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.path, old)
+            os.rename(staging, self.path)
+            _fsync_dir(self.path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+            self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            self.abort_apply()
+            self._env.close()
+
+
+class LogStore:
+    """Durable Raft journal: entries (index -> term, command) and term/vote/commit metadata.
+
+    Record format: crc32(4 bytes, over the rest) || msgpack([term, command]).
+    """
+
+    def __init__(self, path: Path, map_size_mb: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                str(path), map_size=map_size_mb * 1024 * 1024, max_dbs=4, sync=True
+            )
+        except lmdb.Error as exc:
+            raise CorruptDataError(f"cannot open raft log {path}: {exc}") from exc
+        self._log = self._env.open_db(b"log")
+        self._meta = self._env.open_db(b"meta")
+
+    def load(self) -> list[tuple[bytes, int, int]]:
+        """All entries in index order; a gap or bad checksum is corruption."""
+        out: list[tuple[bytes, int, int]] = []
+        with self._env.begin() as txn:
+            for key, raw in txn.cursor(db=self._log):
+                idx = _U64.unpack(key)[0]
+                raw = bytes(raw)
+                if len(raw) < 4 or _U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+                    raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
+                term, cmd = _unpack(raw[4:])
+                if out and idx != out[-1][1] + 1:
+                    raise CorruptDataError(f"raft log gap: {out[-1][1]} then {idx}")
+                out.append((cmd, idx, term))
+        return out
+
+    def get_meta(self) -> dict[str, Any]:
+        with self._env.begin() as txn:
+            raw = txn.get(b"meta", db=self._meta)
+        return {} if raw is None else dict(_unpack(raw))
+
+    def write(
+        self,
+        ops: list[tuple[str, int, int, bytes]],
+        meta: dict[str, Any] | None,
+    ) -> None:
+        """Apply journal ops in order, in one synced transaction.
+
+        ops: ("add", idx, term, cmd) | ("del_from", idx, 0, b"") | ("del_to", idx, 0, b"")
+        | ("clear", 0, 0, b"").
+        """
+        try:
+            with self._env.begin(write=True) as txn:
+                for op, idx, term, cmd in ops:
+                    if op == "add":
+                        body = _pack([term, cmd])
+                        txn.put(_U64.pack(idx), _U32.pack(zlib.crc32(body)) + body, db=self._log)
+                    elif op == "clear":
+                        txn.drop(self._log, delete=False)
+                    else:
+                        self._delete_range(txn, op, idx)
+                if meta is not None:
+                    txn.put(b"meta", _pack(meta), db=self._meta)
+        except lmdb.MapFullError as exc:
+            raise StoreFullError("raft log map is full") from exc
+
+    def _delete_range(self, txn: Any, op: str, idx: int) -> None:
+        cur = txn.cursor(db=self._log)
+        if op == "del_from":
+            if cur.set_range(_U64.pack(idx)):
+                while cur.delete():
+                    pass
+        else:  # del_to: delete every index below idx
+            if cur.first():
+                while _U64.unpack(cur.key())[0] < idx:
+                    if not cur.delete():
+                        break
+
+    def close(self) -> None:
+        self._env.close()

@@ -1,0 +1,1 @@
+"""Test support: the real-process `Cluster` helper and SMTP client helpers."""
