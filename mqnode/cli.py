@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             level=cfg.log_level.upper(),
             format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s",
         )
+        # aiosmtpd logs every SMTP command at INFO: far too much for a queue under load.
+        logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
         from .node import Node
 
         asyncio.run(Node(cfg).run())

@@ -1,14 +1,14 @@
 """Exception tree.
 
-    MqnodeError
-    ├── ConfigError            bad flags or config file: one line, exit code 2
-    ├── CorruptDataError       a data file fails its checksum or format check
-    ├── CodecError             a replicated command cannot be decoded (version, shape)
-    └── SubmitError            a command was not committed; carries the SMTP reply to give
-        ├── NoLeaderError      no leader known, or it changed under us (451)
-        ├── CommitTimeoutError no commit within commit_timeout_ms (451): outcome unknown
-        ├── BackpressureError  too many commits pending (451)
-        └── StoreFullError     the LMDB map or disk is full (452)
+MqnodeError
+├── ConfigError            bad flags or config file: one line, exit code 2
+├── CorruptDataError       a data file fails its checksum or format check
+├── CodecError             a replicated command cannot be decoded (version, shape)
+└── SubmitError            a command was not committed; carries the SMTP reply to give
+    ├── NoLeaderError      no leader known, or it changed under us (451)
+    ├── CommitTimeoutError no commit within commit_timeout_ms (451): outcome unknown
+    ├── BackpressureError  too many commits pending (451)
+    └── StoreFullError     the LMDB map or disk is full (452)
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class SmtpIngress:
             return False
         return any(ip in net for net in self._networks)
 
-    async def handle_MAIL(  # noqa: N802
+    async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if not self._allowed(session):
@@ -116,7 +116,7 @@ class SmtpIngress:
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(  # noqa: N802
+    async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if not self._allowed(session):
@@ -129,9 +129,7 @@ class SmtpIngress:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(  # noqa: N802
-        self, server: SMTP, session: Session, envelope: Envelope
-    ) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if not self._allowed(session):
             return "554 5.7.1 Access denied"
         if self._fill_ratio() >= self._full_ratio:
@@ -158,7 +156,8 @@ class SmtpIngress:
         if message_id is None:
             message_id = f"<{queue_id}@{self._hostname}>"
             body = f"Message-ID: {message_id}\r\n".encode() + body
-        upload_id, chunks, inline = "", 0, body
+        upload_id, chunks = "", 0
+        inline: bytes | None = body
         if len(body) > INLINE_BODY_MAX_BYTES:
             upload_id, inline = queue_id, None
             parts = [body[i : i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)]

@@ -151,8 +151,14 @@ class Node:
             )
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
-            log.info("node %s up: smtp %s, admin %s, raft %s peers %s",
-                     cfg.node_id, cfg.smtp_addr, cfg.admin_addr, cfg.raft_addr, cfg.peers)
+            log.info(
+                "node %s up: smtp %s, admin %s, raft %s peers %s",
+                cfg.node_id,
+                cfg.smtp_addr,
+                cfg.admin_addr,
+                cfg.raft_addr,
+                cfg.peers,
+            )
             await self._stop.wait()
             log.info("shutting down")
         except OSError as exc:

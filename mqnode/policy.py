@@ -22,4 +22,4 @@ class RetryPolicy:
         """Delay before attempt `attempts + 1`; `unit_random()` returns [0, 1)."""
         base = min(self.retry_base_s * (2 ** max(attempts - 1, 0)), self.retry_max_s)
         jitter = (unit_random() * 2 - 1) * self.jitter_ratio * base
-        return max(base + jitter, 0.0)
+        return float(max(base + jitter, 0.0))

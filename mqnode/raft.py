@@ -78,14 +78,14 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._entries = []
         self._ops.append(("clear", 0, 0, b""))
 
-    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
         if entryFrom >= len(self._entries):
             return
         idx = self._entries[entryFrom][1]
         del self._entries[entryFrom:]
         self._ops.append(("del_from", idx, 0, b""))
 
-    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
+    def deleteEntriesTo(self, entryTo: int) -> None:
         # Never compact away the last two entries: pysyncobj can ask to delete past the
         # end of the log, after which every tick raises IndexError.
         entryTo = min(entryTo, len(self._entries) - 2)
@@ -104,27 +104,27 @@ class DurableJournal(Journal):  # type: ignore[misc]
     def _destroy(self) -> None:
         pass
 
-    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802, N803
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._meta.get("commit") != raftCommitIndex:
             self._meta["commit"] = raftCommitIndex
             self._meta_dirty = True
 
-    def getRaftCommitIndex(self) -> int:  # noqa: N802
+    def getRaftCommitIndex(self) -> int:
         return int(self._meta.get("commit", 1))
 
-    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:  # noqa: N802, N803
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:
         self._meta["term"] = term
         self._meta["vote"] = votedForNodeId
         self.flush(force_meta=True)  # durable before any vote message leaves
 
-    def getCurrentTerm(self) -> int:  # noqa: N802
+    def getCurrentTerm(self) -> int:
         return int(self._meta.get("term", 0))
 
-    def getVotedForNodeId(self) -> str | None:  # noqa: N802
+    def getVotedForNodeId(self) -> str | None:
         vote = self._meta.get("vote")
         return None if vote is None else str(vote)
 
-    def onOneSecondTimer(self) -> None:  # noqa: N802
+    def onOneSecondTimer(self) -> None:
         if self._meta_dirty and not self._ops:
             self.flush(force_meta=True)
 
@@ -152,7 +152,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
 class _Transport(TCPTransport):  # type: ignore[misc]
     """Holds back follower acknowledgements until the journal is fsynced."""
 
-    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self._mq_deferred: list[tuple[Any, Any]] = []
         super().__init__(syncObj, selfNode, otherNodes)
 
@@ -365,7 +365,7 @@ class RaftNode:
         self._deliver_completions(failed=True)
 
     def _deliver_completions(self, failed: bool) -> None:
-        items = []
+        items: list[tuple[Done, Any, str | None]] = []
         while self._completions:
             done, result, err = self._completions.popleft()
             if failed and err == FAIL_REASON.SUCCESS:
@@ -390,7 +390,11 @@ class RaftNode:
             log_len=len(self._journal),
         )
         old, self.status = self.status, status
-        changed = (old.role, old.leader_addr, old.term) != (status.role, status.leader_addr, status.term)
+        changed = (old.role, old.leader_addr, old.term) != (
+            status.role,
+            status.leader_addr,
+            status.term,
+        )
         if changed and self._on_status_change is not None:
             self._loop.call_soon_threadsafe(self._on_status_change, status)
 

@@ -192,8 +192,6 @@ def _body_key(body_key: str, seq: int) -> bytes:
 class QueueStore:
     """The queue state in LMDB. See the module docstring for the threading contract."""
 
-    DBS = ("meta", "msgs", "body", "due", "idem", "idem_by_time", "uploads", "uploads_by_time")
-
     def __init__(self, path: Path, map_size_mb: int) -> None:
         self.path = path
         self._map_size = map_size_mb * 1024 * 1024
@@ -209,8 +207,15 @@ class QueueStore:
             )
         except lmdb.Error as exc:
             raise CorruptDataError(f"cannot open queue store {self.path}: {exc}") from exc
-        for name in self.DBS:
-            setattr(self, f"_{name}", self._env.open_db(name.encode()))
+        env = self._env
+        self._meta = env.open_db(b"meta")
+        self._msgs = env.open_db(b"msgs")
+        self._body = env.open_db(b"body")
+        self._due = env.open_db(b"due")
+        self._idem = env.open_db(b"idem")
+        self._idem_by_time = env.open_db(b"idem_by_time")
+        self._uploads = env.open_db(b"uploads")
+        self._uploads_by_time = env.open_db(b"uploads_by_time")
 
     # -- the tick thread's write path ----------------------------------------
     def apply_txn(self) -> StateTxn:
