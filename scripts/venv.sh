@@ -14,7 +14,12 @@ fi
 STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+    echo "setting up $VENV (first run only) ..." >&2
+    if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]" >"$VENV/install.log" 2>&1; then
+        cat "$VENV/install.log" >&2
+        echo "venv set-up failed; see above" >&2
+        exit 1
+    fi
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
 fi
