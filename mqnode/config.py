@@ -60,6 +60,8 @@ class NodeConfig:
     retry_base_s: int = 300
     retry_max_s: int = 4000
     log_level: str = "INFO"
+    # Test-only: 1 exposes POST /fault/partition on the admin endpoint.
+    fault_injection: int = 0
 
     # --- loading -----------------------------------------------------------
 

@@ -4,6 +4,8 @@
     GET  /queue            ?state=active|deferred|hold&limit=N (default 1000, max 100000)
     GET  /queue/{id}       one message: envelope, per-recipient status, attempts
     POST /raft/compact     ask for a log compaction (snapshot) now
+    POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
+                           those peers (only with `fault_injection = 1`; tests)
 
 Binds to loopback by default. Reads only; queue writes arrive with the
 queue-control issue and will go through the log like everything else.
@@ -30,6 +32,7 @@ class AdminServer:
         store: QueueStore,
         raft: RaftNode,
         lease_held: Callable[[], bool],
+        fault_injection: bool = False,
     ) -> None:
         self._info = node_info
         self._store = store
@@ -44,6 +47,8 @@ class AdminServer:
                 web.post("/raft/compact", self._compact),
             ]
         )
+        if fault_injection:
+            self.app.add_routes([web.post("/fault/partition", self._partition)])
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -101,3 +106,11 @@ class AdminServer:
         self._raft.force_compaction()
         self._raft.wake()
         return web.json_response({"ok": True})
+
+    async def _partition(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        blocked = body.get("block", [])
+        if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
+            return web.json_response({"error": "block must be a list of host:port"}, status=400)
+        self._raft.set_partition(blocked)
+        return web.json_response({"blocked": blocked})

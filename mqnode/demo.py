@@ -101,8 +101,15 @@ class Demo:
     def start(self) -> None:
         py = sys.executable
         self.sink = subprocess.Popen(
-            [py, "-m", "mqnode.devsink", "--listen", f"127.0.0.1:{self.sink_port}",
-             "--out", str(self.sink_file)],
+            [
+                py,
+                "-m",
+                "mqnode.devsink",
+                "--listen",
+                f"127.0.0.1:{self.sink_port}",
+                "--out",
+                str(self.sink_file),
+            ],
             stderr=open(self.dir / "sink.log", "wb"),  # noqa: SIM115
         )
         for node in self.nodes:
@@ -112,19 +119,34 @@ class Demo:
         peers = ",".join(n.raft for n in self.nodes if n is not node)
         node.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "mqnode.cli", "run",
-                "--node-id", node.node_id,
-                "--data-dir", str(self.dir / node.node_id),
-                "--raft-addr", node.raft,
-                "--peers", peers,
-                "--smtp-addr", f"127.0.0.1:{node.smtp}",
-                "--admin-addr", f"127.0.0.1:{node.admin}",
-                "--cluster-secret-file", str(self.secret),
-                "--relay-host", f"127.0.0.1:{self.sink_port}",
-                "--election-timeout-min-ms", "300",
-                "--election-timeout-max-ms", "700",
-                "--heartbeat-ms", "60",
-                "--retry-base-s", "2",
+                sys.executable,
+                "-m",
+                "mqnode.cli",
+                "run",
+                "--node-id",
+                node.node_id,
+                "--data-dir",
+                str(self.dir / node.node_id),
+                "--raft-addr",
+                node.raft,
+                "--peers",
+                peers,
+                "--smtp-addr",
+                f"127.0.0.1:{node.smtp}",
+                "--admin-addr",
+                f"127.0.0.1:{node.admin}",
+                "--cluster-secret-file",
+                str(self.secret),
+                "--relay-host",
+                f"127.0.0.1:{self.sink_port}",
+                "--election-timeout-min-ms",
+                "300",
+                "--election-timeout-max-ms",
+                "700",
+                "--heartbeat-ms",
+                "60",
+                "--retry-base-s",
+                "2",
             ],
             stderr=open(self.dir / f"{node.node_id}.log", "ab"),  # noqa: SIM115
         )
@@ -165,8 +187,10 @@ class Demo:
                 print(f"  {node.node_id:<5} (down)")
                 continue
             q = st["queue"]
-            print(f"  {node.node_id:<5} {st['role']:<9} {st['term']:>4} {st['last_applied']:>7}"
-                  f"  active={q['active']} deferred={q['deferred']} hold={q['hold']}")
+            print(
+                f"  {node.node_id:<5} {st['role']:<9} {st['term']:>4} {st['last_applied']:>7}"
+                f"  active={q['active']} deferred={q['deferred']} hold={q['hold']}"
+            )
 
 
 def run(n_messages: int, workdir: Path) -> int:
@@ -175,8 +199,10 @@ def run(n_messages: int, workdir: Path) -> int:
     try:
         demo.start()
         leader = wait_for("a leader", demo.leader)
-        print(f"\nleader elected: {leader.node_id}; submitting {n_messages} messages "
-              "round-robin to every node:")
+        print(
+            f"\nleader elected: {leader.node_id}; submitting {n_messages} messages "
+            "round-robin to every node:"
+        )
         sent = [submit(demo.nodes[i % 3], i) for i in range(n_messages)]
         demo.wait_delivered([m for m, _ in sent])
         print("\nall delivered to the sink, queues empty on every node:")
@@ -194,8 +220,13 @@ def run(n_messages: int, workdir: Path) -> int:
         demo.wait_delivered([m for m, _ in more])
         print(f"\nrestarting {leader.node_id}; it catches up from the log:")
         demo.start_node(leader)
-        wait_for(f"{leader.node_id} to catch up", lambda: (leader.status() or {}).get(
-            "last_applied", -1) >= (new.status() or {}).get("last_applied", 0))
+        wait_for(
+            f"{leader.node_id} to catch up",
+            lambda: (
+                (leader.status() or {}).get("last_applied", -1)
+                >= (new.status() or {}).get("last_applied", 0)
+            ),
+        )
         demo.show_table()
 
         records = read_sink(demo.sink_file)
@@ -203,8 +234,10 @@ def run(n_messages: int, workdir: Path) -> int:
         arrived = [r["message_id"] for r in records if r["message_id"] in acked]
         lost = acked - set(arrived)
         dups = len(arrived) - len(set(arrived))
-        print(f"\nsink: {len(records)} messages; acknowledged {len(acked)}, lost {len(lost)}, "
-              f"duplicates {dups}")
+        print(
+            f"\nsink: {len(records)} messages; acknowledged {len(acked)}, lost {len(lost)}, "
+            f"duplicates {dups}"
+        )
         for rec in records:
             print(f"  {rec['message_id']}  {rec['size']:>5} bytes  to {','.join(rec['rcpts'])}")
         return 1 if lost else 0

@@ -130,6 +130,7 @@ class Node:
             store,
             raft,
             lease_held=lambda: False,
+            fault_injection=bool(cfg.fault_injection),
         )
         raft.start()
         pipeline.start()

@@ -137,8 +137,9 @@ class DurableJournal(Journal):  # type: ignore[misc]
         """Write pending ops (and metadata) in one synced transaction; returns entries added."""
         if not self._ops and not force_meta:
             return 0
-        ops, self._ops = self._ops, []
-        self._store.write(ops, dict(self._meta))
+        ops = self._ops
+        self._store.write(ops, dict(self._meta))  # on failure ops stay pending, acks stay held
+        self._ops = []
         self._meta_dirty = False
         return sum(1 for op in ops if op[0] == "add")
 
@@ -150,13 +151,26 @@ class DurableJournal(Journal):  # type: ignore[misc]
 
 
 class _Transport(TCPTransport):  # type: ignore[misc]
-    """Holds back follower acknowledgements until the journal is fsynced."""
+    """Holds back follower acknowledgements until the journal is fsynced.
+
+    Also the fault-injection drop hook: messages to and from peers in
+    `mq_blocked` are dropped (a network partition as pysyncobj sees it; a TCP
+    proxy cannot do this because peers are identified by announced address).
+    """
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self._mq_deferred: list[tuple[Any, Any]] = []
+        self.mq_blocked: frozenset[str] = frozenset()
         super().__init__(syncObj, selfNode, otherNodes)
 
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        if self.mq_blocked and getattr(node, "address", None) in self.mq_blocked:
+            return
+        super()._onMessageReceived(node, message)
+
     def send(self, node: Any, message: Any) -> bool:
+        if self.mq_blocked and getattr(node, "address", None) in self.mq_blocked:
+            return False
         if message.get("type") == "next_node_idx" and self._syncObj._mq_journal.dirty:
             self._mq_deferred.append((node, message))
             return True
@@ -321,6 +335,10 @@ class RaftNode:
             self._sync._mq_notifier.notify()
         except BlockingIOError:
             pass  # pipe full: the tick is already due to wake
+
+    def set_partition(self, blocked_peers: list[str]) -> None:
+        """Fault injection: drop all Raft traffic to and from these peer addresses."""
+        self._sync._SyncObj__transport.mq_blocked = frozenset(blocked_peers)
 
     def force_compaction(self) -> None:
         self._sync.forceLogCompaction()

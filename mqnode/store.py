@@ -181,6 +181,14 @@ class StateTxn:
         return len(doomed)
 
 
+def _storage_error(what: str, exc: Exception) -> Exception:
+    """ENOSPC and friends become StoreFullError (retryable); anything else is corruption."""
+    text = str(exc)
+    if "No space left" in text or "Disk quota" in text or "MDB_MAP_FULL" in text:
+        return StoreFullError(f"{what}: {text}")
+    return CorruptDataError(f"{what}: {text}")
+
+
 def _due_key(msg: QueuedMessage) -> bytes:
     return _U64.pack(msg.next_attempt_ms) + msg.queue_id.encode()
 
@@ -233,6 +241,8 @@ class QueueStore:
             txn.commit()
         except lmdb.MapFullError as exc:
             raise StoreFullError("queue store map is full") from exc
+        except lmdb.Error as exc:
+            raise _storage_error("queue store", exc) from exc
 
     def abort_apply(self) -> None:
         if self._txn is not None:
@@ -385,6 +395,8 @@ class LogStore:
                     txn.put(b"meta", _pack(meta), db=self._meta)
         except lmdb.MapFullError as exc:
             raise StoreFullError("raft log map is full") from exc
+        except lmdb.Error as exc:
+            raise _storage_error("raft log", exc) from exc
 
     def _delete_range(self, txn: Any, op: str, idx: int) -> None:
         cur = txn.cursor(db=self._log)
