@@ -295,10 +295,27 @@ class QueueStore:
         return out
 
     def fill_ratio(self) -> float:
-        info = self._env.info()
-        stat = self._env.stat()
-        used = (info["last_pgno"] + 1) * stat["psize"]
-        return float(used) / float(info["map_size"])
+        """Pages in use by live data over the map size (freed pages count as free)."""
+        with self._lock, self._env.begin(write=False) as txn:
+            pages = 0
+            psize = 4096
+            for db in self._all_dbs():
+                st = txn.stat(db)
+                psize = st["psize"]
+                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return float(pages * psize) / float(self._map_size)
+
+    def _all_dbs(self) -> tuple[Any, ...]:
+        return (
+            self._meta,
+            self._msgs,
+            self._body,
+            self._due,
+            self._idem,
+            self._idem_by_time,
+            self._uploads,
+            self._uploads_by_time,
+        )
 
     # -- snapshots -----------------------------------------------------------
     def copy_to(self, dest_file: Path) -> None:

@@ -1,0 +1,1 @@
+"""mqnode benches and load tools (run from the repository root)."""

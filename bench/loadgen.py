@@ -1,0 +1,139 @@
+"""Async SMTP load generator that records every reply.
+
+Used by the fault suite, `bench/chaos` and the throughput benches. Each
+message is submitted once (no retries: a retry would hide a refusal) to the
+next target in round-robin order; a target that refuses connections is skipped
+for `dead_backoff_s`. Every attempt is recorded: Message-ID, target, reply
+code, queue id (from `queued as <id>`), start and end times.
+
+Bounded by construction: at most `count` messages, and it stops starting new
+ones after `duration_s`; every SMTP call has `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+
+@dataclass(frozen=True)
+class Attempt:
+    message_id: str
+    target: str
+    code: int  # SMTP reply code to DATA; -1 when the connection failed
+    queue_id: str | None
+    start_s: float
+    end_s: float
+    text: str = ""
+
+
+@dataclass
+class LoadResult:
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def acked(self) -> dict[str, str]:
+        """Message-ID -> queue id for every 250."""
+        return {a.message_id: a.queue_id or "" for a in self.attempts if a.code == 250}
+
+    def count(self, code: int) -> int:
+        return sum(1 for a in self.attempts if a.code == code)
+
+    def failover_gap_s(self, fault_s: float) -> float | None:
+        """Seconds from the last 250 before `fault_s` to the first 250 after it."""
+        before = [a.end_s for a in self.attempts if a.code == 250 and a.end_s <= fault_s]
+        after = [a.end_s for a in self.attempts if a.code == 250 and a.end_s > fault_s]
+        if not before or not after:
+            return None
+        return min(after) - max(before)
+
+
+def make_body(seq: int, run_id: str, size: int) -> tuple[str, bytes]:
+    msg_id = f"<load-{run_id}-{seq}@mqnode.test>"
+    head = (
+        f"From: load@example.com\r\nTo: sink@example.org\r\nSubject: load {seq}\r\n"
+        f"Message-ID: {msg_id}\r\n\r\n"
+    )
+    line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.-\r\n"
+    fill = max(size - len(head), 0)
+    body = (line * (fill // len(line) + 1))[:fill]
+    return msg_id, (head + body).encode()
+
+
+class LoadGen:
+    def __init__(
+        self,
+        targets: list[tuple[str, int]],
+        concurrency: int = 10,
+        size: int = 1024,
+        recipients: int = 1,
+        timeout_s: float = 15.0,
+        dead_backoff_s: float = 0.5,
+        run_id: str | None = None,
+    ) -> None:
+        self.targets = targets
+        self.concurrency = concurrency
+        self.size = size
+        self.recipients = recipients
+        self.timeout_s = timeout_s
+        self.dead_backoff_s = dead_backoff_s
+        self.run_id = run_id or str(time.time_ns())
+        self.result = LoadResult()
+        self._dead_until: dict[tuple[str, int], float] = {}
+        self._rr = itertools.cycle(range(len(targets)))
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _pick(self) -> tuple[str, int]:
+        now = time.monotonic()
+        for _ in range(len(self.targets)):
+            t = self.targets[next(self._rr)]
+            if self._dead_until.get(t, 0.0) <= now:
+                return t
+        return self.targets[next(self._rr)]
+
+    async def run(self, count: int, duration_s: float) -> LoadResult:
+        seqs = iter(range(count))
+        deadline = time.monotonic() + duration_s
+
+        async def worker() -> None:
+            for seq in seqs:
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    return
+                await self._one(seq)
+
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        return self.result
+
+    async def _one(self, seq: int) -> None:
+        target = self._pick()
+        msg_id, body = make_body(seq, self.run_id, self.size)
+        rcpts = [f"user{r}@example.org" for r in range(self.recipients)]
+        start = time.monotonic()
+        code, text = -1, ""
+        client = aiosmtplib.SMTP(hostname=target[0], port=target[1], timeout=self.timeout_s)
+        try:
+            await client.connect()
+            try:
+                _, reply = await client.sendmail("load@example.com", rcpts, body)
+                code, text = 250, reply
+            except aiosmtplib.SMTPResponseException as exc:
+                code, text = exc.code, exc.message
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                code, text = exc.recipients[0].code, exc.recipients[0].message
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            code, text = -1, str(exc)
+            self._dead_until[target] = time.monotonic() + self.dead_backoff_s
+        finally:
+            if client.is_connected:
+                client.close()
+        queue_id = text.rsplit(" ", 1)[-1] if code == 250 and "queued as" in text else None
+        where = f"{target[0]}:{target[1]}"
+        end = time.monotonic()
+        self.result.attempts.append(Attempt(msg_id, where, code, queue_id, start, end, text))
