@@ -65,15 +65,18 @@ class AdminServer:
         with self._store.reader() as r:
             nodes: dict[str, Any] = r.get_meta("nodes", {})
         leader = nodes.get(st.leader_addr or "", {})
+        leader_addr = st.leader_addr if st.has_quorum else None  # isolated: no leader known
         if st.role == "leader":
             leader_id: str | None = self._info["node_id"]
+        elif leader_addr is None:
+            leader_id = None
         else:
-            leader_id = leader.get("node_id") or st.leader_addr
+            leader_id = leader.get("node_id") or leader_addr
         return {
             **self._info,
             "role": st.role,
             "leader_id": leader_id,
-            "leader_raft_addr": st.leader_addr,
+            "leader_raft_addr": leader_addr,
             "term": st.term,
             "commit_index": st.commit_index,
             "last_applied": st.last_applied,

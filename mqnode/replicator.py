@@ -112,7 +112,9 @@ class CommitPipeline:
             try:
                 return await asyncio.wait_for(item.future, max(remaining, 0.001))
             except TimeoutError:
-                raise CommitTimeoutError("commit timed out; the message was not queued") from None
+                raise CommitTimeoutError(
+                    "commit timed out; outcome unknown: retry (a retry never queues twice)"
+                ) from None
             except NoLeaderError as exc:
                 retry = idempotent or str(exc) in _NOT_APPENDED
                 if not retry or self._clock.monotonic_s() + _RETRY_PAUSE_S >= deadline:

@@ -8,14 +8,22 @@ identical. `bench/chaos.py` runs the long versions and writes docs/reliability.m
 
 from __future__ import annotations
 
+import asyncio
+import smtplib
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from bench.loadgen import LoadGen
+from mqnode.devsink import read_sink
 from tests.support.chaos import (
     Report,
     acked_in_window,
+    check,
     full_restart,
     kill_follower,
     kill_leader_repeatedly,
@@ -24,7 +32,7 @@ from tests.support.chaos import (
     pause_leader,
     run_scenario,
 )
-from tests.support.cluster import FAST_TUNING, Cluster
+from tests.support.cluster import FAST_TUNING, Cluster, free_ports
 
 pytestmark = pytest.mark.fault
 
@@ -107,3 +115,75 @@ def test_follower_catches_up_from_snapshot(tmp_path: Path) -> None:
         log = c.nodes[victim].log_path.read_text()
     _assert_promise(report)
     assert "installed snapshot" in log, "the lagging node did not take a snapshot"
+
+
+def test_disk_full_refuses_then_recovers(tmp_path: Path) -> None:
+    """A size-capped LMDB map fills: 452, nothing acked lost; space returns as mail drains."""
+    sink_port = free_ports(1)[0]
+    sink_file = tmp_path / "sink.jsonl"
+    args = (*FAST_TUNING, "--state-map-size-mb", "6", "--retry-base-s", "1", "--retry-max-s", "2")
+    with Cluster(tmp_path / "c", extra_args=args, relay_host=f"127.0.0.1:{sink_port}") as c:
+        targets = [("127.0.0.1", n.smtp_port) for n in c.nodes]
+        gen = LoadGen(targets, concurrency=8, size=2048, run_id="diskfull")
+
+        async def fill() -> None:
+            async def watch() -> None:
+                while not any(a.code == 452 for a in gen.result.attempts):
+                    await asyncio.sleep(0.2)
+                gen.stop()
+
+            watcher = asyncio.create_task(watch())
+            await gen.run(20_000, 40.0)
+            watcher.cancel()
+
+        asyncio.run(fill())
+        result = gen.result
+        assert result.count(452) > 0, (
+            f"never refused with 452: {Counter(a.code for a in result.attempts)}"
+        )
+        c.wait_applied_equal(30)
+        assert "Insufficient system storage" in c.nodes[0].log_path.read_text() + "".join(
+            n.log_path.read_text() for n in c.nodes
+        ) or any(a.code == 452 for a in result.attempts)
+        report = check("disk-full", c, result, None)
+        # Nothing acknowledged is lost while full (the sink is down: all still queued).
+        assert report.lost == 0 and report.duplicated == 0, report.as_dict()
+
+        sink = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mqnode.devsink",
+                "--listen",
+                f"127.0.0.1:{sink_port}",
+                "--out",
+                str(sink_file),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                if sum(c.status(c.leader())["queue"].values()) == 0:
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"queue did not drain: {c.status(c.leader())}")
+            code, text, _ = submit(c.nodes[0].smtp_port, b"Subject: after\r\n\r\nspace is back\r\n")
+            assert code == 250, f"not accepting after space returned: {code} {text}"
+        finally:
+            sink.terminate()
+            sink.wait(timeout=10)
+    delivered = {r["message_id"] for r in read_sink(sink_file)}
+    missing = set(result.acked) - delivered
+    assert not missing, f"acknowledged but never delivered: {sorted(missing)[:5]}"
+    print(f"\ndisk-full: {result.count(250)} acked, {result.count(452)} refused 452, all delivered")
+
+
+def submit(port: int, body: bytes) -> tuple[int, str, None]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("test")
+        s.mail("a@example.com")
+        s.rcpt("b@example.org")
+        code, text = s.data(body)
+    return code, text.decode(), None

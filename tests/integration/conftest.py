@@ -1,37 +1,27 @@
 """Fixtures for real-process tests: clusters that are always stopped, and a CLI runner.
 
 `shared_cluster` (one per module) is for tests that do not kill or pause
-nodes; they must only look at their own messages. `cluster` is a fresh
-3-node cluster per test, for tests that break things.
+nodes; they must only look at their own messages. It runs with small limits
+(`LIMITS_TUNING`). `cluster` is a fresh 3-node cluster per test, for tests
+that break things.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import FAST_TUNING, SECRET, Cluster, free_ports
-
-MAX_MESSAGE_BYTES = 5 * 1024 * 1024 + 64 * 1024  # fits the 5 MiB test body, not much more
-MAX_RECIPIENTS = 5
-SHARED_TUNING: tuple[str, ...] = (
-    *FAST_TUNING,
-    "--max-message-bytes",
-    str(MAX_MESSAGE_BYTES),
-    "--max-recipients",
-    str(MAX_RECIPIENTS),
-)
-CLI_TIMEOUT_S = 20.0
+from tests.support.cli import RunCli
+from tests.support.cli import run_cli as _run_cli
+from tests.support.cluster import FAST_TUNING, LIMITS_TUNING, SECRET, Cluster, free_ports
 
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("shared"), n=3, extra_args=SHARED_TUNING) as c:
+    with Cluster(tmp_path_factory.mktemp("shared"), n=3, extra_args=LIMITS_TUNING) as c:
         yield c
 
 
@@ -41,32 +31,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
 
 
-RunCli = Callable[..., subprocess.CompletedProcess[str]]
-
-
 @pytest.fixture
 def run_cli() -> RunCli:
-    """Run `python -m mqnode.cli ARGS...`; a process still running after the timeout is
-    killed (by PID) and the test fails, so a node that starts when it should not cannot
-    hang the suite."""
-
-    def run(*args: str, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "mqnode.cli", *args]
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate(timeout=10)
-            pytest.fail(
-                f"{' '.join(args)} still running after {timeout_s:.0f}s; stderr tail:\n"
-                + "\n".join(err.splitlines()[-15:])
-            )
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-    return run
+    return _run_cli
 
 
 @pytest.fixture
@@ -85,4 +52,3 @@ def node_args(tmp_path: Path) -> dict[str, str]:
         "admin-addr": f"127.0.0.1:{admin}",
         "cluster-secret-file": str(secret),
     }
-

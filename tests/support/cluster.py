@@ -56,6 +56,17 @@ FAST_TUNING: tuple[str, ...] = (
     "3000",
 )
 
+# Small limits, so 552/452 are cheap to provoke (the 5 MiB test body still fits).
+TEST_MAX_MESSAGE_BYTES = 5 * 1024 * 1024 + 64 * 1024
+TEST_MAX_RECIPIENTS = 5
+LIMITS_TUNING: tuple[str, ...] = (
+    *FAST_TUNING,
+    "--max-message-bytes",
+    str(TEST_MAX_MESSAGE_BYTES),
+    "--max-recipients",
+    str(TEST_MAX_RECIPIENTS),
+)
+
 T = TypeVar("T")
 
 

@@ -1,0 +1,277 @@
+"""The replicated command codec: round-trips, version check, and CodecError for anything bad.
+
+A follower must never apply an entry it cannot decode exactly, and decoding
+must never fail with anything but `CodecError` (the state machine turns that
+into a deterministic rejection; any other exception would wedge the tick).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mqnode.commands import (
+    FORMAT_VERSION,
+    Announce,
+    Command,
+    Enqueue,
+    PutChunk,
+    RecordOutcome,
+    decode_entry,
+    encode_command,
+    encode_entry,
+)
+from mqnode.errors import CodecError
+
+from .kit import enqueue
+
+# msgpack carries integers in [-2**63, 2**64 - 1].
+ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+small_text = st.text(max_size=40)
+blobs = st.binary(max_size=200)
+
+enqueues = st.builds(
+    Enqueue,
+    queue_id=small_text,
+    received_ms=ints,
+    mail_from=small_text,
+    recipients=st.lists(small_text, max_size=5).map(tuple),
+    body=st.none() | blobs,
+    upload_id=small_text,
+    chunks=ints,
+    body_size=ints,
+    body_sha256=blobs,
+    idem_key=blobs,
+    message_id=small_text,
+    client=small_text,
+    node_id=small_text,
+)
+put_chunks = st.builds(PutChunk, upload_id=small_text, seq=ints, data=blobs, created_ms=ints)
+announces = st.builds(
+    Announce,
+    raft_addr=small_text,
+    node_id=small_text,
+    smtp_addr=small_text,
+    admin_addr=small_text,
+    term=ints,
+)
+record_outcomes = st.builds(
+    RecordOutcome,
+    queue_id=small_text,
+    at_ms=ints,
+    results=st.lists(st.tuples(ints, small_text, small_text), max_size=5).map(tuple),
+    next_attempt_ms=ints,
+)
+commands: st.SearchStrategy[Command] = st.one_of(enqueues, put_chunks, announces, record_outcomes)
+batches = st.lists(commands, min_size=1, max_size=20)
+
+# Arbitrary msgpack-able values, biased towards lists that start with a valid tag.
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | ints
+    | st.floats(allow_nan=False)
+    | small_text
+    | blobs
+    | st.sampled_from([1, 2, 3, 4]),
+    lambda children: (
+        st.lists(children, max_size=15) | st.dictionaries(small_text | blobs, children, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+def _valid_entry() -> bytes:
+    return encode_entry(
+        [
+            enqueue("Q1", idem=b"k1"),
+            PutChunk("Q2", 0, b"data", 5),
+            Announce("127.0.0.1:7001", "n1", "127.0.0.1:2525", "127.0.0.1:8025", 3),
+            RecordOutcome("Q1", 10, ((0, "delivered", "250 ok"),), 20),
+        ]
+    )
+
+
+def _decodes_or_codec_error(data: bytes) -> None:
+    try:
+        cmds = decode_entry(data)
+    except CodecError:
+        return
+    assert isinstance(cmds, list)
+    assert all(isinstance(c, Enqueue | PutChunk | Announce | RecordOutcome) for c in cmds)
+
+
+# -- round trips -------------------------------------------------------------------------
+
+
+@given(batches)
+def test_round_trip_of_mixed_batches(cmds: list[Command]) -> None:
+    data = encode_entry(cmds)
+    assert data[0] == FORMAT_VERSION
+    assert decode_entry(data) == cmds
+
+
+@given(commands)
+def test_decoded_sequences_are_tuples(cmd: Command) -> None:
+    # Dataclass equality would not notice a list where a tuple belongs, but hashing would.
+    (back,) = decode_entry(encode_entry([cmd]))
+    if isinstance(back, Enqueue):
+        assert type(back.recipients) is tuple
+    if isinstance(back, RecordOutcome):
+        assert type(back.results) is tuple
+        assert all(type(r) is tuple for r in back.results)
+
+
+@given(batches)
+def test_encode_command_sizes_bound_the_entry(cmds: list[Command]) -> None:
+    # The commit pipeline packs entries by summing encode_command sizes plus 16 bytes.
+    assert len(encode_entry(cmds)) <= sum(len(encode_command(c)) for c in cmds) + 16
+
+
+def test_encode_of_no_commands_raises() -> None:
+    with pytest.raises(CodecError):
+        encode_entry([])
+
+
+# -- the version byte ---------------------------------------------------------------------
+
+
+@given(st.integers(0, 255).filter(lambda b: b != FORMAT_VERSION))
+def test_other_version_byte_raises(version: int) -> None:
+    data = bytes([version]) + _valid_entry()[1:]
+    with pytest.raises(CodecError, match="version"):
+        decode_entry(data)
+
+
+def test_empty_entry_raises() -> None:
+    with pytest.raises(CodecError):
+        decode_entry(b"")
+
+
+# -- malformed payloads --------------------------------------------------------------------
+
+
+def _entry_of(payload: Any) -> bytes:
+    return bytes([FORMAT_VERSION]) + msgpack.packb(payload, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param({"a": 1}, id="map"),
+        pytest.param(5, id="int"),
+        pytest.param("text", id="str"),
+        pytest.param(b"bytes", id="bin"),
+        pytest.param(None, id="nil"),
+    ],
+)
+def test_non_list_payload_raises(payload: Any) -> None:
+    with pytest.raises(CodecError, match="not a list"):
+        decode_entry(_entry_of(payload))
+
+
+@pytest.mark.parametrize("tag", [0, 5, 99, -1, "1", None, b"\x01"])
+def test_unknown_tag_raises(tag: Any) -> None:
+    with pytest.raises(CodecError, match="unknown command tag"):
+        decode_entry(_entry_of([[tag, "x", 1]]))
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        pytest.param([], id="empty-command"),
+        pytest.param(5, id="int-command"),
+        pytest.param({"1": 2}, id="map-command"),
+        pytest.param([[1], "x"], id="unhashable-tag"),
+    ],
+)
+def test_malformed_command_raises(item: Any) -> None:
+    with pytest.raises(CodecError):
+        decode_entry(_entry_of([item]))
+
+
+@pytest.mark.parametrize("cls", [Enqueue, PutChunk, Announce, RecordOutcome])
+@pytest.mark.parametrize("delta", [-1, +1])
+def test_wrong_field_count_raises(cls: type[Any], delta: int) -> None:
+    good = {
+        Enqueue: enqueue("Q1"),
+        PutChunk: PutChunk("Q1", 0, b"d", 1),
+        Announce: Announce("a:1", "n", "s:2", "d:3", 1),
+        RecordOutcome: RecordOutcome("Q1", 1, ((0, "delivered", "ok"),), 2),
+    }[cls]
+    items = msgpack.unpackb(encode_entry([good])[1:], raw=False)
+    cmd = items[0]
+    cmd = cmd[:-1] if delta < 0 else [*cmd, "extra"]
+    with pytest.raises(CodecError, match="expected"):
+        decode_entry(_entry_of([cmd]))
+
+
+@pytest.mark.parametrize("results", [5, [5], [[0, "delivered"], 7]])
+def test_malformed_results_raise(results: Any) -> None:
+    with pytest.raises(CodecError):
+        decode_entry(_entry_of([[RecordOutcome.TAG, "Q1", 1, results, 2]]))
+
+
+@given(batches, st.data())
+def test_every_truncation_raises(cmds: list[Command], data: st.DataObject) -> None:
+    full = encode_entry(cmds)
+    cut = data.draw(st.integers(0, len(full) - 1), label="cut")
+    with pytest.raises(CodecError):
+        decode_entry(full[:cut])
+
+
+def test_trailing_garbage_raises() -> None:
+    with pytest.raises(CodecError):
+        decode_entry(_valid_entry() + b"\x00")
+
+
+def test_deeply_nested_payload_raises() -> None:
+    data = bytes([FORMAT_VERSION]) + b"\x91" * 100_000 + b"\x01"
+    with pytest.raises(CodecError):
+        decode_entry(data)
+
+
+# -- fuzzing: CodecError and nothing else -----------------------------------------------
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes(data: bytes) -> None:
+    _decodes_or_codec_error(data)
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes_behind_the_version(data: bytes) -> None:
+    _decodes_or_codec_error(bytes([FORMAT_VERSION]) + data)
+
+
+@given(msgpack_values)
+def test_fuzz_arbitrary_msgpack(value: Any) -> None:
+    _decodes_or_codec_error(_entry_of(value))
+
+
+_FIELD_COUNTS = {c.TAG: len(fields(c)) for c in (Enqueue, PutChunk, Announce, RecordOutcome)}
+_leaves = st.none() | st.booleans() | ints | small_text | blobs | st.lists(ints, max_size=3)
+
+
+@given(st.data())
+def test_fuzz_tagged_commands_with_right_and_wrong_arity(data: st.DataObject) -> None:
+    items = []
+    for _ in range(data.draw(st.integers(1, 3), label="commands")):
+        tag = data.draw(st.sampled_from(sorted(_FIELD_COUNTS)), label="tag")
+        n = _FIELD_COUNTS[tag] + data.draw(st.sampled_from([0, 0, 0, -1, 1]), label="skew")
+        items.append([tag, *data.draw(st.lists(_leaves, min_size=n, max_size=n))])
+    _decodes_or_codec_error(_entry_of(items))
+
+
+@given(batches, st.data())
+def test_fuzz_byte_flips_of_valid_entries(cmds: list[Command], data: st.DataObject) -> None:
+    raw = bytearray(encode_entry(cmds))
+    flips = data.draw(st.lists(st.tuples(st.integers(1, len(raw) - 1), st.integers(1, 255))))
+    for pos, mask in flips:
+        raw[pos] ^= mask
+    _decodes_or_codec_error(bytes(raw))
