@@ -59,9 +59,15 @@ class Report:
     diverged: int
     failover_s: float | None
     details: list[str] = field(default_factory=list)
+    no_majority_acks: int = 0  # 250s given while no majority could exist (kill-two)
 
     def ok(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.diverged == 0
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.diverged == 0
+            and self.no_majority_acks == 0
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

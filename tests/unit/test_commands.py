@@ -157,7 +157,8 @@ def test_empty_entry_raises() -> None:
 
 
 def _entry_of(payload: Any) -> bytes:
-    return bytes([FORMAT_VERSION]) + msgpack.packb(payload, use_bin_type=True)
+    packed: bytes = msgpack.packb(payload, use_bin_type=True)
+    return bytes([FORMAT_VERSION]) + packed
 
 
 @pytest.mark.parametrize(
@@ -198,12 +199,13 @@ def test_malformed_command_raises(item: Any) -> None:
 @pytest.mark.parametrize("cls", [Enqueue, PutChunk, Announce, RecordOutcome])
 @pytest.mark.parametrize("delta", [-1, +1])
 def test_wrong_field_count_raises(cls: type[Any], delta: int) -> None:
-    good = {
+    examples: dict[type[Any], Command] = {
         Enqueue: enqueue("Q1"),
         PutChunk: PutChunk("Q1", 0, b"d", 1),
         Announce: Announce("a:1", "n", "s:2", "d:3", 1),
         RecordOutcome: RecordOutcome("Q1", 1, ((0, "delivered", "ok"),), 2),
-    }[cls]
+    }
+    good = examples[cls]
     items = msgpack.unpackb(encode_entry([good])[1:], raw=False)
     cmd = items[0]
     cmd = cmd[:-1] if delta < 0 else [*cmd, "extra"]

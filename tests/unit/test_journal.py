@@ -1,0 +1,309 @@
+"""DurableJournal over a real LogStore: what survives a reload, and what must not.
+
+"Reload" closes the LMDB environment and builds a new journal from the same
+directory, as a restarted node does.
+"""
+
+from __future__ import annotations
+
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqnode.errors import CorruptDataError, StoreFullError
+from mqnode.raft import NO_OP, DurableJournal
+from mqnode.store import LogStore
+
+_U64 = struct.Struct(">Q")
+Entry = tuple[bytes, int, int]
+
+
+class Journals:
+    """Opens, reloads and closes journals on one directory (one LMDB env open at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._store: LogStore | None = None
+
+    def open(self) -> DurableJournal:
+        self.close()
+        self._store = LogStore(self.path, map_size_mb=16)
+        return DurableJournal(self._store)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+@pytest.fixture
+def journals(tmp_path: Path) -> Iterator[Journals]:
+    j = Journals(tmp_path / "raft")
+    try:
+        yield j
+    finally:
+        j.close()
+
+
+@contextmanager
+def fresh_journals() -> Iterator[Journals]:
+    with tempfile.TemporaryDirectory(prefix="mqnode-journal-") as d:
+        j = Journals(Path(d) / "raft")
+        try:
+            yield j
+        finally:
+            j.close()
+
+
+def entries(j: DurableJournal) -> list[Entry]:
+    return [j[i] for i in range(len(j))]
+
+
+def fill(j: DurableJournal, n: int, term: int = 1) -> None:
+    last = j[-1][1]
+    for idx in range(last + 1, last + 1 + n):
+        j.add(f"cmd-{idx}".encode(), idx, term)
+
+
+def test_fresh_journal_starts_with_a_durable_no_op(journals: Journals) -> None:
+    j = journals.open()
+    assert entries(j) == [(NO_OP, 1, 0)]
+    assert not j.dirty
+    assert entries(journals.open()) == [(NO_OP, 1, 0)]
+
+
+def test_add_flush_reload_returns_the_same_entries(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 5, term=2)
+    j.add(b"\x00\xffbinary", 7, 3)
+    assert j.dirty
+    assert j.flush() == 6
+    assert not j.dirty
+    expected = entries(j)
+    assert expected[-1] == (b"\x00\xffbinary", 7, 3)
+    assert entries(journals.open()) == expected
+
+
+def test_add_out_of_order_raises(journals: Journals) -> None:
+    j = journals.open()
+    with pytest.raises(CorruptDataError):
+        j.add(b"x", 3, 1)
+
+
+def test_unflushed_adds_are_lost_on_reload(journals: Journals) -> None:
+    # Why acknowledgements wait for the tick's flush: until then an entry is only in memory.
+    j = journals.open()
+    fill(j, 3)
+    j.flush()
+    durable = entries(j)
+    fill(j, 4)
+    assert len(j) == 8 and j.dirty
+    assert entries(journals.open()) == durable
+
+
+def test_delete_entries_from_persists(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 5)  # indexes 1..6
+    j.flush()
+    j.deleteEntriesFrom(3)  # a position: drops indexes 4..6
+    assert [e[1] for e in entries(j)] == [1, 2, 3]
+    j.flush()
+    assert entries(journals.open()) == entries(j)
+
+
+def test_conflicting_suffix_is_replaced_durably(journals: Journals) -> None:
+    # The Raft case: a follower drops a conflicting suffix and appends the leader's entries,
+    # all in the same flush.
+    j = journals.open()
+    fill(j, 5, term=1)
+    j.flush()
+    j.deleteEntriesFrom(3)
+    j.add(b"new-4", 4, 2)
+    j.add(b"new-5", 5, 2)
+    j.flush()
+    reloaded = entries(journals.open())
+    assert reloaded[3:] == [(b"new-4", 4, 2), (b"new-5", 5, 2)]
+    assert len(reloaded) == 5
+
+
+def test_delete_entries_from_past_the_end_is_a_no_op(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 2)
+    j.flush()
+    j.deleteEntriesFrom(10)
+    assert not j.dirty and len(j) == 3
+
+
+def test_delete_entries_to_persists(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 9)  # indexes 1..10
+    j.flush()
+    j.deleteEntriesTo(4)  # keep positions 4.. -> indexes 5..10
+    assert [e[1] for e in entries(j)] == [5, 6, 7, 8, 9, 10]
+    j.flush()
+    reloaded = journals.open()
+    assert entries(reloaded) == entries(j)
+    fill(reloaded, 1)
+    reloaded.flush()
+    assert [e[1] for e in entries(journals.open())] == [5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 6])
+@pytest.mark.parametrize("entry_to", [0, 1, 2, 5, 6, 7, 100])
+def test_delete_entries_to_keeps_at_least_two(
+    journals: Journals, length: int, entry_to: int
+) -> None:
+    j = journals.open()
+    fill(j, length - 1)
+    j.flush()
+    j.deleteEntriesTo(entry_to)
+    assert len(j) >= min(length, 2)
+    assert len(j) == length - max(0, min(entry_to, length - 2))
+    assert j[-1][1] == length  # the tail is never touched
+    j.flush()
+    assert entries(journals.open()) == entries(j)
+
+
+def test_set_current_term_is_durable_without_flush(journals: Journals) -> None:
+    j = journals.open()
+    j.setCurrentTerm(5, "127.0.0.1:7002")
+    reloaded = journals.open()
+    assert reloaded.getCurrentTerm() == 5
+    assert reloaded.getVotedForNodeId() == "127.0.0.1:7002"
+    reloaded.setCurrentTerm(6, None)
+    again = journals.open()
+    assert (again.getCurrentTerm(), again.getVotedForNodeId()) == (6, None)
+
+
+def test_commit_index_is_written_by_the_timer_or_the_next_flush(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 3)
+    j.flush()
+    j.setRaftCommitIndex(3)
+    assert journals.open().getRaftCommitIndex() == 1  # default until written
+
+    j = journals.open()
+    j.setRaftCommitIndex(3)
+    j.onOneSecondTimer()
+    assert journals.open().getRaftCommitIndex() == 3
+
+
+def test_reset_replaces_the_log(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 4)
+    j.flush()
+    j.reset([(b"prev", 40, 3), (b"last", 41, 3)])
+    assert entries(journals.open()) == [(b"prev", 40, 3), (b"last", 41, 3)]
+
+
+def test_failed_flush_keeps_ops_pending(tmp_path: Path) -> None:
+    store = LogStore(tmp_path / "small", map_size_mb=1)
+    try:
+        j = DurableJournal(store)
+        j.add(b"x" * (2 * 1024 * 1024), 2, 1)
+        with pytest.raises(StoreFullError):
+            j.flush()
+        assert j.dirty  # acks stay held: nothing claims the entry is durable
+        assert store.load() == [(NO_OP, 1, 0)]
+    finally:
+        store.close()
+
+
+# -- corruption -------------------------------------------------------------------------------
+
+
+def _tamper(path: Path, fn: Any) -> None:
+    env = lmdb.open(str(path), map_size=16 * 1024 * 1024, max_dbs=4)
+    try:
+        db = env.open_db(b"log")
+        with env.begin(write=True) as txn:
+            fn(txn, db)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("offset", [0, 3, 4, 5, -1], ids=lambda o: f"byte{o}")
+def test_flipped_byte_in_a_record_is_corruption(journals: Journals, offset: int) -> None:
+    j = journals.open()
+    fill(j, 4)
+    j.flush()
+    journals.close()
+
+    def flip(txn: Any, db: Any) -> None:
+        key = _U64.pack(3)
+        raw = bytearray(txn.get(key, db=db))
+        raw[offset] ^= 0x01
+        txn.put(key, bytes(raw), db=db)
+
+    _tamper(journals.path, flip)
+    with pytest.raises(CorruptDataError, match="entry 3"):
+        journals.open()
+
+
+def test_short_record_is_corruption(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 2)
+    j.flush()
+    journals.close()
+    _tamper(journals.path, lambda txn, db: txn.put(_U64.pack(2), b"\x00\x01", db=db))
+    with pytest.raises(CorruptDataError):
+        journals.open()
+
+
+def test_gap_in_the_log_is_corruption(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 4)
+    j.flush()
+    journals.close()
+    _tamper(journals.path, lambda txn, db: txn.delete(_U64.pack(3), db=db))
+    with pytest.raises(CorruptDataError, match="gap"):
+        journals.open()
+
+
+# -- random operation sequences ---------------------------------------------------------------
+
+journal_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 4)),
+        st.tuples(st.just("del_from"), st.integers(1, 12)),
+        st.tuples(st.just("del_to"), st.integers(0, 12)),
+        st.tuples(st.just("flush"), st.just(0)),
+        st.tuples(st.just("term"), st.integers(0, 9)),
+    ),
+    max_size=15,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(journal_ops)
+def test_flushed_journal_reloads_exactly(ops: list[tuple[str, int]]) -> None:
+    with fresh_journals() as js:
+        j = js.open()
+        term = 1
+        for op, arg in ops:
+            if op == "add":
+                fill(j, arg, term)
+            elif op == "del_from":
+                j.deleteEntriesFrom(arg)
+            elif op == "del_to":
+                before = len(j)
+                j.deleteEntriesTo(arg)
+                assert len(j) >= min(before, 2)
+            elif op == "flush":
+                j.flush()
+            else:
+                term += arg
+                j.setCurrentTerm(term, None)
+        j.flush()
+        expected = entries(j)
+        reloaded = js.open()
+        assert entries(reloaded) == expected
+        assert reloaded.getCurrentTerm() == j.getCurrentTerm()
