@@ -247,8 +247,12 @@ class RaftNode:
         self._thread: threading.Thread | None = None
         self._applied_written = store.applied_index()
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
+        self._sent_commit = 0
         self._sync = _SyncObj(self, settings.self_addr, settings.peers, self._conf(), self._journal)
         self._adopt_journal()
+        # Runs inside every tick, after apply and before the poll: commit, fsync, release
+        # acks and answer callers *before* the tick sleeps, not a poll timeout later.
+        self._sync.addOnTickCallback(self._after_tick)
 
     # -- construction ------------------------------------------------------------
     def _conf(self) -> Any:
@@ -353,7 +357,6 @@ class RaftNode:
         while not self._stop.is_set():
             try:
                 self._sync.doTick(tick_s)
-                self._after_tick()
             except Exception:
                 log.exception("raft tick failed; rolling back this tick's applies")
                 self._roll_back()
@@ -370,8 +373,11 @@ class RaftNode:
         self._applied_written = last_applied
         appended = self._journal.flush()
         sync._SyncObj__transport.release_deferred()
-        if appended and sync._isLeader():
-            sync._SyncObj__newAppendEntriesTime = 0  # replicate now, not at the next heartbeat
+        if sync._isLeader() and (appended or sync.raftCommitIndex != self._sent_commit):
+            # Replicate new entries and tell followers the new commit index now, not at
+            # the next heartbeat: followers answer their own SMTP sessions after applying.
+            self._sent_commit = sync.raftCommitIndex
+            sync._SyncObj__sendAppendEntries()
         self._deliver_completions(failed=False)
         self._publish_status()
 
