@@ -17,6 +17,7 @@ entries near its 64 KiB append batch size), so bodies above
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -85,6 +86,32 @@ class RecordOutcome:
 
 
 Command = Enqueue | PutChunk | Announce | RecordOutcome
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_result(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) == 3
+        and _is_int(v[0])
+        and isinstance(v[1], str)
+        and isinstance(v[2], str)
+    )
+
+
+# Field annotation (as written above) -> wire-shape check. Decoding checks every field,
+# so apply() never meets a wrong type, whatever a peer or an older version wrote.
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "bytes": lambda v: isinstance(v, bytes),
+    "bytes | None": lambda v: v is None or isinstance(v, bytes),
+    "tuple[str, ...]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "tuple[tuple[int, str, str], ...]": lambda v: isinstance(v, list) and all(map(_is_result, v)),
+}
 _BY_TAG: dict[int, type[Any]] = {c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome)}
 _TUPLE_FIELDS = {"recipients", "results"}
 
@@ -99,11 +126,14 @@ def _from_list(item: Any) -> Command:
     cls = _BY_TAG.get(item[0])
     if cls is None:
         raise CodecError(f"unknown command tag {item[0]!r}")
-    names = [f.name for f in fields(cls)]
-    if len(item) != len(names) + 1:
-        raise CodecError(f"{cls.__name__}: expected {len(names)} fields, got {len(item) - 1}")
+    spec = fields(cls)
+    if len(item) != len(spec) + 1:
+        raise CodecError(f"{cls.__name__}: expected {len(spec)} fields, got {len(item) - 1}")
     values = []
-    for name, value in zip(names, item[1:], strict=True):
+    for f, value in zip(spec, item[1:], strict=True):
+        name = f.name
+        if not _CHECKS[str(f.type)](value):
+            raise CodecError(f"{cls.__name__}.{name}: wrong type {type(value).__name__}")
         if name == "results":
             value = tuple(tuple(r) for r in value)
         elif name in _TUPLE_FIELDS:

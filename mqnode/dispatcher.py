@@ -30,6 +30,9 @@ from .store import QueueStore
 
 log = logging.getLogger(__name__)
 
+MAX_REPLY_CHARS = 256
+RESULTS_PER_COMMAND = 100
+
 
 class Dispatcher:
     def __init__(
@@ -111,9 +114,11 @@ class Dispatcher:
         results = await self._agent.deliver(host, port, msg.mail_from, pending, body)
         now_ms = self._clock.wall_ms()
         delay_s = self._policy.delay_s(msg.attempts + 1, self._random)
-        await self._rep.submit(
-            RecordOutcome(msg.queue_id, now_ms, tuple(results), now_ms + int(delay_s * 1000))
-        )
+        results = [(i, out, reply[:MAX_REPLY_CHARS]) for i, out, reply in results]
+        next_ms = now_ms + int(delay_s * 1000)
+        for start in range(0, len(results), RESULTS_PER_COMMAND):  # keep entries small
+            part = tuple(results[start : start + RESULTS_PER_COMMAND])
+            await self._rep.submit(RecordOutcome(msg.queue_id, now_ms, part, next_ms))
         for _, outcome, reply in results:
             setattr(self, outcome, getattr(self, outcome) + 1)
             log.info("%s: %s via %s:%d: %s", msg.queue_id, outcome, host, port, reply)

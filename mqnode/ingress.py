@@ -6,7 +6,8 @@ command is committed by a Raft majority and applied to LMDB on this node
 
     554 5.7.1  client outside `allowed_networks` (never an open relay)
     501 5.1.7 / 501 5.1.3  malformed sender / recipient address
-    452 4.5.3  more than `max_recipients` recipients
+    452 4.5.3  more than `max_recipients` recipients, or over 16 KiB of them
+               (the envelope travels in one small log entry; RFC 5321 4.5.3.1.10)
     552 5.3.4  more than `max_message_bytes` (aiosmtpd enforces SIZE/DATA)
     452 4.3.1  storage nearly full (`store_full_ratio`)
     451 4.3.0  no leader, commit timeout, back-pressure: retry later
@@ -37,24 +38,27 @@ from .replicator import Replicator
 log = logging.getLogger(__name__)
 
 _ADDR_RE = re.compile(r"^[^\s@<>()\[\]\\,;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
-_MSGID_RE = re.compile(rb"^message-id:[ \t]*(.+?)\r?$", re.IGNORECASE | re.MULTILINE)
+_MSGID_RE = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
+_FOLD_RE = re.compile(rb"\r?\n(?=[ \t])")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_RCPT_BYTES = 16 * 1024
 
 
 def valid_address(addr: str, allow_empty: bool) -> bool:
     if addr == "":
         return allow_empty
-    return len(addr) <= 254 and _ADDR_RE.match(addr) is not None
+    return len(addr) <= 254 and _ADDR_RE.fullmatch(addr) is not None
 
 
 def find_message_id(body: bytes) -> str | None:
     head_end = body.find(b"\r\n\r\n")
     if head_end < 0:
         head_end = body.find(b"\n\n")
-    head = body if head_end < 0 else body[:head_end]
+    head = _FOLD_RE.sub(b"", body if head_end < 0 else body[:head_end])  # unfold headers
     m = _MSGID_RE.search(head)
-    return m.group(1).strip().decode("ascii", "replace") if m else None
+    value = m.group(1).strip().decode("ascii", "replace") if m else ""
+    return value or None
 
 
 def idempotency_key(mail_from: str, rcpts: list[str], body: bytes) -> bytes:
@@ -125,6 +129,9 @@ class SmtpIngress:
             return "501 5.1.3 Bad recipient address syntax"
         if len(envelope.rcpt_tos) >= self._max_rcpts:
             return f"452 4.5.3 Error: too many recipients (max {self._max_rcpts})"
+        if sum(len(r) + 3 for r in envelope.rcpt_tos) + len(address) > MAX_RCPT_BYTES:
+            # The envelope travels in one log entry, which must stay small.
+            return "452 4.5.3 Error: too many recipients in this transaction, send the rest later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"

@@ -41,7 +41,7 @@ def make_queue_id(wall_ms: int, random_bytes: bytes) -> QueueId:
     if len(random_bytes) < 4:
         raise ValueError("queue id needs at least 4 random bytes")
     raw = wall_ms.to_bytes(6, "big") + random_bytes[:4]
-    return base64.b32encode(raw).decode("ascii").rstrip("=")
+    return base64.b32hexencode(raw).decode("ascii").rstrip("=")  # hex alphabet sorts as text
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ class RetryPolicy:
 
     def delay_s(self, attempts: int, unit_random: Callable[[], float]) -> float:
         """Delay before attempt `attempts + 1`; `unit_random()` returns [0, 1)."""
-        base = min(self.retry_base_s * (2 ** max(attempts - 1, 0)), self.retry_max_s)
+        doublings = min(max(attempts - 1, 0), 32)  # 2**32 * base is past any sane cap
+        base = min(self.retry_base_s * (2**doublings), self.retry_max_s)
         jitter = (unit_random() * 2 - 1) * self.jitter_ratio * base
         return float(max(base + jitter, 0.0))

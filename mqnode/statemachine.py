@@ -37,6 +37,41 @@ UPLOAD_TTL_MS = 3600 * 1000
 GC_BATCH = 16
 
 
+MAX_ID_CHARS = 64
+MAX_KEY_BYTES = 64
+MAX_CHUNKS = 1_000_000
+_OUTCOMES = {o.value for o in Outcome}
+
+
+def _bad_id(value: str) -> bool:
+    return not 0 < len(value) <= MAX_ID_CHARS or not value.isascii() or "\0" in value
+
+
+def invalid(cmd: Command) -> str | None:
+    """Why a well-typed command cannot be applied (LMDB key limits, ranges), or None.
+
+    Checked before any write, so a rejected command leaves no partial state.
+    """
+    if isinstance(cmd, Enqueue):
+        if _bad_id(cmd.queue_id):
+            return "Enqueue: bad queue id"
+        if not 0 < len(cmd.idem_key) <= MAX_KEY_BYTES:
+            return "Enqueue: bad idempotency key"
+        if cmd.body is None and (_bad_id(cmd.upload_id) or not 0 < cmd.chunks <= MAX_CHUNKS):
+            return "Enqueue: bad upload reference"
+        if cmd.received_ms < 0 or cmd.body_size < 0:
+            return "Enqueue: negative time or size"
+    elif isinstance(cmd, PutChunk):
+        if _bad_id(cmd.upload_id) or not 0 <= cmd.seq < MAX_CHUNKS or cmd.created_ms < 0:
+            return "PutChunk: bad upload id or sequence"
+    elif isinstance(cmd, RecordOutcome):
+        if _bad_id(cmd.queue_id):
+            return "RecordOutcome: bad queue id"
+    elif isinstance(cmd, Announce) and not 0 < len(cmd.raft_addr) <= 255:
+        return "Announce: bad address"
+    return None
+
+
 class QueueStateMachine:
     def apply(self, index: int, entry: bytes, txn: StateTxn) -> list[Result] | None:
         """Apply one log entry; None if it was applied before (replay)."""
@@ -54,6 +89,10 @@ class QueueStateMachine:
         return results
 
     def _apply_one(self, cmd: Command, txn: StateTxn) -> Result:
+        problem = invalid(cmd)
+        if problem is not None:
+            log.error("command rejected: %s", problem)
+            return ("rejected", problem)
         if isinstance(cmd, Enqueue):
             return self._enqueue(cmd, txn)
         if isinstance(cmd, PutChunk):
@@ -123,14 +162,18 @@ class QueueStateMachine:
             if not 0 <= idx < len(rcpts) or rcpts[idx].state is not RcptState.PENDING:
                 continue
             r = rcpts[idx]
+            if outcome not in _OUTCOMES:
+                continue
             new_state = {
                 Outcome.DELIVERED.value: RcptState.DELIVERED,
                 Outcome.BOUNCED.value: RcptState.BOUNCED,
             }.get(outcome, RcptState.PENDING)
             rcpts[idx] = Recipient(r.address, new_state, r.attempts + 1, reply)
+        # Derived, not incremented: one attempt may be recorded by several commands
+        # (results split to keep entries small) and must count once.
         updated = msg.with_changes(
             recipients=tuple(rcpts),
-            attempts=msg.attempts + 1,
+            attempts=max(r.attempts for r in rcpts),
             next_attempt_ms=cmd.next_attempt_ms,
         )
         if updated.complete:

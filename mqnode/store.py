@@ -141,23 +141,27 @@ class StateTxn:
 
     def expire_uploads(self, older_than_ms: int, limit: int) -> int:
         """Drop staged chunks of uploads never enqueued (client gave up); bounded work."""
-        cur = self._txn.cursor(db=self._s._uploads_by_time)
-        doomed: list[bytes] = []
-        for key, _ in cur:
-            if _U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
-                break
-            doomed.append(bytes(key))
-        for key in doomed:
-            upload_id = key[8:].decode()
-            self._txn.delete(key, db=self._s._uploads_by_time)
-            self._txn.delete(key[8:], db=self._s._uploads)
+        doomed = self._expire(self._s._uploads_by_time, self._s._uploads, older_than_ms, limit)
+        for upload_id in doomed:
             bcur = self._txn.cursor(db=self._s._body)
-            prefix = upload_id.encode() + b"\0"
+            prefix = upload_id + b"\0"
             if bcur.set_range(prefix):
                 while bcur.key().startswith(prefix):
                     if not bcur.delete():
                         break
         return len(doomed)
+
+    def _expire(self, by_time: Any, primary: Any, older_than_ms: int, limit: int) -> list[bytes]:
+        """Delete up to `limit` keys whose time-index entry (ms || key) is older; return them."""
+        doomed: list[bytes] = []
+        for key, _ in self._txn.cursor(db=by_time):
+            if _U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
+                break
+            doomed.append(bytes(key))
+        for key in doomed:
+            self._txn.delete(key, db=by_time)
+            self._txn.delete(key[8:], db=primary)
+        return [k[8:] for k in doomed]
 
     # -- idempotency --------------------------------------------------------
     def get_idem(self, key: bytes) -> str | None:
@@ -169,16 +173,7 @@ class StateTxn:
         self._txn.put(_U64.pack(at_ms) + key, b"", db=self._s._idem_by_time)
 
     def expire_idem(self, older_than_ms: int, limit: int) -> int:
-        cur = self._txn.cursor(db=self._s._idem_by_time)
-        doomed: list[bytes] = []
-        for key, _ in cur:
-            if _U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
-                break
-            doomed.append(bytes(key))
-        for key in doomed:
-            self._txn.delete(key, db=self._s._idem_by_time)
-            self._txn.delete(key[8:], db=self._s._idem)
-        return len(doomed)
+        return len(self._expire(self._s._idem_by_time, self._s._idem, older_than_ms, limit))
 
 
 def _storage_error(what: str, exc: Exception) -> Exception:

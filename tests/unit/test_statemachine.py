@@ -312,10 +312,6 @@ def _enq_with(**changes: Any) -> list[Any]:
     return [Enqueue.TAG, *values]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: entries that decode but carry wrong field types/shapes raise out of apply()",
-)
 @pytest.mark.parametrize(
     "entry",
     [
@@ -546,3 +542,25 @@ def test_random_transcripts_are_deterministic(
         before = dump(a)
         assert _run(a, entries, commit_every=2) == [None] * len(entries)
         assert dump(a) == before
+
+
+def test_one_attempt_split_over_several_outcomes_counts_once(
+    tx: Transcript, store: QueueStore
+) -> None:
+    """The dispatcher splits big result lists into several commands; attempts stay per attempt."""
+    tx.one(enqueue("Q1", rcpts=("a@x.org", "b@x.org", "c@x.org")))
+    next_ms = T0 + 300_000
+    tx.one(outcome("Q1", [(0, "deferred", "451 a")], T0, next_ms))
+    tx.one(outcome("Q1", [(1, "deferred", "451 b"), (2, "delivered", "250 ok")], T0, next_ms))
+    msg = store.get_message("Q1")
+    assert msg is not None
+    assert msg.attempts == 1
+    assert [r.attempts for r in msg.recipients] == [1, 1, 1]
+
+
+def test_unknown_outcome_value_is_ignored(tx: Transcript, store: QueueStore) -> None:
+    tx.one(enqueue("Q1", rcpts=("a@x.org",)))
+    tx.one(outcome("Q1", [(0, "exploded", "???")]))
+    msg = store.get_message("Q1")
+    assert msg is not None
+    assert msg.recipients[0].state is RcptState.PENDING and msg.recipients[0].attempts == 0
