@@ -63,12 +63,22 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._meta: dict[str, Any] = store.get_meta()
         self._ops: list[tuple[str, int, int, bytes]] = []
         self._meta_dirty = False
+        self.applied_index: Callable[[], int] = lambda: 0  # set by RaftNode once it exists
         if not self._entries:
             self.add(NO_OP, 1, int(self._meta.get("term", 0)))
             self.flush()
 
     # -- the interface pysyncobj calls ---------------------------------------
     def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._entries and idx <= self._entries[-1][1]:
+            # A re-sent entry we kept (see deleteEntriesFrom): must be the same entry.
+            first = self._entries[0][1]
+            if idx < first or self._entries[idx - first][2] == term:
+                return
+            raise CorruptDataError(
+                f"leader sent index {idx} term {term}, but the applied entry there has term "
+                f"{self._entries[idx - first][2]}"
+            )
         if self._entries and idx != self._entries[-1][1] + 1:
             raise CorruptDataError(f"journal add out of order: {idx} after {self._entries[-1][1]}")
         self._entries.append((command, idx, term))
@@ -82,6 +92,15 @@ class DurableJournal(Journal):  # type: ignore[misc]
         if entryFrom >= len(self._entries):
             return
         idx = self._entries[entryFrom][1]
+        floor = self.applied_index() + 1
+        if idx < floor:
+            # pysyncobj truncates from a re-sent batch's start even below what was applied,
+            # then re-appends only that batch; a crash in between left the log shorter than
+            # the state. Applied entries are committed, so identical everywhere: keep them.
+            entryFrom += floor - idx
+            if entryFrom >= len(self._entries):
+                return
+            idx = floor
         del self._entries[entryFrom:]
         self._ops.append(("del_from", idx, 0, b""))
 
@@ -166,7 +185,20 @@ class _Transport(TCPTransport):  # type: ignore[misc]
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self.mq_blocked and getattr(node, "address", None) in self.mq_blocked:
             return
+        next_index = self._syncObj._SyncObj__raftNextIndex
+        sent_up_to = next_index.get(node)
         super()._onMessageReceived(node, message)
+        # pysyncobj sets nextIndex to the acked position on every success, rewinding past
+        # batches already in flight, which it then re-sends and the follower truncates and
+        # re-appends. A success only confirms a prefix: keep what was already sent.
+        if (
+            message.get("type") == "next_node_idx"
+            and message.get("success")
+            and not message.get("reset")
+            and sent_up_to is not None
+            and next_index.get(node, 0) < sent_up_to
+        ):
+            next_index[node] = sent_up_to
 
     def send(self, node: Any, message: Any) -> bool:
         if self.mq_blocked and getattr(node, "address", None) in self.mq_blocked:
@@ -250,6 +282,7 @@ class RaftNode:
         self._sent_commit = 0
         self._sync = _SyncObj(self, settings.self_addr, settings.peers, self._conf(), self._journal)
         self._adopt_journal()
+        self._journal.applied_index = lambda: int(self._sync.raftLastApplied)
         # Runs inside every tick, after apply and before the poll: commit, fsync, release
         # acks and answer callers *before* the tick sleeps, not a poll timeout later.
         self._sync.addOnTickCallback(self._after_tick)

@@ -85,13 +85,13 @@ class StateTxn:
     # -- messages -----------------------------------------------------------
     def get_message(self, queue_id: str) -> QueuedMessage | None:
         raw = self._txn.get(queue_id.encode(), db=self._s._msgs)
-        return None if raw is None else QueuedMessage.from_record(_unpack(raw))
+        return None if raw is None else _decode_message(bytes(raw), queue_id)
 
     def put_message(self, msg: QueuedMessage, old: QueuedMessage | None) -> None:
         """Insert or replace, keeping the due index and state counters in step."""
         if old is not None:
             self._unindex(old)
-        self._txn.put(msg.queue_id.encode(), _pack(msg.to_record()), db=self._s._msgs)
+        self._txn.put(msg.queue_id.encode(), _with_crc(_pack(msg.to_record())), db=self._s._msgs)
         if not msg.hold:
             self._txn.put(_due_key(msg), b"", db=self._s._due)
         self._bump(msg.state(), +1)
@@ -107,7 +107,7 @@ class StateTxn:
 
     # -- bodies -------------------------------------------------------------
     def put_body_chunk(self, body_key: str, seq: int, data: bytes) -> None:
-        self._txn.put(_body_key(body_key, seq), data, db=self._s._body)
+        self._txn.put(_body_key(body_key, seq), _with_crc(data), db=self._s._body)
 
     def has_body_chunk(self, body_key: str, seq: int) -> bool:
         return self._txn.get(_body_key(body_key, seq), db=self._s._body) is not None
@@ -118,7 +118,7 @@ class StateTxn:
             raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
             if raw is None:
                 raise CorruptDataError(f"body {body_key} chunk {seq} missing")
-            parts.append(bytes(raw))
+            parts.append(_check_crc(bytes(raw), f"body {body_key} chunk {seq}"))
         return b"".join(parts)
 
     def delete_body(self, body_key: str, chunks: int) -> None:
@@ -176,12 +176,50 @@ class StateTxn:
         return len(self._expire(self._s._idem_by_time, self._s._idem, older_than_ms, limit))
 
 
+def _open_env(path: Path, map_size: int, max_dbs: int, what: str) -> Any:
+    """Open an LMDB env, refusing a truncated data file before LMDB maps past its end.
+
+    (LMDB reads pages through mmap: a page beyond EOF is SIGBUS, not an error.)
+    """
+    try:
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, sync=True)
+    except lmdb.Error as exc:
+        raise CorruptDataError(f"cannot open {what} {path}: {exc}") from exc
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = os.path.getsize(path / "data.mdb")
+    if actual < needed:
+        env.close()
+        raise CorruptDataError(
+            f"{what} {path / 'data.mdb'} is truncated ({actual} bytes, needs {needed}); "
+            "restore it or move the data dir away to resync this node from its peers"
+        )
+    return env
+
+
+def _with_crc(data: bytes) -> bytes:
+    return _U32.pack(zlib.crc32(data)) + data
+
+
+def _check_crc(raw: bytes, what: str) -> bytes:
+    """LMDB has no record checksums: every queue record carries a CRC32 in front."""
+    if len(raw) < 4 or _U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+        raise CorruptDataError(f"{what}: checksum mismatch")
+    return raw[4:]
+
+
 def _storage_error(what: str, exc: Exception) -> Exception:
     """ENOSPC and friends become StoreFullError (retryable); anything else is corruption."""
     text = str(exc)
     if "No space left" in text or "Disk quota" in text or "MDB_MAP_FULL" in text:
         return StoreFullError(f"{what}: {text}")
     return CorruptDataError(f"{what}: {text}")
+
+
+def _decode_message(raw: bytes, queue_id: str) -> QueuedMessage:
+    try:
+        return QueuedMessage.from_record(_unpack(_check_crc(raw, f"message {queue_id}")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptDataError(f"message {queue_id}: undecodable record: {exc}") from exc
 
 
 def _due_key(msg: QueuedMessage) -> bytes:
@@ -204,12 +242,7 @@ class QueueStore:
 
     def _open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self._env = lmdb.open(
-                str(self.path), map_size=self._map_size, max_dbs=16, sync=True, metasync=True
-            )
-        except lmdb.Error as exc:
-            raise CorruptDataError(f"cannot open queue store {self.path}: {exc}") from exc
+        self._env = _open_env(self.path, self._map_size, 16, "queue store")
         env = self._env
         self._meta = env.open_db(b"meta")
         self._msgs = env.open_db(b"msgs")
@@ -270,7 +303,7 @@ class QueueStore:
         out: list[QueuedMessage] = []
         with self._lock, self._env.begin(write=False) as txn:
             for _, raw in txn.cursor(db=self._msgs):
-                msg = QueuedMessage.from_record(_unpack(raw))
+                msg = _decode_message(bytes(raw), "?")
                 if state is None or msg.state() is state:
                     out.append(msg)
                     if len(out) >= limit:
@@ -286,7 +319,7 @@ class QueueStore:
                     break
                 raw = txn.get(bytes(key[8:]), db=self._msgs)
                 if raw is not None:
-                    out.append(QueuedMessage.from_record(_unpack(raw)))
+                    out.append(_decode_message(bytes(raw), bytes(key[8:]).decode()))
         return out
 
     def fill_ratio(self) -> float:
@@ -354,17 +387,18 @@ class LogStore:
 
     def __init__(self, path: Path, map_size_mb: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        try:
-            self._env = lmdb.open(
-                str(path), map_size=map_size_mb * 1024 * 1024, max_dbs=4, sync=True
-            )
-        except lmdb.Error as exc:
-            raise CorruptDataError(f"cannot open raft log {path}: {exc}") from exc
+        self._env = _open_env(path, map_size_mb * 1024 * 1024, 4, "raft log")
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
 
     def load(self) -> list[tuple[bytes, int, int]]:
         """All entries in index order; a gap or bad checksum is corruption."""
+        try:
+            return self._load()
+        except lmdb.Error as exc:
+            raise CorruptDataError(f"raft log: {exc}") from exc
+
+    def _load(self) -> list[tuple[bytes, int, int]]:
         out: list[tuple[bytes, int, int]] = []
         with self._env.begin() as txn:
             for key, raw in txn.cursor(db=self._log):

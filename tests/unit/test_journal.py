@@ -307,3 +307,34 @@ def test_flushed_journal_reloads_exactly(ops: list[tuple[str, int]]) -> None:
         reloaded = js.open()
         assert entries(reloaded) == expected
         assert reloaded.getCurrentTerm() == j.getCurrentTerm()
+
+
+def test_resent_batch_never_truncates_applied_entries(journals: Journals) -> None:
+    """pysyncobj truncates from a re-sent batch's start, even below the applied index.
+
+    Seen in the chaos run: a follower then crashed with its log shorter than its state.
+    The journal keeps applied (committed) entries and skips identical re-adds.
+    """
+    j = journals.open()
+    fill(j, 20)  # indexes 2..21
+    j.flush()
+    j.applied_index = lambda: 15
+    before = entries(j)
+    # The leader re-sends 10..12 after prevLogIdx 9: pysyncobj deletes from 10 and re-adds.
+    j.deleteEntriesFrom(10 - j[0][1])
+    for idx in (10, 11, 12):
+        j.add(f"cmd-{idx}".encode(), idx, 1)
+    j.flush()
+    kept = entries(journals.open())
+    assert kept[-1][1] >= 15, "applied entries were truncated"
+    assert kept == before[: 15 - before[0][1] + 1]
+
+
+def test_resent_entry_with_another_term_at_an_applied_index_is_corruption(
+    journals: Journals,
+) -> None:
+    j = journals.open()
+    fill(j, 10)
+    j.applied_index = lambda: 8
+    with pytest.raises(CorruptDataError):
+        j.add(b"other", 5, 2)
