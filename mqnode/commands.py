@@ -76,16 +76,45 @@ class Announce:
 
 @dataclass(frozen=True)
 class RecordOutcome:
-    """Result of one delivery attempt: per-recipient (index, outcome, reply)."""
+    """Result of one delivery attempt: per-recipient (index, outcome, reply).
+
+    Fenced: rejected when `epoch` is older than the current lease epoch. A bounce
+    (`dsn_body`, from the null sender to the original sender) is queued in the same
+    apply, so a recorded bounce and its notification cannot be separated by a crash.
+    """
 
     TAG: ClassVar[int] = 4
     queue_id: str
     at_ms: int
     results: tuple[tuple[int, str, str], ...]
     next_attempt_ms: int
+    epoch: int
+    dsn_queue_id: str
+    dsn_body: bytes
 
 
-Command = Enqueue | PutChunk | Announce | RecordOutcome
+@dataclass(frozen=True)
+class LeaseRenew:
+    """The leader extends its dispatch lease; `epoch` is its Raft term."""
+
+    TAG: ClassVar[int] = 5
+    node_id: str
+    raft_addr: str
+    epoch: int
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The lease holder claims messages before connecting for them."""
+
+    TAG: ClassVar[int] = 6
+    queue_ids: tuple[str, ...]
+    node_id: str
+    epoch: int
+
+
+Command = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim
 
 
 def _is_int(v: Any) -> bool:
@@ -112,8 +141,10 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "tuple[str, ...]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "tuple[tuple[int, str, str], ...]": lambda v: isinstance(v, list) and all(map(_is_result, v)),
 }
-_BY_TAG: dict[int, type[Any]] = {c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome)}
-_TUPLE_FIELDS = {"recipients", "results"}
+_BY_TAG: dict[int, type[Any]] = {
+    c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim)
+}
+_TUPLE_FIELDS = {"recipients", "results", "queue_ids"}
 
 
 def _to_list(cmd: Command) -> list[Any]:

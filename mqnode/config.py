@@ -56,9 +56,20 @@ class NodeConfig:
     log_compaction_min_time_s: int = 300
     state_map_size_mb: int = 4096
     raft_map_size_mb: int = 1024
+    # 0: accept and replicate only, never dispatch (a queue-only node, and tests that must
+    # not resolve or connect anywhere).
+    delivery_enabled: int = 1
     delivery_concurrency: int = 20
+    per_destination_concurrency: int = 10
+    delivery_port: int = 25
+    delivery_timeout_s: int = 60
+    dns_timeout_ms: int = 5000
+    tls_required_domains: list[str] = field(default_factory=list)
     retry_base_s: int = 300
     retry_max_s: int = 4000
+    max_queue_lifetime_s: int = 5 * 86400
+    lease_ms: int = 3000
+    lease_margin_ms: int = 500
     log_level: str = "INFO"
     # Test-only: 1 exposes POST /fault/partition on the admin endpoint.
     fault_injection: int = 0
@@ -124,14 +135,29 @@ class NodeConfig:
             "state_map_size_mb",
             "raft_map_size_mb",
             "delivery_concurrency",
+            "per_destination_concurrency",
+            "delivery_port",
+            "delivery_timeout_s",
+            "dns_timeout_ms",
             "retry_base_s",
             "retry_max_s",
+            "max_queue_lifetime_s",
+            "lease_ms",
+            "lease_margin_ms",
         )
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0")
         if not self.election_timeout_min_ms < self.election_timeout_max_ms:
             raise ConfigError("election_timeout_min_ms: must be below election_timeout_max_ms")
+        if self.lease_margin_ms * 2 >= self.lease_ms:
+            raise ConfigError("lease_margin_ms: must be below half of lease_ms")
+        if self.dns_server:
+            host = parse_hostport(self.dns_server, "dns_server")[0]
+            try:
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise ConfigError("dns_server: must be an IP address and port") from exc
         if self.heartbeat_ms * 2 > self.election_timeout_min_ms:
             raise ConfigError("heartbeat_ms: must be at most half of election_timeout_min_ms")
 

@@ -3,6 +3,7 @@
     GET  /status           node, Raft and queue summary (what `mqnode status` prints)
     GET  /queue            ?state=active|deferred|hold&limit=N (default 1000, max 100000)
     GET  /queue/{id}       one message: envelope, per-recipient status, attempts
+    GET  /queue/{id}/body  the stored message as it will be sent (like postcat)
     POST /raft/compact     ask for a log compaction (snapshot) now
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
                            those peers (only with `fault_injection = 1`; tests)
@@ -44,6 +45,7 @@ class AdminServer:
                 web.get("/status", self._status),
                 web.get("/queue", self._list),
                 web.get("/queue/{id}", self._show),
+                web.get("/queue/{id}/body", self._body),
                 web.post("/raft/compact", self._compact),
             ]
         )
@@ -104,6 +106,13 @@ class AdminServer:
         if msg is None:
             return web.json_response({"error": "no such message"}, status=404)
         return web.json_response(msg.summary())
+
+    async def _body(self, request: web.Request) -> web.Response:
+        msg = self._store.get_message(request.match_info["id"])
+        if msg is None:
+            return web.json_response({"error": "no such message"}, status=404)
+        body = self._store.read_body(msg)
+        return web.Response(body=body, content_type="message/rfc822")
 
     async def _compact(self, request: web.Request) -> web.Response:
         self._raft.force_compaction()

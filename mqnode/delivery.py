@@ -1,19 +1,45 @@
 """DeliveryAgent: one SMTP transaction with aiosmtplib, replies mapped to per-recipient outcomes.
 
 2xx -> delivered, 5xx -> bounced, 4xx or any connection/protocol failure ->
-deferred. STARTTLS is used when the server offers it (opportunistic, no
-certificate check: the same stance as Postfix's `may` level).
+deferred. Targets (MX hosts' addresses, or the relay host) are tried in order
+until one accepts the connection and greets with 220; a transaction that got
+as far as MAIL FROM is final for this attempt (Postfix does the same).
+
+STARTTLS is used whenever offered (opportunistic, no certificate check, like
+Postfix's `may` level); `require_tls` turns "not offered" into a deferral.
+
+Fencing: `gate()` is called after the message body is written and before the
+final "." of DATA. If it returns False (the dispatch lease was lost), the
+connection is dropped without the final "." so the server discards the
+message, and `LeaseLost` is raised: nothing may be recorded for this attempt.
+
+Limits: `timeout_s` per SMTP command and for the connect.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiosmtplib
 
 from .model import Outcome
 
 RecipientResult = tuple[int, str, str]
+_DOT_LINE = re.compile(rb"(?m)^\.")
+
+
+class LeaseLost(Exception):
+    """The dispatch lease ended during a transaction; the message was not completed."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # host name for logs and DSN Remote-MTA
+    address: str
+    port: int
 
 
 def _outcome_for(code: int) -> Outcome:
@@ -22,6 +48,13 @@ def _outcome_for(code: int) -> Outcome:
     if 500 <= code < 600:
         return Outcome.BOUNCED
     return Outcome.DEFERRED
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """CRLF line endings, leading dots doubled, ending in CRLF (RFC 5321 4.5.2)."""
+    body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    body = _DOT_LINE.sub(b"..", body)
+    return body if body.endswith(b"\r\n") else body + b"\r\n"
 
 
 class DeliveryAgent:
@@ -33,35 +66,55 @@ class DeliveryAgent:
         self._tls.verify_mode = ssl.CERT_NONE
 
     async def deliver(
-        self, host: str, port: int, mail_from: str, rcpts: list[tuple[int, str]], body: bytes
-    ) -> list[RecipientResult]:
-        """Deliver `body` to the (index, address) recipients; never raises on SMTP errors."""
-        client = aiosmtplib.SMTP(
-            hostname=host,
-            port=port,
-            timeout=self._timeout_s,
-            local_hostname=self._helo,
-            start_tls=False,
-            tls_context=self._tls,
-        )
-        try:
-            await client.connect()
-            await client.ehlo()
-            if client.supports_extension("starttls"):
-                await client.starttls()
+        self,
+        targets: tuple[Target, ...],
+        mail_from: str,
+        rcpts: list[tuple[int, str]],
+        body: bytes,
+        gate: Callable[[], bool],
+        require_tls: bool = False,
+    ) -> tuple[list[RecipientResult], str]:
+        """Per-recipient results and the name of the host that answered ("" if none)."""
+        last_error = "no delivery target"
+        for target in targets:
+            client = aiosmtplib.SMTP(
+                hostname=target.address,
+                port=target.port,
+                timeout=self._timeout_s,
+                local_hostname=self._helo,
+                start_tls=False,
+                tls_context=self._tls,
+            )
+            try:
+                await client.connect()
                 await client.ehlo()
-            return await self._transaction(client, mail_from, rcpts, body)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return [(i, Outcome.DEFERRED.value, f"connection failed: {exc}") for i, _ in rcpts]
-        finally:
-            if client.is_connected:
-                try:
-                    await client.quit()
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    client.close()
+                if client.supports_extension("starttls"):
+                    await client.starttls()
+                    await client.ehlo()
+                elif require_tls:
+                    last_error = f"{target.name}: TLS is required but not offered"
+                    continue
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                last_error = f"{target.name}[{target.address}]: {exc}"
+                client.close()
+                continue
+            try:
+                results = await self._transaction(client, mail_from, rcpts, body, gate)
+                return results, target.name
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                reply = f"{target.name}[{target.address}]: lost connection: {exc}"
+                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], target.name
+            finally:
+                await _close(client)
+        return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], ""
 
     async def _transaction(
-        self, client: aiosmtplib.SMTP, mail_from: str, rcpts: list[tuple[int, str]], body: bytes
+        self,
+        client: aiosmtplib.SMTP,
+        mail_from: str,
+        rcpts: list[tuple[int, str]],
+        body: bytes,
+        gate: Callable[[], bool],
     ) -> list[RecipientResult]:
         try:
             await client.mail(mail_from)
@@ -77,12 +130,31 @@ class DeliveryAgent:
             except aiosmtplib.SMTPResponseException as exc:
                 results[idx] = (idx, _outcome_for(exc.code).value, f"{exc.code} {exc.message}")
         if accepted:
-            try:
-                resp = await client.data(body)
-                reply = f"{resp.code} {resp.message}"
-                for idx in accepted:
-                    results[idx] = (idx, _outcome_for(resp.code).value, reply)
-            except aiosmtplib.SMTPResponseException as exc:
-                for idx in accepted:
-                    results[idx] = (idx, _outcome_for(exc.code).value, f"{exc.code} {exc.message}")
+            code, reply = await self._gated_data(client, body, gate)
+            for idx in accepted:
+                results[idx] = (idx, _outcome_for(code).value, reply)
         return [results[i] for i, _ in rcpts]
+
+    async def _gated_data(
+        self, client: aiosmtplib.SMTP, body: bytes, gate: Callable[[], bool]
+    ) -> tuple[int, str]:
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            return start.code, f"DATA: {start.code} {start.message}"
+        protocol = client.protocol
+        assert protocol is not None
+        protocol.write(dot_stuff(body))
+        if not gate():
+            client.close()  # no final ".": the server must discard the message
+            raise LeaseLost("dispatch lease lost before the end of DATA")
+        protocol.write(b".\r\n")
+        resp = await protocol.read_response(timeout=self._timeout_s)
+        return resp.code, f"{resp.code} {resp.message}"
+
+
+async def _close(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        try:
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()

@@ -1,31 +1,40 @@
-"""Dispatcher: the leader's claim -> deliver -> record loop.
+"""Dispatcher: the lease holder's claim -> deliver -> record loop.
 
-Scope today: relay-host delivery only, dispatched while this node is the Raft
-leader. Each attempt's per-recipient outcome is committed through the log
-(RecordOutcome), so every node agrees on what was delivered, deferred or
-bounced, and a completed message is deleted everywhere.
+Only the node holding a valid dispatch lease sends (see lease.py and
+docs/design/dispatch.md). Each scan:
+  1. takes due messages (oldest due first, at most `batch`, at most the free
+     delivery slots), skipping those in flight here and those claimed by an
+     earlier epoch until the old lease is waited out;
+  2. commits a Claim for them; apply grants only unclaimed / ended claims;
+  3. delivers each granted message: recipients grouped by domain, each group
+     routed (relay or MX) and sent with a lease gate before the final ".";
+  4. commits RecordOutcome per message (split so entries stay small), with
+     a bounce (DSN) for bounced recipients in the same command, and bounces
+     recipients deferred past `max_queue_lifetime_s` (4.4.7).
 
-Limits: `concurrency` deliveries in flight, `batch` messages per scan, one
-scan every `scan_interval_s` (sooner when woken by new mail).
-
-Not yet fenced by a lease (see the delivery issue): a deposed leader can
-still finish deliveries it had started, so a failover may duplicate the
-messages in flight at that moment.
+Limits: `concurrency` (C) deliveries in flight, `per_destination` per domain,
+`batch` per scan, a scan every `scan_interval_s` unless woken.
+A failover can duplicate at most the C messages in flight at that moment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .clock import Clock
-from .commands import RecordOutcome
-from .delivery import DeliveryAgent
+from .commands import Claim, LeaseRenew, RecordOutcome
+from .delivery import DeliveryAgent, LeaseLost, RecipientResult
+from .dsn import FailedRecipient, build_dsn, is_null_sender, status_from_reply
 from .errors import MqnodeError
-from .model import QueuedMessage, RcptState
+from .lease import LeaderLease
+from .model import Outcome, QueuedMessage, RcptState, make_queue_id
 from .policy import RetryPolicy
 from .replicator import Replicator
+from .routing import Router
 from .store import QueueStore
 
 log = logging.getLogger(__name__)
@@ -34,91 +43,250 @@ MAX_REPLY_CHARS = 256
 RESULTS_PER_COMMAND = 100
 
 
+@dataclass(frozen=True)
+class DispatchSettings:
+    node_id: str
+    raft_addr: str
+    hostname: str
+    concurrency: int
+    per_destination: int
+    max_queue_lifetime_s: int
+    tls_required_domains: frozenset[str]
+    batch: int = 100
+    scan_interval_s: float = 0.5
+
+
 class Dispatcher:
     def __init__(
         self,
+        settings: DispatchSettings,
         store: QueueStore,
         replicator: Replicator,
         agent: DeliveryAgent,
+        router: Router,
+        lease: LeaderLease,
         clock: Clock,
         policy: RetryPolicy,
         unit_random: Callable[[], float],
-        relay: tuple[str, int] | None,
-        concurrency: int,
-        batch: int = 100,
-        scan_interval_s: float = 0.5,
+        random_bytes: Callable[[int], bytes],
     ) -> None:
+        self._s = settings
         self._store = store
         self._rep = replicator
         self._agent = agent
+        self._router = router
+        self._lease = lease
         self._clock = clock
         self._policy = policy
         self._random = unit_random
-        self._relay = relay
-        self._sem = asyncio.Semaphore(concurrency)
-        self._batch = batch
-        self._interval_s = scan_interval_s
+        self._random_bytes = random_bytes
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._per_domain: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(settings.per_destination)
+        )
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
-        self.delivered = 0
-        self.deferred = 0
-        self.bounced = 0
+        self.counts = {o.value: 0 for o in Outcome}
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            if self._relay is None or not self._rep.is_leader():
-                continue
-            for msg in self._store.due_messages(self._clock.wall_ms(), self._batch):
-                if msg.queue_id in self._in_flight:
-                    continue
-                await self._sem.acquire()
-                self._in_flight.add(msg.queue_id)
-                task = asyncio.create_task(self._attempt(msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        renew = asyncio.create_task(self._renew_loop(), name="lease-renew")
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._s.scan_interval_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                try:
+                    await self._scan()
+                except MqnodeError as exc:
+                    log.warning("dispatch scan failed: %s", exc)
+        finally:
+            renew.cancel()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _attempt(self, msg: QueuedMessage) -> None:
+    # -- the lease -------------------------------------------------------------------
+    async def _renew_loop(self) -> None:
+        lease = self._lease
+        while True:
+            epoch = lease.epoch
+            if epoch > 0:
+                started = lease.renew_started()
+                cmd = LeaseRenew(
+                    self._s.node_id, self._s.raft_addr, epoch, int(lease.lease_s * 1000)
+                )
+                try:
+                    status, _ = await self._rep.submit(cmd)
+                    if status == "ok":
+                        was_valid = lease.valid()
+                        lease.renew_committed(started, epoch)
+                        if not was_valid:
+                            log.info("dispatch lease acquired (epoch %d)", epoch)
+                            self.wake()
+                except MqnodeError as exc:
+                    log.info("lease renewal not committed: %s", exc)
+            await asyncio.sleep(lease.renew_interval_s)
+
+    # -- claim and dispatch ------------------------------------------------------------
+    async def _scan(self) -> None:
+        lease = self._lease
+        epoch = lease.epoch
+        if not lease.valid(epoch):
+            return
+        free = self._s.concurrency - len(self._in_flight)
+        if free <= 0:
+            return
+        waited_out = lease.waited_out()
+        picked: dict[str, QueuedMessage] = {}
+        for msg in self._store.due_messages(self._clock.wall_ms(), self._s.batch):
+            if msg.queue_id in self._in_flight:
+                continue
+            if msg.claim_epoch not in (0, epoch) and not waited_out:
+                continue  # another leader's claim: wait out its lease first
+            picked[msg.queue_id] = msg
+            if len(picked) >= free:
+                break
+        if not picked:
+            return
+        status, granted = await self._rep.submit(Claim(tuple(picked), self._s.node_id, epoch))
+        if status != "ok" or not granted:
+            return
+        for qid in granted.split(","):
+            await self._slots.acquire()
+            self._in_flight.add(qid)
+            task = asyncio.create_task(self._attempt(picked[qid], epoch), name=f"deliver-{qid}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, msg: QueuedMessage, epoch: int) -> None:
         try:
-            await self._deliver(msg)
+            await self._deliver(msg, epoch)
+        except LeaseLost:
+            log.warning("%s: lease lost mid-delivery; not completed, not recorded", msg.queue_id)
         except MqnodeError as exc:
             log.warning("%s: attempt not recorded: %s", msg.queue_id, exc)
         except Exception:
             log.exception("%s: delivery attempt crashed", msg.queue_id)
         finally:
             self._in_flight.discard(msg.queue_id)
-            self._sem.release()
+            self._slots.release()
 
-    async def _deliver(self, msg: QueuedMessage) -> None:
-        assert self._relay is not None
-        pending = [
-            (i, r.address) for i, r in enumerate(msg.recipients) if r.state is RcptState.PENDING
-        ]
-        if not pending:
+    async def _deliver(self, msg: QueuedMessage, epoch: int) -> None:
+        by_domain: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
+        for i, r in enumerate(msg.recipients):
+            if r.state is RcptState.PENDING:
+                by_domain[r.address.rpartition("@")[2].lower()].append((i, r.address))
+        if not by_domain:
             return
         body = self._store.read_body(msg)
-        host, port = self._relay
-        results = await self._agent.deliver(host, port, msg.mail_from, pending, body)
+        results: list[RecipientResult] = []
+        remote: dict[int, str] = {}
+        for domain, rcpts in by_domain.items():
+            part, host = await self._deliver_domain(domain, rcpts, msg, body, epoch)
+            results += part
+            remote.update((i, host) for i, _, _ in part)
+        await self._record(msg, epoch, results, remote, body)
+
+    async def _deliver_domain(
+        self, domain: str, rcpts: list[tuple[int, str]], msg: QueuedMessage, body: bytes, epoch: int
+    ) -> tuple[list[RecipientResult], str]:
+        route = await self._router.route(domain)
+        if route.kind == "bounce":
+            return [
+                (i, Outcome.BOUNCED.value, f"{route.status} {route.reason}") for i, _ in rcpts
+            ], ""
+        if route.kind == "defer":
+            return [
+                (i, Outcome.DEFERRED.value, f"{route.status} {route.reason}") for i, _ in rcpts
+            ], ""
+        async with self._per_domain[domain]:
+            return await self._agent.deliver(
+                route.targets,
+                msg.mail_from,
+                rcpts,
+                body,
+                gate=lambda: self._lease.valid(epoch),
+                require_tls=domain in self._s.tls_required_domains,
+            )
+
+    # -- recording -------------------------------------------------------------------------
+    async def _record(
+        self,
+        msg: QueuedMessage,
+        epoch: int,
+        results: list[RecipientResult],
+        remote: dict[int, str],
+        body: bytes,
+    ) -> None:
         now_ms = self._clock.wall_ms()
+        expired = now_ms - msg.received_ms > self._s.max_queue_lifetime_s * 1000
+        final: list[RecipientResult] = []
+        for i, outcome, reply in results:
+            if outcome == Outcome.DEFERRED.value and expired:
+                outcome, reply = Outcome.BOUNCED.value, f"4.4.7 message expired in queue: {reply}"
+            final.append((i, outcome, reply[:MAX_REPLY_CHARS]))
+        dsn_id, dsn = self._bounce(msg, final, remote, body, now_ms)
         delay_s = self._policy.delay_s(msg.attempts + 1, self._random)
-        results = [(i, out, reply[:MAX_REPLY_CHARS]) for i, out, reply in results]
         next_ms = now_ms + int(delay_s * 1000)
-        for start in range(0, len(results), RESULTS_PER_COMMAND):  # keep entries small
-            part = tuple(results[start : start + RESULTS_PER_COMMAND])
-            await self._rep.submit(RecordOutcome(msg.queue_id, now_ms, part, next_ms))
-        for _, outcome, reply in results:
-            setattr(self, outcome, getattr(self, outcome) + 1)
-            log.info("%s: %s via %s:%d: %s", msg.queue_id, outcome, host, port, reply)
+        for start in range(0, len(final), RESULTS_PER_COMMAND):  # keep entries small
+            part = tuple(final[start : start + RESULTS_PER_COMMAND])
+            cmd = RecordOutcome(msg.queue_id, now_ms, part, next_ms, epoch, dsn_id, dsn)
+            dsn_id, dsn = "", b""  # the bounce rides with the first part only
+            status, detail = await self._rep.submit(cmd)
+            if status != "ok":
+                log.warning("%s: outcome rejected: %s", msg.queue_id, detail)
+                return
+        for i, outcome, reply in final:
+            self.counts[outcome] += 1
+            log.info("%s: to=<%s> %s: %s", msg.queue_id, msg.recipients[i].address, outcome, reply)
+
+    def _bounce(
+        self,
+        msg: QueuedMessage,
+        results: list[RecipientResult],
+        remote: dict[int, str],
+        body: bytes,
+        now_ms: int,
+    ) -> tuple[str, bytes]:
+        bounced = [(i, reply) for i, outcome, reply in results if outcome == Outcome.BOUNCED.value]
+        if not bounced or is_null_sender(msg.mail_from):
+            return "", b""
+        failed = [
+            FailedRecipient(
+                address=msg.recipients[i].address,
+                status=_status_of(reply),
+                diagnostic=reply,
+                remote_mta=remote.get(i, ""),
+            )
+            for i, reply in bounced
+        ]
+        dsn_id = make_queue_id(now_ms, self._random_bytes(4))
+        dsn = build_dsn(
+            queue_id=msg.queue_id,
+            reporting_mta=self._s.hostname,
+            original_sender=msg.mail_from,
+            original_message_id=msg.message_id,
+            arrival_ms=msg.received_ms,
+            now_ms=now_ms,
+            failed=failed,
+            original=body,
+            max_returned_bytes=16 * 1024,  # the bounce must fit one small log entry
+        )
+        return dsn_id, dsn
+
+
+def _status_of(reply: str) -> str:
+    """Enhanced status of a reply; our own replies ("5.1.10 ...", "4.4.7 ...") start with it."""
+    head = reply.split(" ", 1)[0]
+    parts = head.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and head[0] in "45":
+        return head
+    return status_from_reply(reply, "5.0.0")

@@ -20,6 +20,8 @@ original body) maps a repeat to the first queue id. Bodies above
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import hashlib
 import ipaddress
 import logging
@@ -32,14 +34,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from .clock import Clock
 from .commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
 from .errors import SubmitError
-from .model import make_queue_id
+from .model import find_message_id, make_queue_id
 from .replicator import Replicator
 
 log = logging.getLogger(__name__)
 
 _ADDR_RE = re.compile(r"^[^\s@<>()\[\]\\,;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
-_MSGID_RE = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
-_FOLD_RE = re.compile(rb"\r?\n(?=[ \t])")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_RCPT_BYTES = 16 * 1024
@@ -49,16 +49,6 @@ def valid_address(addr: str, allow_empty: bool) -> bool:
     if addr == "":
         return allow_empty
     return len(addr) <= 254 and _ADDR_RE.fullmatch(addr) is not None
-
-
-def find_message_id(body: bytes) -> str | None:
-    head_end = body.find(b"\r\n\r\n")
-    if head_end < 0:
-        head_end = body.find(b"\n\n")
-    head = _FOLD_RE.sub(b"", body if head_end < 0 else body[:head_end])  # unfold headers
-    m = _MSGID_RE.search(head)
-    value = m.group(1).strip().decode("ascii", "replace") if m else ""
-    return value or None
 
 
 def idempotency_key(mail_from: str, rcpts: list[str], body: bytes) -> bytes:
@@ -97,6 +87,7 @@ class SmtpIngress:
         self._full_ratio = store_full_ratio
         self.accepted = 0
         self.refused = 0
+        self.on_accepted: Callable[[], None] = lambda: None  # e.g. wake the dispatcher
 
     def _allowed(self, session: Session) -> bool:
         peer = session.peer
@@ -151,6 +142,7 @@ class SmtpIngress:
             log.warning("refused message from %s: %s", session.peer, exc)
             return exc.smtp_reply()
         self.accepted += 1
+        self.on_accepted()
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def _enqueue(self, session: Session, envelope: Envelope, body: bytes) -> str:
@@ -161,8 +153,10 @@ class SmtpIngress:
         idem = idempotency_key(mail_from, rcpts, body)
         message_id = find_message_id(body)
         if message_id is None:
+            # Stable across attempts, so receivers can de-duplicate after a failover.
             message_id = f"<{queue_id}@{self._hostname}>"
             body = f"Message-ID: {message_id}\r\n".encode() + body
+        body = self._received(session, queue_id, rcpts, now_ms) + body
         upload_id, chunks = "", 0
         inline: bytes | None = body
         if len(body) > INLINE_BODY_MAX_BYTES:
@@ -190,6 +184,19 @@ class SmtpIngress:
         if status in ("queued", "duplicate"):
             return value
         raise SubmitError(f"not queued: {value}")
+
+    def _received(self, session: Session, queue_id: str, rcpts: list[str], now_ms: int) -> bytes:
+        peer: Any = session.peer
+        ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
+        date = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(now_ms / 1000, datetime.UTC)
+        )
+        rcpt = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+        return (
+            f"Received: from {helo} ([{ip}])\r\n\tby {self._hostname} (mqnode) with ESMTP "
+            f"id {queue_id}{rcpt};\r\n\t{date}\r\n"
+        ).encode("utf-8", "replace")
 
     async def _upload(self, upload_id: str, parts: list[bytes], now_ms: int) -> None:
         results = await asyncio.gather(

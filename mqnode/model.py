@@ -9,6 +9,7 @@ a message is complete, and deleted, once every recipient is final.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -34,6 +35,20 @@ class Outcome(StrEnum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     BOUNCED = "bounced"
+
+
+_MSGID_RE = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
+_FOLD_RE = re.compile(rb"\r?\n(?=[ \t])")
+
+
+def find_message_id(body: bytes) -> str | None:
+    head_end = body.find(b"\r\n\r\n")
+    if head_end < 0:
+        head_end = body.find(b"\n\n")
+    head = _FOLD_RE.sub(b"", body if head_end < 0 else body[:head_end])  # unfold headers
+    m = _MSGID_RE.search(head)
+    value = m.group(1).strip().decode("ascii", "replace") if m else ""
+    return value or None
 
 
 def make_queue_id(wall_ms: int, random_bytes: bytes) -> QueueId:
@@ -75,6 +90,8 @@ class QueuedMessage:
     hold: bool = False
     next_attempt_ms: int = 0
     attempts: int = 0
+    claim_epoch: int = 0  # lease epoch of the leader that claimed it for delivery; 0: unclaimed
+    claim_node: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,6 +122,8 @@ class QueuedMessage:
             "hold": self.hold,
             "next": self.next_attempt_ms,
             "att": self.attempts,
+            "ce": self.claim_epoch,
+            "cn": self.claim_node,
             "x": self.extra,
         }
 
@@ -125,6 +144,8 @@ class QueuedMessage:
             hold=rec["hold"],
             next_attempt_ms=rec["next"],
             attempts=rec["att"],
+            claim_epoch=rec.get("ce", 0),
+            claim_node=rec.get("cn", ""),
             extra=rec.get("x", {}),
         )
 
@@ -151,4 +172,6 @@ class QueuedMessage:
             "accepted_by": self.accepted_by,
             "next_attempt_ms": self.next_attempt_ms,
             "attempts": self.attempts,
+            "claim_epoch": self.claim_epoch,
+            "claim_node": self.claim_node,
         }

@@ -25,12 +25,15 @@ from .commands import Announce
 from .config import NodeConfig, parse_hostport
 from .control import AdminServer
 from .delivery import DeliveryAgent
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, MqnodeError
 from .ingress import SmtpIngress
+from .lease import LeaderLease
+from .mx import MxResolver
 from .policy import RetryPolicy
 from .raft import RaftNode, RaftSettings, RaftStatus
 from .replicator import CommitPipeline
+from .routing import Router
 from .statemachine import QueueStateMachine
 from .store import QueueStore
 
@@ -110,16 +113,33 @@ class Node:
             cfg.max_recipients,
             store.fill_ratio,
         )
-        dispatcher = Dispatcher(
+        relay = parse_hostport(cfg.relay_host, "relay_host") if cfg.relay_host else None
+        resolver = None
+        if relay is None:
+            ns = parse_hostport(cfg.dns_server, "dns_server") if cfg.dns_server else None
+            resolver = MxResolver(ns, timeout_s=cfg.dns_timeout_ms / 1000, rng=self._rng)
+        self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
+        self._dispatcher = dispatcher = Dispatcher(
+            DispatchSettings(
+                node_id=cfg.node_id,
+                raft_addr=cfg.raft_addr,
+                hostname=cfg.hostname,
+                concurrency=cfg.delivery_concurrency,
+                per_destination=cfg.per_destination_concurrency,
+                max_queue_lifetime_s=cfg.max_queue_lifetime_s,
+                tls_required_domains=frozenset(d.lower() for d in cfg.tls_required_domains),
+            ),
             store,
             pipeline,
-            DeliveryAgent(cfg.hostname),
+            DeliveryAgent(cfg.hostname, timeout_s=cfg.delivery_timeout_s),
+            Router(relay, resolver, cfg.delivery_port),
+            lease,
             self.clock,
             RetryPolicy(cfg.retry_base_s, cfg.retry_max_s),
             self._rng.random,
-            parse_hostport(cfg.relay_host, "relay_host") if cfg.relay_host else None,
-            cfg.delivery_concurrency,
+            self._rng.randbytes,
         )
+        ingress.on_accepted = dispatcher.wake
         admin = AdminServer(
             {
                 "node_id": cfg.node_id,
@@ -129,12 +149,14 @@ class Node:
             },
             store,
             raft,
-            lease_held=lambda: False,
+            lease_held=lease.valid,
             fault_injection=bool(cfg.fault_injection),
         )
         raft.start()
         pipeline.start()
-        tasks = [asyncio.create_task(dispatcher.run(), name="dispatcher")]
+        tasks = []
+        if cfg.delivery_enabled:
+            tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
         smtp_server = None
         try:
             await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
@@ -178,6 +200,10 @@ class Node:
 
     def _on_raft_status(self, status: RaftStatus) -> None:
         log.info("raft: %s, term %d, leader %s", status.role, status.term, status.leader_addr)
+        if status.role == "leader":
+            self._lease.on_leadership(status.term)
+        else:
+            self._lease.on_step_down()
         if status.role == "leader":
             cfg = self.cfg
             cmd = Announce(cfg.raft_addr, cfg.node_id, cfg.smtp_addr, cfg.admin_addr, status.term)

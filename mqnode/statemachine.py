@@ -8,24 +8,34 @@ Contract (hashicorp/raft fsm.go: "Apply must be deterministic"):
 * Invalid input (undecodable entry, missing chunks) is rejected the same way
   on every node and recorded as a result; it never raises past here.
 
+Dispatch fencing (see docs/design/dispatch.md): the state holds the current
+lease (holder, epoch = the holder's Raft term). A LeaseRenew, Claim or
+RecordOutcome from an epoch older than the current lease is rejected; a Claim
+is granted for a message that is unclaimed, claimed by the same epoch, or
+claimed by an epoch that has ended (older than the current lease).
+
 Results (one per command in the entry):
     ("queued", queue_id) | ("duplicate", queue_id) | ("rejected", reason) | ("ok", "")
+    Claim: ("ok", "id1,id2") — the ids granted
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from .commands import (
     Announce,
+    Claim,
     Command,
     Enqueue,
+    LeaseRenew,
     PutChunk,
     RecordOutcome,
     decode_entry,
 )
 from .errors import CodecError
-from .model import Outcome, QueuedMessage, RcptState, Recipient
+from .model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
 from .store import StateTxn
 
 log = logging.getLogger(__name__)
@@ -67,6 +77,11 @@ def invalid(cmd: Command) -> str | None:
     elif isinstance(cmd, RecordOutcome):
         if _bad_id(cmd.queue_id):
             return "RecordOutcome: bad queue id"
+        if cmd.dsn_body and _bad_id(cmd.dsn_queue_id):
+            return "RecordOutcome: bad bounce queue id"
+    elif isinstance(cmd, Claim):
+        if any(_bad_id(q) for q in cmd.queue_ids):
+            return "Claim: bad queue id"
     elif isinstance(cmd, Announce) and not 0 < len(cmd.raft_addr) <= 255:
         return "Announce: bad address"
     return None
@@ -111,7 +126,43 @@ class QueueStateMachine:
             return ("ok", "")
         if isinstance(cmd, RecordOutcome):
             return self._record_outcome(cmd, txn)
+        if isinstance(cmd, LeaseRenew):
+            return self._renew(cmd, txn)
+        if isinstance(cmd, Claim):
+            return self._claim(cmd, txn)
         raise AssertionError(f"unhandled command {cmd!r}")
+
+    @staticmethod
+    def lease_epoch(txn: StateTxn) -> int:
+        return int(txn.get_meta("lease", {}).get("epoch", 0))
+
+    def _renew(self, cmd: LeaseRenew, txn: StateTxn) -> Result:
+        if cmd.epoch < self.lease_epoch(txn):
+            return ("rejected", "stale lease epoch")
+        txn.put_meta(
+            "lease",
+            {
+                "node_id": cmd.node_id,
+                "raft_addr": cmd.raft_addr,
+                "epoch": cmd.epoch,
+                "duration_ms": cmd.duration_ms,
+            },
+        )
+        return ("ok", "")
+
+    def _claim(self, cmd: Claim, txn: StateTxn) -> Result:
+        if cmd.epoch != self.lease_epoch(txn):
+            return ("rejected", "claim outside the current lease epoch")
+        granted = []
+        for qid in cmd.queue_ids:
+            msg = txn.get_message(qid)
+            if msg is None or msg.hold or msg.complete:
+                continue
+            if msg.claim_epoch not in (0, cmd.epoch) and msg.claim_epoch >= cmd.epoch:
+                continue  # claimed by a newer epoch: impossible unless a stale claim
+            txn.put_message(msg.with_changes(claim_epoch=cmd.epoch, claim_node=cmd.node_id), msg)
+            granted.append(qid)
+        return ("ok", ",".join(granted))
 
     def _enqueue(self, cmd: Enqueue, txn: StateTxn) -> Result:
         txn.expire_idem(cmd.received_ms - IDEM_WINDOW_MS, GC_BATCH)
@@ -154,9 +205,13 @@ class QueueStateMachine:
         return ("queued", cmd.queue_id)
 
     def _record_outcome(self, cmd: RecordOutcome, txn: StateTxn) -> Result:
+        if cmd.epoch < self.lease_epoch(txn):
+            return ("rejected", "outcome from a stale lease epoch")
         msg = txn.get_message(cmd.queue_id)
         if msg is None:
             return ("rejected", "no such message")
+        if cmd.dsn_body:
+            self._queue_dsn(cmd, msg, txn)
         rcpts = list(msg.recipients)
         for idx, outcome, reply in cmd.results:
             if not 0 <= idx < len(rcpts) or rcpts[idx].state is not RcptState.PENDING:
@@ -175,9 +230,36 @@ class QueueStateMachine:
             recipients=tuple(rcpts),
             attempts=max(r.attempts for r in rcpts),
             next_attempt_ms=cmd.next_attempt_ms,
+            claim_epoch=0,
+            claim_node="",
         )
         if updated.complete:
             txn.delete_message(msg)
             return ("ok", "complete")
         txn.put_message(updated, msg)
         return ("ok", "pending")
+
+    def _queue_dsn(self, cmd: RecordOutcome, original: QueuedMessage, txn: StateTxn) -> None:
+        """The bounce for `original`, from the null sender (never bounced itself)."""
+        if not original.mail_from or txn.get_message(cmd.dsn_queue_id) is not None:
+            return
+        idem = hashlib.sha256(b"dsn\0" + cmd.dsn_queue_id.encode()).digest()
+        if txn.get_idem(idem) is not None:
+            return
+        txn.put_body_chunk(cmd.dsn_queue_id, 0, cmd.dsn_body)
+        dsn = QueuedMessage(
+            queue_id=cmd.dsn_queue_id,
+            received_ms=cmd.at_ms,
+            mail_from="",
+            recipients=(Recipient(original.mail_from),),
+            size=len(cmd.dsn_body),
+            message_id=find_message_id(cmd.dsn_body) or "",
+            body_key=cmd.dsn_queue_id,
+            body_chunks=1,
+            body_sha256=hashlib.sha256(cmd.dsn_body).digest(),
+            client="",
+            accepted_by=original.accepted_by,
+            next_attempt_ms=cmd.at_ms,
+        )
+        txn.put_message(dsn, None)
+        txn.put_idem(idem, cmd.dsn_queue_id, cmd.at_ms)

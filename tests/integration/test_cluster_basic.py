@@ -10,6 +10,7 @@ only grow. No timing assertions: every wait is a bounded poll (Cluster).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -133,8 +134,12 @@ def test_body_sizes_end_to_end(shared_cluster: Cluster, size: int) -> None:
         for qid, msg in sent.items():
             entry = c.queue_entry(i, qid)
             assert entry is not None, f"{c.nodes[i].node_id}: {qid} missing"
-            assert entry["size"] == msg.size, (c.nodes[i].node_id, qid, entry["size"], msg.size)
-            assert entry["body_sha256"] == msg.sha256, (c.nodes[i].node_id, qid)
+            # Stored as received plus one Received header in front (nothing else changes).
+            stored = c.queue_body(i, qid)
+            assert stored.endswith(msg.data), (c.nodes[i].node_id, qid, len(stored), msg.size)
+            assert stored.startswith(b"Received: from "), stored[:80]
+            assert entry["size"] == len(stored)
+            assert entry["body_sha256"] == hashlib.sha256(stored).hexdigest()
             assert entry["message_id"] == msg.message_id
             assert entry["mail_from"] == SENDER
             assert [r["address"] for r in entry["recipients"]] == [RCPT]

@@ -229,6 +229,9 @@ class Cluster:
             cmd += ["--relay-host", self.relay_host]
         if self.dns_server:
             cmd += ["--dns-server", self.dns_server]
+        if not self.relay_host and not self.dns_server:
+            # Nowhere on loopback to deliver to: never dispatch (no system DNS, no port 25).
+            cmd += ["--delivery-enabled", "0"]
         return cmd + self.extra_args
 
     def start(self, wait_leader: bool = True) -> None:
@@ -405,6 +408,13 @@ class Cluster:
         doc = self.get(i, f"/queue?{query}", timeout_s=10.0)
         messages: list[dict[str, Any]] = doc["messages"]
         return messages
+
+    def queue_body(self, i: int, queue_id: str, timeout_s: float = 30.0) -> bytes:
+        """The stored message bytes of `queue_id` on node i (GET /queue/<id>/body)."""
+        url = f"{self.nodes[i].admin_url}/queue/{queue_id}/body"
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            data: bytes = resp.read()
+        return data
 
     def queue_ids(self, i: int) -> list[str]:
         return sorted(m["id"] for m in self.queue_messages(i))

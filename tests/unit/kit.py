@@ -99,9 +99,16 @@ def chunked(
 
 
 def outcome(
-    queue_id: str, results: list[tuple[int, str, str]], at_ms: int = T0, next_ms: int = 0
+    queue_id: str,
+    results: list[tuple[int, str, str]],
+    at_ms: int = T0,
+    next_ms: int = 0,
+    epoch: int = 0,
+    dsn: tuple[str, bytes] = ("", b""),
 ) -> RecordOutcome:
-    return RecordOutcome(queue_id, at_ms, tuple(results), next_ms or at_ms + 300_000)
+    return RecordOutcome(
+        queue_id, at_ms, tuple(results), next_ms or at_ms + 300_000, epoch, dsn[0], dsn[1]
+    )
 
 
 class Transcript:

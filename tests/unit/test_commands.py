@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 from mqnode.commands import (
     FORMAT_VERSION,
     Announce,
+    Claim,
     Command,
     Enqueue,
+    LeaseRenew,
     PutChunk,
     RecordOutcome,
     decode_entry,
@@ -66,8 +68,22 @@ record_outcomes = st.builds(
     at_ms=ints,
     results=st.lists(st.tuples(ints, small_text, small_text), max_size=5).map(tuple),
     next_attempt_ms=ints,
+    epoch=ints,
+    dsn_queue_id=small_text,
+    dsn_body=st.binary(max_size=64),
 )
-commands: st.SearchStrategy[Command] = st.one_of(enqueues, put_chunks, announces, record_outcomes)
+lease_renews = st.builds(
+    LeaseRenew, node_id=small_text, raft_addr=small_text, epoch=ints, duration_ms=ints
+)
+claims = st.builds(
+    Claim,
+    queue_ids=st.lists(small_text, max_size=5).map(tuple),
+    node_id=small_text,
+    epoch=ints,
+)
+commands: st.SearchStrategy[Command] = st.one_of(
+    enqueues, put_chunks, announces, record_outcomes, lease_renews, claims
+)
 batches = st.lists(commands, min_size=1, max_size=20)
 
 # Arbitrary msgpack-able values, biased towards lists that start with a valid tag.
@@ -92,7 +108,9 @@ def _valid_entry() -> bytes:
             enqueue("Q1", idem=b"k1"),
             PutChunk("Q2", 0, b"data", 5),
             Announce("127.0.0.1:7001", "n1", "127.0.0.1:2525", "127.0.0.1:8025", 3),
-            RecordOutcome("Q1", 10, ((0, "delivered", "250 ok"),), 20),
+            RecordOutcome("Q1", 10, ((0, "delivered", "250 ok"),), 20, 1, "", b""),
+            LeaseRenew("n1", "127.0.0.1:7001", 3, 3000),
+            Claim(("Q1", "Q2"), "n1", 3),
         ]
     )
 
@@ -103,7 +121,8 @@ def _decodes_or_codec_error(data: bytes) -> None:
     except CodecError:
         return
     assert isinstance(cmds, list)
-    assert all(isinstance(c, Enqueue | PutChunk | Announce | RecordOutcome) for c in cmds)
+    kinds = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim
+    assert all(isinstance(c, kinds) for c in cmds)
 
 
 # -- round trips -------------------------------------------------------------------------
@@ -176,7 +195,7 @@ def test_non_list_payload_raises(payload: Any) -> None:
         decode_entry(_entry_of(payload))
 
 
-@pytest.mark.parametrize("tag", [0, 5, 99, -1, "1", None, b"\x01"])
+@pytest.mark.parametrize("tag", [0, 7, 99, -1, "1", None, b"\x01"])
 def test_unknown_tag_raises(tag: Any) -> None:
     with pytest.raises(CodecError, match="unknown command tag"):
         decode_entry(_entry_of([[tag, "x", 1]]))
@@ -196,14 +215,16 @@ def test_malformed_command_raises(item: Any) -> None:
         decode_entry(_entry_of([item]))
 
 
-@pytest.mark.parametrize("cls", [Enqueue, PutChunk, Announce, RecordOutcome])
+@pytest.mark.parametrize("cls", [Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim])
 @pytest.mark.parametrize("delta", [-1, +1])
 def test_wrong_field_count_raises(cls: type[Any], delta: int) -> None:
     examples: dict[type[Any], Command] = {
         Enqueue: enqueue("Q1"),
         PutChunk: PutChunk("Q1", 0, b"d", 1),
         Announce: Announce("a:1", "n", "s:2", "d:3", 1),
-        RecordOutcome: RecordOutcome("Q1", 1, ((0, "delivered", "ok"),), 2),
+        RecordOutcome: RecordOutcome("Q1", 1, ((0, "delivered", "ok"),), 2, 1, "", b""),
+        LeaseRenew: LeaseRenew("n1", "a:1", 1, 3000),
+        Claim: Claim(("Q1",), "n1", 1),
     }
     good = examples[cls]
     items = msgpack.unpackb(encode_entry([good])[1:], raw=False)

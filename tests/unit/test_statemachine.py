@@ -17,7 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mqnode.commands import Announce, Command, Enqueue, PutChunk, RecordOutcome, encode_entry
+from mqnode.commands import (
+    Announce,
+    Claim,
+    Command,
+    Enqueue,
+    LeaseRenew,
+    PutChunk,
+    RecordOutcome,
+    encode_entry,
+)
 from mqnode.model import MessageState, RcptState
 from mqnode.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
 from mqnode.store import QueueStore
@@ -488,7 +497,8 @@ def _build_entries(plan: list[Slot], steps: list[Any], junk: bytes) -> list[byte
             enqueued.add(slot.queue_id)
             cmds = [slot.enqueue(now)]
         elif kind == "out":
-            cmds = [RecordOutcome(slot.queue_id, now, tuple((i, o, o) for i, o in results), now)]
+            results_t = tuple((i, o, o) for i, o in results)
+            cmds = [RecordOutcome(slot.queue_id, now, results_t, now, 0, "", b"")]
         elif kind == "ann":
             cmds = [Announce(f"n{slot_i}:7001", f"n{slot_i}", "s:1", "a:1", now - T0)]
         elif kind == "junk":
@@ -564,3 +574,64 @@ def test_unknown_outcome_value_is_ignored(tx: Transcript, store: QueueStore) -> 
     msg = store.get_message("Q1")
     assert msg is not None
     assert msg.recipients[0].state is RcptState.PENDING and msg.recipients[0].attempts == 0
+
+
+# -- dispatch fencing: lease, claims, stale outcomes, bounces ------------------------------
+
+
+def _renew(epoch: int, node: str = "n1") -> LeaseRenew:
+    return LeaseRenew(node, f"{node}:7001", epoch, 3000)
+
+
+def test_lease_epochs_only_move_forward(tx: Transcript) -> None:
+    assert tx.one(_renew(3)) == ("ok", "")
+    assert tx.one(_renew(3)) == ("ok", "")
+    assert tx.one(_renew(2, "n2"))[0] == "rejected"
+    assert tx.one(_renew(4, "n2")) == ("ok", "")
+
+
+def test_claims_are_fenced_by_the_lease_epoch(tx: Transcript, store: QueueStore) -> None:
+    tx.one(enqueue("Q1"))
+    tx.one(enqueue("Q2", idem=b"other"))
+    tx.one(_renew(3))
+    assert tx.one(Claim(("Q1", "Q2", "NOPE"), "n1", 3)) == ("ok", "Q1,Q2")
+    assert tx.one(Claim(("Q1",), "n1", 2))[0] == "rejected"  # not the current epoch
+    msg = store.get_message("Q1")
+    assert msg is not None and (msg.claim_epoch, msg.claim_node) == (3, "n1")
+    # A new leader (epoch 5) takes over claims of the ended epoch 3.
+    tx.one(_renew(5, "n2"))
+    assert tx.one(Claim(("Q1",), "n1", 3))[0] == "rejected"
+    assert tx.one(Claim(("Q1",), "n2", 5)) == ("ok", "Q1")
+    msg = store.get_message("Q1")
+    assert msg is not None and (msg.claim_epoch, msg.claim_node) == (5, "n2")
+
+
+def test_outcome_from_a_stale_epoch_is_rejected(tx: Transcript, store: QueueStore) -> None:
+    tx.one(enqueue("Q1"))
+    tx.one(_renew(3))
+    tx.one(Claim(("Q1",), "n1", 3))
+    tx.one(_renew(4, "n2"))
+    assert tx.one(outcome("Q1", [(0, "delivered", "250 ok")], epoch=3))[0] == "rejected"
+    assert store.get_message("Q1") is not None
+    assert tx.one(outcome("Q1", [(0, "deferred", "451 x")], epoch=4)) == ("ok", "pending")
+    msg = store.get_message("Q1")
+    assert msg is not None and msg.claim_epoch == 0  # released for the next attempt
+
+
+def test_bounce_is_queued_with_the_outcome(tx: Transcript, store: QueueStore) -> None:
+    tx.one(enqueue("Q1"))
+    dsn = b"Message-ID: <Q1.dsn@host>\r\nSubject: Undelivered\r\n\r\nsorry\r\n"
+    tx.one(outcome("Q1", [(0, "bounced", "550 5.1.1 no")], dsn=("D1", dsn)))
+    assert store.get_message("Q1") is None  # final: deleted
+    bounce = store.get_message("D1")
+    assert bounce is not None
+    assert bounce.mail_from == "" and [r.address for r in bounce.recipients] == [
+        "sender@example.com"
+    ]
+    assert store.read_body(bounce) == dsn and bounce.message_id == "<Q1.dsn@host>"
+
+
+def test_no_bounce_for_a_bounce(tx: Transcript, store: QueueStore) -> None:
+    tx.one(enqueue("Q1", mail_from=""))
+    tx.one(outcome("Q1", [(0, "bounced", "550 no")], dsn=("D1", b"Subject: x\r\n\r\ny")))
+    assert store.get_message("D1") is None
