@@ -180,6 +180,7 @@ class _Transport(TCPTransport):  # type: ignore[misc]
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self._mq_deferred: list[tuple[Any, Any]] = []
         self.mq_blocked: frozenset[str] = frozenset()
+        self.mq_resend = False
         super().__init__(syncObj, selfNode, otherNodes)
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
@@ -188,6 +189,8 @@ class _Transport(TCPTransport):  # type: ignore[misc]
         next_index = self._syncObj._SyncObj__raftNextIndex
         sent_up_to = next_index.get(node)
         super()._onMessageReceived(node, message)
+        if message.get("type") == "next_node_idx" and message.get("reset"):
+            self.mq_resend = True  # retry at once, not at the next heartbeat
         # pysyncobj sets nextIndex to the acked position on every success, rewinding past
         # batches already in flight, which it then re-sends and the follower truncates and
         # re-appends. A success only confirms a prefix: keep what was already sent.
@@ -203,10 +206,33 @@ class _Transport(TCPTransport):  # type: ignore[misc]
     def send(self, node: Any, message: Any) -> bool:
         if self.mq_blocked and getattr(node, "address", None) in self.mq_blocked:
             return False
+        if message.get("type") == "next_node_idx" and message.get("reset"):
+            message = self._skip_conflicting_term(message)
         if message.get("type") == "next_node_idx" and self._syncObj._mq_journal.dirty:
             self._mq_deferred.append((node, message))
             return True
         return bool(super().send(node, message))
+
+    def _skip_conflicting_term(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Follower side: answer a log mismatch with the first index of the conflicting term.
+
+        pysyncobj backs off one index per round trip (and the leader waits for its next
+        heartbeat to retry), so a returning ex-leader with hundreds of uncommitted
+        entries took tens of seconds to rejoin. Raft's usual optimisation (thesis
+        5.3): skip the whole conflicting term at once.
+        """
+        journal = self._syncObj._mq_journal
+        idx = message.get("next_node_idx")
+        if not isinstance(idx, int) or len(journal) < 2:
+            return message
+        first, last = journal[0][1], journal[-1][1]
+        if not first < idx <= last:
+            return message
+        term = journal[idx - first][2]
+        pos = idx - first
+        while pos > 1 and journal[pos - 1][2] == term:
+            pos -= 1
+        return {**message, "next_node_idx": journal[pos][1]}
 
     def release_deferred(self) -> None:
         deferred, self._mq_deferred = self._mq_deferred, []
@@ -405,8 +431,10 @@ class RaftNode:
         self._store.commit_apply()
         self._applied_written = last_applied
         appended = self._journal.flush()
-        sync._SyncObj__transport.release_deferred()
-        if sync._isLeader() and (appended or sync.raftCommitIndex != self._sent_commit):
+        transport = sync._SyncObj__transport
+        transport.release_deferred()
+        resend, transport.mq_resend = transport.mq_resend, False
+        if sync._isLeader() and (appended or resend or sync.raftCommitIndex != self._sent_commit):
             # Replicate new entries and tell followers the new commit index now, not at
             # the next heartbeat: followers answer their own SMTP sessions after applying.
             self._sent_commit = sync.raftCommitIndex
