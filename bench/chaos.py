@@ -64,9 +64,11 @@ def scenarios(quick: bool) -> list[tuple[str, FaultScript, float]]:
     return out
 
 
-def run(quick: bool, seed: int, out: Path, progress: Callable[[str], None]) -> list[Report]:
+def run(quick: bool, seed: int, only: str | None, progress: Callable[[str], None]) -> list[Report]:
     reports: list[Report] = []
     for name, script, load_s in scenarios(quick):
+        if only and only not in name:
+            continue
         progress(f"{name}: running ~{load_s:.0f}s of load")
         t0 = time.monotonic()
         with (
@@ -127,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=20261123)
     ap.add_argument("--out", type=Path, default=Path("docs/reliability.md"))
     ap.add_argument("--json", type=Path, help="also write the raw reports as JSON")
+    ap.add_argument("--only", help="run only the scenarios whose name contains this")
     args = ap.parse_args(argv)
     command = "python -m bench.chaos" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
-    reports = run(args.quick, args.seed, args.out, lambda s: print(s, file=sys.stderr, flush=True))
+    if args.only:
+        command += f" --only {args.only}"
+    reports = run(args.quick, args.seed, args.only, lambda s: print(s, file=sys.stderr, flush=True))
     write_markdown(reports, command, args.out)
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in reports], indent=2))

@@ -13,11 +13,17 @@ final "." of DATA. If it returns False (the dispatch lease was lost), the
 connection is dropped without the final "." so the server discards the
 message, and `LeaseLost` is raised: nothing may be recorded for this attempt.
 
+Connections are reused: after a transaction the session is reset (RSET) and
+parked per target for `idle_s`, up to `max_idle_per_target` sessions and
+`max_messages_per_connection` transactions each, so a burst to one
+destination pays the connect, EHLO and STARTTLS once.
+
 Limits: `timeout_s` per SMTP command and for the connect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from collections.abc import Callable
@@ -57,13 +63,84 @@ def dot_stuff(body: bytes) -> bytes:
     return body if body.endswith(b"\r\n") else body + b"\r\n"
 
 
+@dataclass
+class _Parked:
+    client: aiosmtplib.SMTP
+    tls: bool
+    uses: int
+    since_s: float
+
+
 class DeliveryAgent:
-    def __init__(self, helo_hostname: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        helo_hostname: str,
+        timeout_s: float = 30.0,
+        idle_s: float = 10.0,
+        max_idle_per_target: int = 4,
+        max_messages_per_connection: int = 100,
+    ) -> None:
         self._helo = helo_hostname
         self._timeout_s = timeout_s
         self._tls = ssl.create_default_context()
         self._tls.check_hostname = False
         self._tls.verify_mode = ssl.CERT_NONE
+        self._idle_s = idle_s
+        self._max_idle = max_idle_per_target
+        self._max_uses = max_messages_per_connection
+        self._parked: dict[Target, list[_Parked]] = {}
+        self.connects = 0
+
+    async def close(self) -> None:
+        parked, self._parked = self._parked, {}
+        for sessions in parked.values():
+            for p in sessions:
+                await _close(p.client)
+
+    def _take(self, target: Target) -> _Parked | None:
+        now = asyncio.get_running_loop().time()
+        sessions = self._parked.get(target, [])
+        while sessions:
+            p = sessions.pop()
+            if p.client.is_connected and now - p.since_s < self._idle_s:
+                return p
+            p.client.close()
+        return None
+
+    async def _park(self, target: Target, p: _Parked) -> None:
+        sessions = self._parked.setdefault(target, [])
+        if p.uses >= self._max_uses or len(sessions) >= self._max_idle:
+            await _close(p.client)
+            return
+        try:
+            await p.client.rset()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            p.client.close()
+            return
+        p.since_s = asyncio.get_running_loop().time()
+        sessions.append(p)
+
+    async def _connect(self, target: Target) -> _Parked:
+        client = aiosmtplib.SMTP(
+            hostname=target.address,
+            port=target.port,
+            timeout=self._timeout_s,
+            local_hostname=self._helo,
+            start_tls=False,
+            tls_context=self._tls,
+        )
+        self.connects += 1
+        try:
+            await client.connect()
+            await client.ehlo()
+            tls = client.supports_extension("starttls")
+            if tls:
+                await client.starttls()
+                await client.ehlo()
+        except BaseException:
+            client.close()
+            raise
+        return _Parked(client, tls, 0, 0.0)
 
     async def deliver(
         self,
@@ -77,35 +154,29 @@ class DeliveryAgent:
         """Per-recipient results and the name of the host that answered ("" if none)."""
         last_error = "no delivery target"
         for target in targets:
-            client = aiosmtplib.SMTP(
-                hostname=target.address,
-                port=target.port,
-                timeout=self._timeout_s,
-                local_hostname=self._helo,
-                start_tls=False,
-                tls_context=self._tls,
-            )
-            try:
-                await client.connect()
-                await client.ehlo()
-                if client.supports_extension("starttls"):
-                    await client.starttls()
-                    await client.ehlo()
-                elif require_tls:
-                    last_error = f"{target.name}: TLS is required but not offered"
+            session = self._take(target)
+            if session is None:
+                try:
+                    session = await self._connect(target)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    last_error = f"{target.name}[{target.address}]: {exc}"
                     continue
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                last_error = f"{target.name}[{target.address}]: {exc}"
-                client.close()
+            if require_tls and not session.tls:
+                last_error = f"{target.name}: TLS is required but not offered"
+                await _close(session.client)
                 continue
             try:
-                results = await self._transaction(client, mail_from, rcpts, body, gate)
-                return results, target.name
+                session.uses += 1
+                results = await self._transaction(session.client, mail_from, rcpts, body, gate)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                await _close(session.client)
                 reply = f"{target.name}[{target.address}]: lost connection: {exc}"
                 return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], target.name
-            finally:
-                await _close(client)
+            except BaseException:
+                session.client.close()
+                raise
+            await self._park(target, session)
+            return results, target.name
         return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], ""
 
     async def _transaction(

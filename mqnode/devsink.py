@@ -9,7 +9,8 @@ file while the sink is still running.
     python -m mqnode.devsink --listen 127.0.0.1:PORT --out FILE.jsonl [--fail-rate 0]
 
 Line format (flushed per message):
-    {"mail_from", "rcpts", "message_id", "size", "sha256", "received_ms"}
+    {"mail_from", "rcpts", "message_id", "size", "sha256", "received_ms", "peer"}
+("peer" is the client's address:port, so one line per SMTP session shows reuse)
 
 `--fail-rate R` answers `451 4.3.0` to a fraction R of messages (nothing is
 recorded for those), to exercise retries. Stops cleanly on SIGTERM/SIGINT.
@@ -78,6 +79,7 @@ class RecordingHandler:
             "size": len(content),
             "sha256": hashlib.sha256(content).hexdigest(),
             "received_ms": self._clock.wall_ms(),
+            "peer": f"{session.peer[0]}:{session.peer[1]}" if session.peer else "",
         }
         self._out.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._out.flush()

@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import signal
-from pathlib import Path
 from typing import IO
 
 from aiosmtpd.smtp import SMTP
@@ -118,6 +117,7 @@ class Node:
         if relay is None:
             ns = parse_hostport(cfg.dns_server, "dns_server") if cfg.dns_server else None
             resolver = MxResolver(ns, timeout_s=cfg.dns_timeout_ms / 1000, rng=self._rng)
+        agent = DeliveryAgent(cfg.hostname, timeout_s=cfg.delivery_timeout_s)
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         self._dispatcher = dispatcher = Dispatcher(
             DispatchSettings(
@@ -131,7 +131,7 @@ class Node:
             ),
             store,
             pipeline,
-            DeliveryAgent(cfg.hostname, timeout_s=cfg.delivery_timeout_s),
+            agent,
             Router(relay, resolver, cfg.delivery_port),
             lease,
             self.clock,
@@ -192,6 +192,7 @@ class Node:
             for t in tasks:
                 t.cancel()
             await dispatcher.stop()
+            await agent.close()
             await pipeline.stop()
             await admin.stop()
             await asyncio.to_thread(raft.stop)
@@ -218,7 +219,3 @@ class Node:
 
     def request_stop(self) -> None:
         self._stop.set()
-
-
-def data_dir_exists(path: str) -> bool:
-    return Path(path).exists()

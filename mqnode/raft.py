@@ -423,6 +423,10 @@ class RaftNode:
 
     def _after_tick(self) -> None:
         sync = self._sync
+        # Journal first: a follower may apply entries it appended in the previous poll but
+        # has not flushed yet. Flushing after the state commit let a crash in between leave
+        # the state ahead of the log (seen in the staggered full-restart chaos run).
+        appended = self._journal.flush()
         last_applied = sync.raftLastApplied
         if last_applied > self._applied_written:
             txn = self._store.apply_txn()
@@ -430,7 +434,6 @@ class RaftNode:
                 txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
         self._store.commit_apply()
         self._applied_written = last_applied
-        appended = self._journal.flush()
         transport = sync._SyncObj__transport
         transport.release_deferred()
         resend, transport.mq_resend = transport.mq_resend, False

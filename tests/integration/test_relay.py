@@ -1,0 +1,80 @@
+"""Relay-host delivery through a real sink: steady state is exactly once, sessions are reused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mqnode.devsink import read_sink
+from tests.support.cluster import FAST_TUNING, Cluster, free_ports
+from tests.support.smtp import make_message, submit
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def relay_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
+    port = free_ports(1)[0]
+    out = tmp_path / "sink.jsonl"
+    sink = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mqnode.devsink",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        args = (*FAST_TUNING, "--delivery-concurrency", "4")
+        with Cluster(tmp_path / "c", extra_args=args, relay_host=f"127.0.0.1:{port}") as c:
+            yield c, out
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
+
+
+def _wait_delivered(c: Cluster, out: Path, ids: set[str], timeout_s: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    records: list[dict] = []
+    while time.monotonic() < deadline:
+        records = read_sink(out)
+        queued = sum(sum(c.status(i)["queue"].values()) for i in c.live_indexes())
+        if ids <= {r["message_id"] for r in records} and queued == 0:
+            return records
+        time.sleep(0.2)
+    raise AssertionError(f"not delivered in {timeout_s}s: {len(records)} records, want {len(ids)}")
+
+
+def test_steady_state_delivers_each_message_once_over_reused_sessions(
+    relay_cluster: tuple[Cluster, Path],
+) -> None:
+    c, out = relay_cluster
+    sent: dict[str, str] = {}
+    for k in range(30):
+        msg = make_message(1024)
+        code, text, qid = submit(
+            "127.0.0.1",
+            c.nodes[k % 3].smtp_port,
+            "alice@client.test",
+            ["bob@example.test"],
+            msg.data,
+        )
+        assert code == 250, (code, text)
+        sent[msg.message_id] = str(qid)
+    records = _wait_delivered(c, out, set(sent))
+    counts = Counter(r["message_id"] for r in records)
+    assert all(counts[m] == 1 for m in sent), f"duplicates in steady state: {counts.most_common(3)}"
+    sessions = {r["peer"] for r in records}
+    assert len(sessions) < len(sent), f"every message opened its own session ({len(sessions)})"
+    leaders = [i for i in c.live_indexes() if c.status(i)["lease_held"]]
+    assert len(leaders) == 1 and leaders[0] == c.leader(), leaders
