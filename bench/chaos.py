@@ -113,6 +113,11 @@ def write_markdown(reports: list[Report], command: str, out: Path) -> None:
         )
     lines += [
         "",
+        "Rounds: kill-leader kills the leader 10 times (3 with --quick); full-restart-*",
+        "kill -9 all three nodes and restart them 30 times each (3 with --quick); every",
+        "scenario runs with log compaction every 150 entries, so restarts and catch-up",
+        "cross snapshot + log. The checker reads every node's queue after recovery.",
+        "",
         "`refused` counts every non-250 attempt (451 during elections or without a",
         "majority, and connection refusals while a node is down: the load generator",
         "does not retry, so refusals are expected). `failover s` is the gap from the",

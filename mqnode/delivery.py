@@ -117,8 +117,23 @@ class DeliveryAgent:
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             p.client.close()
             return
+        if len(sessions) >= self._max_idle:  # others parked while we waited for RSET
+            await _close(p.client)
+            return
         p.since_s = asyncio.get_running_loop().time()
         sessions.append(p)
+
+    async def reap(self, everything: bool = False) -> None:
+        """QUIT parked sessions idle for `idle_s` (all of them when `everything`)."""
+        now = asyncio.get_running_loop().time()
+        for target, sessions in list(self._parked.items()):
+            keep = [p for p in sessions if not everything and now - p.since_s < self._idle_s]
+            stale = [p for p in sessions if p not in keep]
+            self._parked[target] = keep
+            if not keep:
+                del self._parked[target]
+            for p in stale:
+                await _close(p.client)
 
     async def _connect(self, target: Target) -> _Parked:
         client = aiosmtplib.SMTP(

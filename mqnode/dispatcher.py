@@ -105,6 +105,8 @@ class Dispatcher:
                     await self._scan()
                 except MqnodeError as exc:
                     log.warning("dispatch scan failed: %s", exc)
+                # Idle sessions are closed on time, and all of them once we stop dispatching.
+                await self._agent.reap(everything=not self._lease.valid())
         finally:
             renew.cancel()
 

@@ -116,7 +116,13 @@ class Node:
         resolver = None
         if relay is None:
             ns = parse_hostport(cfg.dns_server, "dns_server") if cfg.dns_server else None
-            resolver = MxResolver(ns, timeout_s=cfg.dns_timeout_ms / 1000, rng=self._rng)
+            resolver = MxResolver(
+                ns,
+                timeout_s=cfg.dns_timeout_ms / 1000,
+                rng=self._rng,
+                # never remember a DNS failure longer than we wait before retrying
+                temp_fail_ttl_s=min(30.0, float(cfg.retry_base_s)),
+            )
         agent = DeliveryAgent(cfg.hostname, timeout_s=cfg.delivery_timeout_s)
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         self._dispatcher = dispatcher = Dispatcher(

@@ -15,13 +15,19 @@ Two parts:
   resolver caches a temporary DNS failure for 30 s (mqnode/mx.py
   `temp_fail_ttl_s`, not a node flag), so its recovery is the long wait and
   the others finish meanwhile.
+  It also covers STARTTLS (opportunistic, and required per domain) and the
+  agent's session reuse (fewer connections than messages, idle sessions
+  closed, a session the server dropped not used).
 * Lease/failover: fresh clusters with `--lease-ms 1500` and
   `--delivery-concurrency 4` delivering to a sink that answers the final "."
   after 1 s (the message is recorded when the "." arrives, before the reply,
   as a real MTA commits before answering). SIGSTOP of the leader past its
   lease, and kill -9 of the leader, while deliveries are in flight. Duplicates
   are counted by Message-ID; steady state must have none, a leader change at
-  most C. The measured counts are printed (`pytest -rP` shows them).
+  most C. A second SIGSTOP hits the leader while its transactions wait for
+  RCPT replies (before the final "."): on SIGCONT its lease gate must drop
+  them, so it completes nothing. The measured counts are printed
+  (`pytest -rP` shows them).
 
 No timing assertions: every wait is a bounded poll whose failure message says
 what was expected, what was seen and the tail of each node's log.
@@ -33,6 +39,7 @@ import email
 import email.policy
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +54,7 @@ from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
 from tests.support.smtp import make_message, submit
 from tests.support.smtpsink import (
+    IDLE_TIMEOUT_S,
     DataEvent,
     Sink,
     SinkHost,
@@ -60,6 +68,9 @@ T = TypeVar("T")
 
 C = 4  # --delivery-concurrency of the lease clusters: the duplicate bound per leader change
 SLOW_REPLY_S = 1.0
+REUSE_REPLY_S = 0.5
+REUSE_MESSAGES = 12  # to one destination; over the default per-destination limit of 10
+IDLE_CLOSE_S = 1.0  # below the node's idle time for parked sessions (10 s)
 RETRY_ARGS = ("--retry-base-s", "1", "--retry-max-s", "2")
 DELIVERY_WAIT_S = 45.0
 SERVFAIL_WAIT_S = 75.0  # 30 s cached temp_fail, then a retry 1-2 s later, with slack
@@ -75,7 +86,10 @@ SINK_HOSTS = {
     "fixed": "127.0.0.11",
     "tls": "127.0.0.12",  # offers STARTTLS (self-signed certificate)
     "plain": "127.0.0.13",  # does not offer STARTTLS; first MX of a TLS-required domain
-    "slow": "127.0.0.20",
+    "reuse": "127.0.0.14",  # answers the final "." after REUSE_REPLY_S
+    "idle": "127.0.0.15",  # closes a connection idle for IDLE_CLOSE_S
+    "slow": "127.0.0.20",  # answers the final "." after SLOW_REPLY_S
+    "gate": "127.0.0.21",  # answers every RCPT after SLOW_REPLY_S
 }
 DEAD_HOST = "127.0.0.4"  # an MX host with nothing listening: connection refused
 
@@ -113,8 +127,14 @@ def zones(servfail_fixed: bool, tlsreq_host: str = SINK_HOSTS["plain"]) -> dict[
         # TTL 1: when the test points mx.tlsreq.test at a TLS host, the next retry sees it
         "tlsreq.test": {"MX": [[10, "mx.tlsreq.test"]], "TTL": 1},
         "mx.tlsreq.test": {"A": [tlsreq_host], "TTL": 1},
+        "idle.test": mx_to("mx.idle.test"),
+        "mx.idle.test": {"A": [SINK_HOSTS["idle"]]},
+        "reuse.test": mx_to("mx.reuse.test"),
+        "mx.reuse.test": {"A": [SINK_HOSTS["reuse"]]},
         "slow.test": mx_to("mx.slow.test"),
         "mx.slow.test": {"A": [SINK_HOSTS["slow"]]},
+        "gate.test": mx_to("mx.gate.test"),
+        "mx.gate.test": {"A": [SINK_HOSTS["gate"]]},
         # nosuch.test is absent: NXDOMAIN
     }
 
@@ -154,8 +174,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             name: host.add(
                 name,
                 socks[ip],
-                reply_delay_s=SLOW_REPLY_S if name == "slow" else 0.0,
+                reply_delay_s={"slow": SLOW_REPLY_S, "reuse": REUSE_REPLY_S}.get(name, 0.0),
+                rcpt_delay_s=SLOW_REPLY_S if name == "gate" else 0.0,
                 tls_context=tls if name == "tls" else None,
+                idle_timeout_s=IDLE_CLOSE_S if name == "idle" else IDLE_TIMEOUT_S,
             )
             for name, ip in SINK_HOSTS.items()
         }
@@ -215,12 +237,11 @@ def parse_dsn(content: bytes) -> tuple[EmailMessage, Message, dict[str, Message]
     assert isinstance(report, EmailMessage)
     assert report.get_content_type() == "multipart/report", report.get_content_type()
     assert report.get_param("report-type") == "delivery-status", report["Content-Type"]
-    parts = report.get_payload()
-    assert isinstance(parts, list)
+    parts = _messages(report.get_payload())
     status_parts = [p for p in parts if p.get_content_type() == "message/delivery-status"]
     assert len(status_parts) == 1, [p.get_content_type() for p in parts]
-    blocks = status_parts[0].get_payload()
-    assert isinstance(blocks, list) and len(blocks) >= 2, blocks
+    blocks = _messages(status_parts[0].get_payload())
+    assert len(blocks) >= 2, blocks
     per_rcpt: dict[str, Message] = {}
     for block in blocks[1:]:
         kind, _, addr = str(block["Final-Recipient"]).partition(";")
@@ -229,17 +250,22 @@ def parse_dsn(content: bytes) -> tuple[EmailMessage, Message, dict[str, Message]
     return report, blocks[0], per_rcpt
 
 
+def _messages(payload: object) -> list[Message]:
+    assert isinstance(payload, list), f"expected sub-parts, got {type(payload).__name__}"
+    assert all(isinstance(p, Message) for p in payload), payload
+    return payload
+
+
 def returned_message_id(report: EmailMessage) -> str | None:
     """Message-ID of the returned original (message/rfc822 or text/rfc822-headers part)."""
     for part in report.walk():
         ctype = part.get_content_type()
         if ctype == "message/rfc822":
-            inner = part.get_payload()
-            inner_msg = inner[0] if isinstance(inner, list) else inner
-            return str(inner_msg["Message-ID"])
+            return str(_messages(part.get_payload())[0]["Message-ID"])
         if ctype == "text/rfc822-headers":
             text = part.get_payload(decode=True)
-            match = re.search(rb"(?im)^message-id:\s*(\S+)", text or b"")
+            assert isinstance(text, bytes), type(text)
+            match = re.search(rb"(?im)^message-id:\s*(\S+)", text)
             return match.group(1).decode() if match else None
     return None
 
@@ -262,6 +288,11 @@ def message_without_id(rcpt: str) -> bytes:
 
 def node_logs(c: Cluster) -> str:
     return "\n".join(n.log_path.read_text(encoding="utf-8", errors="replace") for n in c.nodes)
+
+
+def node_log(c: Cluster, host: str) -> str:
+    node = next(n for i, n in enumerate(c.nodes) if hostname(c, i) == host)
+    return node.log_path.read_text(encoding="utf-8", errors="replace")
 
 
 def wait_queues_empty(c: Cluster, timeout_s: float = 30.0) -> None:
@@ -318,7 +349,7 @@ SCENARIOS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass
 class Shared:
-    c: NamedCluster
+    c: Cluster
     env: Env
     sent: dict[str, Sent]
 
@@ -337,6 +368,11 @@ def shared(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Share
                 data, mid = msg.data, msg.message_id
             qid = submit_ok(c, k % 3, mail_from, rcpts, data)
             sent[name] = Sent(qid, mail_from, rcpts, data, mid)
+        for k in range(REUSE_MESSAGES):
+            mail_from, rcpt = "reuse@senders.test", f"r{k}@reuse.test"
+            msg = make_message(1024, mail_from=mail_from, rcpt=rcpt, subject="reuse")
+            qid = submit_ok(c, k % 3, mail_from, [rcpt], msg.data)
+            sent[f"reuse-{k}"] = Sent(qid, mail_from, (rcpt,), msg.data, msg.message_id)
         yield Shared(c, env, sent)
 
 
@@ -366,6 +402,9 @@ class TestDelivery:
         shared.env.dns.set_zones(zones(servfail_fixed=True))
         got = wait_delivered(c, [shared.env.sinks["fixed"]], "user@servfail.test", SERVFAIL_WAIT_S)
         assert len(got) == 1 and got[0].message_id == s.message_id, got
+        attempts = len(re.findall(rf"{s.qid}: to=<\S+> deferred", node_logs(c)))
+        queries = shared.env.dns.query_count("servfail.test", "MX")
+        print(f"servfail: {attempts} deferred attempts, {queries} MX queries before delivery")
         assert not dsns_to(shared.env.sinks["senders"], s.mail_from), "a deferral is no bounce"
 
     def test_best_preference_mx_gets_the_mail(self, shared: Shared) -> None:
@@ -376,10 +415,11 @@ class TestDelivery:
 
     def test_fallback_to_next_mx_when_the_first_refuses_connections(self, shared: Shared) -> None:
         sinks = shared.env.sinks
+        qid = shared.sent["fallback"].qid
         got = wait_delivered(shared.c, [sinks["mx-b"]], "user@fallback.test")
         assert len(got) == 1, got
-        entry = shared.c.queue_entry(shared.c.leader(), shared.sent["fallback"].qid)
-        assert entry is None, f"delivered on the first attempt, so completed: {entry}"
+        deferrals = re.findall(rf"{qid}: to=<\S+> deferred: .*", node_logs(shared.c))
+        assert not deferrals, f"the refused first MX must not defer the message: {deferrals}"
 
     def test_a_record_fallback_when_the_domain_has_no_mx(self, shared: Shared) -> None:
         got = wait_delivered(shared.c, [shared.env.sinks["nomx"]], "user@nomx.test")
@@ -504,7 +544,18 @@ class TestDelivery:
             return (True if tried else None), f"RCPTs at refuse: {refuse.rcpts}"
 
         poll(c, f"the bounce offered to {s.mail_from}", refused_bounce, DELIVERY_WAIT_S)
-        wait_queues_empty(c)  # the bounce itself is final (5xx) and nothing new is queued
+
+        def settled() -> tuple[bool | None, str]:
+            left = [
+                (c.nodes[i].node_id, m["id"], m["mail_from"], m["recipients"])
+                for i in c.live_indexes()
+                for m in c.queue_messages(i)
+                if m["id"] == s.qid or m["mail_from"] == ""
+            ]
+            return (True if not left else None), f"still queued: {left}"
+
+        # the original and its bounce are final (5xx) everywhere; no bounce is left queued
+        poll(c, "no bounce left in any queue", settled, 20)
         tried = [r for r in refuse.rcpts if r.address == s.mail_from]
         assert len(tried) == 1, f"a 5xx to a bounce is final, offered once: {tried}"
         assert tried[0].mail_from == "", tried
@@ -535,6 +586,63 @@ class TestDelivery:
                                                   + b"\r\n" + s.data), name  # fmt: skip
                     checked += 1
         assert checked >= 6, f"only {checked} deliveries to check"
+
+    def test_one_connection_carries_several_messages_to_a_destination(self, shared: Shared) -> None:
+        """Issue 4: "one connection per destination reused for several messages".
+
+        12 messages to one host that answers each final "." after 0.5 s; at most
+        10 run at once per destination, so a connection that is reused carries the
+        rest: fewer connections than messages.
+        """
+        c, sink = shared.c, shared.env.sinks["reuse"]
+        rcpts = [f"r{k}@reuse.test" for k in range(REUSE_MESSAGES)]
+        for rcpt in rcpts:
+            wait_delivered(c, [sink], rcpt)
+        assert len(sink.delivered()) == REUSE_MESSAGES, [d.rcpts for d in sink.datas]
+        assert sink.connections < REUSE_MESSAGES, (
+            f"{sink.connections} connections for {REUSE_MESSAGES} messages to one destination "
+            f"({sink.quits} QUIT): every message opened its own connection"
+        )
+
+    def test_idle_parked_sessions_are_closed_by_the_node(self, shared: Shared) -> None:
+        """Parked sessions are kept for the agent's idle time (10 s), not until the server
+        gives up: a node must not hold idle connections to every host it ever sent to.
+        The reuse sink never closes an idle session itself (300 s)."""
+        c, sink = shared.c, shared.env.sinks["reuse"]
+        for k in range(REUSE_MESSAGES):
+            wait_delivered(c, [sink], f"r{k}@reuse.test")
+
+        def all_closed() -> tuple[bool | None, str]:
+            idle_s = time.monotonic() - sink.datas[-1].at_s
+            seen = (
+                f"{sink.connections} connections, {sink.open_connections} still open, "
+                f"{sink.quits} QUIT; last delivery {idle_s:.0f}s ago"
+            )
+            return (True if sink.open_connections == 0 else None), seen
+
+        poll(c, "the node to close its idle sessions (idle time 10 s)", all_closed, 20)
+
+    def test_a_parked_session_the_server_closed_is_not_used(self, shared: Shared) -> None:
+        """The server drops the idle session the node parked; the next message still goes
+        out on its first attempt (over a new connection), not deferred as "lost connection".
+        """
+        c, sink = shared.c, shared.env.sinks["idle"]
+        first = make_message(1024, rcpt="one@idle.test")
+        submit_ok(c, 0, "idle@senders.test", ["one@idle.test"], first.data)
+        wait_delivered(c, [sink], "one@idle.test")
+
+        def server_closed() -> tuple[bool | None, str]:
+            seen = f"{sink.connections} connections, {sink.open_connections} open"
+            return (True if sink.open_connections == 0 else None), seen
+
+        poll(c, "the sink to close the idle parked session", server_closed, 15)
+        second = make_message(1024, rcpt="two@idle.test")
+        qid = submit_ok(c, 1, "idle@senders.test", ["two@idle.test"], second.data)
+        got = wait_delivered(c, [sink], "two@idle.test")
+        assert len(got) == 1 and got[0].message_id == second.message_id, got
+        deferrals = re.findall(rf"{qid}: to=<two@idle.test> deferred: .*", node_logs(c))
+        assert not deferrals, f"deferred over the dead parked session: {deferrals}"
+        assert sink.connections == 2, f"{sink.connections} connections for two messages"
 
     def test_queue_empty_everywhere_and_exactly_one_lease_holder(
         self, shared: Shared, run_cli: RunCli
@@ -577,11 +685,11 @@ def lease_cluster(env: Env, base: Path) -> NamedCluster:
     )  # fmt: skip
 
 
-def submit_batch(c: Cluster, n: int, tag: str) -> dict[str, str]:
-    """n messages to slow.test over all nodes; Message-ID -> queue id (all acknowledged)."""
+def submit_batch(c: Cluster, n: int, tag: str, domain: str = "slow.test") -> dict[str, str]:
+    """n messages to `domain` over all nodes; Message-ID -> queue id (all acknowledged)."""
     acked: dict[str, str] = {}
     for k in range(n):
-        rcpt = f"{tag}-{k}@slow.test"
+        rcpt = f"{tag}-{k}@{domain}"
         msg = make_message(1024, mail_from="load@senders.test", rcpt=rcpt, subject=tag)
         acked[msg.message_id] = submit_ok(c, k % 3, "load@senders.test", [rcpt], msg.data)
     return acked
@@ -617,25 +725,33 @@ def senders_of(sink: Sink, acked: dict[str, str]) -> set[str]:
 
 def steady_batch(c: Cluster, sink: Sink, n: int, tag: str) -> None:
     """Without faults: each message arrives once, all from one node (the lease holder)."""
+    connections = sink.connections
+    lead = c.leader()
+    term = c.status(lead)["term"]
     acked = submit_batch(c, n, tag)
     wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
     wait_queues_empty(c)
     dups = duplicates(sink, acked)
-    print(f"{tag}: {n} messages, {len(dups)} duplicated in steady state")
-    assert not dups, f"duplicates in steady state: {dups}"
-    assert len(senders_of(sink, acked)) == 1, f"two nodes delivered: {senders_of(sink, acked)}"
+    used = sink.connections - connections
+    print(f"{tag}: {n} messages, {len(dups)} duplicated in steady state, {used} new connections")
+    now_lead = c.leader()
+    now_term = c.status(now_lead)["term"]
+    steady = f"(leader, term: {lead}, {term} -> {now_lead}, {now_term})"
+    assert not dups, f"duplicates in steady state {steady}: {dups}"
+    senders = senders_of(sink, acked)
+    assert len(senders) == 1, f"two nodes delivered in steady state {steady}: {senders}"
 
 
-def wait_in_flight(c: Cluster, sink: Sink, acked: dict[str, str]) -> None:
-    """Some of `acked` already arrived and the sink is holding replies: deliveries in flight."""
+def wait_in_flight(c: Cluster, sink: Sink, acked: dict[str, str], phase: str) -> None:
+    """Mid-batch, with the sink holding replies of the given phase ("dot" or "rcpt")."""
 
     def probe() -> tuple[bool | None, str]:
         arrived = sum(1 for n in copies(sink, acked).values() if n)
-        busy = sink.in_progress
-        ok = arrived >= C and busy >= 1 and arrived < len(acked) - C
-        return (True if ok else None), f"{arrived} arrived, {busy} awaiting their reply"
+        busy = sink.in_progress if phase == "dot" else sink.rcpt_in_progress
+        ok = arrived >= C and busy >= 1 and arrived <= len(acked) - C
+        return (True if ok else None), f"{arrived} arrived, {busy} awaiting their {phase} reply"
 
-    poll(c, "deliveries in flight mid-batch", probe, DELIVERY_WAIT_S)
+    poll(c, f"deliveries in flight mid-batch ({phase} phase)", probe, DELIVERY_WAIT_S)
 
 
 def wait_delivery_by_other(c: Cluster, sink: Sink, acked: dict[str, str], old: str) -> str:
@@ -656,32 +772,58 @@ def report(tag: str, sink: Sink, acked: dict[str, str], extra: str = "") -> dict
     return dups
 
 
+def sigstop_failover(
+    c: Cluster, sink: Sink, acked: dict[str, str], phase: str
+) -> tuple[str, float]:
+    """SIGSTOP the leader mid-batch past its lease; a new leader delivers; SIGCONT.
+
+    Returns the old leader's hostname and the time (monotonic) just before SIGCONT.
+    """
+    old = c.leader()
+    wait_in_flight(c, sink, acked, phase)
+    c.pause(old)  # deliveries in flight; its 1.5 s lease runs out while it is stopped
+    new = c.wait_for_leader(30)
+    assert new != old
+    other = wait_delivery_by_other(c, sink, acked, hostname(c, old))
+    assert other == hostname(c, new), f"delivered by {other}, the leader is {c.nodes[new]}"
+    acquired = node_log(c, hostname(c, old)).count("dispatch lease acquired")
+    resumed_at = time.monotonic()
+    c.resume(old)
+    wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
+    wait_queues_empty(c)
+    ex = hostname(c, old)
+    late = [d.message_id for d in sink.delivered() if d.helo == ex and d.at_s >= resumed_at]
+    if node_log(c, ex).count("dispatch lease acquired") == acquired:  # never leader again
+        assert not late, f"the resumed ex-leader completed deliveries without a lease: {late}"
+    return ex, resumed_at
+
+
 def test_sigstop_leader_past_its_lease_duplicates_at_most_c(
     env: Env, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
-    sink = env.sinks["slow"]
     with lease_cluster(env, tmp_path) as c:
-        steady_batch(c, sink, 8, "steady-before")
+        steady_batch(c, env.sinks["slow"], 8, "steady-before")
 
-        acked = submit_batch(c, 24, "sigstop")
-        old = c.leader()
-        wait_in_flight(c, sink, acked)
-        c.pause(old)  # deliveries in flight; the lease (1.5 s) runs out while it is stopped
-        new = c.wait_for_leader(30)
-        assert new != old
-        other = wait_delivery_by_other(c, sink, acked, hostname(c, old))
-        assert other == hostname(c, new), f"delivered by {other}, the leader is {new}"
-        c.resume(old)
-
-        wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
-        wait_queues_empty(c)
-        dups = report("sigstop", sink, acked, f"(old leader {hostname(c, old)})")
-        record_property("sigstop_duplicates", len(dups))
+        # 1. stopped while its transactions wait for the reply to their final "."
+        acked = submit_batch(c, 16, "sigstop-dot")
+        old, _ = sigstop_failover(c, env.sinks["slow"], acked, "dot")
+        dups = report("sigstop (reply to '.' pending)", env.sinks["slow"], acked, f"(old {old})")
+        record_property("sigstop_dot_duplicates", len(dups))
         assert len(dups) <= C, f"{len(dups)} duplicated after one leader change (C={C}): {dups}"
         assert all(len(h) == 2 for h in dups.values()), f"more than two copies: {dups}"
 
         # the resumed ex-leader must not deliver alongside the new one
-        steady_batch(c, sink, 8, "steady-after")
+        steady_batch(c, env.sinks["slow"], 8, "steady-after")
+
+        # 2. stopped before its final ".": on SIGCONT the lease gate must drop them
+        gate = env.sinks["gate"]
+        acked = submit_batch(c, 12, "sigstop-rcpt", "gate.test")
+        old, _ = sigstop_failover(c, gate, acked, "rcpt")
+        dropped = len(re.findall(r"lease lost mid-delivery", node_log(c, old)))
+        dups = report("sigstop (RCPT reply pending)", gate, acked, f"(old {old})")
+        print(f"  the ex-leader dropped {dropped} transactions before the final '.' (lease gate)")
+        record_property("sigstop_rcpt_duplicates", len(dups))
+        assert len(dups) <= C, f"{len(dups)} duplicated after one leader change (C={C}): {dups}"
 
 
 def test_kill_leader_during_delivery_every_acked_message_arrives(
@@ -689,9 +831,9 @@ def test_kill_leader_during_delivery_every_acked_message_arrives(
 ) -> None:
     sink = env.sinks["slow"]
     with lease_cluster(env, tmp_path) as c:
-        acked = submit_batch(c, 24, "kill9")
+        acked = submit_batch(c, 16, "kill9")
         old = c.leader()
-        wait_in_flight(c, sink, acked)
+        wait_in_flight(c, sink, acked, "dot")
         c.kill(old)
         c.wait_for_leader(30)
         wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)

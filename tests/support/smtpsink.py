@@ -179,11 +179,15 @@ class Sink:
         sock: socket.socket,
         reply_delay_s: float = 0.0,
         tls_context: ssl.SSLContext | None = None,
+        rcpt_delay_s: float = 0.0,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.name = name
+        self.idle_timeout_s = idle_timeout_s
         self.sock = sock
         self.address: tuple[str, int] = sock.getsockname()
         self.reply_delay_s = reply_delay_s
+        self.rcpt_delay_s = rcpt_delay_s
         self.tls_context = tls_context
         self._lock = threading.Lock()
         self._rcpt_scripts: dict[str, list[str]] = {}
@@ -194,6 +198,7 @@ class Sink:
         self.open_connections = 0  # not yet closed (by either side)
         self.quits = 0
         self._in_progress = 0
+        self._rcpt_in_progress = 0
 
     # -- configuration ------------------------------------------------------------
 
@@ -219,8 +224,19 @@ class Sink:
 
     @property
     def in_progress(self) -> int:
+        """Transactions whose final "." arrived and whose reply is not yet written."""
         with self._lock:
             return self._in_progress
+
+    @property
+    def rcpt_in_progress(self) -> int:
+        """RCPT commands received and not yet answered (only with `rcpt_delay_s`)."""
+        with self._lock:
+            return self._rcpt_in_progress
+
+    def _rcpt_wait(self, delta: int) -> None:
+        with self._lock:
+            self._rcpt_in_progress += delta
 
     def delivered(self) -> list[DataEvent]:
         """DATA transactions this sink accepted (2xx)."""
@@ -304,6 +320,12 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if self._sink.rcpt_delay_s > 0:
+            self._sink._rcpt_wait(+1)
+            try:
+                await asyncio.sleep(self._sink.rcpt_delay_s)
+            finally:
+                self._sink._rcpt_wait(-1)
         reply = self._sink._on_rcpt(session, envelope, address)
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
@@ -374,12 +396,18 @@ class SinkHost:
         sock: socket.socket,
         reply_delay_s: float = 0.0,
         tls_context: ssl.SSLContext | None = None,
+        rcpt_delay_s: float = 0.0,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> Sink:
         """A sink serving on `sock` (bound and listening); served once started.
 
-        With `tls_context` it offers STARTTLS (opportunistic: not required).
+        `reply_delay_s` delays the reply to the final "." (the message is
+        recorded first); `rcpt_delay_s` delays every RCPT reply (a client is
+        then stuck before DATA). With `tls_context` it offers STARTTLS
+        (opportunistic: not required). A connection idle for `idle_timeout_s`
+        is closed by the sink (without a 421), as servers do.
         """
-        sink = Sink(name, sock, reply_delay_s, tls_context)
+        sink = Sink(name, sock, reply_delay_s, tls_context, rcpt_delay_s, idle_timeout_s)
         self._sinks.append(sink)
         if self._thread is not None:
             fut = asyncio.run_coroutine_threadsafe(self._serve_one(sink), self._loop)
@@ -467,7 +495,7 @@ class SinkHost:
                 hostname=f"{sink.name}.sink.test",
                 data_size_limit=64 * 1024 * 1024,
                 tls_context=sink.tls_context,
-                timeout=IDLE_TIMEOUT_S,
+                timeout=sink.idle_timeout_s,
                 loop=loop,
             ),
             sock=sink.sock,
