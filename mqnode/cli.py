@@ -1,4 +1,5 @@
-"""Command line: `mqnode run` starts a node, `mqnode status` asks one for its state.
+"""Command line: `mqnode run` starts a node, `mqnode status` asks one for its state,
+`mqnode queue ...` lists and operates the queue through any node's admin endpoint.
 
 Bad flags or config end with one line on stderr and exit code 2.
 """
@@ -10,6 +11,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import fields
@@ -33,6 +35,34 @@ def _add_run(sub: Any) -> None:
         run.add_argument(flag, dest=f.name, type=kind, default=None)
 
 
+def _add_queue(sub: Any) -> None:
+    q = sub.add_parser("queue", help="inspect and operate the queue (postqueue/postsuper)")
+    qsub = q.add_subparsers(dest="queue_command", required=True, parser_class=_Parser)
+    ls = qsub.add_parser("list", help="list messages (postqueue -p)")
+    ls.add_argument("--state", choices=["active", "deferred", "hold"])
+    ls.add_argument("--domain")
+    ls.add_argument("--limit", type=int, default=1000)
+    ls.add_argument("--json", action="store_true")
+    show = qsub.add_parser("show", help="one message: envelope and per-recipient status")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    for op, text in (
+        ("hold", "put messages on hold (postsuper -h)"),
+        ("release", "release held messages (postsuper -H)"),
+        ("delete", "delete messages (postsuper -d)"),
+        ("retry", "attempt delivery now (postqueue -i)"),
+    ):
+        p = qsub.add_parser(op, help=text)
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("--all", action="store_true", help="every message matching the filters")
+        p.add_argument("--state", choices=["active", "deferred", "hold"])
+        p.add_argument("--domain")
+    flush = qsub.add_parser("flush", help="retry every deferred message (postqueue -f)")
+    flush.add_argument("--domain")
+    for p in qsub.choices.values():
+        p.add_argument("--admin", default="127.0.0.1:8025", metavar="HOST:PORT")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mqnode", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -40,7 +70,72 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show a node's role, Raft position and queue counts")
     st.add_argument("--admin", required=True, metavar="HOST:PORT")
     st.add_argument("--json", action="store_true")
+    _add_queue(sub)
     return parser
+
+
+def _post(admin: str, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(
+        f"http://{admin}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise MqnodeError(f"{path}: {exc.code} {exc.read().decode(errors='replace')}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise MqnodeError(f"cannot reach admin endpoint {admin}: {exc}") from exc
+
+
+def _print_message(m: dict[str, Any]) -> None:
+    when = time.strftime("%a %b %d %H:%M:%S", time.gmtime(m["received_ms"] / 1000))
+    flag = {"hold": "!", "deferred": " "}.get(m["state"], "*")
+    print(f"{m['id']}{flag} {m['size']:>8} {when}  {m['mail_from'] or 'MAILER-DAEMON'}")
+    for r in m["recipients"]:
+        if r["state"] == "pending" and r["last_reply"]:
+            print(f"        ({r['last_reply']})")
+        if r["state"] == "pending":
+            print(f"                                         {r['address']}")
+
+
+def _queue(args: argparse.Namespace) -> int:
+    cmd = args.queue_command
+    if cmd == "list":
+        query = f"?limit={args.limit}" + (f"&state={args.state}" if args.state else "")
+        query += f"&domain={args.domain}" if args.domain else ""
+        msgs = _fetch(args.admin, "/queue" + query)["messages"]
+        if args.json:
+            print(json.dumps(msgs, indent=2))
+        elif not msgs:
+            print("Mail queue is empty")
+        else:
+            for m in msgs:
+                _print_message(m)
+            print(f"-- {len(msgs)} message(s)")
+        return 0
+    if cmd == "show":
+        m = _fetch(args.admin, f"/queue/{args.id}")
+        print(json.dumps(m, indent=2) if args.json else "")
+        if not args.json:
+            _print_message(m)
+        return 0
+    if cmd == "flush":
+        op, body = "retry", {"state": "deferred", "domain": args.domain}
+    else:
+        op = cmd
+        if args.ids and (args.all or args.state or args.domain):
+            raise ConfigError("give queue ids or --all/--state/--domain, not both")
+        if not args.ids and not (args.all or args.state or args.domain):
+            raise ConfigError(f"queue {op}: name queue ids, or --all (with optional filters)")
+        body = {"ids": args.ids} if args.ids else {"state": args.state, "domain": args.domain}
+    result = _post(args.admin, f"/queue/{op}", body)
+    print(f"{op}: {len(result['affected'])} message(s)")
+    for qid in result["affected"]:
+        print(f"  {qid}")
+    return 0
 
 
 def _fetch(admin: str, path: str) -> Any:
@@ -72,6 +167,8 @@ def _print_status(st: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "queue":
+            return _queue(args)
         if args.command == "status":
             st = _fetch(args.admin, "/status")
             if args.json:

@@ -114,7 +114,19 @@ class Claim:
     epoch: int
 
 
-Command = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim
+@dataclass(frozen=True)
+class QueueOp:
+    """Operator action on messages (postsuper-like): hold, release, delete, retry."""
+
+    TAG: ClassVar[int] = 7
+    op: str
+    queue_ids: tuple[str, ...]
+    at_ms: int
+
+
+QUEUE_OPS = ("hold", "release", "delete", "retry")
+
+Command = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp
 
 
 def _is_int(v: Any) -> bool:
@@ -142,7 +154,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "tuple[tuple[int, str, str], ...]": lambda v: isinstance(v, list) and all(map(_is_result, v)),
 }
 _BY_TAG: dict[int, type[Any]] = {
-    c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim)
+    c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim, QueueOp)
 }
 _TUPLE_FIELDS = {"recipients", "results", "queue_ids"}
 

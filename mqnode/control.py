@@ -1,15 +1,21 @@
 """Admin HTTP endpoint (aiohttp) on `admin_addr`: status and queue inspection.
 
     GET  /status           node, Raft and queue summary (what `mqnode status` prints)
-    GET  /queue            ?state=active|deferred|hold&limit=N (default 1000, max 100000)
+    GET  /queue            ?state=active|deferred|hold&domain=D&limit=N (default 1000,
+                           max 100000): like `postqueue -p`
     GET  /queue/{id}       one message: envelope, per-recipient status, attempts
     GET  /queue/{id}/body  the stored message as it will be sent (like postcat)
+    POST /queue/{op}       op = hold | release | delete | retry (like postsuper -h/-H/-d,
+                           postqueue -i): {"ids": [...]} or {"state": S, "domain": D}
+                           selects; the change is committed through the log, so every
+                           node applies it. Answers {"op", "affected": [ids]}.
     POST /raft/compact     ask for a log compaction (snapshot) now
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
                            those peers (only with `fault_injection = 1`; tests)
 
-Binds to loopback by default. Reads only; queue writes arrive with the
-queue-control issue and will go through the log like everything else.
+Binds to loopback by default. Selections are made from this node's copy of
+the queue and submitted as explicit ids, so apply stays deterministic;
+`MAX_SELECT` ids at most per request.
 """
 
 from __future__ import annotations
@@ -19,11 +25,17 @@ from typing import Any
 
 from aiohttp import web
 
-from .model import MessageState
+from .clock import Clock
+from .commands import QUEUE_OPS, QueueOp
+from .errors import SubmitError
+from .model import MessageState, QueuedMessage
 from .raft import RaftNode
+from .replicator import Replicator
 from .store import QueueStore
 
 MAX_LIST = 100_000
+MAX_SELECT = 100_000
+IDS_PER_COMMAND = 500  # keeps each log entry small
 
 
 class AdminServer:
@@ -33,8 +45,12 @@ class AdminServer:
         store: QueueStore,
         raft: RaftNode,
         lease_held: Callable[[], bool],
+        replicator: Replicator,
+        clock: Clock,
         fault_injection: bool = False,
     ) -> None:
+        self._rep = replicator
+        self._clock = clock
         self._info = node_info
         self._store = store
         self._raft = raft
@@ -46,6 +62,7 @@ class AdminServer:
                 web.get("/queue", self._list),
                 web.get("/queue/{id}", self._show),
                 web.get("/queue/{id}/body", self._body),
+                web.post("/queue/{op}", self._operate),
                 web.post("/raft/compact", self._compact),
             ]
         )
@@ -91,15 +108,52 @@ class AdminServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
 
+    def _select(self, state_s: str | None, domain: str | None, limit: int) -> list[QueuedMessage]:
+        state = MessageState(state_s) if state_s else None
+        if not domain:
+            return self._store.list_messages(limit, state)
+        suffix = "@" + domain.lower()
+        return [
+            m
+            for m in self._store.list_messages(MAX_LIST, state)
+            if any(r.address.lower().endswith(suffix) for r in m.recipients)
+        ][:limit]
+
     async def _list(self, request: web.Request) -> web.Response:
-        state_s = request.query.get("state")
         try:
-            state = MessageState(state_s) if state_s else None
             limit = min(int(request.query.get("limit", "1000")), MAX_LIST)
+            msgs = self._select(request.query.get("state"), request.query.get("domain"), limit)
         except ValueError:
             return web.json_response({"error": "bad state or limit"}, status=400)
-        msgs = self._store.list_messages(limit, state)
         return web.json_response({"messages": [m.summary() for m in msgs]})
+
+    async def _operate(self, request: web.Request) -> web.Response:
+        op = request.match_info["op"]
+        if op not in QUEUE_OPS:
+            return web.json_response({"error": f"unknown operation {op!r}"}, status=404)
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            ids = body.get("ids")
+            if ids is None:
+                msgs = self._select(body.get("state"), body.get("domain"), MAX_SELECT)
+                ids = [m.queue_id for m in msgs]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError("ids must be a list of queue ids")
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        affected: list[str] = []
+        try:
+            for start in range(0, len(ids), IDS_PER_COMMAND):
+                part = tuple(ids[start : start + IDS_PER_COMMAND])
+                status, done = await self._rep.submit(QueueOp(op, part, self._clock.wall_ms()))
+                if status != "ok":
+                    return web.json_response({"error": done, "affected": affected}, status=400)
+                affected += [i for i in done.split(",") if i]
+        except SubmitError as exc:
+            return web.json_response({"error": str(exc), "affected": affected}, status=503)
+        return web.json_response({"op": op, "affected": affected})
 
     async def _show(self, request: web.Request) -> web.Response:
         msg = self._store.get_message(request.match_info["id"])

@@ -156,6 +156,8 @@ class Node:
             store,
             raft,
             lease_held=lease.valid,
+            replicator=pipeline,
+            clock=self.clock,
             fault_injection=bool(cfg.fault_injection),
         )
         raft.start()

@@ -25,12 +25,14 @@ import hashlib
 import logging
 
 from .commands import (
+    QUEUE_OPS,
     Announce,
     Claim,
     Command,
     Enqueue,
     LeaseRenew,
     PutChunk,
+    QueueOp,
     RecordOutcome,
     decode_entry,
 )
@@ -82,6 +84,11 @@ def invalid(cmd: Command) -> str | None:
     elif isinstance(cmd, Claim):
         if any(_bad_id(q) for q in cmd.queue_ids):
             return "Claim: bad queue id"
+    elif isinstance(cmd, QueueOp):
+        if cmd.op not in QUEUE_OPS:
+            return f"QueueOp: unknown operation {cmd.op!r}"
+        if any(_bad_id(q) for q in cmd.queue_ids):
+            return "QueueOp: bad queue id"
     elif isinstance(cmd, Announce) and not 0 < len(cmd.raft_addr) <= 255:
         return "Announce: bad address"
     return None
@@ -130,7 +137,30 @@ class QueueStateMachine:
             return self._renew(cmd, txn)
         if isinstance(cmd, Claim):
             return self._claim(cmd, txn)
+        if isinstance(cmd, QueueOp):
+            return self._queue_op(cmd, txn)
         raise AssertionError(f"unhandled command {cmd!r}")
+
+    def _queue_op(self, cmd: QueueOp, txn: StateTxn) -> Result:
+        done = []
+        for qid in cmd.queue_ids:
+            msg = txn.get_message(qid)
+            if msg is None:
+                continue
+            if cmd.op == "delete":
+                txn.delete_message(msg)
+            elif cmd.op == "hold":
+                if msg.hold:
+                    continue
+                txn.put_message(msg.with_changes(hold=True), msg)
+            elif cmd.op == "release":
+                if not msg.hold:
+                    continue
+                txn.put_message(msg.with_changes(hold=False, next_attempt_ms=cmd.at_ms), msg)
+            else:  # retry: due now (a held message stays held)
+                txn.put_message(msg.with_changes(next_attempt_ms=cmd.at_ms), msg)
+            done.append(qid)
+        return ("ok", ",".join(done))
 
     @staticmethod
     def lease_epoch(txn: StateTxn) -> int:

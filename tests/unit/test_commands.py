@@ -23,6 +23,7 @@ from mqnode.commands import (
     Enqueue,
     LeaseRenew,
     PutChunk,
+    QueueOp,
     RecordOutcome,
     decode_entry,
     encode_command,
@@ -81,8 +82,14 @@ claims = st.builds(
     node_id=small_text,
     epoch=ints,
 )
+queue_ops = st.builds(
+    QueueOp,
+    op=st.sampled_from(["hold", "release", "delete", "retry"]),
+    queue_ids=st.lists(small_text, max_size=5).map(tuple),
+    at_ms=ints,
+)
 commands: st.SearchStrategy[Command] = st.one_of(
-    enqueues, put_chunks, announces, record_outcomes, lease_renews, claims
+    enqueues, put_chunks, announces, record_outcomes, lease_renews, claims, queue_ops
 )
 batches = st.lists(commands, min_size=1, max_size=20)
 
@@ -121,7 +128,7 @@ def _decodes_or_codec_error(data: bytes) -> None:
     except CodecError:
         return
     assert isinstance(cmds, list)
-    kinds = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim
+    kinds = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp
     assert all(isinstance(c, kinds) for c in cmds)
 
 
@@ -195,7 +202,7 @@ def test_non_list_payload_raises(payload: Any) -> None:
         decode_entry(_entry_of(payload))
 
 
-@pytest.mark.parametrize("tag", [0, 7, 99, -1, "1", None, b"\x01"])
+@pytest.mark.parametrize("tag", [0, 8, 99, -1, "1", None, b"\x01"])
 def test_unknown_tag_raises(tag: Any) -> None:
     with pytest.raises(CodecError, match="unknown command tag"):
         decode_entry(_entry_of([[tag, "x", 1]]))

@@ -24,6 +24,7 @@ from mqnode.commands import (
     Enqueue,
     LeaseRenew,
     PutChunk,
+    QueueOp,
     RecordOutcome,
     encode_entry,
 )
@@ -635,3 +636,21 @@ def test_no_bounce_for_a_bounce(tx: Transcript, store: QueueStore) -> None:
     tx.one(enqueue("Q1", mail_from=""))
     tx.one(outcome("Q1", [(0, "bounced", "550 no")], dsn=("D1", b"Subject: x\r\n\r\ny")))
     assert store.get_message("D1") is None
+
+
+def test_queue_operations(tx: Transcript, store: QueueStore) -> None:
+    tx.one(enqueue("Q1"))
+    tx.one(enqueue("Q2", idem=b"two"))
+    assert tx.one(QueueOp("hold", ("Q1", "NOPE"), T0 + 5)) == ("ok", "Q1")
+    assert tx.one(QueueOp("hold", ("Q1",), T0 + 5)) == ("ok", "")  # already held
+    assert store.counts()["hold"] == 1 and store.due_messages(T0 + 10**9, 10)[0].queue_id == "Q2"
+    assert tx.one(QueueOp("release", ("Q1",), T0 + 7)) == ("ok", "Q1")
+    msg = store.get_message("Q1")
+    assert msg is not None and not msg.hold and msg.next_attempt_ms == T0 + 7
+    tx.one(outcome("Q2", [(0, "deferred", "451")], T0, T0 + 10**6))
+    assert tx.one(QueueOp("retry", ("Q2",), T0 + 9)) == ("ok", "Q2")
+    msg = store.get_message("Q2")
+    assert msg is not None and msg.next_attempt_ms == T0 + 9
+    assert tx.one(QueueOp("delete", ("Q1", "Q2"), T0)) == ("ok", "Q1,Q2")
+    assert store.list_messages(10) == [] and store.counts() == NO_COUNTS
+    assert tx.one(QueueOp("explode", ("Q1",), T0))[0] == "rejected"

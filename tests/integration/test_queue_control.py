@@ -1,0 +1,123 @@
+"""Queue control through any node (postqueue/postsuper-like); every change goes through the log."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.cli import run_cli
+from tests.support.cluster import FAST_TUNING, Cluster, free_ports
+from tests.support.smtp import make_message, submit
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def deferring_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Relays to a loopback port where nothing listens: every attempt defers."""
+    dead = free_ports(1)[0]
+    args = (*FAST_TUNING, "--retry-base-s", "3600", "--retry-max-s", "3600")
+    with Cluster(
+        tmp_path_factory.mktemp("qc"), extra_args=args, relay_host=f"127.0.0.1:{dead}"
+    ) as c:
+        yield c
+
+
+def _queue(c: Cluster, i: int, *args: str) -> str:
+    proc = run_cli("queue", *args, "--admin", c.nodes[i].admin_addr)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _states(c: Cluster, qids: list[str]) -> dict[int, dict[str, str | None]]:
+    out: dict[int, dict[str, str | None]] = {}
+    for i in c.live_indexes():
+        entries = {q: c.queue_entry(i, q) for q in qids}
+        out[i] = {q: (e["state"] if e else None) for q, e in entries.items()}
+    return out
+
+
+def _wait_states(c: Cluster, qids: list[str], want: str | None, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen: dict[int, dict[str, str | None]] = {}
+    while time.monotonic() < deadline:
+        c.wait_applied_equal(20)
+        seen = _states(c, qids)
+        if all(s == want for node in seen.values() for s in node.values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"wanted {want} everywhere, saw {seen}")
+
+
+def _submit(c: Cluster, n: int, domain: str) -> list[str]:
+    ids = []
+    for k in range(n):
+        msg = make_message(512, rcpt=f"user{k}@{domain}")
+        code, text, qid = submit(
+            "127.0.0.1", c.nodes[k % 3].smtp_port, "a@client.test", [f"user{k}@{domain}"], msg.data
+        )
+        assert code == 250, (code, text)
+        ids.append(str(qid))
+    return ids
+
+
+def test_hold_release_delete_retry_apply_on_every_node(deferring_cluster: Cluster) -> None:
+    c = deferring_cluster
+    ids = _submit(c, 4, "hold.test")
+    _wait_states(c, ids, "deferred")  # the relay refuses: every attempt defers
+
+    follower = c.followers()[0]
+    out = _queue(c, follower, "hold", ids[0], ids[1])
+    assert "hold: 2 message(s)" in out
+    _wait_states(c, ids[:2], "hold")
+
+    listing = json.loads(_queue(c, c.leader(), "list", "--state", "hold", "--json"))
+    assert sorted(m["id"] for m in listing) == sorted(ids[:2])
+
+    _queue(c, c.leader(), "release", ids[0])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        entry = c.queue_entry(follower, ids[0])
+        if entry and entry["state"] != "hold":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("release did not take effect")
+
+    _queue(c, follower, "delete", ids[1])
+    _wait_states(c, [ids[1]], None)
+
+    before = c.queue_entry(0, ids[2])
+    assert before is not None
+    _queue(c, 0, "retry", ids[2])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = c.queue_entry(0, ids[2])
+        if after and after["attempts"] > before["attempts"]:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"retry did not trigger an attempt: {before} -> {after}")
+
+
+def test_flush_by_domain_and_bulk_delete(deferring_cluster: Cluster) -> None:
+    c = deferring_cluster
+    a = _submit(c, 3, "flush-a.test")
+    b = _submit(c, 2, "flush-b.test")
+    _wait_states(c, a + b, "deferred")
+    out = _queue(c, 1, "flush", "--domain", "flush-a.test")
+    assert "retry: 3 message(s)" in out, out
+    out = _queue(c, 2, "delete", "--all", "--domain", "flush-b.test")
+    assert "delete: 2 message(s)" in out
+    _wait_states(c, b, None)
+    text = _queue(c, 0, "list", "--domain", "flush-a.test")
+    assert all(q in text for q in a)
+
+
+def test_queue_cli_refuses_ambiguous_selection(deferring_cluster: Cluster) -> None:
+    c = deferring_cluster
+    proc = run_cli("queue", "delete", "--admin", c.nodes[0].admin_addr)
+    assert proc.returncode == 2 and "--all" in proc.stderr
