@@ -9,6 +9,9 @@
                            postqueue -i): {"ids": [...]} or {"state": S, "domain": D}
                            selects; the change is committed through the log, so every
                            node applies it. Answers {"op", "affected": [ids]}.
+    GET  /metrics          Prometheus text format (see metrics.py)
+    GET  /healthz          200 while the process runs
+    GET  /readyz           200 when part of a quorum with a known leader, else 503
     POST /raft/compact     ask for a log compaction (snapshot) now
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
                            those peers (only with `fault_injection = 1`; tests)
@@ -28,6 +31,7 @@ from aiohttp import web
 from .clock import Clock
 from .commands import QUEUE_OPS, QueueOp
 from .errors import SubmitError
+from .metrics import NodeMetrics
 from .model import MessageState, QueuedMessage
 from .raft import RaftNode
 from .replicator import Replicator
@@ -47,8 +51,10 @@ class AdminServer:
         lease_held: Callable[[], bool],
         replicator: Replicator,
         clock: Clock,
+        metrics: NodeMetrics,
         fault_injection: bool = False,
     ) -> None:
+        self._metrics = metrics
         self._rep = replicator
         self._clock = clock
         self._info = node_info
@@ -59,6 +65,9 @@ class AdminServer:
         self.app.add_routes(
             [
                 web.get("/status", self._status),
+                web.get("/metrics", self._metrics_page),
+                web.get("/healthz", self._healthz),
+                web.get("/readyz", self._readyz),
                 web.get("/queue", self._list),
                 web.get("/queue/{id}", self._show),
                 web.get("/queue/{id}/body", self._body),
@@ -104,6 +113,21 @@ class AdminServer:
             "queue": self._store.counts(),
             "lease_held": self._lease_held(),
         }
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        body, content_type = self._metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        st = self._raft.status
+        ready = st.has_quorum and st.leader_addr is not None
+        return web.json_response(
+            {"ready": ready, "role": st.role, "leader": st.leader_addr},
+            status=200 if ready else 503,
+        )
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())

@@ -88,6 +88,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self.counts = {o.value: 0 for o in Outcome}
+        self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
 
     def wake(self) -> None:
         self._wake.set()
@@ -169,8 +170,10 @@ class Dispatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _attempt(self, msg: QueuedMessage, epoch: int) -> None:
+        started = self._clock.monotonic_s()
         try:
             await self._deliver(msg, epoch)
+            self.on_attempt(self._clock.monotonic_s() - started)
         except LeaseLost:
             log.warning("%s: lease lost mid-delivery; not completed, not recorded", msg.queue_id)
         except MqnodeError as exc:

@@ -28,6 +28,7 @@ from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, MqnodeError
 from .ingress import SmtpIngress
 from .lease import LeaderLease
+from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from .mx import MxResolver
 from .policy import RetryPolicy
 from .raft import RaftNode, RaftSettings, RaftStatus
@@ -146,6 +147,27 @@ class Node:
             self._rng.randbytes,
         )
         ingress.on_accepted = dispatcher.wake
+
+        def snapshot() -> MetricsSnapshot:
+            st = raft.status
+            return MetricsSnapshot(
+                queue_by_state=store.counts(),
+                queue_by_domain=store.domain_counts(DOMAIN_SCAN_LIMIT),
+                smtp_accepted=ingress.accepted,
+                smtp_refused=ingress.refused,
+                outcomes=dict(dispatcher.counts),
+                role=st.role,
+                term=st.term,
+                commit_index=st.commit_index,
+                last_applied=st.last_applied,
+                has_quorum=st.has_quorum,
+                lease_held=lease.valid(),
+                replication_lag={p: st.commit_index - m for p, m in st.match_index.items()},
+            )
+
+        metrics = NodeMetrics(snapshot)
+        pipeline.on_commit = metrics.commit_seconds.observe
+        dispatcher.on_attempt = metrics.delivery_seconds.observe
         admin = AdminServer(
             {
                 "node_id": cfg.node_id,
@@ -158,6 +180,7 @@ class Node:
             lease_held=lease.valid,
             replicator=pipeline,
             clock=self.clock,
+            metrics=metrics,
             fault_injection=bool(cfg.fault_injection),
         )
         raft.start()

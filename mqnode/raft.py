@@ -30,7 +30,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +278,7 @@ class RaftStatus:
     last_applied: int
     has_quorum: bool
     log_len: int
+    match_index: dict[str, int] = field(default_factory=dict)  # leader only: per peer
 
 
 class RaftNode:
@@ -476,6 +477,11 @@ class RaftNode:
             last_applied=sync.raftLastApplied,
             has_quorum=sync.hasQuorum,
             log_len=len(self._journal),
+            match_index={
+                node.address: int(idx) for node, idx in sync._SyncObj__raftMatchIndex.items()
+            }
+            if sync._isLeader()
+            else {},
         )
         old, self.status = self.status, status
         changed = (old.role, old.leader_addr, old.term) != (

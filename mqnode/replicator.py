@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +72,7 @@ class CommitPipeline:
         self._inflight = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.on_commit: Callable[[float], None] = lambda seconds: None  # metrics hook
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="commit-pipeline")
@@ -94,9 +96,11 @@ class CommitPipeline:
         if self._pending >= self._max_pending:
             raise BackpressureError(f"too many commits pending ({self._pending})")
         self._pending += 1
-        deadline = self._clock.monotonic_s() + self._timeout_s
+        started = self._clock.monotonic_s()
         try:
-            return await self._submit_until(cmd, deadline)
+            result = await self._submit_until(cmd, started + self._timeout_s)
+            self.on_commit(self._clock.monotonic_s() - started)
+            return result
         finally:
             self._pending -= 1
 

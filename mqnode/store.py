@@ -310,6 +310,14 @@ class QueueStore:
                         break
         return out
 
+    def domain_counts(self, limit: int) -> dict[str, int]:
+        """Pending recipients' domains over the first `limit` messages (for metrics)."""
+        counts: dict[str, int] = {}
+        for msg in self.list_messages(limit):
+            for domain in {r.address.rpartition("@")[2].lower() for r in msg.recipients}:
+                counts[domain] = counts.get(domain, 0) + 1
+        return counts
+
     def due_messages(self, now_ms: int, limit: int) -> list[QueuedMessage]:
         """Messages whose next attempt is due, oldest due first."""
         out: list[QueuedMessage] = []
