@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 import urllib.error
@@ -61,6 +62,11 @@ def _add_queue(sub: Any) -> None:
     flush.add_argument("--domain")
     for p in qsub.choices.values():
         p.add_argument("--admin", default="127.0.0.1:8025", metavar="HOST:PORT")
+        p.add_argument(
+            "--admin-token-file",
+            metavar="FILE",
+            help="the node's admin token (default: $MQNODE_ADMIN_TOKEN)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,22 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     _add_queue(sub)
     return parser
-
-
-def _post(admin: str, path: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(
-        f"http://{admin}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise MqnodeError(f"{path}: {exc.code} {exc.read().decode(errors='replace')}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise MqnodeError(f"cannot reach admin endpoint {admin}: {exc}") from exc
 
 
 def _print_message(m: dict[str, Any]) -> None:
@@ -106,7 +96,7 @@ def _queue(args: argparse.Namespace) -> int:
     if cmd == "list":
         query = f"?limit={args.limit}" + (f"&state={args.state}" if args.state else "")
         query += f"&domain={args.domain}" if args.domain else ""
-        msgs = _fetch(args.admin, "/queue" + query)["messages"]
+        msgs = _fetch(args.admin, "/queue" + query, _token(args))["messages"]
         if args.json:
             print(json.dumps(msgs, indent=2))
         elif not msgs:
@@ -117,7 +107,7 @@ def _queue(args: argparse.Namespace) -> int:
             print(f"-- {len(msgs)} message(s)")
         return 0
     if cmd == "show":
-        m = _fetch(args.admin, f"/queue/{args.id}")
+        m = _fetch(args.admin, f"/queue/{args.id}", _token(args))
         print(json.dumps(m, indent=2) if args.json else "")
         if not args.json:
             _print_message(m)
@@ -131,19 +121,48 @@ def _queue(args: argparse.Namespace) -> int:
         if not args.ids and not (args.all or args.state or args.domain):
             raise ConfigError(f"queue {op}: name queue ids, or --all (with optional filters)")
         body = {"ids": args.ids} if args.ids else {"state": args.state, "domain": args.domain}
-    result = _post(args.admin, f"/queue/{op}", body)
+    result = _request(args.admin, f"/queue/{op}", _token(args), body)
     print(f"{op}: {len(result['affected'])} message(s)")
     for qid in result["affected"]:
         print(f"  {qid}")
     return 0
 
 
-def _fetch(admin: str, path: str) -> Any:
+def _token(args: argparse.Namespace) -> str:
+    path = getattr(args, "admin_token_file", None)
+    if path:
+        try:
+            return open(path, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--admin-token-file: cannot read {path}: {exc.strerror}") from exc
+    return os.environ.get("MQNODE_ADMIN_TOKEN", "")
+
+
+def _request(
+    admin: str, path: str, token: str, body: dict[str, Any] | None = None, timeout_s: float = 60
+) -> Any:
+    req = urllib.request.Request(
+        f"http://{admin}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="GET" if body is None else "POST",
+    )
     try:
-        with urllib.request.urlopen(f"http://{admin}{path}", timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise ConfigError(
+                "admin token required: pass --admin-token-file DATA_DIR/admin.token "
+                "or set MQNODE_ADMIN_TOKEN"
+            ) from exc
+        raise MqnodeError(f"{path}: {exc.code} {exc.read().decode(errors='replace')}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise MqnodeError(f"cannot reach admin endpoint {admin}: {exc}") from exc
+
+
+def _fetch(admin: str, path: str, token: str = "") -> Any:
+    return _request(admin, path, token, timeout_s=10)
 
 
 def _print_status(st: dict[str, Any]) -> None:

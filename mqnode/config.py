@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,6 +41,9 @@ class NodeConfig:
     smtp_addr: str = "127.0.0.1:2525"
     admin_addr: str = "127.0.0.1:8025"
     cluster_secret_file: str = ""
+    # Bearer token for the admin API's queue and Raft operations; empty: the node makes
+    # <data_dir>/admin.token (mode 600) on first start and uses that.
+    admin_token_file: str = ""
     relay_host: str = ""
     dns_server: str = ""
     hostname: str = "mqnode.localdomain"
@@ -174,6 +178,27 @@ class NodeConfig:
         if len(secret) < 16:
             raise ConfigError("cluster_secret_file: secret must be at least 16 characters")
         return secret
+
+    def admin_token(self) -> str:
+        """The admin token, creating <data_dir>/admin.token when none is configured."""
+        path = Path(self.admin_token_file) if self.admin_token_file else None
+        if path is None:
+            path = self.data_path / "admin.token"
+            if not path.exists():
+                self.data_path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(24) + "\n")
+        try:
+            st = path.stat()
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"admin_token_file: cannot read {path}: {exc.strerror}") from exc
+        if st.st_mode & 0o077:
+            raise ConfigError(f"admin_token_file: {path} is readable by others; chmod 600 it")
+        if len(token) < 16:
+            raise ConfigError("admin_token_file: token must be at least 16 characters")
+        return token
 
     @property
     def data_path(self) -> Path:

@@ -16,14 +16,18 @@
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
                            those peers (only with `fault_injection = 1`; tests)
 
-Binds to loopback by default. Selections are made from this node's copy of
+Binds to loopback by default. /queue*, /raft* and /fault* need
+`Authorization: Bearer <token>` (the node's admin token, see config.py);
+/status, /metrics, /healthz and /readyz do not (no message data in them).
+Selections are made from this node's copy of
 the queue and submitted as explicit ids, so apply stays deterministic;
 `MAX_SELECT` ids at most per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +42,8 @@ from .replicator import Replicator
 from .store import QueueStore
 
 MAX_LIST = 100_000
+PROTECTED = ("/queue", "/raft", "/fault")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SELECT = 100_000
 IDS_PER_COMMAND = 500  # keeps each log entry small
 
@@ -52,8 +58,10 @@ class AdminServer:
         replicator: Replicator,
         clock: Clock,
         metrics: NodeMetrics,
+        token: str,
         fault_injection: bool = False,
     ) -> None:
+        self._token = token
         self._metrics = metrics
         self._rep = replicator
         self._clock = clock
@@ -61,7 +69,7 @@ class AdminServer:
         self._store = store
         self._raft = raft
         self._lease_held = lease_held
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._auth])
         self.app.add_routes(
             [
                 web.get("/status", self._status),
@@ -78,6 +86,14 @@ class AdminServer:
         if fault_injection:
             self.app.add_routes([web.post("/fault/partition", self._partition)])
         self._runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(PROTECTED):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+                return web.json_response({"error": "admin token required"}, status=401)
+        return await handler(request)
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

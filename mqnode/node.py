@@ -181,6 +181,7 @@ class Node:
             replicator=pipeline,
             clock=self.clock,
             metrics=metrics,
+            token=cfg.admin_token(),
             fault_injection=bool(cfg.fault_injection),
         )
         raft.start()

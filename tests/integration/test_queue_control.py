@@ -27,7 +27,8 @@ def deferring_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clus
 
 
 def _queue(c: Cluster, i: int, *args: str) -> str:
-    proc = run_cli("queue", *args, "--admin", c.nodes[i].admin_addr)
+    token = ["--admin-token-file", str(c.admin_token_file)]
+    proc = run_cli("queue", *args, "--admin", c.nodes[i].admin_addr, *token)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -119,5 +120,24 @@ def test_flush_by_domain_and_bulk_delete(deferring_cluster: Cluster) -> None:
 
 def test_queue_cli_refuses_ambiguous_selection(deferring_cluster: Cluster) -> None:
     c = deferring_cluster
-    proc = run_cli("queue", "delete", "--admin", c.nodes[0].admin_addr)
+    token = ["--admin-token-file", str(c.admin_token_file)]
+    proc = run_cli("queue", "delete", "--admin", c.nodes[0].admin_addr, *token)
     assert proc.returncode == 2 and "--all" in proc.stderr
+
+
+def test_queue_operations_need_the_admin_token(deferring_cluster: Cluster) -> None:
+    c = deferring_cluster
+    proc = run_cli("queue", "list", "--admin", c.nodes[0].admin_addr)
+    assert proc.returncode == 2 and "admin token required" in proc.stderr
+    proc = run_cli(
+        "queue",
+        "delete",
+        "--all",
+        "--admin",
+        c.nodes[0].admin_addr,
+        env={"MQNODE_ADMIN_TOKEN": "x" * 20},
+    )
+    assert proc.returncode == 2 and "admin token required" in proc.stderr
+    good = {"MQNODE_ADMIN_TOKEN": c.admin_token_file.read_text().strip()}
+    proc = run_cli("queue", "list", "--admin", c.nodes[0].admin_addr, env=good)
+    assert proc.returncode == 0, proc.stderr

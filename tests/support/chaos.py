@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.loadgen import LoadGen, LoadResult
 
-from .cluster import Cluster
+from .cluster import ADMIN_TOKEN, Cluster
 
 FaultScript = Callable[["FaultContext"], None]
 
@@ -151,7 +151,7 @@ def post_json(cluster: Cluster, i: int, path: str, body: dict[str, Any]) -> Any:
     req = urllib.request.Request(
         cluster.nodes[i].admin_url + path,
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"},
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=5) as resp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,7 +16,9 @@ class CliTimeout(AssertionError):
     """The command was still running at its deadline (it has been killed)."""
 
 
-def run_cli(*args: str, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout_s: float = CLI_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`python -m mqnode.cli ARGS...` with captured output.
 
     A process still running after `timeout_s` is killed by PID and CliTimeout is
@@ -23,7 +26,12 @@ def run_cli(*args: str, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.Complete
     """
     cmd = [sys.executable, "-m", "mqnode.cli", *args]
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         out, err = proc.communicate(timeout=timeout_s)

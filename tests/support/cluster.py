@@ -88,10 +88,20 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+ADMIN_TOKEN = "integration-test-admin-token-0123456789"
+
+
+def http_get(url: str, timeout_s: float = 3.0) -> bytes:
+    """GET with the test admin token; raises urllib.error.HTTPError / OSError."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        data: bytes = resp.read()
+    return data
+
+
 def http_get_json(url: str, timeout_s: float = 3.0) -> Any:
     """GET a JSON document; raises urllib.error.HTTPError / OSError / ValueError."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-        return json.loads(resp.read().decode("utf-8"))
+    return json.loads(http_get(url, timeout_s).decode("utf-8"))
 
 
 @dataclass
@@ -168,6 +178,9 @@ class Cluster:
         self.secret_file = self.base_dir / "cluster.secret"
         self.secret_file.write_text(SECRET + "\n", encoding="utf-8")
         os.chmod(self.secret_file, 0o600)
+        self.admin_token_file = self.base_dir / "admin.token"
+        self.admin_token_file.write_text(ADMIN_TOKEN + "\n", encoding="utf-8")
+        os.chmod(self.admin_token_file, 0o600)
         ports = free_ports(3 * n)
         self.nodes = [
             NodeProc(
@@ -224,6 +237,8 @@ class Cluster:
             node.admin_addr,
             "--cluster-secret-file",
             str(self.secret_file),
+            "--admin-token-file",
+            str(self.admin_token_file),
         ]
         if self.relay_host:
             cmd += ["--relay-host", self.relay_host]
@@ -411,10 +426,7 @@ class Cluster:
 
     def queue_body(self, i: int, queue_id: str, timeout_s: float = 30.0) -> bytes:
         """The stored message bytes of `queue_id` on node i (GET /queue/<id>/body)."""
-        url = f"{self.nodes[i].admin_url}/queue/{queue_id}/body"
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            data: bytes = resp.read()
-        return data
+        return http_get(f"{self.nodes[i].admin_url}/queue/{queue_id}/body", timeout_s)
 
     def queue_ids(self, i: int) -> list[str]:
         return sorted(m["id"] for m in self.queue_messages(i))
