@@ -69,6 +69,78 @@ def _add_queue(sub: Any) -> None:
         )
 
 
+def _add_cluster(sub: Any) -> None:
+    c = sub.add_parser("cluster", help="the whole cluster: every node's state, leadership")
+    csub = c.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
+    st = csub.add_parser("status", help="every node: role, term, indexes, lag, lease")
+    st.add_argument("--json", action="store_true")
+    tr = csub.add_parser("transfer-leadership", help="hand leadership to a caught-up follower")
+    tr.add_argument("--to", metavar="RAFT_HOST:PORT", help="target (default: most caught up)")
+    for p in csub.choices.values():
+        p.add_argument("--admin", default="127.0.0.1:8025", metavar="HOST:PORT")
+        p.add_argument("--admin-token-file", metavar="FILE")
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    if args.cluster_command == "transfer-leadership":
+        first = _fetch(args.admin, "/status")
+        leader = first["nodes"].get(first.get("leader_raft_addr") or "", {})
+        admin = args.admin if first["role"] == "leader" else leader.get("admin_addr")
+        if not admin:
+            raise MqnodeError("no leader known; nothing to transfer")
+        body = {"to": args.to} if args.to else {}
+        result = _request(admin, "/raft/transfer-leadership", _token(args), body)
+        print(
+            f"transfer requested from {first.get('leader_id')} to {args.to or 'best follower'}"
+            f": {result['result']}"
+        )
+        return 0
+    first = _fetch(args.admin, "/status")
+    rows = []
+    leader_match: dict[str, int] = {}
+    commit = 0
+    statuses = {}
+    for raft_addr, info in sorted(first["nodes"].items()):
+        try:
+            statuses[raft_addr] = _fetch(info["admin_addr"], "/status")
+        except MqnodeError:
+            statuses[raft_addr] = None
+    for st in statuses.values():
+        if st and st["role"] == "leader":
+            leader_match, commit = st["match_index"], st["commit_index"]
+    for raft_addr, info in sorted(first["nodes"].items()):
+        st = statuses[raft_addr]
+        lag = ""
+        if st and st["role"] != "leader" and raft_addr in leader_match:
+            lag = str(commit - leader_match[raft_addr])
+        rows.append(
+            {
+                "node": info["node_id"],
+                "raft_addr": raft_addr,
+                "role": st["role"] if st else "unreachable",
+                "term": st["term"] if st else None,
+                "commit_index": st["commit_index"] if st else None,
+                "last_applied": st["last_applied"] if st else None,
+                "lag": lag,
+                "lease": bool(st and st["lease_held"]),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(
+        f"{'node':<8} {'raft':<22} {'role':<11} {'term':>5} {'commit':>8} {'applied':>8} "
+        f"{'lag':>5}  lease"
+    )
+    for r in rows:
+        print(
+            f"{r['node']:<8} {r['raft_addr']:<22} {r['role']:<11} {r['term'] or '':>5} "
+            f"{r['commit_index'] or '':>8} {r['last_applied'] or '':>8} {r['lag']:>5}  "
+            f"{'held' if r['lease'] else ''}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mqnode", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -77,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--admin", required=True, metavar="HOST:PORT")
     st.add_argument("--json", action="store_true")
     _add_queue(sub)
+    _add_cluster(sub)
     return parser
 
 
@@ -188,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "queue":
             return _queue(args)
+        if args.command == "cluster":
+            return _cluster(args)
         if args.command == "status":
             st = _fetch(args.admin, "/status")
             if args.json:

@@ -13,6 +13,8 @@
     GET  /healthz          200 while the process runs
     GET  /readyz           200 when part of a quorum with a known leader, else 503
     POST /raft/compact     ask for a log compaction (snapshot) now
+    POST /raft/transfer-leadership  {"to": "host:port"} or {}: leader hands over to a
+                           caught-up follower (Raft TimeoutNow); 409 on a follower
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
                            those peers (only with `fault_injection = 1`; tests)
 
@@ -81,6 +83,7 @@ class AdminServer:
                 web.get("/queue/{id}/body", self._body),
                 web.post("/queue/{op}", self._operate),
                 web.post("/raft/compact", self._compact),
+                web.post("/raft/transfer-leadership", self._transfer),
             ]
         )
         if fault_injection:
@@ -128,6 +131,8 @@ class AdminServer:
             "log_entries": st.log_len,
             "queue": self._store.counts(),
             "lease_held": self._lease_held(),
+            "nodes": nodes,
+            "match_index": st.match_index,
         }
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
@@ -207,6 +212,22 @@ class AdminServer:
             return web.json_response({"error": "no such message"}, status=404)
         body = self._store.read_body(msg)
         return web.Response(body=body, content_type="message/rfc822")
+
+    async def _transfer(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+            target = body.get("to") if isinstance(body, dict) else None
+            if target is not None and not isinstance(target, str):
+                raise ValueError("to must be host:port")
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if self._raft.status.role != "leader":
+            return web.json_response(
+                {"error": "not the leader", "leader": self._raft.status.leader_addr}, status=409
+            )
+        outcome = await self._raft.transfer_leadership(target)
+        code = 200 if outcome == "requested" else 409
+        return web.json_response({"result": outcome, "to": target}, status=code)
 
     async def _compact(self, request: web.Request) -> web.Response:
         self._raft.force_compaction()

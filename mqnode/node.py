@@ -73,6 +73,7 @@ class Node:
         self.clock = clock or SystemClock()
         self._rng = random.Random()
         self._stop = asyncio.Event()
+        self._announced = False
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -237,7 +238,11 @@ class Node:
             self._lease.on_leadership(status.term)
         else:
             self._lease.on_step_down()
-        if status.role == "leader":
+        # Every node tells the cluster who it is (node id, SMTP and admin addresses) once a
+        # leader is known, and again whenever it becomes leader: `mqnode cluster status`
+        # and leader ids in /status come from these entries.
+        if status.leader_addr is not None and (status.role == "leader" or not self._announced):
+            self._announced = True
             cfg = self.cfg
             cmd = Announce(cfg.raft_addr, cfg.node_id, cfg.smtp_addr, cfg.admin_addr, status.term)
             task = asyncio.get_running_loop().create_task(self._announce(cmd))
@@ -247,6 +252,7 @@ class Node:
         try:
             await self._pipeline.submit(cmd)
         except MqnodeError as exc:
+            self._announced = False  # try again at the next status change
             log.warning("leader announce not committed: %s", exc)
 
     def request_stop(self) -> None:

@@ -302,6 +302,7 @@ class RaftNode:
         self._journal = DurableJournal(self._logstore)
         self._reconcile_startup()
         self._completions: deque[tuple[Done, Any, int]] = deque()
+        self._tick_actions: deque[Callable[[], None]] = deque()  # run on the tick thread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._applied_written = store.applied_index()
@@ -400,6 +401,33 @@ class RaftNode:
         except BlockingIOError:
             pass  # pipe full: the tick is already due to wake
 
+    async def transfer_leadership(self, target: str | None) -> str:
+        """Ask pysyncobj to hand leadership to `target` (or the most caught-up follower).
+
+        Runs on the tick thread (pysyncobj is not thread-safe). Returns "requested",
+        "denied" (not leader, target unknown or not caught up) or "timeout".
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+
+        def answer(result: str) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        def in_tick() -> None:
+            def callback(_res: Any, err: int) -> None:
+                ok = err == FAIL_REASON.SUCCESS
+                loop.call_soon_threadsafe(answer, "requested" if ok else "denied")
+
+            self._sync.transferLeadership(target, callback)
+
+        self._tick_actions.append(in_tick)
+        self.wake()
+        try:
+            return await asyncio.wait_for(done, 5.0)
+        except TimeoutError:
+            return "timeout"
+
     def set_partition(self, blocked_peers: list[str]) -> None:
         """Fault injection: drop all Raft traffic to and from these peer addresses."""
         self._sync._SyncObj__transport.mq_blocked = frozenset(blocked_peers)
@@ -424,6 +452,8 @@ class RaftNode:
 
     def _after_tick(self) -> None:
         sync = self._sync
+        while self._tick_actions:
+            self._tick_actions.popleft()()
         # Journal first: a follower may apply entries it appended in the previous poll but
         # has not flushed yet. Flushing after the state commit let a crash in between leave
         # the state ahead of the log (seen in the staggered full-restart chaos run).
