@@ -77,6 +77,8 @@ class NodeConfig:
     log_level: str = "INFO"
     # Test-only: 1 exposes POST /fault/partition on the admin endpoint.
     fault_injection: int = 0
+    # JSON event log (one line per queue event): a file path, "-" for stderr, "" for none.
+    event_log: str = ""
 
     # --- loading -----------------------------------------------------------
 

@@ -30,6 +30,7 @@ from .commands import Claim, LeaseRenew, RecordOutcome
 from .delivery import DeliveryAgent, LeaseLost, RecipientResult
 from .dsn import FailedRecipient, build_dsn, is_null_sender, status_from_reply
 from .errors import MqnodeError
+from .events import EventLog
 from .lease import LeaderLease
 from .model import Outcome, QueuedMessage, RcptState, make_queue_id
 from .policy import RetryPolicy
@@ -88,6 +89,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self.counts = {o.value: 0 for o in Outcome}
+        self.events: EventLog | None = None
         self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
 
     def wake(self) -> None:
@@ -163,6 +165,8 @@ class Dispatcher:
         if status != "ok" or not granted:
             return
         for qid in granted.split(","):
+            if self.events is not None:
+                self.events.emit("claimed", qid, epoch=epoch)
             await self._slots.acquire()
             self._in_flight.add(qid)
             task = asyncio.create_task(self._attempt(picked[qid], epoch), name=f"deliver-{qid}")
@@ -239,6 +243,7 @@ class Dispatcher:
                 outcome, reply = Outcome.BOUNCED.value, f"4.4.7 message expired in queue: {reply}"
             final.append((i, outcome, reply[:MAX_REPLY_CHARS]))
         dsn_id, dsn = self._bounce(msg, final, remote, body, now_ms)
+        bounce_id = dsn_id
         delay_s = self._policy.delay_s(msg.attempts + 1, self._random)
         next_ms = now_ms + int(delay_s * 1000)
         for start in range(0, len(final), RESULTS_PER_COMMAND):  # keep entries small
@@ -251,7 +256,13 @@ class Dispatcher:
                 return
         for i, outcome, reply in final:
             self.counts[outcome] += 1
-            log.info("%s: to=<%s> %s: %s", msg.queue_id, msg.recipients[i].address, outcome, reply)
+            rcpt = msg.recipients[i].address
+            log.info("%s: to=<%s> %s: %s", msg.queue_id, rcpt, outcome, reply)
+            if self.events is not None:
+                event = "expired" if reply.startswith("4.4.7") else outcome
+                self.events.emit(event, msg.queue_id, to=rcpt, relay=remote.get(i, ""), reply=reply)
+        if bounce_id and self.events is not None:
+            self.events.emit("bounce-queued", msg.queue_id, dsn_queue_id=bounce_id)
 
     def _bounce(
         self,

@@ -34,6 +34,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from .clock import Clock
 from .commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
 from .errors import SubmitError
+from .events import EventLog
 from .model import find_message_id, make_queue_id
 from .replicator import Replicator
 
@@ -88,6 +89,7 @@ class SmtpIngress:
         self.accepted = 0
         self.refused = 0
         self.on_accepted: Callable[[], None] = lambda: None  # e.g. wake the dispatcher
+        self.events: EventLog | None = None
 
     def _allowed(self, session: Session) -> bool:
         peer = session.peer
@@ -180,8 +182,20 @@ class SmtpIngress:
             client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
             node_id=self._node_id,
         )
+        if self.events is not None:
+            self.events.emit(
+                "received",
+                queue_id,
+                client=cmd.client,
+                sender=mail_from,
+                nrcpt=len(rcpts),
+                size=len(body),
+                message_id=message_id,
+            )
         status, value = await self._rep.submit(cmd)
         if status in ("queued", "duplicate"):
+            if self.events is not None:
+                self.events.emit("committed", value, duplicate=status == "duplicate")
             return value
         raise SubmitError(f"not queued: {value}")
 

@@ -26,6 +26,7 @@ from .control import AdminServer
 from .delivery import DeliveryAgent
 from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, MqnodeError
+from .events import EventLog
 from .ingress import SmtpIngress
 from .lease import LeaderLease
 from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
@@ -148,6 +149,8 @@ class Node:
             self._rng.randbytes,
         )
         ingress.on_accepted = dispatcher.wake
+        events = EventLog(cfg.event_log, cfg.node_id, self.clock)
+        ingress.events = dispatcher.events = events
 
         def snapshot() -> MetricsSnapshot:
             st = raft.status
@@ -226,6 +229,7 @@ class Node:
                 t.cancel()
             await dispatcher.stop()
             await agent.close()
+            events.close()
             await pipeline.stop()
             await admin.stop()
             await asyncio.to_thread(raft.stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ def relay_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        args = (*FAST_TUNING, "--delivery-concurrency", "4")
+        events = tmp_path / "events.jsonl"
+        args = (*FAST_TUNING, "--delivery-concurrency", "4", "--event-log", str(events))
         with Cluster(tmp_path / "c", extra_args=args, relay_host=f"127.0.0.1:{port}") as c:
             yield c, out
     finally:
@@ -78,3 +80,26 @@ def test_steady_state_delivers_each_message_once_over_reused_sessions(
     assert len(sessions) < len(sent), f"every message opened its own session ({len(sessions)})"
     leaders = [i for i in c.live_indexes() if c.status(i)["lease_held"]]
     assert len(leaders) == 1 and leaders[0] == c.leader(), leaders
+
+
+def test_event_log_follows_each_message(relay_cluster: tuple[Cluster, Path]) -> None:
+    c, out = relay_cluster
+    msg = make_message(800)
+    code, text, qid = submit(
+        "127.0.0.1", c.nodes[1].smtp_port, "alice@client.test", ["bob@x.test"], msg.data
+    )
+    assert code == 250, (code, text)
+    _wait_delivered(c, out, {msg.message_id})
+    log = out.parent / "events.jsonl"
+    deadline = time.monotonic() + 10
+    kinds: list[str] = []
+    while time.monotonic() < deadline:
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        kinds = [e["event"] for e in lines if e["queue_id"] == qid]
+        if "delivered" in kinds:
+            break
+        time.sleep(0.2)
+    assert kinds[:2] == ["received", "committed"], kinds
+    assert "claimed" in kinds and "delivered" in kinds, kinds
+    delivered = [e for e in lines if e["queue_id"] == qid and e["event"] == "delivered"]
+    assert delivered[0]["to"] == "bob@x.test" and delivered[0]["reply"].startswith("250")
