@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Coroutine
 from dataclasses import fields
 from typing import Any, NoReturn
 
@@ -256,6 +257,16 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _run_event_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """uvloop where it is installed (a faster event loop for the SMTP side), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
         from .node import Node
 
-        asyncio.run(Node(cfg).run())
+        _run_event_loop(Node(cfg).run())
         return 0
     except ConfigError as exc:
         print(f"mqnode: error: {exc}", file=sys.stderr)
