@@ -53,6 +53,7 @@ def _add_queue(sub: Any) -> None:
         ("release", "release held messages (postsuper -H)"),
         ("delete", "delete messages (postsuper -d)"),
         ("retry", "attempt delivery now (postqueue -i)"),
+        ("bounce", "return to sender with a DSN"),
     ):
         p = qsub.add_parser(op, help=text)
         p.add_argument("ids", nargs="*", metavar="ID")

@@ -124,7 +124,7 @@ class QueueOp:
     at_ms: int
 
 
-QUEUE_OPS = ("hold", "release", "delete", "retry")
+QUEUE_OPS = ("hold", "release", "delete", "retry")  # "bounce" is a RecordOutcome, see control
 
 Command = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp
 

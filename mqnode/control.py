@@ -5,10 +5,11 @@
                            max 100000): like `postqueue -p`
     GET  /queue/{id}       one message: envelope, per-recipient status, attempts
     GET  /queue/{id}/body  the stored message as it will be sent (like postcat)
-    POST /queue/{op}       op = hold | release | delete | retry (like postsuper -h/-H/-d,
-                           postqueue -i): {"ids": [...]} or {"state": S, "domain": D}
-                           selects; the change is committed through the log, so every
-                           node applies it. Answers {"op", "affected": [ids]}.
+    POST /queue/{op}       op = hold | release | delete | retry | bounce (like postsuper
+                           -h/-H/-d, postqueue -i; bounce returns them with a DSN):
+                           {"ids": [...]} or {"state": S, "domain": D} selects; the
+                           change is committed through the log, so every node applies
+                           it. Answers {"op", "affected": [ids]}.
     GET  /metrics          Prometheus text format (see metrics.py)
     GET  /healthz          200 while the process runs
     GET  /readyz           200 when part of a quorum with a known leader, else 503
@@ -29,18 +30,21 @@ the queue and submitted as explicit ids, so apply stays deterministic;
 from __future__ import annotations
 
 import hmac
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from .clock import Clock
-from .commands import QUEUE_OPS, QueueOp
+from .commands import QUEUE_OPS, QueueOp, RecordOutcome
+from .dispatcher import bounce_for
 from .errors import SubmitError
 from .metrics import NodeMetrics
-from .model import MessageState, QueuedMessage
+from .model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
 from .raft import RaftNode
 from .replicator import Replicator
+from .statemachine import QueueStateMachine
 from .store import QueueStore
 
 MAX_LIST = 100_000
@@ -135,6 +139,40 @@ class AdminServer:
             "match_index": st.match_index,
         }
 
+    async def _bounce(self, ids: list[str]) -> web.Response:
+        """Return messages to their senders (postsuper -r-like bounce): a DSN per message.
+
+        Recorded as an outcome in the current lease epoch, so it is fenced like any
+        delivery result; a message being delivered right now may still arrive too.
+        """
+        affected: list[str] = []
+        with self._store.reader() as r:
+            epoch = QueueStateMachine.lease_epoch(r)
+        for qid in ids:
+            msg = self._store.get_message(qid)
+            if msg is None:
+                continue
+            now_ms = self._clock.wall_ms()
+            reply = "5.0.0 returned to sender by the mail administrator"
+            results = [
+                (i, Outcome.BOUNCED.value, reply)
+                for i, rcpt in enumerate(msg.recipients)
+                if rcpt.state is RcptState.PENDING
+            ]
+            dsn_id = make_queue_id(now_ms, secrets.token_bytes(4))
+            body = self._store.read_body(msg)
+            dsn = bounce_for(msg, results, {}, body, now_ms, self._info["hostname"], dsn_id)
+            cmd = RecordOutcome(
+                qid, now_ms, tuple(results), now_ms, epoch, dsn_id if dsn else "", dsn
+            )
+            try:
+                status, _ = await self._rep.submit(cmd)
+            except SubmitError as exc:
+                return web.json_response({"error": str(exc), "affected": affected}, status=503)
+            if status == "ok":
+                affected.append(qid)
+        return web.json_response({"op": "bounce", "affected": affected})
+
     async def _metrics_page(self, request: web.Request) -> web.Response:
         body, content_type = self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
@@ -174,7 +212,7 @@ class AdminServer:
 
     async def _operate(self, request: web.Request) -> web.Response:
         op = request.match_info["op"]
-        if op not in QUEUE_OPS:
+        if op not in (*QUEUE_OPS, "bounce"):
             return web.json_response({"error": f"unknown operation {op!r}"}, status=404)
         try:
             body = await request.json()
@@ -189,6 +227,8 @@ class AdminServer:
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         affected: list[str] = []
+        if op == "bounce":
+            return await self._bounce(ids)
         try:
             for start in range(0, len(ids), IDS_PER_COMMAND):
                 part = tuple(ids[start : start + IDS_PER_COMMAND])

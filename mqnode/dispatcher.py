@@ -242,7 +242,9 @@ class Dispatcher:
             if outcome == Outcome.DEFERRED.value and expired:
                 outcome, reply = Outcome.BOUNCED.value, f"4.4.7 message expired in queue: {reply}"
             final.append((i, outcome, reply[:MAX_REPLY_CHARS]))
-        dsn_id, dsn = self._bounce(msg, final, remote, body, now_ms)
+        dsn_id = make_queue_id(now_ms, self._random_bytes(4))
+        dsn = bounce_for(msg, final, remote, body, now_ms, self._s.hostname, dsn_id)
+        dsn_id = dsn_id if dsn else ""
         bounce_id = dsn_id
         delay_s = self._policy.delay_s(msg.attempts + 1, self._random)
         next_ms = now_ms + int(delay_s * 1000)
@@ -264,39 +266,40 @@ class Dispatcher:
         if bounce_id and self.events is not None:
             self.events.emit("bounce-queued", msg.queue_id, dsn_queue_id=bounce_id)
 
-    def _bounce(
-        self,
-        msg: QueuedMessage,
-        results: list[RecipientResult],
-        remote: dict[int, str],
-        body: bytes,
-        now_ms: int,
-    ) -> tuple[str, bytes]:
-        bounced = [(i, reply) for i, outcome, reply in results if outcome == Outcome.BOUNCED.value]
-        if not bounced or is_null_sender(msg.mail_from):
-            return "", b""
-        failed = [
-            FailedRecipient(
-                address=msg.recipients[i].address,
-                status=_status_of(reply),
-                diagnostic=reply,
-                remote_mta=remote.get(i, ""),
-            )
-            for i, reply in bounced
-        ]
-        dsn_id = make_queue_id(now_ms, self._random_bytes(4))
-        dsn = build_dsn(
-            queue_id=msg.queue_id,
-            reporting_mta=self._s.hostname,
-            original_sender=msg.mail_from,
-            original_message_id=msg.message_id,
-            arrival_ms=msg.received_ms,
-            now_ms=now_ms,
-            failed=failed,
-            original=body,
-            max_returned_bytes=16 * 1024,  # the bounce must fit one small log entry
+
+def bounce_for(
+    msg: QueuedMessage,
+    results: list[RecipientResult],
+    remote: dict[int, str],
+    body: bytes,
+    now_ms: int,
+    hostname: str,
+    dsn_queue_id: str,
+) -> bytes:
+    """The DSN for the bounced recipients in `results` ("" when none, or a null sender)."""
+    bounced = [(i, reply) for i, outcome, reply in results if outcome == Outcome.BOUNCED.value]
+    if not bounced or is_null_sender(msg.mail_from):
+        return b""
+    failed = [
+        FailedRecipient(
+            address=msg.recipients[i].address,
+            status=_status_of(reply),
+            diagnostic=reply,
+            remote_mta=remote.get(i, ""),
         )
-        return dsn_id, dsn
+        for i, reply in bounced
+    ]
+    return build_dsn(
+        queue_id=msg.queue_id,
+        reporting_mta=hostname,
+        original_sender=msg.mail_from,
+        original_message_id=msg.message_id,
+        arrival_ms=msg.received_ms,
+        now_ms=now_ms,
+        failed=failed,
+        original=body,
+        max_returned_bytes=16 * 1024,  # the bounce must fit one small log entry
+    )
 
 
 def _status_of(reply: str) -> str:

@@ -17,8 +17,6 @@ import random
 import signal
 from typing import IO
 
-from aiosmtpd.smtp import SMTP
-
 from .clock import Clock, SystemClock
 from .commands import Announce
 from .config import NodeConfig, parse_hostport
@@ -27,7 +25,7 @@ from .delivery import DeliveryAgent
 from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, MqnodeError
 from .events import EventLog
-from .ingress import SmtpIngress
+from .ingress import IngressLimits, SmtpIngress
 from .lease import LeaderLease
 from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from .mx import MxResolver
@@ -35,8 +33,11 @@ from .policy import RetryPolicy
 from .raft import RaftNode, RaftSettings, RaftStatus
 from .replicator import CommitPipeline
 from .routing import Router
+from .smtpauth import UserDb
+from .smtpserver import SubmissionProtocol
 from .statemachine import QueueStateMachine
 from .store import QueueStore
+from .tlsconfig import server_context
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,17 @@ class Node:
             cfg.allowed_networks,
             cfg.max_recipients,
             store.fill_ratio,
+            limits=IngressLimits(
+                max_message_bytes=cfg.max_message_bytes,
+                max_header_count=cfg.max_header_count,
+                max_commands_per_session=cfg.max_commands_per_session,
+                idle_timeout_s=cfg.smtp_idle_timeout_s,
+                connection_rate_per_min=cfg.client_connection_rate_per_min,
+                message_rate_per_min=cfg.client_message_rate_per_min,
+                max_connections_per_client=cfg.client_max_connections,
+            ),
+            users=UserDb.load(cfg.smtp_users_file) if cfg.smtp_users_file else None,
+            tls=server_context(cfg.smtp_tls_cert, cfg.smtp_tls_key) if cfg.smtp_tls_cert else None,
         )
         relay = parse_hostport(cfg.relay_host, "relay_host") if cfg.relay_host else None
         resolver = None
@@ -178,6 +190,7 @@ class Node:
                 "raft_addr": cfg.raft_addr,
                 "smtp_addr": cfg.smtp_addr,
                 "admin_addr": cfg.admin_addr,
+                "hostname": cfg.hostname,
             },
             store,
             raft,
@@ -193,21 +206,19 @@ class Node:
         tasks = []
         if cfg.delivery_enabled:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
-        smtp_server = None
+        smtp_server = smtps_server = None
         try:
             await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
             host, port = parse_hostport(cfg.smtp_addr, "smtp_addr")
-            smtp_server = await loop.create_server(
-                lambda: SMTP(
-                    ingress,
-                    data_size_limit=cfg.max_message_bytes,
-                    hostname=cfg.hostname,
-                    enable_SMTPUTF8=True,
-                    ident="mqnode",
-                ),
-                host,
-                port,
-            )
+            smtp_server = await loop.create_server(lambda: SubmissionProtocol(ingress), host, port)
+            if cfg.smtps_addr:  # implicit TLS (RFC 8314); the handshake happens before SMTP
+                host, port = parse_hostport(cfg.smtps_addr, "smtps_addr")
+                smtps_server = await loop.create_server(
+                    lambda: SubmissionProtocol(ingress, implicit_tls=True),
+                    host,
+                    port,
+                    ssl=ingress.tls,
+                )
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
             log.info(
@@ -225,6 +236,8 @@ class Node:
         finally:
             if smtp_server is not None:
                 smtp_server.close()
+            if smtps_server is not None:
+                smtps_server.close()
             for t in tasks:
                 t.cancel()
             await dispatcher.stop()

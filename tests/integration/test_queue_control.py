@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,21 @@ def test_queue_operations_need_the_admin_token(deferring_cluster: Cluster) -> No
     good = {"MQNODE_ADMIN_TOKEN": c.admin_token_file.read_text().strip()}
     proc = run_cli("queue", "list", "--admin", c.nodes[0].admin_addr, env=good)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bounce_returns_messages_to_their_senders(tmp_path: Path) -> None:
+    """`queue bounce` records every pending recipient as bounced and queues a DSN."""
+    dead = free_ports(1)[0]
+    args = (*FAST_TUNING, "--retry-base-s", "3600", "--retry-max-s", "3600")
+    with Cluster(tmp_path, extra_args=args, relay_host=f"127.0.0.1:{dead}") as c:
+        ids = _submit(c, 2, "bounce.test")
+        _wait_states(c, ids, "deferred")
+        out = _queue(c, 2, "bounce", ids[0])
+        assert "bounce: 1 message(s)" in out, out
+        _wait_states(c, [ids[0]], None)
+        msgs = c.queue_messages(0)
+        dsns = [m for m in msgs if m["mail_from"] == ""]
+        assert len(dsns) == 1 and [r["address"] for r in dsns[0]["recipients"]] == ["a@client.test"]
+        body = c.queue_body(0, dsns[0]["id"])
+        assert b"report-type=delivery-status" in body and b"returned to sender" in body
+        assert c.queue_entry(1, ids[1]) is not None  # the other message is untouched
