@@ -38,8 +38,9 @@ from aiohttp import web
 
 from .clock import Clock
 from .commands import QUEUE_OPS, QueueOp, RecordOutcome
+from .config import parse_hostport
 from .dispatcher import bounce_for
-from .errors import SubmitError
+from .errors import ConfigError, SubmitError
 from .metrics import NodeMetrics
 from .model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
 from .raft import RaftNode
@@ -98,7 +99,9 @@ class AdminServer:
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith(PROTECTED):
             given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+            if not hmac.compare_digest(
+                given.encode("utf-8", "surrogateescape"), f"Bearer {self._token}".encode()
+            ):
                 return web.json_response({"error": "admin token required"}, status=401)
         return await handler(request)
 
@@ -191,7 +194,9 @@ class AdminServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
 
-    def _select(self, state_s: str | None, domain: str | None, limit: int) -> list[QueuedMessage]:
+    def _select(self, state_s: Any, domain: Any, limit: int) -> list[QueuedMessage]:
+        if not isinstance(state_s, str | None) or not isinstance(domain, str | None):
+            raise ValueError("state and domain must be strings")
         state = MessageState(state_s) if state_s else None
         if not domain:
             return self._store.list_messages(limit, state)
@@ -222,7 +227,9 @@ class AdminServer:
             if ids is None:
                 msgs = self._select(body.get("state"), body.get("domain"), MAX_SELECT)
                 ids = [m.queue_id for m in msgs]
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            if not isinstance(ids, list) or not all(
+                isinstance(i, str) and i.isascii() for i in ids
+            ):
                 raise ValueError("ids must be a list of queue ids")
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
@@ -257,8 +264,12 @@ class AdminServer:
         try:
             body = await request.json() if request.can_read_body else {}
             target = body.get("to") if isinstance(body, dict) else None
-            if target is not None and not isinstance(target, str):
-                raise ValueError("to must be host:port")
+            if target is not None:
+                if not isinstance(target, str):
+                    raise ValueError("to must be host:port")
+                parse_hostport(target, "to")
+        except ConfigError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         if self._raft.status.role != "leader":

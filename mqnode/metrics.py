@@ -36,6 +36,7 @@ class MetricsSnapshot:
     last_applied: int
     has_quorum: bool
     lease_held: bool
+    store_fill_ratio: float = 0.0
     replication_lag: dict[str, int] = field(default_factory=dict)
 
 

@@ -419,7 +419,10 @@ class RaftNode:
                 ok = err == FAIL_REASON.SUCCESS
                 loop.call_soon_threadsafe(answer, "requested" if ok else "denied")
 
-            self._sync.transferLeadership(target, callback)
+            try:
+                self._sync.transferLeadership(target, callback)
+            except ValueError:  # pysyncobj parses the address; never let it break the tick
+                loop.call_soon_threadsafe(answer, "denied")
 
         self._tick_actions.append(in_tick)
         self.wake()
@@ -453,7 +456,11 @@ class RaftNode:
     def _after_tick(self) -> None:
         sync = self._sync
         while self._tick_actions:
-            self._tick_actions.popleft()()
+            action = self._tick_actions.popleft()
+            try:
+                action()
+            except Exception:  # an operator request must never cost a tick's flush
+                log.exception("admin action on the tick thread failed")
         # Journal first: a follower may apply entries it appended in the previous poll but
         # has not flushed yet. Flushing after the state commit let a crash in between leave
         # the state ahead of the log (seen in the staggered full-restart chaos run).
