@@ -77,6 +77,11 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             "mqnode_lease_held", "1 while holding the lease", value=int(s.lease_held)
         )
+        yield GaugeMetricFamily(
+            "mqnode_store_fill_ratio",
+            "Queue store pages in use over its map size (mail is refused with 452 at 0.9)",
+            value=s.store_fill_ratio,
+        )
         g = GaugeMetricFamily(
             "mqnode_raft_replication_lag_entries", "Commit index minus peer match", labels=["peer"]
         )
