@@ -74,11 +74,28 @@ class NodeConfig:
     max_queue_lifetime_s: int = 5 * 86400
     lease_ms: int = 3000
     lease_margin_ms: int = 500
+    # SMTP submission security. TLS cert+key enable STARTTLS (and smtps_addr, implicit TLS,
+    # RFC 8314); a users file (USER:scrypt$... lines, see mqnode/smtpauth.py) enables AUTH
+    # PLAIN/LOGIN after TLS; authenticated users may relay from any network.
+    smtp_tls_cert: str = ""
+    smtp_tls_key: str = ""
+    smtp_users_file: str = ""
+    smtps_addr: str = ""
+    # Per client IP (an IPv6 client per /64): 421 4.7.0 / 450 4.7.1 beyond these.
+    client_connection_rate_per_min: int = 600
+    client_message_rate_per_min: int = 6000
+    client_max_connections: int = 100
+    # Per session: 552 5.3.4 / 421 4.7.0 / 421 4.4.2 beyond these.
+    max_header_count: int = 1000
+    max_commands_per_session: int = 10_000
+    smtp_idle_timeout_s: int = 300
     log_level: str = "INFO"
     # Test-only: 1 exposes POST /fault/partition on the admin endpoint.
     fault_injection: int = 0
     # JSON event log (one line per queue event): a file path, "-" for stderr, "" for none.
     event_log: str = ""
+    # POST those events (JSON arrays) to this URL, retried with backoff; "" for none.
+    event_webhook: str = ""
 
     # --- loading -----------------------------------------------------------
 
@@ -166,6 +183,28 @@ class NodeConfig:
                 raise ConfigError("dns_server: must be an IP address and port") from exc
         if self.heartbeat_ms * 2 > self.election_timeout_min_ms:
             raise ConfigError("heartbeat_ms: must be at most half of election_timeout_min_ms")
+        for key in (
+            "client_connection_rate_per_min",
+            "client_message_rate_per_min",
+            "client_max_connections",
+            "max_header_count",
+            "max_commands_per_session",
+            "smtp_idle_timeout_s",
+        ):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be > 0")
+        if bool(self.smtp_tls_cert) != bool(self.smtp_tls_key):
+            raise ConfigError("smtp_tls_cert: smtp_tls_cert and smtp_tls_key go together")
+        if self.smtp_users_file and not self.smtp_tls_cert:
+            raise ConfigError(
+                "smtp_users_file: AUTH is only offered over TLS; set smtp_tls_cert and smtp_tls_key"
+            )
+        if self.smtps_addr:
+            if not self.smtp_tls_cert:
+                raise ConfigError("smtps_addr: needs smtp_tls_cert and smtp_tls_key")
+            parse_hostport(self.smtps_addr, "smtps_addr")
+            if self.smtps_addr in (self.smtp_addr, self.admin_addr, self.raft_addr):
+                raise ConfigError("smtps_addr: must differ from the other listen addresses")
 
     def read_secret(self) -> str:
         """The cluster secret; refuse empty or world-readable files."""

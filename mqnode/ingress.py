@@ -4,13 +4,23 @@ A message is answered `250 2.0.0 Ok: queued as <id>` only after its Enqueue
 command is committed by a Raft majority and applied to LMDB on this node
 (`Replicator.submit`). Every other outcome is an explicit refusal:
 
-    554 5.7.1  client outside `allowed_networks` (never an open relay)
+    554 5.7.1  client outside `allowed_networks` and not authenticated
+               (never an open relay)
     501 5.1.7 / 501 5.1.3  malformed sender / recipient address
     452 4.5.3  more than `max_recipients` recipients, or over 16 KiB of them
                (the envelope travels in one small log entry; RFC 5321 4.5.3.1.10)
-    552 5.3.4  more than `max_message_bytes` (aiosmtpd enforces SIZE/DATA)
+    552 5.3.4  more than `max_message_bytes` (aiosmtpd enforces SIZE/DATA), or
+               more than `max_header_count` header fields
+    450 4.7.1  this client IP started more than `client_message_rate_per_min`
+               messages in the last minute (checked at MAIL)
+    421 4.7.0  (instead of the greeting) over `client_connection_rate_per_min`
+               or `client_max_connections` for this client IP
     452 4.3.1  storage nearly full (`store_full_ratio`)
-    451 4.3.0  no leader, commit timeout, back-pressure: retry later
+    451 4.3.0  no leader, commit timeout, back-pressure, internal error: retry later
+
+Session mechanics (STARTTLS, AUTH, command and idle limits) live in
+`smtpserver.SubmissionProtocol`; the handler decides policy. Per-client
+limits key on the IP address (an IPv6 client on its /64).
 
 Retried submissions are safe: the idempotency key (sha256 of envelope and
 original body) maps a repeat to the first queue id. Bodies above
@@ -26,17 +36,21 @@ import hashlib
 import ipaddress
 import logging
 import re
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from .clock import Clock
 from .commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
 from .errors import SubmitError
 from .events import EventLog
 from .model import find_message_id, make_queue_id
+from .ratelimit import ConcurrencyLimiter, RateLimiter
 from .replicator import Replicator
+from .smtpauth import UserDb
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +60,66 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_RCPT_BYTES = 16 * 1024
 
 
+# Password checks (scrypt, ~16 MiB each) running at once; more wait their turn.
+AUTH_CHECK_SLOTS = 2
+
+
+@dataclass(frozen=True)
+class IngressLimits:
+    """Per-session and per-client limits; each has its own SMTP reply (module docstring)."""
+
+    max_message_bytes: int = 25 * 1024 * 1024
+    max_header_count: int = 1000
+    max_commands_per_session: int = 10_000
+    idle_timeout_s: float = 300.0
+    connection_rate_per_min: int = 600
+    message_rate_per_min: int = 6000
+    max_connections_per_client: int = 100
+    max_auth_failures: int = 3
+
+
 def valid_address(addr: str, allow_empty: bool) -> bool:
     if addr == "":
         return allow_empty
-    return len(addr) <= 254 and _ADDR_RE.fullmatch(addr) is not None
+    if len(addr) > 254 or _ADDR_RE.fullmatch(addr) is None or not addr.isprintable():
+        return False
+    try:
+        addr.encode("utf-8")  # undecodable bytes arrive as lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def header_count(body: bytes, stop_after: int) -> int:
+    """Header fields before the first empty line of `body`; counting stops past `stop_after`."""
+    count, pos, size = 0, 0, len(body)
+    while pos < size and count <= stop_after:
+        end = body.find(b"\n", pos)
+        line = body[pos : size if end < 0 else end]
+        if line in (b"", b"\r"):
+            break
+        if line[:1] not in (b" ", b"\t"):  # a folded line continues the previous field
+            count += 1
+        if end < 0:
+            break
+        pos = end + 1
+    return count
+
+
+def peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else peer)
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def client_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Rate-limit key: the IPv4 address, or the /64 of an IPv6 one (one site, many addresses)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def idempotency_key(mail_from: str, rcpts: list[str], body: bytes) -> bytes:
@@ -74,12 +144,24 @@ class SmtpIngress:
         max_recipients: int,
         store_fill_ratio: Callable[[], float],
         store_full_ratio: float = 0.9,
+        *,
+        limits: IngressLimits | None = None,
+        users: UserDb | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._rep = replicator
         self._clock = clock
         self._random = random_bytes
         self._node_id = node_id
         self._hostname = hostname
+        self.hostname = hostname
+        self.limits = limits or IngressLimits()
+        self.users = users  # None: no AUTH offered
+        self.tls = tls  # None: no STARTTLS offered
+        self._conn_rate = RateLimiter(self.limits.connection_rate_per_min, clock)
+        self._msg_rate = RateLimiter(self.limits.message_rate_per_min, clock)
+        self._concurrent = ConcurrencyLimiter(self.limits.max_connections_per_client)
+        self._auth_slots = asyncio.Semaphore(AUTH_CHECK_SLOTS)
         self._networks: list[Network] = [
             ipaddress.ip_network(n, strict=False) for n in allowed_networks
         ]
@@ -88,18 +170,63 @@ class SmtpIngress:
         self._full_ratio = store_full_ratio
         self.accepted = 0
         self.refused = 0
+        # Never name an attribute auth_* or handle_*: aiosmtpd takes those for AUTH
+        # mechanisms and hooks.
+        self.failed_logins = 0
         self.on_accepted: Callable[[], None] = lambda: None  # e.g. wake the dispatcher
         self.events: EventLog | None = None
 
     def _allowed(self, session: Session) -> bool:
-        peer = session.peer
-        if not peer:
-            return False
-        try:
-            ip = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else peer)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._networks)
+        if session.authenticated:
+            return True  # an authenticated user may submit from any network
+        ip = peer_ip(session.peer)
+        return ip is not None and any(ip in net for net in self._networks)
+
+    # --- connections (called by SubmissionProtocol) ---------------------------
+
+    def open_connection(self, peer: Any) -> tuple[str | None, str | None]:
+        """(key to pass to close_connection, or None; refusal reply, or None to go on)."""
+        ip = peer_ip(peer)
+        if ip is None:
+            return None, None
+        key = client_key(ip)
+        if not self._conn_rate.allow(key):
+            self.refused += 1
+            log.warning("client %s over client_connection_rate_per_min", key)
+            return None, f"421 4.7.0 {self._hostname} Error: too many connections from {ip}"
+        if not self._concurrent.acquire(key):
+            self.refused += 1
+            log.warning("client %s over client_max_connections", key)
+            return None, f"421 4.7.0 {self._hostname} Error: too many open connections from {ip}"
+        return key, None
+
+    def close_connection(self, key: str) -> None:
+        self._concurrent.release(key)
+
+    async def verify(self, login: bytes, password: bytes) -> str | None:
+        """The user name for a right login/password, else None (scrypt, off the event loop)."""
+        if self.users is None:
+            return None
+        async with self._auth_slots:
+            user = await asyncio.to_thread(self.users.verify, login, password)
+        if user is None:
+            self.failed_logins += 1
+        return user
+
+    # --- aiosmtpd hooks --------------------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.users is None:  # aiosmtpd would announce an empty "AUTH" line
+            return [r for r in responses if not r.startswith("250-AUTH")]
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -107,8 +234,15 @@ class SmtpIngress:
         if not self._allowed(session):
             self.refused += 1
             return "554 5.7.1 Access denied: relaying from your network is not allowed"
-        if not valid_address(address, allow_empty=True):
+        # aiosmtpd hands over the null reverse path (bounces) as "<>"; it stays so in the
+        # envelope (aiosmtpd wants a non-empty mail_from before RCPT) and is "" when queued.
+        if not valid_address("" if address == "<>" else address, allow_empty=True):
             return "501 5.1.7 Bad sender address syntax"
+        ip = peer_ip(session.peer)
+        if ip is not None and not self._msg_rate.allow(client_key(ip)):
+            self.refused += 1
+            log.warning("client %s over client_message_rate_per_min", client_key(ip))
+            return "450 4.7.1 Error: too many messages from your address, try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -137,6 +271,10 @@ class SmtpIngress:
             log.error("refusing mail: queue storage is %.0f%% full", self._fill_ratio() * 100)
             return "452 4.3.1 Insufficient system storage"
         body = envelope.original_content or b""
+        max_headers = self.limits.max_header_count
+        if header_count(body, max_headers) > max_headers:
+            self.refused += 1
+            return f"552 5.3.4 Error: too many header fields (max {max_headers})"
         try:
             queue_id = await self._enqueue(session, envelope, body)
         except SubmitError as exc:
@@ -150,7 +288,7 @@ class SmtpIngress:
     async def _enqueue(self, session: Session, envelope: Envelope, body: bytes) -> str:
         now_ms = self._clock.wall_ms()
         queue_id = make_queue_id(now_ms, self._random(8))
-        mail_from = envelope.mail_from or ""
+        mail_from = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         rcpts = list(envelope.rcpt_tos)
         idem = idempotency_key(mail_from, rcpts, body)
         message_id = find_message_id(body)
@@ -202,15 +340,26 @@ class SmtpIngress:
     def _received(self, session: Session, queue_id: str, rcpts: list[str], now_ms: int) -> bytes:
         peer: Any = session.peer
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
+        helo = "".join(c if c.isprintable() else "?" for c in session.host_name or "unknown")[:255]
+        # RFC 3848 protocol types: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA
+        proto = "ESMTP" + ("S" if session.ssl is not None else "")
+        proto += "A" if session.authenticated else ""
         date = email.utils.format_datetime(
             datetime.datetime.fromtimestamp(now_ms / 1000, datetime.UTC)
         )
         rcpt = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
         return (
-            f"Received: from {helo} ([{ip}])\r\n\tby {self._hostname} (mqnode) with ESMTP "
+            f"Received: from {helo} ([{ip}])\r\n\tby {self._hostname} (mqnode) with {proto} "
             f"id {queue_id}{rcpt};\r\n\t{date}\r\n"
         ).encode("utf-8", "replace")
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's catch-all: log it, and never echo internals to the client."""
+        if isinstance(error, TLSSetupException):
+            log.warning("TLS handshake failed: %r", error.__cause__)
+            return "454 4.7.0 TLS not available due to temporary reason"
+        log.error("SMTP session error", exc_info=error)
+        return "451 4.3.0 Error: internal error, try again later"
 
     async def _upload(self, upload_id: str, parts: list[bytes], now_ms: int) -> None:
         results = await asyncio.gather(

@@ -161,7 +161,7 @@ class Node:
             self._rng.randbytes,
         )
         ingress.on_accepted = dispatcher.wake
-        events = EventLog(cfg.event_log, cfg.node_id, self.clock)
+        events = EventLog(cfg.event_log, cfg.node_id, self.clock, cfg.event_webhook)
         ingress.events = dispatcher.events = events
 
         def snapshot() -> MetricsSnapshot:
@@ -178,6 +178,7 @@ class Node:
                 last_applied=st.last_applied,
                 has_quorum=st.has_quorum,
                 lease_held=lease.valid(),
+                store_fill_ratio=store.fill_ratio(),
                 replication_lag={p: st.commit_index - m for p, m in st.match_index.items()},
             )
 
@@ -203,7 +204,7 @@ class Node:
         )
         raft.start()
         pipeline.start()
-        tasks = []
+        tasks = [asyncio.create_task(events.run_webhook(), name="event-webhook")]
         if cfg.delivery_enabled:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
         smtp_server = smtps_server = None

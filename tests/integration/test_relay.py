@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -19,8 +22,35 @@ from tests.support.smtp import make_message, submit
 pytestmark = pytest.mark.integration
 
 
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, object]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        _Hook.received.extend(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @pytest.fixture
-def relay_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
+def webhook() -> Iterator[str]:
+    _Hook.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/events"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def relay_cluster(tmp_path: Path, webhook: str) -> Iterator[tuple[Cluster, Path]]:
     port = free_ports(1)[0]
     out = tmp_path / "sink.jsonl"
     sink = subprocess.Popen(
@@ -37,7 +67,11 @@ def relay_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
     )
     try:
         events = tmp_path / "events.jsonl"
-        args = (*FAST_TUNING, "--delivery-concurrency", "4", "--event-log", str(events))
+        args = (
+            *FAST_TUNING,
+            *("--delivery-concurrency", "4", "--event-log", str(events)),
+            *("--event-webhook", webhook),
+        )
         with Cluster(tmp_path / "c", extra_args=args, relay_host=f"127.0.0.1:{port}") as c:
             yield c, out
     finally:
@@ -103,3 +137,12 @@ def test_event_log_follows_each_message(relay_cluster: tuple[Cluster, Path]) -> 
     assert "claimed" in kinds and "delivered" in kinds, kinds
     delivered = [e for e in lines if e["queue_id"] == qid and e["event"] == "delivered"]
     assert delivered[0]["to"] == "bob@x.test" and delivered[0]["reply"].startswith("250")
+
+    deadline = time.monotonic() + 20
+    hooked: list[str] = []
+    while time.monotonic() < deadline:
+        hooked = [str(e["event"]) for e in _Hook.received if e["queue_id"] == qid]
+        if "delivered" in hooked:
+            break
+        time.sleep(0.2)
+    assert "committed" in hooked and "delivered" in hooked, hooked

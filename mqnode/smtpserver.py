@@ -1,0 +1,259 @@
+"""SubmissionProtocol: aiosmtpd's SMTP session with mqnode's limits, TLS and AUTH.
+
+One instance per connection, built by the listener with the node's
+`SmtpIngress` (the handler, which decides policy). This module and ingress.py
+together are the aiosmtpd adapter: ingress.py holds the handler hooks,
+this one the session mechanics aiosmtpd has no hooks for. It relies on
+aiosmtpd 1.4's protected attributes (`_smtp_methods`, `_handle_client`,
+`_timeout_cb`, `_tls_protocol`), which the `<2` pin in pyproject.toml keeps.
+
+Contract, per connection:
+* Per-client limits are checked before the greeting: over the connection
+  rate or the concurrent-connection cap, the client gets `421 4.7.0` instead
+  of `220` and the connection closes.
+* STARTTLS is offered on the submission port when a TLS context is
+  configured; AUTH PLAIN and LOGIN only once the session is encrypted
+  (STARTTLS, or the implicit-TLS port of RFC 8314), and only when a users
+  file is configured. AUTH before TLS gets `538 5.7.11`; a wrong password
+  `535 5.7.8`; `max_auth_failures` wrong passwords in one session `421 4.7.0`
+  and close. Password checks run in a thread (scrypt is CPU-bound).
+* At most `max_commands_per_session` commands (recognised ones; aiosmtpd
+  drops a client after 5 unrecognised ones), then `421 4.7.0` and close.
+* Idle timeout `idle_timeout_s`: no command (or, inside DATA, no bytes) for
+  that long gets `421 4.4.2` and close. Time spent in the handler (waiting
+  for a Raft commit) or checking a password never counts as idle.
+* aiosmtpd's bare replies for over-long lines and oversized DATA get enhanced
+  status codes (`500 5.5.2`, `552 5.3.4`); no reply ever fails to encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import functools
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any, cast
+
+from aiosmtpd.smtp import SMTP, AuthResult
+
+from .ingress import SmtpIngress
+
+# aiosmtpd's replies without an enhanced status code (RFC 3463) -> ours.
+_ENHANCED = {
+    "500 Command line too long": "500 5.5.2 Error: command line too long",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": (
+        "500 5.5.2 Error: line too long (max 1000 bytes, RFC 5321 4.5.3.1.6)"
+    ),
+    "552 Error: Too much mail data": "552 5.3.4 Error: message too big",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+}
+
+Method = Callable[[Any], Awaitable[None]]
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode("ascii", "replace"), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class SubmissionProtocol(SMTP):
+    """One SMTP connection; see the module docstring for the limits it applies."""
+
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(self, ingress: SmtpIngress, implicit_tls: bool = False) -> None:
+        lim = ingress.limits
+        super().__init__(
+            ingress,
+            data_size_limit=lim.max_message_bytes,
+            enable_SMTPUTF8=True,
+            hostname=ingress.hostname,
+            ident="mqnode",
+            # On the implicit-TLS port the whole connection is encrypted already.
+            tls_context=None if implicit_tls else ingress.tls,
+            auth_require_tls=not implicit_tls,
+            timeout=lim.idle_timeout_s,
+            auth_exclude_mechanism=[] if ingress.users is not None else ["PLAIN", "LOGIN"],
+        )
+        # aiosmtpd keeps these in a class attribute that every EHLO grows and every new
+        # connection clears; a per-session copy keeps sessions from sharing it.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self._ingress = ingress
+        self.implicit_tls = implicit_tls
+        self._client_key: str | None = None
+        self._refusal: str | None = None
+        self._closing = False
+        self._busy = 0  # handler calls and password checks in progress: not idle
+        self._in_data = False
+        self._commands = 0
+        self._failed_logins = 0
+        for name, method in list(self._smtp_methods.items()):
+            self._smtp_methods[name] = self._counted(name, method)
+
+    # --- connection accounting ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # STARTTLS calls this again with the TLS transport
+        super().connection_made(transport)
+        assert self.session is not None
+        if self.implicit_tls:
+            self.session.ssl = {
+                "cipher": transport.get_extra_info("cipher"),
+                "ssl_object": transport.get_extra_info("ssl_object"),
+            }
+        if first:
+            self._client_key, self._refusal = self._ingress.open_connection(self.session.peer)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        key, self._client_key = self._client_key, None
+        if key is not None:
+            self._ingress.close_connection(key)
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session task on EOF; a task cancelled before its first
+        # step never closes the connection, which then lingers until the idle timeout.
+        super().eof_received()
+        if self.transport is not None:
+            self.transport.close()  # still sends the replies already written
+        return False
+
+    async def _handle_client(self) -> None:
+        if self._refusal is not None:
+            await self._close_with(self._refusal)  # instead of the 220 greeting
+            return
+        await super()._handle_client()
+
+    async def _close_with(self, reply: str) -> None:
+        """Send a final reply, stop reading, close."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            with suppress(ConnectionError):
+                await self.push(reply)
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
+
+    # --- replies -----------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = _ENHANCED.get(status, status).encode("utf-8", "replace")
+        await super().push(status)
+
+    # --- command count and idle time ---------------------------------------------
+
+    def _counted(self, name: str, method: Method) -> Method:
+        limit = self._ingress.limits.max_commands_per_session
+
+        async def run(arg: Any) -> None:
+            if self._closing:
+                return
+            self._commands += 1
+            if self._commands > limit:
+                await self._close_with(
+                    f"421 4.7.0 {self.hostname} Error: too many commands in this session"
+                )
+                return
+            self._in_data = name == "DATA"
+            try:
+                await method(arg)
+            finally:
+                self._in_data = False
+
+        functools.update_wrapper(run, method)  # keeps the HELP text aiosmtpd reads
+        return run
+
+    def _rearm(self) -> None:
+        if self.transport is not None and not self._closing:
+            self._reset_timeout()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_data:  # a slow upload is not idle
+            self._rearm()
+        super().data_received(data)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        self._busy += 1
+        try:
+            return await super()._call_handler_hook(command, *args)
+        finally:
+            self._busy -= 1
+            self._rearm()
+
+    def _timeout_cb(self) -> None:
+        if self._busy:
+            self._rearm()
+            return
+        if self.transport is None or self._closing:
+            return
+        self._closing = True
+        # a TCP or TLS transport (uvloop's are not asyncio subclasses)
+        cast(asyncio.WriteTransport, self.transport).write(
+            f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode()
+        )
+        self.transport.close()
+
+    # --- AUTH (replaces aiosmtpd's built-in PLAIN and LOGIN) ----------------------
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob: Any
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):  # aborted; the reply is sent
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await self.push("501 5.5.2 Error: cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:  # authzid NUL authcid NUL passwd (RFC 4616)
+            await self.push("501 5.5.2 Error: cannot split the PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._check(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        login: Any
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await self.push("501 5.5.2 Error: cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        if not isinstance(login, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check(login, password)
+
+    async def _check(self, login: bytes, password: bytes) -> AuthResult:
+        self._busy += 1
+        try:
+            user = await self._ingress.verify(login, password)
+        finally:
+            self._busy -= 1
+            self._rearm()
+        if user is not None:
+            return AuthResult(success=True, auth_data=user)
+        self._failed_logins += 1
+        if self._failed_logins >= self._ingress.limits.max_auth_failures:
+            await self._close_with(
+                f"421 4.7.0 {self.hostname} Error: too many failed authentications"
+            )
+            return AuthResult(success=False, handled=True)
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Error: authentication failed"
+        )
