@@ -85,6 +85,7 @@ class NodeConfig:
     client_connection_rate_per_min: int = 600
     client_message_rate_per_min: int = 6000
     client_max_connections: int = 100
+    client_limit_exceptions: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     # Per session: 552 5.3.4 / 421 4.7.0 / 421 4.4.2 beyond these.
     max_header_count: int = 1000
     max_commands_per_session: int = 10_000
@@ -143,6 +144,11 @@ class NodeConfig:
                 "cluster_secret_file: required; the Raft port runs code from anyone who "
                 "can reach it unless traffic is encrypted with a shared secret"
             )
+        for net in self.client_limit_exceptions:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"client_limit_exceptions: {exc}") from exc
         for net in self.allowed_networks:
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -11,6 +11,8 @@ command is committed by a Raft majority and applied to LMDB on this node
                (the envelope travels in one small log entry; RFC 5321 4.5.3.1.10)
     552 5.3.4  more than `max_message_bytes` (aiosmtpd enforces SIZE/DATA), or
                more than `max_header_count` header fields
+    (the two per-client limits below skip `client_limit_exceptions`, loopback by
+    default, like Postfix's smtpd_client_event_limit_exceptions)
     450 4.7.1  this client IP started more than `client_message_rate_per_min`
                messages in the last minute (checked at MAIL)
     421 4.7.0  (instead of the greeting) over `client_connection_rate_per_min`
@@ -76,6 +78,9 @@ class IngressLimits:
     message_rate_per_min: int = 6000
     max_connections_per_client: int = 100
     max_auth_failures: int = 3
+    # Clients here skip the per-client rate and connection limits (Postfix's
+    # smtpd_client_event_limit_exceptions): local submission and bench tools.
+    exempt_networks: tuple[str, ...] = ()
 
 
 def valid_address(addr: str, allow_empty: bool) -> bool:
@@ -162,6 +167,9 @@ class SmtpIngress:
         self._msg_rate = RateLimiter(self.limits.message_rate_per_min, clock)
         self._concurrent = ConcurrencyLimiter(self.limits.max_connections_per_client)
         self._auth_slots = asyncio.Semaphore(AUTH_CHECK_SLOTS)
+        self._exempt_networks: list[Network] = [
+            ipaddress.ip_network(n, strict=False) for n in self.limits.exempt_networks
+        ]
         self._networks: list[Network] = [
             ipaddress.ip_network(n, strict=False) for n in allowed_networks
         ]
@@ -182,12 +190,17 @@ class SmtpIngress:
         ip = peer_ip(session.peer)
         return ip is not None and any(ip in net for net in self._networks)
 
+    def _exempt(self, ip: Any) -> bool:
+        return any(ip in net for net in self._exempt_networks)
+
     # --- connections (called by SubmissionProtocol) ---------------------------
 
     def open_connection(self, peer: Any) -> tuple[str | None, str | None]:
         """(key to pass to close_connection, or None; refusal reply, or None to go on)."""
         ip = peer_ip(peer)
         if ip is None:
+            return None, None
+        if self._exempt(ip):
             return None, None
         key = client_key(ip)
         if not self._conn_rate.allow(key):
@@ -239,7 +252,8 @@ class SmtpIngress:
         if not valid_address("" if address == "<>" else address, allow_empty=True):
             return "501 5.1.7 Bad sender address syntax"
         ip = peer_ip(session.peer)
-        if ip is not None and not self._msg_rate.allow(client_key(ip)):
+        limited = ip is not None and not self._exempt(ip)
+        if limited and ip is not None and not self._msg_rate.allow(client_key(ip)):
             self.refused += 1
             log.warning("client %s over client_message_rate_per_min", client_key(ip))
             return "450 4.7.1 Error: too many messages from your address, try again later"

@@ -123,6 +123,7 @@ class Node:
                 connection_rate_per_min=cfg.client_connection_rate_per_min,
                 message_rate_per_min=cfg.client_message_rate_per_min,
                 max_connections_per_client=cfg.client_max_connections,
+                exempt_networks=tuple(cfg.client_limit_exceptions),
             ),
             users=UserDb.load(cfg.smtp_users_file) if cfg.smtp_users_file else None,
             tls=server_context(cfg.smtp_tls_cert, cfg.smtp_tls_key) if cfg.smtp_tls_cert else None,

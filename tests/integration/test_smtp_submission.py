@@ -76,6 +76,8 @@ def sub(tmp_path_factory: pytest.TempPathFactory, cert: CertFiles) -> Iterator[S
         str(cert.key),
         "--smtp-users-file",
         str(users),
+        "--client-limit-exceptions",
+        "",
         "--allowed-networks",
         "127.0.0.1/32,127.0.1.0/24",
         "--client-connection-rate-per-min",
