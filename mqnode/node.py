@@ -83,30 +83,85 @@ class Node:
         lock = _lock_data_dir(cfg)
         loop = asyncio.get_running_loop()
         store = QueueStore(cfg.data_path / "state", cfg.state_map_size_mb)
-        raft = RaftNode(
-            RaftSettings(
-                self_addr=cfg.raft_addr,
-                peers=cfg.peers,
-                secret=secret,
-                data_dir=cfg.data_path,
-                election_timeout_min_ms=cfg.election_timeout_min_ms,
-                election_timeout_max_ms=cfg.election_timeout_max_ms,
-                heartbeat_ms=cfg.heartbeat_ms,
-                leader_fallback_ms=cfg.leader_fallback_ms,
-                log_compaction_min_entries=cfg.log_compaction_min_entries,
-                log_compaction_min_time_s=cfg.log_compaction_min_time_s,
-                raft_map_size_mb=cfg.raft_map_size_mb,
-            ),
-            store,
-            QueueStateMachine(),
-            loop,
-            on_status_change=self._on_raft_status,
-        )
-        self._pipeline = pipeline = CommitPipeline(
+        raft = self._raft = self._build_raft(store, secret, loop)
+        pipeline = self._pipeline = CommitPipeline(
             raft, self.clock, cfg.max_pending_commits, cfg.commit_timeout_ms / 1000
         )
-        self._raft = raft
-        ingress = SmtpIngress(
+        ingress = self._build_ingress(pipeline, store)
+        agent = DeliveryAgent(cfg.hostname, timeout_s=cfg.delivery_timeout_s)
+        self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
+        dispatcher = self._build_dispatcher(store, pipeline, agent, lease)
+        ingress.on_accepted = dispatcher.wake
+        events = EventLog(cfg.event_log, cfg.node_id, self.clock, cfg.event_webhook)
+        ingress.events = dispatcher.events = events
+        metrics = self._build_metrics(store, raft, ingress, dispatcher, lease)
+        pipeline.on_commit = metrics.commit_seconds.observe
+        dispatcher.on_attempt = metrics.delivery_seconds.observe
+        admin = self._build_admin(store, raft, pipeline, lease, metrics)
+
+        raft.start()
+        pipeline.start()
+        tasks = [asyncio.create_task(events.run_webhook(), name="event-webhook")]
+        if cfg.delivery_enabled:
+            tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
+        servers: list[asyncio.Server] = []
+        try:
+            await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
+            servers = await self._listen(loop, ingress)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            log.info(
+                "node %s up: smtp %s, admin %s, raft %s peers %s",
+                cfg.node_id,
+                cfg.smtp_addr,
+                cfg.admin_addr,
+                cfg.raft_addr,
+                cfg.peers,
+            )
+            await self._stop.wait()
+            log.info("shutting down")
+        except OSError as exc:
+            raise MqnodeError(f"cannot listen: {exc}") from exc
+        finally:
+            for server in servers:
+                server.close()
+            for t in tasks:
+                t.cancel()
+            await dispatcher.stop()
+            await agent.close()
+            events.close()
+            await pipeline.stop()
+            await admin.stop()
+            await asyncio.to_thread(raft.stop)
+            store.close()
+            lock.close()
+
+    # -- building the parts (one job each; run() wires them) ----------------------------
+
+    def _build_raft(
+        self, store: QueueStore, secret: str, loop: asyncio.AbstractEventLoop
+    ) -> RaftNode:
+        cfg = self.cfg
+        settings = RaftSettings(
+            self_addr=cfg.raft_addr,
+            peers=cfg.peers,
+            secret=secret,
+            data_dir=cfg.data_path,
+            election_timeout_min_ms=cfg.election_timeout_min_ms,
+            election_timeout_max_ms=cfg.election_timeout_max_ms,
+            heartbeat_ms=cfg.heartbeat_ms,
+            leader_fallback_ms=cfg.leader_fallback_ms,
+            log_compaction_min_entries=cfg.log_compaction_min_entries,
+            log_compaction_min_time_s=cfg.log_compaction_min_time_s,
+            raft_map_size_mb=cfg.raft_map_size_mb,
+        )
+        return RaftNode(
+            settings, store, QueueStateMachine(), loop, on_status_change=self._on_raft_status
+        )
+
+    def _build_ingress(self, pipeline: CommitPipeline, store: QueueStore) -> SmtpIngress:
+        cfg = self.cfg
+        return SmtpIngress(
             pipeline,
             self.clock,
             self._rng.randbytes,
@@ -128,6 +183,15 @@ class Node:
             users=UserDb.load(cfg.smtp_users_file) if cfg.smtp_users_file else None,
             tls=server_context(cfg.smtp_tls_cert, cfg.smtp_tls_key) if cfg.smtp_tls_cert else None,
         )
+
+    def _build_dispatcher(
+        self,
+        store: QueueStore,
+        pipeline: CommitPipeline,
+        agent: DeliveryAgent,
+        lease: LeaderLease,
+    ) -> Dispatcher:
+        cfg = self.cfg
         relay = parse_hostport(cfg.relay_host, "relay_host") if cfg.relay_host else None
         resolver = None
         if relay is None:
@@ -139,18 +203,17 @@ class Node:
                 # never remember a DNS failure longer than we wait before retrying
                 temp_fail_ttl_s=min(30.0, float(cfg.retry_base_s)),
             )
-        agent = DeliveryAgent(cfg.hostname, timeout_s=cfg.delivery_timeout_s)
-        self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
-        self._dispatcher = dispatcher = Dispatcher(
-            DispatchSettings(
-                node_id=cfg.node_id,
-                raft_addr=cfg.raft_addr,
-                hostname=cfg.hostname,
-                concurrency=cfg.delivery_concurrency,
-                per_destination=cfg.per_destination_concurrency,
-                max_queue_lifetime_s=cfg.max_queue_lifetime_s,
-                tls_required_domains=frozenset(d.lower() for d in cfg.tls_required_domains),
-            ),
+        settings = DispatchSettings(
+            node_id=cfg.node_id,
+            raft_addr=cfg.raft_addr,
+            hostname=cfg.hostname,
+            concurrency=cfg.delivery_concurrency,
+            per_destination=cfg.per_destination_concurrency,
+            max_queue_lifetime_s=cfg.max_queue_lifetime_s,
+            tls_required_domains=frozenset(d.lower() for d in cfg.tls_required_domains),
+        )
+        return Dispatcher(
+            settings,
             store,
             pipeline,
             agent,
@@ -161,10 +224,15 @@ class Node:
             self._rng.random,
             self._rng.randbytes,
         )
-        ingress.on_accepted = dispatcher.wake
-        events = EventLog(cfg.event_log, cfg.node_id, self.clock, cfg.event_webhook)
-        ingress.events = dispatcher.events = events
 
+    def _build_metrics(
+        self,
+        store: QueueStore,
+        raft: RaftNode,
+        ingress: SmtpIngress,
+        dispatcher: Dispatcher,
+        lease: LeaderLease,
+    ) -> NodeMetrics:
         def snapshot() -> MetricsSnapshot:
             st = raft.status
             return MetricsSnapshot(
@@ -183,17 +251,26 @@ class Node:
                 replication_lag={p: st.commit_index - m for p, m in st.match_index.items()},
             )
 
-        metrics = NodeMetrics(snapshot)
-        pipeline.on_commit = metrics.commit_seconds.observe
-        dispatcher.on_attempt = metrics.delivery_seconds.observe
-        admin = AdminServer(
-            {
-                "node_id": cfg.node_id,
-                "raft_addr": cfg.raft_addr,
-                "smtp_addr": cfg.smtp_addr,
-                "admin_addr": cfg.admin_addr,
-                "hostname": cfg.hostname,
-            },
+        return NodeMetrics(snapshot)
+
+    def _build_admin(
+        self,
+        store: QueueStore,
+        raft: RaftNode,
+        pipeline: CommitPipeline,
+        lease: LeaderLease,
+        metrics: NodeMetrics,
+    ) -> AdminServer:
+        cfg = self.cfg
+        info = {
+            "node_id": cfg.node_id,
+            "raft_addr": cfg.raft_addr,
+            "smtp_addr": cfg.smtp_addr,
+            "admin_addr": cfg.admin_addr,
+            "hostname": cfg.hostname,
+        }
+        return AdminServer(
+            info,
             store,
             raft,
             lease_held=lease.valid,
@@ -203,53 +280,24 @@ class Node:
             token=cfg.admin_token(),
             fault_injection=bool(cfg.fault_injection),
         )
-        raft.start()
-        pipeline.start()
-        tasks = [asyncio.create_task(events.run_webhook(), name="event-webhook")]
-        if cfg.delivery_enabled:
-            tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
-        smtp_server = smtps_server = None
-        try:
-            await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
-            host, port = parse_hostport(cfg.smtp_addr, "smtp_addr")
-            smtp_server = await loop.create_server(lambda: SubmissionProtocol(ingress), host, port)
-            if cfg.smtps_addr:  # implicit TLS (RFC 8314); the handshake happens before SMTP
-                host, port = parse_hostport(cfg.smtps_addr, "smtps_addr")
-                smtps_server = await loop.create_server(
+
+    async def _listen(
+        self, loop: asyncio.AbstractEventLoop, ingress: SmtpIngress
+    ) -> list[asyncio.Server]:
+        cfg = self.cfg
+        host, port = parse_hostport(cfg.smtp_addr, "smtp_addr")
+        servers = [await loop.create_server(lambda: SubmissionProtocol(ingress), host, port)]
+        if cfg.smtps_addr:  # implicit TLS (RFC 8314); the handshake happens before SMTP
+            host, port = parse_hostport(cfg.smtps_addr, "smtps_addr")
+            servers.append(
+                await loop.create_server(
                     lambda: SubmissionProtocol(ingress, implicit_tls=True),
                     host,
                     port,
                     ssl=ingress.tls,
                 )
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
-            log.info(
-                "node %s up: smtp %s, admin %s, raft %s peers %s",
-                cfg.node_id,
-                cfg.smtp_addr,
-                cfg.admin_addr,
-                cfg.raft_addr,
-                cfg.peers,
             )
-            await self._stop.wait()
-            log.info("shutting down")
-        except OSError as exc:
-            raise MqnodeError(f"cannot listen: {exc}") from exc
-        finally:
-            if smtp_server is not None:
-                smtp_server.close()
-            if smtps_server is not None:
-                smtps_server.close()
-            for t in tasks:
-                t.cancel()
-            await dispatcher.stop()
-            await agent.close()
-            events.close()
-            await pipeline.stop()
-            await admin.stop()
-            await asyncio.to_thread(raft.stop)
-            store.close()
-            lock.close()
+        return servers
 
     def _on_raft_status(self, status: RaftStatus) -> None:
         log.info("raft: %s, term %d, leader %s", status.role, status.term, status.leader_addr)
