@@ -214,17 +214,7 @@ class NodeConfig:
 
     def read_secret(self) -> str:
         """The cluster secret; refuse empty or world-readable files."""
-        path = Path(self.cluster_secret_file)
-        try:
-            st = path.stat()
-            secret = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cluster_secret_file: cannot read {path}: {exc.strerror}") from exc
-        if st.st_mode & 0o007:
-            raise ConfigError(f"cluster_secret_file: {path} is readable by others; chmod 600 it")
-        if len(secret) < 16:
-            raise ConfigError("cluster_secret_file: secret must be at least 16 characters")
-        return secret
+        return _read_private(Path(self.cluster_secret_file), "cluster_secret_file", 0o007)
 
     def admin_token(self) -> str:
         """The admin token, creating <data_dir>/admin.token when none is configured."""
@@ -236,20 +226,25 @@ class NodeConfig:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as fh:
                     fh.write(secrets.token_hex(24) + "\n")
-        try:
-            st = path.stat()
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"admin_token_file: cannot read {path}: {exc.strerror}") from exc
-        if st.st_mode & 0o077:
-            raise ConfigError(f"admin_token_file: {path} is readable by others; chmod 600 it")
-        if len(token) < 16:
-            raise ConfigError("admin_token_file: token must be at least 16 characters")
-        return token
+        return _read_private(path, "admin_token_file", 0o077)
 
     @property
     def data_path(self) -> Path:
         return Path(os.path.abspath(self.data_dir))
+
+
+def _read_private(path: Path, key: str, forbidden_mode: int) -> str:
+    """A secret from a file that only its owner (and, per mode, group) may read; >= 16 chars."""
+    try:
+        st = path.stat()
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+    if st.st_mode & forbidden_mode:
+        raise ConfigError(f"{key}: {path} is readable by others; chmod 600 it")
+    if len(value) < 16:
+        raise ConfigError(f"{key}: the secret in {path} must be at least 16 characters")
+    return value
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
