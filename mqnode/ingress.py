@@ -138,6 +138,11 @@ def idempotency_key(mail_from: str, rcpts: list[str], body: bytes) -> bytes:
 class SmtpIngress:
     """aiosmtpd handler; see the module docstring for the reply contract."""
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd scans the handler with getmembers()/dir() on every connection;
+        # only its hook names matter to it (see smtpserver.hook_names).
+        return sorted(n for n in type(self).__dict__ if n.startswith(("handle_", "auth_")))
+
     def __init__(
         self,
         replicator: Replicator,
