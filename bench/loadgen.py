@@ -6,6 +6,13 @@ next target in round-robin order; a target that refuses connections is skipped
 for `dead_backoff_s`. Every attempt is recorded: Message-ID, target, reply
 code, queue id (from `queued as <id>`), start and end times.
 
+Closed loop by default (`concurrency` sessions, each starting its next message
+when the last is answered: measures peak rate); open loop with `rate_per_s`
+(a message starts every 1/rate seconds, at most `concurrency` in flight:
+measures latency at a given load). `data_s` is the time from the DATA command
+to its reply, so it includes the body upload and the commit, not the
+connection setup.
+
 Bounded by construction: at most `count` messages, and it stops starting new
 ones after `duration_s`; every SMTP call has `timeout_s`.
 """
@@ -29,6 +36,7 @@ class Attempt:
     start_s: float
     end_s: float
     text: str = ""
+    data_s: float = 0.0  # DATA command to its final reply; 0 when DATA was never sent
 
 
 @dataclass
@@ -74,6 +82,7 @@ class LoadGen:
         timeout_s: float = 15.0,
         dead_backoff_s: float = 0.5,
         run_id: str | None = None,
+        rate_per_s: float | None = None,
     ) -> None:
         self.targets = targets
         self.concurrency = concurrency
@@ -82,6 +91,7 @@ class LoadGen:
         self.timeout_s = timeout_s
         self.dead_backoff_s = dead_backoff_s
         self.run_id = run_id or str(time.time_ns())
+        self.rate_per_s = rate_per_s
         self.result = LoadResult()
         self._dead_until: dict[tuple[str, int], float] = {}
         self._rr = itertools.cycle(range(len(targets)))
@@ -99,6 +109,8 @@ class LoadGen:
         return self.targets[next(self._rr)]
 
     async def run(self, count: int, duration_s: float) -> LoadResult:
+        if self.rate_per_s is not None:
+            return await self._run_open(count, duration_s, self.rate_per_s)
         seqs = iter(range(count))
         deadline = time.monotonic() + duration_s
 
@@ -111,22 +123,48 @@ class LoadGen:
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         return self.result
 
+    async def _run_open(self, count: int, duration_s: float, rate_per_s: float) -> LoadResult:
+        slots = asyncio.Semaphore(self.concurrency)
+        tasks: list[asyncio.Task[None]] = []
+        start = time.monotonic()
+        deadline = start + duration_s
+
+        async def one(seq: int) -> None:
+            try:
+                await self._one(seq)
+            finally:
+                slots.release()
+
+        for seq in range(count):
+            due = start + seq / rate_per_s
+            if self._stop.is_set() or due >= deadline:
+                break
+            if due > time.monotonic():
+                await asyncio.sleep(due - time.monotonic())
+            await slots.acquire()
+            tasks.append(asyncio.create_task(one(seq)))
+        await asyncio.gather(*tasks)
+        return self.result
+
     async def _one(self, seq: int) -> None:
         target = self._pick()
         msg_id, body = make_body(seq, self.run_id, self.size)
         rcpts = [f"user{r}@example.org" for r in range(self.recipients)]
         start = time.monotonic()
-        code, text = -1, ""
+        code, text, data_s = -1, "", 0.0
         client = aiosmtplib.SMTP(hostname=target[0], port=target[1], timeout=self.timeout_s)
         try:
             await client.connect()
             try:
-                _, reply = await client.sendmail("load@example.com", rcpts, body)
-                code, text = 250, reply
+                await client.mail("load@example.com")
+                for rcpt in rcpts:
+                    await client.rcpt(rcpt)
+                data_at = time.monotonic()
+                reply = await client.data(body)
+                data_s = time.monotonic() - data_at
+                code, text = reply.code, reply.message
             except aiosmtplib.SMTPResponseException as exc:
                 code, text = exc.code, exc.message
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                code, text = exc.recipients[0].code, exc.recipients[0].message
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             code, text = -1, str(exc)
             self._dead_until[target] = time.monotonic() + self.dead_backoff_s
@@ -136,4 +174,6 @@ class LoadGen:
         queue_id = text.rsplit(" ", 1)[-1] if code == 250 and "queued as" in text else None
         where = f"{target[0]}:{target[1]}"
         end = time.monotonic()
-        self.result.attempts.append(Attempt(msg_id, where, code, queue_id, start, end, text))
+        self.result.attempts.append(
+            Attempt(msg_id, where, code, queue_id, start, end, text, data_s)
+        )

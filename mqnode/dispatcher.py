@@ -178,6 +178,10 @@ class Dispatcher:
         try:
             await self._deliver(msg, epoch)
             self.on_attempt(self._clock.monotonic_s() - started)
+            # A slot is free: scan now rather than at the next tick, or a backlog
+            # drains at `concurrency` per `scan_interval_s`. Only after a recorded
+            # attempt, so a failing commit never turns into a resend loop.
+            self.wake()
         except LeaseLost:
             log.warning("%s: lease lost mid-delivery; not completed, not recorded", msg.queue_id)
         except MqnodeError as exc:

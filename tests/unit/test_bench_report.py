@@ -1,0 +1,70 @@
+"""The bench suite's pure parts: ratios within one load generator, the failover outage, tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.loadgen import Attempt, LoadResult
+from bench.runners import Row, percentile
+from bench.workloads import QUICK, outage_s
+
+
+def rows() -> list[Row]:
+    ours = {"size": 1024, "recipients": 1, "generator": "ours"}
+    src = {"size": 1024, "recipients": 1, "generator": "smtp-source"}
+    return [
+        Row("accept", "aiosmtpd null handler", dict(ours), rate=1000.0),
+        Row("accept", "aiosmtpd null handler, uvloop", dict(ours), rate=1200.0),
+        Row("accept", "aiosmtpd null handler", dict(src), rate=1500.0),
+        Row("accept", "mqnode 3 nodes, to leader", dict(ours), rate=300.0),
+        Row("accept", "mqnode 3 nodes, to leader", dict(src), rate=600.0),
+        Row("accept", "Postfix accept", dict(src), rate=400.0),
+    ]
+
+
+def test_ratio_is_to_the_faster_null_handler_of_the_same_generator() -> None:
+    r = rows()
+    assert report._group_ratio(r, r[3], report.NULLS) == 300.0 / 1200.0
+    assert report._group_ratio(r, r[4], report.NULLS) == 600.0 / 1500.0
+
+
+def test_postfix_ratio_never_mixes_generators() -> None:
+    r = rows()
+    assert report._group_ratio(r, r[4], ("Postfix accept",)) == 1.5
+    assert report._group_ratio(r, r[3], ("Postfix accept",)) is None
+
+
+def test_markdown_names_the_command_and_every_row() -> None:
+    meta = report.machine_meta("quick", "2026-11-23 00:00 UTC")
+    text = report.markdown("python -m bench", meta, rows())
+    assert "    python -m bench" in text
+    assert text.count("| mqnode 3 nodes, to leader |") == 2
+    assert "| 1.50 |" in text  # smtp-source row against Postfix
+
+
+def test_outage_is_the_longest_silence_around_the_kill() -> None:
+    ends = [1.0, 1.1, 1.2, 1.3, 2.05, 2.9, 3.0, 3.1, 9.0]
+    res = LoadResult([Attempt(f"<{i}>", "t", 250, "Q", 0.0, e) for i, e in enumerate(ends)])
+    # The kill is at 2.0; 2.05 was already committed and on its way. The outage is
+    # 2.05 -> 2.9; 3.1 -> 9.0 starts after the window and is not the failover.
+    assert outage_s(res, 2.0, window_s=1.0) == pytest.approx(0.85)
+    assert outage_s(res, None) is None
+
+
+def test_percentile_and_plan_bounds() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0
+    assert QUICK.count_for(5 * 1024 * 1024) >= 20  # never an empty row
+    assert QUICK.count_for(1024) == QUICK.messages
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    report.write_json(path, {"mode": "quick"}, rows(), {"latency_ms_50": [1.0]})
+    doc = json.loads(path.read_text())
+    assert doc["rows"][0]["name"] == "aiosmtpd null handler"
+    assert doc["series"]["latency_ms_50"] == [1.0]
