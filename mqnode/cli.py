@@ -1,7 +1,10 @@
 """Command line: `mqnode run` starts a node, `mqnode status` asks one for its state,
-`mqnode queue ...` lists and operates the queue through any node's admin endpoint.
+`mqnode queue ...` lists and operates the queue through any node's admin endpoint,
+`mqnode cluster ...` shows every node and changes leadership and membership.
 
-Bad flags or config end with one line on stderr and exit code 2.
+Bad flags or config (a malformed address included) end with one line on stderr
+and exit code 2; a request the node refuses or cannot answer (not the leader,
+another membership change pending, unreachable) with one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 from .config import NodeConfig
-from .errors import ConfigError, MqnodeError
+from .errors import ConfigError, MembershipError, MqnodeError
+from .membership import check_addr
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,12 +82,47 @@ def _add_cluster(sub: Any) -> None:
     st.add_argument("--json", action="store_true")
     tr = csub.add_parser("transfer-leadership", help="hand leadership to a caught-up follower")
     tr.add_argument("--to", metavar="RAFT_HOST:PORT", help="target (default: most caught up)")
+    for name, text in (
+        ("add-node", "add a started node (run with join = 1) as a member; ask the leader"),
+        ("remove-node", "remove a member (then stop its process); ask the leader"),
+    ):
+        m = csub.add_parser(name, help=text)
+        m.add_argument("addr", metavar="RAFT_HOST:PORT", help="the node's raft_addr")
+        m.add_argument(
+            "--timeout-s", type=float, default=10.0, help="wait this long for the commit"
+        )
     for p in csub.choices.values():
         p.add_argument("--admin", default="127.0.0.1:8025", metavar="HOST:PORT")
         p.add_argument("--admin-token-file", metavar="FILE")
 
 
+def _change_membership(args: argparse.Namespace) -> int:
+    """add-node / remove-node against the node at --admin, which must be the leader.
+
+    Not forwarded (unlike transfer-leadership): the operator names the node that
+    decides, and a follower's refusal says which node leads.
+    """
+    try:
+        addr = check_addr(args.addr)
+    except MembershipError as exc:
+        raise ConfigError(f"{args.cluster_command}: {exc}") from exc
+    if not 0 < args.timeout_s <= 120:
+        raise ConfigError("--timeout-s: a number of seconds in (0, 120]")
+    body = {"addr": addr, "timeout_s": args.timeout_s}
+    path = f"/raft/{args.cluster_command}"
+    result = _request(args.admin, path, _token(args), body, timeout_s=args.timeout_s + 10)
+    done = "added" if result["op"] == "add" else "removed"
+    members = result["members"]
+    print(
+        f"{done} {result['addr']}: {len(members)} members, quorum {result['quorum']}: "
+        + ", ".join(members)
+    )
+    return 0
+
+
 def _cluster(args: argparse.Namespace) -> int:
+    if args.cluster_command in ("add-node", "remove-node"):
+        return _change_membership(args)
     if args.cluster_command == "transfer-leadership":
         first = _fetch(args.admin, "/status")
         leader = first["nodes"].get(first.get("leader_raft_addr") or "", {})
@@ -102,7 +141,10 @@ def _cluster(args: argparse.Namespace) -> int:
     leader_match: dict[str, int] = {}
     commit = 0
     statuses = {}
-    for raft_addr, info in sorted(first["nodes"].items()):
+    # Nodes that ever announced themselves, less the ones removed since.
+    members = first["members"]
+    nodes = {a: info for a, info in first["nodes"].items() if a in members}
+    for raft_addr, info in sorted(nodes.items()):
         try:
             statuses[raft_addr] = _fetch(info["admin_addr"], "/status")
         except MqnodeError:
@@ -110,7 +152,7 @@ def _cluster(args: argparse.Namespace) -> int:
     for st in statuses.values():
         if st and st["role"] == "leader":
             leader_match, commit = st["match_index"], st["commit_index"]
-    for raft_addr, info in sorted(first["nodes"].items()):
+    for raft_addr, info in sorted(nodes.items()):
         st = statuses[raft_addr]
         lag = ""
         if st and st["role"] != "leader" and raft_addr in leader_match:
@@ -140,6 +182,9 @@ def _cluster(args: argparse.Namespace) -> int:
             f"{r['commit_index'] or '':>8} {r['last_applied'] or '':>8} {r['lag']:>5}  "
             f"{'held' if r['lease'] else ''}"
         )
+    quiet = sorted(set(members) - set(nodes))
+    print(f"{len(members)} members, commit needs {first['quorum']}", end="")
+    print(f"; not announced yet: {', '.join(quiet)}" if quiet else "")
     return 0
 
 
@@ -231,7 +276,14 @@ def _request(
                 "admin token required: pass --admin-token-file DATA_DIR/admin.token "
                 "or set MQNODE_ADMIN_TOKEN"
             ) from exc
-        raise MqnodeError(f"{path}: {exc.code} {exc.read().decode(errors='replace')}") from exc
+        text = exc.read().decode(errors="replace")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            text = doc["error"]  # the node's own sentence, not its JSON
+        raise MqnodeError(f"{path}: {exc.code} {text}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise MqnodeError(f"cannot reach admin endpoint {admin}: {exc}") from exc
 
@@ -250,6 +302,10 @@ def _print_status(st: dict[str, Any]) -> None:
         ("commit index", st["commit_index"]),
         ("last applied", st["last_applied"]),
         ("quorum", "yes" if st["has_quorum"] else "no"),
+        (
+            "members",
+            f"{len(st['members'])} (commit needs {st['quorum']}): " + ", ".join(st["members"]),
+        ),
         ("queue", f"active {q['active']}, deferred {q['deferred']}, hold {q['hold']}"),
         ("dispatch lease", "held" if st["lease_held"] else "not held"),
     ]

@@ -37,7 +37,13 @@ class NodeConfig:
     node_id: str = ""
     data_dir: str = ""
     raft_addr: str = ""
+    # The other members' raft_addr. Read at the first start only: from then on the node
+    # keeps the member list in its data dir (changed by `mqnode cluster add-node` /
+    # `remove-node`), and a different `peers` only earns a warning in the log.
     peers: list[str] = field(default_factory=list)
+    # 1: this node joins a running cluster (peers = its current members) and starts no
+    # election until the leader adds it. Ignored once the node has been contacted.
+    join: int = 0
     smtp_addr: str = "127.0.0.1:2525"
     admin_addr: str = "127.0.0.1:8025"
     cluster_secret_file: str = ""
@@ -136,6 +142,10 @@ class NodeConfig:
             raise ConfigError("peers: must not contain this node's own raft_addr")
         if len(set(self.peers)) != len(self.peers):
             raise ConfigError("peers: duplicate entry")
+        if self.join not in (0, 1):
+            raise ConfigError("join: 0 or 1")
+        if self.join and not self.peers:
+            raise ConfigError("join: needs peers, the raft_addr of the cluster's current members")
         for key in ("relay_host", "dns_server"):
             if getattr(self, key):
                 parse_hostport(getattr(self, key), key)

@@ -16,6 +16,13 @@
     POST /raft/compact     ask for a log compaction (snapshot) now
     POST /raft/transfer-leadership  {"to": "host:port"} or {}: leader hands over to a
                            caught-up follower (Raft TimeoutNow); 409 on a follower
+    POST /raft/add-node    {"addr": "host:port", "timeout_s": 10}: leader only; adds
+    POST /raft/remove-node the Raft address as a member / removes it, one change at a
+                           time (membership.py), answering once committed:
+                           {"op", "addr", "members", "quorum"}. 400 bad address, 409
+                           not the leader (the error names it) or refused, 504 not
+                           committed in time (it may still commit), 503 discarded.
+                           add-node first checks something listens at the address.
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
                            those peers (only with `fault_injection = 1`; tests)
 
@@ -29,18 +36,21 @@ the queue and submitted as explicit ids, so apply stays deterministic;
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 
 from aiohttp import web
 
+from . import membership
 from .clock import Clock
 from .commands import QUEUE_OPS, QueueOp, RecordOutcome
 from .config import parse_hostport
 from .dispatcher import bounce_for
-from .errors import ConfigError, SubmitError
+from .errors import ConfigError, MembershipError, SubmitError
 from .metrics import NodeMetrics
 from .model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
 from .raft import RaftNode
@@ -53,6 +63,10 @@ PROTECTED = ("/queue", "/raft", "/fault")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SELECT = 100_000
 IDS_PER_COMMAND = 500  # keeps each log entry small
+MEMBERSHIP_TIMEOUT_S = 10.0  # default wait for a membership change to commit
+MEMBERSHIP_MAX_TIMEOUT_S = 120.0
+PROBE_TIMEOUT_S = 2.0  # add-node: something must accept a TCP connection at the address
+_MEMBERSHIP_HTTP = {"invalid": 400, "not_leader": 409, "refused": 409, "timeout": 504}
 
 
 class AdminServer:
@@ -89,6 +103,8 @@ class AdminServer:
                 web.post("/queue/{op}", self._operate),
                 web.post("/raft/compact", self._compact),
                 web.post("/raft/transfer-leadership", self._transfer),
+                web.post("/raft/add-node", self._change_membership),
+                web.post("/raft/remove-node", self._change_membership),
             ]
         )
         if fault_injection:
@@ -140,6 +156,8 @@ class AdminServer:
             "lease_held": self._lease_held(),
             "nodes": nodes,
             "match_index": st.match_index,
+            "members": list(st.members),
+            "quorum": membership.quorum(len(st.members)),
         }
 
     async def _bounce(self, ids: list[str]) -> web.Response:
@@ -273,12 +291,65 @@ class AdminServer:
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         if self._raft.status.role != "leader":
-            return web.json_response(
-                {"error": "not the leader", "leader": self._raft.status.leader_addr}, status=409
-            )
+            return self._not_leader(self._raft.status.leader_addr)
         outcome = await self._raft.transfer_leadership(target)
         code = 200 if outcome == "requested" else 409
         return web.json_response({"result": outcome, "to": target}, status=code)
+
+    def _not_leader(self, leader_addr: str | None) -> web.Response:
+        """409 naming the leader (id, Raft and admin address as it announced them)."""
+        with self._store.reader() as r:
+            nodes: dict[str, Any] = r.get_meta("nodes", {})
+        me = self._info["node_id"]
+        info = nodes.get(leader_addr or "", {})
+        admin = info.get("admin_addr")
+        if leader_addr is None:
+            text = f"{me} is not the leader and knows of none (election running or no quorum)"
+        else:
+            text = (
+                f"{me} is not the leader; the leader is {info.get('node_id', '?')} "
+                f"(raft {leader_addr}, admin {admin or 'not announced'})"
+            )
+        body = {"error": text, "leader": leader_addr, "leader_admin": admin}
+        return web.json_response(body, status=409)
+
+    async def _change_membership(self, request: web.Request) -> web.Response:
+        op = membership.ADD if request.path.endswith("/add-node") else membership.REMOVE
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            addr = membership.check_addr(body.get("addr"))
+            timeout_s = body.get("timeout_s", MEMBERSHIP_TIMEOUT_S)
+            if (
+                not isinstance(timeout_s, int | float)
+                or isinstance(timeout_s, bool)
+                or not 0 < timeout_s <= MEMBERSHIP_MAX_TIMEOUT_S
+            ):
+                raise ValueError(
+                    f"timeout_s: a number of seconds in (0, {MEMBERSHIP_MAX_TIMEOUT_S:g}]"
+                )
+        except (ValueError, MembershipError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if self._raft.status.role != "leader":
+            return self._not_leader(self._raft.status.leader_addr)
+        if op == membership.ADD and not await _accepts_connections(addr, PROBE_TIMEOUT_S):
+            text = (
+                f"nothing accepts connections at {addr}: start the new node first "
+                "(with join = 1 and peers = the current members), then add it"
+            )
+            return web.json_response({"error": text}, status=409)
+        try:
+            up = op == membership.ADD  # checked just above
+            members = await self._raft.change_membership(op, addr, float(timeout_s), up)
+        except MembershipError as exc:
+            if exc.kind == "not_leader":
+                return self._not_leader(exc.leader)
+            status = _MEMBERSHIP_HTTP.get(exc.kind, 503)
+            return web.json_response({"error": str(exc), "kind": exc.kind}, status=status)
+        return web.json_response(
+            {"op": op, "addr": addr, "members": members, "quorum": membership.quorum(len(members))}
+        )
 
     async def _compact(self, request: web.Request) -> web.Response:
         self._raft.force_compaction()
@@ -292,3 +363,16 @@ class AdminServer:
             return web.json_response({"error": "block must be a list of host:port"}, status=400)
         self._raft.set_partition(blocked)
         return web.json_response({"blocked": blocked})
+
+
+async def _accepts_connections(addr: str, timeout_s: float) -> bool:
+    """True if a TCP connection to `addr` opens within `timeout_s` (it is closed at once)."""
+    host, port = parse_hostport(addr, "addr")
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with suppress(OSError):
+        await writer.wait_closed()
+    return True

@@ -4,6 +4,7 @@ MqnodeError
 ├── ConfigError            bad flags or config file: one line, exit code 2
 ├── CorruptDataError       a data file fails its checksum or format check
 ├── CodecError             a replicated command cannot be decoded (version, shape)
+├── MembershipError        a member add/remove was refused or not committed (`kind` says why)
 └── SubmitError            a command was not committed; carries the SMTP reply to give
     ├── NoLeaderError      no leader known, or it changed under us (451)
     ├── CommitTimeoutError no commit within commit_timeout_ms (451): outcome unknown
@@ -28,6 +29,20 @@ class CorruptDataError(MqnodeError):
 
 class CodecError(MqnodeError):
     """A replicated entry could not be decoded."""
+
+
+class MembershipError(MqnodeError):
+    """A membership change was refused or did not commit.
+
+    `kind`: "invalid" (malformed address), "not_leader" (`leader` names the leader's
+    Raft address, if known), "refused" (the rules in membership.py), "timeout"
+    (appended, not committed in time: it may still commit), "failed" (discarded).
+    """
+
+    def __init__(self, kind: str, message: str, leader: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.leader = leader
 
 
 class SubmitError(MqnodeError):

@@ -116,7 +116,7 @@ class Node:
                 cfg.smtp_addr,
                 cfg.admin_addr,
                 cfg.raft_addr,
-                cfg.peers,
+                raft.start_peers,
             )
             await self._stop.wait()
             log.info("shutting down")
@@ -154,6 +154,7 @@ class Node:
             log_compaction_min_entries=cfg.log_compaction_min_entries,
             log_compaction_min_time_s=cfg.log_compaction_min_time_s,
             raft_map_size_mb=cfg.raft_map_size_mb,
+            join=bool(cfg.join),
         )
         return RaftNode(
             settings, store, QueueStateMachine(), loop, on_status_change=self._on_raft_status

@@ -21,6 +21,11 @@ docs/design/replication.md):
   index) is the snapshot, and the journal holds everything after it.
 * Snapshots go through its serializer/deserializer hooks as `snapshot.py`
   files; installing one replaces the LMDB state.
+* Membership changes (`change_membership`) are its dynamic membership: an
+  entry takes effect when appended. The member list it leads to is stored in
+  the journal's metadata with every journal write, and wins over `--peers` at
+  the next start (applied entries are never replayed here, so pysyncobj's own
+  restore-by-replay does not happen).
 """
 
 from __future__ import annotations
@@ -36,17 +41,23 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import Journal
+from pysyncobj.monotonic import monotonic as _pysyncobj_now
+from pysyncobj.node import TCPNode
+from pysyncobj.pickle import loads as _pysyncobj_unpickle
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.transport import TCPTransport
 
-from . import snapshot
-from .errors import CorruptDataError, StoreFullError
+from . import membership, snapshot
+from .errors import CorruptDataError, MembershipError, StoreFullError
 from .statemachine import QueueStateMachine, Result
 from .store import LogStore, QueueStore
 
 log = logging.getLogger(__name__)
 
 NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP marker
+MEMBERSHIP = b"\x02"  # _COMMAND_TYPE.MEMBERSHIP: pickled [op, node id, node], op "add"/"rem"
+_MEMBERSHIP_TYPE = MEMBERSHIP[0]
+_MEMBERSHIP_OPS = {"add": membership.ADD, "rem": membership.REMOVE}
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper()}
 
@@ -64,6 +75,9 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._ops: list[tuple[str, int, int, bytes]] = []
         self._meta_dirty = False
         self.applied_index: Callable[[], int] = lambda: 0  # set by RaftNode once it exists
+        # The member list the in-memory log leads to (None: do not store one yet). Read at
+        # every write, so the stored list always matches the entries written with it.
+        self.members: Callable[[], list[str] | None] = lambda: None
         if not self._entries:
             self.add(NO_OP, 1, int(self._meta.get("term", 0)))
             self.flush()
@@ -152,8 +166,20 @@ class DurableJournal(Journal):  # type: ignore[misc]
     def dirty(self) -> bool:
         return bool(self._ops)
 
+    def stored_members(self) -> list[str] | None:
+        members = self._meta.get("members")
+        return None if members is None else [str(m) for m in members]
+
+    def set_members(self, members: list[str]) -> None:
+        self._meta["members"] = sorted(members)
+        self.flush(force_meta=True)
+
     def flush(self, force_meta: bool = False) -> int:
         """Write pending ops (and metadata) in one synced transaction; returns entries added."""
+        members = self.members()
+        if members is not None and members != self._meta.get("members"):
+            self._meta["members"] = members
+            force_meta = True
         if not self._ops and not force_meta:
             return 0
         ops = self._ops
@@ -267,6 +293,9 @@ class RaftSettings:
     log_compaction_min_entries: int
     log_compaction_min_time_s: int
     raft_map_size_mb: int
+    # A new node joining a running cluster: no elections until a leader contacts it
+    # (after `mqnode cluster add-node`), so its rising term cannot depose that leader.
+    join: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,6 +308,7 @@ class RaftStatus:
     has_quorum: bool
     log_len: int
     match_index: dict[str, int] = field(default_factory=dict)  # leader only: per peer
+    members: tuple[str, ...] = ()  # the latest member list in this node's log, itself included
 
 
 class RaftNode:
@@ -308,9 +338,25 @@ class RaftNode:
         self._applied_written = store.applied_index()
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
         self._sent_commit = 0
-        self._sync = _SyncObj(self, settings.self_addr, settings.peers, self._conf(), self._journal)
+        stored = self._journal.stored_members()
+        peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
+        if warning:
+            log.warning("raft: %s", warning)
+        self.start_peers = peers  # what this start uses: the stored list, else --peers
+        fresh = len(self._journal) == 1 and self._journal[0][1] == 1
+        self._joining = settings.join and stored is None and fresh
+        self._sync = _SyncObj(self, settings.self_addr, peers, self._conf(), self._journal)
         self._adopt_journal()
         self._journal.applied_index = lambda: int(self._sync.raftLastApplied)
+        self._ledger = membership.MemberLedger(
+            [settings.self_addr, *peers], self._store.applied_index(), self._membership_entries
+        )
+        # A node that starts from nothing seeds its list from --peers; the entry that adds
+        # it carries the cluster's list, which it adopts (see _adopt_own_add).
+        self._own_add_pending = fresh and stored is None
+        self._own_add_scanned = self._journal[-1][1]
+        self._journal.members = self._members_to_store
+        self._guard_membership()
         # Runs inside every tick, after apply and before the poll: commit, fsync, release
         # acks and answer callers *before* the tick sleeps, not a poll timeout later.
         self._sync.addOnTickCallback(self._after_tick)
@@ -336,7 +382,7 @@ class RaftNode:
             logCompactionMinTime=s.log_compaction_min_time_s,
             commandsWaitLeader=False,
             appendEntriesUseBatch=True,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=True,
             maxBindRetries=20,
             bindRetryTime=0.5,
         )
@@ -363,6 +409,7 @@ class RaftNode:
                 raise CorruptDataError(f"state at {applied} is ahead of the log end {last}")
             log.warning("log behind state (%d > %d): resetting log to snapshot", last, applied)
             self._journal.reset([header.prev, header.last])
+            self._journal.set_members(header.cluster)  # the list that log leads to
 
     def _adopt_journal(self) -> None:
         """Swap our journal into pysyncobj (it built a MemoryJournal before we could)."""
@@ -374,6 +421,24 @@ class RaftNode:
         s._SyncObj__raftCommitIndex = min(max(j.getRaftCommitIndex(), applied), j[-1][1])
         s._SyncObj__raftLastApplied = applied
         s._SyncObj__needLoadDumpFile = False
+
+    def _guard_membership(self) -> None:
+        """Membership changes only through `change_membership`, and no elections while joining."""
+        transport = self._sync._SyncObj__transport
+
+        def refuse(_args: Any, callback: Callable[[Any, int], None]) -> None:
+            callback(None, FAIL_REASON.REQUEST_DENIED)
+
+        # pysyncobj also takes add/remove as utility messages on the Raft port (its
+        # syncobj_admin tool), which would skip our one-change-at-a-time checks.
+        transport.setOnUtilityMessageCallback("add", refuse)
+        transport.setOnUtilityMessageCallback("remove", refuse)
+        if self._joining:
+            # A node nobody knows yet reaches its peers for a moment on every reconnect
+            # and would start an election each time; added later, its higher term
+            # would depose the leader. The first append-entries resets this deadline.
+            self._sync._SyncObj__raftElectionDeadline = float("inf")
+            log.info("raft: joining; no elections until a leader adds this node")
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -431,6 +496,147 @@ class RaftNode:
         except TimeoutError:
             return "timeout"
 
+    async def change_membership(
+        self, op: str, addr: str, timeout_s: float, target_up: bool = False
+    ) -> list[str]:
+        """Add or remove one member (op "add"/"remove"); the new member list once committed.
+
+        `target_up`: the caller saw the node being added accept a connection.
+        Runs the checks of `membership.plan` and the append on the tick thread, so
+        nothing changes between them. Raises MembershipError: "not_leader" (with
+        the leader's address), "invalid", "refused", "timeout" (appended but not
+        committed within `timeout_s`: it may still commit) or "failed".
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[str]] = loop.create_future()
+
+        def answer(result: list[str] | MembershipError) -> None:
+            if done.done():
+                return
+            if isinstance(result, MembershipError):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
+
+        def in_tick() -> None:
+            try:
+                new_members = membership.plan(op, addr, self._leader_view(), target_up)
+            except MembershipError as exc:
+                loop.call_soon_threadsafe(answer, exc)
+                return
+
+            def callback(_res: Any, err: int) -> None:
+                if err == FAIL_REASON.SUCCESS:
+                    loop.call_soon_threadsafe(answer, new_members)
+                else:
+                    why = _FAIL_NAMES.get(err, str(err))
+                    failed = MembershipError("failed", f"{op} {addr} not committed: {why}")
+                    loop.call_soon_threadsafe(answer, failed)
+
+            if op == membership.ADD:
+                # pysyncobj pickles this node object into the entry: the list rides along.
+                self._sync.addNodeToCluster(TCPNode(addr, mq_members=new_members), callback)
+            else:
+                self._sync.removeNodeFromCluster(addr, callback)
+            # Append now, while this node is still the leader that ran the checks: queued,
+            # it would go out after the next poll, and a follower forwards queued
+            # commands to whoever leads then, past these checks.
+            self._sync._checkCommandsToApply()
+            log.info("raft: membership change %s %s appended", op, addr)
+
+        self._tick_actions.append(in_tick)
+        self.wake()
+        try:
+            return await asyncio.wait_for(done, timeout_s)
+        except TimeoutError:
+            raise MembershipError(
+                "timeout",
+                f"{op} {addr} not committed within {timeout_s:g}s; it may still commit "
+                "(or be dropped by the next leader): check mqnode cluster status",
+            ) from None
+
+    def _leader_view(self) -> membership.LeaderView:
+        """The leader's side of `membership.plan` (tick thread); MembershipError if not leader."""
+        sync = self._sync
+        if not sync._isLeader():
+            leader = sync._getLeader()
+            addr = None if leader is None else str(leader.address)
+            raise MembershipError(
+                "not_leader", f"not the leader; the leader is {addr or 'unknown'}", addr
+            )
+        others = sync._SyncObj__otherNodes
+        since = _pysyncobj_now() - sync.conf.leaderFallbackTimeout
+        last_response = sync._SyncObj__lastResponseTime
+        answered = {n.address for n in others if last_response.get(n, since) > since}
+        noop = sync._SyncObj__noopIDx
+        return membership.LeaderView(
+            self_addr=self._settings.self_addr,
+            members=frozenset(self._members()),
+            responsive=frozenset({self._settings.self_addr, *answered}),
+            first_entry_committed=noop is not None and sync.raftLastApplied >= noop,
+            pending=tuple(self._membership_entries(sync.raftCommitIndex, None)),
+        )
+
+    def _membership_entries(self, index: int, upto: int | None) -> list[membership.Change]:
+        """(op, addr) of the membership entries in the log in (index, upto], oldest first."""
+        j = self._journal
+        first = j[0][1]
+        end = len(j) if upto is None else max(min(upto + 1 - first, len(j)), 0)
+        out: list[membership.Change] = []
+        for pos in range(max(index + 1 - first, 0), end):
+            cmd = j[pos][0]
+            if cmd[0] == _MEMBERSHIP_TYPE:  # an int compare: this runs over the log's tail
+                request = _pysyncobj_unpickle(cmd[1:])
+                out.append((_MEMBERSHIP_OPS.get(request[0], request[0]), str(request[1])))
+        return out
+
+    def _members(self) -> list[str]:
+        """This node's current member list (tick thread): the latest in its log."""
+        others = self._sync._SyncObj__otherNodes
+        return sorted([self._settings.self_addr, *(n.address for n in others)])
+
+    def _adopt_own_add(self) -> None:
+        """On a node that started empty: take the member list from the entry that added it.
+
+        Until then its list is --peers plus the membership entries it has received
+        (or a snapshot's list). A --peers that misses a member the log never mentions
+        would make this node's majorities wrong, so the list the leader put in the
+        add entry wins (logged when it differs).
+        """
+        me, j = self._settings.self_addr, self._journal
+        first, last = j[0][1], j[-1][1]
+        # Entries above the commit index may be replaced: look at them again next time.
+        start = min(self._own_add_scanned, self._sync.raftCommitIndex) + 1
+        self._own_add_scanned = last
+        for pos in range(max(start - first, 0), len(j)):
+            cmd = j[pos][0]
+            if cmd[0] != _MEMBERSHIP_TYPE:
+                continue
+            request = _pysyncobj_unpickle(cmd[1:])
+            listed = getattr(request[2], "mq_members", None) if len(request) > 2 else None
+            if request[0] != "add" or request[1] != me or not listed:
+                continue
+            idx = j[pos][1]
+            self._ledger.rebase(listed, idx)
+            now = self._ledger.at(last)
+            if now != self._members():
+                log.error(
+                    "raft: the member list this node started with (%s) is not the cluster's "
+                    "(%s, from the entry that added it); using the cluster's",
+                    ", ".join(self._members()),
+                    ", ".join(now),
+                )
+                self._sync._SyncObj__updateClusterConfiguration([m for m in now if m != me])
+            self._own_add_pending = False
+            return
+
+    def _members_to_store(self) -> list[str] | None:
+        """What the journal stores with each write (every tick): the list at the log's end."""
+        if self._joining:
+            return None
+        _, idx, term = self._journal[-1]
+        return self._ledger.at_end(idx, term)
+
     def set_partition(self, blocked_peers: list[str]) -> None:
         """Fault injection: drop all Raft traffic to and from these peer addresses."""
         self._sync._SyncObj__transport.mq_blocked = frozenset(blocked_peers)
@@ -455,6 +661,11 @@ class RaftNode:
 
     def _after_tick(self) -> None:
         sync = self._sync
+        if self._joining and sync._getLeader() is not None:
+            self._joining = False  # a leader reached us: we are a member now
+            log.info("raft: joined; leader %s", sync._getLeader().address)
+        if self._own_add_pending:
+            self._adopt_own_add()
         while self._tick_actions:
             action = self._tick_actions.popleft()
             try:
@@ -472,6 +683,7 @@ class RaftNode:
                 txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
         self._store.commit_apply()
         self._applied_written = last_applied
+        self._ledger.advance(last_applied)
         transport = sync._SyncObj__transport
         transport.release_deferred()
         resend, transport.mq_resend = transport.mq_resend, False
@@ -519,6 +731,7 @@ class RaftNode:
             }
             if sync._isLeader()
             else {},
+            members=tuple(self._members()),
         )
         old, self.status = self.status, status
         changed = (old.role, old.leader_addr, old.term) != (
@@ -531,17 +744,22 @@ class RaftNode:
 
     # -- snapshot hooks (tick thread, called by pysyncobj) ------------------------------------
     def _serialize(self, filename: str, data: Any) -> None:
-        last, prev, cluster = data
+        last, prev, _cluster = data
         txn = self._store.apply_txn()
         if txn.applied_index() < last[1]:
             txn.set_applied_index(last[1])
         self._store.commit_apply()
+        # pysyncobj passes its current member list (`_cluster`), which includes membership
+        # entries appended after the snapshot's index, perhaps never to commit. A follower
+        # installing the snapshot must get the list *at* that index: the later entries
+        # reach it with the log, and are undone there if a new leader drops them.
+        members = self._ledger.at(int(last[1]))
         snapshot.write_snapshot(
             Path(filename),
             self._store,
             (bytes(last[0]), int(last[1]), int(last[2])),
             (bytes(prev[0]), int(prev[1]), int(prev[2])),
-            sorted(n.address for n in cluster),
+            members,
         )
         log.info("snapshot written at index %d", last[1])
 
@@ -552,8 +770,14 @@ class RaftNode:
             self._store.abort_apply()
         header = snapshot.install(Path(filename), self._store)
         self._applied_written = header.index
+        self._ledger.reset(header.cluster, header.index)
+        if self._settings.self_addr in header.cluster:
+            self._own_add_pending = False  # the leader's list names us: nothing to adopt
         log.info("installed snapshot at index %d from the leader", header.index)
-        return header.last, header.prev, header.cluster
+        # pysyncobj drops this node from the list by comparing Node objects; ours are
+        # addresses, so it would keep itself as a peer and count itself twice.
+        others = [m for m in header.cluster if m != self._settings.self_addr]
+        return header.last, header.prev, others
 
 
 def _run_completions(items: list[tuple[Done, Any, str | None]]) -> None:

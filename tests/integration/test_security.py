@@ -217,6 +217,8 @@ PROTECTED: list[tuple[str, str, bytes | None]] = [
     ("POST", "/queue/retry", b'{"state": "active"}'),
     ("POST", "/raft/compact", b"{}"),
     ("POST", "/raft/transfer-leadership", b"{}"),
+    ("POST", "/raft/add-node", b'{"addr": "127.0.0.1:1"}'),
+    ("POST", "/raft/remove-node", b'{"addr": "127.0.0.1:1"}'),
     ("GET", "/%71ueue", None),  # percent-encoded: still /queue to the router
     ("GET", "/raft/../queue", None),
 ]

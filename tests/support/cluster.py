@@ -14,6 +14,10 @@ Promises:
   and the tail of each node's log.
 * Ports are fixed per node for the cluster's life, so `restart(i)` brings a
   node back at the same addresses with the same data dir.
+* A node's command line is fixed when the node is made: its `--peers` are the
+  other nodes of the cluster as first started, or, for a node made later by
+  `add_node()`, the members it was told about (`--join 1`). Restarts reuse
+  that command line, as a service manager would, even after membership changed.
 
 Limits: loopback only; ports are found by binding port 0 and releasing it, so
 another process could take one in between (a node then fails to start and the
@@ -115,6 +119,8 @@ class NodeProc:
     admin_port: int
     data_dir: Path
     log_path: Path
+    peers: list[str] = field(default_factory=list)  # its --peers, fixed at creation
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--join", "1"]
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
     wanted: bool = False  # the harness started it and has not stopped or killed it
@@ -181,19 +187,40 @@ class Cluster:
         self.admin_token_file = self.base_dir / "admin.token"
         self.admin_token_file.write_text(ADMIN_TOKEN + "\n", encoding="utf-8")
         os.chmod(self.admin_token_file, 0o600)
+        self.nodes: list[NodeProc] = []
         ports = free_ports(3 * n)
-        self.nodes = [
-            NodeProc(
-                index=i,
-                node_id=f"n{i + 1}",
-                raft_port=ports[3 * i],
-                smtp_port=ports[3 * i + 1],
-                admin_port=ports[3 * i + 2],
-                data_dir=self.base_dir / f"n{i + 1}" / "data",
-                log_path=self.base_dir / f"n{i + 1}" / "node.log",
-            )
-            for i in range(n)
-        ]
+        for i in range(n):
+            self._make_node(ports[3 * i : 3 * i + 3])
+        for node in self.nodes:
+            node.peers = [p.raft_addr for p in self.nodes if p is not node]
+
+    def _make_node(self, ports: Sequence[int]) -> NodeProc:
+        i = len(self.nodes)
+        raft_port, smtp_port, admin_port = ports
+        node = NodeProc(
+            index=i,
+            node_id=f"n{i + 1}",
+            raft_port=raft_port,
+            smtp_port=smtp_port,
+            admin_port=admin_port,
+            data_dir=self.base_dir / f"n{i + 1}" / "data",
+            log_path=self.base_dir / f"n{i + 1}" / "node.log",
+        )
+        self.nodes.append(node)
+        return node
+
+    def add_node(self, peers: Sequence[int] | None = None, join: bool = True) -> int:
+        """Make (not start) one more node whose --peers name `peers` (default: the nodes the
+        harness keeps up), with `--join 1` unless join=False. Returns its index."""
+        members = self.up_indexes() if peers is None else list(peers)
+        used = {p for n in self.nodes for p in (n.raft_port, n.smtp_port, n.admin_port)}
+        ports = free_ports(3)
+        while used & set(ports):
+            ports = free_ports(3)
+        node = self._make_node(ports)
+        node.peers = [self.nodes[i].raft_addr for i in members]
+        node.extra_args = ["--join", "1"] if join else []
+        return node.index
 
     # --- context manager ---------------------------------------------------
 
@@ -217,7 +244,7 @@ class Cluster:
 
     def command(self, i: int) -> list[str]:
         node = self.nodes[i]
-        peers = ",".join(p.raft_addr for p in self.nodes if p.index != i)
+        peers = ",".join(node.peers)
         cmd = [
             sys.executable,
             "-m",
@@ -247,7 +274,7 @@ class Cluster:
         if not self.relay_host and not self.dns_server:
             # Nowhere on loopback to deliver to: never dispatch (no system DNS, no port 25).
             cmd += ["--delivery-enabled", "0"]
-        return cmd + self.extra_args
+        return cmd + node.extra_args + self.extra_args
 
     def start(self, wait_leader: bool = True) -> None:
         """Start every node that is not running; wait for admin endpoints (and a leader)."""
@@ -475,14 +502,18 @@ class Cluster:
         names = [self.nodes[i].node_id for i in idx]
         self.poll(f"admin endpoints of {names}", probe, timeout_s, idx)
 
-    def _statuses(self) -> dict[int, dict[str, Any] | None]:
-        return {i: self.try_get(i, "/status") for i in self.live_indexes()}
+    def _statuses(self, among: Sequence[int] | None = None) -> dict[int, dict[str, Any] | None]:
+        idx = self.live_indexes() if among is None else [i for i in among if self.nodes[i].live]
+        return {i: self.try_get(i, "/status") for i in idx}
 
-    def wait_for_leader(self, timeout_s: float = 20.0) -> int:
-        """Index of a leader that has quorum and that every live node names as its leader."""
+    def wait_for_leader(self, timeout_s: float = 20.0, among: Sequence[int] | None = None) -> int:
+        """Index of a leader that has quorum and that every live node names as its leader.
+
+        `among`: only these nodes count (e.g. leave out a node that is not a member yet).
+        """
 
         def probe() -> tuple[int | None, str]:
-            statuses = self._statuses()
+            statuses = self._statuses(among)
             summary = {
                 self.nodes[i].node_id: (
                     (s.get("role"), s.get("leader_id"), s.get("term")) if s else "no answer"

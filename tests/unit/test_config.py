@@ -87,6 +87,7 @@ def test_integers_from_flags_are_coerced(good: dict[str, Any]) -> None:
         ("state_map_size_mb", 0),
         ("election_timeout_min_ms", 1400),
         ("hostname", 5),
+        ("join", 2),
     ],
 )
 def test_bad_value_names_its_key(good: dict[str, Any], key: str, value: Any) -> None:
@@ -99,6 +100,12 @@ def test_missing_node_id(good: dict[str, Any]) -> None:
     del good["node_id"]
     with pytest.raises(ConfigError, match="node_id"):
         NodeConfig.load(None, good)
+
+
+def test_join_needs_the_current_members_as_peers(good: dict[str, Any]) -> None:
+    assert NodeConfig.load(None, {**good, "join": "1"}).join == 1
+    with pytest.raises(ConfigError, match="join: needs peers"):
+        NodeConfig.load(None, {**good, "join": 1, "peers": ""})
 
 
 def test_unknown_key_is_named(good: dict[str, Any]) -> None:

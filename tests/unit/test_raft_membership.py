@@ -1,0 +1,153 @@
+"""One RaftNode in-process (a one-member cluster on a loopback port): membership changes.
+
+pysyncobj 0.3.17 means to allow one membership change at a time
+(`SyncObj.__changeCluster` tests `__changeClusterIDx`), but nothing ever sets
+that index, so it appends any number of changes back to back. The first test
+pins that, the second shows `RaftNode.change_membership` refusing instead.
+A one-member cluster makes "pending" deterministic: adding a node that never
+answers needs 2 of 2 to commit, so the entry stays uncommitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqnode.errors import MembershipError
+from mqnode.raft import MEMBERSHIP, RaftNode, RaftSettings
+from mqnode.statemachine import QueueStateMachine
+from mqnode.store import QueueStore
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _free_addrs(n: int) -> list[str]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _settings(tmp_path: Path, addr: str) -> RaftSettings:
+    return RaftSettings(
+        self_addr=addr,
+        peers=[],
+        secret="unit-test-cluster-secret-0123456789",
+        data_dir=tmp_path,
+        election_timeout_min_ms=100,
+        election_timeout_max_ms=200,
+        heartbeat_ms=20,
+        leader_fallback_ms=1000,
+        log_compaction_min_entries=10_000,
+        log_compaction_min_time_s=3600,
+        raft_map_size_mb=16,
+    )
+
+
+@asynccontextmanager
+async def single_node(tmp_path: Path) -> AsyncIterator[tuple[RaftNode, list[str]]]:
+    """A started one-member RaftNode that leads; yields it and two unused addresses."""
+    addr, *spare = _free_addrs(3)
+    store = QueueStore(tmp_path / "state", 64)
+    loop = asyncio.get_running_loop()
+    raft = RaftNode(_settings(tmp_path, addr), store, QueueStateMachine(), loop)
+    raft.start()
+    try:
+        for _ in range(200):
+            if raft.status.role == "leader" and raft.status.last_applied >= 2:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"a one-member cluster did not elect itself: {raft.status}")
+        yield raft, spare
+    finally:
+        raft.stop()
+        store.close()
+
+
+async def _in_tick(raft: RaftNode, action: Callable[[], Any]) -> Any:
+    """Run `action` on the tick thread (pysyncobj is not thread-safe) and return its result."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def run() -> None:
+        result = action()
+        loop.call_soon_threadsafe(done.set_result, result)
+
+    raft._tick_actions.append(run)
+    raft.wake()
+    return await asyncio.wait_for(done, 5)
+
+
+def _membership_entries(raft: RaftNode) -> list[int]:
+    j = raft._journal
+    return [j[i][1] for i in range(len(j)) if j[i][0][:1] == MEMBERSHIP]
+
+
+def test_pysyncobj_appends_a_second_change_while_the_first_is_pending(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with single_node(tmp_path) as (raft, (x, y)):
+            sync = raft._sync
+
+            def both() -> None:
+                sync.addNodeToCluster(x)
+                sync.addNodeToCluster(y)
+                sync._checkCommandsToApply()
+
+            await _in_tick(raft, both)
+            assert len(await _in_tick(raft, lambda: _membership_entries(raft))) == 2
+            assert raft.status.commit_index < _membership_entries(raft)[0]  # neither committed
+
+    asyncio.run(scenario())
+
+
+def test_change_membership_allows_one_pending_change(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with single_node(tmp_path) as (raft, (x, y)):
+            with pytest.raises(MembershipError) as info:  # x does not answer: 1 of 2
+                await raft.change_membership("add", x, timeout_s=5)
+            assert info.value.kind == "refused" and "needs 2" in str(info.value)
+
+            with pytest.raises(MembershipError) as info:  # told it is up: appended, stuck
+                await raft.change_membership("add", x, timeout_s=0.5, target_up=True)
+            assert info.value.kind == "timeout"
+            with pytest.raises(MembershipError) as info:
+                await raft.change_membership("add", y, timeout_s=5, target_up=True)
+            assert info.value.kind == "refused" and f"add {x}" in str(info.value)
+            assert len(await _in_tick(raft, lambda: _membership_entries(raft))) == 1
+            assert sorted(raft.status.members) == sorted([raft._settings.self_addr, x])
+
+    asyncio.run(scenario())
+
+
+def test_the_member_list_survives_a_restart(tmp_path: Path) -> None:
+    async def first() -> list[str]:
+        async with single_node(tmp_path) as (raft, (x, _)):
+            with pytest.raises(MembershipError):
+                await raft.change_membership("add", x, timeout_s=0.3, target_up=True)
+            return [raft._settings.self_addr, x]
+
+    members = asyncio.run(first())
+
+    async def second() -> None:
+        # Started with peers=[] again: the stored list (with the pending add) wins.
+        store = QueueStore(tmp_path / "state", 64)
+        loop = asyncio.get_running_loop()
+        raft = RaftNode(_settings(tmp_path, members[0]), store, QueueStateMachine(), loop)
+        try:
+            assert raft.start_peers == [members[1]]
+        finally:
+            raft.stop()
+            store.close()
+
+    asyncio.run(second())
