@@ -1,6 +1,6 @@
 """Membership rules: who may change the member list, when, and which list a node starts with.
 
-raft.py (the pysyncobj adapter) asks `plan()` on the tick thread before it lets
+mqnode/raft/ (the pysyncobj adapter) asks `plan()` on the tick thread before it lets
 pysyncobj append a membership entry, and `startup_peers()` before it builds the
 pysyncobj instance. Pure: no I/O, no clock; the caller passes what the leader
 sees (`LeaderView`).

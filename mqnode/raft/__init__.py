@@ -1,0 +1,49 @@
+"""The Raft adapter: the only package that imports pysyncobj (pinned to 0.3.17).
+
+Modules: node.py (RaftNode: tick thread, submit, snapshot hooks), journal.py
+(DurableJournal), transport.py (DeferringTransport), members.py (dynamic
+membership), types.py (RaftSettings, RaftStatus). Everything else in mqnode
+talks to Raft through RaftNode (and `Replicator` in replicator.py).
+
+What it promises
+* `submit_entry(entry, done)` appends one entry; `done(results, None)` runs on
+  the asyncio loop only after the entry is committed by a majority, applied to
+  LMDB *and that LMDB transaction is committed*; otherwise `done(None, reason)`.
+  It may also never be called (leader lost, partition): callers time out.
+* An entry counts toward commit on a follower only after it is fsynced there:
+  acknowledgements (`next_node_idx`) are held back until the tick's journal
+  flush. Term and vote are written synchronously before any vote is sent.
+* One fsync per tick for the journal and one for the state, however many
+  entries the tick carried (group commit).
+
+What it assumes about pysyncobj (each item is a workaround, see
+docs/design/replication.md):
+* We run its tick loop ourselves (`autoTick=False`) so that we can flush and
+  release acks between ticks.
+* Its journal is replaced by `DurableJournal` right after construction; its
+  own FileJournal does not fsync and its dump-file loader drops entries.
+* Its startup dump-file load is disabled; the LMDB state (with its applied
+  index) is the snapshot, and the journal holds everything after it.
+* Snapshots go through its serializer/deserializer hooks as `snapshot.py`
+  files; installing one replaces the LMDB state.
+* Membership changes (`change_membership`) are its dynamic membership: an
+  entry takes effect when appended. The member list it leads to is stored in
+  the journal's metadata with every journal write, and wins over `--peers` at
+  the next start (applied entries are never replayed here, so pysyncobj's own
+  restore-by-replay does not happen).
+"""
+
+from .journal import MEMBERSHIP, NO_OP, DurableJournal, Entry
+from .node import RaftNode
+from .types import Done, RaftSettings, RaftStatus
+
+__all__ = [
+    "MEMBERSHIP",
+    "NO_OP",
+    "Done",
+    "DurableJournal",
+    "Entry",
+    "RaftNode",
+    "RaftSettings",
+    "RaftStatus",
+]

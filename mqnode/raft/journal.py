@@ -1,0 +1,157 @@
+"""DurableJournal: pysyncobj's journal interface over `LogStore`, durable per batch.
+
+pysyncobj calls `add`, `deleteEntriesFrom/To`, `setCurrentTerm` and friends
+on its tick thread; we keep the entries in memory for its reads and queue the
+writes, which `flush()` (called by RaftNode once per tick) writes and fsyncs
+in one LMDB transaction, together with term, vote, commit index and the
+member list the log leads to. Until that flush a follower's acknowledgement
+is held back (transport.py), so an entry counts toward commit only once it
+is on disk. A re-sent entry we kept must match; anything else is
+`CorruptDataError`, never silently applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pysyncobj.journal import Journal
+
+from ..errors import CorruptDataError
+from ..store import LogStore
+
+NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP marker
+MEMBERSHIP = b"\x02"  # _COMMAND_TYPE.MEMBERSHIP: pickled [op, node id, node], op "add"/"rem"
+MEMBERSHIP_TYPE = MEMBERSHIP[0]
+
+Entry = tuple[bytes, int, int]
+
+
+class DurableJournal(Journal):  # type: ignore[misc]
+    """pysyncobj's journal interface over `LogStore`: in memory for reads, durable per batch."""
+
+    def __init__(self, store: LogStore) -> None:
+        self._store = store
+        self._entries: list[Entry] = store.load()
+        self._meta: dict[str, Any] = store.get_meta()
+        self._ops: list[tuple[str, int, int, bytes]] = []
+        self._meta_dirty = False
+        self.applied_index: Callable[[], int] = lambda: 0  # set by RaftNode once it exists
+        # The member list the in-memory log leads to (None: do not store one yet). Read at
+        # every write, so the stored list always matches the entries written with it.
+        self.members: Callable[[], list[str] | None] = lambda: None
+        if not self._entries:
+            self.add(NO_OP, 1, int(self._meta.get("term", 0)))
+            self.flush()
+
+    # -- the interface pysyncobj calls ---------------------------------------
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._entries and idx <= self._entries[-1][1]:
+            # A re-sent entry we kept (see deleteEntriesFrom): must be the same entry.
+            first = self._entries[0][1]
+            if idx < first or self._entries[idx - first][2] == term:
+                return
+            raise CorruptDataError(
+                f"leader sent index {idx} term {term}, but the applied entry there has term "
+                f"{self._entries[idx - first][2]}"
+            )
+        if self._entries and idx != self._entries[-1][1] + 1:
+            raise CorruptDataError(f"journal add out of order: {idx} after {self._entries[-1][1]}")
+        self._entries.append((command, idx, term))
+        self._ops.append(("add", idx, term, command))
+
+    def clear(self) -> None:
+        self._entries = []
+        self._ops.append(("clear", 0, 0, b""))
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        if entryFrom >= len(self._entries):
+            return
+        idx = self._entries[entryFrom][1]
+        floor = self.applied_index() + 1
+        if idx < floor:
+            # pysyncobj truncates from a re-sent batch's start even below what was applied,
+            # then re-appends only that batch; a crash in between left the log shorter than
+            # the state. Applied entries are committed, so identical everywhere: keep them.
+            entryFrom += floor - idx
+            if entryFrom >= len(self._entries):
+                return
+            idx = floor
+        del self._entries[entryFrom:]
+        self._ops.append(("del_from", idx, 0, b""))
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        # Never compact away the last two entries: pysyncobj can ask to delete past the
+        # end of the log, after which every tick raises IndexError.
+        entryTo = min(entryTo, len(self._entries) - 2)
+        if entryTo <= 0:
+            return
+        idx = self._entries[entryTo][1]
+        self._entries = self._entries[entryTo:]
+        self._ops.append(("del_to", idx, 0, b""))
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _destroy(self) -> None:
+        pass
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        if self._meta.get("commit") != raftCommitIndex:
+            self._meta["commit"] = raftCommitIndex
+            self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:
+        return int(self._meta.get("commit", 1))
+
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:
+        self._meta["term"] = term
+        self._meta["vote"] = votedForNodeId
+        self.flush(force_meta=True)  # durable before any vote message leaves
+
+    def getCurrentTerm(self) -> int:
+        return int(self._meta.get("term", 0))
+
+    def getVotedForNodeId(self) -> str | None:
+        vote = self._meta.get("vote")
+        return None if vote is None else str(vote)
+
+    def onOneSecondTimer(self) -> None:
+        if self._meta_dirty and not self._ops:
+            self.flush(force_meta=True)
+
+    # -- ours ------------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return bool(self._ops)
+
+    def stored_members(self) -> list[str] | None:
+        members = self._meta.get("members")
+        return None if members is None else [str(m) for m in members]
+
+    def set_members(self, members: list[str]) -> None:
+        self._meta["members"] = sorted(members)
+        self.flush(force_meta=True)
+
+    def flush(self, force_meta: bool = False) -> int:
+        """Write pending ops (and metadata) in one synced transaction; returns entries added."""
+        members = self.members()
+        if members is not None and members != self._meta.get("members"):
+            self._meta["members"] = members
+            force_meta = True
+        if not self._ops and not force_meta:
+            return 0
+        ops = self._ops
+        self._store.write(ops, dict(self._meta))  # on failure ops stay pending, acks stay held
+        self._ops = []
+        self._meta_dirty = False
+        return sum(1 for op in ops if op[0] == "add")
+
+    def reset(self, entries: list[Entry]) -> None:
+        self.clear()
+        for e in entries:
+            self.add(*e)
+        self.flush()

@@ -1,0 +1,364 @@
+"""RaftNode: owns the pysyncobj instance, its tick thread, the journal and the snapshot hooks.
+
+See the package docstring (mqnode/raft/__init__.py) for what it promises and
+what it assumes about pysyncobj.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.pipe_notifier import PipeNotifier
+
+from .. import membership, snapshot
+from ..errors import CorruptDataError, StoreFullError
+from ..statemachine import QueueStateMachine, Result
+from ..store import LogStore, QueueStore
+from .journal import DurableJournal, Entry
+from .members import FAIL_NAMES, MembershipOps
+from .transport import DeferringTransport
+from .types import Done, RaftSettings, RaftStatus
+
+log = logging.getLogger("mqnode.raft")
+
+_ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+class _SyncObj(SyncObj):  # type: ignore[misc]
+    def __init__(
+        self, owner: RaftNode, self_addr: str, peers: list[str], conf: Any, journal: DurableJournal
+    ) -> None:
+        self._mq_owner = owner
+        self._mq_journal = journal
+        super().__init__(self_addr, peers, conf, transportClass=DeferringTransport)
+        self._mq_notifier = PipeNotifier(self._poller)
+
+    @replicated  # type: ignore[untyped-decorator]
+    def mq_apply(self, entry: bytes) -> list[Result] | None:
+        return self._mq_owner._apply(entry)
+
+
+class RaftNode(MembershipOps):
+    """Owns the pysyncobj instance, its tick thread, the journal and snapshot hooks."""
+
+    def __init__(
+        self,
+        settings: RaftSettings,
+        store: QueueStore,
+        machine: QueueStateMachine,
+        loop: asyncio.AbstractEventLoop,
+        on_status_change: Callable[[RaftStatus], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._machine = machine
+        self._loop = loop
+        self._on_status_change = on_status_change
+        self._snapshot_path = settings.data_dir / "snapshot.bin"
+        self._logstore = LogStore(settings.data_dir / "raft", settings.raft_map_size_mb)
+        self._journal = DurableJournal(self._logstore)
+        self._reconcile_startup()
+        self._completions: deque[tuple[Done, Any, int]] = deque()
+        self._tick_actions: deque[Callable[[], None]] = deque()  # run on the tick thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._applied_written = store.applied_index()
+        self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
+        self._sent_commit = 0
+        stored = self._journal.stored_members()
+        peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
+        if warning:
+            log.warning("raft: %s", warning)
+        self.start_peers = peers  # what this start uses: the stored list, else --peers
+        fresh = len(self._journal) == 1 and self._journal[0][1] == 1
+        self._joining = settings.join and stored is None and fresh
+        self._sync = _SyncObj(self, settings.self_addr, peers, self._conf(), self._journal)
+        self._adopt_journal()
+        self._journal.applied_index = lambda: int(self._sync.raftLastApplied)
+        self._ledger = membership.MemberLedger(
+            [settings.self_addr, *peers], self._store.applied_index(), self._membership_entries
+        )
+        # A node that starts from nothing seeds its list from --peers; the entry that adds
+        # it carries the cluster's list, which it adopts (see _adopt_own_add).
+        self._own_add_pending = fresh and stored is None
+        self._own_add_scanned = self._journal[-1][1]
+        self._journal.members = self._members_to_store
+        self._guard_membership()
+        # Runs inside every tick, after apply and before the poll: commit, fsync, release
+        # acks and answer callers *before* the tick sleeps, not a poll timeout later.
+        self._sync.addOnTickCallback(self._after_tick)
+
+    # -- construction ------------------------------------------------------------
+    def _conf(self) -> Any:
+        s = self._settings
+        max_s = s.election_timeout_max_ms / 1000
+        return SyncObjConf(
+            autoTick=False,
+            password=s.secret,
+            journalFile=None,
+            fullDumpFile=str(self._snapshot_path),
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            raftMinTimeout=s.election_timeout_min_ms / 1000,
+            raftMaxTimeout=max_s,
+            appendEntriesPeriod=s.heartbeat_ms / 1000,
+            leaderFallbackTimeout=max(s.leader_fallback_ms / 1000, 2 * s.heartbeat_ms / 1000),
+            connectionTimeout=max(3.5, 2 * max_s),
+            connectionRetryTime=0.5,
+            logCompactionMinEntries=s.log_compaction_min_entries,
+            logCompactionMinTime=s.log_compaction_min_time_s,
+            commandsWaitLeader=False,
+            appendEntriesUseBatch=True,
+            dynamicMembershipChange=True,
+            maxBindRetries=20,
+            bindRetryTime=0.5,
+        )
+
+    def _reconcile_startup(self) -> None:
+        """Make the journal and the LMDB state agree after a crash at any point."""
+        applied = self._store.applied_index()
+        first, last = self._journal[0][1], self._journal[-1][1]
+        if first <= applied + 1 and applied <= last:
+            return
+        header = snapshot.read_header(self._snapshot_path)
+        if applied + 1 < first:
+            if header.index + 1 < first:
+                raise CorruptDataError(
+                    f"state is at index {applied} but the log starts at {first} and the "
+                    f"snapshot at {header.index}: this data dir cannot catch up; move it "
+                    "away and restart the node to resync from its peers"
+                )
+            log.warning("state behind log start (%d < %d): restoring snapshot", applied, first)
+            snapshot.install(self._snapshot_path, self._store)
+            applied = header.index
+        if applied > last:
+            if header.index != applied:
+                raise CorruptDataError(f"state at {applied} is ahead of the log end {last}")
+            log.warning("log behind state (%d > %d): resetting log to snapshot", last, applied)
+            self._journal.reset([header.prev, header.last])
+            self._journal.set_members(header.cluster)  # the list that log leads to
+
+    def _adopt_journal(self) -> None:
+        """Swap our journal into pysyncobj (it built a MemoryJournal before we could)."""
+        j, s = self._journal, self._sync
+        applied = max(self._store.applied_index(), 1)
+        s._SyncObj__raftLog = j
+        s._SyncObj__raftCurrentTerm = max(j.getCurrentTerm(), j[-1][2])
+        s._SyncObj__votedForNodeId = j.getVotedForNodeId()
+        s._SyncObj__raftCommitIndex = min(max(j.getRaftCommitIndex(), applied), j[-1][1])
+        s._SyncObj__raftLastApplied = applied
+        s._SyncObj__needLoadDumpFile = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="raft-tick", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._sync._doDestroy()
+        self._logstore.close()
+
+    # -- submission (any thread) -----------------------------------------------------
+    def submit_entry(self, entry: bytes, done: Done) -> None:
+        def on_result(result: Any, err: int) -> None:
+            self._completions.append((done, result, err))
+
+        self._sync.mq_apply(entry, callback=on_result)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            self._sync._mq_notifier.notify()
+        except BlockingIOError:
+            pass  # pipe full: the tick is already due to wake
+
+    async def transfer_leadership(self, target: str | None) -> str:
+        """Ask pysyncobj to hand leadership to `target` (or the most caught-up follower).
+
+        Runs on the tick thread (pysyncobj is not thread-safe). Returns "requested",
+        "denied" (not leader, target unknown or not caught up) or "timeout".
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+
+        def answer(result: str) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        def in_tick() -> None:
+            def callback(_res: Any, err: int) -> None:
+                ok = err == FAIL_REASON.SUCCESS
+                loop.call_soon_threadsafe(answer, "requested" if ok else "denied")
+
+            try:
+                self._sync.transferLeadership(target, callback)
+            except ValueError:  # pysyncobj parses the address; never let it break the tick
+                loop.call_soon_threadsafe(answer, "denied")
+
+        self._tick_actions.append(in_tick)
+        self.wake()
+        try:
+            return await asyncio.wait_for(done, 5.0)
+        except TimeoutError:
+            return "timeout"
+
+    def set_partition(self, blocked_peers: list[str]) -> None:
+        """Fault injection: drop all Raft traffic to and from these peer addresses."""
+        self._sync._SyncObj__transport.mq_blocked = frozenset(blocked_peers)
+
+    def force_compaction(self) -> None:
+        self._sync.forceLogCompaction()
+
+    # -- the tick thread -----------------------------------------------------------------
+    def _apply(self, entry: bytes) -> list[Result] | None:
+        index = self._sync.raftLastApplied + 1
+        return self._machine.apply(index, entry, self._store.apply_txn())
+
+    def _run(self) -> None:
+        tick_s = min(self._settings.heartbeat_ms / 2000, 0.05)
+        while not self._stop.is_set():
+            try:
+                self._sync.doTick(tick_s)
+            except Exception:
+                log.exception("raft tick failed; rolling back this tick's applies")
+                self._roll_back()
+                self._stop.wait(0.2)
+
+    def _after_tick(self) -> None:
+        sync = self._sync
+        if self._joining and sync._getLeader() is not None:
+            self._joining = False  # a leader reached us: we are a member now
+            log.info("raft: joined; leader %s", sync._getLeader().address)
+        if self._own_add_pending:
+            self._adopt_own_add()
+        while self._tick_actions:
+            action = self._tick_actions.popleft()
+            try:
+                action()
+            except Exception:  # an operator request must never cost a tick's flush
+                log.exception("admin action on the tick thread failed")
+        # Journal first: a follower may apply entries it appended in the previous poll but
+        # has not flushed yet. Flushing after the state commit let a crash in between leave
+        # the state ahead of the log (seen in the staggered full-restart chaos run).
+        appended = self._journal.flush()
+        last_applied = sync.raftLastApplied
+        if last_applied > self._applied_written:
+            txn = self._store.apply_txn()
+            if txn.applied_index() < last_applied:
+                txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
+        self._store.commit_apply()
+        self._applied_written = last_applied
+        self._ledger.advance(last_applied)
+        transport = sync._SyncObj__transport
+        transport.release_deferred()
+        resend, transport.mq_resend = transport.mq_resend, False
+        if sync._isLeader() and (appended or resend or sync.raftCommitIndex != self._sent_commit):
+            # Replicate new entries and tell followers the new commit index now, not at
+            # the next heartbeat: followers answer their own SMTP sessions after applying.
+            self._sent_commit = sync.raftCommitIndex
+            sync._SyncObj__sendAppendEntries()
+        alone = sync._isLeader() and not sync._SyncObj__otherNodes
+        if alone and sync.raftCommitIndex < self._journal[-1][1]:
+            # No ack wakes the poll to count what this tick appended: without this a
+            # single node's commit waited for the next poll timeout (up to 50 ms).
+            self.wake()
+        self._deliver_completions(failed=False)
+        self._publish_status()
+
+    def _roll_back(self) -> None:
+        self._store.abort_apply()
+        committed = self._store.applied_index()
+        self._sync._SyncObj__raftLastApplied = max(committed, self._journal[0][1])
+        self._applied_written = committed
+        self._deliver_completions(failed=True)
+
+    def _deliver_completions(self, failed: bool) -> None:
+        items: list[tuple[Done, Any, str | None]] = []
+        while self._completions:
+            done, result, err = self._completions.popleft()
+            if failed and err == FAIL_REASON.SUCCESS:
+                items.append((done, None, "apply_failed"))
+            elif err == FAIL_REASON.SUCCESS:
+                items.append((done, result, None))
+            else:
+                items.append((done, None, FAIL_NAMES.get(err, str(err))))
+        if items:
+            self._loop.call_soon_threadsafe(_run_completions, items)
+
+    def _publish_status(self) -> None:
+        sync = self._sync
+        leader = sync._getLeader()
+        status = RaftStatus(
+            role=_ROLES.get(sync._SyncObj__raftState, "unknown"),
+            leader_addr=None if leader is None else leader.address,
+            term=sync.raftCurrentTerm,
+            commit_index=sync.raftCommitIndex,
+            last_applied=sync.raftLastApplied,
+            has_quorum=sync.hasQuorum,
+            log_len=len(self._journal),
+            match_index={
+                node.address: int(idx) for node, idx in sync._SyncObj__raftMatchIndex.items()
+            }
+            if sync._isLeader()
+            else {},
+            members=tuple(self._members()),
+        )
+        old, self.status = self.status, status
+        changed = (old.role, old.leader_addr, old.term) != (
+            status.role,
+            status.leader_addr,
+            status.term,
+        )
+        if changed and self._on_status_change is not None:
+            self._loop.call_soon_threadsafe(self._on_status_change, status)
+
+    # -- snapshot hooks (tick thread, called by pysyncobj) ------------------------------------
+    def _serialize(self, filename: str, data: Any) -> None:
+        last, prev, _cluster = data
+        txn = self._store.apply_txn()
+        if txn.applied_index() < last[1]:
+            txn.set_applied_index(last[1])
+        self._store.commit_apply()
+        # pysyncobj passes its current member list (`_cluster`), which includes membership
+        # entries appended after the snapshot's index, perhaps never to commit. A follower
+        # installing the snapshot must get the list *at* that index: the later entries
+        # reach it with the log, and are undone there if a new leader drops them.
+        members = self._ledger.at(int(last[1]))
+        snapshot.write_snapshot(
+            Path(filename),
+            self._store,
+            (bytes(last[0]), int(last[1]), int(last[2])),
+            (bytes(prev[0]), int(prev[1]), int(prev[2])),
+            members,
+        )
+        log.info("snapshot written at index %d", last[1])
+
+    def _deserialize(self, filename: str) -> tuple[Entry, Entry, list[str]]:
+        try:
+            self._store.commit_apply()
+        except StoreFullError:
+            self._store.abort_apply()
+        header = snapshot.install(Path(filename), self._store)
+        self._applied_written = header.index
+        self._ledger.reset(header.cluster, header.index)
+        if self._settings.self_addr in header.cluster:
+            self._own_add_pending = False  # the leader's list names us: nothing to adopt
+        log.info("installed snapshot at index %d from the leader", header.index)
+        # pysyncobj drops this node from the list by comparing Node objects; ours are
+        # addresses, so it would keep itself as a peer and count itself twice.
+        others = [m for m in header.cluster if m != self._settings.self_addr]
+        return header.last, header.prev, others
+
+
+def _run_completions(items: list[tuple[Done, Any, str | None]]) -> None:
+    for done, result, err in items:
+        done(result, err)

@@ -1,0 +1,43 @@
+"""RaftSettings (what a RaftNode is built from) and RaftStatus (what it publishes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..statemachine import Result
+
+# Called on the asyncio loop: (results, None) once committed and applied, else (None, reason).
+Done = Callable[[list[Result] | None, str | None], None]
+
+
+@dataclass(frozen=True)
+class RaftSettings:
+    self_addr: str
+    peers: list[str]
+    secret: str
+    data_dir: Path
+    election_timeout_min_ms: int
+    election_timeout_max_ms: int
+    heartbeat_ms: int
+    leader_fallback_ms: int
+    log_compaction_min_entries: int
+    log_compaction_min_time_s: int
+    raft_map_size_mb: int
+    # A new node joining a running cluster: no elections until a leader contacts it
+    # (after `mqnode cluster add-node`), so its rising term cannot depose that leader.
+    join: bool = False
+
+
+@dataclass(frozen=True)
+class RaftStatus:
+    role: str
+    leader_addr: str | None
+    term: int
+    commit_index: int
+    last_applied: int
+    has_quorum: bool
+    log_len: int
+    match_index: dict[str, int] = field(default_factory=dict)  # leader only: per peer
+    members: tuple[str, ...] = ()  # the latest member list in this node's log, itself included
