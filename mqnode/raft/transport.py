@@ -76,7 +76,11 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
             return message
         term = journal[idx - first][2]
         pos = idx - first
-        while pos > 1 and journal[pos - 1][2] == term:
+        # Never below what this node applied: applied entries are committed, so they
+        # match the leader's (Log Matching). Asking for them again made pysyncobj
+        # truncate and re-append applied entries ("truncating already-applied").
+        floor = min(max(journal.applied_index() + 1 - first, 1), pos)
+        while pos > floor and journal[pos - 1][2] == term:
             pos -= 1
         return {**message, "next_node_idx": journal[pos][1]}
 
