@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Coroutine
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import NodeConfig
@@ -39,6 +40,39 @@ def _add_run(sub: Any) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = int if f.type == "int" else str
         run.add_argument(flag, dest=f.name, type=kind, default=None)
+
+
+def _add_restore(sub: Any) -> None:
+    r = sub.add_parser(
+        "restore",
+        help="disaster recovery: build this node's data dir from a snapshot.bin (one-node cluster)",
+    )
+    r.add_argument(
+        "--snapshot", required=True, metavar="FILE", help="a copy of DATA_DIR/snapshot.bin"
+    )
+    r.add_argument("--config", help="the node's TOML file (data_dir, raft_addr, map sizes)")
+    for f in fields(NodeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        r.add_argument(flag, dest=f.name, type=int if f.type == "int" else str, default=None)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from .raft.restore import restore_data_dir
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(NodeConfig)}
+    cfg = NodeConfig.load(args.config, overrides)
+    header = restore_data_dir(
+        Path(args.snapshot),
+        cfg.data_path,
+        cfg.raft_addr,
+        cfg.state_map_size_mb,
+        cfg.raft_map_size_mb,
+    )
+    print(
+        f"restored {cfg.data_path} from {args.snapshot} (index {header.index}); start this node "
+        "with no peers, then add the others with `mqnode cluster add-node` (they run with join = 1)"
+    )
+    return 0
 
 
 def _add_queue(sub: Any) -> None:
@@ -137,38 +171,16 @@ def _cluster(args: argparse.Namespace) -> int:
         )
         return 0
     first = _fetch(args.admin, "/status")
-    rows = []
-    leader_match: dict[str, int] = {}
-    commit = 0
-    statuses = {}
     # Nodes that ever announced themselves, less the ones removed since.
     members = first["members"]
     nodes = {a: info for a, info in first["nodes"].items() if a in members}
+    statuses: dict[str, dict[str, Any] | None] = {}
     for raft_addr, info in sorted(nodes.items()):
         try:
             statuses[raft_addr] = _fetch(info["admin_addr"], "/status")
         except MqnodeError:
             statuses[raft_addr] = None
-    for st in statuses.values():
-        if st and st["role"] == "leader":
-            leader_match, commit = st["match_index"], st["commit_index"]
-    for raft_addr, info in sorted(nodes.items()):
-        st = statuses[raft_addr]
-        lag = ""
-        if st and st["role"] != "leader" and raft_addr in leader_match:
-            lag = str(commit - leader_match[raft_addr])
-        rows.append(
-            {
-                "node": info["node_id"],
-                "raft_addr": raft_addr,
-                "role": st["role"] if st else "unreachable",
-                "term": st["term"] if st else None,
-                "commit_index": st["commit_index"] if st else None,
-                "last_applied": st["last_applied"] if st else None,
-                "lag": lag,
-                "lease": bool(st and st["lease_held"]),
-            }
-        )
+    rows, problems = cluster_rows(nodes, statuses)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -182,6 +194,8 @@ def _cluster(args: argparse.Namespace) -> int:
             f"{r['commit_index'] or '':>8} {r['last_applied'] or '':>8} {r['lag']:>5}  "
             f"{'held' if r['lease'] else ''}"
         )
+    for problem in problems:
+        print(problem)
     quiet = sorted(set(members) - set(nodes))
     print(f"{len(members)} members, commit needs {first['quorum']}", end="")
     print(f"; not announced yet: {', '.join(quiet)}" if quiet else "")
@@ -192,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mqnode", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
+    _add_restore(sub)
     st = sub.add_parser("status", help="show a node's role, Raft position and queue counts")
     st.add_argument("--admin", required=True, metavar="HOST:PORT")
     st.add_argument("--json", action="store_true")
@@ -288,6 +303,55 @@ def _request(
         raise MqnodeError(f"cannot reach admin endpoint {admin}: {exc}") from exc
 
 
+def cluster_rows(
+    nodes: dict[str, dict[str, Any]], statuses: dict[str, dict[str, Any] | None]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per member from each node's own /status; lag from the leader's match index.
+
+    A status that comes back from another node than the one asked for (each
+    node's admin address is loopback and this runs on another host, so the
+    address reaches the local node) is not used: that row shows "unreachable"
+    and a problem line says why, rather than one node's figures under
+    another's name.
+    """
+    problems: list[str] = []
+    checked: dict[str, dict[str, Any] | None] = {}
+    for raft_addr, st in statuses.items():
+        if st is not None and st.get("raft_addr") not in (None, raft_addr):
+            admin = nodes[raft_addr]["admin_addr"]
+            problems.append(
+                f"{nodes[raft_addr]['node_id']}: its admin address {admin} answered as "
+                f"{st.get('node_id')}; run this on that node's host, or bind --admin-addr "
+                "where the other nodes can reach it"
+            )
+            st = None
+        checked[raft_addr] = st
+    leader_match: dict[str, int] = {}
+    commit = 0
+    for st in checked.values():
+        if st and st["role"] == "leader":
+            leader_match, commit = st["match_index"], st["commit_index"]
+    rows = []
+    for raft_addr, info in sorted(nodes.items()):
+        st = checked.get(raft_addr)
+        lag = ""
+        if raft_addr in leader_match and not (st and st["role"] == "leader"):
+            lag = str(commit - leader_match[raft_addr])
+        rows.append(
+            {
+                "node": info["node_id"],
+                "raft_addr": raft_addr,
+                "role": st["role"] if st else "unreachable",
+                "term": st["term"] if st else None,
+                "commit_index": st["commit_index"] if st else None,
+                "last_applied": st["last_applied"] if st else None,
+                "lag": lag,
+                "lease": bool(st and st["lease_held"]),
+            }
+        )
+    return rows, problems
+
+
 def _fetch(admin: str, path: str, token: str = "") -> Any:
     return _request(admin, path, token, timeout_s=10)
 
@@ -331,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             return _queue(args)
         if args.command == "cluster":
             return _cluster(args)
+        if args.command == "restore":
+            return _restore(args)
         if args.command == "status":
             st = _fetch(args.admin, "/status")
             if args.json:

@@ -1,0 +1,66 @@
+"""Disaster recovery: a node's data dir rebuilt from one `snapshot.bin`, as a one-node cluster.
+
+    mqnode restore --snapshot FILE --config n1.toml      (or the run flags)
+
+For the day every data dir is lost but a copy of some node's
+`DATA_DIR/snapshot.bin` survives. The new data dir gets the queue state
+inside it (size and CRC checked before anything is written), a Raft log
+that starts at the snapshot's index and term, a member list of this node
+alone, and the snapshot written again with that list (the copy names the
+old members, and added nodes would take them from it). Started with no peers, it leads at once;
+`mqnode cluster add-node` then grows the cluster (new nodes start empty
+with `join = 1` and catch up from its snapshot).
+
+What it cannot give back: mail acknowledged after the snapshot was taken
+is not in it, and mail delivered after it is queued again (it will be sent
+again). Refuses a data dir that already holds a queue state or a log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .. import snapshot
+from ..errors import ConfigError
+from ..snapshot import SnapshotHeader
+from ..store import LogStore, QueueStore
+from .journal import DurableJournal
+
+
+def restore_data_dir(
+    snapshot_file: Path,
+    data_dir: Path,
+    raft_addr: str,
+    state_map_size_mb: int,
+    raft_map_size_mb: int,
+) -> SnapshotHeader:
+    state_dir, raft_dir = data_dir / "state", data_dir / "raft"
+    for d in (state_dir, raft_dir):
+        if d.exists() and any(d.iterdir()):
+            raise ConfigError(f"{d} is not empty: restore only into a new, empty data dir")
+    header = snapshot.read_header(snapshot_file)  # CorruptDataError if damaged
+    data_dir.mkdir(parents=True, exist_ok=True)
+    copy = data_dir / "snapshot.bin"
+    if snapshot_file.resolve() != copy.resolve():
+        shutil.copyfile(snapshot_file, copy)
+    with open(copy, "rb") as fh:
+        os.fsync(fh.fileno())
+    store = QueueStore(state_dir, state_map_size_mb)
+    try:
+        snapshot.install(copy, store)  # verifies size and CRC before replacing anything
+        # The copy names the old cluster's members; this node serves its snapshot.bin to
+        # the nodes it adds, which would take that list. Write it again naming this node.
+        snapshot.write_snapshot(copy, store, header.last, header.prev, [raft_addr])
+    finally:
+        store.close()
+    logstore = LogStore(raft_dir, raft_map_size_mb)
+    try:
+        journal = DurableJournal(logstore)
+        journal.reset([header.prev, header.last])
+        journal.setCurrentTerm(header.last[2], None)
+        journal.set_members([raft_addr])
+    finally:
+        logstore.close()
+    return header
