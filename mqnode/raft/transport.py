@@ -5,14 +5,51 @@ until the tick's journal flush; a mismatch answer skips the whole
 conflicting term; a success never rewinds the leader's next index past
 batches already in flight; and `mq_blocked` drops traffic to and from given
 peers (the fault suite's partition). Messages are encrypted with the
-cluster secret by pysyncobj (its `password` setting).
+cluster secret by pysyncobj (its `password` setting); pysyncobj closes a
+connection whose messages do not decrypt without a word, so we log both
+sides of it, at most once a minute per address: the receiving side (an
+incoming connection whose messages failed to decrypt, with the peer's IP),
+and the connecting side (the peer closed our connection before answering
+the key exchange: of two nodes only the one with the higher address
+connects, so each pair has exactly one of each).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.transport import TCPTransport
+
+log = logging.getLogger("mqnode.raft")
+
+WRONG_SECRET_LOG_EVERY_S = 60.0
+
+
+class _WatchedEncryptor:
+    """pysyncobj's Fernet encryptor for one incoming connection, remembering a failed decrypt."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.failed = False
+
+    def encrypt_at_time(self, data: bytes, at: int) -> bytes:
+        return bytes(self._inner.encrypt_at_time(data, at))
+
+    def extract_timestamp(self, data: bytes) -> int:
+        try:
+            return int(self._inner.extract_timestamp(data))
+        except Exception:
+            self.failed = True
+            raise
+
+    def decrypt(self, data: bytes) -> bytes:
+        try:
+            return bytes(self._inner.decrypt(data))
+        except Exception:
+            self.failed = True
+            raise
 
 
 class DeferringTransport(TCPTransport):  # type: ignore[misc]
@@ -27,7 +64,60 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         self._mq_deferred: list[tuple[Any, Any]] = []
         self.mq_blocked: frozenset[str] = frozenset()
         self.mq_resend = False
+        self._mq_incoming: dict[Any, tuple[str, _WatchedEncryptor]] = {}
+        self._mq_handshaking: set[Any] = set()  # outgoing, key exchange not answered yet
+        self._mq_warned: dict[str, float] = {}
         super().__init__(syncObj, selfNode, otherNodes)
+
+    def _onNewIncomingConnection(self, conn: Any) -> None:
+        super()._onNewIncomingConnection(conn)
+        if conn.encryptor is None:
+            return
+        try:
+            peer = str(conn._TcpConnection__socket.getpeername()[0])
+        except (OSError, AttributeError, IndexError):
+            peer = "unknown"
+        watched = _WatchedEncryptor(conn.encryptor)
+        conn.encryptor = watched
+        self._mq_incoming[conn] = (peer, watched)
+
+    def _onOutgoingConnected(self, conn: Any) -> None:
+        if self._syncObj.encryptor:
+            self._mq_handshaking.add(conn)
+        super()._onOutgoingConnected(conn)
+
+    def _onOutgoingMessageReceived(self, conn: Any, message: Any) -> None:
+        self._mq_handshaking.discard(conn)  # it answered: same secret
+        super()._onOutgoingMessageReceived(conn, message)
+
+    def _onDisconnected(self, conn: Any) -> None:
+        peer, watched = self._mq_incoming.pop(conn, ("", None))
+        if watched is not None and watched.failed:
+            self._warn_once(
+                peer,
+                "raft: dropped a connection from %s: its messages do not decrypt "
+                "(wrong cluster secret, or not an mqnode peer)",
+            )
+        if conn in self._mq_handshaking:
+            self._mq_handshaking.discard(conn)
+            node = self._connToNode(conn)
+            self._warn_once(
+                str(getattr(node, "address", "a peer")),
+                "raft: %s closed our connection without answering the key exchange "
+                "(a different cluster secret on one side? its log says so)",
+            )
+        super()._onDisconnected(conn)
+
+    def _warn_once(self, key: str, fmt: str) -> None:
+        """Log `fmt % key` at most once a minute per key (a peer retries every half second)."""
+        now = _pysyncobj_now()
+        last = self._mq_warned.get(key)
+        if last is not None and now - last < WRONG_SECRET_LOG_EVERY_S:
+            return
+        if len(self._mq_warned) >= 1024:  # many addresses: forget, stay bounded
+            self._mq_warned.clear()
+        self._mq_warned[key] = now
+        log.warning(fmt, key)
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self.mq_blocked and getattr(node, "address", None) in self.mq_blocked:
