@@ -318,11 +318,11 @@ class SmtpIngress:
         body = self._received(session, queue_id, rcpts, now_ms) + body
         upload_id, chunks = "", 0
         inline: bytes | None = body
+        parts: list[bytes] = []
         if len(body) > INLINE_BODY_MAX_BYTES:
             upload_id, inline = queue_id, None
             parts = [body[i : i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)]
             chunks = len(parts)
-            await self._upload(upload_id, parts, now_ms)
         peer: Any = session.peer
         cmd = Enqueue(
             queue_id=queue_id,
@@ -349,7 +349,7 @@ class SmtpIngress:
                 size=len(body),
                 message_id=message_id,
             )
-        status, value = await self._rep.submit(cmd)
+        status, value = await self._submit_with_chunks(cmd, parts, now_ms)
         if status in ("queued", "duplicate"):
             if self.events is not None:
                 self.events.emit("committed", value, duplicate=status == "duplicate")
@@ -380,13 +380,25 @@ class SmtpIngress:
         log.error("SMTP session error", exc_info=error)
         return "451 4.3.0 Error: internal error, try again later"
 
-    async def _upload(self, upload_id: str, parts: list[bytes], now_ms: int) -> None:
+    async def _submit_with_chunks(
+        self, cmd: Enqueue, parts: list[bytes], now_ms: int
+    ) -> tuple[str, str]:
+        """Submit the body chunks and the Enqueue together: one commit round, not two.
+
+        The pipeline keeps submission order, so the Enqueue is applied after its
+        chunks; apply rejects it if one is missing (a chunk retried after a leader
+        change lands later), and the client gets 451 and retries. The Enqueue's
+        result alone decides: once it is queued every chunk was there.
+        """
+        chunk_submits = [
+            self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms)) for i, p in enumerate(parts)
+        ]
         results = await asyncio.gather(
-            *(self._rep.submit(PutChunk(upload_id, i, p, now_ms)) for i, p in enumerate(parts)),
-            return_exceptions=True,
+            *chunk_submits, self._rep.submit(cmd), return_exceptions=True
         )
-        for r in results:
-            if isinstance(r, BaseException):
-                if isinstance(r, SubmitError):
-                    raise r
-                raise SubmitError(f"upload failed: {r}") from r
+        last = results[-1]
+        if isinstance(last, BaseException):
+            if isinstance(last, SubmitError):
+                raise last
+            raise SubmitError(f"submit failed: {last}") from last
+        return last
