@@ -78,8 +78,6 @@ __all__ = [
     "available",
     "measure_loopback_ceiling",
     "measure_postfix",
-    "measure_postfix_accept",
-    "measure_postfix_e2e",
     "reference_rows",
     "render_main_cf",
     "render_master_cf",
@@ -400,32 +398,6 @@ def measure_postfix(
         RefRow("Postfix accept", messages, elapsed, rate, note),
         RefRow("Postfix end to end", messages, e2e_s, messages / e2e_s, note),
     )
-
-
-def measure_postfix_accept(
-    messages: int,
-    sessions: int,
-    size: int,
-    recipients: int = 1,
-    *,
-    max_s: float = 120.0,
-    path: str | None = None,
-) -> RefRow:
-    """The accept row alone (a whole run; use measure_postfix() for both rows)."""
-    return measure_postfix(messages, sessions, size, recipients, max_s=max_s, path=path)[0]
-
-
-def measure_postfix_e2e(
-    messages: int,
-    sessions: int,
-    size: int,
-    recipients: int = 1,
-    *,
-    max_s: float = 120.0,
-    path: str | None = None,
-) -> RefRow:
-    """The end-to-end row alone (a whole run; use measure_postfix() for both rows)."""
-    return measure_postfix(messages, sessions, size, recipients, max_s=max_s, path=path)[1]
 
 
 def reference_rows(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadGen, LoadResult
+from bench.smtptools import stop_process
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0
@@ -122,16 +123,6 @@ def wait_port(port: int, timeout_s: float = START_TIMEOUT_S) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {HOST}:{port} after {timeout_s:.0f}s")
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace_s)
 
 
 @contextmanager

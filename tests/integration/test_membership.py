@@ -23,20 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.checks import assert_acked_once
+from tests.support.checks import assert_acked_once, offer_ok
 from tests.support.cli import run_cli
 from tests.support.cluster import ADMIN_TOKEN, FAST_TUNING, HOST, Cluster, http_get_json
-from tests.support.smtp import make_message, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def _offer_ok(c: Cluster, i: int, acked: dict[str, str]) -> None:
-    msg = make_message(512)
-    code, text, qid = submit(HOST, c.nodes[i].smtp_port, "a@client.test", ["r@x.test"], msg.data)
-    if code != 250 or not qid:
-        raise c.fail(f"{c.nodes[i].node_id} answered {code} {text!r}")
-    acked[msg.message_id] = qid
+    offer_ok(c, i, acked, size=512)
 
 
 def _cluster_cli(c: Cluster, admin_of: int, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.checks import assert_acked_once
-from tests.support.cluster import FAST_TUNING, HOST, Cluster
-from tests.support.smtp import make_message, submit
+from tests.support.checks import assert_acked_once, offer_ok
+from tests.support.cluster import FAST_TUNING, Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -24,11 +23,7 @@ TUNING = (*FAST_TUNING, "--log-compaction-min-entries", "20")
 
 
 def _offer_ok(c: Cluster, i: int, acked: dict[str, str]) -> None:
-    msg = make_message(1024)
-    code, text, qid = submit(HOST, c.nodes[i].smtp_port, "a@client.test", ["r@x.test"], msg.data)
-    if code != 250 or not qid:
-        raise c.fail(f"{c.nodes[i].node_id} answered {code} {text!r}")
-    acked[msg.message_id] = qid
+    offer_ok(c, i, acked)
 
 
 def test_node_with_a_wiped_data_dir_resyncs_from_its_peers(tmp_path: Path) -> None:

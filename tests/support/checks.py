@@ -50,3 +50,22 @@ def assert_not_queued(
         grouped = by_message_id(cluster.queue_messages(i))
         found = {mid: [e["id"] for e in grouped[mid]] for mid in message_ids if mid in grouped}
         assert not found, f"{cluster.nodes[i].node_id} queued refused messages: {found}"
+
+
+def offer_ok(
+    cluster: Cluster,
+    i: int,
+    acked: dict[str, str],
+    size: int = 1024,
+    sender: str = "a@client.test",
+    rcpts: Sequence[str] = ("r@x.test",),
+) -> None:
+    """Submit one message to node i; it must be answered 250 (recorded in `acked`)."""
+    from .smtp import make_message, submit
+
+    msg = make_message(size)
+    node = cluster.nodes[i]
+    code, text, qid = submit("127.0.0.1", node.smtp_port, sender, list(rcpts), msg.data)
+    if code != 250 or not qid:
+        raise cluster.fail(f"{node.node_id} answered {code} {text!r}")
+    acked[msg.message_id] = qid
