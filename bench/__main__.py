@@ -5,9 +5,10 @@
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
 1 and 10 recipients, five leader kills, sizes to 5 MiB, 3 vs 5 nodes).
-Writes `bench/results/<stamp>.json` and PNG plots under `docs/bench/`;
-`--record` also appends the markdown tables, with this exact command, to
-`docs/benchmarks.md` and keeps the JSON beside the plots in `docs/bench/`.
+Writes `<stamp>-<mode>.json` and PNG plots named after it to `bench/results/`;
+`--record` puts them in `docs/bench/` instead and appends the markdown
+tables, with this exact command and links to the plots, to
+`docs/benchmarks.md`.
 Postfix rows need `postfix`, `smtp-source` and `smtp-sink` and root; without
 them they are skipped with the reason in the table. Everything runs on
 127.0.0.1; every load is bounded in count and time; every process started is
@@ -81,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or (DOCS / "bench" if args.record else Path("bench/results"))
     json_path = out_dir / f"{stamp}-{plan.mode}.json"
     report.write_json(json_path, meta, results.rows, results.series)
-    pngs = report.plots(DOCS / "bench", results.series)
+    pngs = report.plots(out_dir, f"{stamp}-{plan.mode}", results.series)
     text = report.markdown(command.strip(), meta, results.rows)
     if pngs:
-        text += "\n" + "\n".join(f"![{p.stem}](bench/{p.name})" for p in pngs) + "\n"
+        links = (f"![{p.stem}]({p.relative_to(DOCS) if args.record else p})" for p in pngs)
+        text += "\n" + "\n".join(links) + "\n"
     print(text)
     print(f"results: {json_path}; plots: {', '.join(str(p) for p in pngs) or 'none'}")
     if args.record:

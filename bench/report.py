@@ -106,7 +106,7 @@ def markdown(command: str, meta: dict[str, Any], rows: list[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plots(directory: Path, series: dict[str, Any]) -> list[Path]:
+def plots(directory: Path, prefix: str, series: dict[str, Any]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +124,7 @@ def plots(directory: Path, series: dict[str, Any]) -> list[Path]:
         ax.set_xlabel("seconds")
         ax.set_ylabel("250s per second (100 ms bins)")
         ax.set_title("Acceptance through a leader kill (3 nodes, 1 KiB)")
-        written.append(_save(fig, directory / "failover-throughput.png"))
+        written.append(_save(fig, directory / f"{prefix}-failover-throughput.png"))
     lat = {k: v for k, v in series.items() if k.startswith("latency_ms_") and v}
     if lat:
         fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -137,7 +137,7 @@ def plots(directory: Path, series: dict[str, Any]) -> list[Path]:
         ax.set_title("Acceptance latency distribution (3 nodes, 1 KiB)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        written.append(_save(fig, directory / "latency-cdf.png"))
+        written.append(_save(fig, directory / f"{prefix}-latency-cdf.png"))
     return written
 
 
