@@ -246,10 +246,21 @@ class RaftNode(MembershipOps):
                 action()
             except Exception:  # an operator request must never cost a tick's flush
                 log.exception("admin action on the tick thread failed")
+        transport = sync._SyncObj__transport
+        resend, transport.mq_resend = transport.mq_resend, False
+        dirty = self._journal.dirty
+        if sync._isLeader() and (dirty or resend or sync.raftCommitIndex != self._sent_commit):
+            # Replicate new entries and tell followers the new commit index now, not at
+            # the next heartbeat: followers answer their own SMTP sessions after applying.
+            # Sent before our own flush, so the followers' fsyncs overlap ours (Raft allows
+            # it: pysyncobj counts the leader's copy only at the next tick, after it).
+            self._sent_commit = sync.raftCommitIndex
+            sync._SyncObj__sendAppendEntries()
         # Journal first: a follower may apply entries it appended in the previous poll but
         # has not flushed yet. Flushing after the state commit let a crash in between leave
         # the state ahead of the log (seen in the staggered full-restart chaos run).
-        appended = self._journal.flush()
+        self._journal.flush()
+        transport.release_deferred()  # acks and votes once durable: before the state commit
         last_applied = sync.raftLastApplied
         if last_applied > self._applied_written:
             txn = self._store.apply_txn()
@@ -258,14 +269,6 @@ class RaftNode(MembershipOps):
         self._store.commit_apply()
         self._applied_written = last_applied
         self._ledger.advance(last_applied)
-        transport = sync._SyncObj__transport
-        transport.release_deferred()
-        resend, transport.mq_resend = transport.mq_resend, False
-        if sync._isLeader() and (appended or resend or sync.raftCommitIndex != self._sent_commit):
-            # Replicate new entries and tell followers the new commit index now, not at
-            # the next heartbeat: followers answer their own SMTP sessions after applying.
-            self._sent_commit = sync.raftCommitIndex
-            sync._SyncObj__sendAppendEntries()
         alone = sync._isLeader() and not sync._SyncObj__otherNodes
         if alone and sync.raftCommitIndex < self._journal[-1][1]:
             # No ack wakes the poll to count what this tick appended: without this a
