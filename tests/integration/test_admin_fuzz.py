@@ -18,7 +18,6 @@ a wrong token or the right one. What must hold:
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from tests.support.cluster import ADMIN_TOKEN, HOST, Cluster
+from tests.support.cluster import ADMIN_TOKEN, HOST, Cluster, http_request
 from tests.support.smtp import make_message, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -72,16 +71,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 def _request(
     port: int, method: str, path: str, auth: str | None, body: bytes | None
 ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT_S)
-    try:
-        headers = {"Content-Type": "application/json"}
-        if auth is not None:
-            headers["Authorization"] = auth
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return http_request(port, method, path, auth, body, REQUEST_TIMEOUT_S)
 
 
 # --- strategies ---------------------------------------------------------------------------

@@ -15,7 +15,6 @@ a fixed number of rounds of mail that the rest of the cluster commits meanwhile.
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.support.checks import assert_acked_once, offer_ok
-from tests.support.cluster import ADMIN_TOKEN, HOST, Cluster, http_get_json
+from tests.support.cluster import ADMIN_TOKEN, Cluster, http_get_json, http_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -184,16 +183,7 @@ def _queue(admin_url: str) -> list[dict[str, Any]]:
 def _request(
     port: int, method: str, path: str, auth: str | None, body: bytes | None = None
 ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=15)
-    try:
-        headers = {"Content-Type": "application/json"}
-        if auth is not None:
-            headers["Authorization"] = auth
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return http_request(port, method, path, auth, body)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ error shows its log).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -93,6 +94,27 @@ def free_ports(count: int) -> list[int]:
 
 
 ADMIN_TOKEN = "integration-test-admin-token-0123456789"
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    auth: str | None,
+    body: bytes | None = None,
+    timeout_s: float = 15.0,
+) -> tuple[int, bytes]:
+    """One request to 127.0.0.1:port with any method, auth header and body; (status, body)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if auth is not None:
+            headers["Authorization"] = auth
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def http_get(url: str, timeout_s: float = 3.0) -> bytes:
