@@ -372,10 +372,21 @@ def _print_status(st: dict[str, Any]) -> None:
         ),
         ("queue", f"active {q['active']}, deferred {q['deferred']}, hold {q['hold']}"),
         ("dispatch lease", "held" if st["lease_held"] else "not held"),
+        ("raft links", _links(st.get("peer_last_heard_s") or {})),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _links(heard: dict[str, float | None]) -> str:
+    """Each peer with how long ago this node last heard from it (idle links send a no-op)."""
+    if not heard:
+        return "none (single node)"
+    return ", ".join(
+        f"{addr} {'not connected' if s is None else f'heard {s:.1f}s ago'}"
+        for addr, s in sorted(heard.items())
+    )
 
 
 def _run_event_loop(coro: Coroutine[Any, Any, None]) -> None:

@@ -156,6 +156,7 @@ class AdminServer:
             "lease_held": self._lease_held(),
             "nodes": nodes,
             "match_index": st.match_index,
+            "peer_last_heard_s": st.peer_last_heard_s,
             "members": list(st.members),
             "quorum": membership.quorum(len(st.members)),
         }

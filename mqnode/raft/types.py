@@ -41,3 +41,5 @@ class RaftStatus:
     log_len: int
     match_index: dict[str, int] = field(default_factory=dict)  # leader only: per peer
     members: tuple[str, ...] = ()  # the latest member list in this node's log, itself included
+    # Seconds since each peer's Raft connection last delivered anything; None: not connected.
+    peer_last_heard_s: dict[str, float | None] = field(default_factory=dict)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,6 +218,29 @@ def test_status_json_and_table(shared_cluster: Cluster, run_cli: RunCli) -> None
     table = run_cli("status", "--admin", c.nodes[lead].admin_addr)
     assert table.returncode == 0, table.stderr
     assert c.nodes[lead].node_id in table.stdout and "leader" in table.stdout
+    assert "raft links" in table.stdout
+
+
+# pysyncobj's connectionTimeout as RaftNode sets it: max(3.5 s, 2 x election max).
+CONNECTION_TIMEOUT_S = 3.5
+
+
+def test_idle_links_between_followers_stay_fresh(shared_cluster: Cluster) -> None:
+    """Followers never talk to each other; without the keep-alive their link went stale.
+
+    pysyncobj then dropped the first vote request after a leader crash (the
+    send that noticed the stale link), which cost failover a second election
+    round. Every node must have heard from every peer within the timeout.
+    """
+    c = shared_cluster
+    c.wait_for_leader()
+    time.sleep(CONNECTION_TIMEOUT_S + 1.0)  # longer than a link may stay quiet
+    for i, node in enumerate(c.nodes):
+        heard = c.status(i)["peer_last_heard_s"]
+        others = {n.raft_addr for n in c.nodes if n is not node}
+        assert set(heard) == others, heard
+        stale = {a: s for a, s in heard.items() if s is None or s >= CONNECTION_TIMEOUT_S}
+        assert not stale, f"{node.node_id}: {stale}"
 
 
 # --- failures -----------------------------------------------------------------------------
