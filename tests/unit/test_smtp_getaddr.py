@@ -1,0 +1,65 @@
+"""SubmissionProtocol._getaddr: the fast path answers exactly as aiosmtpd's parser does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqnode.smtpserver import SubmissionProtocol
+
+ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+SPECIALS = ' \t()<>@,:;."[]\\'
+
+
+def session(local_part_limit: int = 0) -> Any:
+    proto = object.__new__(SubmissionProtocol)  # _getaddr needs no connection
+    proto.local_part_limit = local_part_limit
+    return proto
+
+
+def reference(arg: str, local_part_limit: int = 0) -> Any:
+    return SMTP._getaddr(session(local_part_limit), arg)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<a@b.c> SIZE=10",
+        "<a@b.c>",
+        " <a@b.c>  BODY=8BITMIME",
+        "<a@b.c>\tSIZE=1",
+        "<first.last+tag@sub.example.test>",
+        "<a@b.c>(comment) SIZE=1",  # the parser strips the comment
+        "<a@b..c>",  # not a dot-atom: the parser refuses it
+        "<a@b.c.>",
+        '<"quoted local"@example.test>',
+        "<a@[127.0.0.1]>",
+        "<@route:a@b.c>",
+        "<>",
+        "a@b.c",  # no angle brackets
+        "",
+        "<ünïcode@example.test>",
+    ],
+)
+def test_same_answer_as_aiosmtpd(arg: str) -> None:
+    assert SubmissionProtocol._getaddr(session(), arg) == reference(arg)
+
+
+def test_local_part_limit_applies_on_the_fast_path() -> None:
+    assert SubmissionProtocol._getaddr(session(3), "<abcd@b.c>") == (None, None)
+    assert SubmissionProtocol._getaddr(session(4), "<abcd@b.c>") == ("abcd@b.c", "")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.text(alphabet=ATEXT + SPECIALS, max_size=30),
+    st.text(alphabet=ATEXT + ".", min_size=1, max_size=20),
+    st.text(alphabet=ATEXT + " \t=(", max_size=15),
+)
+def test_generated_paths_agree(local: str, domain: str, rest: str) -> None:
+    arg = f"<{local}@{domain}>{rest}"
+    assert SubmissionProtocol._getaddr(session(), arg) == reference(arg)
