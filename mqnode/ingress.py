@@ -36,11 +36,12 @@ import datetime
 import email.utils
 import functools
 import hashlib
+import inspect
 import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,28 @@ def _rfc5322_date(second: int) -> str:
     return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
 
 
+class NetworkSet:
+    """Whether an address is in any of a fixed list of networks, remembered per address.
+
+    Asked on every connection and every MAIL, RCPT and DATA; clients reconnect
+    for each message, so the same few addresses come back all the time.
+    """
+
+    MEMO_MAX = 4096  # distinct addresses remembered; then it starts over
+
+    def __init__(self, networks: Sequence[str]) -> None:
+        self.networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._memo: dict[Any, bool] = {}
+
+    def contains(self, ip: Any) -> bool:
+        found = self._memo.get(ip)
+        if found is None:
+            if len(self._memo) >= self.MEMO_MAX:
+                self._memo.clear()
+            found = self._memo[ip] = any(ip in net for net in self.networks)
+        return found
+
+
 def client_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """Rate-limit key: the IPv4 address, or the /64 of an IPv6 one (one site, many addresses)."""
     if isinstance(ip, ipaddress.IPv6Address):
@@ -201,13 +224,8 @@ class SmtpIngress:
         self._msg_rate = RateLimiter(self.limits.message_rate_per_min, clock)
         self._concurrent = ConcurrencyLimiter(self.limits.max_connections_per_client)
         self._auth_slots = asyncio.Semaphore(AUTH_CHECK_SLOTS)
-        self._exempt_networks: list[Network] = [
-            ipaddress.ip_network(n, strict=False) for n in self.limits.exempt_networks
-        ]
-        self._exempt_seen: dict[Any, bool] = {}
-        self._networks: list[Network] = [
-            ipaddress.ip_network(n, strict=False) for n in allowed_networks
-        ]
+        self._exempt_networks = NetworkSet(self.limits.exempt_networks)
+        self._networks = NetworkSet(allowed_networks)
         self._max_rcpts = max_recipients
         self._fill_ratio = store_fill_ratio
         self._full_ratio = store_full_ratio
@@ -223,15 +241,10 @@ class SmtpIngress:
         if session.authenticated:
             return True  # an authenticated user may submit from any network
         ip = peer_ip(session.peer)
-        return ip is not None and any(ip in net for net in self._networks)
+        return ip is not None and self._networks.contains(ip)
 
     def _exempt(self, ip: Any) -> bool:
-        exempt = self._exempt_seen.get(ip)
-        if exempt is None:
-            if len(self._exempt_seen) >= 4096:
-                self._exempt_seen.clear()  # bounded: many distinct clients
-            exempt = self._exempt_seen[ip] = any(ip in net for net in self._exempt_networks)
-        return exempt
+        return self._exempt_networks.contains(ip)
 
     # --- connections (called by SubmissionProtocol) ---------------------------
 
@@ -435,3 +448,9 @@ class SmtpIngress:
                 raise last
             raise SubmitError(f"submit failed: {last}") from last
         return last
+
+
+# aiosmtpd calls inspect.signature() on handle_EHLO for every connection (to tell its
+# old 4-argument form from the 5-argument one); answering from a stored signature
+# takes a third of the time.
+SmtpIngress.handle_EHLO.__signature__ = inspect.signature(SmtpIngress.handle_EHLO)  # type: ignore[attr-defined]
