@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 from .clock import Clock
@@ -151,14 +152,15 @@ class Dispatcher:
             return
         waited_out = lease.waited_out()
         picked: dict[str, QueuedMessage] = {}
-        for msg in self._store.due_messages(self._clock.wall_ms(), self._s.batch):
-            if msg.queue_id in self._in_flight:
-                continue
-            if msg.claim_epoch not in (0, epoch) and not waited_out:
-                continue  # another leader's claim: wait out its lease first
-            picked[msg.queue_id] = msg
-            if len(picked) >= free:
-                break
+        now_ms = self._clock.wall_ms()
+        # Closed before the first await: it holds the store's lock and a read transaction.
+        with closing(self._store.iter_due(now_ms, self._s.batch, self._in_flight)) as due:
+            for msg in due:
+                if msg.claim_epoch not in (0, epoch) and not waited_out:
+                    continue  # another leader's claim: wait out its lease first
+                picked[msg.queue_id] = msg
+                if len(picked) >= free:
+                    break
         if not picked:
             return
         status, granted = await self._rep.submit(Claim(tuple(picked), self._s.node_id, epoch))

@@ -23,7 +23,7 @@ import shutil
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Container, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -327,15 +327,30 @@ class QueueStore:
 
     def due_messages(self, now_ms: int, limit: int) -> list[QueuedMessage]:
         """Messages whose next attempt is due, oldest due first."""
-        out: list[QueuedMessage] = []
+        return list(self.iter_due(now_ms, limit))
+
+    def iter_due(
+        self, now_ms: int, limit: int, skip: Container[str] = ()
+    ) -> Generator[QueuedMessage, None, None]:
+        """Due messages one at a time, decoded only when asked for; ids in `skip` passed over.
+
+        The dispatcher skips the messages it is delivering (the oldest due) and
+        stops once its free slots are filled: decoding a whole batch on every
+        scan was a tenth of the leader's CPU in the end-to-end bench. Consume it
+        without awaiting in between: it holds a read transaction.
+        """
         with self._lock, self._env.begin(write=False) as txn:
+            given = 0
             for key, _ in txn.cursor(db=self._due):
-                if _U64.unpack(key[:8])[0] > now_ms or len(out) >= limit:
+                if _U64.unpack(key[:8])[0] > now_ms or given >= limit:
                     break
+                qid = bytes(key[8:]).decode()
+                if qid in skip:
+                    continue
                 raw = txn.get(bytes(key[8:]), db=self._msgs)
                 if raw is not None:
-                    out.append(_decode_message(bytes(raw), bytes(key[8:]).decode()))
-        return out
+                    given += 1
+                    yield _decode_message(bytes(raw), qid)
 
     def fill_ratio(self) -> float:
         """Pages in use over the map size, as of the last few commits (cheap: no I/O).

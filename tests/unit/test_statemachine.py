@@ -654,3 +654,19 @@ def test_queue_operations(tx: Transcript, store: QueueStore) -> None:
     assert tx.one(QueueOp("delete", ("Q1", "Q2"), T0)) == ("ok", "Q1,Q2")
     assert store.list_messages(10) == [] and store.counts() == NO_COUNTS
     assert tx.one(QueueOp("explode", ("Q1",), T0))[0] == "rejected"
+
+
+def test_iter_due_skips_in_flight_ids_and_stops_when_closed(
+    tx: Transcript, store: QueueStore
+) -> None:
+    for i, qid in enumerate(("Q1", "Q2", "Q3", "Q4")):
+        tx.apply(enqueue(qid, T0 + i, ("a@example.com",), b"x\r\n", idem=qid.encode()))
+    due = store.iter_due(T0 + 10, 3, skip={"Q1", "Q3"})
+    assert [m.queue_id for m in due] == ["Q2", "Q4"]  # skipped ones do not count to the limit
+    assert [m.queue_id for m in store.iter_due(T0 + 10, 2)] == ["Q1", "Q2"]
+    # The dispatcher closes it half-way: the read transaction and the lock are let go.
+    gen = store.iter_due(T0 + 10, 10)
+    assert next(gen).queue_id == "Q1"
+    gen.close()
+    tx.apply(enqueue("Q5", T0 + 5, ("a@example.com",), b"x\r\n", idem=b"Q5"))
+    assert [m.queue_id for m in store.due_messages(T0 + 10, 10)][-1] == "Q5"
