@@ -214,6 +214,57 @@ def end_to_end(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
             note="" if got.messages >= acked else f"sink got {got.messages} of {acked} acked",
         )
         out.rows.extend([accept_row, row])
+    _end_to_end_smtp_source(plan, tmp, params, step, out)
+
+
+def _end_to_end_smtp_source(
+    plan: Plan, tmp: Path, params: dict[str, Any], step: Step, out: Results
+) -> None:
+    """The Postfix end-to-end row's set-up with mqnode in Postfix's place.
+
+    smtp-source into the leader, relay host smtp-sink: the same C generator
+    and sink as "Postfix end to end", so the two rates compare (our Python
+    generator and sink above cost the shared CPUs more). Skipped when the
+    tools are not installed.
+    """
+    if postfix.available(instance=False) is not None:
+        return
+    step("e2e: smtp-source -> mqnode 3 nodes -> smtp-sink")
+    p = {**params, "generator": SMTP_SOURCE}
+    name = "mqnode 3 nodes, delivered to sink"
+    port = free_ports(1)[0]
+    with (
+        postfix.smtp_sink(port) as sink,
+        _cluster(tmp / "e2e-smtp-source", 3, relay=f"{HOST}:{port}") as c,
+    ):
+        base = sink.received()
+        t0 = time.monotonic()
+        try:
+            postfix.run_source(
+                c.nodes[c.leader()].smtp_port,
+                p["messages"],
+                p["sessions"],
+                p["size"],
+                p["recipients"],
+                max_s=plan.max_s,
+            )
+        except postfix.PostfixBenchError as exc:
+            out.rows.append(Row("e2e", name, p, note=f"failed: {exc}"))
+            return
+        drained = sink.wait_for(base + p["messages"], plan.max_s)
+        span = time.monotonic() - t0
+        got = sink.received() - base
+    out.rows.append(
+        Row(
+            "e2e",
+            name,
+            p,
+            rate=got / span if drained else None,
+            acked=got,
+            attempted=p["messages"],
+            note="" if drained else f"smtp-sink got {got} of {p['messages']} in time",
+        )
+    )
 
 
 def latency(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
