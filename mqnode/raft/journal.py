@@ -128,6 +128,13 @@ class DurableJournal(Journal):  # type: ignore[misc]
     def dirty(self) -> bool:
         return bool(self._ops)
 
+    def durable_through(self, index: int) -> bool:
+        """Whether no pending op touches an entry at or below `index` (they are on disk)."""
+        for op, idx, _term, _cmd in self._ops:
+            if op == "clear" or (op in ("add", "del_from") and idx <= index):
+                return False
+        return True
+
     def stored_members(self) -> list[str] | None:
         members = self._meta.get("members")
         return None if members is None else [str(m) for m in members]

@@ -293,19 +293,23 @@ class RaftNode(MembershipOps):
             # it: pysyncobj counts the leader's copy only at the next tick, after it).
             self._sent_commit = sync.raftCommitIndex
             sync._SyncObj__sendAppendEntries()
-        # Journal first: a follower may apply entries it appended in the previous poll but
-        # has not flushed yet. Flushing after the state commit let a crash in between leave
-        # the state ahead of the log (seen in the staggered full-restart chaos run).
-        self._journal.flush()
-        transport.release_deferred()  # acks and votes once durable: before the state commit
         last_applied = sync.raftLastApplied
-        if last_applied > self._applied_written:
-            txn = self._store.apply_txn()
-            if txn.applied_index() < last_applied:
-                txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
-        self._store.commit_apply()
-        self._applied_written = last_applied
-        self._ledger.advance(last_applied)
+        if sync._isLeader() and self._journal.durable_through(last_applied):
+            # The leader's critical write is the state: its callers wait for it, and
+            # what it applied was flushed in earlier ticks (pysyncobj counts entries
+            # appended before this tick's commit step only). Answer them before our
+            # own journal fsync, which only new entries wait for.
+            self._commit_state(last_applied)
+            self._deliver_completions(failed=False)
+            self._journal.flush()
+            transport.release_deferred()
+        else:
+            # Journal first: a follower may apply entries it appended in the previous poll
+            # but has not flushed yet. Flushing after the state commit let a crash in between
+            # leave the state ahead of the log (seen in the staggered full-restart chaos run).
+            self._journal.flush()
+            transport.release_deferred()  # acks and votes once durable: before the state commit
+            self._commit_state(last_applied)
         alone = sync._isLeader() and not sync._SyncObj__otherNodes
         if alone and sync.raftCommitIndex < self._journal[-1][1]:
             # No ack wakes the poll to count what this tick appended: without this a
@@ -313,6 +317,15 @@ class RaftNode(MembershipOps):
             self.wake()
         self._deliver_completions(failed=False)
         self._publish_status()
+
+    def _commit_state(self, last_applied: int) -> None:
+        if last_applied > self._applied_written:
+            txn = self._store.apply_txn()
+            if txn.applied_index() < last_applied:
+                txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
+        self._store.commit_apply()
+        self._applied_written = last_applied
+        self._ledger.advance(last_applied)
 
     def _roll_back(self) -> None:
         self._store.abort_apply()

@@ -338,3 +338,20 @@ def test_resent_entry_with_another_term_at_an_applied_index_is_corruption(
     j.applied_index = lambda: 8
     with pytest.raises(CorruptDataError):
         j.add(b"other", 5, 2)
+
+
+def test_durable_through_names_what_pending_ops_leave_alone(journals: Journals) -> None:
+    # The leader commits its state before its journal fsync only when every applied entry
+    # is already on disk: no pending add or truncation at or below the applied index.
+    j = journals.open()
+    fill(j, 5)  # indexes 1..6
+    j.flush()
+    assert j.durable_through(6)
+    fill(j, 2)  # 7, 8 pending
+    assert j.durable_through(6) and not j.durable_through(7)
+    j.flush()
+    j.deleteEntriesFrom(5)  # pending truncation of 6..8
+    assert j.durable_through(5) and not j.durable_through(6)
+    j.flush()
+    j.clear()
+    assert not j.durable_through(0)
