@@ -8,15 +8,19 @@ as far as MAIL FROM is final for this attempt (Postfix does the same).
 STARTTLS is used whenever offered (opportunistic, no certificate check, like
 Postfix's `may` level); `require_tls` turns "not offered" into a deferral.
 
-Fencing: `gate()` is called after the message body is written and before the
-final "." of DATA. If it returns False (the dispatch lease was lost), the
-connection is dropped without the final "." so the server discards the
-message, and `LeaseLost` is raised: nothing may be recorded for this attempt.
+Fencing: `gate()` is called after the server's 354 and right before the body
+and the final "." are written (one write, nothing awaited in between). If it
+returns False (the dispatch lease was lost), the connection is dropped without
+the final "." so the server discards the message, and `LeaseLost` is raised:
+nothing may be recorded for this attempt.
 
-Connections are reused: after a transaction the session is reset (RSET) and
-parked per target for `idle_s`, up to `max_idle_per_target` sessions and
-`max_messages_per_connection` transactions each, so a burst to one
-destination pays the connect, EHLO and STARTTLS once.
+Connections are reused: parked per target for `idle_s`, up to
+`max_idle_per_target` sessions and `max_messages_per_connection` transactions
+each, so a burst to one destination pays the connect, EHLO and STARTTLS once.
+A transaction that ended with the reply to the final "." leaves the session
+ready for the next MAIL (RFC 5321 4.1.1.4); one that stopped earlier (MAIL,
+every RCPT or DATA refused) is reset with RSET before it is parked. The body
+and the final "." leave in one write, right after the lease gate.
 
 Limits: `timeout_s` per SMTP command and for the connect.
 """
@@ -107,13 +111,14 @@ class DeliveryAgent:
             p.client.close()
         return None
 
-    async def _park(self, target: Target, p: _Parked) -> None:
+    async def _park(self, target: Target, p: _Parked, reset: bool) -> None:
         sessions = self._parked.setdefault(target, [])
         if p.uses >= self._max_uses or len(sessions) >= self._max_idle:
             await _close(p.client)
             return
         try:
-            await p.client.rset()
+            if reset:
+                await p.client.rset()
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             p.client.close()
             return
@@ -182,7 +187,9 @@ class DeliveryAgent:
                 continue
             try:
                 session.uses += 1
-                results = await self._transaction(session.client, mail_from, rcpts, body, gate)
+                results, ended = await self._transaction(
+                    session.client, mail_from, rcpts, body, gate
+                )
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await _close(session.client)
                 reply = f"{target.name}[{target.address}]: lost connection: {exc}"
@@ -190,7 +197,7 @@ class DeliveryAgent:
             except BaseException:
                 session.client.close()
                 raise
-            await self._park(target, session)
+            await self._park(target, session, reset=not ended)
             return results, target.name
         return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], ""
 
@@ -201,12 +208,13 @@ class DeliveryAgent:
         rcpts: list[tuple[int, str]],
         body: bytes,
         gate: Callable[[], bool],
-    ) -> list[RecipientResult]:
+    ) -> tuple[list[RecipientResult], bool]:
+        """Per-recipient results, and whether the transaction ended (final "." answered)."""
         try:
             await client.mail(mail_from)
         except aiosmtplib.SMTPResponseException as exc:
             out = _outcome_for(exc.code).value
-            return [(i, out, f"MAIL: {exc.code} {exc.message}") for i, _ in rcpts]
+            return [(i, out, f"MAIL: {exc.code} {exc.message}") for i, _ in rcpts], False
         results: dict[int, RecipientResult] = {}
         accepted: list[int] = []
         for idx, addr in rcpts:
@@ -215,27 +223,28 @@ class DeliveryAgent:
                 accepted.append(idx)
             except aiosmtplib.SMTPResponseException as exc:
                 results[idx] = (idx, _outcome_for(exc.code).value, f"{exc.code} {exc.message}")
+        ended = False
         if accepted:
-            code, reply = await self._gated_data(client, body, gate)
+            code, reply, ended = await self._gated_data(client, body, gate)
             for idx in accepted:
                 results[idx] = (idx, _outcome_for(code).value, reply)
-        return [results[i] for i, _ in rcpts]
+        return [results[i] for i, _ in rcpts], ended
 
     async def _gated_data(
         self, client: aiosmtplib.SMTP, body: bytes, gate: Callable[[], bool]
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, bool]:
         start = await client.execute_command(b"DATA")
         if start.code != 354:
-            return start.code, f"DATA: {start.code} {start.message}"
+            return start.code, f"DATA: {start.code} {start.message}", False
         protocol = client.protocol
         assert protocol is not None
-        protocol.write(dot_stuff(body))
         if not gate():
             client.close()  # no final ".": the server must discard the message
             raise LeaseLost("dispatch lease lost before the end of DATA")
-        protocol.write(b".\r\n")
+        # Body and final "." in one write, with no await between the gate and it.
+        protocol.write(dot_stuff(body) + b".\r\n")
         resp = await protocol.read_response(timeout=self._timeout_s)
-        return resp.code, f"{resp.code} {resp.message}"
+        return resp.code, f"{resp.code} {resp.message}", True
 
 
 async def _close(client: aiosmtplib.SMTP) -> None:
