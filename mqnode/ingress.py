@@ -122,10 +122,13 @@ def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     tenth of the node's CPU at a few hundred connections a second. A `__dir__`
     answering from this per-class cache gives aiosmtpd the same tables.
     """
-    cached: list[str] | None = cls.__dict__.get("_mq_hook_names")
+    per_class: dict[tuple[str, ...], list[str]] | None = cls.__dict__.get("_mq_hook_names")
+    if per_class is None:
+        per_class = {}
+        cls._mq_hook_names = per_class  # type: ignore[attr-defined]
+    cached = per_class.get(prefixes)
     if cached is None:
-        cached = sorted(n for n in dir(cls) if n.startswith(prefixes))
-        cls._mq_hook_names = cached  # type: ignore[attr-defined]
+        cached = per_class[prefixes] = sorted(n for n in dir(cls) if n.startswith(prefixes))
     return cached
 
 

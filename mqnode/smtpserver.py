@@ -62,20 +62,33 @@ _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
 _SIMPLE_PATH = re.compile(rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>[ \t]*(.*)", re.DOTALL)
 
 
-class _CountedMethods(dict[str, Method]):
-    """aiosmtpd's command table; wraps a command in the session's counter when it is looked up.
+class _CountedMethods(dict[str, Callable[..., Awaitable[None]]]):
+    """aiosmtpd's command table for one session, shared per class, bound when looked up.
 
-    Wrapping all twenty-odd commands up front cost every connection twenty
-    closures; a session uses four or five.
+    aiosmtpd binds all twenty-odd `smtp_*` methods of every new connection
+    (and wrapping them in the command counter would cost twenty closures);
+    a session uses four or five. `get` binds the one asked for and wraps it.
+    HELP reads the functions' syntax attributes through `items()`.
     """
 
-    def __init__(self, session: SubmissionProtocol, methods: dict[str, Method]) -> None:
-        super().__init__(methods)
+    def __init__(self, session: SubmissionProtocol) -> None:
+        super().__init__(_command_functions(type(session)))
         self._session = session
 
     def get(self, name: str, default: Any = None) -> Any:
-        method = super().get(name)
-        return default if method is None else self._session._counted(name, method)
+        func = super().get(name)
+        if func is None:
+            return default
+        return self._session._counted(name, func.__get__(self._session, type(self._session)))
+
+
+def _command_functions(cls: type) -> dict[str, Callable[..., Awaitable[None]]]:
+    """SMTP verb -> the class's `smtp_<VERB>` function (what aiosmtpd's table holds, unbound)."""
+    table: dict[str, Callable[..., Awaitable[None]]] | None = cls.__dict__.get("_mq_commands")
+    if table is None:
+        table = {n.removeprefix("smtp_"): getattr(cls, n) for n in hook_names(cls, ("smtp_",))}
+        cls._mq_commands = table  # type: ignore[attr-defined]
+    return table
 
 
 def _b64(text: str) -> bytes | None:
@@ -118,10 +131,12 @@ class SubmissionProtocol(SMTP):
         self._commands = 0
         self._failed_logins = 0
         self._held_lines: list[bytes] = []
-        self._smtp_methods = _CountedMethods(self, self._smtp_methods)
+        self._smtp_methods = _CountedMethods(self)
 
     def __dir__(self) -> list[str]:
-        return hook_names(type(self), ("smtp_", "auth_"))
+        # What aiosmtpd's __init__ scans: AUTH mechanisms (its command table, built
+        # from smtp_* names, is replaced by _CountedMethods right after).
+        return hook_names(type(self), ("auth_",))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's MAIL/RCPT path parser, with a fast path for plain `<local@domain>`.

@@ -234,6 +234,20 @@ def test_allowed_network_needs_no_auth(sub: SubmissionCluster) -> None:
     check_queued(sub, {msg.message_id: qid}, "ESMTP")
 
 
+def test_help_lists_commands_from_the_shared_table(sub: SubmissionCluster) -> None:
+    # The command table is shared per class and bound on lookup (smtpserver._CountedMethods);
+    # HELP reads it whole, and HELP <verb> one entry's syntax.
+    with smtp(sub, "127.0.0.1") as client:
+        client.ehlo()
+        code, text = client.docmd("HELP")
+        assert code == 250, text
+        assert {b"MAIL", b"RCPT", b"DATA", b"EHLO", b"STARTTLS"} <= set(text.split()), text
+        code, text = client.docmd("HELP", "MAIL")
+        assert code == 250 and text.startswith(b"Syntax: MAIL FROM:"), text
+        assert client.docmd("HELP", "NOSUCH")[0] == 501
+        assert client.noop()[0] == 250
+
+
 # --- per-client limits ----------------------------------------------------------
 
 
