@@ -49,13 +49,22 @@ class SnapshotHeader:
 
 
 def write_snapshot(
-    dest: Path, store: QueueStore, last: Entry, prev: Entry, cluster: list[str]
+    dest: Path,
+    store: QueueStore,
+    last: Entry,
+    prev: Entry,
+    cluster: list[str],
+    txn: Any = None,
 ) -> None:
-    """Write a snapshot of `store` (applied up to last[1]) to `dest`, fsynced."""
+    """Write a snapshot of `store` (applied up to last[1]) to `dest`, fsynced.
+
+    `txn`: a read transaction from `store.snapshot_txn()` taken at last[1]
+    (the background writer's case); without it the current state is copied.
+    """
     with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=".state-", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     try:
-        store.copy_to(tmp_path)
+        store.copy_to(tmp_path, txn)
         crc, size = 0, 0
         with open(tmp_path, "rb") as fh:
             while chunk := fh.read(_COPY_BYTES):

@@ -50,7 +50,7 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -384,13 +384,28 @@ class QueueStore:
         )
 
     # -- snapshots -----------------------------------------------------------
-    def copy_to(self, dest_file: Path) -> None:
-        """A consistent, compacted copy of the state as one file, fsynced."""
-        self.commit_apply()
+    def copy_to(self, dest_file: Path, txn: Any = None) -> None:
+        """A consistent, compacted copy of the state as one file, fsynced.
+
+        With `txn` (from `snapshot_txn()`), the copy is the state as of that read
+        transaction, and may run on another thread while applies go on.
+        """
+        if txn is None:
+            self.commit_apply()
         with open(dest_file, "wb") as fh:
-            self._env.copyfd(fh.fileno(), compact=True)
+            self._env.copyfd(fh.fileno(), compact=True, txn=txn)
             fh.flush()
             os.fsync(fh.fileno())
+
+    def snapshot_txn(self) -> Any:
+        """Commit this tick's applies and open a read transaction on exactly that state.
+
+        LMDB readers see a fixed version while writers go on (pages they still
+        see are not reused until they end), so a snapshot can be copied from it
+        on another thread. The caller must abort it, and before `replace_from`.
+        """
+        self.commit_apply()
+        return self._env.begin(write=False)
 
     def replace_from(self, data_file: Path) -> None:
         """Swap the whole state for a snapshot copy (install-snapshot path)."""
@@ -407,7 +422,7 @@ class QueueStore:
             shutil.rmtree(old, ignore_errors=True)
             os.rename(self.path, old)
             os.rename(staging, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             shutil.rmtree(old, ignore_errors=True)
             self._open()
 

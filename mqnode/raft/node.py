@@ -23,6 +23,7 @@ from ..statemachine import QueueStateMachine, Result
 from ..store import LogStore, QueueStore
 from .journal import DurableJournal, Entry
 from .members import FAIL_NAMES, MembershipOps
+from .snapshot_writer import SnapshotWriter
 from .transport import DeferringTransport
 from .types import Done, RaftSettings, RaftStatus
 
@@ -95,6 +96,7 @@ class RaftNode(MembershipOps):
         self._loop = loop
         self._on_status_change = on_status_change
         self._snapshot_path = settings.data_dir / "snapshot.bin"
+        self._snapshots = SnapshotWriter(self._snapshot_path)
         self._logstore = LogStore(settings.data_dir / "raft", settings.raft_map_size_mb)
         self._journal = DurableJournal(self._logstore)
         self._reconcile_startup()
@@ -141,6 +143,7 @@ class RaftNode(MembershipOps):
             journalFile=None,
             fullDumpFile=str(self._snapshot_path),
             serializer=self._serialize,
+            serializeChecker=self._snapshots.status,
             deserializer=self._deserialize,
             raftMinTimeout=s.election_timeout_min_ms / 1000,
             raftMaxTimeout=max_s,
@@ -201,6 +204,7 @@ class RaftNode(MembershipOps):
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._sync._doDestroy()
+        self._snapshots.close()
         self._logstore.close()
 
     # -- submission (any thread) -----------------------------------------------------
@@ -376,27 +380,31 @@ class RaftNode(MembershipOps):
             self._loop.call_soon_threadsafe(self._on_status_change, status)
 
     # -- snapshot hooks (tick thread, called by pysyncobj) ------------------------------------
-    def _serialize(self, filename: str, data: Any) -> None:
+    def _serialize(self, _filename: str, data: Any) -> None:
+        """Start a snapshot at last[1]; SnapshotWriter copies it off the tick thread.
+
+        pysyncobj then renames its own temporary file name over snapshot.bin; we
+        never create that file, so its rename fails (caught inside pysyncobj) and
+        our checker (`SnapshotWriter.status`) alone reports the outcome.
+        """
         last, prev, _cluster = data
         txn = self._store.apply_txn()
         if txn.applied_index() < last[1]:
             txn.set_applied_index(last[1])
-        self._store.commit_apply()
         # pysyncobj passes its current member list (`_cluster`), which includes membership
         # entries appended after the snapshot's index, perhaps never to commit. A follower
         # installing the snapshot must get the list *at* that index: the later entries
         # reach it with the log, and are undone there if a new leader drops them.
         members = self._ledger.at(int(last[1]))
-        snapshot.write_snapshot(
-            Path(filename),
+        self._snapshots.start(
             self._store,
             (bytes(last[0]), int(last[1]), int(last[2])),
             (bytes(prev[0]), int(prev[1]), int(prev[2])),
             members,
         )
-        log.info("snapshot written at index %d", last[1])
 
     def _deserialize(self, filename: str) -> tuple[Entry, Entry, list[str]]:
+        self._snapshots.discard()  # ours must not replace the leader's, nor hold the store
         try:
             self._store.commit_apply()
         except StoreFullError:

@@ -1,0 +1,110 @@
+"""SnapshotWriter: the copy runs off the tick thread and shows the state at its index only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pysyncobj.config import SERIALIZER_STATE
+
+from mqnode.raft.snapshot_writer import SnapshotWriter
+from mqnode.snapshot import install, read_header
+from mqnode.store import QueueStore
+
+from .kit import Transcript, enqueue, open_store
+
+MEMBERS = ["127.0.0.1:7002", "127.0.0.1:7003"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[QueueStore]:
+    s = open_store(tmp_path / "src")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def wait_result(writer: SnapshotWriter, timeout_s: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = writer.status()
+        if state != SERIALIZER_STATE.SERIALIZING:
+            return state
+        time.sleep(0.01)
+    raise AssertionError("snapshot still being written")
+
+
+def entry(index: int) -> tuple[bytes, int, int]:
+    return (b"cmd", index, 1)
+
+
+def test_copy_is_the_state_at_its_index_while_applies_go_on(
+    tmp_path: Path, store: QueueStore
+) -> None:
+    tx = Transcript(store)
+    for i in range(3):
+        tx.one(enqueue(f"Q{i}", idem=f"k{i}".encode()))
+    path = tmp_path / "snapshot.bin"
+    writer = SnapshotWriter(path)
+    writer.start(store, entry(3), entry(2), MEMBERS)
+    # The tick thread goes on applying (and committing) while the copy runs.
+    tx.one(enqueue("LATE", idem=b"late"))
+    assert wait_result(writer) == SERIALIZER_STATE.SUCCESS
+    assert writer.status() == SERIALIZER_STATE.NOT_SERIALIZING  # the result is given once
+    assert not path.with_name("snapshot.bin.writing").exists()
+    header = read_header(path)
+    assert (header.index, header.cluster) == (3, MEMBERS)
+    target = open_store(tmp_path / "dst")
+    try:
+        install(path, target)
+        assert target.applied_index() == 3
+        assert target.get_message("Q2") is not None and target.get_message("LATE") is None
+    finally:
+        target.close()
+
+
+def test_discarded_copy_never_replaces_the_file(tmp_path: Path, store: QueueStore) -> None:
+    Transcript(store).one(enqueue("Q1", idem=b"k1"))
+    path = tmp_path / "snapshot.bin"
+    path.write_bytes(b"the leader's snapshot, just installed")
+    writer = SnapshotWriter(path)
+    writer.start(store, entry(1), entry(0), MEMBERS)
+    writer.discard()
+    assert wait_result(writer) == SERIALIZER_STATE.FAILED  # pysyncobj needs a result
+    assert path.read_bytes() == b"the leader's snapshot, just installed"
+    assert not path.with_name("snapshot.bin.writing").exists()
+
+
+def test_one_copy_at_a_time_and_leftovers_removed(tmp_path: Path, store: QueueStore) -> None:
+    path = tmp_path / "snapshot.bin"
+    leftover = path.with_name("snapshot.bin.writing")
+    leftover.write_bytes(b"half a copy from before a crash")
+    writer = SnapshotWriter(path)
+    assert not leftover.exists()
+    Transcript(store).one(enqueue("Q1", idem=b"k1"))
+    writer.start(store, entry(1), entry(0), MEMBERS)
+    with pytest.raises(RuntimeError):
+        writer.start(store, entry(1), entry(0), MEMBERS)
+    writer.close()
+    assert wait_result(writer) == SERIALIZER_STATE.SUCCESS
+    assert read_header(path).index == 1
+
+
+def test_a_failed_copy_is_reported_and_keeps_the_old_file(
+    tmp_path: Path, store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Transcript(store).one(enqueue("Q1", idem=b"k1"))
+    path = tmp_path / "snapshot.bin"
+    path.write_bytes(b"previous snapshot")
+
+    def broken(*_args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mqnode.snapshot.write_snapshot", broken)
+    writer = SnapshotWriter(path)
+    writer.start(store, entry(1), entry(0), MEMBERS)
+    assert wait_result(writer) == SERIALIZER_STATE.FAILED
+    assert path.read_bytes() == b"previous snapshot"
