@@ -55,6 +55,7 @@ from .model import find_message_id, make_queue_id
 from .ratelimit import ConcurrencyLimiter, RateLimiter
 from .replicator import Replicator
 from .smtpauth import UserDb
+from .statemachine import Result, misses_chunks
 
 log = logging.getLogger(__name__)
 
@@ -436,8 +437,10 @@ class SmtpIngress:
 
         The pipeline keeps submission order, so the Enqueue is applied after its
         chunks; apply rejects it if one is missing (a chunk retried after a leader
-        change lands later), and the client gets 451 and retries. The Enqueue's
-        result alone decides: once it is queued every chunk was there.
+        change lands later). Then the chunks are sent again and, once all of them
+        are committed, the Enqueue once more: the client gets 451 only if that
+        fails too. The Enqueue's result alone decides: once it is queued every
+        chunk was there.
         """
         chunk_submits = [
             self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms)) for i, p in enumerate(parts)
@@ -445,12 +448,25 @@ class SmtpIngress:
         results = await asyncio.gather(
             *chunk_submits, self._rep.submit(cmd), return_exceptions=True
         )
-        last = results[-1]
-        if isinstance(last, BaseException):
-            if isinstance(last, SubmitError):
-                raise last
-            raise SubmitError(f"submit failed: {last}") from last
+        last = _result_or_raise(results[-1])
+        if parts and misses_chunks(last):
+            log.info("%s: %s; sending its chunks again", cmd.queue_id, last[1])
+            await asyncio.gather(
+                *(
+                    self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms))
+                    for i, p in enumerate(parts)
+                )
+            )
+            last = _result_or_raise(await self._rep.submit(cmd))
         return last
+
+
+def _result_or_raise(outcome: Result | BaseException) -> Result:
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, SubmitError):
+            raise outcome
+        raise SubmitError(f"submit failed: {outcome}") from outcome
+    return outcome
 
 
 # aiosmtpd calls inspect.signature() on handle_EHLO for every connection (to tell its

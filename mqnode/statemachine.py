@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 
 Result = tuple[str, str]
 
+MISSES_CHUNKS = " misses chunks "  # in an Enqueue's rejection when body chunks are missing
+
+
+def misses_chunks(result: Result) -> bool:
+    """An Enqueue refused only because some of its body chunks have not been applied."""
+    return result[0] == "rejected" and MISSES_CHUNKS in result[1]
+
+
 IDEM_WINDOW_MS = 24 * 3600 * 1000
 UPLOAD_TTL_MS = 3600 * 1000
 GC_BATCH = 16
@@ -214,7 +222,7 @@ class QueueStateMachine:
             body_key, chunks = cmd.upload_id, cmd.chunks
             missing = [s for s in range(chunks) if not txn.has_body_chunk(body_key, s)]
             if missing:
-                return ("rejected", f"upload {body_key} misses chunks {missing[:5]}")
+                return ("rejected", f"upload {body_key}{MISSES_CHUNKS}{missing[:5]}")
             txn.finish_upload(body_key)
         msg = QueuedMessage(
             queue_id=cmd.queue_id,
