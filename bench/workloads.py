@@ -161,14 +161,7 @@ def _both(
         return
     p = {**params, "generator": SMTP_SOURCE}
     try:
-        _elapsed, rate = postfix.run_source(
-            targets[0][1],
-            p["messages"],
-            p["sessions"],
-            p["size"],
-            p["recipients"],
-            max_s=plan.max_s,
-        )
+        rate = _run_source(targets[0][1], p, plan)
     except postfix.PostfixBenchError as exc:
         out.rows.append(Row("accept", name, p, note=f"failed: {exc}"))
         return
@@ -217,6 +210,14 @@ def end_to_end(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     _end_to_end_smtp_source(plan, tmp, params, step, out)
 
 
+def _run_source(port: int, p: dict[str, Any], plan: Plan) -> float:
+    """smtp-source with a row's params into 127.0.0.1:port; msg/s (raises PostfixBenchError)."""
+    _elapsed, rate = postfix.run_source(
+        port, p["messages"], p["sessions"], p["size"], p["recipients"], max_s=plan.max_s
+    )
+    return rate
+
+
 def _end_to_end_smtp_source(
     plan: Plan, tmp: Path, params: dict[str, Any], step: Step, out: Results
 ) -> None:
@@ -240,14 +241,7 @@ def _end_to_end_smtp_source(
         base = sink.received()
         t0 = time.monotonic()
         try:
-            postfix.run_source(
-                c.nodes[c.leader()].smtp_port,
-                p["messages"],
-                p["sessions"],
-                p["size"],
-                p["recipients"],
-                max_s=plan.max_s,
-            )
+            _run_source(c.nodes[c.leader()].smtp_port, p, plan)
         except postfix.PostfixBenchError as exc:
             out.rows.append(Row("e2e", name, p, note=f"failed: {exc}"))
             return

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
@@ -14,8 +11,6 @@ from mqnode.commands import CHUNK_BYTES, Command, PutChunk, encode_entry
 from mqnode.ingress import SmtpIngress
 from mqnode.statemachine import QueueStateMachine, Result
 from mqnode.store import QueueStore
-
-from .kit import open_store
 
 
 class _LosesFirstChunkOnce:
@@ -47,15 +42,6 @@ class _LosesFirstChunkOnce:
 
     def is_leader(self) -> bool:
         return True
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[QueueStore]:
-    s = open_store(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_enqueue_missing_a_chunk_is_retried_after_its_chunks(store: QueueStore) -> None:

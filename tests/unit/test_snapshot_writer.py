@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from mqnode.store import QueueStore
 from .kit import Transcript, enqueue, open_store
 
 MEMBERS = ["127.0.0.1:7002", "127.0.0.1:7003"]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[QueueStore]:
-    s = open_store(tmp_path / "src")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def wait_result(writer: SnapshotWriter, timeout_s: float = 30.0) -> int:
