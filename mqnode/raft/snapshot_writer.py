@@ -102,8 +102,14 @@ class SnapshotWriter:
                 )
             return int(SERIALIZER_STATE.FAILED)
         _, index, seconds = outcome
-        os.replace(self._writing, self._path)
-        fsync_dir(self._path.parent)
+        try:
+            os.replace(self._writing, self._path)
+            fsync_dir(self._path.parent)
+        except OSError:
+            # Never raise here: pysyncobj would not hear a result and would stop
+            # sending snapshots to lagging followers for good.
+            log.exception("snapshot at index %d could not replace %s", index, self._path)
+            return int(SERIALIZER_STATE.FAILED)
         log.info("snapshot written at index %d in %.2f s (in the background)", index, seconds)
         return int(SERIALIZER_STATE.SUCCESS)
 

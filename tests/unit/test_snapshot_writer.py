@@ -98,3 +98,20 @@ def test_a_failed_copy_is_reported_and_keeps_the_old_file(
     writer.start(store, entry(1), entry(0), MEMBERS)
     assert wait_result(writer) == SERIALIZER_STATE.FAILED
     assert path.read_bytes() == b"previous snapshot"
+
+
+def test_a_failed_rename_is_a_failure_not_an_exception(
+    tmp_path: Path, store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # status() runs inside pysyncobj's tick: raising there would leave it waiting forever.
+    Transcript(store).one(enqueue("Q1", idem=b"k1"))
+    writer = SnapshotWriter(tmp_path / "snapshot.bin")
+    writer.start(store, entry(1), entry(0), MEMBERS)
+    writer.close()
+
+    def no_rename(*_args: object) -> None:
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr("mqnode.raft.snapshot_writer.os.replace", no_rename)
+    assert writer.status() == SERIALIZER_STATE.FAILED
+    assert writer.status() == SERIALIZER_STATE.NOT_SERIALIZING
