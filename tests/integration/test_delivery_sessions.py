@@ -1,0 +1,69 @@
+"""DeliveryAgent's reused sessions against a real sink on 127.0.0.1: RSET only when needed.
+
+A transaction that ended with the reply to the final "." leaves the session
+ready for the next MAIL; one that stopped earlier (every RCPT or DATA refused)
+must be reset, or the next MAIL on that session gets "503 nested MAIL".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from mqnode.delivery import DeliveryAgent, Target
+from mqnode.model import Outcome
+from tests.support.smtpsink import Sink, SinkHost, bind_common_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+BODY = b"Subject: s\r\nMessage-ID: <m@test>\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    _port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        s = host.add("sink", socks["127.0.0.1"])
+        yield s
+
+
+def test_session_is_reset_only_after_an_unfinished_transaction(sink: Sink) -> None:
+    sink.script_rcpt("gone@sink.test", "550 5.1.1 <gone@sink.test>: user unknown")
+    sink.script_data("later@sink.test", "451 4.3.0 try again later")
+    target = Target("sink.test", *sink.address)
+
+    async def run() -> list[str]:
+        agent = DeliveryAgent("client.test", timeout_s=10)
+        outcomes = []
+        try:
+            for rcpt in (
+                "gone@sink.test",  # every RCPT refused: unfinished, reset before reuse
+                "a@sink.test",
+                "later@sink.test",  # DATA answered 451 after the ".": finished
+                "b@sink.test",
+                "c@sink.test",
+            ):
+                results, _host = await agent.deliver(
+                    (target,), "from@client.test", [(0, rcpt)], BODY, gate=lambda: True
+                )
+                outcomes.append(results[0][1])
+        finally:
+            await agent.close()
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert outcomes == [
+        Outcome.BOUNCED.value,
+        Outcome.DELIVERED.value,
+        Outcome.DEFERRED.value,
+        Outcome.DELIVERED.value,
+        Outcome.DELIVERED.value,
+    ]
+    assert sink.connections == 1  # one session carried all five
+    assert [d.rcpts for d in sink.delivered()] == [
+        ("a@sink.test",),
+        ("b@sink.test",),
+        ("c@sink.test",),
+    ]
