@@ -25,6 +25,7 @@ whole second timeout (measured: 1.2 s of a 1.4 s failover).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
@@ -49,15 +50,14 @@ class _WatchedEncryptor:
         return bytes(self._inner.encrypt_at_time(data, at))
 
     def extract_timestamp(self, data: bytes) -> int:
-        try:
-            return int(self._inner.extract_timestamp(data))
-        except Exception:
-            self.failed = True
-            raise
+        return int(self._watched(self._inner.extract_timestamp, data))
 
     def decrypt(self, data: bytes) -> bytes:
+        return bytes(self._watched(self._inner.decrypt, data))
+
+    def _watched(self, call: Callable[[bytes], Any], data: bytes) -> Any:
         try:
-            return bytes(self._inner.decrypt(data))
+            return call(data)
         except Exception:
             self.failed = True
             raise
