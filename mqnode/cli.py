@@ -10,7 +10,6 @@ another membership change pending, unreachable) with one line and exit code 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -18,13 +17,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import NodeConfig
 from .errors import ConfigError, MembershipError, MqnodeError
+from .eventloop import run_event_loop
 from .membership import check_addr
 
 
@@ -389,16 +388,6 @@ def _links(heard: dict[str, float | None]) -> str:
     )
 
 
-def _run_event_loop(coro: Coroutine[Any, Any, None]) -> None:
-    """uvloop where it is installed (a faster event loop for the SMTP side), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -426,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
         from .node import Node
 
-        _run_event_loop(Node(cfg).run())
+        run_event_loop(Node(cfg).run())
         return 0
     except ConfigError as exc:
         print(f"mqnode: error: {exc}", file=sys.stderr)

@@ -186,6 +186,19 @@ def _from_list(item: Any) -> Command:
     return cmd
 
 
+def to_wire(cmd: Command) -> list[Any]:
+    """One command as the list an entry holds (SMTP workers send commands to their node so)."""
+    return _to_list(cmd)
+
+
+def from_wire(item: Any) -> Command:
+    """`to_wire`'s inverse, checked field by field like an entry's (CodecError)."""
+    try:
+        return _from_list(item)
+    except TypeError as exc:
+        raise CodecError(f"bad command fields: {exc}") from exc
+
+
 def encode_entry(commands: list[Command]) -> bytes:
     if not commands:
         raise CodecError("an entry needs at least one command")

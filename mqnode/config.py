@@ -20,6 +20,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+MAX_SMTP_WORKERS = 64
 
 
 def parse_hostport(value: str, key: str) -> tuple[str, int]:
@@ -96,6 +97,10 @@ class NodeConfig:
     max_header_count: int = 1000
     max_commands_per_session: int = 10_000
     smtp_idle_timeout_s: int = 300
+    # SMTP sessions in this many worker processes beside the node's (0: in the node's
+    # own process). Each worker is an interpreter of its own: set it to the cores the
+    # node may use beyond one, so SMTP parsing does not compete with Raft for one lock.
+    smtp_workers: int = 0
     log_level: str = "INFO"
     # Test-only: 1 exposes POST /fault/partition on the admin endpoint.
     fault_injection: int = 0
@@ -209,6 +214,8 @@ class NodeConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0")
+        if not 0 <= self.smtp_workers <= MAX_SMTP_WORKERS:
+            raise ConfigError(f"smtp_workers: must be 0..{MAX_SMTP_WORKERS}")
         if bool(self.smtp_tls_cert) != bool(self.smtp_tls_key):
             raise ConfigError("smtp_tls_cert: smtp_tls_cert and smtp_tls_key go together")
         if self.smtp_users_file and not self.smtp_tls_cert:

@@ -52,8 +52,8 @@ from .commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
 from .errors import SubmitError
 from .events import EventLog
 from .model import find_message_id, make_queue_id
-from .ratelimit import ConcurrencyLimiter, RateLimiter
-from .replicator import Replicator
+from .ratelimit import ClientGate, ClientLimits, LocalGate
+from .replicator import Submitter
 from .smtpauth import UserDb
 from .statemachine import Result, misses_chunks
 
@@ -201,7 +201,7 @@ class SmtpIngress:
 
     def __init__(
         self,
-        replicator: Replicator,
+        submitter: Submitter,
         clock: Clock,
         random_bytes: Callable[[int], bytes],
         node_id: str,
@@ -214,8 +214,9 @@ class SmtpIngress:
         limits: IngressLimits | None = None,
         users: UserDb | None = None,
         tls: ssl.SSLContext | None = None,
+        gate: ClientGate | None = None,
     ) -> None:
-        self._rep = replicator
+        self._rep = submitter
         self._clock = clock
         self._random = random_bytes
         self._node_id = node_id
@@ -224,9 +225,15 @@ class SmtpIngress:
         self.limits = limits or IngressLimits()
         self.users = users  # None: no AUTH offered
         self.tls = tls  # None: no STARTTLS offered
-        self._conn_rate = RateLimiter(self.limits.connection_rate_per_min, clock)
-        self._msg_rate = RateLimiter(self.limits.message_rate_per_min, clock)
-        self._concurrent = ConcurrencyLimiter(self.limits.max_connections_per_client)
+        lim = self.limits
+        self._gate = gate or LocalGate(
+            ClientLimits(
+                lim.connection_rate_per_min,
+                lim.message_rate_per_min,
+                lim.max_connections_per_client,
+                clock,
+            )
+        )
         self._auth_slots = asyncio.Semaphore(AUTH_CHECK_SLOTS)
         self._exempt_networks = NetworkSet(self.limits.exempt_networks)
         self._networks = NetworkSet(allowed_networks)
@@ -252,26 +259,24 @@ class SmtpIngress:
 
     # --- connections (called by SubmissionProtocol) ---------------------------
 
-    def open_connection(self, peer: Any) -> tuple[str | None, str | None]:
+    async def open_connection(self, peer: Any) -> tuple[str | None, str | None]:
         """(key to pass to close_connection, or None; refusal reply, or None to go on)."""
         ip = peer_ip(peer)
-        if ip is None:
-            return None, None
-        if self._exempt(ip):
+        if ip is None or self._exempt(ip):
             return None, None
         key = client_key(ip)
-        if not self._conn_rate.allow(key):
-            self.refused += 1
+        refused = await self._gate.open(key)
+        if refused is None:
+            return key, None
+        self.refused += 1
+        if refused == "rate":
             log.warning("client %s over client_connection_rate_per_min", key)
             return None, f"421 4.7.0 {self._hostname} Error: too many connections from {ip}"
-        if not self._concurrent.acquire(key):
-            self.refused += 1
-            log.warning("client %s over client_max_connections", key)
-            return None, f"421 4.7.0 {self._hostname} Error: too many open connections from {ip}"
-        return key, None
+        log.warning("client %s over client_max_connections", key)
+        return None, f"421 4.7.0 {self._hostname} Error: too many open connections from {ip}"
 
     def close_connection(self, key: str) -> None:
-        self._concurrent.release(key)
+        self._gate.close(key)
 
     async def verify(self, login: bytes, password: bytes) -> str | None:
         """The user name for a right login/password, else None (scrypt, off the event loop)."""
@@ -310,7 +315,7 @@ class SmtpIngress:
             return "501 5.1.7 Bad sender address syntax"
         ip = peer_ip(session.peer)
         limited = ip is not None and not self._exempt(ip)
-        if limited and ip is not None and not self._msg_rate.allow(client_key(ip)):
+        if limited and ip is not None and not await self._gate.allow_message(client_key(ip)):
             self.refused += 1
             log.warning("client %s over client_message_rate_per_min", client_key(ip))
             return "450 4.7.1 Error: too many messages from your address, try again later"
@@ -392,19 +397,11 @@ class SmtpIngress:
             node_id=self._node_id,
         )
         if self.events is not None:
-            self.events.emit(
-                "received",
-                queue_id,
-                client=cmd.client,
-                sender=mail_from,
-                nrcpt=len(rcpts),
-                size=len(body),
-                message_id=message_id,
-            )
+            emit_received(self.events, cmd)
         status, value = await self._submit_with_chunks(cmd, parts, now_ms)
         if status in ("queued", "duplicate"):
             if self.events is not None:
-                self.events.emit("committed", value, duplicate=status == "duplicate")
+                emit_committed(self.events, (status, value))
             return value
         raise SubmitError(f"not queued: {value}")
 
@@ -459,6 +456,23 @@ class SmtpIngress:
             )
             last = _result_or_raise(await self._rep.submit(cmd))
         return last
+
+
+def emit_received(events: EventLog, cmd: Enqueue) -> None:
+    """The `received` event, from the Enqueue about to be submitted (here or by a worker)."""
+    events.emit(
+        "received",
+        cmd.queue_id,
+        client=cmd.client,
+        sender=cmd.mail_from,
+        nrcpt=len(cmd.recipients),
+        size=cmd.body_size,
+        message_id=cmd.message_id,
+    )
+
+
+def emit_committed(events: EventLog, result: Result) -> None:
+    events.emit("committed", result[1], duplicate=result[0] == "duplicate")
 
 
 def _result_or_raise(outcome: Result | BaseException) -> Result:

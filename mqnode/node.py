@@ -25,19 +25,19 @@ from .delivery import DeliveryAgent
 from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, MqnodeError
 from .events import EventLog
-from .ingress import IngressLimits, SmtpIngress
+from .ingress import SmtpIngress
 from .lease import LeaderLease
 from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from .mx import MxResolver
 from .policy import RetryPolicy
 from .raft import RaftNode, RaftSettings, RaftStatus
+from .ratelimit import ClientLimits
 from .replicator import CommitPipeline
 from .routing import Router
-from .smtpauth import UserDb
-from .smtpserver import SubmissionProtocol
+from .smtpfront import build_ingress, listen_addrs, serve
+from .smtpworkers import WorkerPool
 from .statemachine import QueueStateMachine
 from .store import QueueStore
-from .tlsconfig import server_context
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,14 @@ class Node:
         pipeline = self._pipeline = CommitPipeline(
             raft, self.clock, cfg.max_pending_commits, cfg.commit_timeout_ms / 1000
         )
-        ingress = self._build_ingress(pipeline, store)
+        front = self._build_smtp_front(pipeline, store)
         agent = DeliveryAgent(cfg.hostname, timeout_s=cfg.delivery_timeout_s)
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         dispatcher = self._build_dispatcher(store, pipeline, agent, lease)
-        ingress.on_accepted = dispatcher.wake
+        front.on_accepted = dispatcher.wake
         events = EventLog(cfg.event_log, cfg.node_id, self.clock, cfg.event_webhook)
-        ingress.events = dispatcher.events = events
-        metrics = self._build_metrics(store, raft, ingress, dispatcher, lease)
+        front.events = dispatcher.events = events
+        metrics = self._build_metrics(store, raft, front, dispatcher, lease)
         pipeline.on_commit = metrics.commit_seconds.observe
         dispatcher.on_attempt = metrics.delivery_seconds.observe
         admin = self._build_admin(store, raft, pipeline, lease, metrics)
@@ -107,7 +107,10 @@ class Node:
         servers: list[asyncio.Server] = []
         try:
             await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
-            servers = await self._listen(loop, ingress)
+            if isinstance(front, WorkerPool):
+                await front.start()
+            else:
+                servers = await serve(front, listen_addrs(cfg), None)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
             log.info(
@@ -125,6 +128,8 @@ class Node:
         finally:
             for server in servers:
                 server.close()
+            if isinstance(front, WorkerPool):
+                await front.stop()
             for t in tasks:
                 t.cancel()
             await dispatcher.stop()
@@ -160,30 +165,20 @@ class Node:
             settings, store, QueueStateMachine(), loop, on_status_change=self._on_raft_status
         )
 
-    def _build_ingress(self, pipeline: CommitPipeline, store: QueueStore) -> SmtpIngress:
+    def _build_smtp_front(
+        self, pipeline: CommitPipeline, store: QueueStore
+    ) -> SmtpIngress | WorkerPool:
+        """The SMTP sessions' handler in this process, or the pool of worker processes."""
         cfg = self.cfg
-        return SmtpIngress(
-            pipeline,
+        if not cfg.smtp_workers:
+            return build_ingress(cfg, pipeline, self.clock, self._rng.randbytes, store.fill_ratio)
+        limits = ClientLimits(
+            cfg.client_connection_rate_per_min,
+            cfg.client_message_rate_per_min,
+            cfg.client_max_connections,
             self.clock,
-            self._rng.randbytes,
-            cfg.node_id,
-            cfg.hostname,
-            cfg.allowed_networks,
-            cfg.max_recipients,
-            store.fill_ratio,
-            limits=IngressLimits(
-                max_message_bytes=cfg.max_message_bytes,
-                max_header_count=cfg.max_header_count,
-                max_commands_per_session=cfg.max_commands_per_session,
-                idle_timeout_s=cfg.smtp_idle_timeout_s,
-                connection_rate_per_min=cfg.client_connection_rate_per_min,
-                message_rate_per_min=cfg.client_message_rate_per_min,
-                max_connections_per_client=cfg.client_max_connections,
-                exempt_networks=tuple(cfg.client_limit_exceptions),
-            ),
-            users=UserDb.load(cfg.smtp_users_file) if cfg.smtp_users_file else None,
-            tls=server_context(cfg.smtp_tls_cert, cfg.smtp_tls_key) if cfg.smtp_tls_cert else None,
         )
+        return WorkerPool(cfg, pipeline, limits, store.fill_ratio, self.clock)
 
     def _build_dispatcher(
         self,
@@ -230,17 +225,20 @@ class Node:
         self,
         store: QueueStore,
         raft: RaftNode,
-        ingress: SmtpIngress,
+        front: SmtpIngress | WorkerPool,
         dispatcher: Dispatcher,
         lease: LeaderLease,
     ) -> NodeMetrics:
         def snapshot() -> MetricsSnapshot:
             st = raft.status
+            accepted, refused = (
+                front.counts() if isinstance(front, WorkerPool) else (front.accepted, front.refused)
+            )
             return MetricsSnapshot(
                 queue_by_state=store.counts(),
                 queue_by_domain=store.domain_counts(DOMAIN_SCAN_LIMIT),
-                smtp_accepted=ingress.accepted,
-                smtp_refused=ingress.refused,
+                smtp_accepted=accepted,
+                smtp_refused=refused,
                 outcomes=dict(dispatcher.counts),
                 role=st.role,
                 term=st.term,
@@ -281,24 +279,6 @@ class Node:
             token=cfg.admin_token(),
             fault_injection=bool(cfg.fault_injection),
         )
-
-    async def _listen(
-        self, loop: asyncio.AbstractEventLoop, ingress: SmtpIngress
-    ) -> list[asyncio.Server]:
-        cfg = self.cfg
-        host, port = parse_hostport(cfg.smtp_addr, "smtp_addr")
-        servers = [await loop.create_server(lambda: SubmissionProtocol(ingress), host, port)]
-        if cfg.smtps_addr:  # implicit TLS (RFC 8314); the handshake happens before SMTP
-            host, port = parse_hostport(cfg.smtps_addr, "smtps_addr")
-            servers.append(
-                await loop.create_server(
-                    lambda: SubmissionProtocol(ingress, implicit_tls=True),
-                    host,
-                    port,
-                    ssl=ingress.tls,
-                )
-            )
-        return servers
 
     def _on_raft_status(self, status: RaftStatus) -> None:
         log.info("raft: %s, term %d, leader %s", status.role, status.term, status.leader_addr)

@@ -19,6 +19,7 @@ injected `Clock` (monotonic), so tests drive it with `ManualClock`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 from .clock import Clock
 
@@ -102,3 +103,60 @@ class ConcurrencyLimiter:
 
     def __len__(self) -> int:
         return len(self._open)
+
+
+class ClientLimits:
+    """The node's per-client connection rate, open connections and message rate, by key.
+
+    One per node process: with SMTP worker processes the workers ask the node
+    (over their link) instead of keeping counts of their own, so a client gets
+    the configured limit per node, not per worker. Answers are reasons, not
+    replies: "rate" (connections per minute) or "connections" (open at once).
+    """
+
+    def __init__(
+        self, connection_rate_per_min: int, message_rate_per_min: int, max_open: int, clock: Clock
+    ) -> None:
+        self._conn_rate = RateLimiter(connection_rate_per_min, clock)
+        self._msg_rate = RateLimiter(message_rate_per_min, clock)
+        self._open = ConcurrencyLimiter(max_open)
+
+    def open(self, key: str) -> str | None:
+        """None: go on (pair with `close`); else why the connection is refused."""
+        if not self._conn_rate.allow(key):
+            return "rate"
+        if not self._open.acquire(key):
+            return "connections"
+        return None
+
+    def close(self, key: str) -> None:
+        self._open.release(key)
+
+    def allow_message(self, key: str) -> bool:
+        return self._msg_rate.allow(key)
+
+
+class ClientGate(Protocol):
+    """What an SMTP listener asks about a client: ClientLimits here, or over a worker's link."""
+
+    async def open(self, key: str) -> str | None: ...
+
+    def close(self, key: str) -> None: ...
+
+    async def allow_message(self, key: str) -> bool: ...
+
+
+class LocalGate:
+    """ClientLimits in the same process (no worker processes)."""
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self._limits = limits
+
+    async def open(self, key: str) -> str | None:
+        return self._limits.open(key)
+
+    def close(self, key: str) -> None:
+        self._limits.close(key)
+
+    async def allow_message(self, key: str) -> bool:
+        return self._limits.allow_message(key)

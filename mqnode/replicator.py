@@ -40,9 +40,13 @@ _NOT_APPENDED = {"missing_leader", "not_leader", "queue_full"}
 _RETRY_PAUSE_S = 0.05
 
 
-class Replicator(Protocol):
+class Submitter(Protocol):
+    """What SMTP ingress needs: the pipeline here, or the node over a worker's link."""
+
     async def submit(self, cmd: Command) -> Result: ...
 
+
+class Replicator(Submitter, Protocol):
     def is_leader(self) -> bool: ...
 
 

@@ -133,7 +133,6 @@ class SubmissionProtocol(SMTP):
         self._ingress = ingress
         self.implicit_tls = implicit_tls
         self._client_key: str | None = None
-        self._refusal: str | None = None
         self._closing = False
         self._busy = 0  # handler calls and password checks in progress: not idle
         self._in_data = False
@@ -165,7 +164,6 @@ class SubmissionProtocol(SMTP):
     # --- connection accounting ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None  # STARTTLS calls this again with the TLS transport
         super().connection_made(transport)
         assert self.session is not None
         if self.implicit_tls:
@@ -173,8 +171,6 @@ class SubmissionProtocol(SMTP):
                 "cipher": transport.get_extra_info("cipher"),
                 "ssl_object": transport.get_extra_info("ssl_object"),
             }
-        if first:
-            self._client_key, self._refusal = self._ingress.open_connection(self.session.peer)
 
     def connection_lost(self, error: Exception | None) -> None:
         key, self._client_key = self._client_key, None
@@ -191,8 +187,18 @@ class SubmissionProtocol(SMTP):
         return False
 
     async def _handle_client(self) -> None:
-        if self._refusal is not None:
-            await self._close_with(self._refusal)  # instead of the 220 greeting
+        assert self.session is not None
+        # Per-client limits before the greeting. A worker process asks its node, so the
+        # answer can take a moment; a connection lost meanwhile cancels this task, and
+        # the link gives back a slot granted too late (smtpworker.NodeLink).
+        key, refusal = await self._ingress.open_connection(self.session.peer)
+        if self.transport is None or self.transport.is_closing():
+            if key is not None:
+                self._ingress.close_connection(key)
+            return
+        self._client_key = key
+        if refusal is not None:
+            await self._close_with(refusal)  # instead of the 220 greeting
             return
         await super()._handle_client()
 

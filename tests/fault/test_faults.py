@@ -56,6 +56,17 @@ def test_kill_leader_under_load(tmp_path: Path) -> None:
     assert report.failover_s is not None
 
 
+def test_kill_leader_under_load_with_smtp_workers(tmp_path: Path) -> None:
+    """The same with SMTP in worker processes: a 250 still means committed, and the
+    killed node's workers (which hold the port) exit and let it start again."""
+    with Cluster(tmp_path, extra_args=(*COMPACTING, "--smtp-workers", "2")) as c:
+        report, _, _ = run_scenario(
+            "kill-leader-workers", c, kill_leader_repeatedly(2, 2.0, 1.0), SEED, load_s=9
+        )
+    _assert_promise(report)
+    assert report.failover_s is not None
+
+
 def test_kill_follower_under_load(tmp_path: Path) -> None:
     with Cluster(tmp_path, extra_args=COMPACTING) as c:
         report, _, _ = run_scenario("kill-follower", c, kill_follower(1.5, 3.0), SEED, load_s=7)

@@ -62,8 +62,12 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
     return make_cert(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture(scope="module")
-def sub(tmp_path_factory: pytest.TempPathFactory, cert: CertFiles) -> Iterator[SubmissionCluster]:
+@pytest.fixture(scope="module", params=[0, 2], ids=["in-process", "2-smtp-workers"])
+def sub(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, cert: CertFiles
+) -> Iterator[SubmissionCluster]:
+    """The cluster, once with SMTP sessions in the node and once in two worker processes
+    (every limit here must hold per node, whichever worker takes the connection)."""
     base = tmp_path_factory.mktemp("submission")
     users = base / "users"
     users.write_text(f"# test users\n{USER}:{hash_password(PASSWORD)}\n", encoding="utf-8")
@@ -92,6 +96,8 @@ def sub(tmp_path_factory: pytest.TempPathFactory, cert: CertFiles) -> Iterator[S
         str(MAX_COMMANDS),
         "--smtp-idle-timeout-s",
         str(IDLE_S),
+        "--smtp-workers",
+        str(request.param),
     ]
     with SubmissionCluster(base, args, cert) as c:
         yield c

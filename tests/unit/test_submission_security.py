@@ -250,17 +250,19 @@ def test_message_rate_per_client() -> None:
 def test_connection_rate_and_concurrency_per_client() -> None:
     clock = ManualClock()
     ing = _ingress(clock, connection_rate_per_min=3, max_connections_per_client=2)
-    k1, r1 = ing.open_connection(("127.0.0.9", 1))
-    k2, r2 = ing.open_connection(("127.0.0.9", 2))
-    k3, r3 = ing.open_connection(("127.0.0.9", 3))
+
+    def open_(port: int) -> tuple[str | None, str | None]:
+        return asyncio.run(ing.open_connection(("127.0.0.9", port)))
+
+    (k1, r1), (k2, r2), (k3, r3) = open_(1), open_(2), open_(3)
     assert (r1, r2) == (None, None) and k1 == k2 == "127.0.0.9"
     assert k3 is None and r3 is not None and r3.startswith("421 4.7.0")
     assert k1 is not None
     ing.close_connection(k1)
-    k4, r4 = ing.open_connection(("127.0.0.9", 4))  # a free slot, but the rate is used up
+    k4, r4 = open_(4)  # a free slot, but the rate is used up
     assert k4 is None and r4 is not None and "too many connections" in r4
     clock.advance(20)
-    k5, r5 = ing.open_connection(("127.0.0.9", 5))
+    k5, r5 = open_(5)
     assert r5 is None and k5 == "127.0.0.9"
 
 
