@@ -44,6 +44,8 @@ from tests.support.cluster import Cluster, free_ports
 KIB = 1024
 MIB = 1024 * 1024
 PROD_TUNING: tuple[str, ...] = ()  # production defaults
+# SMTP sessions in two worker processes per node (smtp_workers; default 0 = in the node)
+WORKERS: tuple[str, ...] = ("--smtp-workers", "2")
 OURS = "ours"  # bench/loadgen.py: asyncio + aiosmtplib, records every reply
 SMTP_SOURCE = "smtp-source"  # Postfix's load generator
 
@@ -90,8 +92,10 @@ class Results:
     series: dict[str, Any] = field(default_factory=dict)
 
 
-def _cluster(base: Path, n: int, relay: str | None = None) -> Cluster:
-    return Cluster(base, n=n, extra_args=PROD_TUNING, relay_host=relay, start_timeout_s=60)
+def _cluster(base: Path, n: int, relay: str | None = None, extra: tuple[str, ...] = ()) -> Cluster:
+    return Cluster(
+        base, n=n, extra_args=(*PROD_TUNING, *extra), relay_host=relay, start_timeout_s=60
+    )
 
 
 def _targets(c: Cluster, indexes: list[int]) -> list[tuple[str, int]]:
@@ -124,6 +128,11 @@ def _accept_one(plan: Plan, base: Path, params: dict[str, Any], step: Step, out:
     with _cluster(base / "three", 3) as c:
         _both(plan, "mqnode 3 nodes, to leader", _targets(c, [c.leader()]), params, out)
         _both(plan, "mqnode 3 nodes, to followers", _targets(c, c.followers()), params, out)
+    step("accept: mqnode, 3 nodes, 2 smtp workers each")
+    with _cluster(base / "three-workers", 3, extra=WORKERS) as c:
+        name = "mqnode 3 nodes, 2 smtp workers"
+        _both(plan, f"{name}, to leader", _targets(c, [c.leader()]), params, out)
+        _both(plan, f"{name}, to followers", _targets(c, c.followers()), params, out)
     step("accept: Postfix and smtp-source references")
     for ref in postfix.reference_rows(
         params["messages"],
@@ -208,6 +217,7 @@ def end_to_end(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         )
         out.rows.extend([accept_row, row])
     _end_to_end_smtp_source(plan, tmp, params, step, out)
+    _end_to_end_smtp_source(plan, tmp, params, step, out, workers=True)
 
 
 def _run_source(port: int, p: dict[str, Any], plan: Plan) -> float:
@@ -219,7 +229,7 @@ def _run_source(port: int, p: dict[str, Any], plan: Plan) -> float:
 
 
 def _end_to_end_smtp_source(
-    plan: Plan, tmp: Path, params: dict[str, Any], step: Step, out: Results
+    plan: Plan, tmp: Path, params: dict[str, Any], step: Step, out: Results, workers: bool = False
 ) -> None:
     """The Postfix end-to-end row's set-up with mqnode in Postfix's place.
 
@@ -230,24 +240,26 @@ def _end_to_end_smtp_source(
     """
     if postfix.available(instance=False) is not None:
         return
-    step("e2e: smtp-source -> mqnode 3 nodes -> smtp-sink")
+    nodes = "mqnode 3 nodes, 2 smtp workers" if workers else "mqnode 3 nodes"
+    step(f"e2e: smtp-source -> {nodes} -> smtp-sink")
     p = {**params, "generator": SMTP_SOURCE}
-    name = "mqnode 3 nodes, delivered to sink"
+    name = f"{nodes}, delivered to sink"
     port = free_ports(1)[0]
+    base = tmp / ("e2e-smtp-source-workers" if workers else "e2e-smtp-source")
     with (
         postfix.smtp_sink(port) as sink,
-        _cluster(tmp / "e2e-smtp-source", 3, relay=f"{HOST}:{port}") as c,
+        _cluster(base, 3, relay=f"{HOST}:{port}", extra=WORKERS if workers else ()) as c,
     ):
-        base = sink.received()
+        before = sink.received()
         t0 = time.monotonic()
         try:
             _run_source(c.nodes[c.leader()].smtp_port, p, plan)
         except postfix.PostfixBenchError as exc:
             out.rows.append(Row("e2e", name, p, note=f"failed: {exc}"))
             return
-        drained = sink.wait_for(base + p["messages"], plan.max_s)
+        drained = sink.wait_for(before + p["messages"], plan.max_s)
         span = time.monotonic() - t0
-        got = sink.received() - base
+        got = sink.received() - before
     out.rows.append(
         Row(
             "e2e",
