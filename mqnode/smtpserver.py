@@ -38,9 +38,10 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from .ingress import SmtpIngress, hook_names
+from .smtpdata import TOO_LONG, TOO_MUCH, read_data
 
 # aiosmtpd's replies without an enhanced status code (RFC 3463) -> ours.
 _ENHANCED = {
@@ -160,6 +161,44 @@ class SubmissionProtocol(SMTP):
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return address, m.group(2)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the message read in pieces (smtpdata.py), not line by line."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and not self._decode_data
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, verdict = await read_data(
+                self._reader, self.data_size_limit, self.line_length_limit
+            )
+        except asyncio.IncompleteReadError:  # end of file inside DATA: nobody to answer
+            self._writer.close()
+            return
+        except asyncio.CancelledError:  # the connection was lost inside DATA
+            self._writer.close()
+            raise
+        if verdict != "nominal":
+            too_long = verdict == TOO_LONG
+            await self.push(
+                "500 Line too long (see RFC5321 4.5.3.1.6)"
+                if too_long
+                else "552 Error: Too much mail data"
+            )
+            assert too_long or verdict == TOO_MUCH
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     # --- connection accounting ---------------------------------------------------
 

@@ -1,0 +1,80 @@
+"""read_data: an SMTP DATA section read in large pieces, not line by line.
+
+aiosmtpd reads DATA one line at a time (an await, a limit check and a copy
+per line): ~1,300 event-loop turns for a 100 KiB message, most of the
+aiosmtpd null handler's time at that size, and a tenth of the leader's CPU
+for 1 KiB. This reads up to each `.<CRLF>` instead (a line ending in a dot
+is rare in mail; where the dot does not start a line, reading goes on) and
+checks aiosmtpd's rules on the whole:
+
+* the message is everything before the lone-dot line, with the leading dot
+  of each line removed (RFC 5321 4.5.2), ending with its last CRLF;
+* more than `size_limit` bytes (counted before unstuffing, as aiosmtpd does):
+  TOO_MUCH, answered 552 after the lone dot;
+* a line longer than `line_limit` bytes with its CRLF: TOO_LONG, answered 500.
+  When a message is both, the answer is 552 (aiosmtpd answers whichever it
+  met first);
+* memory: pieces are at most `PIECE_BYTES` (the StreamReader's limit is
+  raised to that during DATA only: `_limit` is asyncio's private attribute,
+  unchanged since 3.4); past `size_limit` nothing more is kept.
+
+tests/unit/test_smtp_data.py checks that the bytes and verdicts equal
+aiosmtpd's own reading, with Hypothesis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+NOMINAL, TOO_LONG, TOO_MUCH = "nominal", "too long", "too much"
+PIECE_BYTES = 256 * 1024
+_DOT_LINE = b".\r\n"
+
+
+async def read_data(
+    reader: asyncio.StreamReader, size_limit: int | None, line_limit: int
+) -> tuple[bytes, str]:
+    """(message, NOMINAL) or (b"", TOO_LONG/TOO_MUCH), the lone-dot line read either way.
+
+    Raises what the reader raises (IncompleteReadError at end of file,
+    CancelledError when the connection is lost).
+    """
+    parts: list[bytes] = []
+    total = 0
+    tail = b"\r\n"  # the last two bytes read: DATA starts at the start of a line
+    saved = reader._limit  # type: ignore[attr-defined]
+    reader._limit = max(saved, PIECE_BYTES)  # type: ignore[attr-defined]
+    try:
+        while True:
+            ended = False
+            try:
+                piece = await reader.readuntil(_DOT_LINE)
+                if (tail + piece)[-5:-3] == b"\r\n":  # the dot starts a line: the end
+                    piece, ended = piece[:-3], True
+            except asyncio.LimitOverrunError as exc:  # no dot line within PIECE_BYTES
+                piece = await reader.read(exc.consumed)
+            total += len(piece)
+            if size_limit and total > size_limit:
+                parts.clear()  # nothing more is kept; read on to the dot
+            else:
+                parts.append(piece)
+            tail = (tail + piece)[-2:]
+            if ended:
+                break
+    finally:
+        reader._limit = saved  # type: ignore[attr-defined]
+    if size_limit and total > size_limit:
+        return b"", TOO_MUCH
+    data = b"".join(parts)
+    if len(data) > line_limit - 2 and any(
+        len(line) > line_limit - 2 for line in data.split(b"\r\n")
+    ):
+        return b"", TOO_LONG
+    return unstuff(data), NOMINAL
+
+
+def unstuff(data: bytes) -> bytes:
+    """Remove the leading dot of every line (RFC 5321 4.5.2, as aiosmtpd does)."""
+    if data.startswith(b"."):
+        data = data[1:]
+    return data.replace(b"\r\n.", b"\r\n")
