@@ -86,8 +86,9 @@ class Link(asyncio.Protocol):
                 if not isinstance(msg, list) or not msg:
                     raise ValueError(f"not a message: {type(msg).__name__}")
                 self._on_message(msg)
-        except (ValueError, msgpack.BufferFull, msgpack.ExtraData) as exc:
-            log.error("worker link: bad message (%s); closing it", exc)
+        except (ValueError, TypeError, IndexError, KeyError, msgpack.BufferFull) as exc:
+            # a message of the wrong shape: the other side is not the code we run
+            log.error("worker link: bad message (%r); closing it", exc)
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
