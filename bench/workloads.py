@@ -19,11 +19,13 @@ loopback. Every run is bounded by a message count and a time limit.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,10 +94,19 @@ class Results:
     series: dict[str, Any] = field(default_factory=dict)
 
 
-def _cluster(base: Path, n: int, relay: str | None = None, extra: tuple[str, ...] = ()) -> Cluster:
-    return Cluster(
-        base, n=n, extra_args=(*PROD_TUNING, *extra), relay_host=relay, start_timeout_s=60
-    )
+@contextlib.contextmanager
+def _cluster(
+    base: Path, n: int, relay: str | None = None, extra: tuple[str, ...] = ()
+) -> Iterator[Cluster]:
+    """A cluster whose data dirs are deleted once its rows are measured: a full run
+    writes tens of GB (100 KiB x 10 recipients x 4096 per row), too much to keep."""
+    try:
+        with Cluster(
+            base, n=n, extra_args=(*PROD_TUNING, *extra), relay_host=relay, start_timeout_s=60
+        ) as c:
+            yield c
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _targets(c: Cluster, indexes: list[int]) -> list[tuple[str, int]]:
