@@ -372,10 +372,21 @@ def _print_status(st: dict[str, Any]) -> None:
         ("queue", f"active {q['active']}, deferred {q['deferred']}, hold {q['hold']}"),
         ("dispatch lease", "held" if st["lease_held"] else "not held"),
         ("raft links", _links(st.get("peer_last_heard_s") or {})),
+        ("smtp", _smtp_workers(st.get("smtp_workers"))),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _smtp_workers(workers: dict[str, Any] | None) -> str:
+    if not workers:
+        return "sessions in the node's process"
+    pids = ", ".join(str(p) for p in workers["pids"]) or "none"
+    return (
+        f"{len(workers['pids'])} of {workers['configured']} worker processes running "
+        f"(pids {pids}), {workers['restarts']} restarts"
+    )
 
 
 def _links(heard: dict[str, float | None]) -> str:

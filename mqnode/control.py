@@ -83,6 +83,8 @@ class AdminServer:
         fault_injection: bool = False,
     ) -> None:
         self._token = token
+        # the node's SMTP worker processes, when it has some (smtpworkers.WorkerPool)
+        self.smtp_workers: Callable[[], dict[str, Any]] | None = None
         self._metrics = metrics
         self._rep = replicator
         self._clock = clock
@@ -159,6 +161,7 @@ class AdminServer:
             "peer_last_heard_s": st.peer_last_heard_s,
             "members": list(st.members),
             "quorum": membership.quorum(len(st.members)),
+            "smtp_workers": self.smtp_workers() if self.smtp_workers else None,
         }
 
     async def _bounce(self, ids: list[str]) -> web.Response:

@@ -98,6 +98,8 @@ class Node:
         pipeline.on_commit = metrics.commit_seconds.observe
         dispatcher.on_attempt = metrics.delivery_seconds.observe
         admin = self._build_admin(store, raft, pipeline, lease, metrics)
+        if isinstance(front, WorkerPool):
+            admin.smtp_workers = front.describe
 
         raft.start()
         pipeline.start()

@@ -114,8 +114,10 @@ class WorkerPool:
             refused += w.counts[1]
         return accepted, refused
 
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self._workers if w.proc is not None]
+    def describe(self) -> dict[str, Any]:
+        """For /status: the workers running now (by PID) and how often one was restarted."""
+        running = [w.proc.pid for w in self._workers if w.proc and w.proc.poll() is None]
+        return {"configured": len(self._workers), "pids": running, "restarts": self.restarts}
 
     # --- lifecycle ----------------------------------------------------------------
 

@@ -219,6 +219,8 @@ def test_status_json_and_table(shared_cluster: Cluster, run_cli: RunCli) -> None
     assert table.returncode == 0, table.stderr
     assert c.nodes[lead].node_id in table.stdout and "leader" in table.stdout
     assert "raft links" in table.stdout
+    assert "sessions in the node's process" in table.stdout  # smtp_workers = 0
+    assert docs[lead]["smtp_workers"] is None
 
 
 # pysyncobj's connectionTimeout as RaftNode sets it: max(3.5 s, 2 x election max).

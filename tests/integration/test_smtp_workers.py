@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.checks import assert_acked_once, offer_ok
+from tests.support.cli import RunCli
 from tests.support.cluster import FAST_TUNING, Cluster, http_get
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -102,13 +103,22 @@ def test_workers_accept_count_and_log_events(tmp_path: Path) -> None:
             assert events == ["received", "committed"], (qid, events)
 
 
-def test_killed_worker_is_replaced_and_mail_goes_on(tmp_path: Path) -> None:
+def test_killed_worker_is_replaced_and_mail_goes_on(tmp_path: Path, run_cli: RunCli) -> None:
     with Cluster(tmp_path, extra_args=(*FAST_TUNING, *WORKERS)) as c:
         lead = c.leader()
         before = wait_workers(c, lead, 2)
         os.kill(before[0], signal.SIGKILL)
         after = wait_workers(c, lead, 2, not_in=(before[0],))
         assert before[0] not in after and before[1] in after
+
+        def reported() -> tuple[dict[str, object] | None, str]:
+            st = c.get(lead, "/status")["smtp_workers"]
+            return (st if sorted(st["pids"]) == after else None), str(st)
+
+        st = c.poll("/status to show the new worker", reported, 10.0)
+        assert st["configured"] == 2 and st["restarts"] == 1, st
+        table = run_cli("status", "--admin", c.nodes[lead].admin_addr).stdout
+        assert "2 of 2 worker processes running" in table and "1 restarts" in table, table
         acked: dict[str, str] = {}
         for _ in range(6):
             offer_ok(c, lead, acked)
