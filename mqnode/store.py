@@ -360,6 +360,10 @@ class QueueStore:
         """
         return self._fill
 
+    def used_bytes(self) -> int:
+        """Bytes of live data, as of the last fill measurement (cheap: no I/O)."""
+        return int(self._fill * self._map_size)
+
     def _measure_fill(self) -> float:
         """Pages in use by live data over the map size (freed pages count as free)."""
         with self._lock, self._env.begin(write=False) as txn:
@@ -440,9 +444,16 @@ class LogStore:
 
     def __init__(self, path: Path, map_size_mb: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self._env = _open_env(path, map_size_mb * 1024 * 1024, 4, "raft log")
+        self.map_bytes = map_size_mb * 1024 * 1024
+        self._env = _open_env(path, self.map_bytes, 4, "raft log")
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages holding entries now (an LMDB stat: no scan)."""
+        with self._env.begin() as txn:
+            st = txn.stat(self._log)
+        return int((st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"])
 
     def load(self) -> list[tuple[bytes, int, int]]:
         """All entries in index order; a gap or bad checksum is corruption."""

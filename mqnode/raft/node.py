@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.pipe_notifier import PipeNotifier
 
 from .. import membership, snapshot
 from ..errors import CorruptDataError, StoreFullError
 from ..statemachine import QueueStateMachine, Result
 from ..store import LogStore, QueueStore
+from .compaction import compaction_min_entries
 from .journal import DurableJournal, Entry
 from .members import FAIL_NAMES, MembershipOps
 from .snapshot_writer import SnapshotWriter
@@ -28,6 +30,8 @@ from .transport import DeferringTransport
 from .types import Done, RaftSettings, RaftStatus
 
 log = logging.getLogger("mqnode.raft")
+
+COMPACTION_CHECK_S = 1.0  # how often the snapshot threshold follows the state size
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _LEADER = 2
@@ -107,6 +111,7 @@ class RaftNode(MembershipOps):
         self._applied_written = store.applied_index()
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
         self._sent_commit = 0
+        self._next_compaction_check = 0.0
         stored = self._journal.stored_members()
         peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
         if warning:
@@ -320,7 +325,26 @@ class RaftNode(MembershipOps):
             # single node's commit waited for the next poll timeout (up to 50 ms).
             self.wake()
         self._deliver_completions(failed=False)
+        self._scale_compaction()
         self._publish_status()
+
+    def _scale_compaction(self) -> None:
+        """Snapshot less often while the queue state is large (compaction.py), checked ~1/s."""
+        now = _pysyncobj_now()
+        if now < self._next_compaction_check:
+            return
+        self._next_compaction_check = now + COMPACTION_CHECK_S
+        entries = compaction_min_entries(
+            self._settings.log_compaction_min_entries,
+            len(self._journal),
+            self._logstore.used_bytes(),
+            self._store.used_bytes(),
+            self._logstore.map_bytes,
+        )
+        conf = self._sync.conf
+        if entries is not None and entries != conf.logCompactionMinEntries:
+            log.debug("raft: snapshot after %d log entries from now on", entries)
+            conf.logCompactionMinEntries = entries
 
     def _commit_state(self, last_applied: int) -> None:
         if last_applied > self._applied_written:
@@ -369,6 +393,7 @@ class RaftNode(MembershipOps):
             else {},
             members=tuple(self._members()),
             peer_last_heard_s=sync._SyncObj__transport.last_heard(sync._SyncObj__otherNodes),
+            snapshot_after_entries=sync.conf.logCompactionMinEntries,
         )
         old, self.status = self.status, status
         changed = (old.role, old.leader_addr, old.term) != (

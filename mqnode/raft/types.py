@@ -43,3 +43,5 @@ class RaftStatus:
     members: tuple[str, ...] = ()  # the latest member list in this node's log, itself included
     # Seconds since each peer's Raft connection last delivered anything; None: not connected.
     peer_last_heard_s: dict[str, float | None] = field(default_factory=dict)
+    # The log length that triggers the next snapshot (compaction.py: grows with the state).
+    snapshot_after_entries: int = 0
