@@ -10,6 +10,7 @@ random pieces) and the transcripts and the stored messages must be equal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from typing import Any
 
@@ -44,14 +45,18 @@ async def _session(cls: type[SMTP], chunks: list[bytes]) -> tuple[bytes, list[by
     )
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    for chunk in chunks:
-        writer.write(chunk)
-        await writer.drain()
-        await asyncio.sleep(0.001)  # lets the server read this piece on its own
-    transcript = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    server.close()
-    await server.wait_closed()
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.001)  # lets the server read this piece on its own
+        transcript = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
     return transcript, keep.messages
 
 
@@ -76,9 +81,13 @@ _line = st.one_of(
 def test_same_transcript_and_message_as_aiosmtpd(
     lines: list[bytes], filler: int, cuts: list[int]
 ) -> None:
-    body = b"".join(line + b"\r\n" for line in lines)
+    # as a client sends it: a line of one dot is stuffed (a lone dot would end DATA)
+    body = b"".join((b".." if line == b"." else line) + b"\r\n" for line in lines)
     if filler:
-        body += b"F" * (filler % 900) + b".\r\n" + b"G" * filler + b"\r\n"
+        body += b"F" * (filler % 900 + 1) + b".\r\n" + b"G" * filler + b"\r\n"
+    # A lone dot inside would end DATA early and turn the rest into commands: not
+    # what this compares (and aiosmtpd may hang up on those, racing the writes).
+    assume(b"\r\n.\r\n" not in b"\r\n" + body)
     long_line = any(len(x) > LINE_LIMIT - 2 for x in body.split(b"\r\n"))
     assume(not (long_line and len(body) > SIZE_LIMIT))  # both: aiosmtpd answers the first met
     session = (
