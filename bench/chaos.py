@@ -10,6 +10,8 @@ compaction every 150 entries so restarts cross snapshot + log):
   pause-leader-Nx    SIGSTOP the leader for 0.5x..20x the election timeout
   full-restart       kill -9 all three and restart, together and staggered (30 rounds)
   partition-leader   cut the leader off (transport drop hook) and heal
+  *-smtp-workers     kill-leader and full-restart-together with SMTP sessions in two
+                     worker processes per node (smtp_workers = 2)
 For each: attempted, acknowledged, refused, lost (must be 0), duplicated
 queue entries (must be 0), diverged nodes (must be 0), failover seconds.
 Every loop is bounded in count and time; every process is stopped by PID.
@@ -42,9 +44,10 @@ from tests.support.cluster import FAST_TUNING, Cluster
 
 ARGS = (*FAST_TUNING, "--log-compaction-min-entries", "150", "--fault-injection", "1")
 ELECTION_MAX_S = 0.6
+WORKERS = ("--smtp-workers", "2")
 
 
-def scenarios(quick: bool) -> list[tuple[str, FaultScript, float]]:
+def scenarios(quick: bool) -> list[tuple[str, FaultScript, float, tuple[str, ...]]]:
     k = 0.25 if quick else 1.0
     rounds_restart = 3 if quick else 30
     rounds_kill = 3 if quick else 10
@@ -60,20 +63,30 @@ def scenarios(quick: bool) -> list[tuple[str, FaultScript, float]]:
         ("full-restart-together", full_restart(rounds_restart, 2.0, False), rounds_restart * 4.0),
         ("full-restart-staggered", full_restart(rounds_restart, 2.0, True), rounds_restart * 5.0),
         ("partition-leader", partition_leader(2.0, 5.0), 10),
+        (
+            "kill-leader-smtp-workers",
+            kill_leader_repeatedly(rounds_kill, 3.0, 1.0),
+            rounds_kill * 4.5 + 2,
+        ),
+        (
+            "full-restart-together-smtp-workers",
+            full_restart(rounds_restart, 2.0, False),
+            rounds_restart * 4.0,
+        ),
     ]
-    return out
+    return [(name, f, s, WORKERS if name.endswith("smtp-workers") else ()) for name, f, s in out]
 
 
 def run(quick: bool, seed: int, only: str | None, progress: Callable[[str], None]) -> list[Report]:
     reports: list[Report] = []
-    for name, script, load_s in scenarios(quick):
+    for name, script, load_s, extra in scenarios(quick):
         if only and only not in name:
             continue
         progress(f"{name}: running ~{load_s:.0f}s of load")
         t0 = time.monotonic()
         with (
             tempfile.TemporaryDirectory(prefix=f"chaos-{name}-") as tmp,
-            Cluster(Path(tmp), extra_args=ARGS) as cluster,
+            Cluster(Path(tmp), extra_args=(*ARGS, *extra)) as cluster,
         ):
             report, result, ctx = run_scenario(name, cluster, script, seed, load_s=load_s)
         if name == "kill-two":
@@ -117,6 +130,8 @@ def write_markdown(reports: list[Report], command: str, out: Path) -> None:
         "kill -9 all three nodes and restart them 30 times each (3 with --quick); every",
         "scenario runs with log compaction every 150 entries, so restarts and catch-up",
         "cross snapshot + log. The checker reads every node's queue after recovery.",
+        "The *-smtp-workers scenarios run every node with `smtp_workers = 2`: SMTP in",
+        "worker processes that die with their node (they see their link close).",
         "",
         "`refused` counts every non-250 attempt (451 during elections or without a",
         "majority, and connection refusals while a node is down: the load generator",

@@ -413,6 +413,11 @@ class RaftNode(MembershipOps):
         our checker (`SnapshotWriter.status`) alone reports the outcome.
         """
         last, prev, _cluster = data
+        # Journal first: starting a copy commits the state (store.snapshot_txn), and
+        # pysyncobj calls this before our tick's flush, with entries the last poll
+        # appended already applied. A kill -9 in between left the state ahead of the
+        # log ("state at 8951 is ahead of the log end 8949", chaos with smtp workers).
+        self._journal.flush()
         txn = self._store.apply_txn()
         if txn.applied_index() < last[1]:
             txn.set_applied_index(last[1])

@@ -21,6 +21,7 @@ import pytest
 
 from mqnode.errors import MembershipError
 from mqnode.raft import MEMBERSHIP, RaftNode, RaftSettings
+from mqnode.raft.journal import NO_OP
 from mqnode.statemachine import QueueStateMachine
 from mqnode.store import QueueStore
 
@@ -151,3 +152,34 @@ def test_the_member_list_survives_a_restart(tmp_path: Path) -> None:
             store.close()
 
     asyncio.run(second())
+
+
+def test_a_snapshot_start_makes_the_journal_durable_before_the_state(tmp_path: Path) -> None:
+    """pysyncobj starts a snapshot before our tick's journal flush, with entries the last
+    poll appended already applied; the copy's start commits the state, so the journal must
+    be on disk first (else a kill -9 leaves the state ahead of the log)."""
+
+    async def run() -> bool:
+        async with single_node(tmp_path) as (raft, _spare):
+
+            def start_snapshot_with_pending_entry() -> bool:
+                j, store = raft._journal, raft._store
+                j.add(NO_OP, j[-1][1] + 1, j[-1][2])  # appended by a poll, not flushed yet
+                seen: list[bool] = []
+                commit = store.snapshot_txn
+
+                def spy() -> Any:
+                    seen.append(j.dirty)
+                    return commit()
+
+                store.snapshot_txn = spy  # type: ignore[method-assign]
+                try:
+                    raft._serialize("", (j[-2], j[-3], []))
+                finally:
+                    store.snapshot_txn = commit  # type: ignore[method-assign]
+                    raft._snapshots.discard()
+                return seen == [False]
+
+            return bool(await _in_tick(raft, start_snapshot_with_pending_entry))
+
+    assert asyncio.run(run()), "the state was committed with journal entries still pending"
