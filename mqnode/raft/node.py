@@ -435,6 +435,7 @@ class RaftNode(MembershipOps):
 
     def _deserialize(self, filename: str) -> tuple[Entry, Entry, list[str]]:
         self._snapshots.discard()  # ours must not replace the leader's, nor hold the store
+        self._journal.flush()  # journal first, as in _serialize: never state ahead of log
         try:
             self._store.commit_apply()
         except StoreFullError:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mqnode import snapshot
 from mqnode.errors import MembershipError
 from mqnode.raft import MEMBERSHIP, RaftNode, RaftSettings
 from mqnode.raft.journal import NO_OP
@@ -181,5 +182,37 @@ def test_a_snapshot_start_makes_the_journal_durable_before_the_state(tmp_path: P
                 return seen == [False]
 
             return bool(await _in_tick(raft, start_snapshot_with_pending_entry))
+
+    assert asyncio.run(run()), "the state was committed with journal entries still pending"
+
+
+def test_installing_a_snapshot_flushes_the_journal_before_the_state(tmp_path: Path) -> None:
+    """Installing the leader's snapshot first commits what this node applied: the same
+    journal-first rule as above."""
+
+    async def run() -> bool:
+        async with single_node(tmp_path) as (raft, _spare):
+
+            def install_with_pending_entry() -> bool:
+                j, store = raft._journal, raft._store
+                copy = tmp_path / "leader-snapshot.bin"
+                store.commit_apply()
+                snapshot.write_snapshot(copy, store, j[-1], j[-2], [raft._settings.self_addr])
+                j.add(NO_OP, j[-1][1] + 1, j[-1][2])  # appended by a poll, not flushed yet
+                seen: list[bool] = []
+                commit = store.commit_apply
+
+                def spy() -> None:
+                    seen.append(j.dirty)
+                    commit()
+
+                store.commit_apply = spy  # type: ignore[method-assign]
+                try:
+                    raft._deserialize(str(copy))
+                finally:
+                    store.commit_apply = commit  # type: ignore[method-assign]
+                return bool(seen) and not seen[0]
+
+            return bool(await _in_tick(raft, install_with_pending_entry))
 
     assert asyncio.run(run()), "the state was committed with journal entries still pending"
