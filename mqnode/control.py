@@ -83,8 +83,8 @@ class AdminServer:
         fault_injection: bool = False,
     ) -> None:
         self._token = token
-        # the node's SMTP worker processes, when it has some (smtpworkers.WorkerPool)
-        self.smtp_workers: Callable[[], dict[str, Any]] | None = None
+        # the node's SMTP worker processes (smtpworkers.WorkerPool.describe); None: none
+        self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None
         self._metrics = metrics
         self._rep = replicator
         self._clock = clock
@@ -162,7 +162,7 @@ class AdminServer:
             "peer_last_heard_s": st.peer_last_heard_s,
             "members": list(st.members),
             "quorum": membership.quorum(len(st.members)),
-            "smtp_workers": self.smtp_workers() if self.smtp_workers else None,
+            "smtp_workers": self.smtp_workers(),
         }
 
     async def _bounce(self, ids: list[str]) -> web.Response:

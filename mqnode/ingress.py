@@ -86,6 +86,16 @@ class IngressLimits:
     exempt_networks: tuple[str, ...] = ()
 
 
+def client_limits(limits: IngressLimits, clock: Clock) -> ClientLimits:
+    """The per-client counters for these limits (one set per node process)."""
+    return ClientLimits(
+        limits.connection_rate_per_min,
+        limits.message_rate_per_min,
+        limits.max_connections_per_client,
+        clock,
+    )
+
+
 def valid_address(addr: str, allow_empty: bool) -> bool:
     if addr == "":
         return allow_empty
@@ -225,15 +235,7 @@ class SmtpIngress:
         self.limits = limits or IngressLimits()
         self.users = users  # None: no AUTH offered
         self.tls = tls  # None: no STARTTLS offered
-        lim = self.limits
-        self._gate = gate or LocalGate(
-            ClientLimits(
-                lim.connection_rate_per_min,
-                lim.message_rate_per_min,
-                lim.max_connections_per_client,
-                clock,
-            )
-        )
+        self._gate = gate or LocalGate(client_limits(self.limits, clock))
         self._auth_slots = asyncio.Semaphore(AUTH_CHECK_SLOTS)
         self._exempt_networks = NetworkSet(self.limits.exempt_networks)
         self._networks = NetworkSet(allowed_networks)

@@ -25,16 +25,15 @@ from .delivery import DeliveryAgent
 from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, MqnodeError
 from .events import EventLog
-from .ingress import SmtpIngress
+from .ingress import client_limits
 from .lease import LeaderLease
 from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from .mx import MxResolver
 from .policy import RetryPolicy
 from .raft import RaftNode, RaftSettings, RaftStatus
-from .ratelimit import ClientLimits
 from .replicator import CommitPipeline
 from .routing import Router
-from .smtpfront import build_ingress, listen_addrs, serve
+from .smtpfront import InProcessFront, build_ingress, ingress_limits
 from .smtpworkers import WorkerPool
 from .statemachine import QueueStateMachine
 from .store import QueueStore
@@ -98,21 +97,16 @@ class Node:
         pipeline.on_commit = metrics.commit_seconds.observe
         dispatcher.on_attempt = metrics.delivery_seconds.observe
         admin = self._build_admin(store, raft, pipeline, lease, metrics)
-        if isinstance(front, WorkerPool):
-            admin.smtp_workers = front.describe
+        admin.smtp_workers = front.describe
 
         raft.start()
         pipeline.start()
         tasks = [asyncio.create_task(events.run_webhook(), name="event-webhook")]
         if cfg.delivery_enabled:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
-        servers: list[asyncio.Server] = []
         try:
             await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
-            if isinstance(front, WorkerPool):
-                await front.start()
-            else:
-                servers = await serve(front, listen_addrs(cfg), None)
+            await front.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
             log.info(
@@ -128,10 +122,7 @@ class Node:
         except OSError as exc:
             raise MqnodeError(f"cannot listen: {exc}") from exc
         finally:
-            for server in servers:
-                server.close()
-            if isinstance(front, WorkerPool):
-                await front.stop()
+            await front.stop()
             for t in tasks:
                 t.cancel()
             await dispatcher.stop()
@@ -169,17 +160,15 @@ class Node:
 
     def _build_smtp_front(
         self, pipeline: CommitPipeline, store: QueueStore
-    ) -> SmtpIngress | WorkerPool:
-        """The SMTP sessions' handler in this process, or the pool of worker processes."""
+    ) -> InProcessFront | WorkerPool:
+        """SMTP sessions in this process, or in a pool of worker processes."""
         cfg = self.cfg
         if not cfg.smtp_workers:
-            return build_ingress(cfg, pipeline, self.clock, self._rng.randbytes, store.fill_ratio)
-        limits = ClientLimits(
-            cfg.client_connection_rate_per_min,
-            cfg.client_message_rate_per_min,
-            cfg.client_max_connections,
-            self.clock,
-        )
+            rng = self._rng.randbytes
+            return InProcessFront(
+                cfg, build_ingress(cfg, pipeline, self.clock, rng, store.fill_ratio)
+            )
+        limits = client_limits(ingress_limits(cfg), self.clock)
         return WorkerPool(cfg, pipeline, limits, store.fill_ratio, self.clock)
 
     def _build_dispatcher(
@@ -227,15 +216,13 @@ class Node:
         self,
         store: QueueStore,
         raft: RaftNode,
-        front: SmtpIngress | WorkerPool,
+        front: InProcessFront | WorkerPool,
         dispatcher: Dispatcher,
         lease: LeaderLease,
     ) -> NodeMetrics:
         def snapshot() -> MetricsSnapshot:
             st = raft.status
-            accepted, refused = (
-                front.counts() if isinstance(front, WorkerPool) else (front.accepted, front.refused)
-            )
+            accepted, refused = front.counts()
             return MetricsSnapshot(
                 queue_by_state=store.counts(),
                 queue_by_domain=store.domain_counts(DOMAIN_SCAN_LIMIT),

@@ -3,7 +3,9 @@
 `build_ingress` makes the aiosmtpd handler with the node's limits, AUTH and
 TLS; `serve` starts the listeners (the submission port and, when set, the
 implicit-TLS port). A worker process gets the listening sockets from the node
-(inherited), the node binds its own when it has no workers.
+(inherited), the node binds its own when it has no workers: `InProcessFront`,
+which the node drives like smtpworkers.WorkerPool (start, stop, counts,
+describe, events, on_accepted).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from .clock import Clock
 from .config import NodeConfig, parse_hostport
+from .events import EventLog
 from .ingress import IngressLimits, SmtpIngress
 from .ratelimit import ClientGate
 from .replicator import Submitter
@@ -103,3 +107,42 @@ async def serve(
             server = await loop.create_server(factory, sock=socks[i], ssl=ssl_ctx)
         servers.append(server)
     return servers
+
+
+class InProcessFront:
+    """SMTP sessions in the node's own process (`smtp_workers = 0`)."""
+
+    def __init__(self, cfg: NodeConfig, ingress: SmtpIngress) -> None:
+        self._cfg = cfg
+        self.ingress = ingress
+        self._servers: list[asyncio.Server] = []
+
+    @property
+    def events(self) -> EventLog | None:
+        return self.ingress.events
+
+    @events.setter
+    def events(self, events: EventLog | None) -> None:
+        self.ingress.events = events
+
+    @property
+    def on_accepted(self) -> Callable[[], None]:
+        return self.ingress.on_accepted
+
+    @on_accepted.setter
+    def on_accepted(self, wake: Callable[[], None]) -> None:
+        self.ingress.on_accepted = wake
+
+    async def start(self) -> None:
+        self._servers = await serve(self.ingress, listen_addrs(self._cfg), None)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    def counts(self) -> tuple[int, int]:
+        """(accepted, refused) DATA replies so far."""
+        return self.ingress.accepted, self.ingress.refused
+
+    def describe(self) -> dict[str, Any] | None:
+        return None  # /status: no worker processes

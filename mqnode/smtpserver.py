@@ -41,7 +41,7 @@ from typing import Any, cast
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from .ingress import SmtpIngress, hook_names
-from .smtpdata import TOO_LONG, TOO_MUCH, read_data
+from .smtpdata import NOMINAL, TOO_LONG, TOO_MUCH, read_data
 
 # aiosmtpd's replies without an enhanced status code (RFC 3463) -> ours.
 _ENHANCED = {
@@ -54,6 +54,11 @@ _ENHANCED = {
 }
 
 Method = Callable[[Any], Awaitable[None]]
+
+_DATA_REFUSALS = {
+    TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
+    TOO_MUCH: "552 Error: Too much mail data",
+}
 
 # `<local@domain>` with both parts dot-atoms of RFC 5322 atext: the common case, for
 # which email's header parser (aiosmtpd's _getaddr) gives exactly the address as
@@ -185,14 +190,8 @@ class SubmissionProtocol(SMTP):
         except asyncio.CancelledError:  # the connection was lost inside DATA
             self._writer.close()
             raise
-        if verdict != "nominal":
-            too_long = verdict == TOO_LONG
-            await self.push(
-                "500 Line too long (see RFC5321 4.5.3.1.6)"
-                if too_long
-                else "552 Error: Too much mail data"
-            )
-            assert too_long or verdict == TOO_MUCH
+        if verdict != NOMINAL:  # aiosmtpd's own replies (push adds the enhanced codes)
+            await self.push(_DATA_REFUSALS[verdict])
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         self.envelope.content = self.envelope.original_content = content

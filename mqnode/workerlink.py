@@ -72,12 +72,14 @@ class Link(asyncio.Protocol):
         self._on_closed = on_closed
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=2 * MAX_MESSAGE_BYTES)
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -98,12 +100,12 @@ class Link(asyncio.Protocol):
             self._on_closed()
 
     def send(self, msg: list[Any]) -> None:
-        if self._transport is None:
+        if self._transport is None or self._loop is None:
             return
         self._out.append(msgpack.packb(msg, use_bin_type=True))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
