@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from .devsink import read_sink
+from .localports import free_loopback_ports
 
 WAIT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -90,11 +84,12 @@ class Demo:
         self.secret = workdir / "cluster.secret"
         self.secret.write_text(os.urandom(24).hex())
         self.secret.chmod(0o600)
-        self.sink_port = free_port()
+        ports = free_loopback_ports(10)
+        self.sink_port = ports.pop()
         self.sink_file = workdir / "sink.jsonl"
         self.sink: subprocess.Popen[bytes] | None = None
         self.nodes = [
-            DemoNode(f"n{i}", f"127.0.0.1:{free_port()}", free_port(), free_port())
+            DemoNode(f"n{i}", f"127.0.0.1:{ports.pop()}", ports.pop(), ports.pop())
             for i in (1, 2, 3)
         ]
 

@@ -30,7 +30,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+from mqnode.localports import free_loopback_ports
 
 HOST = "127.0.0.1"
 SECRET = "integration-test-cluster-secret-0123456789"
@@ -80,17 +81,8 @@ class ClusterError(AssertionError):
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (all held open until chosen)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """`count` distinct free TCP ports on 127.0.0.1 (see mqnode.localports)."""
+    return free_loopback_ports(count)
 
 
 ADMIN_TOKEN = "integration-test-admin-token-0123456789"

@@ -1,0 +1,36 @@
+"""free_loopback_ports: distinct, bindable, and below the ephemeral range."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from mqnode import localports
+from mqnode.localports import FIXED_LO, ephemeral_range, free_loopback_ports
+
+
+def test_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    lo, _hi = ephemeral_range()
+    ports = free_loopback_ports(12)
+    assert len(set(ports)) == 12
+    assert all(FIXED_LO <= p < lo for p in ports)
+    for p in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_a_port_in_use_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = free_loopback_ports(1)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", taken))
+        held.listen()
+        monkeypatch.setattr(localports, "_next", taken)
+        ports = free_loopback_ports(3)
+    assert taken not in ports
+    assert ports[0] > taken
+
+
+def test_calls_move_on() -> None:
+    a, b = free_loopback_ports(1), free_loopback_ports(1)
+    assert a != b
