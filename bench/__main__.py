@@ -38,6 +38,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "e2e": 1,
         "latency": 2,
         "failover": plan.failover_rounds,
+        "sessions": 2 + len(plan.session_counts),
         "scaling": len(plan.scaling_sizes) + len(plan.node_counts),
     }
     return sum(per[n] for n in names)

@@ -20,7 +20,7 @@ from bench.runners import Row
 
 NULLS = ("aiosmtpd null handler", "aiosmtpd null handler, uvloop")
 OURS = "ours"
-POSTFIX = {"accept": "Postfix accept", "e2e": "Postfix end to end"}
+POSTFIX = {"accept": "Postfix accept", "e2e": "Postfix end to end", "sessions": "Postfix accept"}
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: list[Row], series: dict[str, Any]) -> None:
@@ -41,13 +41,19 @@ def _params(p: dict[str, Any]) -> str:
 def _group_ratio(rows: list[Row], row: Row, names: tuple[str, ...]) -> float | None:
     """`row`'s rate over the best rate among rows called `names` in the same group.
 
-    A group is the same workload, size, recipients and load generator: a
-    ratio never mixes our Python generator with smtp-source.
+    A group is the same workload, size, recipients, sessions and load
+    generator: a ratio never mixes our Python generator with smtp-source.
     """
 
     def key(r: Row) -> tuple[Any, ...]:
         p = r.params
-        return (r.workload, p.get("size"), p.get("recipients", 1), p.get("generator"))
+        return (
+            r.workload,
+            p.get("size"),
+            p.get("recipients", 1),
+            p.get("sessions"),
+            p.get("generator"),
+        )
 
     refs = [r.rate for r in rows if r.name in names and key(r) == key(row) and r.rate]
     if not refs or not row.rate:
@@ -63,7 +69,7 @@ def markdown(command: str, meta: dict[str, Any], rows: list[Row]) -> str:
         "",
         f"Machine: {meta['cpus']} CPUs, Python {meta['python']}. {meta.get('note', '')}".rstrip(),
     ]
-    for workload in ("accept", "e2e", "latency", "scaling"):
+    for workload in ("accept", "e2e", "latency", "sessions", "scaling"):
         sel = [r for r in rows if r.workload == workload]
         if not sel:
             continue

@@ -66,6 +66,7 @@ class Plan:
     scaling_sizes: list[int]
     node_counts: list[int]
     bytes_per_row: int
+    session_counts: list[int] = field(default_factory=lambda: [10, 40])
     max_s: float = 90.0
 
     def count_for(self, size: int) -> int:
@@ -84,6 +85,7 @@ FULL = Plan(
     [KIB, 10 * KIB, 100 * KIB, MIB, 5 * MIB],
     [5],
     400 * MIB,
+    [5, 10, 20, 40, 80],
 )
 
 
@@ -400,6 +402,58 @@ def scaling(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
             out.rows.append(measure("scaling", f"node count {n}, 1 KiB", target, params, 60))
 
 
+def sessions(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
+    """Acceptance against the number of parallel sessions, 1 KiB, smtp-source throughout.
+
+    A client waits for each 250 before its next message, so with few sessions
+    the rate is bound by the time to a 250 (for mqnode: a majority's fsync and
+    two ticks), with many by CPU. The curve shows which bound a row is on, for
+    mqnode and Postfix side by side; the targets stay at 20 sessions.
+    """
+    if postfix.available(instance=False) is not None:
+        step("sessions: skipped (no smtp-source)")
+        return
+    messages = plan.count_for(KIB)
+    port = free_ports(1)[0]
+    rows: dict[int, list[Row]] = {n: [] for n in plan.session_counts}
+
+    def add(name: str, n: int, rate: Callable[[], float]) -> None:
+        p = {"messages": messages, "sessions": n, "size": KIB, "recipients": 1}
+        p["generator"] = SMTP_SOURCE
+        try:
+            r = Row("sessions", name, p, rate=rate(), acked=messages, attempted=messages)
+        except postfix.PostfixBenchError as exc:
+            r = Row("sessions", name, p, note=f"failed: {exc}")
+        rows[n].append(r)
+
+    def source(port: int, n: int) -> Callable[[], float]:
+        return lambda: postfix.run_source(port, messages, n, KIB, max_s=plan.max_s)[1]
+
+    step("sessions: aiosmtpd null handler, uvloop")
+    with null_server(port, uvloop=True):
+        for n in plan.session_counts:
+            add("aiosmtpd null handler, uvloop", n, source(port, n))
+    step("sessions: mqnode 3 nodes")
+    with _cluster(tmp / "three", 3) as c:
+        leader = c.nodes[c.leader()].smtp_port
+        for n in plan.session_counts:
+            add("mqnode 3 nodes, to leader", n, source(leader, n))
+    why = postfix.available()
+    for n in plan.session_counts:
+        step(f"sessions: Postfix, {n} sessions")
+        if why is not None:
+            note = f"skipped: {why}"
+            rows[n].append(Row("sessions", "Postfix accept", {"sessions": n}, note=note))
+            continue
+
+        def through_postfix(n: int = n) -> float:
+            return postfix.measure_postfix(messages, n, KIB, max_s=plan.max_s)[0].rate
+
+        add("Postfix accept", n, through_postfix)
+    for n in plan.session_counts:
+        out.rows += rows[n]
+
+
 def _size(size: int) -> str:
     return f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
 
@@ -409,6 +463,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "e2e": end_to_end,
     "latency": latency,
     "failover": failover,
+    "sessions": sessions,
     "scaling": scaling,
 }
 

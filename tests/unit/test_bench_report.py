@@ -38,6 +38,21 @@ def test_postfix_ratio_never_mixes_generators() -> None:
     assert report._group_ratio(r, r[3], ("Postfix accept",)) is None
 
 
+def test_sessions_rows_compare_only_at_the_same_session_count() -> None:
+    src = {"size": 1024, "recipients": 1, "generator": "smtp-source"}
+    r = [
+        Row("sessions", "Postfix accept", {**src, "sessions": 10}, rate=1000.0),
+        Row("sessions", "Postfix accept", {**src, "sessions": 40}, rate=1200.0),
+        Row("sessions", "mqnode 3 nodes, to leader", {**src, "sessions": 10}, rate=900.0),
+        Row("sessions", "mqnode 3 nodes, to leader", {**src, "sessions": 40}, rate=1800.0),
+    ]
+    postfix = (report.POSTFIX["sessions"],)
+    assert report._group_ratio(r, r[2], postfix) == 0.9
+    assert report._group_ratio(r, r[3], postfix) == 1.5
+    text = report.markdown("python -m bench --only sessions", report.machine_meta("q", "t"), r)
+    assert "### sessions" in text and "| 1.50 |" in text
+
+
 def test_markdown_names_the_command_and_every_row() -> None:
     meta = report.machine_meta("quick", "2026-11-23 00:00 UTC")
     text = report.markdown("python -m bench", meta, rows())
