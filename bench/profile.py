@@ -1,0 +1,135 @@
+"""Where a message's time and CPU go: one smtp-source run into a 3-node cluster's leader.
+
+    python -m bench.profile                       # 10,000 x 1 KiB, 20 sessions
+    python -m bench.profile --sessions 40 --smtp-workers 2
+
+Prints the rate, the leader's submit-to-commit latency (the
+`mqnode_commit_seconds` histogram from its /metrics, before and after the
+run) against the whole per-message cycle of one session (sessions / rate),
+and the CPU each process used per message (from /proc; smtp-source's from
+this process's reaped children). A rate bound by the time to a 250 shows as
+a commit time that is most of the cycle while no process is near 100% of a
+core; a CPU-bound one as the machine near 100% busy. Bounded: one run of
+at most --max-s seconds; the cluster is stopped by PID and its data deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.smtptools import run_source, which
+from tests.support.cluster import Cluster, http_get
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu() -> dict[int, tuple[str, int, float]]:
+    """pid -> (name, parent pid, user+system CPU seconds) of every process."""
+    out: dict[int, tuple[str, int, float]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[int(d)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)
+    return out
+
+
+def _busy() -> tuple[int, int]:
+    with open("/proc/stat", encoding="ascii") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def _commit_histogram(admin_port: int) -> dict[str, float]:
+    text = http_get(f"http://127.0.0.1:{admin_port}/metrics").decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("mqnode_commit_seconds_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def _quantile(delta: dict[str, float], q: float) -> str:
+    """Upper bound of the histogram bucket holding quantile q."""
+    count = delta.get("mqnode_commit_seconds_count", 0.0)
+    for key, value in delta.items():
+        if "_bucket" in key and value >= q * count:
+            return key.split('le="')[1].rstrip('"}')
+    return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--smtp-workers", type=int, default=0)
+    ap.add_argument("--max-s", type=float, default=120.0)
+    args = ap.parse_args(argv)
+    which("smtp-source")  # fails early with the reason when Postfix's tools are absent
+    base = Path(tempfile.mkdtemp(prefix="mqnode-profile-"))
+    extra = ("--smtp-workers", str(args.smtp_workers)) if args.smtp_workers else ()
+    try:
+        with Cluster(base, n=3, extra_args=extra, start_timeout_s=60) as c:
+            lead = c.leader()
+            port, admin = c.nodes[lead].smtp_port, c.nodes[lead].admin_port
+            run_source(port, 500, args.sessions, args.size, max_s=args.max_s)  # warm up
+            roles = {c.nodes[i].proc.pid: f"node {c.nodes[i].node_id}" for i in range(3)}  # type: ignore[union-attr]
+            roles[c.nodes[lead].proc.pid] += " (leader)"  # type: ignore[union-attr]
+            h0, p0, b0 = _commit_histogram(admin), _proc_cpu(), _busy()
+            kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.monotonic()
+            run_source(port, args.messages, args.sessions, args.size, max_s=args.max_s)
+            elapsed = time.monotonic() - t0
+            kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            h1, p1, b1 = _commit_histogram(admin), _proc_cpu(), _busy()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    n = args.messages
+    rate = n / elapsed
+    delta = {k: v - h0.get(k, 0.0) for k, v in h1.items()}
+    commits = delta.get("mqnode_commit_seconds_count", 0.0) or 1.0
+    mean_ms = delta.get("mqnode_commit_seconds_sum", 0.0) / commits * 1000
+    busy = 1 - (b1[1] - b0[1]) / max(b1[0] - b0[0], 1)
+    print(
+        f"{rate:,.0f} msg/s ({n} x {args.size} B, {args.sessions} sessions, "
+        f"smtp_workers={args.smtp_workers}); machine busy {busy * 100:.0f}% of all CPUs"
+    )
+    print(
+        f"per-message cycle of one session: {args.sessions / rate * 1000:.1f} ms; "
+        f"leader submit-to-commit: mean {mean_ms:.1f} ms, p50 <= {_quantile(delta, 0.5)} s, "
+        f"p90 <= {_quantile(delta, 0.9)} s"
+    )
+    rows: list[tuple[float, str]] = []
+    for pid, (name, ppid, cpu) in p1.items():
+        used = cpu - p0.get(pid, (name, ppid, 0.0))[2]
+        if used <= 0:
+            continue
+        label = roles.get(pid) or (f"smtp worker of {roles[ppid]}" if ppid in roles else name)
+        rows.append((used, f"{label} [{pid}]"))
+    source = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+    rows.append((source, "smtp-source (reaped child)"))
+    for used, label in sorted(rows, reverse=True)[:8]:
+        print(f"  {label:40s} {used / elapsed * 100:5.0f}% of a core  {used / n * 1e6:6.0f} us/msg")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
