@@ -295,16 +295,6 @@ class RaftNode(MembershipOps):
         transport.keep_alive(self._keepalive_s)
         resend, transport.mq_resend = transport.mq_resend, False
         dirty = self._journal.dirty
-        last_applied = sync.raftLastApplied
-        # The leader's critical write is the state: its callers wait for it, and what
-        # it applied was flushed in earlier ticks (pysyncobj counts entries appended
-        # before this tick's commit step only). So it commits and answers first, before
-        # sending new entries and before its own journal fsync, which only new entries
-        # wait for (A/B in docs/benchmarks.md: commit latency -13%, 7 rounds).
-        answer_first = sync._isLeader() and self._journal.durable_through(last_applied)
-        if answer_first:
-            self._commit_state(last_applied)
-            self._deliver_completions(failed=False)
         if sync._isLeader() and (dirty or resend or sync.raftCommitIndex != self._sent_commit):
             # Replicate new entries and tell followers the new commit index now, not at
             # the next heartbeat: followers answer their own SMTP sessions after applying.
@@ -312,7 +302,14 @@ class RaftNode(MembershipOps):
             # it: pysyncobj counts the leader's copy only at the next tick, after it).
             self._sent_commit = sync.raftCommitIndex
             sync._SyncObj__sendAppendEntries()
-        if answer_first:
+        last_applied = sync.raftLastApplied
+        if sync._isLeader() and self._journal.durable_through(last_applied):
+            # The leader's critical write is the state: its callers wait for it, and
+            # what it applied was flushed in earlier ticks (pysyncobj counts entries
+            # appended before this tick's commit step only). Answer them before our
+            # own journal fsync, which only new entries wait for.
+            self._commit_state(last_applied)
+            self._deliver_completions(failed=False)
             self._journal.flush()
             transport.release_deferred()
         else:
