@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from bench.smtptools import run_source, which
-from tests.support.cluster import Cluster, http_get
+from bench.workloads import bench_cluster
+from tests.support.cluster import http_get
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -84,24 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-s", type=float, default=120.0)
     args = ap.parse_args(argv)
     which("smtp-source")  # fails early with the reason when Postfix's tools are absent
-    base = Path(tempfile.mkdtemp(prefix="mqnode-profile-"))
     extra = ("--smtp-workers", str(args.smtp_workers)) if args.smtp_workers else ()
-    try:
-        with Cluster(base, n=3, extra_args=extra, start_timeout_s=60) as c:
-            lead = c.leader()
-            port, admin = c.nodes[lead].smtp_port, c.nodes[lead].admin_port
-            run_source(port, 500, args.sessions, args.size, max_s=args.max_s)  # warm up
-            roles = {c.nodes[i].proc.pid: f"node {c.nodes[i].node_id}" for i in range(3)}  # type: ignore[union-attr]
-            roles[c.nodes[lead].proc.pid] += " (leader)"  # type: ignore[union-attr]
-            h0, p0, b0 = _commit_histogram(admin), _proc_cpu(), _busy()
-            kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            t0 = time.monotonic()
-            run_source(port, args.messages, args.sessions, args.size, max_s=args.max_s)
-            elapsed = time.monotonic() - t0
-            kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            h1, p1, b1 = _commit_histogram(admin), _proc_cpu(), _busy()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="mqnode-profile-") as tmp,
+        bench_cluster(Path(tmp), 3, extra=extra) as c,
+    ):
+        lead = c.leader()
+        port, admin = c.nodes[lead].smtp_port, c.nodes[lead].admin_port
+        run_source(port, 500, args.sessions, args.size, max_s=args.max_s)  # warm up
+        roles: dict[int, str] = {}
+        for i, node in enumerate(c.nodes):
+            assert node.proc is not None  # started by the cluster
+            roles[node.proc.pid] = f"node {node.node_id}" + (" (leader)" if i == lead else "")
+        h0, p0, b0 = _commit_histogram(admin), _proc_cpu(), _busy()
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        run_source(port, args.messages, args.sessions, args.size, max_s=args.max_s)
+        elapsed = time.monotonic() - t0
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        h1, p1, b1 = _commit_histogram(admin), _proc_cpu(), _busy()
     n = args.messages
     rate = n / elapsed
     delta = {k: v - h0.get(k, 0.0) for k, v in h1.items()}

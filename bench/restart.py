@@ -16,13 +16,12 @@ and its data deleted.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from bench.smtptools import run_source, which
-from tests.support.cluster import Cluster
+from bench.workloads import bench_cluster
 
 
 def _dir_bytes(path: Path) -> int:
@@ -41,38 +40,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-s", type=float, default=300.0)
     args = ap.parse_args(argv)
     which("smtp-source")
-    base = Path(tempfile.mkdtemp(prefix="mqnode-restart-"))
-    try:
-        with Cluster(base, n=3, start_timeout_s=60) as c:
-            lead = c.leader()
-            elapsed, rate = run_source(
-                c.nodes[lead].smtp_port, args.messages, args.sessions, args.size, max_s=args.max_s
-            )
-            print(f"filled: {args.messages} x {args.size} B in {elapsed:.1f} s ({rate:.0f} msg/s)")
-            f = c.followers()[0]
-            node = c.nodes[f]
-            st = c.status(f)
-            raft_bytes = _dir_bytes(node.data_dir / "raft")
-            state_bytes = _dir_bytes(node.data_dir) - raft_bytes
-            print(
-                f"follower {node.node_id}: {st['log_entries']} log entries, raft dir "
-                f"{raft_bytes / 2**20:.0f} MiB, rest of the data dir {state_bytes / 2**20:.0f} MiB"
-            )
-            c.kill(f)
-            t0 = time.monotonic()
-            c.spawn(f)
-            c.wait_admin_up([f], args.max_s)
-            up = time.monotonic() - t0
-            target = c.status(lead)["commit_index"]
-            deadline = t0 + args.max_s
-            while c.status(f)["last_applied"] < target:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{node.node_id} not caught up after {args.max_s:.0f} s")
-                time.sleep(0.05)
-            caught = time.monotonic() - t0
-            print(f"restart after kill -9: admin up in {up:.2f} s, caught up in {caught:.2f} s")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="mqnode-restart-") as tmp,
+        bench_cluster(Path(tmp), 3) as c,
+    ):
+        lead = c.leader()
+        elapsed, rate = run_source(
+            c.nodes[lead].smtp_port, args.messages, args.sessions, args.size, max_s=args.max_s
+        )
+        print(f"filled: {args.messages} x {args.size} B in {elapsed:.1f} s ({rate:.0f} msg/s)")
+        f = c.followers()[0]
+        node = c.nodes[f]
+        st = c.status(f)
+        raft_bytes = _dir_bytes(node.data_dir / "raft")
+        state_bytes = _dir_bytes(node.data_dir) - raft_bytes
+        print(
+            f"follower {node.node_id}: {st['log_entries']} log entries, raft dir "
+            f"{raft_bytes / 2**20:.0f} MiB, rest of the data dir {state_bytes / 2**20:.0f} MiB"
+        )
+        c.kill(f)
+        t0 = time.monotonic()
+        c.spawn(f)
+        c.wait_admin_up([f], args.max_s)
+        up = time.monotonic() - t0
+        target = c.status(lead)["commit_index"]
+        deadline = t0 + args.max_s
+        while c.status(f)["last_applied"] < target:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{node.node_id} not caught up after {args.max_s:.0f} s")
+            time.sleep(0.05)
+        caught = time.monotonic() - t0
+        print(f"restart after kill -9: admin up in {up:.2f} s, caught up in {caught:.2f} s")
     return 0
 
 

@@ -97,7 +97,7 @@ class Results:
 
 
 @contextlib.contextmanager
-def _cluster(
+def bench_cluster(
     base: Path, n: int, relay: str | None = None, extra: tuple[str, ...] = ()
 ) -> Iterator[Cluster]:
     """A cluster whose data dirs are deleted once its rows are measured: a full run
@@ -135,14 +135,14 @@ def _accept_one(plan: Plan, base: Path, params: dict[str, Any], step: Step, out:
         with null_server(port, uvloop=uv):
             _both(plan, name, [(HOST, port)], params, out)
     step("accept: mqnode, 1 node (replication off)")
-    with _cluster(base / "single", 1) as c:
+    with bench_cluster(base / "single", 1) as c:
         _both(plan, "mqnode 1 node, no replication", _targets(c, [0]), params, out)
     step("accept: mqnode, 3 nodes")
-    with _cluster(base / "three", 3) as c:
+    with bench_cluster(base / "three", 3) as c:
         _both(plan, "mqnode 3 nodes, to leader", _targets(c, [c.leader()]), params, out)
         _both(plan, "mqnode 3 nodes, to followers", _targets(c, c.followers()), params, out)
     step("accept: mqnode, 3 nodes, 2 smtp workers each")
-    with _cluster(base / "three-workers", 3, extra=WORKERS) as c:
+    with bench_cluster(base / "three-workers", 3, extra=WORKERS) as c:
         name = "mqnode 3 nodes, 2 smtp workers"
         _both(plan, f"{name}, to leader", _targets(c, [c.leader()]), params, out)
         _both(plan, f"{name}, to followers", _targets(c, c.followers()), params, out)
@@ -203,7 +203,7 @@ def end_to_end(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     count_file = tmp / "e2e-sink.count"
     with (
         null_server(port, count_file=count_file, uvloop=True),
-        _cluster(tmp / "e2e", 3, relay=f"{HOST}:{port}") as c,
+        bench_cluster(tmp / "e2e", 3, relay=f"{HOST}:{port}") as c,
     ):
         started_wall = time.time()
         result, elapsed = run_load(
@@ -261,7 +261,7 @@ def _end_to_end_smtp_source(
     base = tmp / ("e2e-smtp-source-workers" if workers else "e2e-smtp-source")
     with (
         postfix.smtp_sink(port) as sink,
-        _cluster(base, 3, relay=f"{HOST}:{port}", extra=WORKERS if workers else ()) as c,
+        bench_cluster(base, 3, relay=f"{HOST}:{port}", extra=WORKERS if workers else ()) as c,
     ):
         before = sink.received()
         t0 = time.monotonic()
@@ -293,7 +293,7 @@ def latency(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         if r.workload == "accept" and r.name == "mqnode 3 nodes, to leader" and r.rate
     ]
     params: dict[str, Any] = {"sessions": plan.sessions, "size": KIB, "recipients": 1}
-    with _cluster(tmp / "latency", 3) as c:
+    with bench_cluster(tmp / "latency", 3) as c:
         target = _targets(c, [c.leader()])
         if not peaks:
             step("latency: measuring the peak first")
@@ -316,7 +316,7 @@ def latency(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
 def failover(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     gaps: list[float] = []
     lost = dup = acked = attempted = 0
-    with _cluster(tmp / "failover", 3) as c:
+    with bench_cluster(tmp / "failover", 3) as c:
         for r in range(plan.failover_rounds):
             step(f"failover: kill -9 the leader, round {r + 1}/{plan.failover_rounds}")
             report, result, ctx = run_scenario(
@@ -385,7 +385,7 @@ def _timeline(result: Any, fault_at: float | None, bin_s: float = 0.1) -> dict[s
 
 
 def scaling(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
-    with _cluster(tmp / "sizes", 3) as c:
+    with bench_cluster(tmp / "sizes", 3) as c:
         target = _targets(c, [c.leader()])
         for size in plan.scaling_sizes:
             step(f"scaling: {size // KIB} KiB messages")
@@ -397,7 +397,7 @@ def scaling(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     for n in plan.node_counts:
         step(f"scaling: {n} nodes")
         params = {"messages": plan.count_for(KIB), "sessions": plan.sessions, "size": KIB}
-        with _cluster(tmp / f"nodes-{n}", n) as c:
+        with bench_cluster(tmp / f"nodes-{n}", n) as c:
             target = _targets(c, [c.leader()])
             out.rows.append(measure("scaling", f"node count {n}, 1 KiB", target, params, 60))
 
@@ -418,7 +418,7 @@ def sessions(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     rows: dict[int, list[Row]] = {n: [] for n in plan.session_counts}
 
     def add(name: str, n: int, rate: Callable[[], float]) -> None:
-        p = {"messages": messages, "sessions": n, "size": KIB, "recipients": 1}
+        p: dict[str, Any] = {"messages": messages, "sessions": n, "size": KIB, "recipients": 1}
         p["generator"] = SMTP_SOURCE
         try:
             r = Row("sessions", name, p, rate=rate(), acked=messages, attempted=messages)
@@ -434,7 +434,7 @@ def sessions(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         for n in plan.session_counts:
             add("aiosmtpd null handler, uvloop", n, source(port, n))
     step("sessions: mqnode 3 nodes")
-    with _cluster(tmp / "three", 3) as c:
+    with bench_cluster(tmp / "three", 3) as c:
         leader = c.nodes[c.leader()].smtp_port
         for n in plan.session_counts:
             add("mqnode 3 nodes, to leader", n, source(leader, n))
@@ -478,4 +478,4 @@ def run(plan: Plan, names: list[str], step: Step) -> Results:
     return out
 
 
-__all__ = ["FULL", "QUICK", "WORKLOADS", "Plan", "Results", "run"]
+__all__ = ["FULL", "QUICK", "WORKLOADS", "Plan", "Results", "bench_cluster", "run"]
