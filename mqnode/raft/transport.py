@@ -63,6 +63,31 @@ class _WatchedEncryptor:
             raise
 
 
+def commit_unverified_no_further(message: Any, own_commit: int) -> Any:
+    """A snapshot chunk must not advance our commit index over our own log.
+
+    pysyncobj's follower sets its commit index to min(leader's commit, its own
+    log end) on every append_entries, also on the chunks of an install-snapshot
+    transfer, which carry no prevLogIdx: nothing has checked that our log
+    matches the leader's. An ex-leader coming back from a partition with
+    uncommitted entries of its old term then applied them as committed and
+    answered 250, before the snapshot replaced them: acknowledged mail lost
+    (found by tests/fault test_partition_leader_and_heal; pysyncobj then logs
+    "raftCommitIndex ... exceeds journal end ... after loading dump"). The
+    commit index moves on with the first verified append after the install.
+    """
+    if (
+        isinstance(message, dict)
+        and message.get("type") == "append_entries"
+        and "serialized" in message
+        and "prevLogIdx" not in message
+        and isinstance(message.get("commit_index"), int)
+        and message["commit_index"] > own_commit
+    ):
+        return {**message, "commit_index": own_commit}
+    return message
+
+
 class DeferringTransport(TCPTransport):  # type: ignore[misc]
     """Holds back follower acknowledgements until the journal is fsynced.
 
@@ -166,6 +191,7 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
             return
         next_index = self._syncObj._SyncObj__raftNextIndex
         sent_up_to = next_index.get(node)
+        message = commit_unverified_no_further(message, self._syncObj.raftCommitIndex)
         super()._onMessageReceived(node, message)
         if message.get("type") == "request_vote":
             self._syncObj._mq_after_vote_request(message)
