@@ -161,7 +161,12 @@ class SubmissionProtocol(SMTP):
         """
         m = _SIMPLE_PATH.fullmatch(arg)
         if m is None or m.group(2).startswith("("):  # a comment after it: the parser's job
-            return super()._getaddr(arg)
+            try:
+                return super()._getaddr(arg)
+            except (AttributeError, IndexError, TypeError, ValueError):
+                # email's parser crashes on some malformed paths ("<0@[@0>": AttributeError
+                # in CPython 3.11, found by Hypothesis); that is a bad address, not a 500.
+                return None, None
         address = m.group(1)
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None

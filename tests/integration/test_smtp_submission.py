@@ -254,6 +254,16 @@ def test_help_lists_commands_from_the_shared_table(sub: SubmissionCluster) -> No
         assert client.noop()[0] == 250
 
 
+def test_path_that_crashes_the_address_parser_is_a_bad_address(sub: SubmissionCluster) -> None:
+    # "<0@[@0>" makes email's parser raise AttributeError inside aiosmtpd (found by
+    # Hypothesis): answered as a malformed address, and the session goes on.
+    with smtp(sub, "127.0.0.1") as client:
+        client.ehlo()
+        code, text = client.docmd("MAIL", "FROM:<0@[@0>")
+        assert code == 553, (code, text)
+        assert client.noop()[0] == 250
+
+
 # --- per-client limits ----------------------------------------------------------
 
 

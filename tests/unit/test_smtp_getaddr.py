@@ -22,7 +22,11 @@ def session(local_part_limit: int = 0) -> Any:
 
 
 def reference(arg: str, local_part_limit: int = 0) -> Any:
-    return SMTP._getaddr(session(local_part_limit), arg)
+    """aiosmtpd's answer; where email's parser crashes, ours is "bad address" (None, None)."""
+    try:
+        return SMTP._getaddr(session(local_part_limit), arg)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None, None
 
 
 @pytest.mark.parametrize(
@@ -43,10 +47,15 @@ def reference(arg: str, local_part_limit: int = 0) -> Any:
         "a@b.c",  # no angle brackets
         "",
         "<ünïcode@example.test>",
+        "<0@[@0>",  # email's parser raises AttributeError: a bad address, not a crash
     ],
 )
 def test_same_answer_as_aiosmtpd(arg: str) -> None:
     assert SubmissionProtocol._getaddr(session(), arg) == reference(arg)
+
+
+def test_a_path_that_crashes_the_parser_is_a_bad_address() -> None:
+    assert SubmissionProtocol._getaddr(session(), "<0@[@0>") == (None, None)
 
 
 def test_local_part_limit_applies_on_the_fast_path() -> None:
