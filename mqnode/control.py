@@ -154,6 +154,8 @@ class AdminServer:
             "last_applied": st.last_applied,
             "has_quorum": st.has_quorum,
             "log_entries": st.log_len,
+            "log_first_index": st.log_first_index,
+            "log_last_index": st.log_last_index,
             "snapshot_after_entries": st.snapshot_after_entries,
             "queue": self._store.counts(),
             "lease_held": self._lease_held(),

@@ -394,6 +394,8 @@ class RaftNode(MembershipOps):
             members=tuple(self._members()),
             peer_last_heard_s=sync._SyncObj__transport.last_heard(sync._SyncObj__otherNodes),
             snapshot_after_entries=sync.conf.logCompactionMinEntries,
+            log_first_index=int(self._journal[0][1]),
+            log_last_index=int(self._journal[-1][1]),
         )
         old, self.status = self.status, status
         changed = (old.role, old.leader_addr, old.term) != (

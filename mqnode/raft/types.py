@@ -45,3 +45,6 @@ class RaftStatus:
     peer_last_heard_s: dict[str, float | None] = field(default_factory=dict)
     # The log length that triggers the next snapshot (compaction.py: grows with the state).
     snapshot_after_entries: int = 0
+    # The log's first index (the last snapshot's, once compacted) and its last index.
+    log_first_index: int = 0
+    log_last_index: int = 0

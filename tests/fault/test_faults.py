@@ -12,6 +12,7 @@ import asyncio
 import smtplib
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.support.chaos import (
     kill_two,
     partition_leader,
     pause_leader,
+    post_json,
     run_scenario,
 )
 from tests.support.cluster import FAST_TUNING, Cluster, free_ports
@@ -115,6 +117,76 @@ def test_partition_leader_and_heal(tmp_path: Path) -> None:
             "partition-leader", c, partition_leader(1.5, 4.0), SEED, load_s=8
         )
     _assert_promise(report)
+
+
+def test_ex_leader_taking_a_snapshot_never_acks_its_own_uncommitted_entries(
+    tmp_path: Path,
+) -> None:
+    """W17, forced: an isolated leader holds appended, uncommitted mail whose sessions
+    still wait; the majority elects, commits more and compacts past its log end; on
+    heal the ex-leader can only catch up by snapshot. pysyncobj raised a follower's
+    commit index on snapshot chunks over its unverified log, so the ex-leader applied
+    its own entries and answered 250 for mail the snapshot then erased."""
+    isolated_n = 8
+    args = (
+        *FAST_TUNING,
+        "--fault-injection",
+        "1",
+        "--commit-timeout-ms",
+        "8000",  # the isolated sessions must still wait when the snapshot arrives
+        "--log-compaction-min-entries",
+        "1000000",  # snapshots only when this test asks
+    )
+    with Cluster(tmp_path, extra_args=args) as c:
+        lead = c.leader()
+        others = [i for i in range(3) if i != lead]
+        for i in range(3):
+            blocked = [c.nodes[j].raft_addr for j in (others if i == lead else [lead])]
+            post_json(c, i, "/fault/partition", {"block": blocked})
+        before = int(c.status(lead)["log_last_index"])
+        isolated = LoadGen([("127.0.0.1", c.nodes[lead].smtp_port)], isolated_n, timeout_s=30.0)
+        waiting = threading.Thread(target=asyncio.run, args=(isolated.run(isolated_n, 30.0),))
+        waiting.start()
+        try:
+            # Group commit packs the sessions' messages into one or a few entries.
+            c.poll(
+                "the isolated leader appending its sessions' mail",
+                lambda: _at_least(int(c.status(lead)["log_last_index"]), before + 1),
+                10.0,
+            )
+            time.sleep(0.5)  # any stragglers
+            ex_last = int(c.status(lead)["log_last_index"])
+            new = c.wait_for_leader(20, among=others)
+            majority = LoadGen([("127.0.0.1", c.nodes[new].smtp_port)], 5, run_id="majority")
+            asyncio.run(majority.run(40, 20.0))
+            for i in others:
+                post_json(c, i, "/raft/compact", {})
+            c.poll(
+                "both majority nodes compacting past the ex-leader's log end",
+                lambda: _at_least(
+                    min(int(c.status(i)["log_first_index"]) for i in others), ex_last + 2
+                ),
+                20.0,
+            )
+            assert not isolated.result.acked, "250 from a leader cut off from its majority"
+        finally:
+            for i in range(3):
+                post_json(c, i, "/fault/partition", {"block": []})
+            waiting.join(60)
+        c.wait_for_leader(30)
+        c.wait_applied_equal(60)
+        reports = [
+            check(name, c, gen.result, None) for name, gen in (("ex", isolated), ("new", majority))
+        ]
+        log = c.nodes[lead].log_path.read_text()
+    assert "installed snapshot" in log, "the ex-leader caught up without a snapshot"
+    assert len(majority.result.acked) == 40, majority.result.attempts[:3]
+    for report in reports:
+        assert report.ok(), f"promise broken: {report.as_dict()}"
+
+
+def _at_least(value: int, floor: int) -> tuple[int | None, str]:
+    return (value if value >= floor else None), str(value)
 
 
 def test_follower_catches_up_from_snapshot(tmp_path: Path) -> None:
