@@ -3,6 +3,7 @@
     python -m bench.profile                       # 10,000 x 1 KiB, 20 sessions
     python -m bench.profile --sessions 40 --smtp-workers 2
     python -m bench.profile --e2e                 # relay to smtp-sink, until it has all
+    python -m bench.profile --drain               # queue first, then time delivery alone
 
 Prints the rate, the leader's submit-to-commit latency (the
 `mqnode_commit_seconds` histogram from its /metrics, before and after the
@@ -15,23 +16,30 @@ at most --max-s seconds; the cluster is stopped by PID and its data deleted.
 
 With --e2e the leader relays to a local smtp-sink and the run lasts until
 the sink has every message; "delivered during acceptance" then tells whether
-delivery kept up with acceptance or drained the queue afterwards.
+delivery kept up with acceptance or drained the queue afterwards. With
+--drain the messages are queued while the relay is down (first attempts
+defer for an hour), then smtp-sink starts, the queue is retried, and the
+window measured is delivery alone: claim, SMTP transaction, outcome.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import resource
+import shlex
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.smtptools import Sink, run_source, smtp_sink, which
-from bench.workloads import HOST, bench_cluster
-from tests.support.cluster import free_ports, http_get
+from bench.smtptools import HOST, Sink, run_source, smtp_sink, which
+from bench.workloads import bench_cluster
+from tests.support.cluster import ADMIN_TOKEN, Cluster, free_ports, http_get
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -78,6 +86,54 @@ def _quantile(delta: dict[str, float], q: float) -> str:
     return "?"
 
 
+@dataclass
+class Window:
+    """What one measured run used: time, per-process CPU and the leader's commit histogram."""
+
+    elapsed_s: float
+    note: str
+    cpu: list[tuple[float, float, str]]  # (CPU s, of it kernel s, process label)
+    busy: float
+    commits: dict[str, float]
+
+
+class Measure:
+    """Snapshots taken around the measured part of a run (one per run)."""
+
+    def __init__(self, c: Cluster, lead: int) -> None:
+        self._admin = c.nodes[lead].admin_port
+        self._roles: dict[int, str] = {}
+        for i, node in enumerate(c.nodes):
+            assert node.proc is not None  # started by the cluster
+            self._roles[node.proc.pid] = f"node {node.node_id}" + (" (leader)" * (i == lead))
+
+    def start(self) -> None:
+        self._h0, self._p0, self._b0 = _commit_histogram(self._admin), _proc_cpu(), _busy()
+        self._kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._t0 = time.monotonic()
+
+    def stop(self, note: str = "") -> Window:
+        elapsed = time.monotonic() - self._t0
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        h1, p1, b1 = _commit_histogram(self._admin), _proc_cpu(), _busy()
+        rows: list[tuple[float, float, str]] = []
+        for pid, (name, ppid, user, system) in p1.items():
+            _, _, user0, system0 = self._p0.get(pid, (name, ppid, 0.0, 0.0))
+            used, kernel = user + system - user0 - system0, system - system0
+            if used > 0:
+                label = self._roles.get(pid) or (
+                    f"smtp worker of {self._roles[ppid]}" if ppid in self._roles else name
+                )
+                rows.append((used, kernel, f"{label} [{pid}]"))
+        k0 = self._kids0
+        source = (kids1.ru_utime + kids1.ru_stime) - (k0.ru_utime + k0.ru_stime)
+        if source > 0:
+            rows.append((source, kids1.ru_stime - k0.ru_stime, "smtp-source (reaped child)"))
+        busy = 1 - (b1[1] - self._b0[1]) / max(b1[0] - self._b0[0], 1)
+        commits = {k: v - self._h0.get(k, 0.0) for k, v in h1.items()}
+        return Window(elapsed, note, sorted(rows, reverse=True), busy, commits)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.profile",
@@ -89,84 +145,120 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--smtp-workers", type=int, default=0)
     ap.add_argument("--max-s", type=float, default=120.0)
-    ap.add_argument("--e2e", action="store_true", help="relay to smtp-sink; time until drained")
+    ap.add_argument(
+        "--node-args", default="", help='more flags for every node, e.g. "--lease-ms 5000"'
+    )
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--e2e", action="store_true", help="relay to smtp-sink; time until drained")
+    mode.add_argument(
+        "--drain", action="store_true", help="queue with the sink down, then time delivery alone"
+    )
     args = ap.parse_args(argv)
     which("smtp-source")  # fails early with the reason when Postfix's tools are absent
     extra = ("--smtp-workers", str(args.smtp_workers)) if args.smtp_workers else ()
+    extra = (*extra, *shlex.split(args.node_args))
+    sink_port = free_ports(1)[0]
+    relay = f"{HOST}:{sink_port}" if args.e2e or args.drain else None
+    if args.drain:  # nothing listens yet: every first attempt defers, for the retry delay
+        extra = (*extra, "--retry-base-s", "3600", "--retry-max-s", "3600")
     with (
         tempfile.TemporaryDirectory(prefix="mqnode-profile-") as tmp,
-        _sink(args.e2e) as sink,
-        bench_cluster(
-            Path(tmp), 3, relay=None if sink is None else f"{HOST}:{sink.port}", extra=extra
-        ) as c,
+        bench_cluster(Path(tmp), 3, relay=relay, extra=extra) as c,
     ):
         lead = c.leader()
-        port, admin = c.nodes[lead].smtp_port, c.nodes[lead].admin_port
-        run_source(port, 500, args.sessions, args.size, max_s=args.max_s)  # warm up
-        roles: dict[int, str] = {}
-        for i, node in enumerate(c.nodes):
-            assert node.proc is not None  # started by the cluster
-            roles[node.proc.pid] = f"node {node.node_id}" + (" (leader)" if i == lead else "")
-        h0, p0, b0 = _commit_histogram(admin), _proc_cpu(), _busy()
-        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if sink is not None:
-            sink.wait_for(500, args.max_s)
-            before = sink.received()
-        t0 = time.monotonic()
-        run_source(port, args.messages, args.sessions, args.size, max_s=args.max_s)
-        elapsed = time.monotonic() - t0
-        if sink is not None:
-            during = sink.received() - before
-            if not sink.wait_for(before + args.messages, args.max_s):
-                print(f"smtp-sink got {sink.received() - before} of {args.messages} in time")
-            accepted_s, elapsed = elapsed, time.monotonic() - t0
-        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        h1, p1, b1 = _commit_histogram(admin), _proc_cpu(), _busy()
-    n = args.messages
-    rate = n / elapsed
-    delta = {k: v - h0.get(k, 0.0) for k, v in h1.items()}
-    commits = delta.get("mqnode_commit_seconds_count", 0.0) or 1.0
-    mean_ms = delta.get("mqnode_commit_seconds_sum", 0.0) / commits * 1000
-    busy = 1 - (b1[1] - b0[1]) / max(b1[0] - b0[0], 1)
-    print(
-        f"{rate:,.0f} msg/s ({n} x {args.size} B, {args.sessions} sessions, "
-        f"smtp_workers={args.smtp_workers}); machine busy {busy * 100:.0f}% of all CPUs"
-    )
-    if sink is not None:
-        print(
-            f"end to end: accepted in {accepted_s:.2f} s ({n / accepted_s:,.0f} msg/s), "
-            f"{during} delivered during acceptance, all delivered after {elapsed:.2f} s"
-        )
-    print(
-        f"per-message cycle of one session: {args.sessions / rate * 1000:.1f} ms; "
-        f"leader submit-to-commit: mean {mean_ms:.1f} ms, p50 <= {_quantile(delta, 0.5)} s, "
-        f"p90 <= {_quantile(delta, 0.9)} s"
-    )
-    rows: list[tuple[float, float, str]] = []
-    for pid, (name, ppid, user, system) in p1.items():
-        _, _, user0, system0 = p0.get(pid, (name, ppid, 0.0, 0.0))
-        used, kernel = user + system - user0 - system0, system - system0
-        if used <= 0:
-            continue
-        label = roles.get(pid) or (f"smtp worker of {roles[ppid]}" if ppid in roles else name)
-        rows.append((used, kernel, f"{label} [{pid}]"))
-    source = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
-    rows.append((source, kids1.ru_stime - kids0.ru_stime, "smtp-source (reaped child)"))
-    print(f"  {'process':40s} {'CPU':>12s}  {'per message':>11s}  {'of it in kernel':>15s}")
-    for used, kernel, label in sorted(rows, reverse=True)[:10]:
-        print(
-            f"  {label:40s} {used / elapsed * 100:5.0f}% of a core  {used / n * 1e6:6.0f} us/msg"
-            f"  {kernel / n * 1e6:9.0f} us/msg"
-        )
+        port = c.nodes[lead].smtp_port
+        if args.drain:
+            window = _drain(c, lead, sink_port, args)
+        else:
+            with _sink(sink_port if args.e2e else None) as sink:
+                run_source(port, 500, args.sessions, args.size, max_s=args.max_s)  # warm up
+                if sink is not None:
+                    sink.wait_for(500, args.max_s)
+                window = _accept(c, lead, sink, args)
+    _report(window, args)
     return 0
 
 
+def _accept(c: Cluster, lead: int, sink: Sink | None, args: argparse.Namespace) -> Window:
+    """smtp-source into the leader; with a sink, until the sink has every message."""
+    m = Measure(c, lead)
+    before = 0 if sink is None else sink.received()
+    m.start()
+    t0 = time.monotonic()
+    run_source(c.nodes[lead].smtp_port, args.messages, args.sessions, args.size, max_s=args.max_s)
+    if sink is None:
+        return m.stop()
+    accepted_s, during = time.monotonic() - t0, sink.received() - before
+    if not sink.wait_for(before + args.messages, args.max_s):
+        print(f"smtp-sink got {sink.received() - before} of {args.messages} in time")
+    return m.stop(
+        f"end to end: accepted in {accepted_s:.2f} s ({args.messages / accepted_s:,.0f} msg/s), "
+        f"{during} delivered during acceptance, all delivered after {time.monotonic() - t0:.2f} s"
+    )
+
+
+def _drain(c: Cluster, lead: int, sink_port: int, args: argparse.Namespace) -> Window:
+    """Queue everything while the relay is down, then measure delivering it alone."""
+    n = args.messages
+    run_source(c.nodes[lead].smtp_port, n, args.sessions, args.size, max_s=args.max_s)
+    deadline = time.monotonic() + args.max_s
+    while c.status(lead)["queue"].get("deferred", 0) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not all deferred in time: {c.status(lead)['queue']}")
+        time.sleep(0.2)
+    with _sink(sink_port) as sink:
+        assert sink is not None
+        m = Measure(c, lead)
+        m.start()
+        _post(c, lead, "/queue/retry", {"state": "deferred"})
+        drained = sink.wait_for(n, args.max_s)
+        return m.stop("" if drained else f"smtp-sink got {sink.received()} of {n} in time")
+
+
+def _report(w: Window, args: argparse.Namespace) -> None:
+    n = args.messages
+    rate = n / w.elapsed_s
+    what = "delivered (delivery alone)" if args.drain else "msg/s"
+    print(
+        f"{rate:,.0f} {what} ({n} x {args.size} B, {args.sessions} sessions, "
+        f"smtp_workers={args.smtp_workers}); machine busy {w.busy * 100:.0f}% of all CPUs"
+    )
+    if w.note:
+        print(w.note)
+    commits = w.commits.get("mqnode_commit_seconds_count", 0.0) or 1.0
+    mean_ms = w.commits.get("mqnode_commit_seconds_sum", 0.0) / commits * 1000
+    if not args.drain:
+        print(f"per-message cycle of one session: {args.sessions / rate * 1000:.1f} ms; ", end="")
+    print(
+        f"leader submit-to-commit: mean {mean_ms:.1f} ms, "
+        f"p50 <= {_quantile(w.commits, 0.5)} s, p90 <= {_quantile(w.commits, 0.9)} s"
+    )
+    print(f"  {'process':40s} {'CPU':>12s}  {'per message':>11s}  {'of it in kernel':>15s}")
+    for used, kernel, label in w.cpu[:10]:
+        share = used / w.elapsed_s * 100
+        print(
+            f"  {label:40s} {share:5.0f}% of a core  {used / n * 1e6:6.0f} us/msg"
+            f"  {kernel / n * 1e6:9.0f} us/msg"
+        )
+
+
+def _post(c: Cluster, i: int, path: str, body: dict[str, object]) -> None:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{c.nodes[i].admin_port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        resp.read()
+
+
 @contextlib.contextmanager
-def _sink(wanted: bool) -> Iterator[Sink | None]:
-    if not wanted:
+def _sink(port: int | None) -> Iterator[Sink | None]:
+    if port is None:
         yield None
         return
-    with smtp_sink(free_ports(1)[0]) as sink:
+    with smtp_sink(port) as sink:
         yield sink
 
 

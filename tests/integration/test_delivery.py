@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.chaos import post_json
 from tests.support.cli import RunCli
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
@@ -68,6 +69,7 @@ T = TypeVar("T")
 
 C = 4  # --delivery-concurrency of the lease clusters: the duplicate bound per leader change
 SLOW_REPLY_S = 1.0
+SLOWER_REPLY_S = 4.0  # room to hold a message claimed while another holds the only slot
 REUSE_REPLY_S = 0.5
 REUSE_MESSAGES = 12  # to one destination; over the default per-destination limit of 10
 IDLE_CLOSE_S = 1.0  # below the node's idle time for parked sessions (10 s)
@@ -90,6 +92,7 @@ SINK_HOSTS = {
     "idle": "127.0.0.15",  # closes a connection idle for IDLE_CLOSE_S
     "slow": "127.0.0.20",  # answers the final "." after SLOW_REPLY_S
     "gate": "127.0.0.21",  # answers every RCPT after SLOW_REPLY_S
+    "slower": "127.0.0.22",  # answers the final "." after SLOWER_REPLY_S
 }
 DEAD_HOST = "127.0.0.4"  # an MX host with nothing listening: connection refused
 
@@ -135,6 +138,8 @@ def zones(servfail_fixed: bool, tlsreq_host: str = SINK_HOSTS["plain"]) -> dict[
         "mx.slow.test": {"A": [SINK_HOSTS["slow"]]},
         "gate.test": mx_to("mx.gate.test"),
         "mx.gate.test": {"A": [SINK_HOSTS["gate"]]},
+        "slower.test": mx_to("mx.slower.test"),
+        "mx.slower.test": {"A": [SINK_HOSTS["slower"]]},
         # nosuch.test is absent: NXDOMAIN
     }
 
@@ -174,7 +179,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             name: host.add(
                 name,
                 socks[ip],
-                reply_delay_s={"slow": SLOW_REPLY_S, "reuse": REUSE_REPLY_S}.get(name, 0.0),
+                reply_delay_s={
+                    "slow": SLOW_REPLY_S,
+                    "reuse": REUSE_REPLY_S,
+                    "slower": SLOWER_REPLY_S,
+                }.get(name, 0.0),
                 rcpt_delay_s=SLOW_REPLY_S if name == "gate" else 0.0,
                 tls_context=tls if name == "tls" else None,
                 idle_timeout_s=IDLE_CLOSE_S if name == "idle" else IDLE_TIMEOUT_S,
@@ -845,3 +854,56 @@ def test_kill_leader_during_delivery_every_acked_message_arrives(
         c.start_node(old)  # it comes back, catches up, and finds nothing left to send
         wait_queues_empty(c)
         assert duplicates(sink, acked) == dups, "copies arrived after the queue was empty"
+
+
+# -- the claim window: claimed ahead of a free slot, re-read when one frees ----------------------
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line another node is still writing
+    return out
+
+
+def test_a_message_held_while_waiting_for_a_slot_is_not_sent(env: Env, tmp_path: Path) -> None:
+    """The dispatcher claims up to CLAIM_AHEAD x delivery_concurrency messages, so a freed
+    slot finds its next message claimed. One that waits is re-read when its slot frees:
+    a hold given meanwhile is obeyed (not sent, still held), and a release sends it once."""
+    sink = env.sinks["slower"]
+    events = tmp_path / "events.jsonl"
+    with env.cluster(
+        tmp_path / "c", "--delivery-concurrency", "1", "--event-log", str(events), *RETRY_ARGS
+    ) as c:
+        acked = submit_batch(c, 2, "window", domain="slower.test")
+        qids = set(acked.values())
+
+        def one_sending_both_claimed() -> tuple[set[str] | None, str]:
+            arrived = {d.message_id for d in sink.delivered() if d.message_id in acked}
+            claimed = {e["queue_id"] for e in _events(events) if e["event"] == "claimed"} & qids
+            ok = len(arrived) == 1 and claimed == qids
+            return (arrived if ok else None), f"arrived {arrived}, claimed {claimed}"
+
+        sending = poll(c, "one message sending, the other claimed", one_sending_both_claimed, 20)
+        waiting_mid = next(mid for mid in acked if mid not in sending)
+        waiting, lead = acked[waiting_mid], c.leader()
+        held = post_json(c, lead, "/queue/hold", {"ids": [waiting]})
+        assert held["affected"] == [waiting], held
+        first = acked[next(iter(sending))]
+        assert c.queue_entry(lead, first) is not None, "the slot freed before the hold committed"
+
+        def first_recorded() -> tuple[bool | None, str]:
+            return (True if c.queue_entry(lead, first) is None else None), "first still queued"
+
+        poll(c, "the first message's outcome", first_recorded, SLOWER_REPLY_S + 20)
+        time.sleep(1.0)  # the waiting attempt has had its slot and re-read the message
+        assert copies(sink, {waiting_mid: waiting})[waiting_mid] == 0, "a held message was sent"
+        entry = c.queue_entry(lead, waiting)
+        assert entry is not None and entry["state"] == "hold", entry
+        post_json(c, lead, "/queue/release", {"ids": [waiting]})
+        wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
+        wait_queues_empty(c)
+    assert not duplicates(sink, acked), duplicates(sink, acked)
