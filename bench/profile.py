@@ -221,7 +221,8 @@ def _report(w: Window, args: argparse.Namespace) -> None:
     what = "delivered (delivery alone)" if args.drain else "msg/s"
     print(
         f"{rate:,.0f} {what} ({n} x {args.size} B, {args.sessions} sessions, "
-        f"smtp_workers={args.smtp_workers}); machine busy {w.busy * 100:.0f}% of all CPUs"
+        f"smtp_workers={args.smtp_workers}{' ' + args.node_args if args.node_args else ''}); "
+        f"machine busy {w.busy * 100:.0f}% of all CPUs"
     )
     if w.note:
         print(w.note)
