@@ -231,6 +231,38 @@ def end_to_end(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         out.rows.extend([accept_row, row])
     _end_to_end_smtp_source(plan, tmp, params, step, out)
     _end_to_end_smtp_source(plan, tmp, params, step, out, workers=True)
+    _postfix_end_to_end(plan, params, step, out)
+
+
+def _postfix_end_to_end(plan: Plan, params: dict[str, Any], step: Step, out: Results) -> None:
+    """The Postfix end-to-end reference for these params, unless the accept step measured it
+    (`--only e2e` then still has its ratio). Skipped, with a note, without Postfix."""
+    p = {**params, "generator": SMTP_SOURCE}
+    if any(r.name == "Postfix end to end" and r.params == p for r in out.rows):
+        return
+    step("e2e: Postfix end to end")
+    why = postfix.available()
+    if why is not None:
+        out.rows.append(Row("e2e", "Postfix end to end", p, note=f"skipped: {why}"))
+        return
+    try:
+        _, ref = postfix.measure_postfix(
+            p["messages"], p["sessions"], p["size"], p["recipients"], max_s=plan.max_s
+        )
+    except postfix.PostfixBenchError as exc:
+        out.rows.append(Row("e2e", "Postfix end to end", p, note=f"failed: {exc}"))
+        return
+    out.rows.append(
+        Row(
+            "e2e",
+            ref.name,
+            p,
+            rate=ref.rate,
+            acked=ref.messages,
+            attempted=ref.messages,
+            note=ref.note,
+        )
+    )
 
 
 def _run_source(port: int, p: dict[str, Any], plan: Plan) -> float:
