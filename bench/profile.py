@@ -71,7 +71,7 @@ def _commit_histogram(admin_port: int) -> dict[str, float]:
     text = http_get(f"http://127.0.0.1:{admin_port}/metrics").decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("mqnode_commit_seconds_"):
+        if line.startswith(("mqnode_commit_seconds_", "mqnode_raft_commit_index ")):
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
     return out
@@ -233,6 +233,11 @@ def _report(w: Window, args: argparse.Namespace) -> None:
     print(
         f"leader submit-to-commit: mean {mean_ms:.1f} ms, "
         f"p50 <= {_quantile(w.commits, 0.5)} s, p90 <= {_quantile(w.commits, 0.9)} s"
+    )
+    entries = w.commits.get("mqnode_raft_commit_index", 0.0)
+    print(
+        f"log entries committed: {entries:,.0f} ({n / max(entries, 1):.1f} messages per entry, "
+        f"{entries / w.elapsed_s:,.0f} entries/s)"
     )
     print(f"  {'process':40s} {'CPU':>12s}  {'per message':>11s}  {'of it in kernel':>15s}")
     for used, kernel, label in w.cpu[:10]:
