@@ -8,6 +8,11 @@ as far as MAIL FROM is final for this attempt (Postfix does the same).
 STARTTLS is used whenever offered (opportunistic, no certificate check, like
 Postfix's `may` level); `require_tls` turns "not offered" into a deferral.
 
+SMTPUTF8 (RFC 6531): an envelope with a UTF-8 address (ingress accepts them)
+goes as `MAIL FROM:<...> SMTPUTF8` with UTF-8 commands to a host that offers
+the extension; a host that does not cannot take it, so its recipients bounce
+with 5.6.7 without being offered (Postfix does the same).
+
 Fencing: `gate()` is called after the server's 354 and right before the body
 and the final "." are written (one write, nothing awaited in between). If it
 returns False (the dispatch lease was lost), the connection is dropped without
@@ -38,6 +43,7 @@ import aiosmtplib
 from .model import Outcome
 
 RecipientResult = tuple[int, str, str]
+SMTPUTF8_NOT_OFFERED = "5.6.7 SMTPUTF8 is required, but was not offered by the host"
 _DOT_LINE = re.compile(rb"(?m)^\.")
 
 
@@ -210,8 +216,13 @@ class DeliveryAgent:
         gate: Callable[[], bool],
     ) -> tuple[list[RecipientResult], bool]:
         """Per-recipient results, and whether the transaction ended (final "." answered)."""
+        utf8 = not (mail_from.isascii() and all(addr.isascii() for _, addr in rcpts))
+        if utf8 and not client.supports_extension("smtputf8"):
+            out = Outcome.BOUNCED.value
+            return [(i, out, SMTPUTF8_NOT_OFFERED) for i, _ in rcpts], False
+        options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
         try:
-            await client.mail(mail_from)
+            await client.mail(mail_from, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
             out = _outcome_for(exc.code).value
             return [(i, out, f"MAIL: {exc.code} {exc.message}") for i, _ in rcpts], False
@@ -219,7 +230,7 @@ class DeliveryAgent:
         accepted: list[int] = []
         for idx, addr in rcpts:
             try:
-                await client.rcpt(addr)
+                await client.rcpt(addr, encoding=encoding)
                 accepted.append(idx)
             except aiosmtplib.SMTPResponseException as exc:
                 results[idx] = (idx, _outcome_for(exc.code).value, f"{exc.code} {exc.message}")

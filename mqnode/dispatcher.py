@@ -239,14 +239,24 @@ class Dispatcher:
                 (i, Outcome.DEFERRED.value, f"{route.status} {route.reason}") for i, _ in rcpts
             ], ""
         async with self._per_domain[domain]:
-            return await self._agent.deliver(
-                route.targets,
-                msg.mail_from,
-                rcpts,
-                body,
-                gate=lambda: self._lease.valid(epoch),
-                require_tls=domain in self._s.tls_required_domains,
-            )
+            try:
+                return await self._agent.deliver(
+                    route.targets,
+                    msg.mail_from,
+                    rcpts,
+                    body,
+                    gate=lambda: self._lease.valid(epoch),
+                    require_tls=domain in self._s.tls_required_domains,
+                )
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                # A bug, not the remote host: defer with backoff (Postfix: "deferred:
+                # internal error") instead of leaving it claimed and due, which re-ran
+                # the same crash every scan (seen with a UTF-8 address).
+                log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, domain)
+                reply = f"4.3.0 internal error delivering to {domain}: {type(exc).__name__}"
+                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
 
     # -- recording -------------------------------------------------------------------------
     async def _record(

@@ -39,6 +39,7 @@ import email
 import email.policy
 import json
 import re
+import smtplib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -93,6 +94,7 @@ SINK_HOSTS = {
     "slow": "127.0.0.20",  # answers the final "." after SLOW_REPLY_S
     "gate": "127.0.0.21",  # answers every RCPT after SLOW_REPLY_S
     "slower": "127.0.0.22",  # answers the final "." after SLOWER_REPLY_S
+    "utf8": "127.0.0.23",  # offers SMTPUTF8 (RFC 6531)
 }
 DEAD_HOST = "127.0.0.4"  # an MX host with nothing listening: connection refused
 
@@ -138,6 +140,8 @@ def zones(servfail_fixed: bool, tlsreq_host: str = SINK_HOSTS["plain"]) -> dict[
         "mx.slow.test": {"A": [SINK_HOSTS["slow"]]},
         "gate.test": mx_to("mx.gate.test"),
         "mx.gate.test": {"A": [SINK_HOSTS["gate"]]},
+        "utf8.test": mx_to("mx.utf8.test"),
+        "mx.utf8.test": {"A": [SINK_HOSTS["utf8"]]},
         "slower.test": mx_to("mx.slower.test"),
         "mx.slower.test": {"A": [SINK_HOSTS["slower"]]},
         # nosuch.test is absent: NXDOMAIN
@@ -187,6 +191,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 rcpt_delay_s=SLOW_REPLY_S if name == "gate" else 0.0,
                 tls_context=tls if name == "tls" else None,
                 idle_timeout_s=IDLE_CLOSE_S if name == "idle" else IDLE_TIMEOUT_S,
+                smtputf8=name == "utf8",
             )
             for name, ip in SINK_HOSTS.items()
         }
@@ -210,6 +215,20 @@ def submit_ok(c: Cluster, i: int, mail_from: str, rcpts: Sequence[str], data: by
     if code != 250 or not qid:
         raise c.fail(f"{c.nodes[i].node_id} answered {code} {text!r} for {rcpts}")
     return qid
+
+
+def submit_smtputf8(port: int, mail_from: str, rcpts: list[str], body: bytes) -> tuple[int, str]:
+    """One message with MAIL FROM ... SMTPUTF8 (smtplib sends UTF-8 commands then)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, local_hostname="client.test") as client:
+        client.ehlo()
+        try:
+            client.sendmail(mail_from, rcpts, body, mail_options=["SMTPUTF8"])
+        except smtplib.SMTPResponseException as exc:
+            return exc.smtp_code, exc.smtp_error.decode(errors="replace")
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = next(iter(exc.recipients.values()))
+            return code, text.decode(errors="replace")
+    return 250, "ok"
 
 
 def accepted_for(sinks: Sequence[Sink], rcpt: str) -> list[DataEvent]:
@@ -507,6 +526,31 @@ class TestDelivery:
 
         poll(c, f"{s.qid} completed and deleted everywhere", gone_from_queue, 20)
         assert len(dsns_to(sinks["senders"], s.mail_from)) == 1, "one bounce, not one per rcpt"
+
+    def test_utf8_addresses_go_with_smtputf8_or_bounce_5_6_7(self, shared: Shared) -> None:
+        """RFC 6531: a UTF-8 envelope is sent with MAIL ... SMTPUTF8 to a host that offers
+        it; to one that does not, it cannot be sent and bounces with 5.6.7 (as Postfix
+        does), instead of crashing the attempt and retrying it every scan."""
+        c, sinks = shared.c, shared.env.sinks
+        sender = "jöran-utf8@senders.test"
+        body = make_message(512, mail_from=sender, rcpt="søren@utf8.test").data
+        code, text = submit_smtputf8(c.nodes[0].smtp_port, sender, ["søren@utf8.test"], body)
+        assert code == 250, (code, text)
+        got = wait_delivered(c, [sinks["utf8"]], "søren@utf8.test")
+        assert got[0].mail_from == sender, got[0]
+
+        ascii_sender, rcpt = "utf8-bounce@senders.test", "åsa@perm.test"  # perm: no SMTPUTF8
+        body = make_message(512, mail_from=ascii_sender, rcpt=rcpt).data
+        code, text = submit_smtputf8(c.nodes[1].smtp_port, ascii_sender, [rcpt], body)
+        assert code == 250, (code, text)
+        dsn = wait_dsn(c, sinks["senders"], ascii_sender)
+        report = email.message_from_bytes(dsn.content, policy=email.policy.default)
+        status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+        text = status.as_string()
+        assert "Status: 5.6.7" in text and "SMTPUTF8" in text, text
+        assert "Final-Recipient: utf-8;" in text, text  # RFC 6533 form of a UTF-8 address
+        assert not [r for r in sinks["perm"].rcpts if r.address == rcpt], "never offered"
+        assert "delivery attempt crashed" not in node_logs(c)
 
     def test_starttls_is_used_when_offered(self, shared: Shared) -> None:
         got = wait_delivered(shared.c, [shared.env.sinks["tls"]], "user@tls.test")

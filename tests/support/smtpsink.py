@@ -181,8 +181,10 @@ class Sink:
         tls_context: ssl.SSLContext | None = None,
         rcpt_delay_s: float = 0.0,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        smtputf8: bool = False,
     ) -> None:
         self.name = name
+        self.smtputf8 = smtputf8
         self.idle_timeout_s = idle_timeout_s
         self.sock = sock
         self.address: tuple[str, int] = sock.getsockname()
@@ -398,6 +400,7 @@ class SinkHost:
         tls_context: ssl.SSLContext | None = None,
         rcpt_delay_s: float = 0.0,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        smtputf8: bool = False,
     ) -> Sink:
         """A sink serving on `sock` (bound and listening); served once started.
 
@@ -405,9 +408,10 @@ class SinkHost:
         recorded first); `rcpt_delay_s` delays every RCPT reply (a client is
         then stuck before DATA). With `tls_context` it offers STARTTLS
         (opportunistic: not required). A connection idle for `idle_timeout_s`
-        is closed by the sink (without a 421), as servers do.
+        is closed by the sink (without a 421), as servers do. `smtputf8` offers
+        SMTPUTF8 (RFC 6531): UTF-8 addresses are accepted only then.
         """
-        sink = Sink(name, sock, reply_delay_s, tls_context, rcpt_delay_s, idle_timeout_s)
+        sink = Sink(name, sock, reply_delay_s, tls_context, rcpt_delay_s, idle_timeout_s, smtputf8)
         self._sinks.append(sink)
         if self._thread is not None:
             fut = asyncio.run_coroutine_threadsafe(self._serve_one(sink), self._loop)
@@ -496,6 +500,7 @@ class SinkHost:
                 data_size_limit=64 * 1024 * 1024,
                 tls_context=sink.tls_context,
                 timeout=sink.idle_timeout_s,
+                enable_SMTPUTF8=sink.smtputf8,
                 loop=loop,
             ),
             sock=sink.sock,
