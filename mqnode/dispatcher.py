@@ -41,7 +41,7 @@ from .clock import Clock
 from .commands import Claim, LeaseRenew, RecordOutcome
 from .delivery import DeliveryAgent, LeaseLost, RecipientResult
 from .dsn import FailedRecipient, build_dsn, is_null_sender, status_from_reply
-from .errors import MqnodeError
+from .errors import CorruptDataError, MqnodeError
 from .events import EventLog
 from .lease import LeaderLease
 from .model import Outcome, QueuedMessage, RcptState, make_queue_id
@@ -217,7 +217,18 @@ class Dispatcher:
                 by_domain[r.address.rpartition("@")[2].lower()].append((i, r.address))
         if not by_domain:
             return
-        body = self._store.read_body(msg)
+        try:
+            body = self._store.read_body(msg)
+        except CorruptDataError as exc:
+            # This node's copy is damaged; another leader's may not be. Defer with backoff
+            # (raising left it claimed and due: the same error every scan).
+            log.error("%s: cannot read the message body: %s", msg.queue_id, exc)
+            reply = f"4.3.0 queued message damaged on {self._s.node_id}: {exc}"
+            pending = [i for rcpts in by_domain.values() for i, _ in rcpts]
+            await self._record(
+                msg, epoch, [(i, Outcome.DEFERRED.value, reply) for i in pending], {}, b""
+            )
+            return
         results: list[RecipientResult] = []
         remote: dict[int, str] = {}
         for domain, rcpts in by_domain.items():

@@ -1,0 +1,220 @@
+"""Dispatcher logic against the real state machine and LMDB store, without Raft or sockets.
+
+`LocalLog` stands in for the commit pipeline: each submit is applied at the
+next index and committed at once (what a commit does, minus replication).
+`ScriptedAgent` stands in for SMTP: it records what it was asked to send and
+can hold a delivery open or raise. Clocks are manual; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqnode.clock import ManualClock
+from mqnode.commands import Command, LeaseRenew, QueueOp
+from mqnode.delivery import RecipientResult, Target
+from mqnode.dispatcher import CLAIM_AHEAD, Dispatcher, DispatchSettings
+from mqnode.lease import LeaderLease
+from mqnode.model import Outcome, QueuedMessage
+from mqnode.policy import RetryPolicy
+from mqnode.routing import Router
+from mqnode.statemachine import Result
+from mqnode.store import QueueStore
+
+from .kit import T0, Transcript, enqueue, open_store
+
+EPOCH = 5
+
+
+class LocalLog:
+    """The Replicator protocol over a Transcript: applied and committed on submit."""
+
+    def __init__(self, tx: Transcript) -> None:
+        self.tx = tx
+        self.submitted: list[Command] = []
+
+    async def submit(self, cmd: Command) -> Result:
+        self.submitted.append(cmd)
+        return self.tx.one(cmd)
+
+    def is_leader(self) -> bool:
+        return True
+
+
+class ScriptedAgent:
+    """DeliveryAgent's interface: 250 for everyone unless `behave` says otherwise."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []  # Message bodies' first line per attempt, in order
+        self.open = 0
+        self.most_open = 0
+        self.release = asyncio.Event()
+        self.release.set()
+        self.behave: Callable[[bytes], None] = lambda body: None
+
+    async def deliver(
+        self,
+        targets: tuple[Target, ...],
+        mail_from: str,
+        rcpts: list[tuple[int, str]],
+        body: bytes,
+        gate: Callable[[], bool],
+        require_tls: bool = False,
+    ) -> tuple[list[RecipientResult], str]:
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            await self.release.wait()
+            self.behave(body)
+            assert gate(), "sent without a valid lease"
+            self.sent.append(body.split(b"\r\n", 1)[0].decode())
+            return [(i, Outcome.DELIVERED.value, "250 2.0.0 Ok") for i, _ in rcpts], "sink"
+        finally:
+            self.open -= 1
+
+    async def reap(self, everything: bool = False) -> None:
+        return None
+
+
+class Harness:
+    def __init__(self, store: QueueStore, concurrency: int = 2) -> None:
+        self.clock = ManualClock(wall_ms=T0 + 60_000)
+        self.tx = Transcript(store)
+        self.log = LocalLog(self.tx)
+        self.agent = ScriptedAgent()
+        self.lease = LeaderLease(self.clock, 3000, 500)
+        self.store = store
+        settings = DispatchSettings(
+            node_id="n1",
+            raft_addr="127.0.0.1:1",
+            hostname="n1.test",
+            concurrency=concurrency,
+            per_destination=concurrency,
+            max_queue_lifetime_s=5 * 86400,
+            tls_required_domains=frozenset(),
+        )
+        self.d = Dispatcher(
+            settings,
+            store,
+            self.log,
+            self.agent,  # type: ignore[arg-type]
+            Router(("127.0.0.1", 2525), None, 25),
+            self.lease,
+            self.clock,
+            RetryPolicy(),
+            lambda: 0.5,
+            lambda n: b"\x01" * n,
+        )
+        self.lease.on_leadership(EPOCH)
+        self.tx.one(LeaseRenew("n1", "127.0.0.1:1", EPOCH, 3000))
+        self.lease.renew_committed(self.clock.monotonic_s(), EPOCH)
+
+    def queue(self, n: int) -> list[str]:
+        ids = [f"Q{k:03d}" for k in range(n)]
+        for qid in ids:
+            body = f"Subject: {qid}\r\n\r\nbody\r\n".encode()
+            assert self.tx.one(enqueue(qid, T0 + int(qid[1:]), body=body))[0] == "queued"
+        return ids
+
+    def message(self, qid: str) -> QueuedMessage | None:
+        return self.store.get_message(qid)
+
+    async def settle(self) -> None:
+        """Let every started attempt run until it finishes or blocks."""
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    async def finish(self) -> None:
+        await asyncio.gather(*list(self.d._tasks))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = open_store(tmp_path / "state")
+    yield s
+    s.close()
+
+
+def test_claims_ahead_of_the_slots_but_sends_at_most_concurrency(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=2)
+        ids = h.queue(6)
+        h.agent.release.clear()  # every delivery stays open
+        await h.d._scan()
+        await h.settle()
+        claimed = [q for q in ids if (m := h.message(q)) is not None and m.claim_epoch == EPOCH]
+        assert len(claimed) == 2 * CLAIM_AHEAD, claimed
+        assert h.agent.open == 2, "more deliveries open than delivery_concurrency"
+        h.agent.release.set()
+        await h.finish()
+        assert h.agent.most_open == 2
+        assert sorted(h.agent.sent) == [f"Subject: {q}" for q in claimed]
+        assert all(h.message(q) is None for q in claimed), "delivered: gone from the queue"
+
+    asyncio.run(run())
+
+
+def test_a_claimed_message_held_before_its_slot_frees_is_left_alone(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=1)
+        first, second = h.queue(2)
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        assert h.agent.open == 1
+        assert h.tx.one(QueueOp("hold", (second,), T0)) == ("ok", second)
+        h.agent.release.set()
+        await h.finish()
+        assert h.agent.sent == [f"Subject: {first}"], "the held message was sent"
+        held = h.message(second)
+        assert held is not None and held.hold
+
+    asyncio.run(run())
+
+
+def test_an_unexpected_error_is_recorded_as_a_deferral_with_backoff(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=1)
+        (qid,) = h.queue(1)
+
+        def crash(body: bytes) -> None:
+            raise RuntimeError("a bug in the agent")
+
+        h.agent.behave = crash
+        await h.d._scan()
+        await h.finish()
+        msg = h.message(qid)
+        assert msg is not None, "an attempt that crashed must not lose the message"
+        assert msg.claim_epoch == 0, "the claim is released by the recorded outcome"
+        assert msg.recipients[0].last_reply.startswith("4.3.0 internal error"), msg.recipients[0]
+        assert msg.next_attempt_ms > h.clock.wall_ms(), "due again at once: a retry loop"
+        await h.d._scan()  # not due: nothing is claimed or attempted again
+        await h.finish()
+        assert h.agent.open == 0 and h.agent.sent == []
+
+    asyncio.run(run())
+
+
+def test_a_damaged_body_is_deferred_not_retried_every_scan(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=1)
+        (qid,) = h.queue(1)
+        txn = store.apply_txn()
+        msg = txn.get_message(qid)
+        assert msg is not None
+        txn.delete_body(msg.body_key, msg.body_chunks)
+        store.commit_apply()
+        await h.d._scan()
+        await h.finish()
+        after = h.message(qid)
+        assert after is not None and after.claim_epoch == 0
+        assert after.recipients[0].last_reply.startswith("4.3.0 queued message damaged"), after
+        assert after.next_attempt_ms > h.clock.wall_ms()
+        assert h.agent.sent == []
+
+    asyncio.run(run())
