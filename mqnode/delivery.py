@@ -11,7 +11,9 @@ Postfix's `may` level); `require_tls` turns "not offered" into a deferral.
 SMTPUTF8 (RFC 6531): an envelope with a UTF-8 address (ingress accepts them)
 goes as `MAIL FROM:<...> SMTPUTF8` with UTF-8 commands to a host that offers
 the extension; a host that does not cannot take it, so its recipients bounce
-with 5.6.7 without being offered (Postfix does the same).
+with 5.6.7 without being offered (Postfix does the same). A body with 8-bit
+bytes is declared `BODY=8BITMIME` to a host that offers it (RFC 6152); to
+one that does not it goes as it is (no MIME downgrade).
 
 Fencing: `gate()` is called after the server's 354 and right before the body
 and the final "." are written (one write, nothing awaited in between). If it
@@ -221,6 +223,8 @@ class DeliveryAgent:
             out = Outcome.BOUNCED.value
             return [(i, out, SMTPUTF8_NOT_OFFERED) for i, _ in rcpts], False
         options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
+        if not body.isascii() and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")  # RFC 6152: declare 8-bit content where offered
         try:
             await client.mail(mail_from, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:

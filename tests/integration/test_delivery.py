@@ -538,6 +538,7 @@ class TestDelivery:
         assert code == 250, (code, text)
         got = wait_delivered(c, [sinks["utf8"]], "søren@utf8.test")
         assert got[0].mail_from == sender, got[0]
+        assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(got[0].mail_options), got[0].mail_options
 
         ascii_sender, rcpt = "utf8-bounce@senders.test", "åsa@perm.test"  # perm: no SMTPUTF8
         body = make_message(512, mail_from=ascii_sender, rcpt=rcpt).data

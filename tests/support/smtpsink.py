@@ -83,6 +83,7 @@ class DataEvent:
     message_id: str
     at_s: float  # time.monotonic() when the final "." arrived
     tls: bool  # the transaction ran after a successful STARTTLS
+    mail_options: tuple[str, ...] = ()  # MAIL FROM parameters (BODY=8BITMIME, SMTPUTF8)
 
     @property
     def accepted(self) -> bool:
@@ -287,6 +288,7 @@ class Sink:
                     message_id_of(content),
                     time.monotonic(),
                     session.ssl is not None,
+                    tuple(envelope.mail_options),
                 )
             )
             self._in_progress += 1
