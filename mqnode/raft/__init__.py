@@ -1,8 +1,9 @@
 """The Raft adapter: the only package that imports pysyncobj (pinned to 0.3.17).
 
-Modules: node.py (RaftNode: tick thread, submit, snapshot hooks), journal.py
-(DurableJournal), transport.py (DeferringTransport), members.py (dynamic
-membership), types.py (RaftSettings, RaftStatus). Everything else in mqnode
+Modules: node.py (RaftNode: tick thread, submit), snapshots.py (its snapshot
+hooks, startup repair and compaction pace), journal.py (DurableJournal),
+transport.py (DeferringTransport), members.py (dynamic membership), types.py
+(RaftSettings, RaftStatus). Everything else in mqnode
 talks to Raft through RaftNode (and `Replicator` in replicator.py).
 
 What it promises

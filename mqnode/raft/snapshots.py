@@ -1,0 +1,133 @@
+"""SnapshotOps: RaftNode's snapshot half: pysyncobj's dump hooks, startup repair, compaction pace.
+
+pysyncobj calls `_serialize` when it compacts the log (we start a copy of the
+LMDB state at the entry it names; SnapshotWriter finishes it off the tick
+thread) and `_deserialize` when a follower installs the leader's snapshot.
+`_reconcile_startup` makes the journal and the state agree after a crash at
+any point between their two commits; `_scale_compaction` snapshots less often
+while the state is large (compaction.py). See docs/design/replication.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pysyncobj.monotonic import monotonic as _pysyncobj_now
+
+from .. import membership, snapshot
+from ..errors import CorruptDataError, StoreFullError
+from ..store import LogStore, QueueStore
+from .compaction import compaction_min_entries
+from .journal import DurableJournal, Entry
+from .snapshot_writer import SnapshotWriter
+from .types import RaftSettings
+
+log = logging.getLogger("mqnode.raft")
+
+COMPACTION_CHECK_S = 1.0  # how often the snapshot threshold follows the state size
+
+
+class SnapshotOps:
+    """Mixed into RaftNode, which sets these attributes up; all of it runs on the tick thread."""
+
+    _sync: Any
+    _settings: RaftSettings
+    _store: QueueStore
+    _logstore: LogStore
+    _journal: DurableJournal
+    _ledger: membership.MemberLedger
+    _snapshots: SnapshotWriter
+    _snapshot_path: Path
+    _applied_written: int
+    _own_add_pending: bool
+    _next_compaction_check: float
+
+    def _reconcile_startup(self) -> None:
+        """Make the journal and the LMDB state agree after a crash at any point."""
+        applied = self._store.applied_index()
+        first, last = self._journal[0][1], self._journal[-1][1]
+        if first <= applied + 1 and applied <= last:
+            return
+        header = snapshot.read_header(self._snapshot_path)
+        if applied + 1 < first:
+            if header.index + 1 < first:
+                raise CorruptDataError(
+                    f"state is at index {applied} but the log starts at {first} and the "
+                    f"snapshot at {header.index}: this data dir cannot catch up; move it "
+                    "away and restart the node to resync from its peers"
+                )
+            log.warning("state behind log start (%d < %d): restoring snapshot", applied, first)
+            snapshot.install(self._snapshot_path, self._store)
+            applied = header.index
+        if applied > last:
+            if header.index != applied:
+                raise CorruptDataError(f"state at {applied} is ahead of the log end {last}")
+            log.warning("log behind state (%d > %d): resetting log to snapshot", last, applied)
+            self._journal.reset([header.prev, header.last])
+            self._journal.set_members(header.cluster)  # the list that log leads to
+
+    def _scale_compaction(self) -> None:
+        """Snapshot less often while the queue state is large (compaction.py), checked ~1/s."""
+        now = _pysyncobj_now()
+        if now < self._next_compaction_check:
+            return
+        self._next_compaction_check = now + COMPACTION_CHECK_S
+        entries = compaction_min_entries(
+            self._settings.log_compaction_min_entries,
+            len(self._journal),
+            self._logstore.used_bytes(),
+            self._store.used_bytes(),
+            self._logstore.map_bytes,
+        )
+        conf = self._sync.conf
+        if entries is not None and entries != conf.logCompactionMinEntries:
+            log.debug("raft: snapshot after %d log entries from now on", entries)
+            conf.logCompactionMinEntries = entries
+
+    def _serialize(self, _filename: str, data: Any) -> None:
+        """Start a snapshot at last[1]; SnapshotWriter copies it off the tick thread.
+
+        pysyncobj then renames its own temporary file name over snapshot.bin; we
+        never create that file, so its rename fails (caught inside pysyncobj) and
+        our checker (`SnapshotWriter.status`) alone reports the outcome.
+        """
+        last, prev, _cluster = data
+        # Journal first: starting a copy commits the state (store.snapshot_txn), and
+        # pysyncobj calls this before our tick's flush, with entries the last poll
+        # appended already applied. A kill -9 in between left the state ahead of the
+        # log ("state at 8951 is ahead of the log end 8949", chaos with smtp workers).
+        self._journal.flush()
+        txn = self._store.apply_txn()
+        if txn.applied_index() < last[1]:
+            txn.set_applied_index(last[1])
+        # pysyncobj passes its current member list (`_cluster`), which includes membership
+        # entries appended after the snapshot's index, perhaps never to commit. A follower
+        # installing the snapshot must get the list *at* that index: the later entries
+        # reach it with the log, and are undone there if a new leader drops them.
+        members = self._ledger.at(int(last[1]))
+        self._snapshots.start(
+            self._store,
+            (bytes(last[0]), int(last[1]), int(last[2])),
+            (bytes(prev[0]), int(prev[1]), int(prev[2])),
+            members,
+        )
+
+    def _deserialize(self, filename: str) -> tuple[Entry, Entry, list[str]]:
+        self._snapshots.discard()  # ours must not replace the leader's, nor hold the store
+        self._journal.flush()  # journal first, as in _serialize: never state ahead of log
+        try:
+            self._store.commit_apply()
+        except StoreFullError:
+            self._store.abort_apply()
+        header = snapshot.install(Path(filename), self._store)
+        self._applied_written = header.index
+        self._ledger.reset(header.cluster, header.index)
+        if self._settings.self_addr in header.cluster:
+            self._own_add_pending = False  # the leader's list names us: nothing to adopt
+        log.info("installed snapshot at index %d from the leader", header.index)
+        # pysyncobj drops this node from the list by comparing Node objects; ours are
+        # addresses, so it would keep itself as a peer and count itself twice.
+        others = [m for m in header.cluster if m != self._settings.self_addr]
+        return header.last, header.prev, others
