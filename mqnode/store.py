@@ -7,8 +7,9 @@ Two environments per data dir, each with one job:
   last applied Raft index. Writes happen only on the Raft tick thread, in one
   transaction per tick (`apply_txn` / `commit_apply`), so many entries share a
   commit and an fsync. Reads from other threads go through `reader()`.
-* `LogStore` (`<data>/raft`): the durable Raft journal and term/vote/commit
-  metadata, written in one synced transaction per batch.
+* `LogStore` (`<data>/raft`, logstore.py): the durable Raft journal and
+  term/vote/commit metadata, written in one synced transaction per batch. It
+  opens its env with `open_env` here.
 
 Limits: map sizes are fixed at open (`*_map_size_mb`); a full map raises
 `StoreFullError` and the transaction is rolled back, never half-applied.
@@ -34,19 +35,23 @@ import msgpack
 from .errors import CorruptDataError, StoreFullError
 from .model import MessageState, QueuedMessage
 
-_U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+U32 = struct.Struct(">I")
 
 FILL_REFRESH_COMMITS = 8
+# For logstore.py, which keeps its records in an env opened here: lmdb's errors by name,
+# so this stays the only module that imports lmdb.
+LmdbError = lmdb.Error
+LmdbMapFullError = lmdb.MapFullError
 COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
 
 
-def _pack(obj: Any) -> bytes:
+def pack(obj: Any) -> bytes:
     out: bytes = msgpack.packb(obj, use_bin_type=True)
     return out
 
 
-def _unpack(data: bytes) -> Any:
+def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
@@ -68,10 +73,10 @@ class StateTxn:
     # -- meta ---------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
         raw = self._txn.get(key.encode(), db=self._s._meta)
-        return default if raw is None else _unpack(raw)
+        return default if raw is None else unpack(raw)
 
     def put_meta(self, key: str, value: Any) -> None:
-        self._txn.put(key.encode(), _pack(value), db=self._s._meta)
+        self._txn.put(key.encode(), pack(value), db=self._s._meta)
 
     def applied_index(self) -> int:
         return int(self.get_meta("applied_index", 0))
@@ -92,7 +97,7 @@ class StateTxn:
         """Insert or replace, keeping the due index and state counters in step."""
         if old is not None:
             self._unindex(old)
-        self._txn.put(msg.queue_id.encode(), _with_crc(_pack(msg.to_record())), db=self._s._msgs)
+        self._txn.put(msg.queue_id.encode(), _with_crc(pack(msg.to_record())), db=self._s._msgs)
         if not msg.hold:
             self._txn.put(_due_key(msg), b"", db=self._s._due)
         self._bump(msg.state(), +1)
@@ -130,8 +135,8 @@ class StateTxn:
     def note_upload(self, upload_id: str, created_ms: int) -> None:
         key = upload_id.encode()
         if self._txn.get(key, db=self._s._uploads) is None:
-            self._txn.put(key, _U64.pack(created_ms), db=self._s._uploads)
-            self._txn.put(_U64.pack(created_ms) + key, b"", db=self._s._uploads_by_time)
+            self._txn.put(key, U64.pack(created_ms), db=self._s._uploads)
+            self._txn.put(U64.pack(created_ms) + key, b"", db=self._s._uploads_by_time)
 
     def finish_upload(self, upload_id: str) -> None:
         key = upload_id.encode()
@@ -156,7 +161,7 @@ class StateTxn:
         """Delete up to `limit` keys whose time-index entry (ms || key) is older; return them."""
         doomed: list[bytes] = []
         for key, _ in self._txn.cursor(db=by_time):
-            if _U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
+            if U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
                 break
             doomed.append(bytes(key))
         for key in doomed:
@@ -167,17 +172,17 @@ class StateTxn:
     # -- idempotency --------------------------------------------------------
     def get_idem(self, key: bytes) -> str | None:
         raw = self._txn.get(key, db=self._s._idem)
-        return None if raw is None else str(_unpack(raw)[0])
+        return None if raw is None else str(unpack(raw)[0])
 
     def put_idem(self, key: bytes, queue_id: str, at_ms: int) -> None:
-        self._txn.put(key, _pack([queue_id, at_ms]), db=self._s._idem)
-        self._txn.put(_U64.pack(at_ms) + key, b"", db=self._s._idem_by_time)
+        self._txn.put(key, pack([queue_id, at_ms]), db=self._s._idem)
+        self._txn.put(U64.pack(at_ms) + key, b"", db=self._s._idem_by_time)
 
     def expire_idem(self, older_than_ms: int, limit: int) -> int:
         return len(self._expire(self._s._idem_by_time, self._s._idem, older_than_ms, limit))
 
 
-def _open_env(path: Path, map_size: int, max_dbs: int, what: str) -> Any:
+def open_env(path: Path, map_size: int, max_dbs: int, what: str) -> Any:
     """Open an LMDB env, refusing a truncated data file before LMDB maps past its end.
 
     (LMDB reads pages through mmap: a page beyond EOF is SIGBUS, not an error.)
@@ -198,17 +203,17 @@ def _open_env(path: Path, map_size: int, max_dbs: int, what: str) -> Any:
 
 
 def _with_crc(data: bytes) -> bytes:
-    return _U32.pack(zlib.crc32(data)) + data
+    return U32.pack(zlib.crc32(data)) + data
 
 
 def _check_crc(raw: bytes, what: str) -> bytes:
     """LMDB has no record checksums: every queue record carries a CRC32 in front."""
-    if len(raw) < 4 or _U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+    if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
         raise CorruptDataError(f"{what}: checksum mismatch")
     return raw[4:]
 
 
-def _storage_error(what: str, exc: Exception) -> Exception:
+def storage_error(what: str, exc: Exception) -> Exception:
     """ENOSPC and friends become StoreFullError (retryable); anything else is corruption."""
     text = str(exc)
     if "No space left" in text or "Disk quota" in text or "MDB_MAP_FULL" in text:
@@ -218,17 +223,17 @@ def _storage_error(what: str, exc: Exception) -> Exception:
 
 def _decode_message(raw: bytes, queue_id: str) -> QueuedMessage:
     try:
-        return QueuedMessage.from_record(_unpack(_check_crc(raw, f"message {queue_id}")))
+        return QueuedMessage.from_record(unpack(_check_crc(raw, f"message {queue_id}")))
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptDataError(f"message {queue_id}: undecodable record: {exc}") from exc
 
 
 def _due_key(msg: QueuedMessage) -> bytes:
-    return _U64.pack(msg.next_attempt_ms) + msg.queue_id.encode()
+    return U64.pack(msg.next_attempt_ms) + msg.queue_id.encode()
 
 
 def _body_key(body_key: str, seq: int) -> bytes:
-    return body_key.encode() + b"\0" + _U32.pack(seq)
+    return body_key.encode() + b"\0" + U32.pack(seq)
 
 
 class QueueStore:
@@ -244,7 +249,7 @@ class QueueStore:
 
     def _open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._env = _open_env(self.path, self._map_size, 16, "queue store")
+        self._env = open_env(self.path, self._map_size, 16, "queue store")
         env = self._env
         self._meta = env.open_db(b"meta")
         self._msgs = env.open_db(b"msgs")
@@ -274,7 +279,7 @@ class QueueStore:
             self._fill = 1.0
             raise StoreFullError("queue store map is full") from exc
         except lmdb.Error as exc:
-            raise _storage_error("queue store", exc) from exc
+            raise storage_error("queue store", exc) from exc
         self._commits += 1
         if self._commits % FILL_REFRESH_COMMITS == 0:
             self._fill = self._measure_fill()
@@ -342,7 +347,7 @@ class QueueStore:
         with self._lock, self._env.begin(write=False) as txn:
             given = 0
             for key, _ in txn.cursor(db=self._due):
-                if _U64.unpack(key[:8])[0] > now_ms or given >= limit:
+                if U64.unpack(key[:8])[0] > now_ms or given >= limit:
                     break
                 qid = bytes(key[8:]).decode()
                 if qid in skip:
@@ -434,91 +439,3 @@ class QueueStore:
         with self._lock:
             self.abort_apply()
             self._env.close()
-
-
-class LogStore:
-    """Durable Raft journal: entries (index -> term, command) and term/vote/commit metadata.
-
-    Record format: crc32(4 bytes, over the rest) || msgpack([term, command]).
-    """
-
-    def __init__(self, path: Path, map_size_mb: int) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.map_bytes = map_size_mb * 1024 * 1024
-        self._env = _open_env(path, self.map_bytes, 4, "raft log")
-        self._log = self._env.open_db(b"log")
-        self._meta = self._env.open_db(b"meta")
-
-    def used_bytes(self) -> int:
-        """Bytes of the pages holding entries now (an LMDB stat: no scan)."""
-        with self._env.begin() as txn:
-            st = txn.stat(self._log)
-        return int((st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"])
-
-    def load(self) -> list[tuple[bytes, int, int]]:
-        """All entries in index order; a gap or bad checksum is corruption."""
-        try:
-            return self._load()
-        except lmdb.Error as exc:
-            raise CorruptDataError(f"raft log: {exc}") from exc
-
-    def _load(self) -> list[tuple[bytes, int, int]]:
-        out: list[tuple[bytes, int, int]] = []
-        with self._env.begin() as txn:
-            for key, raw in txn.cursor(db=self._log):
-                idx = _U64.unpack(key)[0]
-                raw = bytes(raw)
-                if len(raw) < 4 or _U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
-                    raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
-                term, cmd = _unpack(raw[4:])
-                if out and idx != out[-1][1] + 1:
-                    raise CorruptDataError(f"raft log gap: {out[-1][1]} then {idx}")
-                out.append((cmd, idx, term))
-        return out
-
-    def get_meta(self) -> dict[str, Any]:
-        with self._env.begin() as txn:
-            raw = txn.get(b"meta", db=self._meta)
-        return {} if raw is None else dict(_unpack(raw))
-
-    def write(
-        self,
-        ops: list[tuple[str, int, int, bytes]],
-        meta: dict[str, Any] | None,
-    ) -> None:
-        """Apply journal ops in order, in one synced transaction.
-
-        ops: ("add", idx, term, cmd) | ("del_from", idx, 0, b"") | ("del_to", idx, 0, b"")
-        | ("clear", 0, 0, b"").
-        """
-        try:
-            with self._env.begin(write=True) as txn:
-                for op, idx, term, cmd in ops:
-                    if op == "add":
-                        body = _pack([term, cmd])
-                        txn.put(_U64.pack(idx), _U32.pack(zlib.crc32(body)) + body, db=self._log)
-                    elif op == "clear":
-                        txn.drop(self._log, delete=False)
-                    else:
-                        self._delete_range(txn, op, idx)
-                if meta is not None:
-                    txn.put(b"meta", _pack(meta), db=self._meta)
-        except lmdb.MapFullError as exc:
-            raise StoreFullError("raft log map is full") from exc
-        except lmdb.Error as exc:
-            raise _storage_error("raft log", exc) from exc
-
-    def _delete_range(self, txn: Any, op: str, idx: int) -> None:
-        cur = txn.cursor(db=self._log)
-        if op == "del_from":
-            if cur.set_range(_U64.pack(idx)):
-                while cur.delete():
-                    pass
-        else:  # del_to: delete every index below idx
-            if cur.first():
-                while _U64.unpack(cur.key())[0] < idx:
-                    if not cur.delete():
-                        break
-
-    def close(self) -> None:
-        self._env.close()

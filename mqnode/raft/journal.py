@@ -18,7 +18,7 @@ from typing import Any
 from pysyncobj.journal import Journal
 
 from ..errors import CorruptDataError
-from ..store import LogStore
+from ..logstore import LogStore
 
 NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP marker
 MEMBERSHIP = b"\x02"  # _COMMAND_TYPE.MEMBERSHIP: pickled [op, node id, node], op "add"/"rem"

@@ -17,8 +17,9 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.pipe_notifier import PipeNotifier
 
 from .. import membership
+from ..logstore import LogStore
 from ..statemachine import QueueStateMachine, Result
-from ..store import LogStore, QueueStore
+from ..store import QueueStore
 from .journal import DurableJournal
 from .members import FAIL_NAMES, MembershipOps
 from .snapshot_writer import SnapshotWriter

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from .. import snapshot
 from ..errors import ConfigError
+from ..logstore import LogStore
 from ..snapshot import SnapshotHeader
-from ..store import LogStore, QueueStore
+from ..store import QueueStore
 from .journal import DurableJournal
 
 

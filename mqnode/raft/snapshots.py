@@ -18,7 +18,8 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 
 from .. import membership, snapshot
 from ..errors import CorruptDataError, StoreFullError
-from ..store import LogStore, QueueStore
+from ..logstore import LogStore
+from ..store import QueueStore
 from .compaction import compaction_min_entries
 from .journal import DurableJournal, Entry
 from .snapshot_writer import SnapshotWriter

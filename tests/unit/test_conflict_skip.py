@@ -6,9 +6,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from mqnode.logstore import LogStore
 from mqnode.raft import DurableJournal
 from mqnode.raft.transport import DeferringTransport
-from mqnode.store import LogStore
 
 
 def journal_with_terms(path: Path, terms: list[int], applied: int) -> DurableJournal:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mqnode.errors import MembershipError
+from mqnode.logstore import LogStore
 from mqnode.membership import (
     ADD,
     REMOVE,
@@ -22,7 +23,6 @@ from mqnode.membership import (
     startup_peers,
 )
 from mqnode.raft import DurableJournal
-from mqnode.store import LogStore
 
 A, B, C, D, E = (f"127.0.0.1:{7001 + i}" for i in range(5))
 
