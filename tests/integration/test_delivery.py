@@ -72,7 +72,8 @@ C = 4  # --delivery-concurrency of the lease clusters: the duplicate bound per l
 SLOW_REPLY_S = 1.0
 SLOWER_REPLY_S = 4.0  # room to hold a message claimed while another holds the only slot
 REUSE_REPLY_S = 0.5
-REUSE_MESSAGES = 12  # to one destination; over the default per-destination limit of 10
+REUSE_MESSAGES = 24  # to one destination; over twice the default per-destination limit of 10
+PER_DESTINATION = 10  # the default per_destination_concurrency
 IDLE_CLOSE_S = 1.0  # below the node's idle time for parked sessions (10 s)
 RETRY_ARGS = ("--retry-base-s", "1", "--retry-max-s", "2")
 DELIVERY_WAIT_S = 45.0
@@ -644,9 +645,11 @@ class TestDelivery:
     def test_one_connection_carries_several_messages_to_a_destination(self, shared: Shared) -> None:
         """Issue 4: "one connection per destination reused for several messages".
 
-        12 messages to one host that answers each final "." after 0.5 s; at most
+        24 messages to one host that answers each final "." after 0.5 s; at most
         10 run at once per destination, so a connection that is reused carries the
-        rest: fewer connections than messages.
+        rest: fewer connections than messages. And never more connections than may
+        run at once: every session can be parked for the next message (with 4 parked
+        at most, each burst closed 6 and opened 6 new ones).
         """
         c, sink = shared.c, shared.env.sinks["reuse"]
         rcpts = [f"r{k}@reuse.test" for k in range(REUSE_MESSAGES)]
@@ -656,6 +659,10 @@ class TestDelivery:
         assert sink.connections < REUSE_MESSAGES, (
             f"{sink.connections} connections for {REUSE_MESSAGES} messages to one destination "
             f"({sink.quits} QUIT): every message opened its own connection"
+        )
+        assert sink.connections <= PER_DESTINATION, (
+            f"{sink.connections} connections ({sink.quits} QUIT) for at most "
+            f"{PER_DESTINATION} deliveries at once: sessions closed and reopened"
         )
 
     def test_idle_parked_sessions_are_closed_by_the_node(self, shared: Shared) -> None:
