@@ -68,6 +68,12 @@ def _outcome_for(code: int) -> Outcome:
     return Outcome.DEFERRED
 
 
+def _refused(code: int) -> Outcome:
+    """A command answered with anything but its success code: 5xx bounces, the rest
+    (4xx, or a 2xx/3xx where it makes no sense) defers."""
+    return Outcome.BOUNCED if 500 <= code < 600 else Outcome.DEFERRED
+
+
 def dot_stuff(body: bytes) -> bytes:
     """CRLF line endings, leading dots doubled, ending in CRLF (RFC 5321 4.5.2)."""
     body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
@@ -225,32 +231,34 @@ class DeliveryAgent:
         options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
         if not body.isascii() and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")  # RFC 6152: declare 8-bit content where offered
-        try:
-            await client.mail(mail_from, options=options, encoding=encoding)
-        except aiosmtplib.SMTPResponseException as exc:
-            out = _outcome_for(exc.code).value
-            return [(i, out, f"MAIL: {exc.code} {exc.message}") for i, _ in rcpts], False
+        # MAIL and RCPT go straight to execute_command: the addresses were checked at
+        # ingress, and aiosmtplib's mail()/rcpt() re-parse each with email.utils.
+        args = [b"FROM:<" + mail_from.encode(encoding) + b">", *(o.encode() for o in options)]
+        resp = await client.execute_command(b"MAIL", *args)
+        if resp.code != 250:
+            out = _refused(resp.code).value
+            return [(i, out, f"MAIL: {resp.code} {resp.message}") for i, _ in rcpts], False
         results: dict[int, RecipientResult] = {}
         accepted: list[int] = []
         for idx, addr in rcpts:
-            try:
-                await client.rcpt(addr, encoding=encoding)
+            resp = await client.execute_command(b"RCPT", b"TO:<" + addr.encode(encoding) + b">")
+            if resp.code in (250, 251):
                 accepted.append(idx)
-            except aiosmtplib.SMTPResponseException as exc:
-                results[idx] = (idx, _outcome_for(exc.code).value, f"{exc.code} {exc.message}")
+            else:
+                results[idx] = (idx, _refused(resp.code).value, f"{resp.code} {resp.message}")
         ended = False
         if accepted:
-            code, reply, ended = await self._gated_data(client, body, gate)
+            outcome, reply, ended = await self._gated_data(client, body, gate)
             for idx in accepted:
-                results[idx] = (idx, _outcome_for(code).value, reply)
+                results[idx] = (idx, outcome.value, reply)
         return [results[i] for i, _ in rcpts], ended
 
     async def _gated_data(
         self, client: aiosmtplib.SMTP, body: bytes, gate: Callable[[], bool]
-    ) -> tuple[int, str, bool]:
+    ) -> tuple[Outcome, str, bool]:
         start = await client.execute_command(b"DATA")
         if start.code != 354:
-            return start.code, f"DATA: {start.code} {start.message}", False
+            return _refused(start.code), f"DATA: {start.code} {start.message}", False
         protocol = client.protocol
         assert protocol is not None
         if not gate():
@@ -259,7 +267,7 @@ class DeliveryAgent:
         # Body and final "." in one write, with no await between the gate and it.
         protocol.write(dot_stuff(body) + b".\r\n")
         resp = await protocol.read_response(timeout=self._timeout_s)
-        return resp.code, f"{resp.code} {resp.message}", True
+        return _outcome_for(resp.code), f"{resp.code} {resp.message}", True
 
 
 async def _close(client: aiosmtplib.SMTP) -> None:
