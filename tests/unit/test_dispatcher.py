@@ -82,7 +82,7 @@ class ScriptedAgent:
 
 
 class Harness:
-    def __init__(self, store: QueueStore, concurrency: int = 2) -> None:
+    def __init__(self, store: QueueStore, concurrency: int = 2, per_destination: int = 0) -> None:
         self.clock = ManualClock(wall_ms=T0 + 60_000)
         self.tx = Transcript(store)
         self.log = LocalLog(self.tx)
@@ -94,7 +94,7 @@ class Harness:
             raft_addr="127.0.0.1:1",
             hostname="n1.test",
             concurrency=concurrency,
-            per_destination=concurrency,
+            per_destination=per_destination or concurrency,
             max_queue_lifetime_s=5 * 86400,
             tls_required_domains=frozenset(),
         )
@@ -114,11 +114,12 @@ class Harness:
         self.tx.one(LeaseRenew("n1", "127.0.0.1:1", EPOCH, 3000))
         self.lease.renew_committed(self.clock.monotonic_s(), EPOCH)
 
-    def queue(self, n: int) -> list[str]:
-        ids = [f"Q{k:03d}" for k in range(n)]
+    def queue(self, n: int, domain: str = "example.com", first: int = 0) -> list[str]:
+        ids = [f"Q{k:03d}" for k in range(first, first + n)]
         for qid in ids:
             body = f"Subject: {qid}\r\n\r\nbody\r\n".encode()
-            assert self.tx.one(enqueue(qid, T0 + int(qid[1:]), body=body))[0] == "queued"
+            cmd = enqueue(qid, T0 + int(qid[1:]), rcpts=(f"rcpt@{domain}",), body=body)
+            assert self.tx.one(cmd)[0] == "queued"
         return ids
 
     def message(self, qid: str) -> QueuedMessage | None:
@@ -216,5 +217,41 @@ def test_a_damaged_body_is_deferred_not_retried_every_scan(store: QueueStore) ->
         assert after.recipients[0].last_reply.startswith("4.3.0 queued message damaged"), after
         assert after.next_attempt_ms > h.clock.wall_ms()
         assert h.agent.sent == []
+
+    asyncio.run(run())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit: a message waiting for its destination's permit holds a delivery "
+    "slot, so a slow destination can stall mail for the others (head-of-line blocking); "
+    "taking the permit before the slot needs per-destination scheduling to stay "
+    "deadlock-free for multi-domain messages",
+)
+def test_a_slow_destination_does_not_stall_mail_for_another(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=2, per_destination=1)
+        slow = h.queue(2, "slow.test")
+        fast = h.queue(1, "fast.test", first=2)
+        slow_open = asyncio.Event()
+
+        async def hold_slow(body: bytes) -> None:
+            if any(q.encode() in body for q in slow):
+                await slow_open.wait()
+
+        deliver = h.agent.deliver
+
+        async def gated(*args: Any, **kw: Any) -> Any:
+            await hold_slow(args[3])
+            return await deliver(*args, **kw)
+
+        h.agent.deliver = gated  # type: ignore[method-assign]
+        await h.d._scan()
+        await h.settle()
+        try:
+            assert h.agent.sent == [f"Subject: {fast[0]}"], h.agent.sent
+        finally:
+            slow_open.set()
+            await h.finish()
 
     asyncio.run(run())
