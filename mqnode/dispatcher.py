@@ -31,9 +31,10 @@ claimed message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -95,9 +96,9 @@ class Dispatcher:
         self._random = unit_random
         self._random_bytes = random_bytes
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self._per_domain: defaultdict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(settings.per_destination)
-        )
+        # Per destination: a semaphore and how many attempts hold or wait for it. Dropped
+        # when nobody does, so a node that has sent to millions of domains keeps none.
+        self._per_domain: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -249,7 +250,7 @@ class Dispatcher:
             return [
                 (i, Outcome.DEFERRED.value, f"{route.status} {route.reason}") for i, _ in rcpts
             ], ""
-        async with self._per_domain[domain]:
+        async with self._destination(domain):
             try:
                 return await self._agent.deliver(
                     route.targets,
@@ -268,6 +269,21 @@ class Dispatcher:
                 log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, domain)
                 reply = f"4.3.0 internal error delivering to {domain}: {type(exc).__name__}"
                 return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+
+    @contextlib.asynccontextmanager
+    async def _destination(self, domain: str) -> AsyncIterator[None]:
+        """One of the domain's `per_destination` permits for the body of the block."""
+        sem, users = self._per_domain.get(domain) or (asyncio.Semaphore(self._s.per_destination), 0)
+        self._per_domain[domain] = (sem, users + 1)
+        try:
+            async with sem:
+                yield
+        finally:
+            sem, users = self._per_domain[domain]
+            if users > 1:
+                self._per_domain[domain] = (sem, users - 1)
+            else:
+                del self._per_domain[domain]
 
     # -- recording -------------------------------------------------------------------------
     async def _record(

@@ -221,6 +221,30 @@ def test_a_damaged_body_is_deferred_not_retried_every_scan(store: QueueStore) ->
     asyncio.run(run())
 
 
+def test_per_destination_limit_and_no_state_kept_for_idle_destinations(
+    store: QueueStore,
+) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=4, per_destination=1)
+        h.queue(3, "one.test")
+        h.queue(1, "two.test", first=3)
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        assert h.agent.open == 2, "one per destination, two destinations"
+        h.agent.release.set()
+        await h.finish()
+        for _ in range(10):  # 4 messages: a few scans at most
+            if not h.store.counts()["active"]:
+                break
+            await h.d._scan()
+            await h.finish()
+        assert h.agent.most_open == 2 and len(h.agent.sent) == 4
+        assert h.d._per_domain == {}, "semaphores kept for destinations nobody uses"
+
+    asyncio.run(run())
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="known limit: a message waiting for its destination's permit holds a delivery "
