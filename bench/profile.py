@@ -26,20 +26,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import shlex
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.smtptools import HOST, Sink, run_source, smtp_sink, which
 from bench.workloads import bench_cluster
-from tests.support.cluster import ADMIN_TOKEN, Cluster, free_ports, http_get
+from tests.support.chaos import post_json
+from tests.support.cluster import Cluster, free_ports, http_get
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -210,7 +209,7 @@ def _drain(c: Cluster, lead: int, sink_port: int, args: argparse.Namespace) -> W
         assert sink is not None
         m = Measure(c, lead)
         m.start()
-        _post(c, lead, "/queue/retry", {"state": "deferred"})
+        post_json(c, lead, "/queue/retry", {"state": "deferred"})
         drained = sink.wait_for(n, args.max_s)
         return m.stop("" if drained else f"smtp-sink got {sink.received()} of {n} in time")
 
@@ -246,17 +245,6 @@ def _report(w: Window, args: argparse.Namespace) -> None:
             f"  {label:40s} {share:5.0f}% of a core  {used / n * 1e6:6.0f} us/msg"
             f"  {kernel / n * 1e6:9.0f} us/msg"
         )
-
-
-def _post(c: Cluster, i: int, path: str, body: dict[str, object]) -> None:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{c.nodes[i].admin_port}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        resp.read()
 
 
 @contextlib.contextmanager

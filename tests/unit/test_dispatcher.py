@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from mqnode.routing import Router
 from mqnode.statemachine import Result
 from mqnode.store import QueueStore
 
-from .kit import T0, Transcript, enqueue, open_store
+from .kit import T0, Transcript, enqueue
 
 EPOCH = 5
 
@@ -132,13 +131,6 @@ class Harness:
 
     async def finish(self) -> None:
         await asyncio.gather(*list(self.d._tasks))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = open_store(tmp_path / "state")
-    yield s
-    s.close()
 
 
 def test_claims_ahead_of_the_slots_but_sends_at_most_concurrency(store: QueueStore) -> None:
