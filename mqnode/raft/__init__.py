@@ -2,9 +2,10 @@
 
 Modules: node.py (RaftNode: tick thread, submit), snapshots.py (its snapshot
 hooks, startup repair and compaction pace), journal.py (DurableJournal),
-transport.py (DeferringTransport), members.py (dynamic membership), types.py
-(RaftSettings, RaftStatus). Everything else in mqnode
-talks to Raft through RaftNode (and `Replicator` in replicator.py).
+transport.py (DeferringTransport), wire.py (cheaper framing of its messages),
+members.py (dynamic membership), types.py (RaftSettings, RaftStatus).
+Everything else in mqnode talks to Raft through RaftNode (and `Replicator`
+in replicator.py).
 
 What it promises
 * `submit_entry(entry, done)` appends one entry; `done(results, None)` runs on

@@ -26,6 +26,7 @@ from .snapshot_writer import SnapshotWriter
 from .snapshots import SnapshotOps
 from .transport import DeferringTransport
 from .types import Done, RaftSettings, RaftStatus
+from .wire import install as install_cheap_framing
 
 log = logging.getLogger("mqnode.raft")
 
@@ -90,6 +91,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         loop: asyncio.AbstractEventLoop,
         on_status_change: Callable[[RaftStatus], None] | None = None,
     ) -> None:
+        install_cheap_framing()  # process-wide, idempotent: see wire.py
         self._settings = settings
         self._store = store
         self._machine = machine

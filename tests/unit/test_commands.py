@@ -28,6 +28,7 @@ from mqnode.commands import (
     decode_entry,
     encode_command,
     encode_entry,
+    encode_packed_entry,
 )
 from mqnode.errors import CodecError
 
@@ -159,9 +160,18 @@ def test_encode_command_sizes_bound_the_entry(cmds: list[Command]) -> None:
     assert len(encode_entry(cmds)) <= sum(len(encode_command(c)) for c in cmds) + 16
 
 
+@given(st.lists(commands, min_size=1, max_size=70))
+def test_an_entry_of_packed_commands_is_the_same_entry(cmds: list[Command]) -> None:
+    # The commit pipeline encodes each command once and joins them (up to 16 and past:
+    # msgpack's array header grows at 16 items).
+    assert encode_packed_entry([encode_command(c) for c in cmds]) == encode_entry(cmds)
+
+
 def test_encode_of_no_commands_raises() -> None:
     with pytest.raises(CodecError):
         encode_entry([])
+    with pytest.raises(CodecError):
+        encode_packed_entry([])
 
 
 # -- the version byte ---------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""CommitPipeline's contract against a scripted Raft node: batching, timeout, retry.
+
+The Raft side is a stand-in that records the entries it is given and answers
+them when the test says so (the real node is covered by the integration and
+fault suites); the entries it receives are decoded with the real codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from mqnode.clock import SystemClock
+from mqnode.commands import Claim, Command, RecordOutcome, decode_entry
+from mqnode.errors import CommitTimeoutError, NoLeaderError
+from mqnode.raft import RaftNode
+from mqnode.replicator import CommitPipeline
+
+Done = Callable[[Any, str | None], None]
+
+
+class ScriptedRaft:
+    def __init__(self) -> None:
+        self.entries: list[tuple[list[Command], Done]] = []
+
+    def submit_entry(self, entry: bytes, done: Done) -> None:
+        self.entries.append((decode_entry(entry), done))
+
+
+def claim(i: int) -> Claim:
+    return Claim((f"q{i}",), "n1", 1)
+
+
+async def _pipeline(raft: ScriptedRaft, timeout_s: float = 5.0, inflight: int = 16) -> Any:
+    p = CommitPipeline(cast(RaftNode, raft), SystemClock(), 100, timeout_s, inflight)
+    p.start()
+    return p
+
+
+async def _until(pred: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if pred():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached in 1 s")
+
+
+def test_waiting_submissions_share_an_entry_and_get_their_own_results() -> None:
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft, inflight=1)
+        first = asyncio.ensure_future(p.submit(claim(0)))
+        await _until(lambda: len(raft.entries) == 1)
+        rest = [asyncio.ensure_future(p.submit(claim(i))) for i in range(1, 6)]
+        await asyncio.sleep(0.01)
+        assert len(raft.entries) == 1  # one entry in flight: the others wait and batch
+        raft.entries[0][1](["r0"], None)
+        await _until(lambda: len(raft.entries) == 2)
+        cmds, done = raft.entries[1]
+        assert cmds == [claim(i) for i in range(1, 6)]
+        done([f"r{i}" for i in range(1, 6)], None)
+        assert await first == "r0"
+        assert await asyncio.gather(*rest) == [f"r{i}" for i in range(1, 6)]
+        assert p.pending == 0
+        await p.stop()
+
+    asyncio.run(run())
+
+
+def test_a_submission_never_answered_times_out_and_frees_its_place() -> None:
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft, timeout_s=0.1)
+        with pytest.raises(CommitTimeoutError):
+            await p.submit(claim(0))
+        assert p.pending == 0
+        raft.entries[0][1](["late"], None)  # a late answer is ignored, not an error
+        await p.stop()
+
+    asyncio.run(run())
+
+
+def test_idempotent_commands_are_retried_after_a_leader_change_others_are_not() -> None:
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft)
+        retried = asyncio.ensure_future(p.submit(claim(0)))
+        await _until(lambda: len(raft.entries) == 1)
+        raft.entries[0][1](None, "leader_changed")
+        await _until(lambda: len(raft.entries) == 2)  # the same command, again
+        assert raft.entries[1][0] == [claim(0)]
+        raft.entries[1][1](["ok"], None)
+        assert await retried == "ok"
+
+        outcome = RecordOutcome("q1", 1, ((0, "delivered", "250 ok"),), 0, 1, "", b"")
+        once = asyncio.ensure_future(p.submit(outcome))
+        await _until(lambda: len(raft.entries) == 3)
+        raft.entries[2][1](None, "leader_changed")  # may have been appended: not retried
+        with pytest.raises(NoLeaderError):
+            await once
+        await asyncio.sleep(0.1)
+        assert len(raft.entries) == 3
+        await p.stop()
+
+    asyncio.run(run())
