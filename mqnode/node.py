@@ -155,6 +155,7 @@ class Node:
             election_timeout_min_ms=cfg.election_timeout_min_ms,
             election_timeout_max_ms=cfg.election_timeout_max_ms,
             heartbeat_ms=cfg.heartbeat_ms,
+            replication_batch_ms=cfg.replication_batch_ms,
             leader_fallback_ms=cfg.leader_fallback_ms,
             log_compaction_min_entries=cfg.log_compaction_min_entries,
             log_compaction_min_time_s=cfg.log_compaction_min_time_s,

@@ -3,9 +3,9 @@
 Modules: node.py (RaftNode: tick thread, submit), snapshots.py (its snapshot
 hooks, startup repair and compaction pace), journal.py (DurableJournal),
 transport.py (DeferringTransport), wire.py (cheaper framing of its messages),
-members.py (dynamic membership), types.py (RaftSettings, RaftStatus).
-Everything else in mqnode talks to Raft through RaftNode (and `Replicator`
-in replicator.py).
+pacing.py (when the leader sends new entries), members.py (dynamic
+membership), types.py (RaftSettings, RaftStatus). Everything else in mqnode
+talks to Raft through RaftNode (and `Replicator` in replicator.py).
 
 What it promises
 * `submit_entry(entry, done)` appends one entry; `done(results, None)` runs on
@@ -16,7 +16,9 @@ What it promises
   acknowledgements (`next_node_idx`) are held back until the tick's journal
   flush. Term and vote are written synchronously before any vote is sent.
 * One fsync per tick for the journal and one for the state, however many
-  entries the tick carried (group commit).
+  entries the tick carried (group commit). While busy, the leader sends new
+  entries at most once per `replication_batch_ms` (pacing.py), so each
+  follower round carries more.
 
 What it assumes about pysyncobj (each item is a workaround, see
 docs/design/replication.md):

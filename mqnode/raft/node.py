@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.pipe_notifier import PipeNotifier
 
 from .. import membership
@@ -22,6 +23,7 @@ from ..statemachine import QueueStateMachine, Result
 from ..store import QueueStore
 from .journal import DurableJournal
 from .members import FAIL_NAMES, MembershipOps
+from .pacing import AppendPacer
 from .snapshot_writer import SnapshotWriter
 from .snapshots import SnapshotOps
 from .transport import DeferringTransport
@@ -109,6 +111,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._applied_written = store.applied_index()
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
         self._sent_commit = 0
+        self._pacer = AppendPacer(settings.replication_batch_ms / 1000)
         self._next_compaction_check = 0.0
         stored = self._journal.stored_members()
         peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
@@ -246,7 +249,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         tick_s = min(self._settings.heartbeat_ms / 2000, 0.05)
         while not self._stop.is_set():
             try:
-                self._sync.doTick(tick_s)
+                self._sync.doTick(self._pacer.wait_s(_pysyncobj_now(), tick_s))
             except Exception:
                 log.exception("raft tick failed; rolling back this tick's applies")
                 self._roll_back()
@@ -269,11 +272,15 @@ class RaftNode(MembershipOps, SnapshotOps):
         transport.keep_alive(self._keepalive_s)
         resend, transport.mq_resend = transport.mq_resend, False
         dirty = self._journal.dirty
-        if sync._isLeader() and (dirty or resend or sync.raftCommitIndex != self._sent_commit):
-            # Replicate new entries and tell followers the new commit index now, not at
-            # the next heartbeat: followers answer their own SMTP sessions after applying.
-            # Sent before our own flush, so the followers' fsyncs overlap ours (Raft allows
-            # it: pysyncobj counts the leader's copy only at the next tick, after it).
+        news = dirty or sync.raftCommitIndex != self._sent_commit
+        if not sync._isLeader():
+            self._pacer.reset()
+        elif self._pacer.should_send(_pysyncobj_now(), news, urgent=resend):
+            # Replicate new entries and tell followers the new commit index now (paced:
+            # see pacing.py), not at the next heartbeat: followers answer their own SMTP
+            # sessions after applying. Sent before our own flush, so the followers' fsyncs
+            # overlap ours (Raft allows it: pysyncobj counts the leader's copy only at the
+            # next tick, after it).
             self._sent_commit = sync.raftCommitIndex
             sync._SyncObj__sendAppendEntries()
         last_applied = sync.raftLastApplied

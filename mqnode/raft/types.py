@@ -28,6 +28,8 @@ class RaftSettings:
     # A new node joining a running cluster: no elections until a leader contacts it
     # (after `mqnode cluster add-node`), so its rising term cannot depose that leader.
     join: bool = False
+    # While busy, new entries go to followers at most once per this many ms (0: every tick).
+    replication_batch_ms: int = 0
 
 
 @dataclass(frozen=True)

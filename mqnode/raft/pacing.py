@@ -1,0 +1,44 @@
+"""AppendPacer: when the leader sends new entries to its followers.
+
+pysyncobj's tick sent every tick's new entries at once. Under load that is
+one AppendEntries per follower per tick, each costing the follower a receive,
+a journal fsync, a state commit and an ack, and the leader an encryption and
+an ack to process: with 20 SMTP sessions a follower handled ~5 messages per
+round. Holding new entries back while the previous send is less than
+`interval_s` old lets each round carry more (bench.profile, 3 nodes on 2
+cores, 6 ms: follower CPU per message 158 -> 97 us, leader 246 -> 190 us,
+commit latency unchanged because the CPUs are less contended).
+
+The first send after a quiet spell goes at once, so an idle cluster commits
+a lone message as fast as before; a log-mismatch resend never waits. Pure:
+the caller passes the time (pysyncobj's monotonic clock).
+"""
+
+from __future__ import annotations
+
+
+class AppendPacer:
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = float("-inf")
+        self._due: float | None = None  # entries held back must go at this time
+
+    def should_send(self, now: float, news: bool, urgent: bool = False) -> bool:
+        """Send now? `news`: new entries or a new commit index; `urgent`: a resend."""
+        if not (news or urgent or self._due is not None):
+            return False
+        if urgent or now - self._last >= self.interval_s:
+            self._last, self._due = now, None
+            return True
+        self._due = self._last + self.interval_s
+        return False
+
+    def wait_s(self, now: float, longest: float) -> float:
+        """How long the tick may sleep: until held-back entries are due, at most `longest`."""
+        if self._due is None:
+            return longest
+        return max(0.0, min(longest, self._due - now))
+
+    def reset(self) -> None:
+        """Not the leader (any more): nothing is held back."""
+        self._due = None

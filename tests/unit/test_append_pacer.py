@@ -1,0 +1,34 @@
+"""AppendPacer: at once after a quiet spell, at most once per interval while busy."""
+
+from __future__ import annotations
+
+from mqnode.raft.pacing import AppendPacer
+
+
+def test_a_lone_entry_goes_at_once_and_a_burst_waits_for_the_interval() -> None:
+    p = AppendPacer(0.006)
+    assert p.should_send(10.0, news=True)  # quiet before: no wait
+    assert not p.should_send(10.001, news=True)  # 1 ms later: held back
+    assert abs(p.wait_s(10.001, 0.05) - 0.005) < 1e-9  # the tick sleeps until it is due
+    assert not p.should_send(10.003, news=False)  # still held, nothing new
+    assert not p.should_send(10.0059, news=False)
+    assert p.should_send(10.006, news=False)  # due: goes without news of its own
+    assert p.wait_s(10.006, 0.05) == 0.05
+    assert not p.should_send(10.007, news=False)  # nothing held, nothing new
+    assert p.should_send(10.1, news=True)  # a quiet spell again: at once
+
+
+def test_a_resend_never_waits_and_a_deposed_leader_holds_nothing() -> None:
+    p = AppendPacer(0.006)
+    assert p.should_send(1.0, news=True)
+    assert p.should_send(1.001, news=False, urgent=True)
+    assert not p.should_send(1.002, news=True)
+    p.reset()
+    assert p.wait_s(1.002, 0.05) == 0.05  # no busy loop on a follower
+    assert not p.should_send(1.003, news=False)
+
+
+def test_zero_interval_sends_every_tick() -> None:
+    p = AppendPacer(0.0)
+    assert all(p.should_send(1.0 + i * 1e-6, news=True) for i in range(5))
+    assert not p.should_send(2.0, news=False)
