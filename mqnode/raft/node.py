@@ -112,6 +112,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
         self._sent_commit = 0
         self._pacer = AppendPacer(settings.replication_batch_ms / 1000)
+        self._poll_until = 0.0  # when the poll after the current tick ends at the latest
         self._next_compaction_check = 0.0
         stored = self._journal.stored_members()
         peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
@@ -249,7 +250,10 @@ class RaftNode(MembershipOps, SnapshotOps):
         tick_s = min(self._settings.heartbeat_ms / 2000, 0.05)
         while not self._stop.is_set():
             try:
-                self._sync.doTick(self._pacer.wait_s(_pysyncobj_now(), tick_s))
+                now = _pysyncobj_now()
+                wait = self._pacer.wait_s(now, tick_s)
+                self._poll_until = now + wait  # pysyncobj polls this long after the tick
+                self._sync.doTick(wait)
             except Exception:
                 log.exception("raft tick failed; rolling back this tick's applies")
                 self._roll_back()
@@ -275,7 +279,12 @@ class RaftNode(MembershipOps, SnapshotOps):
         news = dirty or sync.raftCommitIndex != self._sent_commit
         if not sync._isLeader():
             self._pacer.reset()
-        elif self._pacer.should_send(_pysyncobj_now(), news, urgent=resend):
+        elif not self._pacer.should_send(_pysyncobj_now(), news, urgent=resend):
+            # Held back. The poll after this tick was sized before it: wake it if the held
+            # entries are due sooner, or every session waits out the poll (50 ms stalls).
+            if self._pacer.due_before(self._poll_until):
+                self.wake()
+        else:
             # Replicate new entries and tell followers the new commit index now (paced:
             # see pacing.py), not at the next heartbeat: followers answer their own SMTP
             # sessions after applying. Sent before our own flush, so the followers' fsyncs

@@ -39,6 +39,10 @@ class AppendPacer:
             return longest
         return max(0.0, min(longest, self._due - now))
 
+    def due_before(self, deadline: float) -> bool:
+        """Whether held-back entries are due before `deadline`."""
+        return self._due is not None and self._due < deadline
+
     def reset(self) -> None:
         """Not the leader (any more): nothing is held back."""
         self._due = None

@@ -28,6 +28,16 @@ def test_a_resend_never_waits_and_a_deposed_leader_holds_nothing() -> None:
     assert not p.should_send(1.003, news=False)
 
 
+def test_due_before_tells_the_tick_loop_to_wake_its_poll_early() -> None:
+    # The poll after a tick is sized before the tick decides to hold entries back.
+    p = AppendPacer(0.006)
+    assert not p.due_before(99.0)  # nothing held
+    assert p.should_send(5.0, news=True)
+    assert not p.should_send(5.001, news=True)  # held: due at 5.006
+    assert p.due_before(5.05)  # a poll sized for 50 ms must be woken
+    assert not p.due_before(5.006)  # a poll sized to the due time need not
+
+
 def test_zero_interval_sends_every_tick() -> None:
     p = AppendPacer(0.0)
     assert all(p.should_send(1.0 + i * 1e-6, news=True) for i in range(5))
