@@ -3,11 +3,13 @@
 Only the node holding a valid dispatch lease sends (see lease.py and
 docs/design/dispatch.md). Each scan:
   1. takes due messages (oldest due first, at most `batch`, at most the room
-     in the claim window), skipping those in flight here and those claimed by
-     an earlier epoch until the old lease is waited out;
+     in the claim window), skipping those in flight here, those claimed by
+     an earlier epoch until the old lease is waited out, and those for a
+     destination with enough claimed here already;
   2. commits a Claim for them; apply grants only unclaimed / ended claims;
-  3. delivers each granted message once a delivery slot is free (re-read
-     then: one held, deleted or re-claimed meanwhile is left alone):
+  3. delivers each granted message once its destinations' permits and a
+     delivery slot are free (re-read then: one held, deleted or re-claimed
+     meanwhile is left alone):
      recipients grouped by domain, each group routed (relay or MX) and sent
      with a lease gate before the final ".";
   4. commits RecordOutcome per message (split so entries stay small), with
@@ -26,6 +28,14 @@ every slot about twice as long as the SMTP transaction itself under load).
 Waiting messages were never sent, so they cannot be duplicated; after a
 failover the new leader sends them once the old lease is waited out, as any
 claimed message.
+
+Destinations (recipient domains) never block the others: an attempt takes
+the permits of all its message's destinations (in name order, so two
+multi-domain messages cannot wait on each other) *before* a delivery slot,
+so a slot is only ever held by a transaction in progress; and a scan claims
+a message only while each of its destinations has fewer than
+CLAIM_AHEAD x `per_destination` claimed here, so one slow destination with a
+backlog fills neither the slots nor the claim window.
 """
 
 from __future__ import annotations
@@ -100,6 +110,7 @@ class Dispatcher:
         # when nobody does, so a node that has sent to millions of domains keeps none.
         self._per_domain: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._in_flight: set[str] = set()
+        self._claimed_for: dict[str, int] = {}  # destination -> messages claimed here for it
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self.counts = {o.value: 0 for o in Outcome}
@@ -164,14 +175,21 @@ class Dispatcher:
         if free <= 0:
             return
         waited_out = lease.waited_out()
-        picked: dict[str, QueuedMessage] = {}
+        picked: dict[str, tuple[str, ...]] = {}  # queue id -> its destinations
+        room = self._s.per_destination * CLAIM_AHEAD
+        planned: dict[str, int] = {}
         now_ms = self._clock.wall_ms()
         # Closed before the first await: it holds the store's lock and a read transaction.
         with closing(self._store.iter_due(now_ms, self._s.batch, self._in_flight)) as due:
             for msg in due:
                 if msg.claim_epoch not in (0, epoch) and not waited_out:
                     continue  # another leader's claim: wait out its lease first
-                picked[msg.queue_id] = msg
+                dests = destinations(msg)
+                if any(self._claimed_for.get(d, 0) + planned.get(d, 0) >= room for d in dests):
+                    continue  # that destination has enough waiting here: look further
+                picked[msg.queue_id] = dests
+                for d in dests:
+                    planned[d] = planned.get(d, 0) + 1
                 if len(picked) >= free:
                     break
         if not picked:
@@ -183,13 +201,24 @@ class Dispatcher:
             if self.events is not None:
                 self.events.emit("claimed", qid, epoch=epoch)
             self._in_flight.add(qid)
-            task = asyncio.create_task(self._attempt(qid, epoch), name=f"deliver-{qid}")
+            dests = picked.get(qid, ())
+            self._count_claims(dests, +1)
+            task = asyncio.create_task(self._attempt(qid, epoch, dests), name=f"deliver-{qid}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _attempt(self, qid: str, epoch: int) -> None:
+    def _count_claims(self, dests: tuple[str, ...], delta: int) -> None:
+        for d in dests:
+            n = self._claimed_for.get(d, 0) + delta
+            if n > 0:
+                self._claimed_for[d] = n
+            else:
+                self._claimed_for.pop(d, None)
+
+    async def _attempt(self, qid: str, epoch: int, dests: tuple[str, ...]) -> None:
         try:
-            async with self._slots:
+            # Permits first, then a slot: a slot is never held waiting for a destination.
+            async with self._destinations(dests), self._slots:
                 msg = self._store.get_message(qid)  # as it is now, not as claimed
                 if msg is None or msg.hold or msg.claim_epoch != epoch:
                     return  # deleted, held or claimed by a newer leader while it waited
@@ -210,12 +239,13 @@ class Dispatcher:
             log.exception("%s: delivery attempt crashed", qid)
         finally:
             self._in_flight.discard(qid)
+            self._count_claims(dests, -1)
 
     async def _deliver(self, msg: QueuedMessage, epoch: int) -> None:
         by_domain: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
         for i, r in enumerate(msg.recipients):
             if r.state is RcptState.PENDING:
-                by_domain[r.address.rpartition("@")[2].lower()].append((i, r.address))
+                by_domain[domain_of(r.address)].append((i, r.address))
         if not by_domain:
             return
         try:
@@ -250,25 +280,32 @@ class Dispatcher:
             return [
                 (i, Outcome.DEFERRED.value, f"{route.status} {route.reason}") for i, _ in rcpts
             ], ""
-        async with self._destination(domain):
-            try:
-                return await self._agent.deliver(
-                    route.targets,
-                    msg.mail_from,
-                    rcpts,
-                    body,
-                    gate=lambda: self._lease.valid(epoch),
-                    require_tls=domain in self._s.tls_required_domains,
-                )
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                # A bug, not the remote host: defer with backoff (Postfix: "deferred:
-                # internal error") instead of leaving it claimed and due, which re-ran
-                # the same crash every scan (seen with a UTF-8 address).
-                log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, domain)
-                reply = f"4.3.0 internal error delivering to {domain}: {type(exc).__name__}"
-                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+        try:  # the domain's permit is held already (_attempt)
+            return await self._agent.deliver(
+                route.targets,
+                msg.mail_from,
+                rcpts,
+                body,
+                gate=lambda: self._lease.valid(epoch),
+                require_tls=domain in self._s.tls_required_domains,
+            )
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            # A bug, not the remote host: defer with backoff (Postfix: "deferred:
+            # internal error") instead of leaving it claimed and due, which re-ran
+            # the same crash every scan (seen with a UTF-8 address).
+            log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, domain)
+            reply = f"4.3.0 internal error delivering to {domain}: {type(exc).__name__}"
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+
+    @contextlib.asynccontextmanager
+    async def _destinations(self, dests: tuple[str, ...]) -> AsyncIterator[None]:
+        """One `per_destination` permit of each destination, taken in name order."""
+        async with contextlib.AsyncExitStack() as stack:
+            for domain in dests:  # sorted by destinations(): no two attempts wait in a cycle
+                await stack.enter_async_context(self._destination(domain))
+            yield
 
     @contextlib.asynccontextmanager
     async def _destination(self, domain: str) -> AsyncIterator[None]:
@@ -324,6 +361,17 @@ class Dispatcher:
                 self.events.emit(event, msg.queue_id, to=rcpt, relay=remote.get(i, ""), reply=reply)
         if bounce_id and self.events is not None:
             self.events.emit("bounce-queued", msg.queue_id, dsn_queue_id=bounce_id)
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def destinations(msg: QueuedMessage) -> tuple[str, ...]:
+    """The domains of a message's pending recipients, sorted (the order permits are taken)."""
+    return tuple(
+        sorted({domain_of(r.address) for r in msg.recipients if r.state is RcptState.PENDING})
+    )
 
 
 def bounce_for(

@@ -12,8 +12,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from mqnode.clock import ManualClock
 from mqnode.commands import Command, LeaseRenew, QueueOp
 from mqnode.delivery import RecipientResult, Target
@@ -237,13 +235,6 @@ def test_per_destination_limit_and_no_state_kept_for_idle_destinations(
     asyncio.run(run())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: a message waiting for its destination's permit holds a delivery "
-    "slot, so a slow destination can stall mail for the others (head-of-line blocking); "
-    "taking the permit before the slot needs per-destination scheduling to stay "
-    "deadlock-free for multi-domain messages",
-)
 def test_a_slow_destination_does_not_stall_mail_for_another(store: QueueStore) -> None:
     async def run() -> None:
         h = Harness(store, concurrency=2, per_destination=1)
@@ -269,5 +260,45 @@ def test_a_slow_destination_does_not_stall_mail_for_another(store: QueueStore) -
         finally:
             slow_open.set()
             await h.finish()
+
+    asyncio.run(run())
+
+
+def test_a_backlog_for_one_destination_leaves_room_in_the_claim_window(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=2, per_destination=1)
+        h.queue(10, "slow.test")  # due first
+        (fast,) = h.queue(1, "fast.test", first=10)
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        claimed = {q for q in h.d._in_flight}
+        assert fast in claimed, "the claim window filled up with one destination's backlog"
+        assert len(claimed) == 1 + CLAIM_AHEAD, claimed  # CLAIM_AHEAD x per_destination of slow
+        assert h.agent.open == 2, "one slow, one fast: no slot waits for a permit"
+        h.agent.release.set()
+        await h.finish()
+
+    asyncio.run(run())
+
+
+def test_messages_to_several_destinations_never_wait_on_each_other(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store, concurrency=1, per_destination=1)
+        layouts = [("a.test", "b.test"), ("b.test", "a.test"), ("a.test",), ("b.test",)]
+        for k, domains in enumerate(layouts):
+            qid = f"M{k:03d}"
+            body = f"Subject: {qid}\r\n\r\nbody\r\n".encode()
+            rcpts = tuple(f"rcpt@{d}" for d in domains)
+            assert h.tx.one(enqueue(qid, T0 + k, rcpts=rcpts, body=body))[0] == "queued"
+        for _ in range(10):
+            if not h.store.counts()["active"]:
+                break
+            await h.d._scan()
+            await asyncio.wait_for(h.finish(), 5)  # a permit cycle would hang here
+        # One SMTP transaction per destination of each message.
+        assert sorted(h.agent.sent) == [f"Subject: M{k:03d}" for k in (0, 0, 1, 1, 2, 3)]
+        assert h.agent.most_open == 1
+        assert h.d._per_domain == {} and h.d._claimed_for == {}
 
     asyncio.run(run())
