@@ -32,10 +32,14 @@ claimed message.
 Destinations (recipient domains) never block the others: an attempt takes
 the permits of all its message's destinations (in name order, so two
 multi-domain messages cannot wait on each other) *before* a delivery slot,
-so a slot is only ever held by a transaction in progress; and a scan claims
-a message only while each of its destinations has fewer than
-CLAIM_AHEAD x `per_destination` claimed here, so one slow destination with a
-backlog fills neither the slots nor the claim window.
+so a slot is only ever held by a transaction in progress; the permits go
+back when its SMTP transactions end, before the outcome's commit. A scan
+claims for one destination at most CLAIM_AHEAD x C messages, and the window
+holds C/2 more, which only other destinations can take: one slow
+destination with a backlog fills neither the slots nor the claim window.
+(A cap of CLAIM_AHEAD x `per_destination` cost a single destination a sixth
+of its end-to-end rate: its waiting messages are what keeps it busy while
+outcomes commit.)
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -66,6 +70,7 @@ log = logging.getLogger(__name__)
 MAX_REPLY_CHARS = 256
 RESULTS_PER_COMMAND = 100
 CLAIM_AHEAD = 2  # claimed messages per delivery slot (see the module docstring)
+DESTS_SEEN_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,10 @@ class Dispatcher:
         self._per_domain: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._in_flight: set[str] = set()
         self._claimed_for: dict[str, int] = {}  # destination -> messages claimed here for it
+        # Destinations of due messages seen by scans, so a scan passes over those for a
+        # destination at its claim limit without decoding them again (a backlog for one
+        # destination is read on every scan). Bounded; forgotten once an attempt ends.
+        self._dests_seen: dict[str, tuple[str, ...]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self.counts = {o.value: 0 for o in Outcome}
@@ -171,21 +180,31 @@ class Dispatcher:
         epoch = lease.epoch
         if not lease.valid(epoch):
             return
-        free = self._s.concurrency * CLAIM_AHEAD - len(self._in_flight)
+        # Up to CLAIM_AHEAD x C claimed for any one destination, and C/2 places more
+        # that only other destinations can take (see the module docstring).
+        room = self._s.concurrency * CLAIM_AHEAD
+        free = room + max(1, self._s.concurrency // 2) - len(self._in_flight)
         if free <= 0:
             return
         waited_out = lease.waited_out()
         picked: dict[str, tuple[str, ...]] = {}  # queue id -> its destinations
-        room = self._s.per_destination * CLAIM_AHEAD
         planned: dict[str, int] = {}
+
+        def full(dests: tuple[str, ...]) -> bool:
+            return any(self._claimed_for.get(d, 0) + planned.get(d, 0) >= room for d in dests)
+
+        if len(self._dests_seen) > DESTS_SEEN_MAX:
+            self._dests_seen.clear()
+        skip = _Skip(self._in_flight, self._dests_seen, full)
         now_ms = self._clock.wall_ms()
+        examined = len(self._in_flight) + 2 * self._s.batch
         # Closed before the first await: it holds the store's lock and a read transaction.
-        with closing(self._store.iter_due(now_ms, self._s.batch, self._in_flight)) as due:
+        with closing(self._store.iter_due(now_ms, self._s.batch, skip, examined)) as due:
             for msg in due:
                 if msg.claim_epoch not in (0, epoch) and not waited_out:
                     continue  # another leader's claim: wait out its lease first
-                dests = destinations(msg)
-                if any(self._claimed_for.get(d, 0) + planned.get(d, 0) >= room for d in dests):
+                dests = self._dests_seen[msg.queue_id] = destinations(msg)
+                if full(dests):
                     continue  # that destination has enough waiting here: look further
                 picked[msg.queue_id] = dests
                 for d in dests:
@@ -218,15 +237,19 @@ class Dispatcher:
     async def _attempt(self, qid: str, epoch: int, dests: tuple[str, ...]) -> None:
         try:
             # Permits first, then a slot: a slot is never held waiting for a destination.
-            async with self._destinations(dests), self._slots:
-                msg = self._store.get_message(qid)  # as it is now, not as claimed
-                if msg is None or msg.hold or msg.claim_epoch != epoch:
-                    return  # deleted, held or claimed by a newer leader while it waited
-                if not self._lease.valid(epoch):
-                    return  # still claimed: sent after a take-over waits out this lease
-                started = self._clock.monotonic_s()
-                await self._deliver(msg, epoch)
-                self.on_attempt(self._clock.monotonic_s() - started)
+            # The permits go back once the SMTP transactions are done, before the outcome's
+            # commit (held through it, a destination's throughput fell by a quarter).
+            async with contextlib.AsyncExitStack() as permits:
+                await self._take_permits(permits, dests)
+                async with self._slots:
+                    msg = self._store.get_message(qid)  # as it is now, not as claimed
+                    if msg is None or msg.hold or msg.claim_epoch != epoch:
+                        return  # deleted, held or claimed by a newer leader while it waited
+                    if not self._lease.valid(epoch):
+                        return  # still claimed: sent after a take-over waits out this lease
+                    started = self._clock.monotonic_s()
+                    await self._deliver(msg, epoch, permits.aclose)
+                    self.on_attempt(self._clock.monotonic_s() - started)
             # A slot is free: scan now rather than at the next tick, or a backlog
             # drains at the claim window per `scan_interval_s`. Only after a recorded
             # attempt, so a failing commit never turns into a resend loop.
@@ -239,9 +262,13 @@ class Dispatcher:
             log.exception("%s: delivery attempt crashed", qid)
         finally:
             self._in_flight.discard(qid)
+            self._dests_seen.pop(qid, None)  # its pending recipients may have changed
             self._count_claims(dests, -1)
 
-    async def _deliver(self, msg: QueuedMessage, epoch: int) -> None:
+    async def _deliver(
+        self, msg: QueuedMessage, epoch: int, sent: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Send to every pending destination, call `sent()`, record the outcome."""
         by_domain: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
         for i, r in enumerate(msg.recipients):
             if r.state is RcptState.PENDING:
@@ -266,6 +293,7 @@ class Dispatcher:
             part, host = await self._deliver_domain(domain, rcpts, msg, body, epoch)
             results += part
             remote.update((i, host) for i, _, _ in part)
+        await sent()
         await self._record(msg, epoch, results, remote, body)
 
     async def _deliver_domain(
@@ -299,13 +327,10 @@ class Dispatcher:
             reply = f"4.3.0 internal error delivering to {domain}: {type(exc).__name__}"
             return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
 
-    @contextlib.asynccontextmanager
-    async def _destinations(self, dests: tuple[str, ...]) -> AsyncIterator[None]:
+    async def _take_permits(self, stack: contextlib.AsyncExitStack, dests: tuple[str, ...]) -> None:
         """One `per_destination` permit of each destination, taken in name order."""
-        async with contextlib.AsyncExitStack() as stack:
-            for domain in dests:  # sorted by destinations(): no two attempts wait in a cycle
-                await stack.enter_async_context(self._destination(domain))
-            yield
+        for domain in dests:  # sorted by destinations(): no two attempts wait in a cycle
+            await stack.enter_async_context(self._destination(domain))
 
     @contextlib.asynccontextmanager
     async def _destination(self, domain: str) -> AsyncIterator[None]:
@@ -361,6 +386,28 @@ class Dispatcher:
                 self.events.emit(event, msg.queue_id, to=rcpt, relay=remote.get(i, ""), reply=reply)
         if bounce_id and self.events is not None:
             self.events.emit("bounce-queued", msg.queue_id, dsn_queue_id=bounce_id)
+
+
+class _Skip:
+    """What a scan passes over without decoding: in flight here, or seen going to a full
+    destination (a stale entry lists more destinations than are pending: passed over
+    longer than needed, never claimed past a limit)."""
+
+    def __init__(
+        self,
+        in_flight: set[str],
+        seen: dict[str, tuple[str, ...]],
+        full: Callable[[tuple[str, ...]], bool],
+    ) -> None:
+        self._in_flight = in_flight
+        self._seen = seen
+        self._full = full
+
+    def __contains__(self, qid: object) -> bool:
+        if qid in self._in_flight:
+            return True
+        dests = self._seen.get(qid) if isinstance(qid, str) else None
+        return dests is not None and self._full(dests)
 
 
 def domain_of(address: str) -> str:

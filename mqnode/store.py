@@ -335,19 +335,24 @@ class QueueStore:
         return list(self.iter_due(now_ms, limit))
 
     def iter_due(
-        self, now_ms: int, limit: int, skip: Container[str] = ()
+        self, now_ms: int, limit: int, skip: Container[str] = (), max_examined: int | None = None
     ) -> Generator[QueuedMessage, None, None]:
         """Due messages one at a time, decoded only when asked for; ids in `skip` passed over.
 
         The dispatcher skips the messages it is delivering (the oldest due) and
-        stops once its free slots are filled: decoding a whole batch on every
-        scan was a tenth of the leader's CPU in the end-to-end bench. Consume it
+        those it knows to be for a destination with enough claimed, and stops
+        once its free slots are filled: decoding a whole batch on every scan was
+        a tenth of the leader's CPU in the end-to-end bench. At most `limit`
+        messages are yielded and `max_examined` index entries read. Consume it
         without awaiting in between: it holds a read transaction.
         """
         with self._lock, self._env.begin(write=False) as txn:
-            given = 0
+            given = examined = 0
             for key, _ in txn.cursor(db=self._due):
                 if U64.unpack(key[:8])[0] > now_ms or given >= limit:
+                    break
+                examined += 1
+                if max_examined is not None and examined > max_examined:
                     break
                 qid = bytes(key[8:]).decode()
                 if qid in skip:
