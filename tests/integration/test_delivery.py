@@ -959,3 +959,27 @@ def test_a_message_held_while_waiting_for_a_slot_is_not_sent(env: Env, tmp_path:
         wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
         wait_queues_empty(c)
     assert not duplicates(sink, acked), duplicates(sink, acked)
+
+
+def test_a_slow_destination_does_not_hold_up_mail_for_another(env: Env, tmp_path: Path) -> None:
+    """Three messages wait for the one permit of a destination that takes SLOWER_REPLY_S a
+    message; a message for another destination submitted after them still goes at once.
+    (A message waiting for its destination's permit used to hold a delivery slot: with
+    two slots, the other destination's mail waited two slow deliveries.)"""
+    slower, slow = env.sinks["slower"], env.sinks["slow"]
+    with env.cluster(
+        tmp_path / "c",
+        "--delivery-concurrency",
+        "2",
+        "--per-destination-concurrency",
+        "1",
+        *RETRY_ARGS,
+    ) as c:
+        backlog = submit_batch(c, 3, "hol", domain="slower.test")
+        other = submit_batch(c, 1, "hol-other", domain="slow.test")
+        wait_all_arrived(c, slow, other, 3 * SLOWER_REPLY_S + 20)
+        arrived = sum(copies(slower, backlog).values())
+        assert arrived <= 1, f"{arrived} slow-destination messages went before the other one"
+        wait_all_arrived(c, slower, backlog, DELIVERY_WAIT_S)
+        wait_queues_empty(c)
+    assert not duplicates(slower, backlog) and not duplicates(slow, other)
