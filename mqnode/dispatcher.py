@@ -238,7 +238,7 @@ class Dispatcher:
         try:
             # Permits first, then a slot: a slot is never held waiting for a destination.
             # The permits go back once the SMTP transactions are done, before the outcome's
-            # commit (held through it, a destination's throughput fell by a quarter).
+            # commit (held through it, one destination's end-to-end rate fell by a fifth).
             async with contextlib.AsyncExitStack() as permits:
                 await self._take_permits(permits, dests)
                 async with self._slots:
