@@ -229,10 +229,7 @@ _ARRAY_HEADER = msgpack.Packer(use_bin_type=True)
 
 
 def encode_entry(commands: list[Command]) -> bytes:
-    if not commands:
-        raise CodecError("an entry needs at least one command")
-    payload: bytes = msgpack.packb([_to_list(c) for c in commands], use_bin_type=True)
-    return bytes([FORMAT_VERSION]) + payload
+    return encode_packed_entry([encode_command(c) for c in commands])
 
 
 def encode_command(cmd: Command) -> bytes:

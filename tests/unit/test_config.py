@@ -83,6 +83,8 @@ def test_integers_from_flags_are_coerced(good: dict[str, Any]) -> None:
         ("commit_timeout_ms", 0),
         ("heartbeat_ms", 0),
         ("heartbeat_ms", 300),
+        ("replication_batch_ms", -1),
+        ("replication_batch_ms", 100),  # not below heartbeat_ms (100)
         ("retry_max_s", 0),
         ("state_map_size_mb", 0),
         ("election_timeout_min_ms", 1400),
