@@ -164,6 +164,11 @@ def _results_tuple(value: list[list[Any]]) -> tuple[tuple[Any, ...], ...]:
     return tuple(tuple(r) for r in value)
 
 
+# Submitted by SMTP ingress, which never reads the state after the answer: answered
+# once committed, before the state's fsync (RaftNode.submit_entry's `early`).
+ANSWERED_ON_COMMIT = (Enqueue, PutChunk)
+
+
 @dataclass(frozen=True)
 class _Schema:
     """A command class's fields read once (`dataclasses.fields` per command: 4% of a leader)."""

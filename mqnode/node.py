@@ -97,7 +97,9 @@ class Node:
         )
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         dispatcher = self._build_dispatcher(store, pipeline, agent, lease)
-        front.on_accepted = dispatcher.wake
+        # After the state commit, not on a 250 (which goes out before it), and for mail
+        # accepted by other nodes or released by an operator too.
+        raft.on_applied = dispatcher.wake
         events = EventLog(cfg.event_log, cfg.node_id, self.clock, cfg.event_webhook)
         front.events = dispatcher.events = events
         metrics = self._build_metrics(store, raft, front, dispatcher, lease)

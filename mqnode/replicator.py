@@ -29,6 +29,7 @@ from typing import Protocol
 
 from .clock import Clock
 from .commands import (
+    ANSWERED_ON_COMMIT,
     MAX_ENTRY_BYTES,
     Command,
     RecordOutcome,
@@ -60,6 +61,7 @@ class Replicator(Submitter, Protocol):
 class _Item:
     packed: bytes  # the command encoded once, as the entry will hold it
     future: asyncio.Future[Result] = field(repr=False)
+    early: bool  # may be answered before the state commit (ANSWERED_ON_COMMIT)
 
 
 def _expire(future: asyncio.Future[Result]) -> None:
@@ -125,9 +127,10 @@ class CommitPipeline:
     async def _submit_until(self, cmd: Command, deadline: float) -> Result:
         idempotent = not isinstance(cmd, RecordOutcome)
         packed = encode_command(cmd)
+        early = isinstance(cmd, ANSWERED_ON_COMMIT)
         loop = asyncio.get_running_loop()
         while True:
-            item = _Item(packed, loop.create_future())
+            item = _Item(packed, loop.create_future(), early)
             self._queue.append(item)
             self._wake.set()
             remaining = deadline - self._clock.monotonic_s()
@@ -154,6 +157,7 @@ class CommitPipeline:
                 self._raft.submit_entry(
                     encode_packed_entry([i.packed for i in batch]),
                     lambda res, err, b=batch: self._done(b, res, err),  # type: ignore[misc]
+                    early=all(i.early for i in batch),
                 )
 
     def _take_batch(self) -> list[_Item]:

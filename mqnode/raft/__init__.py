@@ -12,6 +12,10 @@ What it promises
   the asyncio loop only after the entry is committed by a majority, applied to
   LMDB *and that LMDB transaction is committed*; otherwise `done(None, reason)`.
   It may also never be called (leader lost, partition): callers time out.
+  With `early=True` (SMTP ingress, which never reads the state after the
+  answer) `done` runs once the entry is committed and on disk in this node's
+  journal, before the state's commit; `on_applied` runs after each state
+  commit that moved on (the dispatcher's wake-up).
 * An entry counts toward commit on a follower only after it is fsynced there:
   acknowledgements (`next_node_idx`) are held back until the tick's journal
   flush. Term and vote are written synchronously before any vote is sent.

@@ -104,13 +104,16 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._logstore = LogStore(settings.data_dir / "raft", settings.raft_map_size_mb)
         self._journal = DurableJournal(self._logstore)
         self._reconcile_startup()
-        self._completions: deque[tuple[Done, Any, int]] = deque()
+        self._completions: deque[tuple[Done, Any, int, bool]] = deque()
         self._tick_actions: deque[Callable[[], None]] = deque()  # run on the tick thread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._applied_written = store.applied_index()
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
         self._sent_commit = 0
+        # Called on the event loop after the state moved on and is readable (e.g. wake
+        # the dispatcher: answers to callers go out before the state commit).
+        self.on_applied: Callable[[], None] = lambda: None
         self._pacer = AppendPacer(settings.replication_batch_ms / 1000)
         self._poll_until = 0.0  # when the poll after the current tick ends at the latest
         self._next_compaction_check = 0.0
@@ -191,9 +194,19 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._logstore.close()
 
     # -- submission (any thread) -----------------------------------------------------
-    def submit_entry(self, entry: bytes, done: Done) -> None:
+    def submit_entry(self, entry: bytes, done: Done, early: bool = False) -> None:
+        """Append `entry`; `done` runs on the loop once it is committed and applied.
+
+        Normally after the state's LMDB commit too. With `early`, as soon as it is
+        committed and in our journal on disk, before the state's fsync (0.2-0.7 ms under
+        load, a tenth of the time to a 250): for callers that do not read the state after
+        the answer. The journals of a majority hold the entry; a crash before the state
+        commit replays it from ours, and a failed state commit rolls back and applies it
+        again.
+        """
+
         def on_result(result: Any, err: int) -> None:
-            self._completions.append((done, result, err))
+            self._completions.append((done, result, err, early))
 
         self._sync.mq_apply(entry, callback=on_result)
         self.wake()
@@ -277,6 +290,12 @@ class RaftNode(MembershipOps, SnapshotOps):
         resend, transport.mq_resend = transport.mq_resend, False
         dirty = self._journal.dirty
         news = dirty or sync.raftCommitIndex != self._sent_commit
+        last_applied = sync.raftLastApplied
+        # What the leader applied was flushed in earlier ticks (pysyncobj counts entries
+        # appended before this tick's commit step only): early callers go first.
+        leader_ready = sync._isLeader() and self._journal.durable_through(last_applied)
+        if leader_ready:
+            self._deliver_completions(failed=False, early_only=True)
         if not sync._isLeader():
             self._pacer.reset()
         elif not self._pacer.should_send(_pysyncobj_now(), news, urgent=resend):
@@ -292,12 +311,9 @@ class RaftNode(MembershipOps, SnapshotOps):
             # next tick, after it).
             self._sent_commit = sync.raftCommitIndex
             sync._SyncObj__sendAppendEntries()
-        last_applied = sync.raftLastApplied
-        if sync._isLeader() and self._journal.durable_through(last_applied):
-            # The leader's critical write is the state: its callers wait for it, and
-            # what it applied was flushed in earlier ticks (pysyncobj counts entries
-            # appended before this tick's commit step only). Answer them before our
-            # own journal fsync, which only new entries wait for.
+        if leader_ready:
+            # Its callers need only the state; its own journal fsync is for new entries
+            # nobody waits on yet.
             self._commit_state(last_applied)
             self._deliver_completions(failed=False)
             self._journal.flush()
@@ -308,6 +324,7 @@ class RaftNode(MembershipOps, SnapshotOps):
             # leave the state ahead of the log (seen in the staggered full-restart chaos run).
             self._journal.flush()
             transport.release_deferred()  # acks and votes once durable: before the state commit
+            self._deliver_completions(failed=False, early_only=True)
             self._commit_state(last_applied)
         alone = sync._isLeader() and not sync._SyncObj__otherNodes
         if alone and sync.raftCommitIndex < self._journal[-1][1]:
@@ -319,13 +336,16 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._publish_status()
 
     def _commit_state(self, last_applied: int) -> None:
-        if last_applied > self._applied_written:
+        advanced = last_applied > self._applied_written
+        if advanced:
             txn = self._store.apply_txn()
             if txn.applied_index() < last_applied:
                 txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
         self._store.commit_apply()
         self._applied_written = last_applied
         self._ledger.advance(last_applied)
+        if advanced:
+            self._loop.call_soon_threadsafe(self.on_applied)
 
     def _roll_back(self) -> None:
         self._store.abort_apply()
@@ -334,16 +354,20 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._applied_written = committed
         self._deliver_completions(failed=True)
 
-    def _deliver_completions(self, failed: bool) -> None:
+    def _deliver_completions(self, failed: bool, early_only: bool = False) -> None:
         items: list[tuple[Done, Any, str | None]] = []
+        later: deque[tuple[Done, Any, int, bool]] = deque()
         while self._completions:
-            done, result, err = self._completions.popleft()
-            if failed and err == FAIL_REASON.SUCCESS:
+            done, result, err, early = self._completions.popleft()
+            if early_only and not early:
+                later.append((done, result, err, early))
+            elif failed and err == FAIL_REASON.SUCCESS:
                 items.append((done, None, "apply_failed"))
             elif err == FAIL_REASON.SUCCESS:
                 items.append((done, result, None))
             else:
                 items.append((done, None, FAIL_NAMES.get(err, str(err))))
+        self._completions = later
         if items:
             self._loop.call_soon_threadsafe(_run_completions, items)
 

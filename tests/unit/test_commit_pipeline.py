@@ -19,15 +19,19 @@ from mqnode.errors import CommitTimeoutError, NoLeaderError
 from mqnode.raft import RaftNode
 from mqnode.replicator import CommitPipeline
 
+from .kit import enqueue
+
 Done = Callable[[Any, str | None], None]
 
 
 class ScriptedRaft:
     def __init__(self) -> None:
         self.entries: list[tuple[list[Command], Done]] = []
+        self.early: list[bool] = []
 
-    def submit_entry(self, entry: bytes, done: Done) -> None:
+    def submit_entry(self, entry: bytes, done: Done, early: bool = False) -> None:
         self.entries.append((decode_entry(entry), done))
+        self.early.append(early)
 
 
 def claim(i: int) -> Claim:
@@ -103,6 +107,26 @@ def test_idempotent_commands_are_retried_after_a_leader_change_others_are_not() 
             await once
         await asyncio.sleep(0.1)
         assert len(raft.entries) == 3
+        await p.stop()
+
+    asyncio.run(run())
+
+
+def test_an_entry_of_smtp_submissions_only_is_answered_before_the_state_commit() -> None:
+    """Enqueue (and PutChunk) callers never read the state back; a claim's caller does."""
+
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft, inflight=1)
+        first = asyncio.ensure_future(p.submit(enqueue("Q0")))
+        await _until(lambda: len(raft.entries) == 1)
+        mixed = [asyncio.ensure_future(p.submit(c)) for c in (enqueue("Q1"), claim(1))]
+        await asyncio.sleep(0.01)
+        raft.entries[0][1]([("queued", "Q0")], None)
+        await _until(lambda: len(raft.entries) == 2)
+        raft.entries[1][1]([("queued", "Q1"), ("ok", "")], None)
+        await asyncio.gather(first, *mixed)
+        assert raft.early == [True, False]  # one claim makes its whole entry wait
         await p.stop()
 
     asyncio.run(run())

@@ -11,9 +11,7 @@ answers needs 2 of 2 to commit, so the entry stays uncommitted.
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,60 +19,14 @@ import pytest
 
 from mqnode import snapshot
 from mqnode.errors import MembershipError
-from mqnode.raft import MEMBERSHIP, RaftNode, RaftSettings
+from mqnode.raft import MEMBERSHIP, RaftNode
 from mqnode.raft.journal import NO_OP
 from mqnode.statemachine import QueueStateMachine
 from mqnode.store import QueueStore
 
+from .raftkit import raft_settings, single_node
+
 pytestmark = pytest.mark.timeout(60)
-
-
-def _free_addrs(n: int) -> list[str]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _settings(tmp_path: Path, addr: str) -> RaftSettings:
-    return RaftSettings(
-        self_addr=addr,
-        peers=[],
-        secret="unit-test-cluster-secret-0123456789",
-        data_dir=tmp_path,
-        election_timeout_min_ms=100,
-        election_timeout_max_ms=200,
-        heartbeat_ms=20,
-        leader_fallback_ms=1000,
-        log_compaction_min_entries=10_000,
-        log_compaction_min_time_s=3600,
-        raft_map_size_mb=16,
-    )
-
-
-@asynccontextmanager
-async def single_node(tmp_path: Path) -> AsyncIterator[tuple[RaftNode, list[str]]]:
-    """A started one-member RaftNode that leads; yields it and two unused addresses."""
-    addr, *spare = _free_addrs(3)
-    store = QueueStore(tmp_path / "state", 64)
-    loop = asyncio.get_running_loop()
-    raft = RaftNode(_settings(tmp_path, addr), store, QueueStateMachine(), loop)
-    raft.start()
-    try:
-        for _ in range(200):
-            if raft.status.role == "leader" and raft.status.last_applied >= 2:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError(f"a one-member cluster did not elect itself: {raft.status}")
-        yield raft, spare
-    finally:
-        raft.stop()
-        store.close()
 
 
 async def _in_tick(raft: RaftNode, action: Callable[[], Any]) -> Any:
@@ -145,7 +97,7 @@ def test_the_member_list_survives_a_restart(tmp_path: Path) -> None:
         # Started with peers=[] again: the stored list (with the pending add) wins.
         store = QueueStore(tmp_path / "state", 64)
         loop = asyncio.get_running_loop()
-        raft = RaftNode(_settings(tmp_path, members[0]), store, QueueStateMachine(), loop)
+        raft = RaftNode(raft_settings(tmp_path, members[0]), store, QueueStateMachine(), loop)
         try:
             assert raft.start_peers == [members[1]]
         finally:
