@@ -5,7 +5,7 @@ until the tick's journal flush; a mismatch answer skips the whole
 conflicting term; a success never rewinds the leader's next index past
 batches already in flight; and `mq_blocked` drops traffic to and from given
 peers (the fault suite's partition). Messages are encrypted with the
-cluster secret by pysyncobj (its `password` setting); pysyncobj closes a
+cluster secret (its `password` setting; AES-GCM, see wire.py); pysyncobj closes a
 connection whose messages do not decrypt without a word, so we log both
 sides of it, at most once a minute per address: the receiving side (an
 incoming connection whose messages failed to decrypt, with the peer's IP),
@@ -40,7 +40,7 @@ KEEPALIVE = {"type": "mq_keepalive"}  # pysyncobj ignores message types it does 
 
 
 class _WatchedEncryptor:
-    """pysyncobj's Fernet encryptor for one incoming connection, remembering a failed decrypt."""
+    """The encryptor of one incoming connection, remembering a failed decrypt."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -137,7 +137,7 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
             self._warn_once(
                 peer,
                 "raft: dropped a connection from %s: its messages do not decrypt "
-                "(wrong cluster secret, or not an mqnode peer)",
+                "(wrong cluster secret, an mqnode release before AES-GCM, or not an mqnode peer)",
             )
         if conn in self._mq_handshaking:
             self._mq_handshaking.discard(conn)

@@ -1,8 +1,8 @@
-"""The cheaper pickling (mqnode/raft/wire.py) is read by stock pysyncobj code.
+"""The cheaper framing (mqnode/raft/wire.py): pickles and zlib streams stock code reads; AES-GCM.
 
-What a node sends after `install()` must be what an unpatched receiver
-decodes with `zlib.decompress` and `pickle.loads` (pysyncobj's own receive
-path), and what an unpatched node sends must still read here.
+What a node sends after `install()` must be what pysyncobj's receive path
+decodes with `zlib.decompress` and `pickle.loads`; the encryptor must refuse
+anything altered, another secret's tokens and an older release's (Fernet).
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import zlib
 
 import pysyncobj.pickle as pysyncobj_pickle
 import pysyncobj.tcp_connection as pysyncobj_tcp
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.fernet import Fernet
 
 from mqnode.raft import wire
 
@@ -27,3 +30,61 @@ def test_after_install_a_message_reads_back_with_stock_zlib_and_pickle() -> None
     assert pysyncobj_pickle.dumps(message)[:2] == b"\x80\x05"  # protocol 5: bytes as bytes
     old = zlib.compress(pickle.dumps(message, 2), 3)  # what an unpatched node sends
     assert pysyncobj_pickle.loads(pysyncobj_tcp.zlib.decompress(old)) == message
+
+
+def test_stored_zlib_streams_of_any_size_read_back_with_stock_zlib() -> None:
+    for size in (0, 1, 1000, 0xFFFF, 0x10000, 200_001):
+        data = bytes(i % 251 for i in range(size))
+        assert zlib.decompress(wire.stored_zlib(data)) == data
+
+
+def test_small_messages_go_stored_and_big_ones_deflated() -> None:
+    small = b"a" * (wire.COMPRESS_FROM_BYTES - 1)
+    big = b"a" * wire.COMPRESS_FROM_BYTES
+    assert len(wire._Deflate.compress(small, 3)) > len(small)  # stored: framing only
+    assert len(wire._Deflate.compress(big, 3)) < len(big) // 10
+    for data in (small, big):
+        assert zlib.decompress(wire._Deflate.compress(data, 3)) == data
+
+
+def _encryptor(secret: str = "unit-test-cluster-secret-0123456789") -> wire.AeadEncryptor:
+    return wire.aead_encryptor(secret)
+
+
+def test_a_token_decrypts_with_the_same_secret_and_carries_its_timestamp() -> None:
+    sender, receiver = _encryptor(), _encryptor()
+    token = sender.encrypt_at_time(b"payload", 1234)
+    assert receiver.extract_timestamp(token) == 1234
+    assert receiver.decrypt(token) == b"payload"
+
+
+def test_a_token_fails_with_another_secret_or_any_byte_changed() -> None:
+    token = _encryptor().encrypt_at_time(b"payload", 7)
+    with pytest.raises(InvalidTag):
+        _encryptor("another-cluster-secret-0123456789").decrypt(token)
+    receiver = _encryptor()
+    for i in range(1, len(token)):  # byte 0 is the version: its own error below
+        bad = token[:i] + bytes([token[i] ^ 1]) + token[i + 1 :]
+        with pytest.raises(InvalidTag):
+            receiver.decrypt(bad)  # the timestamp too: it is authenticated
+
+
+def test_a_fernet_token_or_garbage_is_refused_not_misread() -> None:
+    fernet = Fernet(Fernet.generate_key()).encrypt_at_time(b"payload", 7)
+    receiver = _encryptor()
+    for token in (fernet, b"", b"\xa1short"):
+        with pytest.raises(ValueError):
+            receiver.extract_timestamp(token)
+        with pytest.raises(ValueError):
+            receiver.decrypt(token)
+
+
+def test_nonces_never_repeat_and_take_a_new_prefix_before_the_counter_wraps() -> None:
+    enc = _encryptor()
+    nonces = {enc._nonce() for _ in range(1000)}
+    assert len(nonces) == 1000
+    prefix = enc._prefix
+    enc._counter = 2**32 - 2
+    assert enc._nonce()[:8] == prefix  # the last one of this prefix
+    wrapped = enc._nonce()
+    assert wrapped[:8] != prefix and wrapped[8:] == (1).to_bytes(4, "big")
