@@ -1,6 +1,6 @@
 """The bench suite: mqnode against Postfix and the Python SMTP ceiling, side by side in one run.
 
-    python -m bench [--full] [--only accept,e2e,latency,failover,scaling] [--record]
+    python -m bench [--full] [--only accept,e2e,latency,failover,sessions,scaling,paired] [--record]
 
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
@@ -40,6 +40,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "failover": plan.failover_rounds,
         "sessions": 2 + len(plan.session_counts),
         "scaling": len(plan.scaling_sizes) + len(plan.node_counts),
+        "paired": plan.paired_rounds * 4,
     }
     return sum(per[n] for n in names)
 

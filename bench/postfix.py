@@ -361,8 +361,12 @@ def measure_postfix(
     max_s: float = 120.0,
     path: str | None = None,
     tmp_root: str | None = None,
+    warmup: int = 0,
 ) -> tuple[RefRow, RefRow]:
     """One run through a throwaway Postfix: (accept row, end-to-end row).
+
+    `warmup` messages go through first, unmeasured (and are relayed before
+    the measured ones start).
 
     Accept: smtp-source's messages / its elapsed time (every message got a
     250, each after Postfix fsynced it). End to end: messages / time from
@@ -379,6 +383,9 @@ def measure_postfix(
             Path(tmp), smtp_port, relay_port, concurrency=concurrency, path=path
         ) as inst,
     ):
+        if warmup:
+            run_source(smtp_port, warmup, sessions, size, recipients, max_s=max_s, path=path)
+            sink.wait_for(warmup, max_s)
         base = sink.received()  # our readiness probes are sessions, not messages
         t0 = time.monotonic()
         try:

@@ -20,7 +20,12 @@ from bench.runners import Row
 
 NULLS = ("aiosmtpd null handler", "aiosmtpd null handler, uvloop")
 OURS = "ours"
-POSTFIX = {"accept": "Postfix accept", "e2e": "Postfix end to end", "sessions": "Postfix accept"}
+POSTFIX = {
+    "accept": "Postfix accept",
+    "e2e": "Postfix end to end",
+    "sessions": "Postfix accept",
+    "paired": "Postfix accept",
+}
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: list[Row], series: dict[str, Any]) -> None:
@@ -34,7 +39,7 @@ def _f(value: float | None, digits: int = 0) -> str:
 
 
 def _params(p: dict[str, Any]) -> str:
-    keys = ("size", "recipients", "sessions", "messages", "offered_per_s", "rounds")
+    keys = ("size", "recipients", "sessions", "messages", "offered_per_s", "rounds", "round")
     return ", ".join(f"{k}={p[k]}" for k in keys if k in p)
 
 
@@ -53,6 +58,7 @@ def _group_ratio(rows: list[Row], row: Row, names: tuple[str, ...]) -> float | N
             p.get("recipients", 1),
             p.get("sessions"),
             p.get("generator"),
+            p.get("round"),  # paired: a ratio within one round
         )
 
     refs = [r.rate for r in rows if r.name in names and key(r) == key(row) and r.rate]
@@ -69,7 +75,7 @@ def markdown(command: str, meta: dict[str, Any], rows: list[Row]) -> str:
         "",
         f"Machine: {meta['cpus']} CPUs, Python {meta['python']}. {meta.get('note', '')}".rstrip(),
     ]
-    for workload in ("accept", "e2e", "latency", "sessions", "scaling"):
+    for workload in ("accept", "paired", "e2e", "latency", "sessions", "scaling"):
         sel = [r for r in rows if r.workload == workload]
         if not sel:
             continue

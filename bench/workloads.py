@@ -1,4 +1,4 @@
-"""The five workloads of the bench suite, each measured against its references in one run.
+"""The workloads of the bench suite, each measured against its references in one run.
 
   accept     msg/s answered 250: aiosmtpd null handler (plain asyncio and uvloop),
              one mqnode with replication off (a single-node cluster: same code,
@@ -9,6 +9,8 @@
   failover   kill -9 the leader under load: seconds from the last 250 before the
              kill to the first after, lost (must be 0), duplicated queue entries
   scaling    the message-size curve (1 KiB .. 5 MiB) and 3 vs 5 nodes
+  sessions   acceptance against the number of sessions (bench/workloads.py)
+  paired     the 1 KiB acceptance ratios, measured in back-to-back rounds (bench/paired.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -19,18 +21,30 @@ loopback. Every run is bounded by a message count and a time limit.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import postfix
+from bench.paired import paired
+from bench.plan import (
+    FULL,
+    KIB,
+    MIB,
+    OURS,
+    QUICK,
+    SMTP_SOURCE,
+    WORKERS,
+    Plan,
+    Results,
+    Step,
+    bench_cluster,
+    targets,
+)
 from bench.runners import (
     HOST,
     Row,
@@ -41,78 +55,7 @@ from bench.runners import (
     wait_sink,
 )
 from tests.support.chaos import kill_leader_repeatedly, run_scenario
-from tests.support.cluster import Cluster, free_ports
-
-KIB = 1024
-MIB = 1024 * 1024
-PROD_TUNING: tuple[str, ...] = ()  # production defaults
-# SMTP sessions in two worker processes per node (smtp_workers; default 0 = in the node)
-WORKERS: tuple[str, ...] = ("--smtp-workers", "2")
-OURS = "ours"  # bench/loadgen.py: asyncio + aiosmtplib, records every reply
-SMTP_SOURCE = "smtp-source"  # Postfix's load generator
-
-Step = Callable[[str], None]  # progress: called with what is being measured next
-
-
-@dataclass
-class Plan:
-    mode: str
-    messages: int  # per row at 1 KiB; bigger messages get fewer (bytes_per_row)
-    sessions: int
-    sizes: list[int]
-    recipients: list[int]
-    latency_s: float
-    failover_rounds: int
-    scaling_sizes: list[int]
-    node_counts: list[int]
-    bytes_per_row: int
-    session_counts: list[int] = field(default_factory=lambda: [10, 40])
-    max_s: float = 90.0
-
-    def count_for(self, size: int) -> int:
-        return max(20, min(self.messages, self.bytes_per_row // max(size, 1)))
-
-
-QUICK = Plan("quick", 1000, 20, [KIB], [1], 5.0, 1, [KIB, 100 * KIB, MIB], [5], 30 * MIB)
-FULL = Plan(
-    "full",
-    5000,
-    20,
-    [KIB, 10 * KIB, 100 * KIB],
-    [1, 10],
-    20.0,
-    5,
-    [KIB, 10 * KIB, 100 * KIB, MIB, 5 * MIB],
-    [5],
-    400 * MIB,
-    [5, 10, 20, 40, 80],
-)
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    # Raw series for the plots: failover throughput over time, latency samples.
-    series: dict[str, Any] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def bench_cluster(
-    base: Path, n: int, relay: str | None = None, extra: tuple[str, ...] = ()
-) -> Iterator[Cluster]:
-    """A cluster whose data dirs are deleted once its rows are measured: a full run
-    writes tens of GB (100 KiB x 10 recipients x 4096 per row), too much to keep."""
-    try:
-        with Cluster(
-            base, n=n, extra_args=(*PROD_TUNING, *extra), relay_host=relay, start_timeout_s=60
-        ) as c:
-            yield c
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _targets(c: Cluster, indexes: list[int]) -> list[tuple[str, int]]:
-    return [(HOST, c.nodes[i].smtp_port) for i in indexes]
+from tests.support.cluster import free_ports
 
 
 def accept(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
@@ -136,16 +79,16 @@ def _accept_one(plan: Plan, base: Path, params: dict[str, Any], step: Step, out:
             _both(plan, name, [(HOST, port)], params, out)
     step("accept: mqnode, 1 node (replication off)")
     with bench_cluster(base / "single", 1) as c:
-        _both(plan, "mqnode 1 node, no replication", _targets(c, [0]), params, out)
+        _both(plan, "mqnode 1 node, no replication", targets(c, [0]), params, out)
     step("accept: mqnode, 3 nodes")
     with bench_cluster(base / "three", 3) as c:
-        _both(plan, "mqnode 3 nodes, to leader", _targets(c, [c.leader()]), params, out)
-        _both(plan, "mqnode 3 nodes, to followers", _targets(c, c.followers()), params, out)
+        _both(plan, "mqnode 3 nodes, to leader", targets(c, [c.leader()]), params, out)
+        _both(plan, "mqnode 3 nodes, to followers", targets(c, c.followers()), params, out)
     step("accept: mqnode, 3 nodes, 2 smtp workers each")
     with bench_cluster(base / "three-workers", 3, extra=WORKERS) as c:
         name = "mqnode 3 nodes, 2 smtp workers"
-        _both(plan, f"{name}, to leader", _targets(c, [c.leader()]), params, out)
-        _both(plan, f"{name}, to followers", _targets(c, c.followers()), params, out)
+        _both(plan, f"{name}, to leader", targets(c, [c.leader()]), params, out)
+        _both(plan, f"{name}, to followers", targets(c, c.followers()), params, out)
     step("accept: Postfix and smtp-source references")
     for ref in postfix.reference_rows(
         params["messages"],
@@ -207,7 +150,7 @@ def end_to_end(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     ):
         started_wall = time.time()
         result, elapsed = run_load(
-            _targets(c, list(range(3))),
+            targets(c, list(range(3))),
             params["messages"],
             plan.sessions,
             size,
@@ -326,7 +269,7 @@ def latency(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     ]
     params: dict[str, Any] = {"sessions": plan.sessions, "size": KIB, "recipients": 1}
     with bench_cluster(tmp / "latency", 3) as c:
-        target = _targets(c, [c.leader()])
+        target = targets(c, [c.leader()])
         if not peaks:
             step("latency: measuring the peak first")
             peaks = [measure("accept", "peak", target, {**params, "messages": 1500}, 60).rate or 0]
@@ -418,7 +361,7 @@ def _timeline(result: Any, fault_at: float | None, bin_s: float = 0.1) -> dict[s
 
 def scaling(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     with bench_cluster(tmp / "sizes", 3) as c:
-        target = _targets(c, [c.leader()])
+        target = targets(c, [c.leader()])
         for size in plan.scaling_sizes:
             step(f"scaling: {size // KIB} KiB messages")
             sessions = plan.sessions if size <= 100 * KIB else 4
@@ -430,7 +373,7 @@ def scaling(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         step(f"scaling: {n} nodes")
         params = {"messages": plan.count_for(KIB), "sessions": plan.sessions, "size": KIB}
         with bench_cluster(tmp / f"nodes-{n}", n) as c:
-            target = _targets(c, [c.leader()])
+            target = targets(c, [c.leader()])
             out.rows.append(measure("scaling", f"node count {n}, 1 KiB", target, params, 60))
 
 
@@ -497,6 +440,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "failover": failover,
     "sessions": sessions,
     "scaling": scaling,
+    "paired": paired,
 }
 
 

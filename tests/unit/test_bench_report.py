@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import paired, report
 from bench.loadgen import Attempt, LoadResult
 from bench.runners import Row, percentile
 from bench.workloads import QUICK, outage_s
@@ -83,3 +83,22 @@ def test_json_round_trip(tmp_path: Path) -> None:
     doc = json.loads(path.read_text())
     assert doc["rows"][0]["name"] == "aiosmtpd null handler"
     assert doc["series"]["latency_ms_50"] == [1.0]
+
+
+def test_paired_summary_takes_ratios_within_rounds_and_skips_failed_ones() -> None:
+    rates: dict[str, list[float | None]] = {
+        paired.NULL: [2000.0, 3000.0, 2500.0],
+        paired.IN_NODE: [1500.0, 1800.0, None],  # round 3 failed
+        paired.IN_WORKERS: [1600.0, 2400.0, 2000.0],
+        paired.POSTFIX: [1000.0, 2000.0, 1000.0],
+    }
+    params = {"messages": 100, "sessions": 20, "size": 1024}
+    rows = {r.name: r for r in paired.summary(rates, params)}
+    workers = rows[paired.IN_WORKERS]
+    assert workers.rate == 2000.0 and workers.params["round"] == "median"
+    # per round 1.6, 1.2, 2.0: the median of ratios, not the ratio of medians (2000/1000)
+    assert "x Postfix per round 1.60 (1.20-2.00)" in workers.note
+    node = rows[paired.IN_NODE]
+    assert node.rate == 1650.0 and (node.acked, node.attempted) == (200, 300)
+    assert "2 of 3 rounds" in node.note and "x Postfix per round 1.20 (0.90-1.50)" in node.note
+    assert "x null handler" not in rows[paired.NULL].note

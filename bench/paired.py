@@ -1,0 +1,100 @@
+"""paired: mqnode, Postfix and the null handler measured back to back in rounds; ratios per round.
+
+The accept workload measures its rows minutes apart, and this machine's speed
+drifts meanwhile: Postfix's 1 KiB, 20-session row ranged from 701 to 1,624
+msg/s across the runs recorded in docs/benchmarks.md, and the null handler's
+ratio to it from 1.5 to 2.1. Here each round measures the four systems one
+after the other within seconds (each from a fresh start, after the same
+unmeasured warm-up, in an order rotated every round), all with smtp-source,
+1 KiB, one recipient, `plan.sessions` sessions. A ratio is taken within a
+round; the summary rows give the median over rounds and the range.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench import postfix
+from bench.plan import KIB, SMTP_SOURCE, WORKERS, Plan, Results, Step, bench_cluster
+from bench.runners import Row, null_server
+from tests.support.cluster import free_ports
+
+NULL = "aiosmtpd null handler, uvloop"
+IN_NODE = "mqnode 3 nodes, to leader"
+IN_WORKERS = "mqnode 3 nodes, 2 smtp workers, to leader"
+POSTFIX = "Postfix accept"
+SYSTEMS = (NULL, IN_NODE, IN_WORKERS, POSTFIX)
+WARMUP = 200  # messages through each system before its measured run
+
+
+def paired(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
+    why = postfix.available()
+    if why is not None:
+        step(f"paired: skipped ({why})")
+        out.rows.append(Row("paired", POSTFIX, note=f"skipped: {why}"))
+        return
+    messages = plan.count_for(KIB)
+    params: dict[str, Any] = {"messages": messages, "sessions": plan.sessions, "size": KIB}
+    params["generator"] = SMTP_SOURCE
+    rates: dict[str, list[float | None]] = {name: [] for name in SYSTEMS}
+    for r in range(plan.paired_rounds):
+        turn = r % len(SYSTEMS)
+        for name in SYSTEMS[turn:] + SYSTEMS[:turn]:
+            step(f"paired: round {r + 1}/{plan.paired_rounds}, {name}")
+            row = Row("paired", name, {**params, "round": r + 1})
+            try:
+                row.rate = _measure(name, plan, tmp / f"round{r + 1}", messages)
+                row.acked = row.attempted = messages
+            except postfix.PostfixBenchError as exc:
+                row.note = f"failed: {exc}"
+            rates[name].append(row.rate)
+            out.rows.append(row)
+    out.rows += summary(rates, params)
+
+
+def _measure(name: str, plan: Plan, base: Path, messages: int) -> float:
+    def source(port: int, count: int) -> float:
+        return postfix.run_source(port, count, plan.sessions, KIB, max_s=plan.max_s)[1]
+
+    def through(port: int) -> float:
+        source(port, WARMUP)
+        return source(port, messages)
+
+    if name == POSTFIX:
+        accept, _ = postfix.measure_postfix(
+            messages, plan.sessions, KIB, max_s=plan.max_s, warmup=WARMUP
+        )
+        return accept.rate
+    if name == NULL:
+        port = free_ports(1)[0]
+        with null_server(port, uvloop=True):
+            return through(port)
+    extra = WORKERS if name == IN_WORKERS else ()
+    with bench_cluster(base / name.replace(" ", "-").replace(",", ""), 3, extra=extra) as c:
+        return through(c.nodes[c.leader()].smtp_port)
+
+
+def summary(rates: dict[str, list[float | None]], params: dict[str, Any]) -> list[Row]:
+    """One row per system: median rate over rounds; ratios per round, median and range."""
+    rows = []
+    for name, mine in rates.items():
+        ok = [x for x in mine if x]
+        row = Row("paired", name, {**params, "round": "median"})
+        row.rate = statistics.median(ok) if ok else None
+        row.acked, row.attempted = len(ok) * params["messages"], len(mine) * params["messages"]
+        notes = [f"{len(ok)} of {len(mine)} rounds"]
+        for ref, label in ((POSTFIX, "x Postfix"), (NULL, "x null handler")):
+            if ref != name:
+                notes.append(f"{label} per round {_spread(mine, rates[ref])}")
+        row.note = "; ".join(notes)
+        rows.append(row)
+    return rows
+
+
+def _spread(mine: list[float | None], refs: list[float | None]) -> str:
+    ratios = sorted(a / b for a, b in zip(mine, refs, strict=True) if a and b)
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"

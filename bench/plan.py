@@ -1,0 +1,86 @@
+"""What every workload shares: the plans (quick, full), results, and clusters that clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.runners import HOST, Row
+from tests.support.cluster import Cluster
+
+KIB = 1024
+MIB = 1024 * 1024
+PROD_TUNING: tuple[str, ...] = ()  # production defaults
+# SMTP sessions in two worker processes per node (smtp_workers; default 0 = in the node)
+WORKERS: tuple[str, ...] = ("--smtp-workers", "2")
+OURS = "ours"  # bench/loadgen.py: asyncio + aiosmtplib, records every reply
+SMTP_SOURCE = "smtp-source"  # Postfix's load generator
+
+Step = Callable[[str], None]  # progress: called with what is being measured next
+
+
+@dataclass
+class Plan:
+    mode: str
+    messages: int  # per row at 1 KiB; bigger messages get fewer (bytes_per_row)
+    sessions: int
+    sizes: list[int]
+    recipients: list[int]
+    latency_s: float
+    failover_rounds: int
+    scaling_sizes: list[int]
+    node_counts: list[int]
+    bytes_per_row: int
+    session_counts: list[int] = field(default_factory=lambda: [10, 40])
+    max_s: float = 90.0
+    paired_rounds: int = 2
+
+    def count_for(self, size: int) -> int:
+        return max(20, min(self.messages, self.bytes_per_row // max(size, 1)))
+
+
+QUICK = Plan("quick", 1000, 20, [KIB], [1], 5.0, 1, [KIB, 100 * KIB, MIB], [5], 30 * MIB)
+FULL = Plan(
+    "full",
+    5000,
+    20,
+    [KIB, 10 * KIB, 100 * KIB],
+    [1, 10],
+    20.0,
+    5,
+    [KIB, 10 * KIB, 100 * KIB, MIB, 5 * MIB],
+    [5],
+    400 * MIB,
+    [5, 10, 20, 40, 80],
+    paired_rounds=7,
+)
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    # Raw series for the plots: failover throughput over time, latency samples.
+    series: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def bench_cluster(
+    base: Path, n: int, relay: str | None = None, extra: tuple[str, ...] = ()
+) -> Iterator[Cluster]:
+    """A cluster whose data dirs are deleted once its rows are measured: a full run
+    writes tens of GB (100 KiB x 10 recipients x 4096 per row), too much to keep."""
+    try:
+        with Cluster(
+            base, n=n, extra_args=(*PROD_TUNING, *extra), relay_host=relay, start_timeout_s=60
+        ) as c:
+            yield c
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def targets(c: Cluster, indexes: list[int]) -> list[tuple[str, int]]:
+    return [(HOST, c.nodes[i].smtp_port) for i in indexes]
