@@ -247,7 +247,6 @@ class SmtpIngress:
         # Never name an attribute auth_* or handle_*: aiosmtpd takes those for AUTH
         # mechanisms and hooks.
         self.failed_logins = 0
-        self.on_accepted: Callable[[], None] = lambda: None  # e.g. wake the dispatcher
         self.events: EventLog | None = None
 
     def _allowed(self, session: Session) -> bool:
@@ -360,7 +359,6 @@ class SmtpIngress:
             log.warning("refused message from %s: %s", session.peer, exc)
             return exc.smtp_reply()
         self.accepted += 1
-        self.on_accepted()
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def _enqueue(self, session: Session, envelope: Envelope, body: bytes) -> str:

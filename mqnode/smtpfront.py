@@ -5,7 +5,7 @@ TLS; `serve` starts the listeners (the submission port and, when set, the
 implicit-TLS port). A worker process gets the listening sockets from the node
 (inherited), the node binds its own when it has no workers: `InProcessFront`,
 which the node drives like smtpworkers.WorkerPool (start, stop, counts,
-describe, events, on_accepted).
+describe, events).
 """
 
 from __future__ import annotations
@@ -124,14 +124,6 @@ class InProcessFront:
     @events.setter
     def events(self, events: EventLog | None) -> None:
         self.ingress.events = events
-
-    @property
-    def on_accepted(self) -> Callable[[], None]:
-        return self.ingress.on_accepted
-
-    @on_accepted.setter
-    def on_accepted(self, wake: Callable[[], None]) -> None:
-        self.ingress.on_accepted = wake
 
     async def start(self) -> None:
         self._servers = await serve(self.ingress, listen_addrs(self._cfg), None)

@@ -102,7 +102,6 @@ class WorkerPool:
         self._stopping = False
         self.restarts = 0
         self.events: EventLog | None = None
-        self.on_accepted: Callable[[], None] = lambda: None
 
     # --- what the node reads ------------------------------------------------------
 
@@ -287,8 +286,7 @@ class WorkerPool:
             log.exception("submission from an smtp worker failed")
             link.send([FAILED, rid, "submit", "internal error, try again later"])
             return
-        if enqueue is not None and result[0] in ("queued", "duplicate"):
-            if self.events is not None:
-                emit_committed(self.events, result)
-            self.on_accepted()
+        queued = enqueue is not None and result[0] in ("queued", "duplicate")
+        if queued and self.events is not None:
+            emit_committed(self.events, result)
         link.send([RESULT, rid, result[0], result[1]])
