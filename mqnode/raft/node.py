@@ -23,7 +23,7 @@ from ..statemachine import QueueStateMachine, Result
 from ..store import QueueStore
 from .journal import DurableJournal
 from .members import FAIL_NAMES, MembershipOps
-from .pacing import AppendPacer
+from .pacing import AppendPacer, follower_waits
 from .snapshot_writer import SnapshotWriter
 from .snapshots import SnapshotOps
 from .transport import DeferringTransport
@@ -111,6 +111,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._applied_written = store.applied_index()
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
         self._sent_commit = 0
+        self._sent_upto = 0
         # Called on the event loop after the state moved on and is readable (e.g. wake
         # the dispatcher: answers to callers go out before the state commit).
         self.on_applied: Callable[[], None] = lambda: None
@@ -289,7 +290,10 @@ class RaftNode(MembershipOps, SnapshotOps):
         transport.keep_alive(self._keepalive_s)
         resend, transport.mq_resend = transport.mq_resend, False
         dirty = self._journal.dirty
-        news = dirty or sync.raftCommitIndex != self._sent_commit
+        commit = sync.raftCommitIndex
+        news = dirty or commit != self._sent_commit
+        waiting = transport.mq_follower_entry
+        urgent = resend or follower_waits(waiting, self._sent_upto, self._sent_commit, commit)
         last_applied = sync.raftLastApplied
         # What the leader applied was flushed in earlier ticks (pysyncobj counts entries
         # appended before this tick's commit step only): early callers go first.
@@ -298,7 +302,7 @@ class RaftNode(MembershipOps, SnapshotOps):
             self._deliver_completions(failed=False, early_only=True)
         if not sync._isLeader():
             self._pacer.reset()
-        elif not self._pacer.should_send(_pysyncobj_now(), news, urgent=resend):
+        elif not self._pacer.should_send(_pysyncobj_now(), news, urgent=urgent):
             # Held back. The poll after this tick was sized before it: wake it if the held
             # entries are due sooner, or every session waits out the poll (50 ms stalls).
             if self._pacer.due_before(self._poll_until):
@@ -309,7 +313,8 @@ class RaftNode(MembershipOps, SnapshotOps):
             # sessions after applying. Sent before our own flush, so the followers' fsyncs
             # overlap ours (Raft allows it: pysyncobj counts the leader's copy only at the
             # next tick, after it).
-            self._sent_commit = sync.raftCommitIndex
+            self._sent_commit = commit
+            self._sent_upto = self._journal[-1][1]
             sync._SyncObj__sendAppendEntries()
         if leader_ready:
             # Its callers need only the state; its own journal fsync is for new entries

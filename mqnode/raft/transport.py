@@ -100,6 +100,8 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         self._mq_deferred: list[tuple[Any, Any]] = []
         self.mq_blocked: frozenset[str] = frozenset()
         self.mq_resend = False
+        # Leader: the highest log index a follower's submission got (apply_command_response).
+        self.mq_follower_entry = 0
         self._mq_incoming: dict[Any, tuple[str, _WatchedEncryptor]] = {}
         self._mq_handshaking: set[Any] = set()  # outgoing, key exchange not answered yet
         self._mq_warned: dict[str, float] = {}
@@ -217,6 +219,8 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         if message.get("type") == "next_node_idx" and self._syncObj._mq_journal.dirty:
             self._mq_deferred.append((node, message))
             return True
+        if message.get("type") == "apply_command_response" and "log_idx" in message:
+            self.mq_follower_entry = max(self.mq_follower_entry, int(message["log_idx"]))
         return bool(super().send(node, message))
 
     def _skip_conflicting_term(self, message: dict[str, Any]) -> dict[str, Any]:

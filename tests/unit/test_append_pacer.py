@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mqnode.raft.pacing import AppendPacer
+from mqnode.raft.pacing import AppendPacer, follower_waits
 
 
 def test_a_lone_entry_goes_at_once_and_a_burst_waits_for_the_interval() -> None:
@@ -42,3 +42,15 @@ def test_zero_interval_sends_every_tick() -> None:
     p = AppendPacer(0.0)
     assert all(p.should_send(1.0 + i * 1e-6, news=True) for i in range(5))
     assert not p.should_send(2.0, news=False)
+
+
+def test_a_followers_own_entry_goes_out_and_its_commit_is_told_at_once() -> None:
+    # nothing from followers (0), or everything about it already sent: pacing decides
+    assert not follower_waits(0, sent_upto=10, sent_commit=8, commit=9)
+    assert not follower_waits(7, sent_upto=10, sent_commit=8, commit=9)
+    # its entry (11) is appended but not sent yet
+    assert follower_waits(11, sent_upto=10, sent_commit=8, commit=9)
+    # sent, not committed yet: wait for the acks, not for a send
+    assert not follower_waits(11, sent_upto=12, sent_commit=9, commit=10)
+    # committed, but the followers have not been told: now
+    assert follower_waits(11, sent_upto=12, sent_commit=10, commit=11)

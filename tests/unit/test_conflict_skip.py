@@ -1,4 +1,4 @@
-"""The follower's answer to a log mismatch: skip the conflicting term, never below applied."""
+"""DeferringTransport: a mismatch answer skips the conflicting term; forwarded commands noted."""
 
 from __future__ import annotations
 
@@ -42,3 +42,19 @@ def test_never_asks_again_for_applied_entries(tmp_path: Path) -> None:
 def test_out_of_range_is_left_to_pysyncobj(tmp_path: Path) -> None:
     j = journal_with_terms(tmp_path, [1, 1], applied=1)
     assert answer(j, 40) == 40
+
+
+def test_the_leader_notes_the_log_index_a_followers_command_got(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """What pacing.follower_waits is fed: pysyncobj's answer to a forwarded command."""
+    sent: list[Any] = []
+    monkeypatch.setattr("pysyncobj.transport.TCPTransport.send", lambda self, n, m: sent.append(m))
+    t = DeferringTransport.__new__(DeferringTransport)
+    t.mq_blocked, t.mq_follower_entry = frozenset(), 0
+    t._syncObj = SimpleNamespace(_mq_journal=journal_with_terms(tmp_path, [1], applied=1))
+    node = SimpleNamespace(address="127.0.0.1:1")
+    t.send(node, {"type": "apply_command_response", "request_id": 1, "log_idx": 42, "log_term": 3})
+    t.send(node, {"type": "apply_command_response", "request_id": 2, "error": 1})  # refused
+    t.send(node, {"type": "apply_command_response", "request_id": 3, "log_idx": 40, "log_term": 3})
+    assert t.mq_follower_entry == 42 and len(sent) == 3
