@@ -288,34 +288,13 @@ class RaftNode(MembershipOps, SnapshotOps):
                 log.exception("admin action on the tick thread failed")
         transport = sync._SyncObj__transport
         transport.keep_alive(self._keepalive_s)
-        resend, transport.mq_resend = transport.mq_resend, False
-        dirty = self._journal.dirty
-        commit = sync.raftCommitIndex
-        news = dirty or commit != self._sent_commit
-        waiting = transport.mq_follower_entry
-        urgent = resend or follower_waits(waiting, self._sent_upto, self._sent_commit, commit)
         last_applied = sync.raftLastApplied
         # What the leader applied was flushed in earlier ticks (pysyncobj counts entries
         # appended before this tick's commit step only): early callers go first.
         leader_ready = sync._isLeader() and self._journal.durable_through(last_applied)
         if leader_ready:
             self._deliver_completions(failed=False, early_only=True)
-        if not sync._isLeader():
-            self._pacer.reset()
-        elif not self._pacer.should_send(_pysyncobj_now(), news, urgent=urgent):
-            # Held back. The poll after this tick was sized before it: wake it if the held
-            # entries are due sooner, or every session waits out the poll (50 ms stalls).
-            if self._pacer.due_before(self._poll_until):
-                self.wake()
-        else:
-            # Replicate new entries and tell followers the new commit index now (paced:
-            # see pacing.py), not at the next heartbeat: followers answer their own SMTP
-            # sessions after applying. Sent before our own flush, so the followers' fsyncs
-            # overlap ours (Raft allows it: pysyncobj counts the leader's copy only at the
-            # next tick, after it).
-            self._sent_commit = commit
-            self._sent_upto = self._journal[-1][1]
-            sync._SyncObj__sendAppendEntries()
+        self._replicate(transport)
         if leader_ready:
             # Its callers need only the state; its own journal fsync is for new entries
             # nobody waits on yet.
@@ -339,6 +318,33 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._deliver_completions(failed=False)
         self._scale_compaction()
         self._publish_status()
+
+    def _replicate(self, transport: Any) -> None:
+        """Leader: send new entries and the commit index to followers when pacing allows.
+
+        Now (paced: see pacing.py), not at the next heartbeat: followers answer their own
+        SMTP sessions after applying. Sent before our own flush, so the followers' fsyncs
+        overlap ours (Raft allows it: pysyncobj counts the leader's copy only at the next
+        tick, after it).
+        """
+        sync = self._sync
+        resend, transport.mq_resend = transport.mq_resend, False
+        if not sync._isLeader():
+            self._pacer.reset()
+            return
+        commit = sync.raftCommitIndex
+        news = self._journal.dirty or commit != self._sent_commit
+        waiting = transport.mq_follower_entry
+        urgent = resend or follower_waits(waiting, self._sent_upto, self._sent_commit, commit)
+        if not self._pacer.should_send(_pysyncobj_now(), news, urgent=urgent):
+            # Held back. The poll after this tick was sized before it: wake it if the held
+            # entries are due sooner, or every session waits out the poll (50 ms stalls).
+            if self._pacer.due_before(self._poll_until):
+                self.wake()
+            return
+        self._sent_commit = commit
+        self._sent_upto = self._journal[-1][1]
+        sync._SyncObj__sendAppendEntries()
 
     def _commit_state(self, last_applied: int) -> None:
         advanced = last_applied > self._applied_written
