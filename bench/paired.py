@@ -9,8 +9,10 @@ unmeasured warm-up of twice the measured count, in an order rotated every
 round), all with smtp-source,
 1 KiB, one recipient, `plan.sessions` sessions. A ratio is taken within a
 round; the summary rows give the median over rounds and the range. Before
-each Postfix run a small probe measures concurrent fsyncs per second, which
-Postfix's rate follows and mqnode's (group commit) does not.
+each Postfix run a small probe records concurrent fsyncs per second (Postfix
+fsyncs every queue file). With a proper warm-up Postfix's rate did not follow
+it (probe 895-12,572 fsync/s, Postfix 1,344-1,641 msg/s, 10:01 run): the
+earlier swings were its ramp-up and queue state, not the disk.
 """
 
 from __future__ import annotations
@@ -73,9 +75,8 @@ def paired(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
 def fsync_rate(threads: int = 20, each: int = 25) -> float:
     """Small-file fsyncs per second from `threads` writers, in the system's temp dir.
 
-    Postfix's acceptance follows this (its cleanup fsyncs every queue file); on
-    this machine it swung from ~1,100 to ~6,500 within minutes, and Postfix's
-    rate with it. mqnode's group commit makes one fsync per batch.
+    The disk's state next to each Postfix row (it swung from ~900 to ~12,500
+    within minutes here); Postfix fsyncs every queue file, mqnode once a batch.
     """
     with tempfile.TemporaryDirectory(prefix="bench-fsync-") as d:
 
