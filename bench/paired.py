@@ -6,13 +6,13 @@ msg/s across the runs recorded in docs/benchmarks.md, and the null handler's
 ratio to it from 1.5 to 2.1. Here each round measures the four systems one
 after the other within seconds (each from a fresh start, after the same
 unmeasured warm-up of twice the measured count, in an order rotated every
-round), all with smtp-source,
-1 KiB, one recipient, `plan.sessions` sessions. A ratio is taken within a
-round; the summary rows give the median over rounds and the range. Before
-each Postfix run a small probe records concurrent fsyncs per second (Postfix
-fsyncs every queue file). With a proper warm-up Postfix's rate did not follow
-it (probe 895-12,572 fsync/s, Postfix 1,344-1,641 msg/s, 10:01 run): the
-earlier swings were its ramp-up and queue state, not the disk.
+round), all with smtp-source, 1 KiB, one recipient, `plan.sessions`
+sessions. A ratio is taken within a round; the summary rows give the
+median over rounds and the range. Before each Postfix run a small probe
+records concurrent fsyncs per second (Postfix fsyncs every queue file).
+With a proper warm-up Postfix's rate did not follow it (probe 895-12,572
+fsync/s, Postfix 1,344-1,641 msg/s, 10:01 run): the earlier swings were its
+ramp-up and queue state, not the disk.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def paired(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         for name in SYSTEMS[turn:] + SYSTEMS[:turn]:
             step(f"paired: round {r + 1}/{plan.paired_rounds}, {name}")
             row = Row("paired", name, {**params, "round": r + 1})
-            if name == POSTFIX:  # what its rate follows: one fsync per queue file
+            if name == POSTFIX:  # the disk it fsyncs every queue file to, for the record
                 row.extra["fsync/s, 20 threads"] = round(fsync_rate())
             try:
                 row.rate = _measure(name, plan, tmp / f"round{r + 1}", messages)
