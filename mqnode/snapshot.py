@@ -20,7 +20,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgpack
 
@@ -30,6 +30,11 @@ from .store import QueueStore
 MAGIC = b"MQSNAP01"
 _U32 = struct.Struct(">I")
 _COPY_BYTES = 1 << 20
+# Write back a snapshot in slices of this size. One fsync of a whole state copy
+# (70 MB: ~50 ms of device time) queued every journal fsync behind it, the
+# node's own and, on a shared disk, its peers': a 250 ms stall in acceptance
+# at each compaction (bench latency row). Slices keep the wait to a few ms.
+SYNC_BYTES = 4 << 20
 
 Entry = tuple[bytes, int, int]
 
@@ -82,12 +87,26 @@ def write_snapshot(
         )
         with open(dest, "wb") as out, open(tmp_path, "rb") as src:
             out.write(MAGIC + _U32.pack(len(header)) + _U32.pack(zlib.crc32(header)) + header)
-            while chunk := src.read(_COPY_BYTES):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+            _copy_synced(src, out)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        tmp_path.unlink(missing_ok=True)  # never synced: its dirty pages are dropped
+
+
+def _copy_synced(src: BinaryIO, out: BinaryIO) -> tuple[int, int]:
+    """Copy the rest of `src` to `out`, durable when it returns; (crc32, bytes copied)."""
+    crc, size, unsynced = 0, 0, 0
+    while chunk := src.read(_COPY_BYTES):
+        crc = zlib.crc32(chunk, crc)
+        size += len(chunk)
+        out.write(chunk)
+        unsynced += len(chunk)
+        if unsynced >= SYNC_BYTES:
+            out.flush()
+            os.fdatasync(out.fileno())
+            unsynced = 0
+    out.flush()
+    os.fsync(out.fileno())
+    return crc, size
 
 
 def read_header(path: Path) -> SnapshotHeader:
@@ -116,15 +135,9 @@ def read_header(path: Path) -> SnapshotHeader:
 
 def extract_state(path: Path, header: SnapshotHeader, dest_file: Path) -> None:
     """Copy the LMDB state out of a snapshot, verifying size and CRC."""
-    crc, size = 0, 0
     with open(path, "rb") as src, open(dest_file, "wb") as out:
         src.seek(header.data_offset)
-        while chunk := src.read(_COPY_BYTES):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+        crc, size = _copy_synced(src, out)
     if size != header.state_size or crc != header.state_crc32:
         dest_file.unlink(missing_ok=True)
         raise CorruptDataError(

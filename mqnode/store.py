@@ -399,17 +399,18 @@ class QueueStore:
 
     # -- snapshots -----------------------------------------------------------
     def copy_to(self, dest_file: Path, txn: Any = None) -> None:
-        """A consistent, compacted copy of the state as one file, fsynced.
+        """A consistent, compacted copy of the state as one scratch file, not fsynced.
 
         With `txn` (from `snapshot_txn()`), the copy is the state as of that read
-        transaction, and may run on another thread while applies go on.
+        transaction, and may run on another thread while applies go on. Not
+        synced: the caller streams it into a durable file in slices
+        (snapshot.py); one fsync of the whole copy queued every journal fsync
+        on the disk behind it.
         """
         if txn is None:
             self.commit_apply()
         with open(dest_file, "wb") as fh:
             self._env.copyfd(fh.fileno(), compact=True, txn=txn)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     def snapshot_txn(self) -> Any:
         """Commit this tick's applies and open a read transaction on exactly that state.

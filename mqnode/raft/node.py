@@ -118,6 +118,9 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._pacer = AppendPacer(settings.replication_batch_ms / 1000)
         self._poll_until = 0.0  # when the poll after the current tick ends at the latest
         self._next_compaction_check = 0.0
+        self._compaction_every = settings.log_compaction_min_entries
+        self._compaction_rank = (0, 1)
+        self._compaction_first = -1
         stored = self._journal.stored_members()
         peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
         if warning:
@@ -400,7 +403,7 @@ class RaftNode(MembershipOps, SnapshotOps):
             else {},
             members=tuple(self._members()),
             peer_last_heard_s=sync._SyncObj__transport.last_heard(sync._SyncObj__otherNodes),
-            snapshot_after_entries=sync.conf.logCompactionMinEntries,
+            snapshot_after_entries=self._compaction_every,
             log_first_index=int(self._journal[0][1]),
             log_last_index=int(self._journal[-1][1]),
         )

@@ -11,6 +11,7 @@ while the state is large (compaction.py). See docs/design/replication.md.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .. import membership, snapshot
 from ..errors import CorruptDataError, StoreFullError
 from ..logstore import LogStore
 from ..store import QueueStore
-from .compaction import compaction_min_entries
+from .compaction import compaction_min_entries, staggered_threshold
 from .journal import DurableJournal, Entry
 from .snapshot_writer import SnapshotWriter
 from .types import RaftSettings
@@ -44,6 +45,10 @@ class SnapshotOps:
     _applied_written: int
     _own_add_pending: bool
     _next_compaction_check: float
+    _compaction_every: int
+    _compaction_rank: tuple[int, int]  # this member's place among the members, how many
+    _compaction_first: int  # the log's first index when the threshold was last set
+    _members: Callable[[], list[str]]
 
     def _reconcile_startup(self) -> None:
         """Make the journal and the LMDB state agree after a crash at any point."""
@@ -70,22 +75,33 @@ class SnapshotOps:
             self._journal.set_members(header.cluster)  # the list that log leads to
 
     def _scale_compaction(self) -> None:
-        """Snapshot less often while the queue state is large (compaction.py), checked ~1/s."""
+        """Set the log length of the next snapshot: the period follows the state size
+        (checked ~1/s), the phase this member's place among the members (compaction.py);
+        recomputed at once when a snapshot has moved the log's start."""
         now = _pysyncobj_now()
-        if now < self._next_compaction_check:
+        first = int(self._journal[0][1])
+        if now >= self._next_compaction_check:
+            self._next_compaction_check = now + COMPACTION_CHECK_S
+            every = compaction_min_entries(
+                self._settings.log_compaction_min_entries,
+                len(self._journal),
+                self._logstore.used_bytes(),
+                self._store.used_bytes(),
+                self._logstore.map_bytes,
+            )
+            if every is not None:
+                self._compaction_every = every
+            members = self._members()
+            me = self._settings.self_addr
+            self._compaction_rank = (members.index(me) if me in members else 0, len(members))
+        elif first == self._compaction_first:
             return
-        self._next_compaction_check = now + COMPACTION_CHECK_S
-        entries = compaction_min_entries(
-            self._settings.log_compaction_min_entries,
-            len(self._journal),
-            self._logstore.used_bytes(),
-            self._store.used_bytes(),
-            self._logstore.map_bytes,
-        )
+        self._compaction_first = first
+        threshold = staggered_threshold(self._compaction_every, first, *self._compaction_rank)
         conf = self._sync.conf
-        if entries is not None and entries != conf.logCompactionMinEntries:
-            log.debug("raft: snapshot after %d log entries from now on", entries)
-            conf.logCompactionMinEntries = entries
+        if threshold != conf.logCompactionMinEntries:
+            log.debug("raft: next snapshot when the log holds %d entries", threshold)
+            conf.logCompactionMinEntries = threshold
 
     def _serialize(self, _filename: str, data: Any) -> None:
         """Start a snapshot at last[1]; SnapshotWriter copies it off the tick thread.

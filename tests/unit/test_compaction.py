@@ -5,7 +5,12 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqnode.raft.compaction import SAMPLE_ENTRIES, SCALE_FROM_BYTES, compaction_min_entries
+from mqnode.raft.compaction import (
+    SAMPLE_ENTRIES,
+    SCALE_FROM_BYTES,
+    compaction_min_entries,
+    staggered_threshold,
+)
 
 MIB = 1024 * 1024
 LOG_MAP = 1024 * MIB
@@ -19,9 +24,18 @@ def test_too_few_entries_to_judge() -> None:
     assert compaction_min_entries(2000, SAMPLE_ENTRIES - 1, MIB, 500 * MIB, LOG_MAP) is None
 
 
-def test_large_state_lets_the_log_hold_half_its_bytes() -> None:
-    # 64 KiB entries, 600 MiB of state: 300 MiB of log = 4800 entries, under the map's third
-    assert compaction_min_entries(2000, 1024, 64 * MIB, 600 * MIB, LOG_MAP) == 4800
+def test_large_state_lets_the_log_hold_half_its_bytes_or_more() -> None:
+    # 64 KiB entries, 300 MiB of state: 150 MiB of log = 2400 entries -> 2000 x 2
+    assert compaction_min_entries(2000, 1024, 64 * MIB, 300 * MIB, LOG_MAP) == 4000
+
+
+def test_the_period_stays_put_while_the_state_grows() -> None:
+    # 2001 to 4000 entries wanted: one period, so the members' phases hold
+    got = {
+        compaction_min_entries(2000, 1024, 64 * MIB, state * MIB, LOG_MAP)
+        for state in range(251, 500, 7)
+    }
+    assert got == {4000}
 
 
 def test_a_log_already_past_its_share_compacts_now() -> None:
@@ -44,3 +58,33 @@ def test_bounds(configured: int, entries: int, log_bytes: int, state_bytes: int)
     assert got is not None and got >= configured
     if got > configured:  # scaled: the log it allows stays within a third of the map
         assert got * (log_bytes / entries) <= LOG_MAP / 3 + log_bytes / entries
+
+
+def _snapshot_indexes(every: int, rank: int, members: int, count: int) -> list[int]:
+    first, out = 1, []
+    for _ in range(count):
+        first += staggered_threshold(every, first, rank, members)
+        out.append(first)
+    return out
+
+
+def test_members_snapshot_a_third_of_a_period_apart() -> None:
+    runs = [_snapshot_indexes(2000, rank, 3, 5) for rank in range(3)]
+    assert runs[0] == [2000, 4000, 6000, 8000, 10000]
+    assert runs[1] == [2666, 4666, 6666, 8666, 10666]
+    assert runs[2] == [1333, 3333, 5333, 7333, 9333]
+
+
+@given(
+    every=st.integers(1, 100_000),
+    first=st.integers(0, 10**9),
+    members=st.integers(1, 9),
+    data=st.data(),
+)
+def test_staggered_threshold_bounds(
+    every: int, first: int, members: int, data: st.DataObject
+) -> None:
+    rank = data.draw(st.integers(0, members - 1))
+    got = staggered_threshold(every, first, rank, members)
+    assert every // 2 <= got < every // 2 + every  # the log holds about one period
+    assert (first + got) % every == every * rank // members  # in this member's phase
