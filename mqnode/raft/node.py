@@ -369,11 +369,13 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._deliver_completions(failed=True)
 
     def _deliver_completions(self, failed: bool, early_only: bool = False) -> None:
+        if not self._completions:
+            return
         items: list[tuple[Done, Any, str | None]] = []
-        later: deque[tuple[Done, Any, int, bool]] = deque()
+        later: deque[tuple[Done, Any, int, bool]] | None = deque() if early_only else None
         while self._completions:
             done, result, err, early = self._completions.popleft()
-            if early_only and not early:
+            if later is not None and not early:
                 later.append((done, result, err, early))
             elif failed and err == FAIL_REASON.SUCCESS:
                 items.append((done, None, "apply_failed"))
@@ -381,7 +383,8 @@ class RaftNode(MembershipOps, SnapshotOps):
                 items.append((done, result, None))
             else:
                 items.append((done, None, FAIL_NAMES.get(err, str(err))))
-        self._completions = later
+        if later is not None:
+            self._completions = later
         if items:
             self._loop.call_soon_threadsafe(_run_completions, items)
 
