@@ -87,7 +87,9 @@ def write_snapshot(
         )
         with open(dest, "wb") as out, open(tmp_path, "rb") as src:
             out.write(MAGIC + _U32.pack(len(header)) + _U32.pack(zlib.crc32(header)) + header)
-            _copy_synced(src, out)
+            copied = _copy_synced(src, out)
+        if copied != (crc, size):  # the second pass's CRC costs ~10 ms per 70 MB: check it
+            raise OSError(f"{tmp_path} changed while it was copied into a snapshot")
     finally:
         tmp_path.unlink(missing_ok=True)  # never synced: its dirty pages are dropped
 
