@@ -439,6 +439,13 @@ class SmtpIngress:
         fails too. The Enqueue's result alone decides: once it is queued every
         chunk was there.
         """
+        if not parts:  # the common case: no tasks for asyncio.gather to make
+            try:
+                return await self._rep.submit(cmd)
+            except SubmitError:
+                raise
+            except Exception as exc:
+                raise SubmitError(f"submit failed: {exc}") from exc
         chunk_submits = [
             self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms)) for i, p in enumerate(parts)
         ]

@@ -32,7 +32,6 @@ import asyncio
 import base64
 import binascii
 import collections
-import functools
 import re
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -85,7 +84,42 @@ class _CountedMethods(dict[str, Callable[..., Awaitable[None]]]):
         func = super().get(name)
         if func is None:
             return default
-        return self._session._counted(name, func.__get__(self._session, type(self._session)))
+        return _Counted(self._session, name, func.__get__(self._session, type(self._session)))
+
+
+class _Counted:
+    """One looked-up command: counts it against the session's limit, then runs it.
+
+    A small object rather than a closure dressed by functools.update_wrapper
+    (which copied five attributes and a dict per SMTP command); HELP reads the
+    command's syntax attributes through `__getattr__`.
+    """
+
+    __slots__ = ("_method", "_name", "_session")
+
+    def __init__(self, session: SubmissionProtocol, name: str, method: Method) -> None:
+        self._session = session
+        self._name = name
+        self._method = method
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._method, attr)
+
+    async def __call__(self, arg: Any) -> None:
+        session = self._session
+        if session._closing:
+            return
+        session._commands += 1
+        if session._commands > session._ingress.limits.max_commands_per_session:
+            await session._close_with(
+                f"421 4.7.0 {session.hostname} Error: too many commands in this session"
+            )
+            return
+        session._in_data = self._name == "DATA"
+        try:
+            await self._method(arg)
+        finally:
+            session._in_data = False
 
 
 def _command_functions(cls: type) -> dict[str, Callable[..., Awaitable[None]]]:
@@ -145,6 +179,8 @@ class SubmissionProtocol(SMTP):
         self._commands = 0
         self._failed_logins = 0
         self._held_lines: list[bytes] = []
+        self._idle_due = 0.0  # the idle deadline (loop time); see _reset_timeout
+        self._idle_timer_at: float | None = None  # when the armed timer fires
         self._smtp_methods = _CountedMethods(self)
 
     def __dir__(self) -> list[str]:
@@ -274,28 +310,33 @@ class SubmissionProtocol(SMTP):
             self._held_lines.clear()
         await super().push(status)
 
-    # --- command count and idle time ---------------------------------------------
+    # --- idle time ------------------------------------------------------------------
 
-    def _counted(self, name: str, method: Method) -> Method:
-        limit = self._ingress.limits.max_commands_per_session
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Move the idle deadline; the armed timer re-arms itself when it fires early.
 
-        async def run(arg: Any) -> None:
-            if self._closing:
-                return
-            self._commands += 1
-            if self._commands > limit:
-                await self._close_with(
-                    f"421 4.7.0 {self.hostname} Error: too many commands in this session"
-                )
-                return
-            self._in_data = name == "DATA"
-            try:
-                await method(arg)
-            finally:
-                self._in_data = False
+        aiosmtpd cancels and re-creates a timer on every command (a heap push and
+        a cancelled handle each); with one message per connection that is eight
+        timers per message for a deadline minutes away.
+        """
+        due = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_due = due
+        if self._idle_timer_at is None or self._idle_timer_at > due:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._arm_idle_timer(due)
 
-        functools.update_wrapper(run, method)  # keeps the HELP text aiosmtpd reads
-        return run
+    def _arm_idle_timer(self, when: float) -> None:
+        self._idle_timer_at = when
+        self._timeout_handle = self.loop.call_at(when, self._idle_timer_fired)
+
+    def _idle_timer_fired(self) -> None:
+        self._idle_timer_at = None
+        # (a millisecond of slack: event loops may run a timer a little early)
+        if self._idle_due - self.loop.time() > 0.001:
+            self._arm_idle_timer(self._idle_due)  # there was activity meanwhile
+        else:
+            self._timeout_cb()
 
     def _rearm(self) -> None:
         if self.transport is not None and not self._closing:

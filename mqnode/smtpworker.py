@@ -104,18 +104,17 @@ class NodeLink:
             raise NoLeaderError("the node process is gone; try again later")
         rid = self._next_id
         self._next_id += 1
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         self._waiting[rid] = future
         self.link.send([kind, rid, arg])
+        # A timer that fails the future rather than asyncio.wait_for, which wraps
+        # every request in a second future and callbacks (as the commit pipeline does).
+        timer = loop.call_later(self._timeout_s, _no_answer, future)
         try:
-            return await asyncio.wait_for(future, self._timeout_s)
-        except TimeoutError:
-            # the node is alive but does not answer (stopped, or stuck): the commit
-            # pipeline gives up sooner than this, so the outcome is unknown
-            raise CommitTimeoutError(
-                "no answer from the node; outcome unknown: retry (a retry never queues twice)"
-            ) from None
+            return await future
         finally:
+            timer.cancel()
             self._waiting.pop(rid, None)
 
     def _on_message(self, msg: list[Any]) -> None:
@@ -136,6 +135,17 @@ class NodeLink:
             if not future.done():
                 future.set_exception(NoLeaderError("the node process is gone; try again later"))
         self.gone.set()
+
+
+def _no_answer(future: asyncio.Future[list[Any]]) -> None:
+    if not future.done():
+        # the node is alive but does not answer (stopped, or stuck): the commit
+        # pipeline gives up sooner than this, so the outcome is unknown
+        future.set_exception(
+            CommitTimeoutError(
+                "no answer from the node; outcome unknown: retry (a retry never queues twice)"
+            )
+        )
 
 
 async def _push_counts(node: NodeLink, ingress: SmtpIngress) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import smtplib
 import ssl
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -371,6 +372,39 @@ def test_idle_timeout_gets_421(sub: SubmissionCluster) -> None:
         assert s.command("EHLO client.test")[0] == 250
         lines = s.read_until_eof(timeout_s=IDLE_S * 10)
     assert s.eof and lines and lines[-1].startswith("421 4.4.2"), lines
+
+
+def test_activity_and_a_slow_upload_keep_the_session_open(sub: SubmissionCluster) -> None:
+    """The idle deadline moves with every command and, inside DATA, every piece of the body.
+
+    (SubmissionProtocol keeps one timer that re-arms itself when it fires before the
+    deadline, instead of aiosmtpd's new timer per command.)
+    """
+    msg = make_message(1024)
+    with RawSmtp.connect(sub.nodes[0].smtp_port, LIMITS_CLIENT) as s:
+        assert s.reply()[0] == 220
+        assert s.command("EHLO client.test")[0] == 250
+        for _ in range(4):  # 1.33 idle timeouts of commands, none a timeout apart
+            time.sleep(IDLE_S / 3)
+            assert s.command("NOOP")[0] == 250
+        assert s.command(f"MAIL FROM:<{SENDER}>")[0] == 250
+        assert s.command(f"RCPT TO:<{RCPT}>")[0] == 250
+        assert s.command("DATA")[0] == 354
+        step = len(msg.data) // 4 + 1  # the body: CRLF lines, ending in CRLF
+        for i in range(0, len(msg.data), step):  # the upload outlasts the idle timeout
+            s.send(msg.data[i : i + step])
+            time.sleep(IDLE_S / 3)
+        s.send(b".\r\n")
+        code, text = s.reply()
+        assert code == 250, text
+        started = time.monotonic()
+        lines = s.read_until_eof(timeout_s=IDLE_S * 10)  # then idle: closed
+    assert s.eof and lines and lines[-1].startswith("421 4.4.2"), lines
+    assert IDLE_S * 0.9 <= time.monotonic() - started <= IDLE_S * 5
+    qid = queue_id_from_reply(text)
+    assert qid is not None
+    sub.wait_applied_equal()
+    assert_acked_once(sub, {msg.message_id: qid})
 
 
 def test_null_sender_is_accepted(sub: SubmissionCluster) -> None:
