@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import postfix, report
+from bench import paired, postfix, report
 from bench.workloads import FULL, QUICK, WORKLOADS, Plan, run
 
 DOCS = Path("docs")
@@ -40,7 +40,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "failover": plan.failover_rounds,
         "sessions": 2 + len(plan.session_counts),
         "scaling": len(plan.scaling_sizes) + len(plan.node_counts),
-        "paired": plan.paired_rounds * 4,
+        "paired": plan.paired_rounds * len(paired.SYSTEMS),
     }
     return sum(per[n] for n in names)
 

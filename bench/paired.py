@@ -3,7 +3,7 @@
 The accept workload measures its rows minutes apart, and this machine's speed
 drifts meanwhile: Postfix's 1 KiB, 20-session row ranged from 701 to 1,624
 msg/s across the runs recorded in docs/benchmarks.md, and the null handler's
-ratio to it from 1.5 to 2.1. Here each round measures the four systems one
+ratio to it from 1.5 to 2.1. Here each round measures the five systems one
 after the other within seconds (each from a fresh start, after the same
 unmeasured warm-up of twice the measured count, in an order rotated every
 round), all with smtp-source, 1 KiB, one recipient, `plan.sessions`
@@ -33,8 +33,10 @@ from tests.support.cluster import free_ports
 NULL = "aiosmtpd null handler, uvloop"
 IN_NODE = "mqnode 3 nodes, to leader"
 IN_WORKERS = "mqnode 3 nodes, 2 smtp workers, to leader"
+# The same code and fsyncs with no peers: what consensus costs, within the round.
+SINGLE = "mqnode 1 node, no replication, 2 smtp workers"
 POSTFIX = "Postfix accept"
-SYSTEMS = (NULL, IN_NODE, IN_WORKERS, POSTFIX)
+SYSTEMS = (NULL, IN_NODE, IN_WORKERS, SINGLE, POSTFIX)
 # Unmeasured messages through each system first, as a multiple of the measured count.
 # Postfix ramps up (it spawns smtpd, cleanup and smtp processes on demand): five
 # back-to-back chunks of 5,000 into one instance ran at 808, 1,246, 1,607, 1,566,
@@ -115,8 +117,9 @@ def _measure(name: str, plan: Plan, base: Path, messages: int) -> float:
         port = free_ports(1)[0]
         with null_server(port, uvloop=True):
             return through(port)
-    extra = WORKERS if name == IN_WORKERS else ()
-    with bench_cluster(base / name.replace(" ", "-").replace(",", ""), 3, extra=extra) as c:
+    extra = WORKERS if name in (IN_WORKERS, SINGLE) else ()
+    nodes = 1 if name == SINGLE else 3
+    with bench_cluster(base / name.replace(" ", "-").replace(",", ""), nodes, extra=extra) as c:
         return through(c.nodes[c.leader()].smtp_port)
 
 
