@@ -4,6 +4,7 @@
     python -m bench.profile --sessions 40 --smtp-workers 2
     python -m bench.profile --e2e                 # relay to smtp-sink, until it has all
     python -m bench.profile --drain               # queue first, then time delivery alone
+    python -m bench.profile --nodes 1 --smtp-workers 2   # no replication: what consensus costs
 
 Prints the rate, the leader's submit-to-commit latency (the
 `mqnode_commit_seconds` histogram from its /metrics, before and after the
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--smtp-workers", type=int, default=0)
+    ap.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
     ap.add_argument("--max-s", type=float, default=120.0)
     ap.add_argument(
         "--node-args", default="", help='more flags for every node, e.g. "--lease-ms 5000"'
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = (*extra, "--retry-base-s", "3600", "--retry-max-s", "3600")
     with (
         tempfile.TemporaryDirectory(prefix="mqnode-profile-") as tmp,
-        bench_cluster(Path(tmp), 3, relay=relay, extra=extra) as c,
+        bench_cluster(Path(tmp), args.nodes, relay=relay, extra=extra) as c,
     ):
         lead = c.leader()
         port = c.nodes[lead].smtp_port
