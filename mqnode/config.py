@@ -64,7 +64,7 @@ class NodeConfig:
     heartbeat_ms: int = 100
     # The leader sends new entries to followers at most once per this many ms while busy
     # (the first after a quiet spell goes at once): fewer, larger appends, fsyncs and acks.
-    replication_batch_ms: int = 6
+    replication_batch_ms: int = 4
     leader_fallback_ms: int = 3000
     log_compaction_min_entries: int = 2000
     log_compaction_min_time_s: int = 300

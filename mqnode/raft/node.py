@@ -23,7 +23,7 @@ from ..statemachine import QueueStateMachine, Result
 from ..store import QueueStore
 from .journal import DurableJournal
 from .members import FAIL_NAMES, MembershipOps
-from .pacing import AppendPacer, follower_waits
+from .pacing import AppendPacer, StateCommitPacer, follower_waits
 from .snapshot_writer import SnapshotWriter
 from .snapshots import SnapshotOps
 from .transport import DeferringTransport
@@ -33,6 +33,8 @@ from .wire import install as install_cheap_framing
 log = logging.getLogger("mqnode.raft")
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+# A follower commits its state at most this often while busy (pacing.StateCommitPacer).
+FOLLOWER_STATE_COMMIT_S = 0.025
 _LEADER = 2
 
 
@@ -116,6 +118,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         # the dispatcher: answers to callers go out before the state commit).
         self.on_applied: Callable[[], None] = lambda: None
         self._pacer = AppendPacer(settings.replication_batch_ms / 1000)
+        self._state_pacer = StateCommitPacer(FOLLOWER_STATE_COMMIT_S)
         self._poll_until = 0.0  # when the poll after the current tick ends at the latest
         self._next_compaction_check = 0.0
         self._compaction_every = settings.log_compaction_min_entries
@@ -312,7 +315,10 @@ class RaftNode(MembershipOps, SnapshotOps):
             self._journal.flush()
             transport.release_deferred()  # acks and votes once durable: before the state commit
             self._deliver_completions(failed=False, early_only=True)
-            self._commit_state(last_applied)
+            # Callers still waiting (not early) need the state committed (pacing.py).
+            now = _pysyncobj_now()
+            if self._state_pacer.should_commit(now, sync._isLeader(), bool(self._completions)):
+                self._commit_state(last_applied)
         alone = sync._isLeader() and not sync._SyncObj__otherNodes
         if alone and sync.raftCommitIndex < self._journal[-1][1]:
             # No ack wakes the poll to count what this tick appended: without this a
@@ -396,7 +402,7 @@ class RaftNode(MembershipOps, SnapshotOps):
             leader_addr=None if leader is None else leader.address,
             term=sync.raftCurrentTerm,
             commit_index=sync.raftCommitIndex,
-            last_applied=sync.raftLastApplied,
+            last_applied=self._applied_written,  # in the state readers see (a follower's lags)
             has_quorum=sync.hasQuorum,
             log_len=len(self._journal),
             match_index={

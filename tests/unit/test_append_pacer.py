@@ -1,8 +1,15 @@
-"""AppendPacer: at once after a quiet spell, at most once per interval while busy."""
+"""AppendPacer: at once after a quiet spell, at most once per interval while busy.
+
+StateCommitPacer: a follower's state commits at most once per interval, at once
+for a leader or a waiting caller.
+"""
 
 from __future__ import annotations
 
-from mqnode.raft.pacing import AppendPacer, follower_waits
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mqnode.raft.pacing import AppendPacer, StateCommitPacer, follower_waits
 
 
 def test_a_lone_entry_goes_at_once_and_a_burst_waits_for_the_interval() -> None:
@@ -54,3 +61,29 @@ def test_a_followers_own_entry_goes_out_and_its_commit_is_told_at_once() -> None
     assert not follower_waits(11, sent_upto=12, sent_commit=9, commit=10)
     # committed, but the followers have not been told: now
     assert follower_waits(11, sent_upto=12, sent_commit=10, commit=11)
+
+
+def test_a_follower_commits_its_state_once_per_interval_unless_someone_waits() -> None:
+    p = StateCommitPacer(0.025)
+    assert p.should_commit(5.0, leader=False, callers_waiting=False)  # first tick
+    assert not p.should_commit(5.006, leader=False, callers_waiting=False)
+    assert not p.should_commit(5.024, leader=False, callers_waiting=False)
+    assert p.should_commit(5.025, leader=False, callers_waiting=False)  # interval over
+    assert p.should_commit(5.026, leader=False, callers_waiting=True)  # a caller waits
+    assert not p.should_commit(5.030, leader=False, callers_waiting=False)
+    assert p.should_commit(5.031, leader=True, callers_waiting=False)  # leaders never wait
+    assert p.should_commit(5.032, leader=True, callers_waiting=False)
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=0.05), min_size=1, max_size=200))
+def test_no_applied_entry_waits_longer_than_one_interval_plus_a_tick(gaps: list[float]) -> None:
+    # Ticks come at most 50 ms apart (an idle tick thread polls that long): whatever the spacing,
+    # the state is never older than the interval plus one tick.
+    p = StateCommitPacer(0.025)
+    now, last_commit = 100.0, 100.0
+    assert p.should_commit(now, leader=False, callers_waiting=False)
+    for gap in gaps:
+        now += gap
+        if p.should_commit(now, leader=False, callers_waiting=False):
+            last_commit = now
+        assert now - last_commit < 0.025 + 0.05 + 1e-9
