@@ -35,6 +35,7 @@ log = logging.getLogger("mqnode.raft")
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 # A follower commits its state at most this often while busy (pacing.StateCommitPacer).
 FOLLOWER_STATE_COMMIT_S = 0.025
+FOLLOWER_STATE_HOLD_MAX_FILL = 0.5  # a fuller state map commits every tick
 _LEADER = 2
 
 
@@ -315,10 +316,13 @@ class RaftNode(MembershipOps, SnapshotOps):
             self._journal.flush()
             transport.release_deferred()  # acks and votes once durable: before the state commit
             self._deliver_completions(failed=False, early_only=True)
-            # Callers still waiting (not early) need the state committed (pacing.py).
+            # Callers still waiting (not early) need the state committed (pacing.py). A
+            # transaction held open needs room for every page it copies: none held once the
+            # state map is half full (one filling inside apply stops this node applying).
             now = _pysyncobj_now()
-            if self._state_pacer.should_commit(now, sync._isLeader(), bool(self._completions)):
-                self._commit_state(last_applied)
+            at_once = sync._isLeader() or self._store.fill_ratio() >= FOLLOWER_STATE_HOLD_MAX_FILL
+            if self._state_pacer.should_commit(now, at_once, bool(self._completions)):
+                self._commit_state(last_applied, refresh_fill=True)
         alone = sync._isLeader() and not sync._SyncObj__otherNodes
         if alone and sync.raftCommitIndex < self._journal[-1][1]:
             # No ack wakes the poll to count what this tick appended: without this a
@@ -355,13 +359,13 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._sent_upto = self._journal[-1][1]
         sync._SyncObj__sendAppendEntries()
 
-    def _commit_state(self, last_applied: int) -> None:
+    def _commit_state(self, last_applied: int, refresh_fill: bool = False) -> None:
         advanced = last_applied > self._applied_written
         if advanced:
             txn = self._store.apply_txn()
             if txn.applied_index() < last_applied:
                 txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
-        self._store.commit_apply()
+        self._store.commit_apply(refresh_fill)
         self._applied_written = last_applied
         self._ledger.advance(last_applied)
         if advanced:

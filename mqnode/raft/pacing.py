@@ -73,16 +73,18 @@ class StateCommitPacer:
     journal's. Held back, applied entries wait in the open state transaction;
     the journal (already durable) replays them after a crash, as it does for
     the window between the two commits anyway, and a snapshot or an install
-    commits first. A leader, a waiting caller or an old enough transaction
-    commits at once. Pure: the caller passes the time.
+    commits first. A leader, a waiting caller, a state map half full (an
+    open transaction needs room for every page it copies) or an old enough
+    transaction commits at once. Pure: the caller passes the time.
     """
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
         self._next = float("-inf")
 
-    def should_commit(self, now: float, leader: bool, callers_waiting: bool) -> bool:
-        if leader or callers_waiting or now >= self._next:
+    def should_commit(self, now: float, at_once: bool, callers_waiting: bool) -> bool:
+        """`at_once`: a leader, or a follower whose state map is filling up."""
+        if at_once or callers_waiting or now >= self._next:
             self._next = now + self.interval_s
             return True
         return False

@@ -65,14 +65,14 @@ def test_a_followers_own_entry_goes_out_and_its_commit_is_told_at_once() -> None
 
 def test_a_follower_commits_its_state_once_per_interval_unless_someone_waits() -> None:
     p = StateCommitPacer(0.025)
-    assert p.should_commit(5.0, leader=False, callers_waiting=False)  # first tick
-    assert not p.should_commit(5.006, leader=False, callers_waiting=False)
-    assert not p.should_commit(5.024, leader=False, callers_waiting=False)
-    assert p.should_commit(5.025, leader=False, callers_waiting=False)  # interval over
-    assert p.should_commit(5.026, leader=False, callers_waiting=True)  # a caller waits
-    assert not p.should_commit(5.030, leader=False, callers_waiting=False)
-    assert p.should_commit(5.031, leader=True, callers_waiting=False)  # leaders never wait
-    assert p.should_commit(5.032, leader=True, callers_waiting=False)
+    assert p.should_commit(5.0, at_once=False, callers_waiting=False)  # first tick
+    assert not p.should_commit(5.006, at_once=False, callers_waiting=False)
+    assert not p.should_commit(5.024, at_once=False, callers_waiting=False)
+    assert p.should_commit(5.025, at_once=False, callers_waiting=False)  # interval over
+    assert p.should_commit(5.026, at_once=False, callers_waiting=True)  # a caller waits
+    assert not p.should_commit(5.030, at_once=False, callers_waiting=False)
+    assert p.should_commit(5.031, at_once=True, callers_waiting=False)  # a leader, or a filling state map: at once
+    assert p.should_commit(5.032, at_once=True, callers_waiting=False)
 
 
 @given(st.lists(st.floats(min_value=0.0, max_value=0.05), min_size=1, max_size=200))
@@ -81,9 +81,9 @@ def test_no_applied_entry_waits_longer_than_one_interval_plus_a_tick(gaps: list[
     # the state is never older than the interval plus one tick.
     p = StateCommitPacer(0.025)
     now, last_commit = 100.0, 100.0
-    assert p.should_commit(now, leader=False, callers_waiting=False)
+    assert p.should_commit(now, at_once=False, callers_waiting=False)
     for gap in gaps:
         now += gap
-        if p.should_commit(now, leader=False, callers_waiting=False):
+        if p.should_commit(now, at_once=False, callers_waiting=False):
             last_commit = now
         assert now - last_commit < 0.025 + 0.05 + 1e-9
