@@ -71,7 +71,7 @@ def test_a_follower_commits_its_state_once_per_interval_unless_someone_waits() -
     assert p.should_commit(5.025, at_once=False, callers_waiting=False)  # interval over
     assert p.should_commit(5.026, at_once=False, callers_waiting=True)  # a caller waits
     assert not p.should_commit(5.030, at_once=False, callers_waiting=False)
-    assert p.should_commit(5.031, at_once=True, callers_waiting=False)  # a leader, or a filling state map: at once
+    assert p.should_commit(5.031, at_once=True, callers_waiting=False)  # leader, or a filling map
     assert p.should_commit(5.032, at_once=True, callers_waiting=False)
 
 
