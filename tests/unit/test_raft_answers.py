@@ -33,10 +33,10 @@ def _gate_state_commit(raft: RaftNode) -> threading.Event:
     commit = store.commit_apply
     before = raft.status.last_applied
 
-    def gated() -> None:
+    def gated(refresh_fill: bool = False) -> None:
         if raft._sync.raftLastApplied > before:
             gate.wait(10)
-        commit()
+        commit(refresh_fill)
 
     store.commit_apply = gated  # type: ignore[method-assign]
     return gate
