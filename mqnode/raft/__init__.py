@@ -19,10 +19,11 @@ What it promises
 * An entry counts toward commit on a follower only after it is fsynced there:
   acknowledgements (`next_node_idx`) are held back until the tick's journal
   flush. Term and vote are written synchronously before any vote is sent.
-* One fsync per tick for the journal and one for the state, however many
-  entries the tick carried (group commit). While busy, the leader sends new
-  entries at most once per `replication_batch_ms` (pacing.py), so each
-  follower round carries more.
+* At most one fsync per tick for the journal and one for the state, however
+  many entries the tick carried (group commit). While busy, the leader sends
+  new entries at most once per `replication_batch_ms` (pacing.py), so each
+  follower round carries more, and fsyncs its journal only in a tick after
+  entries went out (an entry held back cannot be committed before it is sent).
 
 What it assumes about pysyncobj (each item is a workaround, see
 docs/design/replication.md):

@@ -143,11 +143,15 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._meta["members"] = sorted(members)
         self.flush(force_meta=True)
 
+    def members_changed(self) -> bool:
+        """Whether the log now leads to a member list other than the stored one."""
+        members = self.members()
+        return members is not None and members != self._meta.get("members")
+
     def flush(self, force_meta: bool = False) -> int:
         """Write pending ops (and metadata) in one synced transaction; returns entries added."""
-        members = self.members()
-        if members is not None and members != self._meta.get("members"):
-            self._meta["members"] = members
+        if self.members_changed():
+            self._meta["members"] = self.members()
             force_meta = True
         if not self._ops and not force_meta:
             return 0

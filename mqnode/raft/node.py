@@ -307,7 +307,8 @@ class RaftNode(MembershipOps, SnapshotOps):
             # nobody waits on yet.
             self._commit_state(last_applied)
             self._deliver_completions(failed=False)
-            self._journal.flush()
+            if self._leader_flush_due(transport):
+                self._journal.flush()
             transport.release_deferred()
         else:
             # Journal first: a follower may apply entries it appended in the previous poll
@@ -331,6 +332,23 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._deliver_completions(failed=False)
         self._scale_compaction()
         self._publish_status()
+
+    def _leader_flush_due(self, transport: Any) -> bool:
+        """Whether the leader fsyncs its journal this tick.
+
+        Only when entries went out to followers since the last flush, when it has no
+        followers, or when a membership entry changed the member list (stored at once,
+        so a restart keeps a pending add even while the new member is down). An entry
+        the pacer holds back cannot be committed before it is sent, so its fsync waits
+        for the round that sends it: one fsync per round, not one per tick (a tick per
+        worker submission under load). pysyncobj counts the leader's own copy toward a
+        commit at its next tick, after this flush, except for entries a resend inside
+        the poll carried: their commit can count an unflushed copy for one tick, but
+        nothing reads it before the next flush (early answers need `durable_through`,
+        and the state commits after it).
+        """
+        sent, transport.mq_sent_entries = transport.mq_sent_entries, False
+        return sent or not self._sync._SyncObj__otherNodes or self._journal.members_changed()
 
     def _replicate(self, transport: Any) -> None:
         """Leader: send new entries and the commit index to followers when pacing allows.
