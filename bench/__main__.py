@@ -1,6 +1,7 @@
 """The bench suite: mqnode against Postfix and the Python SMTP ceiling, side by side in one run.
 
-    python -m bench [--full] [--only accept,e2e,latency,failover,sessions,scaling,paired] [--record]
+    python -m bench [--full] [--record]
+        [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e]
 
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
@@ -41,6 +42,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "sessions": 2 + len(plan.session_counts),
         "scaling": len(plan.scaling_sizes) + len(plan.node_counts),
         "paired": plan.paired_rounds * len(paired.SYSTEMS),
+        "paired-e2e": plan.paired_rounds * len(paired.E2E_SYSTEMS),
     }
     return sum(per[n] for n in names)
 

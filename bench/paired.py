@@ -13,6 +13,12 @@ records concurrent fsyncs per second (Postfix fsyncs every queue file).
 With a proper warm-up Postfix's rate did not follow it (probe 895-12,572
 fsync/s, Postfix 1,344-1,641 msg/s, 10:01 run): the earlier swings were its
 ramp-up and queue state, not the disk.
+
+`paired_e2e` does the same for end-to-end throughput: smtp-source into the
+leader (or into Postfix), relay host an smtp-sink on loopback, rate = messages
+over the time from smtp-source's start until the sink has all of them. Each
+system starts fresh and cold in every round (no warm-up: a warm-up's backlog
+would still be relaying), in an order rotated every round.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import postfix
 from bench.plan import KIB, SMTP_SOURCE, WORKERS, Plan, Results, Step, bench_cluster
-from bench.runners import Row, null_server
+from bench.runners import HOST, Row, null_server
 from tests.support.cluster import free_ports
 
 NULL = "aiosmtpd null handler, uvloop"
@@ -37,6 +44,10 @@ IN_WORKERS = "mqnode 3 nodes, 2 smtp workers, to leader"
 SINGLE = "mqnode 1 node, no replication, 2 smtp workers"
 POSTFIX = "Postfix accept"
 SYSTEMS = (NULL, IN_NODE, IN_WORKERS, SINGLE, POSTFIX)
+E2E_IN_NODE = "mqnode 3 nodes, delivered to sink"
+E2E_IN_WORKERS = "mqnode 3 nodes, 2 smtp workers, delivered to sink"
+POSTFIX_E2E = "Postfix end to end"
+E2E_SYSTEMS = (E2E_IN_NODE, E2E_IN_WORKERS, POSTFIX_E2E)
 # Unmeasured messages through each system first, as a multiple of the measured count.
 # Postfix ramps up (it spawns smtpd, cleanup and smtp processes on demand): five
 # back-to-back chunks of 5,000 into one instance ran at 808, 1,246, 1,607, 1,566,
@@ -48,30 +59,88 @@ WARMUP_CHUNKS = 2
 
 
 def paired(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
+    def measure(name: str, messages: int, row: Row, base: Path) -> float:
+        if name == POSTFIX:  # the disk it fsyncs every queue file to, for the record
+            row.extra["fsync/s, 20 threads"] = round(fsync_rate())
+        return _measure(name, plan, base, messages)
+
+    _rounds("paired", SYSTEMS, measure, plan, tmp, step, out, (POSTFIX, NULL))
+
+
+def paired_e2e(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
+    def measure(name: str, messages: int, row: Row, base: Path) -> float:
+        if name == POSTFIX_E2E:
+            _, e2e = postfix.measure_postfix(messages, plan.sessions, KIB, max_s=plan.max_s)
+            return e2e.rate
+        workers = name == E2E_IN_WORKERS
+        got, span = mqnode_end_to_end(
+            base / ("workers" if workers else "node"), messages, plan, workers
+        )
+        if got < messages:
+            raise postfix.PostfixBenchError(f"smtp-sink got {got} of {messages} in time")
+        return got / span
+
+    _rounds("paired-e2e", E2E_SYSTEMS, measure, plan, tmp, step, out, (POSTFIX_E2E,))
+
+
+Measure = Callable[[str, int, Row, Path], float]
+
+
+def _rounds(
+    workload: str,
+    systems: tuple[str, ...],
+    measure: Measure,
+    plan: Plan,
+    tmp: Path,
+    step: Step,
+    out: Results,
+    refs: tuple[str, ...],
+) -> None:
+    """`plan.paired_rounds` rounds of every system, order rotated each round; then summaries."""
     why = postfix.available()
     if why is not None:
-        step(f"paired: skipped ({why})")
-        out.rows.append(Row("paired", POSTFIX, note=f"skipped: {why}"))
+        step(f"{workload}: skipped ({why})")
+        out.rows.append(Row(workload, systems[-1], note=f"skipped: {why}"))
         return
     messages = plan.count_for(KIB)
     params: dict[str, Any] = {"messages": messages, "sessions": plan.sessions, "size": KIB}
     params["generator"] = SMTP_SOURCE
-    rates: dict[str, list[float | None]] = {name: [] for name in SYSTEMS}
+    rates: dict[str, list[float | None]] = {name: [] for name in systems}
     for r in range(plan.paired_rounds):
-        turn = r % len(SYSTEMS)
-        for name in SYSTEMS[turn:] + SYSTEMS[:turn]:
-            step(f"paired: round {r + 1}/{plan.paired_rounds}, {name}")
-            row = Row("paired", name, {**params, "round": r + 1})
-            if name == POSTFIX:  # the disk it fsyncs every queue file to, for the record
-                row.extra["fsync/s, 20 threads"] = round(fsync_rate())
+        turn = r % len(systems)
+        for name in systems[turn:] + systems[:turn]:
+            step(f"{workload}: round {r + 1}/{plan.paired_rounds}, {name}")
+            row = Row(workload, name, {**params, "round": r + 1})
             try:
-                row.rate = _measure(name, plan, tmp / f"round{r + 1}", messages)
+                row.rate = measure(name, messages, row, tmp / f"round{r + 1}")
                 row.acked = row.attempted = messages
             except postfix.PostfixBenchError as exc:
                 row.note = f"failed: {exc}"
             rates[name].append(row.rate)
             out.rows.append(row)
-    out.rows += summary(rates, params)
+    out.rows += summary(rates, params, workload, refs)
+
+
+def mqnode_end_to_end(base: Path, messages: int, plan: Plan, workers: bool) -> tuple[int, float]:
+    """smtp-source into a fresh 3-node cluster's leader, relay host a loopback smtp-sink.
+
+    Returns (messages the sink got, seconds from smtp-source's start until it had
+    them all, or until `plan.max_s` after smtp-source ended). Raises
+    PostfixBenchError if smtp-source fails.
+    """
+    port = free_ports(1)[0]
+    extra = WORKERS if workers else ()
+    with (
+        postfix.smtp_sink(port) as sink,
+        bench_cluster(base, 3, relay=f"{HOST}:{port}", extra=extra) as c,
+    ):
+        before = sink.received()
+        t0 = time.monotonic()
+        postfix.run_source(
+            c.nodes[c.leader()].smtp_port, messages, plan.sessions, KIB, max_s=plan.max_s
+        )
+        sink.wait_for(before + messages, plan.max_s)
+        return sink.received() - before, time.monotonic() - t0
 
 
 def fsync_rate(threads: int = 20, each: int = 25) -> float:
@@ -123,18 +192,24 @@ def _measure(name: str, plan: Plan, base: Path, messages: int) -> float:
         return through(c.nodes[c.leader()].smtp_port)
 
 
-def summary(rates: dict[str, list[float | None]], params: dict[str, Any]) -> list[Row]:
+def summary(
+    rates: dict[str, list[float | None]],
+    params: dict[str, Any],
+    workload: str = "paired",
+    refs: tuple[str, ...] = (POSTFIX, NULL),
+) -> list[Row]:
     """One row per system: median rate over rounds; ratios per round, median and range."""
+    labels = {POSTFIX: "x Postfix", NULL: "x null handler", POSTFIX_E2E: "x Postfix"}
     rows = []
     for name, mine in rates.items():
         ok = [x for x in mine if x]
-        row = Row("paired", name, {**params, "round": "median"})
+        row = Row(workload, name, {**params, "round": "median"})
         row.rate = statistics.median(ok) if ok else None
         row.acked, row.attempted = len(ok) * params["messages"], len(mine) * params["messages"]
         notes = [f"{len(ok)} of {len(mine)} rounds"]
-        for ref, label in ((POSTFIX, "x Postfix"), (NULL, "x null handler")):
+        for ref in refs:
             if ref != name:
-                notes.append(f"{label} per round {_spread(mine, rates[ref])}")
+                notes.append(f"{labels[ref]} per round {_spread(mine, rates[ref])}")
         row.note = "; ".join(notes)
         rows.append(row)
     return rows

@@ -25,6 +25,7 @@ POSTFIX = {
     "e2e": "Postfix end to end",
     "sessions": "Postfix accept",
     "paired": "Postfix accept",
+    "paired-e2e": "Postfix end to end",
 }
 
 
@@ -75,7 +76,7 @@ def markdown(command: str, meta: dict[str, Any], rows: list[Row]) -> str:
         "",
         f"Machine: {meta['cpus']} CPUs, Python {meta['python']}. {meta.get('note', '')}".rstrip(),
     ]
-    for workload in ("accept", "paired", "e2e", "latency", "sessions", "scaling"):
+    for workload in ("accept", "paired", "e2e", "paired-e2e", "latency", "sessions", "scaling"):
         sel = [r for r in rows if r.workload == workload]
         if not sel:
             continue

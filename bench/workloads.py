@@ -11,6 +11,7 @@
   scaling    the message-size curve (1 KiB .. 5 MiB) and 3 vs 5 nodes
   sessions   acceptance against the number of sessions (bench/workloads.py)
   paired     the 1 KiB acceptance ratios, measured in back-to-back rounds (bench/paired.py)
+  paired-e2e the 1 KiB end-to-end ratios to Postfix, in back-to-back rounds (bench/paired.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import postfix
-from bench.paired import paired
+from bench.paired import mqnode_end_to_end, paired, paired_e2e
 from bench.plan import (
     FULL,
     KIB,
@@ -232,22 +233,13 @@ def _end_to_end_smtp_source(
     step(f"e2e: smtp-source -> {nodes} -> smtp-sink")
     p = {**params, "generator": SMTP_SOURCE}
     name = f"{nodes}, delivered to sink"
-    port = free_ports(1)[0]
     base = tmp / ("e2e-smtp-source-workers" if workers else "e2e-smtp-source")
-    with (
-        postfix.smtp_sink(port) as sink,
-        bench_cluster(base, 3, relay=f"{HOST}:{port}", extra=WORKERS if workers else ()) as c,
-    ):
-        before = sink.received()
-        t0 = time.monotonic()
-        try:
-            _run_source(c.nodes[c.leader()].smtp_port, p, plan)
-        except postfix.PostfixBenchError as exc:
-            out.rows.append(Row("e2e", name, p, note=f"failed: {exc}"))
-            return
-        drained = sink.wait_for(before + p["messages"], plan.max_s)
-        span = time.monotonic() - t0
-        got = sink.received() - before
+    try:
+        got, span = mqnode_end_to_end(base, p["messages"], plan, workers)
+    except postfix.PostfixBenchError as exc:
+        out.rows.append(Row("e2e", name, p, note=f"failed: {exc}"))
+        return
+    drained = got >= p["messages"]
     out.rows.append(
         Row(
             "e2e",
@@ -441,6 +433,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "sessions": sessions,
     "scaling": scaling,
     "paired": paired,
+    "paired-e2e": paired_e2e,
 }
 
 

@@ -102,3 +102,23 @@ def test_paired_summary_takes_ratios_within_rounds_and_skips_failed_ones() -> No
     assert node.rate == 1650.0 and (node.acked, node.attempted) == (200, 300)
     assert "2 of 3 rounds" in node.note and "x Postfix per round 1.20 (0.90-1.50)" in node.note
     assert "x null handler" not in rows[paired.NULL].note
+
+
+def test_paired_e2e_summary_compares_with_postfix_end_to_end_only() -> None:
+    rates: dict[str, list[float | None]] = {
+        paired.E2E_IN_NODE: [900.0, 1100.0],
+        paired.E2E_IN_WORKERS: [1000.0, None],  # round 2: the sink did not get everything
+        paired.POSTFIX_E2E: [1000.0, 1000.0],
+    }
+    params = {"messages": 100, "sessions": 20, "size": 1024}
+    rows = {r.name: r for r in paired.summary(rates, params, "paired-e2e", (paired.POSTFIX_E2E,))}
+    assert {r.workload for r in rows.values()} == {"paired-e2e"}
+    assert "x Postfix per round 1.00 (0.90-1.10)" in rows[paired.E2E_IN_NODE].note
+    assert "1 of 2 rounds" in rows[paired.E2E_IN_WORKERS].note
+    assert "null handler" not in rows[paired.E2E_IN_NODE].note
+    md = report.markdown(
+        "python -m bench --only paired-e2e",
+        {"mode": "quick", "started": "now", "cpus": 2, "python": "3.11"},
+        list(rows.values()),
+    )
+    assert "### paired-e2e" in md
