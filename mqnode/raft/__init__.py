@@ -17,8 +17,9 @@ What it promises
   journal, before the state's commit; `on_applied` runs after each state
   commit that moved on (the dispatcher's wake-up).
 * An entry counts toward commit on a follower only after it is fsynced there:
-  acknowledgements (`next_node_idx`) are held back until the tick's journal
-  flush. Term and vote are written synchronously before any vote is sent.
+  acknowledgements (`next_node_idx`) are held back until the journal flush,
+  which a follower does before each tick, so acks do not wait for applies.
+  Term and vote are written synchronously before any vote is sent.
 * At most one fsync per tick for the journal and one for the state, however
   many entries the tick carried (group commit). While busy, the leader sends
   new entries at most once per `replication_batch_ms` (pacing.py), so each

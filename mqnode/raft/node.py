@@ -274,6 +274,10 @@ class RaftNode(MembershipOps, SnapshotOps):
                 now = _pysyncobj_now()
                 wait = self._pacer.wait_s(now, tick_s)
                 self._poll_until = now + wait  # pysyncobj polls this long after the tick
+                if self._journal.dirty and not self._sync._isLeader():
+                    # What the poll appended, and its acks, before the tick applies (W23).
+                    self._journal.flush()
+                    self._sync._SyncObj__transport.release_deferred()
                 self._sync.doTick(wait)
             except Exception:
                 log.exception("raft tick failed; rolling back this tick's applies")

@@ -1,10 +1,11 @@
-"""When the leader fsyncs its journal: once per round it sends, never after an answer.
+"""When nodes fsync their journals: the leader once per round it sends, a follower first.
 
 Three RaftNodes in one process on loopback. An entry the pacer holds back
 cannot be committed before it goes out, so the leader flushes its journal
 in the tick that sends it (any send: paced, heartbeat or resend), not in
 every tick that appended something. What must still hold: an answered
-entry is on the leader's disk and on a follower's.
+entry is on the leader's disk and on a follower's. A follower flushes what
+its poll appended, and releases its acks, before the tick applies anything.
 """
 
 from __future__ import annotations
@@ -149,5 +150,46 @@ def test_the_leader_flushes_once_per_round_and_answers_only_what_is_on_disk(
             # One fsync per period that sent entries (a term or member write may add
             # one), not one per tick that appended a submission the pacer held back.
             assert writes[0] <= sends[0] + 2, (writes[0], sends[0])
+
+    asyncio.run(scenario())
+
+
+def test_a_follower_flushes_and_acks_before_it_applies(tmp_path: Path) -> None:
+    """The ack is the leader's commit; applying the entries an append committed waited in
+    front of it (pysyncobj applies before our tick callback) and delayed every 250."""
+
+    async def scenario() -> None:
+        async with three_nodes(tmp_path) as nodes:
+            leader = await _leader(nodes)
+            follower = next(n for n in nodes if n is not leader)
+            dirty_at_apply: list[bool] = []
+            apply = follower._machine.apply
+
+            def watched(index: int, entry: bytes, txn: Any) -> Any:
+                dirty_at_apply.append(follower._journal.dirty)
+                return apply(index, entry, txn)
+
+            follower._machine.apply = watched  # type: ignore[method-assign]
+            loop = asyncio.get_running_loop()
+            answers = []
+            for i in range(40):
+                answer: asyncio.Future[Any] = loop.create_future()
+
+                def done(result: Any, err: str | None, fut: Any = answer) -> None:
+                    fut.set_result(err)
+
+                leader.submit_entry(encode_entry([enqueue(f"A{i:03d}")]), done, early=True)
+                answers.append(answer)
+                await asyncio.sleep(0.002)
+            assert await asyncio.wait_for(asyncio.gather(*answers), 30) == [None] * 40
+            for _ in range(100):  # the follower applies once the next round brings the commit
+                if (
+                    follower.status.commit_index >= leader.status.commit_index
+                    and len(dirty_at_apply) >= 40
+                ):
+                    break
+                await asyncio.sleep(0.02)
+            assert len(dirty_at_apply) >= 40
+            assert not any(dirty_at_apply), f"{sum(dirty_at_apply)} applies before the flush"
 
     asyncio.run(scenario())
