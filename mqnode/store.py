@@ -11,8 +11,12 @@ Two environments per data dir, each with one job:
   term/vote/commit metadata, written in one synced transaction per batch. It
   opens its env with `open_env` here.
 
-Limits: map sizes are fixed at open (`*_map_size_mb`); a full map raises
+Limits: map sizes are set at open (`*_map_size_mb`); a full map raises
 `StoreFullError` and the transaction is rolled back, never half-applied.
+Committed entries must still apply (a node that cannot apply cannot apply the
+deletes that would free space either), so the state map may grow past its
+configured size, a quarter at a time up to twice it (`grow_for_apply`);
+ingress measures its fill against the configured size and keeps refusing.
 Log records carry a CRC32 because LMDB has none; a mismatch raises
 `CorruptDataError`.
 """
@@ -32,13 +36,16 @@ from typing import Any
 import lmdb
 import msgpack
 
-from .errors import CorruptDataError, StoreFullError
+from .errors import CorruptDataError, StateMapFullError, StoreFullError
 from .model import MessageState, QueuedMessage
 
 U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
 
 FILL_REFRESH_COMMITS = 8
+# How far past its configured size the state map may grow to apply committed entries.
+APPLY_HEADROOM_STEP = 0.25
+APPLY_HEADROOM_MAX = 2.0
 # For logstore.py, which keeps its records in an env opened here: lmdb's errors by name,
 # so this stays the only module that imports lmdb.
 LmdbError = lmdb.Error
@@ -241,7 +248,8 @@ class QueueStore:
 
     def __init__(self, path: Path, map_size_mb: int) -> None:
         self.path = path
-        self._map_size = map_size_mb * 1024 * 1024
+        self._map_size = map_size_mb * 1024 * 1024  # configured: what fill is measured against
+        self._env_map_size = self._map_size  # grown past it only to apply (grow_for_apply)
         self._lock = threading.RLock()
         self._txn: Any = None
         self._commits = 0
@@ -249,8 +257,10 @@ class QueueStore:
 
     def _open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._env = open_env(self.path, self._map_size, 16, "queue store")
+        self._env = open_env(self.path, self._env_map_size, 16, "queue store")
         env = self._env
+        # A map grown to apply before a restart opens at least as big as its data.
+        self._env_map_size = max(self._env_map_size, int(env.info()["map_size"]))
         self._meta = env.open_db(b"meta")
         self._msgs = env.open_db(b"msgs")
         self._body = env.open_db(b"body")
@@ -283,7 +293,7 @@ class QueueStore:
             txn.commit()
         except lmdb.MapFullError as exc:
             self._fill = 1.0
-            raise StoreFullError("queue store map is full") from exc
+            raise StateMapFullError("queue store map is full") from exc
         except lmdb.Error as exc:
             raise storage_error("queue store", exc) from exc
         self._commits += 1
@@ -294,6 +304,32 @@ class QueueStore:
         if self._txn is not None:
             self._txn.abort()
             self._txn = None
+
+    @staticmethod
+    def map_filled(exc: BaseException) -> bool:
+        """Whether `exc` is this store's map filling inside apply or its commit."""
+        return isinstance(exc, (lmdb.MapFullError, StateMapFullError))
+
+    def grow_for_apply(self) -> bool:
+        """Grow the map by `APPLY_HEADROOM_STEP` of the configured size; False at the cap.
+
+        Tick thread, after `abort_apply`, and never while a snapshot copy holds a read
+        transaction (LMDB remaps the file: another thread's open reader would fault).
+        Readers on other threads take `_lock`, held here.
+        """
+        limit = int(self._map_size * APPLY_HEADROOM_MAX)
+        if self._txn is not None or self._env_map_size >= limit:
+            return False
+        with self._lock:
+            grown = min(limit, self._env_map_size + int(self._map_size * APPLY_HEADROOM_STEP))
+            self._env.set_mapsize(grown)
+            self._env_map_size = grown
+        return True
+
+    @property
+    def map_size_bytes(self) -> int:
+        """The map's size now: the configured size, or more after `grow_for_apply`."""
+        return self._env_map_size
 
     # -- readers (any thread) ------------------------------------------------
     @contextmanager

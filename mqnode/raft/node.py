@@ -120,6 +120,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         self.on_applied: Callable[[], None] = lambda: None
         self._pacer = AppendPacer(settings.replication_batch_ms / 1000)
         self._state_pacer = StateCommitPacer(FOLLOWER_STATE_COMMIT_S)
+        self._map_cap_logged = False
         self._poll_until = 0.0  # when the poll after the current tick ends at the latest
         self._next_compaction_check = 0.0
         self._compaction_every = settings.log_compaction_min_entries
@@ -279,10 +280,36 @@ class RaftNode(MembershipOps, SnapshotOps):
                     self._journal.flush()
                     self._sync._SyncObj__transport.release_deferred()
                 self._sync.doTick(wait)
-            except Exception:
+            except Exception as exc:
                 log.exception("raft tick failed; rolling back this tick's applies")
                 self._roll_back()
+                if self._store.map_filled(exc):
+                    self._grow_state_map()
                 self._stop.wait(0.2)
+
+    def _grow_state_map(self) -> None:
+        """Committed entries must apply, or this node could not apply the deletes that
+        free space either: grow the state map past its configured size (to at most
+        twice it; ingress keeps refusing on the configured size)."""
+        if self._snapshots.copying:
+            return  # its read transaction must end first; the next failed tick retries
+        before = self._store.map_size_bytes
+        if self._store.grow_for_apply():
+            self._map_cap_logged = False
+            log.warning(
+                "raft: the queue state map filled while applying committed entries; grown "
+                "from %.2f to %.2f MB (state_map_size_mb is the limit ingress refuses at)",
+                before / 2**20,
+                self._store.map_size_bytes / 2**20,
+            )
+        elif not self._map_cap_logged:  # once, not every retry
+            self._map_cap_logged = True
+            log.error(
+                "raft: the queue state map is full at %.2f MB, twice state_map_size_mb, and "
+                "committed entries cannot apply: restart this node with a larger "
+                "state_map_size_mb",
+                before / 2**20,
+            )
 
     def _after_tick(self) -> None:
         sync = self._sync

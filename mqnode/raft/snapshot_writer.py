@@ -55,6 +55,12 @@ class SnapshotWriter:
     def busy(self) -> bool:
         return self._thread is not None
 
+    @property
+    def copying(self) -> bool:
+        """A copy thread is running, so its read transaction on the store is open."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def start(self, store: QueueStore, last: Entry, prev: Entry, members: list[str]) -> None:
         """Tick thread: freeze the state at last[1] and copy it in the background."""
         if self._thread is not None:

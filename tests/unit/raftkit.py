@@ -41,10 +41,15 @@ def raft_settings(tmp_path: Path, addr: str) -> RaftSettings:
 
 
 @asynccontextmanager
-async def single_node(tmp_path: Path) -> AsyncIterator[tuple[RaftNode, list[str]]]:
-    """A started one-member RaftNode that leads; yields it and two unused addresses."""
-    addr, *spare = free_addrs(3)
-    store = QueueStore(tmp_path / "state", 64)
+async def single_node(
+    tmp_path: Path, state_map_mb: int = 64, addr: str | None = None
+) -> AsyncIterator[tuple[RaftNode, list[str]]]:
+    """A started one-member RaftNode that leads; yields it and two unused addresses.
+
+    `addr`: the address of an earlier run on the same data (a restart)."""
+    first, *spare = free_addrs(3)
+    addr = addr or first
+    store = QueueStore(tmp_path / "state", state_map_mb)
     loop = asyncio.get_running_loop()
     raft = RaftNode(raft_settings(tmp_path, addr), store, QueueStateMachine(), loop)
     raft.start()
@@ -58,4 +63,5 @@ async def single_node(tmp_path: Path) -> AsyncIterator[tuple[RaftNode, list[str]
         yield raft, spare
     finally:
         raft.stop()
+        store.close()
         store.close()
