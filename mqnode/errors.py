@@ -70,9 +70,9 @@ class BackpressureError(SubmitError):
 class StoreFullError(SubmitError):
     """Storage is full; nothing new is accepted until space returns."""
 
+    smtp_code = 452
+    smtp_status = "4.3.1"
+
 
 class StateMapFullError(StoreFullError):
     """The queue state's LMDB map filled while committing applied entries."""
-
-    smtp_code = 452
-    smtp_status = "4.3.1"
