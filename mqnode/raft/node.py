@@ -275,10 +275,7 @@ class RaftNode(MembershipOps, SnapshotOps):
                 now = _pysyncobj_now()
                 wait = self._pacer.wait_s(now, tick_s)
                 self._poll_until = now + wait  # pysyncobj polls this long after the tick
-                if self._journal.dirty and not self._sync._isLeader():
-                    # What the poll appended, and its acks, before the tick applies (W23).
-                    self._journal.flush()
-                    self._sync._SyncObj__transport.release_deferred()
+                self._flush_before_tick()
                 self._sync.doTick(wait)
             except Exception as exc:
                 log.exception("raft tick failed; rolling back this tick's applies")
@@ -286,6 +283,24 @@ class RaftNode(MembershipOps, SnapshotOps):
                 if self._store.map_filled(exc):
                     self._grow_state_map()
                 self._stop.wait(0.2)
+
+    def _flush_before_tick(self) -> None:
+        """Flush the journal before the tick counts or applies anything, when needed.
+
+        A follower: what its poll appended, and release the acks for it, so they do
+        not wait for the applies the tick starts with (W23). The leader: when a
+        resend inside the poll carried entries it had not flushed (the pacer held
+        them), so that no ack for them is counted before its own copy is on disk (W22).
+        """
+        if not self._journal.dirty:
+            return
+        transport = self._sync._SyncObj__transport
+        if self._sync._isLeader():
+            if not transport.mq_sent_entries:
+                return
+            transport.mq_sent_entries = False
+        self._journal.flush()
+        transport.release_deferred()
 
     def _grow_state_map(self) -> None:
         """Committed entries must apply, or this node could not apply the deletes that
@@ -373,10 +388,8 @@ class RaftNode(MembershipOps, SnapshotOps):
         the pacer holds back cannot be committed before it is sent, so its fsync waits
         for the round that sends it: one fsync per round, not one per tick (a tick per
         worker submission under load). pysyncobj counts the leader's own copy toward a
-        commit at its next tick, after this flush, except for entries a resend inside
-        the poll carried: their commit can count an unflushed copy for one tick, but
-        nothing reads it before the next flush (early answers need `durable_through`,
-        and the state commits after it).
+        commit at its next tick: after this flush, or for entries a resend inside the
+        poll carried, after `_flush_before_tick`.
         """
         sent, transport.mq_sent_entries = transport.mq_sent_entries, False
         return sent or not self._sync._SyncObj__otherNodes or self._journal.members_changed()
