@@ -361,6 +361,7 @@ class RaftNode(MembershipOps, SnapshotOps):
             # but has not flushed yet. Flushing after the state commit let a crash in between
             # leave the state ahead of the log (seen in the staggered full-restart chaos run).
             self._journal.flush()
+            transport.mq_sent_entries = False  # a leader's sent entries are on disk now too
             transport.release_deferred()  # acks and votes once durable: before the state commit
             self._deliver_completions(failed=False, early_only=True)
             # Callers still waiting (not early) need the state committed (pacing.py). A
