@@ -36,6 +36,9 @@ class DurableJournal(Journal):  # type: ignore[misc]
         self._meta: dict[str, Any] = store.get_meta()
         self._ops: list[tuple[str, int, int, bytes]] = []
         self._meta_dirty = False
+        # Entries went out to followers (DeferringTransport.send) since the last flush: a
+        # leader's own copy must reach disk before acks for them count (RaftNode, W22).
+        self.sent_unflushed = False
         self.applied_index: Callable[[], int] = lambda: 0  # set by RaftNode once it exists
         # The member list the in-memory log leads to (None: do not store one yet). Read at
         # every write, so the stored list always matches the entries written with it.
@@ -145,20 +148,26 @@ class DurableJournal(Journal):  # type: ignore[misc]
 
     def members_changed(self) -> bool:
         """Whether the log now leads to a member list other than the stored one."""
+        return self._new_members() is not None
+
+    def _new_members(self) -> list[str] | None:
         members = self.members()
-        return members is not None and members != self._meta.get("members")
+        return members if members is not None and members != self._meta.get("members") else None
 
     def flush(self, force_meta: bool = False) -> int:
         """Write pending ops (and metadata) in one synced transaction; returns entries added."""
-        if self.members_changed():
-            self._meta["members"] = self.members()
+        members = self._new_members()
+        if members is not None:
+            self._meta["members"] = members
             force_meta = True
         if not self._ops and not force_meta:
+            self.sent_unflushed = False  # nothing pending: whatever went out is on disk
             return 0
         ops = self._ops
         self._store.write(ops, dict(self._meta))  # on failure ops stay pending, acks stay held
         self._ops = []
         self._meta_dirty = False
+        self.sent_unflushed = False
         return sum(1 for op in ops if op[0] == "add")
 
     def reset(self, entries: list[Entry]) -> None:

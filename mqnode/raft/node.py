@@ -292,15 +292,11 @@ class RaftNode(MembershipOps, SnapshotOps):
         resend inside the poll carried entries it had not flushed (the pacer held
         them), so that no ack for them is counted before its own copy is on disk (W22).
         """
-        if not self._journal.dirty:
+        journal = self._journal
+        if not journal.dirty or (self._sync._isLeader() and not journal.sent_unflushed):
             return
-        transport = self._sync._SyncObj__transport
-        if self._sync._isLeader():
-            if not transport.mq_sent_entries:
-                return
-            transport.mq_sent_entries = False
-        self._journal.flush()
-        transport.release_deferred()
+        journal.flush()
+        self._sync._SyncObj__transport.release_deferred()
 
     def _grow_state_map(self) -> None:
         """Committed entries must apply, or this node could not apply the deletes that
@@ -353,7 +349,7 @@ class RaftNode(MembershipOps, SnapshotOps):
             # nobody waits on yet.
             self._commit_state(last_applied)
             self._deliver_completions(failed=False)
-            if self._leader_flush_due(transport):
+            if self._leader_flush_due():
                 self._journal.flush()
             transport.release_deferred()
         else:
@@ -361,7 +357,6 @@ class RaftNode(MembershipOps, SnapshotOps):
             # but has not flushed yet. Flushing after the state commit let a crash in between
             # leave the state ahead of the log (seen in the staggered full-restart chaos run).
             self._journal.flush()
-            transport.mq_sent_entries = False  # a leader's sent entries are on disk now too
             transport.release_deferred()  # acks and votes once durable: before the state commit
             self._deliver_completions(failed=False, early_only=True)
             # Callers still waiting (not early) need the state committed (pacing.py). A
@@ -380,7 +375,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         self._scale_compaction()
         self._publish_status()
 
-    def _leader_flush_due(self, transport: Any) -> bool:
+    def _leader_flush_due(self) -> bool:
         """Whether the leader fsyncs its journal this tick.
 
         Only when entries went out to followers since the last flush, when it has no
@@ -392,8 +387,12 @@ class RaftNode(MembershipOps, SnapshotOps):
         commit at its next tick: after this flush, or for entries a resend inside the
         poll carried, after `_flush_before_tick`.
         """
-        sent, transport.mq_sent_entries = transport.mq_sent_entries, False
-        return sent or not self._sync._SyncObj__otherNodes or self._journal.members_changed()
+        journal = self._journal
+        return (
+            journal.sent_unflushed
+            or not self._sync._SyncObj__otherNodes
+            or journal.members_changed()
+        )
 
     def _replicate(self, transport: Any) -> None:
         """Leader: send new entries and the commit index to followers when pacing allows.

@@ -102,9 +102,6 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         self.mq_resend = False
         # Leader: the highest log index a follower's submission got (apply_command_response).
         self.mq_follower_entry = 0
-        # Leader: log entries went out since the last journal flush (any path: paced sends,
-        # heartbeats, resends); the leader's own copy must be flushed before it counts.
-        self.mq_sent_entries = False
         self._mq_incoming: dict[Any, tuple[str, _WatchedEncryptor]] = {}
         self._mq_handshaking: set[Any] = set()  # outgoing, key exchange not answered yet
         self._mq_warned: dict[str, float] = {}
@@ -225,7 +222,7 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         if message.get("type") == "append_entries" and (
             message.get("entries") or "transmission" in message
         ):
-            self.mq_sent_entries = True
+            self._syncObj._mq_journal.sent_unflushed = True  # any path: paced, heartbeat, resend
         if message.get("type") == "apply_command_response" and "log_idx" in message:
             self.mq_follower_entry = max(self.mq_follower_entry, int(message["log_idx"]))
         return bool(super().send(node, message))
