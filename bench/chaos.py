@@ -38,6 +38,7 @@ from tests.support.chaos import (
     kill_two,
     partition_leader,
     pause_leader,
+    power_loss,
     run_scenario,
 )
 from tests.support.cluster import FAST_TUNING, Cluster
@@ -63,6 +64,7 @@ def scenarios(quick: bool) -> list[tuple[str, FaultScript, float, tuple[str, ...
         ("full-restart-together", full_restart(rounds_restart, 2.0, False), rounds_restart * 4.0),
         ("full-restart-staggered", full_restart(rounds_restart, 2.0, True), rounds_restart * 5.0),
         ("partition-leader", partition_leader(2.0, 5.0), 10),
+        ("power-loss", power_loss(rounds_restart, 3.0), rounds_restart * 5.0),
         (
             "kill-leader-smtp-workers",
             kill_leader_repeatedly(rounds_kill, 3.0, 1.0),

@@ -6,10 +6,21 @@ Two environments per data dir, each with one job:
   messages, bodies, the due-time index, idempotency keys, counters and the
   last applied Raft index. Writes happen only on the Raft tick thread, in one
   transaction per tick (`apply_txn` / `commit_apply`), so many entries share a
-  commit and an fsync. Reads from other threads go through `reader()`.
+  commit. Reads from other threads go through `reader()`.
 * `LogStore` (`<data>/raft`, logstore.py): the durable Raft journal and
   term/vote/commit metadata, written in one synced transaction per batch. It
   opens its env with `open_env` here.
+
+Durability: the journal fsyncs every write; the state does not. Everything in
+the state is derived from the log, and `snapshot.bin` plus the journal after
+it always rebuild it, so a state commit skips the fsync (it was a tenth of
+the cluster's acceptance rate). What that costs is only a kernel crash or
+power loss, never a killed process (its writes are in the page cache): a
+marker holding the kernel's boot id is made durable before the first
+unsynced commit, and a state found with the marker of another boot is
+discarded at open and rebuilt (RaftNode's startup repair). A clean close
+syncs the state and removes the marker. Without a boot id (not Linux)
+every state commit fsyncs as before.
 
 Limits: map sizes are set at open (`*_map_size_mb`); a full map raises
 `StoreFullError` and the transaction is rolled back, never half-applied.
@@ -23,12 +34,13 @@ Log records carry a CRC32 because LMDB has none; a mismatch raises
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import struct
 import threading
 import zlib
-from collections.abc import Container, Generator, Iterator
+from collections.abc import Callable, Container, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,6 +50,8 @@ import msgpack
 
 from .errors import CorruptDataError, StateMapFullError, StoreFullError
 from .model import MessageState, QueuedMessage
+
+log = logging.getLogger("mqnode.store")
 
 U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
@@ -51,6 +65,9 @@ APPLY_HEADROOM_MAX = 2.0
 LmdbError = lmdb.Error
 LmdbMapFullError = lmdb.MapFullError
 COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+# In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
+UNSYNCED_MARKER = "unsynced-boot-id"
 
 
 def pack(obj: Any) -> bytes:
@@ -189,13 +206,21 @@ class StateTxn:
         return len(self._expire(self._s._idem_by_time, self._s._idem, older_than_ms, limit))
 
 
-def open_env(path: Path, map_size: int, max_dbs: int, what: str) -> Any:
+def current_boot_id() -> str | None:
+    """This kernel's boot id (Linux), or None where there is none."""
+    try:
+        return BOOT_ID_FILE.read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+def open_env(path: Path, map_size: int, max_dbs: int, what: str, sync: bool = True) -> Any:
     """Open an LMDB env, refusing a truncated data file before LMDB maps past its end.
 
     (LMDB reads pages through mmap: a page beyond EOF is SIGBUS, not an error.)
     """
     try:
-        env = lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, sync=True)
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, sync=sync)
     except lmdb.Error as exc:
         raise CorruptDataError(f"cannot open {what} {path}: {exc}") from exc
     needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
@@ -246,18 +271,69 @@ def _body_key(body_key: str, seq: int) -> bytes:
 class QueueStore:
     """The queue state in LMDB. See the module docstring for the threading contract."""
 
-    def __init__(self, path: Path, map_size_mb: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        map_size_mb: int,
+        boot_id: Callable[[], str | None] = current_boot_id,
+    ) -> None:
         self.path = path
         self._map_size = map_size_mb * 1024 * 1024  # configured: what fill is measured against
         self._env_map_size = self._map_size  # grown past it only to apply (grow_for_apply)
         self._lock = threading.RLock()
         self._txn: Any = None
         self._commits = 0
+        self._boot_id = boot_id()
+        self.discarded_unsynced = self._discard_if_os_restarted()
         self._open()
+
+    def _discard_if_os_restarted(self) -> bool:
+        """Delete a state whose unsynced commits a kernel crash may have lost or torn.
+
+        The marker names the boot whose page cache held them; under that same
+        boot (a killed process) the state is whole. RaftNode rebuilds it from
+        snapshot.bin and the journal, which a state commit never runs ahead of.
+        """
+        marker = self.path / UNSYNCED_MARKER
+        try:
+            recorded = marker.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return False
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CorruptDataError(f"queue store marker {marker}: {exc}") from exc
+        if self._boot_id is not None and recorded == self._boot_id:
+            return False
+        log.warning(
+            "queue state %s holds commits never fsynced (boot %s) and the machine has "
+            "restarted since (boot %s): discarding it; it is rebuilt from snapshot.bin "
+            "and the Raft log",
+            self.path,
+            recorded or "?",
+            self._boot_id or "unknown",
+        )
+        shutil.rmtree(self.path)
+        fsync_dir(self.path.parent)
+        return True
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether state commits skip fsync (see the module docstring)."""
+        return self._boot_id is not None
 
     def _open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._env = open_env(self.path, self._env_map_size, 16, "queue store")
+        if self.unsynced:
+            # Durable before the first commit that is not: see _discard_if_os_restarted.
+            marker = self.path / UNSYNCED_MARKER
+            with open(marker, "w", encoding="ascii") as fh:
+                fh.write(f"{self._boot_id}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(self.path)
+        self._env = open_env(
+            self.path, self._env_map_size, 16, "queue store", sync=not self.unsynced
+        )
+        self._closed = False
         env = self._env
         # A map grown to apply before a restart opens at least as big as its data.
         self._env_map_size = max(self._env_map_size, int(env.info()["map_size"]))
@@ -279,7 +355,7 @@ class QueueStore:
         return StateTxn(self, self._txn)
 
     def commit_apply(self, refresh_fill: bool = False) -> None:
-        """Commit (and fsync) everything applied since the last commit.
+        """Commit everything applied since the last commit (no fsync: module docstring).
 
         The fill ratio is measured again every `FILL_REFRESH_COMMITS` commits, or
         now with `refresh_fill` (a follower commits only every ~25 ms while busy:
@@ -484,6 +560,15 @@ class QueueStore:
             self._open()
 
     def close(self) -> None:
+        """Sync (a clean close leaves nothing to rebuild after a reboot) and close."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self.abort_apply()
+            if self.unsynced:
+                self._env.sync(True)
             self._env.close()
+            if self.unsynced:
+                (self.path / UNSYNCED_MARKER).unlink(missing_ok=True)
+                fsync_dir(self.path)

@@ -20,8 +20,12 @@ What it promises
   acknowledgements (`next_node_idx`) are held back until the journal flush,
   which a follower does before each tick, so acks do not wait for applies.
   Term and vote are written synchronously before any vote is sent.
-* At most one fsync per tick for the journal and one for the state, however
-  many entries the tick carried (group commit). While busy, the leader sends
+* At most one fsync per tick for the journal and one LMDB commit for the
+  state, however many entries the tick carried (group commit). State commits
+  are not fsynced: after a kernel crash the state is rebuilt from snapshot.bin
+  and the journal (store.py), which is why a state commit never runs ahead of
+  the journal and a snapshot downloaded from the leader is fsynced before the
+  journal is reset past it. While busy, the leader sends
   new entries at most once per `replication_batch_ms` (pacing.py), so each
   follower round carries more, and fsyncs its journal only in a tick after
   entries went out (an entry held back cannot be committed before it is sent).

@@ -207,7 +207,7 @@ class RaftNode(MembershipOps, SnapshotOps):
         """Append `entry`; `done` runs on the loop once it is committed and applied.
 
         Normally after the state's LMDB commit too. With `early`, as soon as it is
-        committed and in our journal on disk, before the state's fsync (0.2-0.7 ms under
+        committed and in our journal on disk, before the state's commit (0.2-0.7 ms under
         load, a tenth of the time to a 250): for callers that do not read the state after
         the answer. The journals of a majority hold the entry; a crash before the state
         commit replays it from ours, and a failed state commit rolls back and applies it

@@ -24,9 +24,11 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadGen, LoadResult
+from mqnode.store import UNSYNCED_MARKER
 
 from .cluster import ADMIN_TOKEN, Cluster
 
@@ -238,6 +240,47 @@ def full_restart(rounds: int, every_s: float, staggered: bool) -> FaultScript:
             c.wait_for_leader(30)
 
     return script
+
+
+def power_loss(rounds: int, every_s: float) -> FaultScript:
+    """The whole cluster loses power: kill -9 every node, then do to each data dir
+    what a kernel crash may do to state commits that were never fsynced (store.py):
+    the marker names a boot that is gone, and pages of the state file are torn.
+    Journals and snapshots, always fsynced, are left as they are."""
+
+    def script(ctx: FaultContext) -> None:
+        c = ctx.cluster
+        for r in range(rounds):
+            ctx.sleep(every_s)
+            if r == 0:
+                ctx.mark("fault")
+            for node in c.nodes:
+                c.kill(node.index)
+            for node in c.nodes:
+                tear_unsynced_state(node.data_dir / "state", ctx.rng)
+            for node in c.nodes:
+                c.spawn(node.index)
+            c.wait_admin_up(range(len(c.nodes)), 30)
+            c.wait_for_leader(30)
+
+    return script
+
+
+def tear_unsynced_state(state_dir: Path, rng: random.Random, pages: int = 8) -> bool:
+    """Make `state_dir` look as after a kernel crash: another boot's marker, and
+    `pages` random 4 KiB pages of its data file (meta pages included) garbled.
+    False when its commits were synced (no marker): a crash loses nothing there."""
+    marker = state_dir / UNSYNCED_MARKER
+    if not marker.exists():
+        return False
+    marker.write_text("00000000-0000-4000-8000-crashedboot0\n", encoding="ascii")
+    data = state_dir / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "r+b") as fh:
+        for page in [0, 1, *(rng.randrange(size // 4096) for _ in range(pages))]:
+            fh.seek(page * 4096)
+            fh.write(rng.randbytes(4096))
+    return True
 
 
 def partition_leader(after_s: float, isolated_s: float) -> FaultScript:

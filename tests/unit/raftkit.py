@@ -64,4 +64,3 @@ async def single_node(
     finally:
         raft.stop()
         store.close()
-        store.close()

@@ -1,0 +1,173 @@
+"""State commits skip fsync; a state from an earlier boot with unsynced commits is rebuilt.
+
+store.py: the queue state is derived from the log, so its commits are not
+fsynced. A process killed loses nothing (its writes are in the kernel's page
+cache); a kernel crash may lose or tear them, which the boot-id marker tells
+apart at the next open. These tests kill real processes (`os._exit` in a
+child, no cleanup) and fake the reboot by giving the store another boot id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mqnode.store import UNSYNCED_MARKER, QueueStore
+from tests.support.chaos import tear_unsynced_state
+
+from .kit import Transcript, enqueue
+from .raftkit import single_node
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _store(path: Path, boot: str | None) -> QueueStore:
+    return QueueStore(path, 64, boot_id=lambda: boot)
+
+
+def _killed_after_commit(path: Path, ids: list[str], boot: str) -> None:
+    """A child process applies and commits `ids`, then dies without closing the store."""
+    code = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from mqnode.store import QueueStore
+        from tests.unit.kit import Transcript, enqueue
+        store = QueueStore(Path({str(path)!r}), 64, boot_id=lambda: {boot!r})
+        tx = Transcript(store)
+        for qid in {ids!r}:
+            tx.one(enqueue(qid))
+        os._exit(9)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False, timeout=60)
+    assert proc.returncode == 9
+
+
+def test_without_a_boot_id_every_commit_is_synced_and_no_marker_is_left(tmp_path: Path) -> None:
+    store = _store(tmp_path / "state", None)
+    Transcript(store).one(enqueue("Q1"))
+    assert not store.unsynced
+    assert not (tmp_path / "state" / UNSYNCED_MARKER).exists()
+    store.close()
+
+
+def test_a_killed_process_loses_nothing_under_the_same_boot(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    _killed_after_commit(path, ["Q1", "Q2", "Q3"], "boot-a")
+    assert (path / UNSYNCED_MARKER).read_text().strip() == "boot-a"
+    store = _store(path, "boot-a")
+    try:
+        assert not store.discarded_unsynced
+        assert all(store.get_message(q) is not None for q in ("Q1", "Q2", "Q3"))
+        assert store.applied_index() == 3
+    finally:
+        store.close()
+
+
+def test_after_a_reboot_unsynced_commits_are_discarded_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state"
+    _killed_after_commit(path, ["Q1", "Q2"], "boot-a")
+    store = _store(path, "boot-b")
+    try:
+        assert store.discarded_unsynced
+        assert store.applied_index() == 0 and store.get_message("Q1") is None
+        # The new marker names this boot, before any commit of its own.
+        assert (path / UNSYNCED_MARKER).read_text().strip() == "boot-b"
+    finally:
+        store.close()
+    assert "restarted since (boot boot-b): discarding it" in caplog.text
+
+
+def test_a_clean_close_syncs_so_a_reboot_keeps_the_state(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    store = _store(path, "boot-a")
+    Transcript(store).one(enqueue("Q1"))
+    store.close()
+    store.close()  # idempotent
+    assert not (path / UNSYNCED_MARKER).exists()
+    store = _store(path, "boot-b")
+    try:
+        assert not store.discarded_unsynced
+        assert store.get_message("Q1") is not None
+    finally:
+        store.close()
+
+
+def _raft_child(tmp_path: Path, first: list[str], second: list[str]) -> str:
+    """A child runs one RaftNode: `first` applied, a snapshot, `second` applied; killed."""
+    return textwrap.dedent(
+        f"""
+        import asyncio, os
+        from pathlib import Path
+        from mqnode.commands import encode_entry
+        from tests.unit.kit import enqueue
+        from tests.unit.raftkit import single_node
+
+        async def submit(raft, ids):
+            for qid in ids:
+                raft.submit_entry(encode_entry([enqueue(qid)]), lambda *_: None)
+            for _ in range(600):
+                if all(raft._store.get_message(q) is not None for q in ids):
+                    return
+                await asyncio.sleep(0.05)
+            raise SystemExit("not applied")
+
+        async def main():
+            async with single_node(Path({str(tmp_path)!r})) as (raft, _):
+                print(raft._settings.self_addr, flush=True)
+                await submit(raft, {first!r})
+                raft.force_compaction()
+                snap = Path({str(tmp_path)!r}) / "snapshot.bin"
+                for _ in range(600):
+                    if snap.exists() and raft._journal[0][1] > 1:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise SystemExit("no snapshot")
+                await submit(raft, {second!r})
+                os._exit(9)
+
+        asyncio.run(main())
+        """
+    )
+
+
+def test_a_node_rebuilds_a_discarded_state_from_snapshot_and_journal(tmp_path: Path) -> None:
+    first = [f"A{i:02d}" for i in range(20)]
+    second = [f"B{i:02d}" for i in range(20)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _raft_child(tmp_path, first, second)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=90,
+    )
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    addr = proc.stdout.split()[0]
+    assert tear_unsynced_state(tmp_path / "state", random.Random(7))
+
+    async def restarted() -> None:
+        async with single_node(tmp_path, addr=addr) as (raft, _):
+            store = raft._store
+            assert store.discarded_unsynced
+            for _ in range(200):
+                if all(store.get_message(q) is not None for q in first + second):
+                    break
+                await asyncio.sleep(0.05)
+            missing = [q for q in first + second if store.get_message(q) is None]
+            assert missing == []
+            assert sum(store.counts().values()) == len(first) + len(second)
+
+    asyncio.run(restarted())
