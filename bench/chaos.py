@@ -10,6 +10,8 @@ compaction every 150 entries so restarts cross snapshot + log):
   pause-leader-Nx    SIGSTOP the leader for 0.5x..20x the election timeout
   full-restart       kill -9 all three and restart, together and staggered (30 rounds)
   partition-leader   cut the leader off (transport drop hook) and heal
+  power-loss         kill -9 all three, then tear each state's unsynced commits (another
+                     boot's marker, garbled pages) as a kernel crash may; restart
   *-smtp-workers     kill-leader and full-restart-together with SMTP sessions in two
                      worker processes per node (smtp_workers = 2)
 For each: attempted, acknowledged, refused, lost (must be 0), duplicated
@@ -134,6 +136,9 @@ def write_markdown(reports: list[Report], command: str, out: Path) -> None:
         "cross snapshot + log. The checker reads every node's queue after recovery.",
         "The *-smtp-workers scenarios run every node with `smtp_workers = 2`: SMTP in",
         "worker processes that die with their node (they see their link close).",
+        "power-loss kills all three as full-restart does (30 rounds, 3 with --quick), then",
+        "does to each state dir what a kernel crash may do to commits never fsynced: the",
+        "marker names another boot and 10 pages of data.mdb are garbled (W24).",
         "",
         "`refused` counts every non-250 attempt (451 during elections or without a",
         "majority, and connection refusals while a node is down: the load generator",
