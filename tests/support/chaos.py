@@ -221,7 +221,12 @@ def pause_leader(after_s: float, pause_s: float) -> FaultScript:
     return script
 
 
-def full_restart(rounds: int, every_s: float, staggered: bool) -> FaultScript:
+def full_restart(
+    rounds: int, every_s: float, staggered: bool, power_loss: bool = False
+) -> FaultScript:
+    """kill -9 every node and start them again; with `power_loss`, in between, do to
+    each data dir what a kernel crash may do (`tear_unsynced_state`)."""
+
     def script(ctx: FaultContext) -> None:
         c = ctx.cluster
         for r in range(rounds):
@@ -230,6 +235,9 @@ def full_restart(rounds: int, every_s: float, staggered: bool) -> FaultScript:
                 ctx.mark("fault")
             for node in c.nodes:
                 c.kill(node.index)
+            if power_loss:
+                for node in c.nodes:
+                    tear_unsynced_state(node.data_dir / "state", ctx.rng)
             order = list(range(len(c.nodes)))
             ctx.rng.shuffle(order)
             for i in order:
@@ -243,27 +251,10 @@ def full_restart(rounds: int, every_s: float, staggered: bool) -> FaultScript:
 
 
 def power_loss(rounds: int, every_s: float) -> FaultScript:
-    """The whole cluster loses power: kill -9 every node, then do to each data dir
-    what a kernel crash may do to state commits that were never fsynced (store.py):
-    the marker names a boot that is gone, and pages of the state file are torn.
-    Journals and snapshots, always fsynced, are left as they are."""
-
-    def script(ctx: FaultContext) -> None:
-        c = ctx.cluster
-        for r in range(rounds):
-            ctx.sleep(every_s)
-            if r == 0:
-                ctx.mark("fault")
-            for node in c.nodes:
-                c.kill(node.index)
-            for node in c.nodes:
-                tear_unsynced_state(node.data_dir / "state", ctx.rng)
-            for node in c.nodes:
-                c.spawn(node.index)
-            c.wait_admin_up(range(len(c.nodes)), 30)
-            c.wait_for_leader(30)
-
-    return script
+    """The whole cluster loses power: kill -9 every node; the marker of each state
+    that skipped fsyncs (store.py) names a boot that is gone, and pages of its data
+    file are torn. Journals and snapshots, always fsynced, are left as they are."""
+    return full_restart(rounds, every_s, staggered=False, power_loss=True)
 
 
 def tear_unsynced_state(state_dir: Path, rng: random.Random, pages: int = 8) -> bool:
