@@ -1,5 +1,8 @@
 """Long fault runs: the fault suite's scenarios at length, written to docs/reliability.md.
 
+The run replaces the file's generated table; the `## ` sections written by hand
+below it (what earlier runs found) are kept.
+
     python -m bench.chaos [--quick] [--seed N] [--out docs/reliability.md]
 
 Scenarios (3 real nodes on 127.0.0.1, load over SMTP to every node,
@@ -147,7 +150,20 @@ def write_markdown(reports: list[Report], command: str, out: Path) -> None:
         "for a message already in flight arrived just after the fault).",
         "",
     ]
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines + _history(out)))
+
+
+def _history(out: Path) -> list[str]:
+    """What follows the generated part of an existing file (its `## ` sections,
+    written by hand about earlier runs): kept below the new table."""
+    try:
+        old = out.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for i, line in enumerate(old):
+        if line.startswith("## "):
+            return [*old[i:], ""]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
