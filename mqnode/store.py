@@ -79,7 +79,8 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (its entries: a rename or unlink in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -312,7 +313,7 @@ class QueueStore:
             self._boot_id or "unknown",
         )
         shutil.rmtree(self.path)
-        fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
         return True
 
     @property
@@ -329,7 +330,7 @@ class QueueStore:
                 fh.write(f"{self._boot_id}\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-            fsync_dir(self.path)
+            fsync_path(self.path)
         self._env = open_env(
             self.path, self._env_map_size, 16, "queue store", sync=not self.unsynced
         )
@@ -549,13 +550,12 @@ class QueueStore:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             shutil.copyfile(data_file, staging / "data.mdb")
-            with open(staging / "data.mdb", "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(staging / "data.mdb")
             old = self.path.with_name(self.path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.rename(self.path, old)
             os.rename(staging, self.path)
-            fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
             shutil.rmtree(old, ignore_errors=True)
             self._open()
 
@@ -571,4 +571,4 @@ class QueueStore:
             self._env.close()
             if self.unsynced:
                 (self.path / UNSYNCED_MARKER).unlink(missing_ok=True)
-                fsync_dir(self.path)
+                fsync_path(self.path)

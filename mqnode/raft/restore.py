@@ -18,7 +18,6 @@ again). Refuses a data dir that already holds a queue state or a log.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .. import snapshot
 from ..errors import ConfigError
 from ..logstore import LogStore
 from ..snapshot import SnapshotHeader
-from ..store import QueueStore
+from ..store import QueueStore, fsync_path
 from .journal import DurableJournal
 
 
@@ -46,8 +45,7 @@ def restore_data_dir(
     copy = data_dir / "snapshot.bin"
     if snapshot_file.resolve() != copy.resolve():
         shutil.copyfile(snapshot_file, copy)
-    with open(copy, "rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_path(copy)
     store = QueueStore(state_dir, state_map_size_mb)
     try:
         snapshot.install(copy, store)  # verifies size and CRC before replacing anything

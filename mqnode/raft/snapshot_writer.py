@@ -34,7 +34,7 @@ from typing import Any
 from pysyncobj.config import SERIALIZER_STATE
 
 from .. import snapshot
-from ..store import QueueStore, fsync_dir
+from ..store import QueueStore, fsync_path
 from .journal import Entry
 
 log = logging.getLogger("mqnode.raft")
@@ -110,7 +110,7 @@ class SnapshotWriter:
         _, index, seconds = outcome
         try:
             os.replace(self._writing, self._path)
-            fsync_dir(self._path.parent)
+            fsync_path(self._path.parent)
         except OSError:
             # Never raise here: pysyncobj would not hear a result and would stop
             # sending snapshots to lagging followers for good.

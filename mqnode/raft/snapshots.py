@@ -11,7 +11,6 @@ while the state is large (compaction.py). See docs/design/replication.md.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from .. import membership, snapshot
 from ..errors import CorruptDataError, StoreFullError
 from ..logstore import LogStore
-from ..store import QueueStore, fsync_dir
+from ..store import QueueStore, fsync_path
 from .compaction import compaction_min_entries, staggered_threshold
 from .journal import DurableJournal, Entry
 from .snapshot_writer import SnapshotWriter
@@ -137,9 +136,8 @@ class SnapshotOps:
         # pysyncobj renames the download into place unsynced; the journal is about to be
         # reset past its own entries, so this file is what a state lost in a kernel crash
         # would be rebuilt from (store.py): durable first.
-        with open(filename, "rb") as fh:
-            os.fsync(fh.fileno())
-        fsync_dir(Path(filename).parent)
+        fsync_path(Path(filename))
+        fsync_path(Path(filename).parent)
         self._journal.flush()  # journal first, as in _serialize: never state ahead of log
         try:
             self._store.commit_apply()
