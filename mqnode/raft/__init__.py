@@ -4,7 +4,8 @@ Modules: node.py (RaftNode: tick thread, submit), snapshots.py (its snapshot
 hooks, startup repair and compaction pace), journal.py (DurableJournal),
 transport.py (DeferringTransport), wire.py (cheaper framing of its messages),
 pacing.py (when the leader sends new entries), members.py (dynamic
-membership), types.py (RaftSettings, RaftStatus). Everything else in mqnode
+membership), prevote.py (no election without a majority's pre-vote),
+types.py (RaftSettings, RaftStatus). Everything else in mqnode
 talks to Raft through RaftNode (and `Replicator` in replicator.py).
 
 What it promises

@@ -24,6 +24,7 @@ from ..store import QueueStore
 from .journal import DurableJournal
 from .members import FAIL_NAMES, MembershipOps
 from .pacing import AppendPacer, StateCommitPacer, follower_waits
+from .prevote import PreVote, PreVoteOps
 from .snapshot_writer import SnapshotWriter
 from .snapshots import SnapshotOps
 from .transport import DeferringTransport
@@ -85,7 +86,7 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
             self._SyncObj__raftElectionDeadline = 0.0
 
 
-class RaftNode(MembershipOps, SnapshotOps):
+class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
     """Owns the pysyncobj instance, its tick thread, the journal and snapshot hooks."""
 
     def __init__(
@@ -134,6 +135,8 @@ class RaftNode(MembershipOps, SnapshotOps):
         fresh = len(self._journal) == 1 and self._journal[0][1] == 1
         self._joining = settings.join and stored is None and fresh
         conf = self._conf()
+        self._prevote = PreVote()
+        self._prevote_alive_s = float(conf.raftMinTimeout)
         # Well inside pysyncobj's idle-connection timeout (see DeferringTransport.keep_alive).
         self._keepalive_s = conf.connectionTimeout / 4
         self._sync = _SyncObj(self, settings.self_addr, peers, conf, self._journal)
@@ -276,6 +279,7 @@ class RaftNode(MembershipOps, SnapshotOps):
                 wait = self._pacer.wait_s(now, tick_s)
                 self._poll_until = now + wait  # pysyncobj polls this long after the tick
                 self._flush_before_tick()
+                self._gate_election()  # pre-vote: prevote.py
                 self._sync.doTick(wait)
             except Exception as exc:
                 log.exception("raft tick failed; rolling back this tick's applies")

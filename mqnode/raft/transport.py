@@ -3,8 +3,10 @@
 Follower acknowledgements (`next_node_idx`) wait in `release_deferred()`
 until the tick's journal flush; a mismatch answer skips the whole
 conflicting term; a success never rewinds the leader's next index past
-batches already in flight; and `mq_blocked` drops traffic to and from given
-peers (the fault suite's partition). Messages are encrypted with the
+batches already in flight; `mq_blocked` drops traffic to and from given
+peers (the fault suite's partition); pre-vote messages go to the RaftNode
+(prevote.py), and `mq_leader_heard_at` notes the last append_entries
+pysyncobj will accept (of our term or later). Messages are encrypted with the
 cluster secret (its `password` setting; AES-GCM, see wire.py); pysyncobj closes a
 connection whose messages do not decrypt without a word, so we log both
 sides of it, at most once a minute per address: the receiving side (an
@@ -32,11 +34,14 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
+from .prevote import PREVOTE, PREVOTE_GRANTED
+
 log = logging.getLogger("mqnode.raft")
 
 WRONG_SECRET_LOG_EVERY_S = 60.0
 HANDSHAKE_FAILURES_BEFORE_WARNING = 2
 KEEPALIVE = {"type": "mq_keepalive"}  # pysyncobj ignores message types it does not know
+PREVOTE_TYPES = frozenset({PREVOTE, PREVOTE_GRANTED})  # ours: see prevote.py
 
 
 class _WatchedEncryptor:
@@ -102,6 +107,7 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         self.mq_resend = False
         # Leader: the highest log index a follower's submission got (apply_command_response).
         self.mq_follower_entry = 0
+        self.mq_leader_heard_at: float | None = None  # last append_entries pysyncobj accepts
         self._mq_incoming: dict[Any, tuple[str, _WatchedEncryptor]] = {}
         self._mq_handshaking: set[Any] = set()  # outgoing, key exchange not answered yet
         self._mq_warned: dict[str, float] = {}
@@ -191,6 +197,12 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self.mq_blocked and getattr(node, "address", None) in self.mq_blocked:
             return
+        kind = message.get("type")
+        if kind in PREVOTE_TYPES:
+            self._syncObj._mq_owner._on_prevote_message(node, message)
+            return
+        if kind == "append_entries" and message.get("term", -1) >= self._syncObj.raftCurrentTerm:
+            self.mq_leader_heard_at = _pysyncobj_now()  # a leader of our term or later
         next_index = self._syncObj._SyncObj__raftNextIndex
         sent_up_to = next_index.get(node)
         message = commit_unverified_no_further(message, self._syncObj.raftCommitIndex)

@@ -132,6 +132,40 @@ def test_partition_leader_and_heal(tmp_path: Path) -> None:
     _assert_promise(report)
 
 
+@pytest.mark.parametrize("cut", ["from-all", "from-leader-only"])
+def test_a_cut_off_follower_comes_back_without_an_election(tmp_path: Path, cut: str) -> None:
+    """Pre-vote (W25): a follower that hears no leader for several election timeouts asks
+    the others first; they still hear the leader, so it never raises its term. Without
+    it, the follower came back at term 9 and deposed a healthy leader ("from-all"), or won
+    an election through the other follower while the old leader still led ("from-leader-
+    only"): an election, and 451s to SMTP clients, each time."""
+    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection", "1")) as c:
+        lead = c.leader()
+        term = int(c.status(lead)["term"])
+        cut_off, other = [i for i in range(3) if i != lead]
+        away = [lead] if cut == "from-leader-only" else [lead, other]
+        post_json(c, cut_off, "/fault/partition", {"block": [c.nodes[j].raft_addr for j in away]})
+        for j in away:
+            post_json(c, j, "/fault/partition", {"block": [c.nodes[cut_off].raft_addr]})
+        seen = []
+        try:
+            for _ in range(12):  # 2.4 s: four to eight election timeouts of FAST_TUNING
+                time.sleep(0.2)
+                seen.append([(s["role"], int(s["term"])) for s in map(c.status, range(3))])
+        finally:
+            for i in range(3):
+                post_json(c, i, "/fault/partition", {"block": []})
+        gen = LoadGen([("127.0.0.1", c.nodes[lead].smtp_port)], 2, run_id="after-heal")
+        asyncio.run(gen.run(4, 20.0))
+        assert c.wait_for_leader(20) == lead
+        c.wait_applied_equal(30)
+        after = [(s["role"], int(s["term"])) for s in map(c.status, range(3))]
+        log = c.nodes[cut_off].log_path.read_text()
+    assert all(t == term for snap in [*seen, after] for _, t in snap), (term, seen, after)
+    assert len(gen.result.acked) == 4, gen.result.attempts[:3]
+    assert "no majority would vote for this node" in log, log[-3000:]
+
+
 def test_ex_leader_taking_a_snapshot_never_acks_its_own_uncommitted_entries(
     tmp_path: Path,
 ) -> None:
