@@ -52,6 +52,13 @@ class NodeConfig:
     # <data_dir>/admin.token (mode 600) on first start and uses that.
     admin_token_file: str = ""
     relay_host: str = ""
+    # A login for relay_host: a file (mode 600) with one line USER:PASSWORD. With it the
+    # relay must offer STARTTLS (or relay_implicit_tls) with a certificate that verifies
+    # against relay_tls_ca_file (empty: the system's CAs) and names relay_host.
+    relay_auth_file: str = ""
+    relay_tls_ca_file: str = ""
+    # 1: the relay speaks TLS from the first byte (port 465) instead of STARTTLS.
+    relay_implicit_tls: int = 0
     dns_server: str = ""
     hostname: str = "mqnode.localdomain"
     allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
@@ -157,6 +164,16 @@ class NodeConfig:
         for key in ("relay_host", "dns_server"):
             if getattr(self, key):
                 parse_hostport(getattr(self, key), key)
+        if (self.relay_auth_file or self.relay_tls_ca_file) and not self.relay_host:
+            raise ConfigError("relay_auth_file, relay_tls_ca_file: need relay_host")
+        for key in ("relay_tls_ca_file", "relay_implicit_tls"):
+            if getattr(self, key) and not self.relay_auth_file:
+                raise ConfigError(
+                    f"{key}: only used with relay_auth_file (a relay without a "
+                    "login gets opportunistic STARTTLS)"
+                )
+        if self.relay_implicit_tls not in (0, 1):
+            raise ConfigError("relay_implicit_tls: 0 or 1")
         if not self.cluster_secret_file:
             raise ConfigError(
                 "cluster_secret_file: required; the Raft port runs code from anyone who "
@@ -237,6 +254,24 @@ class NodeConfig:
     def read_secret(self) -> str:
         """The cluster secret; refuse empty or world-readable files."""
         return _read_private(Path(self.cluster_secret_file), "cluster_secret_file", 0o007)
+
+    def relay_login(self) -> tuple[str, str] | None:
+        """(user, password) from relay_auth_file, None without one; ConfigError if unusable."""
+        if not self.relay_auth_file:
+            return None
+        path = Path(self.relay_auth_file)
+        try:
+            mode = path.stat().st_mode
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            raise ConfigError(f"relay_auth_file: cannot read {path}: {reason}") from exc
+        if mode & 0o077:
+            raise ConfigError(f"relay_auth_file: {path} is readable by others; chmod 600 it")
+        user, sep, password = (lines[0] if lines else "").partition(":")
+        if not sep or not user.strip() or not password:
+            raise ConfigError(f"relay_auth_file: {path} must hold one line USER:PASSWORD")
+        return user.strip(), password
 
     def admin_token(self) -> str:
         """The admin token, creating <data_dir>/admin.token when none is configured."""

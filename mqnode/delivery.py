@@ -7,6 +7,14 @@ as far as MAIL FROM is final for this attempt (Postfix does the same).
 
 STARTTLS is used whenever offered (opportunistic, no certificate check, like
 Postfix's `may` level); `require_tls` turns "not offered" into a deferral.
+A relay host with a login (`RelayAuth`, a target marked `secure`) gets
+Postfix's `secure` level instead: STARTTLS is required (or, with
+`implicit_tls`, TLS from connect: port 465, RFC 8314), the certificate must
+verify against the configured CAs and name the host as configured, and only
+then does the agent AUTH, once, with the first of CRAM-MD5, PLAIN and LOGIN
+that the relay offers. No STARTTLS, a bad certificate, no AUTH offered or a
+refused login defer the mail (Postfix's soft bounce for SASL failures): the
+password never goes to a host that has not proved its name over TLS.
 
 SMTPUTF8 (RFC 6531): an envelope with a UTF-8 address (ingress accepts them)
 goes as `MAIL FROM:<...> SMTPUTF8` with UTF-8 commands to a host that offers
@@ -38,7 +46,7 @@ import asyncio
 import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
@@ -55,9 +63,24 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # host name for logs and DSN Remote-MTA
+    name: str  # for logs and DSN Remote-MTA; what a secure target's certificate must name
     address: str
     port: int
+    secure: bool = False  # the relay host with a login: verified TLS, then AUTH
+
+
+@dataclass(frozen=True)
+class RelayAuth:
+    """The login for a relay host, and the client TLS context that verifies it."""
+
+    user: str
+    password: str = field(repr=False)
+    tls: ssl.SSLContext = field(repr=False)
+    implicit_tls: bool = False  # TLS from the first byte (port 465, RFC 8314), not STARTTLS
+
+
+class RelayLoginError(aiosmtplib.SMTPException):
+    """The relay host cannot take our login safely (no STARTTLS, no AUTH) or refused it."""
 
 
 def _outcome_for(code: int) -> Outcome:
@@ -97,8 +120,10 @@ class DeliveryAgent:
         idle_s: float = 10.0,
         max_idle_per_target: int = 4,
         max_messages_per_connection: int = 100,
+        relay_auth: RelayAuth | None = None,
     ) -> None:
         self._helo = helo_hostname
+        self._relay_auth = relay_auth
         self._timeout_s = timeout_s
         self._tls = ssl.create_default_context()
         self._tls.check_hostname = False
@@ -155,22 +180,28 @@ class DeliveryAgent:
                 await _close(p.client)
 
     async def _connect(self, target: Target) -> _Parked:
+        auth = self._relay_auth if target.secure else None
+        implicit = auth is not None and auth.implicit_tls
         client = aiosmtplib.SMTP(
             hostname=target.address,
             port=target.port,
             timeout=self._timeout_s,
             local_hostname=self._helo,
+            use_tls=implicit,
             start_tls=False,
-            tls_context=self._tls,
+            tls_context=self._tls if auth is None else auth.tls,
         )
         self.connects += 1
         try:
             await client.connect()
             await client.ehlo()
-            tls = client.supports_extension("starttls")
-            if tls:
-                await client.starttls()
+            tls = implicit or client.supports_extension("starttls")
+            if tls and not implicit:
+                # a secure target's certificate must name the relay host as configured
+                await client.starttls(server_hostname=target.name)
                 await client.ehlo()
+            if auth is not None:
+                await _log_in(client, target, auth, tls)
         except BaseException:
             client.close()
             raise
@@ -268,6 +299,27 @@ class DeliveryAgent:
         protocol.write(dot_stuff(body) + b".\r\n")
         resp = await protocol.read_response(timeout=self._timeout_s)
         return _outcome_for(resp.code), f"{resp.code} {resp.message}", True
+
+
+async def _log_in(client: aiosmtplib.SMTP, target: Target, auth: RelayAuth, tls: bool) -> None:
+    if not tls:
+        raise RelayLoginError(
+            f"{target.name} does not offer STARTTLS; mqnode logs in to a relay only over TLS"
+        )
+    offered = client.supported_auth_methods  # ours that it offers, aiosmtplib's order
+    if not offered:
+        raise RelayLoginError(f"{target.name} offers no AUTH mechanism we speak over TLS")
+    # One mechanism, one try: aiosmtplib's login() tries the next one after a refusal,
+    # which counts twice against a relay's failed-login limits.
+    mechanism = {"cram-md5": client.auth_crammd5, "plain": client.auth_plain}.get(
+        offered[0], client.auth_login
+    )
+    try:
+        await mechanism(auth.user, auth.password)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        raise RelayLoginError(
+            f"{target.name} refused the login of {auth.user!r}: {exc.code} {exc.message}"
+        ) from exc
 
 
 async def _close(client: aiosmtplib.SMTP) -> None:

@@ -22,7 +22,7 @@ from .clock import Clock, SystemClock
 from .commands import Announce
 from .config import NodeConfig, parse_hostport
 from .control import AdminServer
-from .delivery import DeliveryAgent
+from .delivery import DeliveryAgent, RelayAuth
 from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, MqnodeError
 from .events import EventLog
@@ -38,6 +38,7 @@ from .smtpfront import InProcessFront, build_ingress, ingress_limits
 from .smtpworkers import WorkerPool
 from .statemachine import QueueStateMachine
 from .store import QueueStore
+from .tlsconfig import relay_client_context
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Node:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         cfg = self.cfg
         secret = cfg.read_secret()
+        relay_auth = self._relay_auth()  # a bad login file or CA file stops us here
         lock = _lock_data_dir(cfg)
         loop = asyncio.get_running_loop()
         store = QueueStore(cfg.data_path / "state", cfg.state_map_size_mb)
@@ -104,6 +106,7 @@ class Node:
             cfg.hostname,
             timeout_s=cfg.delivery_timeout_s,
             max_idle_per_target=cfg.per_destination_concurrency,
+            relay_auth=relay_auth,
         )
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         dispatcher = self._build_dispatcher(store, pipeline, agent, lease)
@@ -154,6 +157,13 @@ class Node:
             lock.close()
 
     # -- building the parts (one job each; run() wires them) ----------------------------
+
+    def _relay_auth(self) -> RelayAuth | None:
+        login = self.cfg.relay_login()
+        if login is None:
+            return None
+        tls = relay_client_context(self.cfg.relay_tls_ca_file)
+        return RelayAuth(login[0], login[1], tls, bool(self.cfg.relay_implicit_tls))
 
     def _build_raft(
         self, store: QueueStore, secret: str, loop: asyncio.AbstractEventLoop
@@ -224,7 +234,7 @@ class Node:
             store,
             pipeline,
             agent,
-            Router(relay, resolver, cfg.delivery_port),
+            Router(relay, resolver, cfg.delivery_port, relay_secure=bool(cfg.relay_auth_file)),
             lease,
             self.clock,
             RetryPolicy(cfg.retry_base_s, cfg.retry_max_s),

@@ -27,18 +27,23 @@ class Route:
 
 class Router:
     def __init__(
-        self, relay: tuple[str, int] | None, resolver: MxResolver | None, delivery_port: int
+        self,
+        relay: tuple[str, int] | None,
+        resolver: MxResolver | None,
+        delivery_port: int,
+        relay_secure: bool = False,
     ) -> None:
         if relay is None and resolver is None:
             raise ValueError("a router needs a relay host or an MX resolver")
         self._relay = relay
+        self._relay_secure = relay_secure  # verified TLS and a login (delivery.RelayAuth)
         self._resolver = resolver
         self._port = delivery_port
 
     async def route(self, domain: str) -> Route:
         if self._relay is not None:
             host, port = self._relay
-            return Route("targets", (Target(host, host, port),))
+            return Route("targets", (Target(host, host, port, secure=self._relay_secure),))
         assert self._resolver is not None
         answer = await self._resolver.resolve(domain)
         if answer.kind == "hosts":

@@ -1,8 +1,14 @@
-"""TLS for the SMTP listeners: one server-side `ssl.SSLContext` from a cert and key file.
+"""TLS contexts: the SMTP listeners' (server side) and the relay host's (client side).
 
-The same context serves STARTTLS on `smtp_addr` (RFC 3207) and implicit TLS
-on `smtps_addr` (RFC 8314). TLS 1.2 is the floor; client certificates are not
-asked for. The files are read once, at start-up: replacing a certificate
+`server_context`: the same context serves STARTTLS on `smtp_addr` (RFC 3207)
+and implicit TLS on `smtps_addr` (RFC 8314). TLS 1.2 is the floor; client
+certificates are not asked for.
+
+`relay_client_context`: what delivery to a relay host with a login uses: the
+relay's certificate must chain to `relay_tls_ca_file` (else the system's
+CAs) and name the relay host as configured; TLS 1.2 is the floor.
+
+The files are read once, at start-up: replacing a certificate or CA file
 means restarting the node (one node at a time).
 """
 
@@ -26,4 +32,16 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
         raise ConfigError(
             f"smtp_tls_cert/smtp_tls_key: cannot load {cert_file} / {key_file}: {exc}"
         ) from exc
+    return ctx
+
+
+def relay_client_context(ca_file: str) -> ssl.SSLContext:
+    """A verifying client context: `ca_file` (PEM) as trust anchors, or the system's if ""."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"relay_tls_ca_file: no such file: {ca_file}") from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"relay_tls_ca_file: cannot load {ca_file}: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx

@@ -54,7 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 START_TIMEOUT_S = 10.0
 # Longer than any test: a connection a client leaves open stays visibly open.
@@ -84,6 +84,7 @@ class DataEvent:
     at_s: float  # time.monotonic() when the final "." arrived
     tls: bool  # the transaction ran after a successful STARTTLS
     mail_options: tuple[str, ...] = ()  # MAIL FROM parameters (BODY=8BITMIME, SMTPUTF8)
+    auth_user: str = ""  # the login of an authenticated session (sinks with `users`)
 
     @property
     def accepted(self) -> bool:
@@ -183,9 +184,12 @@ class Sink:
         rcpt_delay_s: float = 0.0,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         smtputf8: bool = False,
+        users: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.smtputf8 = smtputf8
+        self.users = users
+        self._auth_attempts: list[tuple[str, bool, bool]] = []  # (login, ok, over TLS)
         self.idle_timeout_s = idle_timeout_s
         self.sock = sock
         self.address: tuple[str, int] = sock.getsockname()
@@ -236,6 +240,23 @@ class Sink:
         """RCPT commands received and not yet answered (only with `rcpt_delay_s`)."""
         with self._lock:
             return self._rcpt_in_progress
+
+    @property
+    def auth_attempts(self) -> list[tuple[str, bool, bool]]:
+        """Every AUTH that reached the authenticator: (login, accepted, over TLS)."""
+        with self._lock:
+            return list(self._auth_attempts)
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        login = bytes(getattr(data, "login", b"") or b"").decode("utf-8", "replace")
+        password = bytes(getattr(data, "password", b"") or b"").decode("utf-8", "replace")
+        ok = self.users is not None and self.users.get(login) == password
+        with self._lock:
+            self._auth_attempts.append((login, ok, session.ssl is not None))
+        # handled=False: aiosmtpd then answers a failure with 535 itself
+        return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
 
     def _rcpt_wait(self, delta: int) -> None:
         with self._lock:
@@ -289,6 +310,7 @@ class Sink:
                     time.monotonic(),
                     session.ssl is not None,
                     tuple(envelope.mail_options),
+                    str(session.auth_data or "") if session.authenticated else "",
                 )
             )
             self._in_progress += 1
@@ -403,6 +425,7 @@ class SinkHost:
         rcpt_delay_s: float = 0.0,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         smtputf8: bool = False,
+        users: dict[str, str] | None = None,
     ) -> Sink:
         """A sink serving on `sock` (bound and listening); served once started.
 
@@ -411,9 +434,13 @@ class SinkHost:
         then stuck before DATA). With `tls_context` it offers STARTTLS
         (opportunistic: not required). A connection idle for `idle_timeout_s`
         is closed by the sink (without a 421), as servers do. `smtputf8` offers
-        SMTPUTF8 (RFC 6531): UTF-8 addresses are accepted only then.
+        SMTPUTF8 (RFC 6531): UTF-8 addresses are accepted only then. `users`
+        (login -> password) makes it a relay that requires AUTH PLAIN/LOGIN, only
+        after STARTTLS, before MAIL (530 otherwise).
         """
-        sink = Sink(name, sock, reply_delay_s, tls_context, rcpt_delay_s, idle_timeout_s, smtputf8)
+        sink = Sink(
+            name, sock, reply_delay_s, tls_context, rcpt_delay_s, idle_timeout_s, smtputf8, users
+        )
         self._sinks.append(sink)
         if self._thread is not None:
             fut = asyncio.run_coroutine_threadsafe(self._serve_one(sink), self._loop)
@@ -503,6 +530,11 @@ class SinkHost:
                 tls_context=sink.tls_context,
                 timeout=sink.idle_timeout_s,
                 enable_SMTPUTF8=sink.smtputf8,
+                authenticator=sink._authenticate if sink.users is not None else None,
+                auth_required=sink.users is not None,
+                auth_require_tls=True,
+                # without users, no AUTH at all (aiosmtpd offers PLAIN/LOGIN by default)
+                auth_exclude_mechanism=[] if sink.users is not None else ["PLAIN", "LOGIN"],
                 loop=loop,
             ),
             sock=sink.sock,

@@ -9,6 +9,7 @@ import pytest
 
 from mqnode.config import NodeConfig, parse_hostport
 from mqnode.errors import ConfigError
+from mqnode.tlsconfig import relay_client_context
 
 SECRET = "0123456789abcdef-cluster-secret"
 
@@ -216,3 +217,83 @@ def test_unreadable_or_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("node_id = \n")
     with pytest.raises(ConfigError, match="--config"):
         NodeConfig.load(str(bad), {})
+
+
+# --- relay host login ------------------------------------------------------------------
+
+
+def _auth_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "relay-auth"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_relay_login_is_user_and_password(good: dict[str, Any], tmp_path: Path) -> None:
+    auth = _auth_file(tmp_path, "mailer@example.org:pa:ss word\n")
+    cfg = NodeConfig.load(
+        None, {**good, "relay_host": "smarthost.test:587", "relay_auth_file": str(auth)}
+    )
+    assert cfg.relay_login() == ("mailer@example.org", "pa:ss word")  # split at the first ":"
+    assert NodeConfig.load(None, good).relay_login() is None
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "said"),
+    [
+        ("user:secret\n", 0o644, "readable by others"),
+        ("user:secret\n", 0o640, "readable by others"),
+        ("no colon here\n", 0o600, "one line USER:PASSWORD"),
+        (":secret\n", 0o600, "one line USER:PASSWORD"),
+        ("user:\n", 0o600, "one line USER:PASSWORD"),
+        ("", 0o600, "one line USER:PASSWORD"),
+    ],
+)
+def test_bad_relay_auth_file_is_named(
+    good: dict[str, Any], tmp_path: Path, text: str, mode: int, said: str
+) -> None:
+    auth = _auth_file(tmp_path, text, mode)
+    cfg = NodeConfig.load(
+        None, {**good, "relay_host": "smarthost.test:587", "relay_auth_file": str(auth)}
+    )
+    with pytest.raises(ConfigError, match=f"relay_auth_file: .*{said}"):
+        cfg.relay_login()
+
+
+def test_missing_relay_auth_file(good: dict[str, Any], tmp_path: Path) -> None:
+    cfg = NodeConfig.load(
+        None, {**good, "relay_host": "h.test:25", "relay_auth_file": str(tmp_path / "nope")}
+    )
+    with pytest.raises(ConfigError, match="relay_auth_file: cannot read"):
+        cfg.relay_login()
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({"relay_auth_file": "/x"}, "need relay_host"),
+        (
+            {"relay_host": "h.test:25", "relay_tls_ca_file": "/ca.pem"},
+            "relay_tls_ca_file: only used",
+        ),
+        ({"relay_host": "h.test:25", "relay_implicit_tls": 1}, "relay_implicit_tls: only used"),
+        (
+            {"relay_host": "h.test:465", "relay_auth_file": "/x", "relay_implicit_tls": 2},
+            "relay_implicit_tls: 0 or 1",
+        ),
+    ],
+)
+def test_relay_settings_that_do_not_go_together(
+    good: dict[str, Any], extra: dict[str, Any], said: str
+) -> None:
+    with pytest.raises(ConfigError, match=said):
+        NodeConfig.load(None, {**good, **extra})
+
+
+def test_relay_ca_file_that_does_not_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="relay_tls_ca_file: no such file"):
+        relay_client_context(str(tmp_path / "missing.pem"))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="relay_tls_ca_file: cannot load"):
+        relay_client_context(str(junk))
