@@ -16,6 +16,10 @@ that the relay offers. No STARTTLS, a bad certificate, no AUTH offered or a
 refused login defer the mail (Postfix's soft bounce for SASL failures): the
 password never goes to a host that has not proved its name over TLS.
 
+SIZE (RFC 1870): MAIL carries `SIZE=n` to a host that offers the extension,
+and a message over the limit its EHLO announced bounces (5.3.4) without
+being sent, as Postfix does.
+
 SMTPUTF8 (RFC 6531): an envelope with a UTF-8 address (ingress accepts them)
 goes as `MAIL FROM:<...> SMTPUTF8` with UTF-8 commands to a host that offers
 the extension; a host that does not cannot take it, so its recipients bounce
@@ -259,7 +263,14 @@ class DeliveryAgent:
         if utf8 and not client.supports_extension("smtputf8"):
             out = Outcome.BOUNCED.value
             return [(i, out, SMTPUTF8_NOT_OFFERED) for i, _ in rcpts], False
+        limit = _size_limit(client)
+        if limit is not None and len(body) > limit:
+            # Postfix's answer too (a bounce): the host said up front it takes no more.
+            reply = f"552 5.3.4 message size {len(body)} exceeds the server's size limit {limit}"
+            return [(i, Outcome.BOUNCED.value, reply) for i, _ in rcpts], False
         options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(body)}")  # RFC 1870: it may refuse at MAIL, not after DATA
         if not body.isascii() and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")  # RFC 6152: declare 8-bit content where offered
         # MAIL and RCPT go straight to execute_command: the addresses were checked at
@@ -299,6 +310,12 @@ class DeliveryAgent:
         protocol.write(dot_stuff(body) + b".\r\n")
         resp = await protocol.read_response(timeout=self._timeout_s)
         return _outcome_for(resp.code), f"{resp.code} {resp.message}", True
+
+
+def _size_limit(client: aiosmtplib.SMTP) -> int | None:
+    """The SIZE the host announced in its EHLO (RFC 1870), None if none or unlimited (0)."""
+    value = client.esmtp_extensions.get("size", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 async def _log_in(client: aiosmtplib.SMTP, target: Target, auth: RelayAuth, tls: bool) -> None:

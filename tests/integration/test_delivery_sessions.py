@@ -67,3 +67,32 @@ def test_session_is_reset_only_after_an_unfinished_transaction(sink: Sink) -> No
         ("b@sink.test",),
         ("c@sink.test",),
     ]
+
+
+def test_size_is_declared_and_a_message_over_the_hosts_limit_is_not_sent() -> None:
+    """RFC 1870: MAIL says SIZE=n; past the SIZE the host announced, a 5.3.4 bounce at once."""
+    _port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        small = host.add("small", socks["127.0.0.1"], data_size_limit=4096)
+        target = Target("small.test", *small.address)
+        big = BODY + b"x" * 5000 + b"\r\n"
+
+        async def run() -> list[tuple[int, str, str]]:
+            agent = DeliveryAgent("client.test", timeout_s=10)
+            try:
+                out = []
+                for body in (BODY, big):
+                    results, _ = await agent.deliver(
+                        (target,), "from@client.test", [(0, "to@small.test")], body, lambda: True
+                    )
+                    out += results
+                return out
+            finally:
+                await agent.close()
+
+        fits, too_big = asyncio.run(run())
+    assert fits[1] == Outcome.DELIVERED.value
+    assert [d.mail_options for d in small.delivered()] == [(f"SIZE={len(BODY)}",)]
+    assert too_big[1] == Outcome.BOUNCED.value
+    assert too_big[2] == f"552 5.3.4 message size {len(big)} exceeds the server's size limit 4096"
+    assert len(small.rcpts) == 1  # the big one never got as far as RCPT

@@ -185,8 +185,10 @@ class Sink:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         smtputf8: bool = False,
         users: dict[str, str] | None = None,
+        data_size_limit: int = 64 * 1024 * 1024,
     ) -> None:
         self.name = name
+        self.data_size_limit = data_size_limit
         self.smtputf8 = smtputf8
         self.users = users
         self._auth_attempts: list[tuple[str, bool, bool]] = []  # (login, ok, over TLS)
@@ -426,6 +428,7 @@ class SinkHost:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         smtputf8: bool = False,
         users: dict[str, str] | None = None,
+        data_size_limit: int = 64 * 1024 * 1024,
     ) -> Sink:
         """A sink serving on `sock` (bound and listening); served once started.
 
@@ -436,10 +439,19 @@ class SinkHost:
         is closed by the sink (without a 421), as servers do. `smtputf8` offers
         SMTPUTF8 (RFC 6531): UTF-8 addresses are accepted only then. `users`
         (login -> password) makes it a relay that requires AUTH PLAIN/LOGIN, only
-        after STARTTLS, before MAIL (530 otherwise).
+        after STARTTLS, before MAIL (530 otherwise). `data_size_limit` is the SIZE
+        its EHLO announces and enforces.
         """
         sink = Sink(
-            name, sock, reply_delay_s, tls_context, rcpt_delay_s, idle_timeout_s, smtputf8, users
+            name,
+            sock,
+            reply_delay_s,
+            tls_context,
+            rcpt_delay_s,
+            idle_timeout_s,
+            smtputf8,
+            users,
+            data_size_limit,
         )
         self._sinks.append(sink)
         if self._thread is not None:
@@ -526,7 +538,7 @@ class SinkHost:
                 sink,
                 self,
                 hostname=f"{sink.name}.sink.test",
-                data_size_limit=64 * 1024 * 1024,
+                data_size_limit=sink.data_size_limit,  # announced as SIZE in EHLO
                 tls_context=sink.tls_context,
                 timeout=sink.idle_timeout_s,
                 enable_SMTPUTF8=sink.smtputf8,
