@@ -42,6 +42,7 @@ class FaultContext:
     cluster: Cluster
     rng: random.Random
     marks: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, int] = field(default_factory=dict)  # what a script saw (Raft terms)
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.monotonic()
@@ -62,6 +63,7 @@ class Report:
     failover_s: float | None
     details: list[str] = field(default_factory=list)
     no_majority_acks: int = 0  # 250s given while no majority could exist (kill-two)
+    note: str = ""  # for the table's notes column
 
     def ok(self) -> bool:
         return (
@@ -288,6 +290,31 @@ def partition_leader(after_s: float, isolated_s: float) -> FaultScript:
         for n in c.nodes:
             post_json(c, n.index, "/fault/partition", {"block": []})
         ctx.mark("heal")
+
+    return script
+
+
+def partition_follower(after_s: float, isolated_s: float) -> FaultScript:
+    """Cut one follower off from both others, then heal. With pre-vote (W25) the leader
+    keeps its term throughout: `facts` holds the term before the cut and after the heal."""
+
+    def script(ctx: FaultContext) -> None:
+        c = ctx.cluster
+        ctx.sleep(after_s)
+        lead = c.wait_for_leader(20)
+        ctx.facts["term_before"] = int(c.status(lead)["term"])
+        cut = next(n for n in c.nodes if n.index != lead)
+        others = [n for n in c.nodes if n is not cut]
+        ctx.mark("fault")
+        post_json(c, cut.index, "/fault/partition", {"block": [n.raft_addr for n in others]})
+        for n in others:
+            post_json(c, n.index, "/fault/partition", {"block": [cut.raft_addr]})
+        ctx.sleep(isolated_s)
+        for n in c.nodes:
+            post_json(c, n.index, "/fault/partition", {"block": []})
+        ctx.mark("heal")
+        ctx.sleep(1.0)  # a disruptive rejoin would have forced its election by now
+        ctx.facts["term_after"] = int(c.status(c.wait_for_leader(20))["term"])
 
     return script
 

@@ -32,3 +32,13 @@ def test_a_missing_file_is_written_whole(tmp_path: Path) -> None:
     out = tmp_path / "new.md"
     write_markdown([_report("kill-two", 3)], "python -m bench.chaos", out)
     assert out.read_text().startswith("# Reliability: fault runs")
+
+
+def test_a_scenario_note_goes_to_the_notes_column(tmp_path: Path) -> None:
+    out = tmp_path / "r.md"
+    report = _report("partition-follower", 9)
+    report.note = "leader term 1 -> 1"
+    write_markdown([report], "python -m bench.chaos", out)
+    assert "| partition-follower | 14 | 9 | 5 | 0 | 0 | 0 | 0.50 | leader term 1 -> 1 |" in (
+        out.read_text()
+    )
