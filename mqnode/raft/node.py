@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -137,6 +138,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         conf = self._conf()
         self._prevote = PreVote()
         self._prevote_alive_s = float(conf.raftMinTimeout)
+        self._prevote_rng = random.Random()
         # Well inside pysyncobj's idle-connection timeout (see DeferringTransport.keep_alive).
         self._keepalive_s = conf.connectionTimeout / 4
         self._sync = _SyncObj(self, settings.self_addr, peers, conf, self._journal)
@@ -276,7 +278,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         while not self._stop.is_set():
             try:
                 now = _pysyncobj_now()
-                wait = self._pacer.wait_s(now, tick_s)
+                wait = min(self._pacer.wait_s(now, tick_s), self._until_election_s(now))
                 self._poll_until = now + wait  # pysyncobj polls this long after the tick
                 self._flush_before_tick()
                 self._gate_election()  # pre-vote: prevote.py

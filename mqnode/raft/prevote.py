@@ -14,12 +14,21 @@ and index to the voting members. A member grants (`grants`) when it is not
 the leader, has not heard from a leader for the minimum election timeout
 (Raft's rule: a leader heard since then is alive), and the
 candidate's log is at least as up to date as its own (the vote rule).
-Granting changes nothing in the granter. With grants from a majority
+Granting changes no term or vote; it only postpones the granter's own
+election timer, so the candidate it backs stands alone. With grants from a majority
 (itself included) the timer is released and pysyncobj runs its election,
 with a new term. Otherwise the round lapses and another starts at the next
 timeout. A member that refuses a candidate only because that candidate's log
 is behind its own, with no leader alive, runs its own round at once (the
 up-to-date member should stand: see `_mq_after_vote_request`).
+
+A leader that dies closes its connections (kill -9, a crash, a restart: the
+kernel closes them at once; a partition does not). A follower whose
+connection to its leader closes stops counting that leader as heard and
+stands within `EARLY_STAND_MAX_S` (random, so the two followers of a 3-node
+cluster rarely stand together) instead of after a whole election timeout:
+`PreVoteOps._on_leader_link_lost`. Pre-vote keeps this safe: while the
+leader lives, the members still connected to it refuse.
 
 Not gated: a leadership transfer (the leader asked for it with timeout_now,
 and the others still hear it, so they would refuse). A joining node never
@@ -32,12 +41,14 @@ upgrade keeps a leader throughout.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 
 log = logging.getLogger("mqnode.raft")
 
+EARLY_STAND_MAX_S = 0.1  # after the leader's connection closed: stand within this
 PREVOTE = "mq_prevote"
 PREVOTE_GRANTED = "mq_prevote_granted"
 _LEADER = 2
@@ -107,7 +118,35 @@ class PreVoteOps:
     _sync: Any
     _prevote: PreVote
     _prevote_alive_s: float
+    _prevote_rng: random.Random
     _joining: bool
+
+    def _on_leader_link_lost(self) -> None:
+        """Tick thread (the transport): our connection to the leader closed; stand soon."""
+        sync = self._sync
+        sync._SyncObj__transport.mq_leader_heard_at = None
+        if self._joining or sync._SyncObj__transferInProgress:
+            return
+        soon = _pysyncobj_now() + self._prevote_rng.uniform(0.0, EARLY_STAND_MAX_S)
+        if sync._SyncObj__raftElectionDeadline > soon:
+            sync._SyncObj__raftElectionDeadline = soon
+            log.info(
+                "raft: the connection to the leader closed; standing within %.0f ms "
+                "unless the others still hear it",
+                EARLY_STAND_MAX_S * 1000,
+            )
+
+    def _until_election_s(self, now: float) -> float:
+        """Seconds until this node's election timer runs out (inf while leading).
+
+        The tick's poll sleeps at most this long, so each member stands at its own
+        random moment: with a fixed poll period both followers woke at the same tick
+        after a leader's death, passed their pre-votes together and split the vote.
+        """
+        sync = self._sync
+        if sync._SyncObj__raftState == _LEADER:
+            return float("inf")
+        return max(0.0, float(sync._SyncObj__raftElectionDeadline) - now)
 
     def _gate_election(self) -> None:
         """Tick thread, before each tick: hold pysyncobj's election until a pre-vote passes."""
@@ -175,6 +214,11 @@ class PreVoteOps:
             ours=ours,
         ):
             transport.send(node, {"type": PREVOTE_GRANTED, "round": message.get("round")})
+            # Let the candidate we back stand alone: had our own (early) timer run out
+            # meanwhile, both would pass and split the vote (seen after a leader's
+            # kill, where both followers stand within EARLY_STAND_MAX_S).
+            now = _pysyncobj_now()
+            sync._SyncObj__raftElectionDeadline = now + sync._SyncObj__generateRaftTimeout()
         elif not (is_leader or self._joining) and (
             heard_s is None or heard_s >= self._prevote_alive_s
         ):

@@ -5,8 +5,9 @@ until the tick's journal flush; a mismatch answer skips the whole
 conflicting term; a success never rewinds the leader's next index past
 batches already in flight; `mq_blocked` drops traffic to and from given
 peers (the fault suite's partition); pre-vote messages go to the RaftNode
-(prevote.py), and `mq_leader_heard_at` notes the last append_entries
-pysyncobj will accept (of our term or later). Messages are encrypted with the
+(prevote.py), `mq_leader_heard_at` notes the last append_entries pysyncobj
+will accept (of our term or later), and a closed connection to the leader
+tells the RaftNode to stand soon (prevote.py, W26). Messages are encrypted with the
 cluster secret (its `password` setting; AES-GCM, see wire.py); pysyncobj closes a
 connection whose messages do not decrypt without a word, so we log both
 sides of it, at most once a minute per address: the receiving side (an
@@ -140,6 +141,14 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         super()._onOutgoingMessageReceived(conn, message)
 
     def _onDisconnected(self, conn: Any) -> None:
+        sync = self._syncObj
+        leader = sync._SyncObj__raftLeader
+        if (
+            leader is not None
+            and leader != sync._SyncObj__selfNode
+            and self._connToNode(conn) == leader
+        ):
+            sync._mq_owner._on_leader_link_lost()  # prevote.py: stand soon
         peer, watched = self._mq_incoming.pop(conn, ("", None))
         if watched is not None and watched.failed:
             self._warn_once(

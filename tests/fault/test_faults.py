@@ -166,6 +166,19 @@ def test_a_cut_off_follower_comes_back_without_an_election(tmp_path: Path, cut: 
     assert "no majority would vote for this node" in log, log[-3000:]
 
 
+def test_a_killed_leaders_closed_connection_starts_the_election_early(tmp_path: Path) -> None:
+    """W26: kill -9 closes the leader's connections at once; the followers stand within
+    EARLY_STAND_MAX_S (through pre-vote) instead of after an election timeout."""
+    with Cluster(tmp_path) as c:
+        lead = c.leader()
+        c.kill(lead)
+        survivors = [i for i in range(3) if i != lead]
+        new = c.wait_for_leader(20, among=survivors)
+        logs = [c.nodes[i].log_path.read_text() for i in survivors]
+    assert new != lead
+    assert any("the connection to the leader closed; standing within" in t for t in logs), logs
+
+
 def test_ex_leader_taking_a_snapshot_never_acks_its_own_uncommitted_entries(
     tmp_path: Path,
 ) -> None:
