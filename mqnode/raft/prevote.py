@@ -217,8 +217,9 @@ class PreVoteOps:
             # Let the candidate we back stand alone: had our own (early) timer run out
             # meanwhile, both would pass and split the vote (seen after a leader's
             # kill, where both followers stand within EARLY_STAND_MAX_S).
-            now = _pysyncobj_now()
-            sync._SyncObj__raftElectionDeadline = now + sync._SyncObj__generateRaftTimeout()
+            # Never sooner than it was (a joining node's timer is infinite).
+            later = _pysyncobj_now() + sync._SyncObj__generateRaftTimeout()
+            sync._SyncObj__raftElectionDeadline = max(sync._SyncObj__raftElectionDeadline, later)
         elif not (is_leader or self._joining) and (
             heard_s is None or heard_s >= self._prevote_alive_s
         ):
