@@ -260,14 +260,7 @@ class NodeConfig:
         if not self.relay_auth_file:
             return None
         path = Path(self.relay_auth_file)
-        try:
-            mode = path.stat().st_mode
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-            raise ConfigError(f"relay_auth_file: cannot read {path}: {reason}") from exc
-        if mode & 0o077:
-            raise ConfigError(f"relay_auth_file: {path} is readable by others; chmod 600 it")
+        lines = _read_owned(path, "relay_auth_file", 0o077).splitlines()
         user, sep, password = (lines[0] if lines else "").partition(":")
         if not sep or not user.strip() or not password:
             raise ConfigError(f"relay_auth_file: {path} must hold one line USER:PASSWORD")
@@ -290,15 +283,22 @@ class NodeConfig:
         return Path(os.path.abspath(self.data_dir))
 
 
-def _read_private(path: Path, key: str, forbidden_mode: int) -> str:
-    """A secret from a file that only its owner (and, per mode, group) may read; >= 16 chars."""
+def _read_owned(path: Path, key: str, forbidden_mode: int) -> str:
+    """A file only its owner (and, per mode, group) may read; ConfigError else."""
     try:
         st = path.stat()
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+        value = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ConfigError(f"{key}: cannot read {path}: {reason}") from exc
     if st.st_mode & forbidden_mode:
         raise ConfigError(f"{key}: {path} is readable by others; chmod 600 it")
+    return value
+
+
+def _read_private(path: Path, key: str, forbidden_mode: int) -> str:
+    """A secret from a file that only its owner (and, per mode, group) may read; >= 16 chars."""
+    value = _read_owned(path, key, forbidden_mode).strip()
     if len(value) < 16:
         raise ConfigError(f"{key}: the secret in {path} must be at least 16 characters")
     return value

@@ -17,6 +17,7 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.syncobj import _RAFT_STATE
 
 from .. import membership
 from ..logstore import LogStore
@@ -38,7 +39,7 @@ _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 # A follower commits its state at most this often while busy (pacing.StateCommitPacer).
 FOLLOWER_STATE_COMMIT_S = 0.025
 FOLLOWER_STATE_HOLD_MAX_FILL = 0.5  # a fuller state map commits every tick
-_LEADER = 2
+_LEADER = _RAFT_STATE.LEADER
 
 
 def refused_for_log(message: dict[str, Any], term: int, ours: tuple[int, int]) -> bool:

@@ -45,13 +45,14 @@ import random
 from typing import Any
 
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
+from pysyncobj.syncobj import _RAFT_STATE
 
 log = logging.getLogger("mqnode.raft")
 
 EARLY_STAND_MAX_S = 0.1  # after the leader's connection closed: stand within this
 PREVOTE = "mq_prevote"
 PREVOTE_GRANTED = "mq_prevote_granted"
-_LEADER = 2
+_LEADER = _RAFT_STATE.LEADER
 
 
 def grants(

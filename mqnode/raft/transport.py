@@ -216,15 +216,15 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         sent_up_to = next_index.get(node)
         message = commit_unverified_no_further(message, self._syncObj.raftCommitIndex)
         super()._onMessageReceived(node, message)
-        if message.get("type") == "request_vote":
+        if kind == "request_vote":
             self._syncObj._mq_after_vote_request(message)
-        if message.get("type") == "next_node_idx" and message.get("reset"):
+        if kind == "next_node_idx" and message.get("reset"):
             self.mq_resend = True  # retry at once, not at the next heartbeat
         # pysyncobj sets nextIndex to the acked position on every success, rewinding past
         # batches already in flight, which it then re-sends and the follower truncates and
         # re-appends. A success only confirms a prefix: keep what was already sent.
         if (
-            message.get("type") == "next_node_idx"
+            kind == "next_node_idx"
             and message.get("success")
             and not message.get("reset")
             and sent_up_to is not None
