@@ -10,13 +10,14 @@ docs/design/dispatch.md). Each scan:
   3. delivers each granted message once its destinations' permits and a
      delivery slot are free (re-read then: one held, deleted or re-claimed
      meanwhile is left alone):
-     recipients grouped by domain, each group routed (relay or MX) and sent
-     with a lease gate before the final ".";
+     recipients grouped by destination (the relay host, else the domain:
+     routing.py), each group routed and sent with a lease gate before the
+     final ".";
   4. commits RecordOutcome per message (split so entries stay small), with
      a bounce (DSN) for bounced recipients in the same command, and bounces
      recipients deferred past `max_queue_lifetime_s` (4.4.7).
 
-Limits: `concurrency` (C) deliveries in flight, `per_destination` per domain,
+Limits: `concurrency` (C) deliveries in flight, `per_destination` per destination,
 `batch` per scan, a scan every `scan_interval_s` unless woken.
 A failover can duplicate at most the C messages in flight at that moment.
 
@@ -29,7 +30,7 @@ Waiting messages were never sent, so they cannot be duplicated; after a
 failover the new leader sends them once the old lease is waited out, as any
 claimed message.
 
-Destinations (recipient domains) never block the others: an attempt takes
+Destinations (recipient domains, or the one relay host) never block the others: an attempt takes
 the permits of all its message's destinations (in name order, so two
 multi-domain messages cannot wait on each other) *before* a delivery slot,
 so a slot is only ever held by a transaction in progress; the permits go
@@ -113,7 +114,7 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(settings.concurrency)
         # Per destination: a semaphore and how many attempts hold or wait for it. Dropped
         # when nobody does, so a node that has sent to millions of domains keeps none.
-        self._per_domain: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        self._per_dest: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._in_flight: set[str] = set()
         self._claimed_for: dict[str, int] = {}  # destination -> messages claimed here for it
         # Destinations of due messages seen by scans, so a scan passes over those for a
@@ -203,7 +204,7 @@ class Dispatcher:
             for msg in due:
                 if msg.claim_epoch not in (0, epoch) and not waited_out:
                     continue  # another leader's claim: wait out its lease first
-                dests = self._dests_seen[msg.queue_id] = destinations(msg)
+                dests = self._dests_seen[msg.queue_id] = self._destinations(msg)
                 if full(dests):
                     continue  # that destination has enough waiting here: look further
                 picked[msg.queue_id] = dests
@@ -225,6 +226,10 @@ class Dispatcher:
             task = asyncio.create_task(self._attempt(qid, epoch, dests), name=f"deliver-{qid}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _destinations(self, msg: QueuedMessage) -> tuple[str, ...]:
+        """A message's pending destinations, sorted (the order permits are taken in)."""
+        return destinations(msg, self._router.nexthop)
 
     def _count_claims(self, dests: tuple[str, ...], delta: int) -> None:
         for d in dests:
@@ -269,11 +274,11 @@ class Dispatcher:
         self, msg: QueuedMessage, epoch: int, sent: Callable[[], Awaitable[None]]
     ) -> None:
         """Send to every pending destination, call `sent()`, record the outcome."""
-        by_domain: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
+        by_dest: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
         for i, r in enumerate(msg.recipients):
             if r.state is RcptState.PENDING:
-                by_domain[domain_of(r.address)].append((i, r.address))
-        if not by_domain:
+                by_dest[self._router.nexthop(domain_of(r.address))].append((i, r.address))
+        if not by_dest:
             return
         try:
             body = self._store.read_body(msg)
@@ -282,24 +287,25 @@ class Dispatcher:
             # (raising left it claimed and due: the same error every scan).
             log.error("%s: cannot read the message body: %s", msg.queue_id, exc)
             reply = f"4.3.0 queued message damaged on {self._s.node_id}: {exc}"
-            pending = [i for rcpts in by_domain.values() for i, _ in rcpts]
+            pending = [i for rcpts in by_dest.values() for i, _ in rcpts]
             await self._record(
                 msg, epoch, [(i, Outcome.DEFERRED.value, reply) for i in pending], {}, b""
             )
             return
         results: list[RecipientResult] = []
         remote: dict[int, str] = {}
-        for domain, rcpts in by_domain.items():
-            part, host = await self._deliver_domain(domain, rcpts, msg, body, epoch)
+        for dest, rcpts in by_dest.items():
+            part, host = await self._deliver_to(dest, rcpts, msg, body, epoch)
             results += part
             remote.update((i, host) for i, _, _ in part)
         await sent()
         await self._record(msg, epoch, results, remote, body)
 
-    async def _deliver_domain(
-        self, domain: str, rcpts: list[tuple[int, str]], msg: QueuedMessage, body: bytes, epoch: int
+    async def _deliver_to(
+        self, dest: str, rcpts: list[tuple[int, str]], msg: QueuedMessage, body: bytes, epoch: int
     ) -> tuple[list[RecipientResult], str]:
-        route = await self._router.route(domain)
+        """One transaction for `rcpts`, all bound for destination `dest`."""
+        route = await self._router.route(dest)
         if route.kind == "bounce":
             return [
                 (i, Outcome.BOUNCED.value, f"{route.status} {route.reason}") for i, _ in rcpts
@@ -308,14 +314,15 @@ class Dispatcher:
             return [
                 (i, Outcome.DEFERRED.value, f"{route.status} {route.reason}") for i, _ in rcpts
             ], ""
-        try:  # the domain's permit is held already (_attempt)
+        tls_required = self._s.tls_required_domains
+        try:  # the destination's permit is held already (_attempt)
             return await self._agent.deliver(
                 route.targets,
                 msg.mail_from,
                 rcpts,
                 body,
                 gate=lambda: self._lease.valid(epoch),
-                require_tls=domain in self._s.tls_required_domains,
+                require_tls=any(domain_of(a) in tls_required for _, a in rcpts),
             )
         except LeaseLost:
             raise
@@ -323,29 +330,29 @@ class Dispatcher:
             # A bug, not the remote host: defer with backoff (Postfix: "deferred:
             # internal error") instead of leaving it claimed and due, which re-ran
             # the same crash every scan (seen with a UTF-8 address).
-            log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, domain)
-            reply = f"4.3.0 internal error delivering to {domain}: {type(exc).__name__}"
+            log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, dest)
+            reply = f"4.3.0 internal error delivering to {dest}: {type(exc).__name__}"
             return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
 
     async def _take_permits(self, stack: contextlib.AsyncExitStack, dests: tuple[str, ...]) -> None:
         """One `per_destination` permit of each destination, taken in name order."""
-        for domain in dests:  # sorted by destinations(): no two attempts wait in a cycle
-            await stack.enter_async_context(self._destination(domain))
+        for dest in dests:  # sorted by destinations(): no two attempts wait in a cycle
+            await stack.enter_async_context(self._destination(dest))
 
     @contextlib.asynccontextmanager
-    async def _destination(self, domain: str) -> AsyncIterator[None]:
-        """One of the domain's `per_destination` permits for the body of the block."""
-        sem, users = self._per_domain.get(domain) or (asyncio.Semaphore(self._s.per_destination), 0)
-        self._per_domain[domain] = (sem, users + 1)
+    async def _destination(self, dest: str) -> AsyncIterator[None]:
+        """One of the destination's `per_destination` permits for the body of the block."""
+        sem, users = self._per_dest.get(dest) or (asyncio.Semaphore(self._s.per_destination), 0)
+        self._per_dest[dest] = (sem, users + 1)
         try:
             async with sem:
                 yield
         finally:
-            sem, users = self._per_domain[domain]
+            sem, users = self._per_dest[dest]
             if users > 1:
-                self._per_domain[domain] = (sem, users - 1)
+                self._per_dest[dest] = (sem, users - 1)
             else:
-                del self._per_domain[domain]
+                del self._per_dest[dest]
 
     # -- recording -------------------------------------------------------------------------
     async def _record(
@@ -414,10 +421,13 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def destinations(msg: QueuedMessage) -> tuple[str, ...]:
-    """The domains of a message's pending recipients, sorted (the order permits are taken)."""
+def destinations(msg: QueuedMessage, nexthop: Callable[[str], str]) -> tuple[str, ...]:
+    """The destinations of a message's pending recipients, sorted (the order permits are
+    taken in); `nexthop` maps a recipient domain to its destination (Router.nexthop)."""
     return tuple(
-        sorted({domain_of(r.address) for r in msg.recipients if r.state is RcptState.PENDING})
+        sorted(
+            {nexthop(domain_of(r.address)) for r in msg.recipients if r.state is RcptState.PENDING}
+        )
     )
 
 

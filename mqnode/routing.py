@@ -1,5 +1,10 @@
 """Router: where mail for a domain goes — the relay host, or the domain's MX hosts.
 
+A destination ("nexthop") is what per-destination limits count and what one
+SMTP transaction carries: the relay host when there is one (all mail goes
+there: Postfix counts its relayhost as one nexthop too), else the recipient
+domain.
+
 Outcomes of a lookup (RFC 5321 5.1, RFC 7505):
     targets  addresses to try in order (MX preference, then A/AAAA order)
     bounce   null MX (5.1.10) or no such domain (5.1.2): final for these recipients
@@ -40,11 +45,20 @@ class Router:
         self._resolver = resolver
         self._port = delivery_port
 
-    async def route(self, domain: str) -> Route:
+    def nexthop(self, domain: str) -> str:
+        """The destination of mail for `domain` (see the module docstring)."""
+        if self._relay is not None:
+            host, port = self._relay
+            return f"[{host}]:{port}"
+        return domain
+
+    async def route(self, nexthop: str) -> Route:
+        """Where to send mail for `nexthop` (a domain when there is no relay host)."""
         if self._relay is not None:
             host, port = self._relay
             return Route("targets", (Target(host, host, port, secure=self._relay_secure),))
         assert self._resolver is not None
+        domain = nexthop
         answer = await self._resolver.resolve(domain)
         if answer.kind == "hosts":
             targets = tuple(

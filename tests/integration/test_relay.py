@@ -18,6 +18,7 @@ import pytest
 from mqnode.devsink import read_sink
 from tests.support.cluster import FAST_TUNING, Cluster, free_ports
 from tests.support.smtp import make_message, submit
+from tests.support.smtpsink import SinkHost, bind_common_port
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +147,45 @@ def test_event_log_follows_each_message(relay_cluster: tuple[Cluster, Path]) -> 
             break
         time.sleep(0.2)
     assert "committed" in hooked and "delivered" in hooked, hooked
+
+
+def test_the_relay_host_is_one_destination_for_every_recipient_domain(tmp_path: Path) -> None:
+    """With a relay host, `per_destination_concurrency` bounds the transactions open at the
+    relay whatever the recipient domains (Postfix counts its relayhost as one nexthop), and
+    a message for several domains reaches the relay once, with all its recipients. (Per
+    domain, four domains here had 8 transactions open at the relay, and a message for two
+    domains went twice.)"""
+    per_destination = 2
+    with SinkHost() as host:
+        _, socks = bind_common_port(["127.0.0.1"])
+        sink = host.add("relay", socks["127.0.0.1"], reply_delay_s=0.3)
+        args = (
+            *FAST_TUNING,
+            *("--delivery-concurrency", "8"),
+            *("--per-destination-concurrency", str(per_destination)),
+        )
+        relay = f"127.0.0.1:{sink.address[1]}"
+        with Cluster(tmp_path / "c", extra_args=args, relay_host=relay) as c:
+            lead = c.leader()
+            sent: dict[str, tuple[str, ...]] = {}
+            for k in range(12):
+                rcpts = (f"u{k}@d{k % 4}.test",)
+                if k % 3 == 0:
+                    rcpts += (f"v{k}@d{(k + 1) % 4}.test",)
+                msg = make_message(1024, rcpt=rcpts[0])
+                code, text, _ = submit(
+                    "127.0.0.1", c.nodes[lead].smtp_port, "a@client.test", list(rcpts), msg.data
+                )
+                assert code == 250, (code, text)
+                sent[msg.message_id] = rcpts
+
+            def arrived() -> tuple[bool | None, str]:
+                got = {d.message_id for d in sink.delivered()}
+                missing = set(sent) - got
+                return (True if not missing else None), f"{len(missing)} not at the relay"
+
+            c.poll("every message at the relay", arrived, 60.0)
+    copies = Counter(d.message_id for d in sink.delivered())
+    assert all(copies[m] == 1 for m in sent), copies
+    assert {d.message_id: d.rcpts for d in sink.delivered()} == sent
+    assert 1 <= sink.most_in_progress <= per_destination, sink.most_in_progress

@@ -28,7 +28,8 @@ A DATA is recorded when its final "." arrives, *before* the (possibly
 delayed, `reply_delay_s`) reply is written: like a real MTA that commits the
 message and then answers, so a client that dies while waiting for the reply
 leaves a message that was delivered although the client never learnt it.
-`in_progress` counts transactions between their final "." and their reply;
+`in_progress` counts transactions between their final "." and their reply
+(`most_in_progress`: the most at once so far);
 `connections`, `open_connections` and `quits` count TCP connections accepted,
 still open, and QUIT commands. With a `tls_context` the sink offers STARTTLS
 (`self_signed_tls` makes one) and `DataEvent.tls` says whether it was used.
@@ -207,6 +208,7 @@ class Sink:
         self.open_connections = 0  # not yet closed (by either side)
         self.quits = 0
         self._in_progress = 0
+        self._most_in_progress = 0
         self._rcpt_in_progress = 0
 
     # -- configuration ------------------------------------------------------------
@@ -236,6 +238,11 @@ class Sink:
         """Transactions whose final "." arrived and whose reply is not yet written."""
         with self._lock:
             return self._in_progress
+
+    @property
+    def most_in_progress(self) -> int:
+        with self._lock:
+            return self._most_in_progress
 
     @property
     def rcpt_in_progress(self) -> int:
@@ -316,6 +323,7 @@ class Sink:
                 )
             )
             self._in_progress += 1
+            self._most_in_progress = max(self._most_in_progress, self._in_progress)
         return reply
 
     def _reply_sent(self) -> None:

@@ -12,12 +12,15 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from mqnode.clock import ManualClock
 from mqnode.commands import Command, LeaseRenew, QueueOp
 from mqnode.delivery import RecipientResult, Target
 from mqnode.dispatcher import CLAIM_AHEAD, Dispatcher, DispatchSettings
 from mqnode.lease import LeaderLease
 from mqnode.model import Outcome, QueuedMessage
+from mqnode.mx import MxAnswer, MxHost
 from mqnode.policy import RetryPolicy
 from mqnode.routing import Router
 from mqnode.statemachine import Result
@@ -26,6 +29,14 @@ from mqnode.store import QueueStore
 from .kit import T0, Transcript, enqueue
 
 EPOCH = 5
+RELAY = ("127.0.0.1", 2525)
+
+
+class AnyDomainMx:
+    """MxResolver's interface: every domain has one MX host (the agent never connects)."""
+
+    async def resolve(self, domain: str) -> MxAnswer:
+        return MxAnswer("hosts", (MxHost(10, f"mx.{domain}", ("127.0.0.1",)),), "")
 
 
 class LocalLog:
@@ -48,6 +59,7 @@ class ScriptedAgent:
 
     def __init__(self) -> None:
         self.sent: list[str] = []  # Message bodies' first line per attempt, in order
+        self.rcpts: list[tuple[str, ...]] = []  # the recipients of each transaction sent
         self.open = 0
         self.most_open = 0
         self.release = asyncio.Event()
@@ -70,6 +82,7 @@ class ScriptedAgent:
             self.behave(body)
             assert gate(), "sent without a valid lease"
             self.sent.append(body.split(b"\r\n", 1)[0].decode())
+            self.rcpts.append(tuple(a for _, a in rcpts))
             return [(i, Outcome.DELIVERED.value, "250 2.0.0 Ok") for i, _ in rcpts], "sink"
         finally:
             self.open -= 1
@@ -79,7 +92,13 @@ class ScriptedAgent:
 
 
 class Harness:
-    def __init__(self, store: QueueStore, concurrency: int = 2, per_destination: int = 0) -> None:
+    def __init__(
+        self,
+        store: QueueStore,
+        concurrency: int = 2,
+        per_destination: int = 0,
+        relay: bool = False,
+    ) -> None:
         self.clock = ManualClock(wall_ms=T0 + 60_000)
         self.tx = Transcript(store)
         self.log = LocalLog(self.tx)
@@ -100,7 +119,7 @@ class Harness:
             store,
             self.log,
             self.agent,  # type: ignore[arg-type]
-            Router(("127.0.0.1", 2525), None, 25),
+            Router(RELAY, None, 25) if relay else Router(None, AnyDomainMx(), 25),  # type: ignore[arg-type]
             self.lease,
             self.clock,
             RetryPolicy(),
@@ -230,7 +249,7 @@ def test_per_destination_limit_and_no_state_kept_for_idle_destinations(
             await h.d._scan()
             await h.finish()
         assert h.agent.most_open == 2 and len(h.agent.sent) == 4
-        assert h.d._per_domain == {}, "semaphores kept for destinations nobody uses"
+        assert h.d._per_dest == {}, "semaphores kept for destinations nobody uses"
 
     asyncio.run(run())
 
@@ -299,6 +318,52 @@ def test_messages_to_several_destinations_never_wait_on_each_other(store: QueueS
         # One SMTP transaction per destination of each message.
         assert sorted(h.agent.sent) == [f"Subject: M{k:03d}" for k in (0, 0, 1, 1, 2, 3)]
         assert h.agent.most_open == 1
-        assert h.d._per_domain == {} and h.d._claimed_for == {}
+        assert h.d._per_dest == {} and h.d._claimed_for == {}
+
+    asyncio.run(run())
+
+
+def test_with_a_relay_host_every_domain_shares_the_relays_permits(store: QueueStore) -> None:
+    """Postfix counts its relayhost as one nexthop: per_destination bounds the connections
+    to the relay, whatever the recipient domains (it bounded them per domain, so a relay
+    saw per_destination x the number of domains at once)."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=4, per_destination=1, relay=True)
+        for k, domain in enumerate(("a.test", "b.test", "c.test")):
+            h.queue(2, domain, first=2 * k)
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        assert h.agent.open == 1, "more transactions open to the relay than per_destination"
+        assert set(h.d._claimed_for) == {"[127.0.0.1]:2525"}, h.d._claimed_for
+        h.agent.release.set()
+        for _ in range(20):
+            await h.finish()
+            if not h.store.counts()["active"]:
+                break
+            await h.d._scan()
+        assert h.agent.most_open == 1 and len(h.agent.sent) == 6
+        assert h.d._per_dest == {} and h.d._claimed_for == {}
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("relay", "transactions"), [(True, 1), (False, 2)])
+def test_with_a_relay_host_a_message_goes_in_one_transaction(
+    store: QueueStore, relay: bool, transactions: int
+) -> None:
+    """One copy to the relay for all of a message's recipients (one per domain by MX)."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=1, relay=relay)
+        rcpts = ("x@a.test", "y@b.test", "z@a.test")
+        body = b"Subject: R\r\n\r\nbody\r\n"
+        assert h.tx.one(enqueue("R001", T0, rcpts=rcpts, body=body))[0] == "queued"
+        await h.d._scan()
+        await h.finish()
+        assert len(h.agent.rcpts) == transactions, h.agent.rcpts
+        assert sorted(a for t in h.agent.rcpts for a in t) == sorted(rcpts)
+        assert h.message("R001") is None, "delivered to every recipient"
 
     asyncio.run(run())
