@@ -14,6 +14,9 @@ MqnodeError
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 
 class MqnodeError(Exception):
     """Base of every error mqnode raises on purpose."""
@@ -76,3 +79,15 @@ class StoreFullError(SubmitError):
 
 class StateMapFullError(StoreFullError):
     """The queue state's LMDB map filled while committing applied entries."""
+
+
+def time_out(future: asyncio.Future[Any], what: str) -> None:
+    """Fail `future` with CommitTimeoutError unless it was answered (a `call_later` target).
+
+    Used instead of asyncio.wait_for, which wraps every request in a second future and
+    callbacks. Whether the command committed is unknown, hence the advice to retry.
+    """
+    if not future.done():
+        future.set_exception(
+            CommitTimeoutError(f"{what}; outcome unknown: retry (a retry never queues twice)")
+        )

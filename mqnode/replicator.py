@@ -36,7 +36,7 @@ from .commands import (
     encode_command,
     encode_packed_entry,
 )
-from .errors import BackpressureError, CommitTimeoutError, NoLeaderError, SubmitError
+from .errors import BackpressureError, NoLeaderError, SubmitError, time_out
 from .raft import RaftNode
 from .statemachine import Result
 
@@ -62,15 +62,6 @@ class _Item:
     packed: bytes  # the command encoded once, as the entry will hold it
     future: asyncio.Future[Result] = field(repr=False)
     early: bool  # may be answered before the state commit (ANSWERED_ON_COMMIT)
-
-
-def _expire(future: asyncio.Future[Result]) -> None:
-    if not future.done():
-        future.set_exception(
-            CommitTimeoutError(
-                "commit timed out; outcome unknown: retry (a retry never queues twice)"
-            )
-        )
 
 
 class CommitPipeline:
@@ -136,7 +127,9 @@ class CommitPipeline:
             remaining = deadline - self._clock.monotonic_s()
             # A timer that fails the future, not asyncio.wait_for (a wrapper future and
             # callbacks per submission: 4% of a leader's CPU under load).
-            timer = loop.call_later(max(remaining, 0.001), _expire, item.future)
+            timer = loop.call_later(
+                max(remaining, 0.001), time_out, item.future, "commit timed out"
+            )
             try:
                 return await item.future
             except NoLeaderError as exc:

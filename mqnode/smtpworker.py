@@ -38,7 +38,7 @@ from typing import Any
 from .clock import SystemClock
 from .commands import Command, to_wire
 from .config import NodeConfig
-from .errors import CommitTimeoutError, NoLeaderError
+from .errors import NoLeaderError, time_out
 from .eventloop import run_event_loop
 from .ingress import SmtpIngress
 from .smtpfront import build_ingress, listen_addrs, serve
@@ -108,9 +108,9 @@ class NodeLink:
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._waiting[rid] = future
         self.link.send([kind, rid, arg])
-        # A timer that fails the future rather than asyncio.wait_for, which wraps
-        # every request in a second future and callbacks (as the commit pipeline does).
-        timer = loop.call_later(self._timeout_s, _no_answer, future)
+        # The node is alive but does not answer (stopped, or stuck): its commit
+        # pipeline gives up sooner than this, so the outcome is unknown.
+        timer = loop.call_later(self._timeout_s, time_out, future, "no answer from the node")
         try:
             return await future
         finally:
@@ -135,17 +135,6 @@ class NodeLink:
             if not future.done():
                 future.set_exception(NoLeaderError("the node process is gone; try again later"))
         self.gone.set()
-
-
-def _no_answer(future: asyncio.Future[list[Any]]) -> None:
-    if not future.done():
-        # the node is alive but does not answer (stopped, or stuck): the commit
-        # pipeline gives up sooner than this, so the outcome is unknown
-        future.set_exception(
-            CommitTimeoutError(
-                "no answer from the node; outcome unknown: retry (a retry never queues twice)"
-            )
-        )
 
 
 async def _push_counts(node: NodeLink, ingress: SmtpIngress) -> None:
