@@ -82,6 +82,8 @@ class NodeConfig:
     delivery_enabled: int = 1
     delivery_concurrency: int = 20
     per_destination_concurrency: int = 10
+    # Recipients per SMTP transaction (Postfix's smtp_destination_recipient_limit).
+    delivery_recipient_limit: int = 50
     delivery_port: int = 25
     delivery_timeout_s: int = 60
     dns_timeout_ms: int = 5000
@@ -200,6 +202,7 @@ class NodeConfig:
             "raft_map_size_mb",
             "delivery_concurrency",
             "per_destination_concurrency",
+            "delivery_recipient_limit",
             "delivery_port",
             "delivery_timeout_s",
             "dns_timeout_ms",

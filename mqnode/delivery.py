@@ -41,6 +41,13 @@ ready for the next MAIL (RFC 5321 4.1.1.4); one that stopped earlier (MAIL,
 every RCPT or DATA refused) is reset with RSET before it is parked. The body
 and the final "." leave in one write, right after the lease gate.
 
+Recipients: at most `max_rcpts_per_transaction` per transaction (Postfix's
+`smtp_destination_recipient_limit`, 50), the rest in more transactions of
+the same attempt, over the same session. A recipient refused with 452 in a
+transaction that delivered to others is the host's recipient limit (RFC
+5321 4.5.3.1.10: "452 too many recipients"): it goes again in the next
+transaction at once, as Postfix does, rather than waiting for a retry.
+
 Limits: `timeout_s` per SMTP command and for the connect.
 """
 
@@ -125,8 +132,10 @@ class DeliveryAgent:
         max_idle_per_target: int = 4,
         max_messages_per_connection: int = 100,
         relay_auth: RelayAuth | None = None,
+        max_rcpts_per_transaction: int = 50,
     ) -> None:
         self._helo = helo_hostname
+        self._max_rcpts = max_rcpts_per_transaction
         self._relay_auth = relay_auth
         self._timeout_s = timeout_s
         self._tls = ssl.create_default_context()
@@ -220,7 +229,38 @@ class DeliveryAgent:
         gate: Callable[[], bool],
         require_tls: bool = False,
     ) -> tuple[list[RecipientResult], str]:
-        """Per-recipient results and the name of the host that answered ("" if none)."""
+        """Per-recipient results and the name of the host that answered ("" if none).
+
+        In transactions of at most `max_rcpts_per_transaction` recipients (module doc).
+        """
+        results: list[RecipientResult] = []
+        host = ""
+        todo = list(rcpts)
+        while todo:
+            batch, todo = todo[: self._max_rcpts], todo[self._max_rcpts :]
+            part, host = await self._deliver_one(targets, mail_from, batch, body, gate, require_tls)
+            if not host:  # no host took a transaction: the rest would fare the same
+                reply = part[0][2]
+                return results + part + [(i, Outcome.DEFERRED.value, reply) for i, _ in todo], ""
+            over = {
+                i for i, out, reply in part if out == Outcome.DEFERRED.value and reply[:3] == "452"
+            }
+            if over and any(out == Outcome.DELIVERED.value for _, out, _ in part):
+                todo = [r for r in batch if r[0] in over] + todo  # the host's limit: again now
+                part = [r for r in part if r[0] not in over]
+            results += part
+        return results, host
+
+    async def _deliver_one(
+        self,
+        targets: tuple[Target, ...],
+        mail_from: str,
+        rcpts: list[tuple[int, str]],
+        body: bytes,
+        gate: Callable[[], bool],
+        require_tls: bool,
+    ) -> tuple[list[RecipientResult], str]:
+        """One transaction for `rcpts` on the first target that takes it."""
         last_error = "no delivery target"
         for target in targets:
             session = self._take(target)

@@ -107,6 +107,7 @@ class Node:
             timeout_s=cfg.delivery_timeout_s,
             max_idle_per_target=cfg.per_destination_concurrency,
             relay_auth=relay_auth,
+            max_rcpts_per_transaction=cfg.delivery_recipient_limit,
         )
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         dispatcher = self._build_dispatcher(store, pipeline, agent, lease)

@@ -96,3 +96,51 @@ def test_size_is_declared_and_a_message_over_the_hosts_limit_is_not_sent() -> No
     assert too_big[1] == Outcome.BOUNCED.value
     assert too_big[2] == f"552 5.3.4 message size {len(big)} exceeds the server's size limit 4096"
     assert len(small.rcpts) == 1  # the big one never got as far as RCPT
+
+
+def _deliver_all(sink: Sink, rcpts: list[str], max_rcpts: int) -> list[tuple[int, str, str]]:
+    target = Target("sink.test", *sink.address)
+
+    async def run() -> list[tuple[int, str, str]]:
+        agent = DeliveryAgent("client.test", timeout_s=10, max_rcpts_per_transaction=max_rcpts)
+        try:
+            results, _host = await agent.deliver(
+                (target,), "from@client.test", list(enumerate(rcpts)), BODY, gate=lambda: True
+            )
+            return results
+        finally:
+            await agent.close()
+
+    return asyncio.run(run())
+
+
+def test_at_most_the_recipient_limit_per_transaction_the_rest_in_more(sink: Sink) -> None:
+    """Postfix's smtp_destination_recipient_limit: 7 recipients, 3 per transaction, one
+    attempt and one session."""
+    rcpts = [f"r{k}@sink.test" for k in range(7)]
+    results = _deliver_all(sink, rcpts, 3)
+    assert sorted(results) == [(k, Outcome.DELIVERED.value, results[0][2]) for k in range(7)]
+    assert [d.rcpts for d in sink.delivered()] == [
+        tuple(rcpts[0:3]),
+        tuple(rcpts[3:6]),
+        (rcpts[6],),
+    ]
+    assert sink.connections == 1
+
+
+def test_recipients_over_the_hosts_limit_go_again_at_once() -> None:
+    """A host that takes 2 recipients per transaction answers the third "452 4.5.3 Too many
+    recipients": those go in the next transaction of the same attempt (they waited a
+    retry backoff each), and a 452 with nothing accepted stays a deferral."""
+    _port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        small = host.add("small", socks["127.0.0.1"], max_rcpts=2)
+        small.script_rcpt("busy@sink.test", "452 4.2.2 mailbox full")
+        rcpts = [f"r{k}@sink.test" for k in range(5)] + ["busy@sink.test"]
+        results = _deliver_all(small, rcpts, 50)
+        outcomes = {k: out for k, out, _ in results}
+        assert sorted(outcomes) == list(range(6)), results
+        assert all(outcomes[k] == Outcome.DELIVERED.value for k in range(5)), results
+        assert outcomes[5] == Outcome.DEFERRED.value, results
+        assert [len(d.rcpts) for d in small.delivered()] == [2, 2, 1]
+        assert small.connections == 1

@@ -187,9 +187,11 @@ class Sink:
         smtputf8: bool = False,
         users: dict[str, str] | None = None,
         data_size_limit: int = 64 * 1024 * 1024,
+        max_rcpts: int = 0,
     ) -> None:
         self.name = name
         self.data_size_limit = data_size_limit
+        self.max_rcpts = max_rcpts
         self.smtputf8 = smtputf8
         self.users = users
         self._auth_attempts: list[tuple[str, bool, bool]] = []  # (login, ok, over TLS)
@@ -287,6 +289,8 @@ class Sink:
     def _on_rcpt(self, session: Session, envelope: Envelope, address: str) -> str:
         with self._lock:
             reply = self._next(self._rcpt_scripts, address.lower()) or "250 2.1.5 Ok"
+            if self.max_rcpts and len(envelope.rcpt_tos) >= self.max_rcpts:
+                reply = "452 4.5.3 Too many recipients"
             self._rcpts.append(
                 RcptEvent(
                     self.name,
@@ -437,6 +441,7 @@ class SinkHost:
         smtputf8: bool = False,
         users: dict[str, str] | None = None,
         data_size_limit: int = 64 * 1024 * 1024,
+        max_rcpts: int = 0,
     ) -> Sink:
         """A sink serving on `sock` (bound and listening); served once started.
 
@@ -448,7 +453,8 @@ class SinkHost:
         SMTPUTF8 (RFC 6531): UTF-8 addresses are accepted only then. `users`
         (login -> password) makes it a relay that requires AUTH PLAIN/LOGIN, only
         after STARTTLS, before MAIL (530 otherwise). `data_size_limit` is the SIZE
-        its EHLO announces and enforces.
+        its EHLO announces and enforces. `max_rcpts` (0: none) answers RCPTs past that
+        many accepted in one transaction "452 4.5.3 Too many recipients".
         """
         sink = Sink(
             name,
@@ -460,6 +466,7 @@ class SinkHost:
             smtputf8,
             users,
             data_size_limit,
+            max_rcpts,
         )
         self._sinks.append(sink)
         if self._thread is not None:

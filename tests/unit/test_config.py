@@ -87,6 +87,7 @@ def test_integers_from_flags_are_coerced(good: dict[str, Any]) -> None:
         ("replication_batch_ms", -1),
         ("replication_batch_ms", 100),  # not below heartbeat_ms (100)
         ("retry_max_s", 0),
+        ("delivery_recipient_limit", 0),
         ("state_map_size_mb", 0),
         ("election_timeout_min_ms", 1400),
         ("hostname", 5),
