@@ -3,7 +3,9 @@
 Start-up order: lock the data dir (one process per dir), check its identity,
 open LMDB, bind Raft (encrypted with the cluster secret), then the admin and
 SMTP listeners. Shutdown reverses it: stop accepting, let in-flight commits
-finish briefly, stop the Raft tick, close LMDB.
+finish briefly, stop the Raft tick, close LMDB. A failed writeback of the
+queue state (store.sync_state, every STATE_SYNC_S) shuts the node down the
+same way and exits 1; the next start rebuilds the state.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Callable
 from typing import IO
 
 from .clock import Clock, SystemClock
@@ -24,7 +27,7 @@ from .config import NodeConfig, parse_hostport
 from .control import AdminServer
 from .delivery import DeliveryAgent, RelayAuth
 from .dispatcher import Dispatcher, DispatchSettings
-from .errors import ConfigError, MqnodeError
+from .errors import ConfigError, CorruptDataError, MqnodeError
 from .events import EventLog
 from .ingress import client_limits
 from .lease import LeaderLease
@@ -49,6 +52,23 @@ log = logging.getLogger(__name__)
 # 0.5 ms: +5% acceptance in 5 of 7 alternated pairs (2 smtp workers), leader
 # submit-to-commit 4.8 -> 4.6 ms (benchmarks.md, session 11).
 GIL_SWITCH_INTERVAL_S = 0.0005
+# How often the queue state's unsynced commits are written back, to learn of a failed
+# writeback while the kernel still serves the pages it could not write (W27, store.py).
+# The kernel writes dirty pages back within ~30 s anyway: this adds few writes.
+STATE_SYNC_S = 10.0
+
+
+async def watch_state_writeback(
+    sync: Callable[[], None], interval_s: float, failed: Callable[[MqnodeError], None]
+) -> None:
+    """Run `sync` on a thread every `interval_s`; its first CorruptDataError goes to `failed`."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(sync)
+        except CorruptDataError as exc:
+            failed(exc)
+            return
 
 
 def _lock_data_dir(cfg: NodeConfig) -> IO[str]:
@@ -84,6 +104,7 @@ class Node:
         self.clock = clock or SystemClock()
         self._rng = random.Random()
         self._stop = asyncio.Event()
+        self._failure: MqnodeError | None = None
         self._announced = False
 
     async def run(self) -> None:
@@ -124,7 +145,13 @@ class Node:
 
         raft.start()
         pipeline.start()
-        tasks = [asyncio.create_task(events.run_webhook(), name="event-webhook")]
+        tasks = [
+            asyncio.create_task(events.run_webhook(), name="event-webhook"),
+            asyncio.create_task(
+                watch_state_writeback(store.sync_state, STATE_SYNC_S, self._fail),
+                name="state-writeback",
+            ),
+        ]
         if cfg.delivery_enabled:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
         try:
@@ -156,6 +183,8 @@ class Node:
             await asyncio.to_thread(raft.stop)
             store.close()
             lock.close()
+        if self._failure is not None:
+            raise self._failure
 
     # -- building the parts (one job each; run() wires them) ----------------------------
 
@@ -324,4 +353,10 @@ class Node:
             log.warning("leader announce not committed: %s", exc)
 
     def request_stop(self) -> None:
+        self._stop.set()
+
+    def _fail(self, exc: MqnodeError) -> None:
+        """Shut down as on SIGTERM, then exit with `exc` (the CLI's exit code 1)."""
+        log.critical("%s: shutting down", exc)
+        self._failure = exc
         self._stop.set()

@@ -20,7 +20,12 @@ marker holding the kernel's boot id is made durable before the first
 unsynced commit, and a state found with the marker of another boot is
 discarded at open and rebuilt (RaftNode's startup repair). A clean close
 syncs the state and removes the marker. Without a boot id (not Linux)
-every state commit fsyncs as before.
+every state commit fsyncs as before. The kernel reports a failed writeback
+of those pages only to a later fsync, and serves the pages it could not
+write only until it evicts them (then reads return what the disk holds,
+silently): the node calls `sync_state` every few seconds, and on an error
+the marker is overwritten so that no boot matches it, and the node stops
+(W27, node.py): the next open discards the state and rebuilds it.
 
 Limits: map sizes are set at open (`*_map_size_mb`); a full map raises
 `StoreFullError` and the transaction is rolled back, never half-applied.
@@ -68,6 +73,8 @@ COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 # In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
 UNSYNCED_MARKER = "unsynced-boot-id"
+# The marker's text after a failed writeback: no boot id matches it (a rebuild at open).
+WRITEBACK_FAILED = "writeback-failed"
 
 
 def pack(obj: Any) -> bytes:
@@ -282,6 +289,8 @@ class QueueStore:
         self._map_size = map_size_mb * 1024 * 1024  # configured: what fill is measured against
         self._env_map_size = self._map_size  # grown past it only to apply (grow_for_apply)
         self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()  # sync_state against close, not against readers
+        self._untrusted = False  # a writeback failed: never removes the marker
         self._txn: Any = None
         self._commits = 0
         self._boot_id = boot_id()
@@ -304,14 +313,21 @@ class QueueStore:
             raise CorruptDataError(f"queue store marker {marker}: {exc}") from exc
         if self._boot_id is not None and recorded == self._boot_id:
             return False
-        log.warning(
-            "queue state %s holds commits never fsynced (boot %s) and the machine has "
-            "restarted since (boot %s): discarding it; it is rebuilt from snapshot.bin "
-            "and the Raft log",
-            self.path,
-            recorded or "?",
-            self._boot_id or "unknown",
-        )
+        if recorded == WRITEBACK_FAILED:
+            log.warning(
+                "queue state %s: a writeback of its commits failed before the node "
+                "stopped: discarding it; it is rebuilt from snapshot.bin and the Raft log",
+                self.path,
+            )
+        else:
+            log.warning(
+                "queue state %s holds commits never fsynced (boot %s) and the machine has "
+                "restarted since (boot %s): discarding it; it is rebuilt from snapshot.bin "
+                "and the Raft log",
+                self.path,
+                recorded or "?",
+                self._boot_id or "unknown",
+            )
         shutil.rmtree(self.path)
         fsync_path(self.path.parent)
         return True
@@ -325,12 +341,7 @@ class QueueStore:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.unsynced:
             # Durable before the first commit that is not: see _discard_if_os_restarted.
-            marker = self.path / UNSYNCED_MARKER
-            with open(marker, "w", encoding="ascii") as fh:
-                fh.write(f"{self._boot_id}\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            fsync_path(self.path)
+            self._write_marker(str(self._boot_id))
         self._env = open_env(
             self.path, self._env_map_size, 16, "queue store", sync=not self.unsynced
         )
@@ -347,6 +358,39 @@ class QueueStore:
         self._uploads = env.open_db(b"uploads")
         self._uploads_by_time = env.open_db(b"uploads_by_time")
         self._fill = self._measure_fill()
+
+    def _write_marker(self, text: str) -> None:
+        with open(self.path / UNSYNCED_MARKER, "w", encoding="ascii") as fh:
+            fh.write(f"{text}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_path(self.path)
+
+    def _mark_untrusted(self) -> None:
+        self._untrusted = True
+        try:
+            self._write_marker(WRITEBACK_FAILED)
+        except OSError as exc:
+            log.error("queue state %s: cannot mark it for a rebuild: %s", self.path, exc)
+
+    def sync_state(self) -> None:
+        """Write unsynced commits back now; CorruptDataError if the disk refused them.
+
+        Any thread; the tick thread's commits go on meanwhile. On an error the marker
+        makes the next open discard the state (module docstring, W27): the caller
+        must stop the node, as the state may already read back wrong.
+        """
+        with self._sync_lock:
+            if not self.unsynced or self._closed:
+                return
+            try:
+                self._env.sync(True)
+            except lmdb.Error as exc:
+                self._mark_untrusted()
+                raise CorruptDataError(
+                    f"queue state {self.path}: writing its commits back to disk failed ({exc}); "
+                    "it is rebuilt from snapshot.bin and the Raft log at the next start"
+                ) from exc
 
     # -- the tick thread's write path ----------------------------------------
     def apply_txn(self) -> StateTxn:
@@ -543,7 +587,7 @@ class QueueStore:
 
     def replace_from(self, data_file: Path) -> None:
         """Swap the whole state for a snapshot copy (install-snapshot path)."""
-        with self._lock:
+        with self._lock, self._sync_lock:
             self.abort_apply()
             self._env.close()
             staging = self.path.with_name(self.path.name + ".new")
@@ -561,14 +605,20 @@ class QueueStore:
 
     def close(self) -> None:
         """Sync (a clean close leaves nothing to rebuild after a reboot) and close."""
-        with self._lock:
+        with self._lock, self._sync_lock:
             if self._closed:
                 return
             self._closed = True
             self.abort_apply()
-            if self.unsynced:
-                self._env.sync(True)
+            trusted = self.unsynced and not self._untrusted
+            if trusted:
+                try:
+                    self._env.sync(True)
+                except lmdb.Error as exc:
+                    trusted = False
+                    log.error("queue state %s: writeback failed at close: %s", self.path, exc)
+                    self._mark_untrusted()
             self._env.close()
-            if self.unsynced:
+            if trusted:
                 (self.path / UNSYNCED_MARKER).unlink(missing_ok=True)
                 fsync_path(self.path)

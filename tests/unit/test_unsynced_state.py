@@ -16,9 +16,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import lmdb
 import pytest
 
-from mqnode.store import UNSYNCED_MARKER, QueueStore
+from mqnode.errors import CorruptDataError, MqnodeError
+from mqnode.node import watch_state_writeback
+from mqnode.store import UNSYNCED_MARKER, WRITEBACK_FAILED, QueueStore
 from tests.support.chaos import tear_unsynced_state
 
 from .kit import Transcript, enqueue
@@ -102,6 +105,75 @@ def test_a_clean_close_syncs_so_a_reboot_keeps_the_state(tmp_path: Path) -> None
         assert store.get_message("Q1") is not None
     finally:
         store.close()
+
+
+class _DiskRefusesWriteback:
+    """The state's LMDB env, whose fsync reports EIO as a failed writeback makes it do.
+
+    A real failed writeback needs a failing block device (dm-error, root); what is
+    tested here is what the store and the node do with the error it causes.
+    """
+
+    def __init__(self, env: object) -> None:
+        self._env = env
+        self.syncs = 0
+
+    def sync(self, force: bool = False) -> None:
+        self.syncs += 1
+        raise lmdb.Error("mdb_env_sync: Input/output error")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._env, name)
+
+
+def test_a_failed_writeback_stops_the_node_and_the_state_is_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """W27: a failed writeback surfaces at the next periodic sync; the marker then matches
+    no boot, close() neither syncs nor removes it, and the next open (same boot) discards
+    the state for a rebuild. Before, nothing fsynced the state while the node ran, so the
+    kernel's error went unseen and the pages it could not write read back stale once
+    evicted."""
+    path = tmp_path / "state"
+    store = _store(path, "boot-a")
+    Transcript(store).one(enqueue("Q1"))
+    store.sync_state()  # a healthy disk: nothing happens
+    failing = store._env = _DiskRefusesWriteback(store._env)
+    failures: list[MqnodeError] = []
+
+    async def watch() -> None:
+        await asyncio.wait_for(watch_state_writeback(store.sync_state, 0.01, failures.append), 10)
+
+    asyncio.run(watch())  # returns after the first failure
+    assert len(failures) == 1 and isinstance(failures[0], CorruptDataError), failures
+    assert "writing its commits back to disk failed" in str(failures[0])
+    assert (path / UNSYNCED_MARKER).read_text().strip() == WRITEBACK_FAILED
+    store.close()
+    assert failing.syncs == 1, "close() synced an untrusted state"
+    assert (path / UNSYNCED_MARKER).read_text().strip() == WRITEBACK_FAILED
+    store = _store(path, "boot-a")
+    try:
+        assert store.discarded_unsynced
+        assert store.get_message("Q1") is None and store.applied_index() == 0
+    finally:
+        store.close()
+    assert "a writeback of its commits failed before the node stopped" in caplog.text
+
+
+def test_a_writeback_failing_at_close_leaves_the_state_marked_for_a_rebuild(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state"
+    store = _store(path, "boot-a")
+    Transcript(store).one(enqueue("Q1"))
+    store._env = _DiskRefusesWriteback(store._env)
+    store.close()
+    assert (path / UNSYNCED_MARKER).read_text().strip() == WRITEBACK_FAILED
+    reopened = _store(path, "boot-a")
+    try:
+        assert reopened.discarded_unsynced
+    finally:
+        reopened.close()
 
 
 def _raft_child(tmp_path: Path, first: list[str], second: list[str]) -> str:
