@@ -20,11 +20,14 @@ import urllib.request
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 from .config import NodeConfig
 from .errors import ConfigError, MembershipError, MqnodeError
 from .eventloop import run_event_loop
 from .membership import check_addr
+
+SENDER_HELP = 'from this envelope sender; "<>" for bounces (the null sender)'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,12 +82,16 @@ def _add_queue(sub: Any) -> None:
     qsub = q.add_subparsers(dest="queue_command", required=True, parser_class=_Parser)
     ls = qsub.add_parser("list", help="list messages (postqueue -p)")
     ls.add_argument("--state", choices=["active", "deferred", "hold"])
-    ls.add_argument("--domain")
+    ls.add_argument("--domain", help="with a recipient in this domain")
+    ls.add_argument("--sender", help=SENDER_HELP)
     ls.add_argument("--limit", type=int, default=1000)
     ls.add_argument("--json", action="store_true")
     show = qsub.add_parser("show", help="one message: envelope and per-recipient status")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
+    cat = qsub.add_parser("cat", help="the stored message as it will be sent (postcat -q)")
+    cat.add_argument("id")
+    cat.add_argument("--headers", action="store_true", help="the header only (postcat -h)")
     for op, text in (
         ("hold", "put messages on hold (postsuper -h)"),
         ("release", "release held messages (postsuper -H)"),
@@ -96,9 +103,11 @@ def _add_queue(sub: Any) -> None:
         p.add_argument("ids", nargs="*", metavar="ID")
         p.add_argument("--all", action="store_true", help="every message matching the filters")
         p.add_argument("--state", choices=["active", "deferred", "hold"])
-        p.add_argument("--domain")
+        p.add_argument("--domain", help="with a recipient in this domain")
+        p.add_argument("--sender", help=SENDER_HELP)
     flush = qsub.add_parser("flush", help="retry every deferred message (postqueue -f)")
-    flush.add_argument("--domain")
+    flush.add_argument("--domain", help="with a recipient in this domain")
+    flush.add_argument("--sender", help=SENDER_HELP)
     for p in qsub.choices.values():
         p.add_argument("--admin", default="127.0.0.1:8025", metavar="HOST:PORT")
         p.add_argument(
@@ -229,7 +238,8 @@ def _queue(args: argparse.Namespace) -> int:
     cmd = args.queue_command
     if cmd == "list":
         query = f"?limit={args.limit}" + (f"&state={args.state}" if args.state else "")
-        query += f"&domain={args.domain}" if args.domain else ""
+        query += f"&domain={quote(args.domain)}" if args.domain else ""
+        query += f"&sender={quote(args.sender)}" if args.sender is not None else ""
         msgs = _fetch(args.admin, "/queue" + query, _token(args))["messages"]
         if args.json:
             print(json.dumps(msgs, indent=2))
@@ -246,15 +256,23 @@ def _queue(args: argparse.Namespace) -> int:
         if not args.json:
             _print_message(m)
         return 0
+    if cmd == "cat":
+        raw = _request(args.admin, f"/queue/{quote(args.id)}/body", _token(args), raw=True)
+        if args.headers:
+            raw = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        sys.stdout.buffer.write(raw)
+        return 0
+    filters = {"domain": args.domain, "sender": args.sender}
     if cmd == "flush":
-        op, body = "retry", {"state": "deferred", "domain": args.domain}
+        op, body = "retry", {"state": "deferred", **filters}
     else:
         op = cmd
-        if args.ids and (args.all or args.state or args.domain):
-            raise ConfigError("give queue ids or --all/--state/--domain, not both")
-        if not args.ids and not (args.all or args.state or args.domain):
+        filtered = args.all or args.state or args.domain or args.sender is not None
+        if args.ids and filtered:
+            raise ConfigError("give queue ids or --all/--state/--domain/--sender, not both")
+        if not args.ids and not filtered:
             raise ConfigError(f"queue {op}: name queue ids, or --all (with optional filters)")
-        body = {"ids": args.ids} if args.ids else {"state": args.state, "domain": args.domain}
+        body = {"ids": args.ids} if args.ids else {"state": args.state, **filters}
     result = _request(args.admin, f"/queue/{op}", _token(args), body)
     print(f"{op}: {len(result['affected'])} message(s)")
     for qid in result["affected"]:
@@ -273,8 +291,14 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _request(
-    admin: str, path: str, token: str, body: dict[str, Any] | None = None, timeout_s: float = 60
+    admin: str,
+    path: str,
+    token: str,
+    body: dict[str, Any] | None = None,
+    timeout_s: float = 60,
+    raw: bool = False,
 ) -> Any:
+    """The node's JSON answer (`raw`: the bytes as they came); errors as one line."""
     req = urllib.request.Request(
         f"http://{admin}{path}",
         data=None if body is None else json.dumps(body).encode(),
@@ -283,7 +307,8 @@ def _request(
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
+            data = resp.read()
+            return data if raw else json.loads(data)
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise ConfigError(

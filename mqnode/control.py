@@ -1,13 +1,13 @@
 """Admin HTTP endpoint (aiohttp) on `admin_addr`: status and queue inspection.
 
     GET  /status           node, Raft and queue summary (what `mqnode status` prints)
-    GET  /queue            ?state=active|deferred|hold&domain=D&limit=N (default 1000,
-                           max 100000): like `postqueue -p`
+    GET  /queue            ?state=active|deferred|hold&domain=D&sender=S&limit=N (default
+                           1000, max 100000): like `postqueue -p`; sender "<>": bounces
     GET  /queue/{id}       one message: envelope, per-recipient status, attempts
     GET  /queue/{id}/body  the stored message as it will be sent (like postcat)
     POST /queue/{op}       op = hold | release | delete | retry | bounce (like postsuper
                            -h/-H/-d, postqueue -i; bounce returns them with a DSN):
-                           {"ids": [...]} or {"state": S, "domain": D} selects; the
+                           {"ids": [...]} or {"state", "domain", "sender"} selects; the
                            change is committed through the log, so every node applies
                            it. Answers {"op", "affected": [ids]}.
     GET  /metrics          Prometheus text format (see metrics.py)
@@ -219,23 +219,29 @@ class AdminServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
 
-    def _select(self, state_s: Any, domain: Any, limit: int) -> list[QueuedMessage]:
-        if not isinstance(state_s, str | None) or not isinstance(domain, str | None):
-            raise ValueError("state and domain must be strings")
+    def _select(self, state_s: Any, domain: Any, sender: Any, limit: int) -> list[QueuedMessage]:
+        """Messages in `state_s` with a recipient in `domain` and from `sender` (each
+        optional; sender "" or "<>" is the null sender: bounces)."""
+        if not all(isinstance(v, str | None) for v in (state_s, domain, sender)):
+            raise ValueError("state, domain and sender must be strings")
         state = MessageState(state_s) if state_s else None
-        if not domain:
+        if not domain and sender is None:
             return self._store.list_messages(limit, state)
-        suffix = "@" + domain.lower()
-        return [
-            m
-            for m in self._store.list_messages(MAX_LIST, state)
-            if any(r.address.lower().endswith(suffix) for r in m.recipients)
-        ][:limit]
+        suffix = "@" + domain.lower() if domain else ""
+        wanted = None if sender is None else sender.strip("<>").lower()
+
+        def matches(m: QueuedMessage) -> bool:
+            if wanted is not None and m.mail_from.lower() != wanted:
+                return False
+            return not suffix or any(r.address.lower().endswith(suffix) for r in m.recipients)
+
+        return [m for m in self._store.list_messages(MAX_LIST, state) if matches(m)][:limit]
 
     async def _list(self, request: web.Request) -> web.Response:
         try:
             limit = min(int(request.query.get("limit", "1000")), MAX_LIST)
-            msgs = self._select(request.query.get("state"), request.query.get("domain"), limit)
+            q = request.query
+            msgs = self._select(q.get("state"), q.get("domain"), q.get("sender"), limit)
         except ValueError:
             return web.json_response({"error": "bad state or limit"}, status=400)
         return web.json_response({"messages": [m.summary() for m in msgs]})
@@ -250,7 +256,9 @@ class AdminServer:
                 raise ValueError("body must be a JSON object")
             ids = body.get("ids")
             if ids is None:
-                msgs = self._select(body.get("state"), body.get("domain"), MAX_SELECT)
+                msgs = self._select(
+                    body.get("state"), body.get("domain"), body.get("sender"), MAX_SELECT
+                )
                 ids = [m.queue_id for m in msgs]
             if not isinstance(ids, list) or not all(
                 isinstance(i, str) and i.isascii() for i in ids

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +162,50 @@ def test_bounce_returns_messages_to_their_senders(tmp_path: Path) -> None:
         body = c.queue_body(0, dsns[0]["id"])
         assert b"report-type=delivery-status" in body and b"returned to sender" in body
         assert c.queue_entry(1, ids[1]) is not None  # the other message is untouched
+        # Bounces are those from the null sender: `--sender "<>"` selects them.
+        listed = json.loads(_queue(c, 1, "list", "--sender", "<>", "--json"))
+        assert [m["id"] for m in listed] == [dsns[0]["id"]], listed
+        out = _queue(c, 1, "delete", "--sender", "<>")
+        assert "delete: 1 message(s)" in out, out
+        _wait_states(c, [dsns[0]["id"]], None)
+        assert c.queue_entry(0, ids[1]) is not None
+
+
+def test_select_by_sender_and_cat_a_message(deferring_cluster: Cluster) -> None:
+    """`--sender` selects by envelope sender (any case, with or without <>); `queue cat`
+    prints the message as stored (postcat -q), `--headers` its header only (postcat -h)."""
+    c = deferring_cluster
+    sent: dict[str, tuple[str, bytes]] = {}
+    for k, sender in enumerate(["Spam@Flood.test", "spam@flood.test", "ok@client.test"]):
+        msg = make_message(600, mail_from=sender, rcpt=f"r{k}@sender.test")
+        code, text, qid = submit(
+            "127.0.0.1", c.nodes[k % 3].smtp_port, sender, [f"r{k}@sender.test"], msg.data
+        )
+        assert code == 250, (code, text)
+        sent[str(qid)] = (sender, msg.data)
+    ids = list(sent)
+    _wait_states(c, ids, "deferred")
+    listed = json.loads(_queue(c, 0, "list", "--sender", "<SPAM@flood.test>", "--json"))
+    assert sorted(m["id"] for m in listed) == sorted(ids[:2]), listed
+    out = _queue(c, 2, "hold", "--sender", "spam@flood.test")
+    assert "hold: 2 message(s)" in out, out
+    _wait_states(c, ids[:2], "hold")
+    assert c.queue_entry(0, ids[2])["state"] == "deferred"  # type: ignore[index]
+
+    def cat(*args: str) -> subprocess.CompletedProcess[bytes]:
+        token = ["--admin-token-file", str(c.admin_token_file)]
+        cmd = [sys.executable, "-m", "mqnode.cli", "queue", "cat", *args]
+        return subprocess.run(
+            [*cmd, "--admin", c.nodes[1].admin_addr, *token], capture_output=True, timeout=20
+        )
+
+    proc = cat(ids[2])
+    assert proc.returncode == 0, proc.stderr
+    stored = proc.stdout
+    assert stored.startswith(b"Received: ") and stored.endswith(sent[ids[2]][1]), stored[:300]
+    proc = cat("--headers", ids[2])
+    assert proc.returncode == 0, proc.stderr
+    header = sent[ids[2]][1].split(b"\r\n\r\n", 1)[0]
+    assert proc.stdout.endswith(header + b"\r\n") and b"\r\n\r\n" not in proc.stdout
+    proc = cat("NOSUCHID")
+    assert proc.returncode == 1 and b"no such message" in proc.stderr, proc.stderr
