@@ -41,6 +41,18 @@ destination with a backlog fills neither the slots nor the claim window.
 (A cap of CLAIM_AHEAD x `per_destination` cost a single destination a sixth
 of its end-to-end rate: its waiting messages are what keeps it busy while
 outcomes commit.)
+
+Scan depth: a scan reads the due index oldest first, passing over messages
+for destinations at their claim limit (known from an earlier scan: not
+decoded again). Most scans stop after `2 x batch` index entries past those in
+flight; once every DEEP_SCAN_INTERVAL_S one may read DEEP_SCAN_ENTRIES, so
+mail behind a backlog for busy destinations (a newsletter to one domain) goes
+within about a second instead of after the backlog, up to a backlog of that
+many messages (Postfix's active queue has a similar bound: 20,000 messages).
+A deep scan costs ~1.5 us per entry passed over (30 ms for 20,000) and ~11 us
+per message it decodes for the first time, at most DEEP_SCAN_DECODES of them
+(a new leader meeting a backlog of 20,000 blocked its event loop for 0.22 s
+decoding them all in one scan).
 """
 
 from __future__ import annotations
@@ -72,6 +84,9 @@ MAX_REPLY_CHARS = 256
 RESULTS_PER_COMMAND = 100
 CLAIM_AHEAD = 2  # claimed messages per delivery slot (see the module docstring)
 DESTS_SEEN_MAX = 100_000
+DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module docstring)
+DEEP_SCAN_DECODES = 2_000
+DEEP_SCAN_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,7 @@ class Dispatcher:
         self._dests_seen: dict[str, tuple[str, ...]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._next_deep_scan_s = 0.0  # monotonic; the first scan may run deep
         self.counts = {o.value: 0 for o in Outcome}
         self.events: EventLog | None = None
         self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
@@ -199,8 +215,14 @@ class Dispatcher:
         skip = _Skip(self._in_flight, self._dests_seen, full)
         now_ms = self._clock.wall_ms()
         examined = len(self._in_flight) + 2 * self._s.batch
+        limit = self._s.batch
+        now_s = self._clock.monotonic_s()
+        if now_s >= self._next_deep_scan_s:  # past a backlog for busy destinations
+            self._next_deep_scan_s = now_s + DEEP_SCAN_INTERVAL_S
+            examined = max(examined, DEEP_SCAN_ENTRIES)
+            limit = max(limit, DEEP_SCAN_DECODES)
         # Closed before the first await: it holds the store's lock and a read transaction.
-        with closing(self._store.iter_due(now_ms, self._s.batch, skip, examined)) as due:
+        with closing(self._store.iter_due(now_ms, limit, skip, examined)) as due:
             for msg in due:
                 if msg.claim_epoch not in (0, epoch) and not waited_out:
                     continue  # another leader's claim: wait out its lease first

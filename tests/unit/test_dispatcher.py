@@ -17,7 +17,7 @@ import pytest
 from mqnode.clock import ManualClock
 from mqnode.commands import Command, LeaseRenew, QueueOp
 from mqnode.delivery import RecipientResult, Target
-from mqnode.dispatcher import CLAIM_AHEAD, Dispatcher, DispatchSettings
+from mqnode.dispatcher import CLAIM_AHEAD, DEEP_SCAN_INTERVAL_S, Dispatcher, DispatchSettings
 from mqnode.lease import LeaderLease
 from mqnode.model import Outcome, QueuedMessage
 from mqnode.mx import MxAnswer, MxHost
@@ -365,5 +365,34 @@ def test_with_a_relay_host_a_message_goes_in_one_transaction(
         assert len(h.agent.rcpts) == transactions, h.agent.rcpts
         assert sorted(a for t in h.agent.rcpts for a in t) == sorted(rcpts)
         assert h.message("R001") is None, "delivered to every recipient"
+
+    asyncio.run(run())
+
+
+def test_mail_behind_a_long_backlog_for_a_busy_destination_goes_within_a_deep_scan(
+    store: QueueStore,
+) -> None:
+    """A backlog for one destination longer than a scan reads (2 x batch entries) hid the
+    mail behind it until the backlog drained; a deep scan, at most once per
+    DEEP_SCAN_INTERVAL_S, reads past it."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=4, per_destination=1)  # a window of 10: room left
+        backlog = 3 * h.d._s.batch  # past what a shallow scan reads
+        h.queue(backlog, "slow.test")  # due first
+        (first,) = h.queue(1, "fast.test", first=backlog)
+        h.agent.release.clear()
+        await h.d._scan()  # the first scan may run deep
+        await h.settle()
+        assert first in h.d._in_flight, "mail behind the backlog was not found"
+        (second,) = h.queue(1, "other.test", first=backlog + 1)
+        await h.d._scan()  # a shallow scan: passes over the cached backlog, stops short
+        assert second not in h.d._in_flight
+        h.clock.advance(DEEP_SCAN_INTERVAL_S)
+        h.lease.renew_committed(h.clock.monotonic_s(), EPOCH)
+        await h.d._scan()
+        assert second in h.d._in_flight, "the next deep scan did not find it"
+        h.agent.release.set()
+        await h.finish()
 
     asyncio.run(run())
