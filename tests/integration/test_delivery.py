@@ -983,3 +983,23 @@ def test_a_slow_destination_does_not_hold_up_mail_for_another(env: Env, tmp_path
         wait_all_arrived(c, slower, backlog, DELIVERY_WAIT_S)
         wait_queues_empty(c)
     assert not duplicates(slower, backlog) and not duplicates(slow, other)
+
+
+def test_mail_behind_a_long_backlog_for_a_slow_destination_goes_at_once(
+    env: Env, tmp_path: Path
+) -> None:
+    """250 messages wait for the one permit of a destination that takes SLOWER_REPLY_S a
+    message: more than a dispatch scan reads (200 index entries). A message for another
+    destination submitted after them still goes within seconds (a deep scan, once a
+    second, reads past the backlog). Before, it waited for the backlog to drain: ~15
+    minutes here."""
+    slow = env.sinks["slow"]
+    with env.cluster(
+        tmp_path / "c",
+        *("--delivery-concurrency", "2", "--per-destination-concurrency", "1"),
+        *RETRY_ARGS,
+    ) as c:
+        submit_batch(c, 250, "backlog", domain="slower.test")
+        other = submit_batch(c, 1, "behind-backlog", domain="slow.test")
+        wait_all_arrived(c, slow, other, 6 * SLOW_REPLY_S + 10)
+    assert not duplicates(slow, other)
