@@ -25,6 +25,8 @@
                            add-node first checks something listens at the address.
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
                            those peers (only with `fault_injection = 1`; tests)
+    POST /fault/reset      {"peers": ["host:port", ...]}: close the Raft connections
+                           with those peers once, as a link reset does (same rule)
 
 Binds to loopback by default. /queue*, /raft* and /fault* need
 `Authorization: Bearer <token>` (the node's admin token, see config.py);
@@ -110,7 +112,12 @@ class AdminServer:
             ]
         )
         if fault_injection:
-            self.app.add_routes([web.post("/fault/partition", self._partition)])
+            self.app.add_routes(
+                [
+                    web.post("/fault/partition", self._partition),
+                    web.post("/fault/reset", self._reset),
+                ]
+            )
         self._runner: web.AppRunner | None = None
 
     @web.middleware
@@ -378,6 +385,14 @@ class AdminServer:
             return web.json_response({"error": "block must be a list of host:port"}, status=400)
         self._raft.set_partition(blocked)
         return web.json_response({"blocked": blocked})
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        peers = body.get("peers", []) if isinstance(body, dict) else None
+        if not isinstance(peers, list) or not all(isinstance(b, str) for b in peers):
+            return web.json_response({"error": "peers must be a list of host:port"}, status=400)
+        self._raft.reset_connections(peers)
+        return web.json_response({"reset": peers})
 
 
 async def _accepts_connections(addr: str, timeout_s: float) -> bool:

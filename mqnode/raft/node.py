@@ -266,6 +266,20 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         """Fault injection: drop all Raft traffic to and from these peer addresses."""
         self._sync._SyncObj__transport.mq_blocked = frozenset(blocked_peers)
 
+    def reset_connections(self, peers: list[str]) -> None:
+        """Fault injection: close the TCP connections with these peer addresses now (a
+        link reset; pysyncobj reconnects). Runs on the tick thread."""
+        wanted = frozenset(peers)
+
+        def in_tick() -> None:
+            transport = self._sync._SyncObj__transport
+            for node, conn in list(transport._connections.items()):
+                if getattr(node, "address", None) in wanted:
+                    conn.disconnect()
+
+        self._tick_actions.append(in_tick)
+        self.wake()
+
     def force_compaction(self) -> None:
         self._sync.forceLogCompaction()
 

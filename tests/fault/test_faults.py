@@ -166,6 +166,37 @@ def test_a_cut_off_follower_comes_back_without_an_election(tmp_path: Path, cut: 
     assert "no majority would vote for this node" in log, log[-3000:]
 
 
+def test_a_flapping_link_to_the_leader_causes_no_election(tmp_path: Path) -> None:
+    """W26's early stand trusts a closed connection to the leader. A link that resets
+    again and again while the leader lives (15 resets in ~4.5 s, under load) must cost
+    no election: pre-vote makes the other follower and the leader refuse, so the term
+    never moves and every message offered is answered 250 (a session 13 doubt, staged)."""
+    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection", "1")) as c:
+        lead = c.leader()
+        term = int(c.status(lead)["term"])
+        flapping = next(i for i in range(3) if i != lead)
+        gen = LoadGen([("127.0.0.1", c.nodes[lead].smtp_port)], 4, run_id="flap")
+        load = threading.Thread(target=lambda: asyncio.run(gen.run(2000, 8.0)))
+        load.start()
+        seen = []
+        try:
+            for _ in range(15):
+                post_json(c, flapping, "/fault/reset", {"peers": [c.nodes[lead].raft_addr]})
+                time.sleep(0.3)
+                seen.append([(s["role"], int(s["term"])) for s in map(c.status, range(3))])
+        finally:
+            load.join(timeout=30)
+        assert c.wait_for_leader(20) == lead
+        c.wait_applied_equal(30)
+        after = [(s["role"], int(s["term"])) for s in map(c.status, range(3))]
+        log = c.nodes[flapping].log_path.read_text()
+    assert not load.is_alive()
+    assert all(t == term for snap in [*seen, after] for _, t in snap), (term, seen, after)
+    refused = [a for a in gen.result.attempts if a.code != 250]
+    assert gen.result.attempts and not refused, refused[:3]
+    assert "the connection to the leader closed; standing within" in log, log[-3000:]
+
+
 def test_a_killed_leaders_closed_connection_starts_the_election_early(tmp_path: Path) -> None:
     """W26: kill -9 closes the leader's connections at once; the followers stand within
     EARLY_STAND_MAX_S (through pre-vote) instead of after an election timeout."""
