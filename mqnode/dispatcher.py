@@ -42,6 +42,17 @@ destination with a backlog fills neither the slots nor the claim window.
 of its end-to-end rate: its waiting messages are what keeps it busy while
 outcomes commit.)
 
+Unreachable destinations: when no host of a destination takes a
+transaction (connections refused or timing out, no greeting, TLS required
+but not offered, a refused relay login), it is suspended for `retry_base_s`:
+its messages are deferred at once ("4.4.1 delivery temporarily suspended:
+<why>") instead of each waiting out its own connection timeouts, which held
+delivery slots and per-destination permits for `delivery_timeout_s` apiece
+(Postfix marks such a destination dead the same way). An operator's retry
+(`mqnode queue retry` / `flush`) lifts every suspension, as `postqueue -f`
+does. Suspensions live in the lease holder's memory: a new leader probes
+afresh.
+
 Scan depth: a scan reads the due index oldest first, passing over messages
 for destinations at their claim limit (known from an earlier scan: not
 decoded again). Most scans stop after `2 x batch` index entries past those in
@@ -86,6 +97,7 @@ CLAIM_AHEAD = 2  # claimed messages per delivery slot (see the module docstring)
 DESTS_SEEN_MAX = 100_000
 DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module docstring)
 DEEP_SCAN_DECODES = 2_000
+SUSPENDED_MAX = 10_000  # destinations remembered as unreachable; all forgotten beyond
 DEEP_SCAN_INTERVAL_S = 1.0
 
 
@@ -139,6 +151,9 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._next_deep_scan_s = 0.0  # monotonic; the first scan may run deep
+        # Unreachable destination -> (monotonic time its suspension ends, why).
+        self._suspended: dict[str, tuple[float, str]] = {}
+        self._retries_seen = -1  # the store's operator retry count at the last scan
         self.counts = {o.value: 0 for o in Outcome}
         self.events: EventLog | None = None
         self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
@@ -197,6 +212,10 @@ class Dispatcher:
         epoch = lease.epoch
         if not lease.valid(epoch):
             return
+        retries = self._store.operator_retries()
+        if retries != self._retries_seen:  # an operator's retry lifts every suspension
+            self._retries_seen = retries
+            self._suspended.clear()
         # Up to CLAIM_AHEAD x C claimed for any one destination, and C/2 places more
         # that only other destinations can take (see the module docstring).
         room = self._s.concurrency * CLAIM_AHEAD
@@ -327,6 +346,12 @@ class Dispatcher:
         self, dest: str, rcpts: list[tuple[int, str]], msg: QueuedMessage, body: bytes, epoch: int
     ) -> tuple[list[RecipientResult], str]:
         """One transaction for `rcpts`, all bound for destination `dest`."""
+        suspended = self._suspended.get(dest)
+        if suspended is not None:
+            if suspended[0] > self._clock.monotonic_s():
+                reply = f"4.4.1 delivery temporarily suspended: {suspended[1]}"
+                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+            del self._suspended[dest]
         route = await self._router.route(dest)
         if route.kind == "bounce":
             return [
@@ -338,7 +363,7 @@ class Dispatcher:
             ], ""
         tls_required = self._s.tls_required_domains
         try:  # the destination's permit is held already (_attempt)
-            return await self._agent.deliver(
+            results, host = await self._agent.deliver(
                 route.targets,
                 msg.mail_from,
                 rcpts,
@@ -355,6 +380,19 @@ class Dispatcher:
             log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, dest)
             reply = f"4.3.0 internal error delivering to {dest}: {type(exc).__name__}"
             return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+        if not host and results:  # no host took a transaction: see the module docstring
+            self._suspend(dest, results[0][2])
+        return results, host
+
+    def _suspend(self, dest: str, why: str) -> None:
+        if len(self._suspended) >= SUSPENDED_MAX:
+            self._suspended.clear()
+        until = self._clock.monotonic_s() + self._policy.retry_base_s
+        if dest not in self._suspended:
+            log.warning(
+                "%s: unreachable; suspended for %.0f s: %s", dest, self._policy.retry_base_s, why
+            )
+        self._suspended[dest] = (until, why)
 
     async def _take_permits(self, stack: contextlib.AsyncExitStack, dests: tuple[str, ...]) -> None:
         """One `per_destination` permit of each destination, taken in name order."""

@@ -38,7 +38,7 @@ from .commands import (
 )
 from .errors import CodecError
 from .model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
-from .store import StateTxn
+from .store import OPERATOR_RETRIES, StateTxn
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,10 @@ class QueueStateMachine:
             else:  # retry: due now (a held message stays held)
                 txn.put_message(msg.with_changes(next_attempt_ms=cmd.at_ms), msg)
             done.append(qid)
+        if cmd.op == "retry" and done:
+            # The dispatcher lifts its suspensions of unreachable destinations when this
+            # changes (an operator's flush says the destination may be back).
+            txn.put_meta(OPERATOR_RETRIES, int(txn.get_meta(OPERATOR_RETRIES, 0)) + 1)
         return ("ok", ",".join(done))
 
     @staticmethod

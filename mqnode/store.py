@@ -70,6 +70,8 @@ APPLY_HEADROOM_MAX = 2.0
 LmdbError = lmdb.Error
 LmdbMapFullError = lmdb.MapFullError
 COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
+# Meta key: how many operator retries (QueueOp "retry") took effect; dispatcher.py.
+OPERATOR_RETRIES = "operator_retries"
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 # In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
 UNSYNCED_MARKER = "unsynced-boot-id"
@@ -465,6 +467,10 @@ class QueueStore:
     def counts(self) -> dict[str, int]:
         with self.reader() as r:
             return {s.value: int(r.get_meta(COUNT_KEYS[s].decode(), 0)) for s in MessageState}
+
+    def operator_retries(self) -> int:
+        with self.reader() as r:
+            return int(r.get_meta(OPERATOR_RETRIES, 0))
 
     def get_message(self, queue_id: str) -> QueuedMessage | None:
         with self.reader() as r:

@@ -39,7 +39,10 @@ import email
 import email.policy
 import json
 import re
+import select
 import smtplib
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -1003,3 +1006,74 @@ def test_mail_behind_a_long_backlog_for_a_slow_destination_goes_at_once(
         other = submit_batch(c, 1, "behind-backlog", domain="slow.test")
         wait_all_arrived(c, slow, other, 6 * SLOW_REPLY_S + 10)
     assert not duplicates(slow, other)
+
+
+class Blackhole:
+    """An MX host that takes TCP connections and never says a word (a firewall that
+    drops, a wedged server): a client waits out its timeout. Counts connections."""
+
+    def __init__(self, sock: socket.socket, max_lifetime_s: float = 120.0) -> None:
+        self._sock = sock
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_lifetime_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.connections = 0
+
+    def __enter__(self) -> Blackhole:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for s in self._held:
+            s.close()
+        self._sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            ready, _, _ = select.select([self._sock], [], [], 0.1)
+            if ready:
+                conn, _ = self._sock.accept()
+                self._held.append(conn)
+                self.connections += 1
+
+
+def test_an_unreachable_destination_is_suspended_not_waited_out_per_message(
+    tmp_path: Path,
+) -> None:
+    """40 messages for a domain whose only MX never greets: the first attempts wait out
+    the 2 s timeout, then the destination is suspended and the rest are deferred at once
+    ("4.4.1 delivery temporarily suspended"), as Postfix marks a dead destination. Before,
+    every message held a slot and a permit for its own 2 s timeout: 40 connections, 8 s.
+    Mail for another destination flows meanwhile."""
+    port, socks = bind_common_port(["127.0.0.24", "127.0.0.25"])
+    zone = {
+        "blackhole.test": {"MX": [[10, "mx.blackhole.test"]]},
+        "mx.blackhole.test": {"A": ["127.0.0.24"]},
+        "live.test": {"MX": [[10, "mx.live.test"]]},
+        "mx.live.test": {"A": ["127.0.0.25"]},
+    }
+    with DnsServer(zone) as dns, SinkHost() as host, Blackhole(socks["127.0.0.24"]) as hole:
+        live = host.add("live", socks["127.0.0.25"])
+        args = (
+            *FAST_TUNING,
+            *("--delivery-port", str(port), "--delivery-timeout-s", "2"),
+            *("--retry-base-s", "60", "--retry-max-s", "60"),
+        )
+        with Cluster(tmp_path / "c", extra_args=args, dns_server=f"{dns.host}:{dns.port}") as c:
+            dead = submit_batch(c, 40, "hole", domain="blackhole.test")
+            other = submit_batch(c, 3, "live", domain="live.test")
+            wait_all_arrived(c, live, other, DELIVERY_WAIT_S)
+
+            def all_deferred() -> tuple[list[str] | None, str]:
+                entries = [c.queue_entry(0, q) for q in dead.values()]
+                replies = [e["recipients"][0]["last_reply"] for e in entries if e]
+                done = len(replies) == len(dead) and all(replies)
+                return (replies if done else None), f"{sum(map(bool, replies))} deferred"
+
+            replies = poll(c, "every blackhole.test message deferred", all_deferred, 30.0)
+    suspended = [r for r in replies if r.startswith("4.4.1 delivery temporarily suspended:")]
+    assert hole.connections <= PER_DESTINATION, hole.connections
+    assert len(suspended) >= len(dead) - PER_DESTINATION, replies

@@ -65,6 +65,8 @@ class ScriptedAgent:
         self.release = asyncio.Event()
         self.release.set()
         self.behave: Callable[[bytes], None] = lambda body: None
+        self.unreachable: set[str] = set()  # domains no host of which takes a connection
+        self.tried: list[str] = []  # the domain of each transaction asked for
 
     async def deliver(
         self,
@@ -75,6 +77,11 @@ class ScriptedAgent:
         gate: Callable[[], bool],
         require_tls: bool = False,
     ) -> tuple[list[RecipientResult], str]:
+        domain = rcpts[0][1].rpartition("@")[2]
+        self.tried.append(domain)
+        if domain in self.unreachable:
+            reply = f"mx.{domain}[127.0.0.1]: Connection refused"
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
@@ -394,5 +401,50 @@ def test_mail_behind_a_long_backlog_for_a_busy_destination_goes_within_a_deep_sc
         assert second in h.d._in_flight, "the next deep scan did not find it"
         h.agent.release.set()
         await h.finish()
+
+    asyncio.run(run())
+
+
+def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator_retry(
+    store: QueueStore,
+) -> None:
+    """No host of dead.test takes a connection: after the first failure its messages are
+    deferred without trying ("4.4.1 delivery temporarily suspended"), other destinations
+    go on, and dead.test is tried again after retry_base_s or an operator's retry
+    (postqueue -f lifts Postfix's dead-destination throttle the same way)."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=1)
+        h.agent.unreachable.add("dead.test")
+        dead = h.queue(3, "dead.test")
+        (live,) = h.queue(1, "live.test", first=3)
+        for _ in range(6):
+            await h.d._scan()
+            await h.finish()
+        assert h.agent.tried.count("dead.test") == 1, h.agent.tried
+        assert h.agent.sent == [f"Subject: {live}"]
+        replies = [h.message(q).recipients[0].last_reply for q in dead]  # type: ignore[union-attr]
+        assert replies[0] == "mx.dead.test[127.0.0.1]: Connection refused", replies
+        assert all(
+            r == "4.4.1 delivery temporarily suspended: mx.dead.test[127.0.0.1]: Connection refused"
+            for r in replies[1:]
+        ), replies
+
+        # An operator's retry of all three: tried again at once, suspended again.
+        assert h.tx.one(QueueOp("retry", tuple(dead), h.clock.wall_ms()))[0] == "ok"
+        for _ in range(6):
+            await h.d._scan()
+            await h.finish()
+        assert h.agent.tried.count("dead.test") == 2, h.agent.tried
+
+        # After retry_base_s (the messages' backoff too), tried again.
+        h.clock.advance(RetryPolicy().retry_max_s)
+        h.lease.renew_committed(h.clock.monotonic_s(), EPOCH)
+        h.agent.unreachable.clear()
+        for _ in range(6):
+            await h.d._scan()
+            await h.finish()
+        assert sorted(h.agent.sent[1:]) == [f"Subject: {q}" for q in dead], h.agent.sent
+        assert h.d._suspended == {}
 
     asyncio.run(run())
