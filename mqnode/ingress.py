@@ -301,8 +301,11 @@ class SmtpIngress:
     ) -> list[str]:
         session.host_name = hostname
         if self.users is None:  # aiosmtpd would announce an empty "AUTH" line
-            return [r for r in responses if not r.startswith("250-AUTH")]
-        return responses
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        # RFC 2920, as Postfix: a client may send MAIL, RCPT... and DATA without waiting
+        # for each reply. aiosmtpd reads and answers commands strictly in order, and
+        # drops what arrives in plaintext behind STARTTLS (RFC 3207 4.2).
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

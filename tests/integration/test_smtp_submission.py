@@ -38,6 +38,7 @@ SENDER, RCPT = "alice@client.test", "bob@example.test"
 OUTSIDE, OUTSIDE_2 = "127.0.0.2", "127.0.0.3"
 CONN_RATE_CLIENT, MSG_RATE_CLIENT = "127.0.1.4", "127.0.1.5"
 CONCURRENT_CLIENT, LIMITS_CLIENT = "127.0.1.6", "127.0.1.7"
+PIPELINING_CLIENT = "127.0.1.8"
 CONN_RATE, MSG_RATE, MAX_CONNS = 30, 20, 4
 MAX_HEADERS, MAX_COMMANDS, IDLE_S = 20, 100, 3
 
@@ -421,3 +422,43 @@ def test_null_sender_is_accepted(sub: SubmissionCluster) -> None:
     assert_acked_once(sub, {msg.message_id: qid})
     entry = sub.queue_entry(0, qid)
     assert entry is not None and entry["mail_from"] == "", entry
+
+
+def test_commands_sent_in_plaintext_behind_starttls_are_not_run_inside_tls(
+    sub: SubmissionCluster,
+) -> None:
+    """STARTTLS command injection (Postfix CVE-2011-0411): what a client, or a man in
+    the middle, sends in plaintext right behind STARTTLS must not run as if it came
+    over TLS."""
+    with RawSmtp.connect(sub.nodes[0].smtp_port, OUTSIDE) as raw:
+        assert raw.reply()[0] == 220
+        assert raw.command("EHLO client.test")[0] == 250
+        raw.send(b"STARTTLS\r\nHELP\r\n")
+        assert raw.reply()[0] == 220
+        assert raw.buf == b"", raw.buf
+        tls = sub.tls().wrap_socket(raw.sock, server_hostname="localhost")
+        tls.settimeout(10)
+        tls.sendall(b"NOOP\r\n")
+        first = tls.recv(4096)
+        tls.close()
+    assert first.startswith(b"250") and b"Supported commands" not in first, first
+
+
+def test_pipelined_envelope_is_answered_in_order(sub: SubmissionCluster) -> None:
+    """PIPELINING (RFC 2920) is offered: MAIL, two RCPTs (one refused) and DATA in one
+    write get their four replies in order, and the message is queued once."""
+    msg = make_message(700)
+    with RawSmtp.connect(sub.nodes[1].smtp_port, PIPELINING_CLIENT) as raw:
+        assert raw.reply()[0] == 220
+        code, text = raw.command("EHLO client.test")
+        assert code == 250 and "PIPELINING" in text, text
+        envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nRCPT TO:<bad address>\r\n"
+        raw.send(envelope.encode() + b"DATA\r\n")
+        replies = [raw.reply()[0] for _ in range(4)]
+        assert replies == [250, 250, 501, 354], replies
+        raw.send(msg.data + b"\r\n.\r\n")
+        code, text = raw.reply(30.0)
+    assert code == 250, text
+    qid = queue_id_from_reply(text)
+    assert qid is not None, text
+    check_queued(sub, {msg.message_id: qid}, "ESMTP")
