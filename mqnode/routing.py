@@ -45,6 +45,11 @@ class Router:
         self._resolver = resolver
         self._port = delivery_port
 
+    @property
+    def one_destination(self) -> bool:
+        """All mail goes to one place (the relay host)."""
+        return self._relay is not None
+
     def nexthop(self, domain: str) -> str:
         """The destination of mail for `domain` (see the module docstring)."""
         if self._relay is not None:

@@ -448,3 +448,22 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
         assert h.d._suspended == {}
 
     asyncio.run(run())
+
+
+def test_with_a_relay_host_scans_never_run_deep(store: QueueStore) -> None:
+    """One destination: a message past the shallow scan waits for the same permits as
+    the backlog ahead of it, so reading past the backlog would only cost CPU."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=4, per_destination=1, relay=True)
+        backlog = 3 * h.d._s.batch
+        h.queue(backlog + 1, "a.test")
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        assert h.d._next_deep_scan_s == 0.0, "a deep scan ran"
+        assert len(h.d._dests_seen) <= len(h.d._in_flight) + 2 * h.d._s.batch
+        h.agent.release.set()
+        await h.finish()
+
+    asyncio.run(run())
