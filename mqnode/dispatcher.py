@@ -30,10 +30,10 @@ Waiting messages were never sent, so they cannot be duplicated; after a
 failover the new leader sends them once the old lease is waited out, as any
 claimed message.
 
-Destinations (recipient domains, or the one relay host) never block the others: an attempt takes
-the permits of all its message's destinations (in name order, so two
-multi-domain messages cannot wait on each other) *before* a delivery slot,
-so a slot is only ever held by a transaction in progress; the permits go
+Destinations (recipient domains, or the one relay host) never block the
+others: an attempt takes the permits of all its message's destinations (in
+name order, so two multi-domain messages cannot wait on each other) *before*
+a delivery slot, so a slot is only ever held by a transaction in progress; the permits go
 back when its SMTP transactions end, before the outcome's commit. A scan
 claims for one destination at most CLAIM_AHEAD x C messages, and the window
 holds C/2 more, which only other destinations can take: one slow
@@ -43,8 +43,8 @@ of its end-to-end rate: its waiting messages are what keeps it busy while
 outcomes commit.)
 
 Unreachable destinations: when no host of a destination takes a
-transaction (connections refused or timing out, no greeting, TLS required
-but not offered, a refused relay login), it is suspended for `retry_base_s`:
+transaction (connections refused or timing out, no greeting, a refused
+relay login; not a host without the TLS a domain requires), it is suspended for `retry_base_s`:
 its messages are deferred at once ("4.4.1 delivery temporarily suspended:
 <why>") instead of each waiting out its own connection timeouts, which held
 delivery slots and per-destination permits for `delivery_timeout_s` apiece
@@ -98,8 +98,8 @@ CLAIM_AHEAD = 2  # claimed messages per delivery slot (see the module docstring)
 DESTS_SEEN_MAX = 100_000
 DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module docstring)
 DEEP_SCAN_DECODES = 2_000
-SUSPENDED_MAX = 10_000  # destinations remembered as unreachable; all forgotten beyond
 DEEP_SCAN_INTERVAL_S = 1.0
+SUSPENDED_MAX = 10_000  # destinations remembered as unreachable; all forgotten beyond
 
 
 @dataclass(frozen=True)
@@ -318,10 +318,15 @@ class Dispatcher:
         self, msg: QueuedMessage, epoch: int, sent: Callable[[], Awaitable[None]]
     ) -> None:
         """Send to every pending destination, call `sent()`, record the outcome."""
-        by_dest: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
+        # One transaction per destination, and apart for domains that require TLS: a relay
+        # that does not offer it must not hold up the recipients that do not need it.
+        tls_required = self._s.tls_required_domains
+        by_dest: defaultdict[tuple[str, bool], list[tuple[int, str]]] = defaultdict(list)
         for i, r in enumerate(msg.recipients):
             if r.state is RcptState.PENDING:
-                by_dest[self._router.nexthop(domain_of(r.address))].append((i, r.address))
+                domain = domain_of(r.address)
+                key = (self._router.nexthop(domain), domain in tls_required)
+                by_dest[key].append((i, r.address))
         if not by_dest:
             return
         try:
@@ -338,15 +343,21 @@ class Dispatcher:
             return
         results: list[RecipientResult] = []
         remote: dict[int, str] = {}
-        for dest, rcpts in by_dest.items():
-            part, host = await self._deliver_to(dest, rcpts, msg, body, epoch)
+        for (dest, require_tls), rcpts in by_dest.items():
+            part, host = await self._deliver_to(dest, require_tls, rcpts, msg, body, epoch)
             results += part
             remote.update((i, host) for i, _, _ in part)
         await sent()
         await self._record(msg, epoch, results, remote, body)
 
     async def _deliver_to(
-        self, dest: str, rcpts: list[tuple[int, str]], msg: QueuedMessage, body: bytes, epoch: int
+        self,
+        dest: str,
+        require_tls: bool,
+        rcpts: list[tuple[int, str]],
+        msg: QueuedMessage,
+        body: bytes,
+        epoch: int,
     ) -> tuple[list[RecipientResult], str]:
         """One transaction for `rcpts`, all bound for destination `dest`."""
         suspended = self._suspended.get(dest)
@@ -364,7 +375,6 @@ class Dispatcher:
             return [
                 (i, Outcome.DEFERRED.value, f"{route.status} {route.reason}") for i, _ in rcpts
             ], ""
-        tls_required = self._s.tls_required_domains
         try:  # the destination's permit is held already (_attempt)
             results, host = await self._agent.deliver(
                 route.targets,
@@ -372,7 +382,7 @@ class Dispatcher:
                 rcpts,
                 body,
                 gate=lambda: self._lease.valid(epoch),
-                require_tls=any(domain_of(a) in tls_required for _, a in rcpts),
+                require_tls=require_tls,
             )
         except LeaseLost:
             raise
@@ -383,7 +393,9 @@ class Dispatcher:
             log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, dest)
             reply = f"4.3.0 internal error delivering to {dest}: {type(exc).__name__}"
             return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
-        if not host and results:  # no host took a transaction: see the module docstring
+        # No host took a transaction: see the module docstring. Not when TLS was required:
+        # a host without it may still take the destination's other mail.
+        if not host and results and not require_tls:
             self._suspend(dest, results[0][2])
         return results, host
 

@@ -67,6 +67,7 @@ class ScriptedAgent:
         self.behave: Callable[[bytes], None] = lambda body: None
         self.unreachable: set[str] = set()  # domains no host of which takes a connection
         self.tried: list[str] = []  # the domain of each transaction asked for
+        self.offers_tls = False
 
     async def deliver(
         self,
@@ -79,6 +80,9 @@ class ScriptedAgent:
     ) -> tuple[list[RecipientResult], str]:
         domain = rcpts[0][1].rpartition("@")[2]
         self.tried.append(domain)
+        if require_tls and not self.offers_tls:
+            reply = "relay: TLS is required but not offered"
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
         if domain in self.unreachable:
             reply = f"mx.{domain}[127.0.0.1]: Connection refused"
             return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
@@ -105,6 +109,7 @@ class Harness:
         concurrency: int = 2,
         per_destination: int = 0,
         relay: bool = False,
+        tls_required: frozenset[str] = frozenset(),
     ) -> None:
         self.clock = ManualClock(wall_ms=T0 + 60_000)
         self.tx = Transcript(store)
@@ -119,7 +124,7 @@ class Harness:
             concurrency=concurrency,
             per_destination=per_destination or concurrency,
             max_queue_lifetime_s=5 * 86400,
-            tls_required_domains=frozenset(),
+            tls_required_domains=tls_required,
         )
         self.d = Dispatcher(
             settings,
@@ -465,5 +470,31 @@ def test_with_a_relay_host_scans_never_run_deep(store: QueueStore) -> None:
         assert len(h.d._dests_seen) <= len(h.d._in_flight) + 2 * h.d._s.batch
         h.agent.release.set()
         await h.finish()
+
+    asyncio.run(run())
+
+
+def test_with_a_relay_host_tls_required_recipients_go_apart_and_suspend_nothing(
+    store: QueueStore,
+) -> None:
+    """A relay without STARTTLS: recipients in a TLS-required domain are deferred in a
+    transaction of their own, the message's other recipients are delivered, and the relay
+    is not suspended for the mail that needs no TLS."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=1, relay=True, tls_required=frozenset({"bank.test"}))
+        rcpts = ("a@bank.test", "b@plain.test")
+        body = b"Subject: T\r\n\r\nbody\r\n"
+        assert h.tx.one(enqueue("T001", T0, rcpts=rcpts, body=body))[0] == "queued"
+        await h.d._scan()
+        await h.finish()
+        assert h.agent.rcpts == [("b@plain.test",)], h.agent.rcpts
+        msg = h.message("T001")
+        assert msg is not None and msg.recipients[0].last_reply.startswith("relay: TLS"), msg
+        assert h.d._suspended == {}
+        (other,) = h.queue(1, "plain.test", first=2)
+        await h.d._scan()
+        await h.finish()
+        assert h.agent.sent[-1] == f"Subject: {other}"
 
     asyncio.run(run())
