@@ -994,8 +994,8 @@ def test_mail_behind_a_long_backlog_for_a_slow_destination_goes_at_once(
     """250 messages wait for the one permit of a destination that takes SLOWER_REPLY_S a
     message: more than a dispatch scan reads (200 index entries). A message for another
     destination submitted after them still goes within seconds (a deep scan, once a
-    second, reads past the backlog). Before, it waited for the backlog to drain: ~15
-    minutes here."""
+    second, reads past the backlog). Before, it waited until the backlog ahead of it
+    shrank to what a scan reads: ~(250 - 200) x SLOWER_REPLY_S, over 3 minutes here."""
     slow = env.sinks["slow"]
     with env.cluster(
         tmp_path / "c",
