@@ -161,6 +161,27 @@ class Harness:
     async def finish(self) -> None:
         await asyncio.gather(*list(self.d._tasks))
 
+    async def drain(self, rounds: int) -> None:
+        """Finish the attempts and scan again until no message is active (at most `rounds`
+        scans); a permit cycle would hang a finish, hence the bound."""
+        for _ in range(rounds):
+            await asyncio.wait_for(self.finish(), 5)
+            if not self.store.counts()["active"]:
+                return
+            await self.d._scan()
+        await asyncio.wait_for(self.finish(), 5)
+
+    async def scan_rounds(self, rounds: int) -> None:
+        """Scan and finish every attempt, `rounds` times (due deferred mail included)."""
+        for _ in range(rounds):
+            await self.d._scan()
+            await self.finish()
+
+    def advance(self, seconds: float) -> None:
+        """Move the clocks on, the lease renewed meanwhile."""
+        self.clock.advance(seconds)
+        self.lease.renew_committed(self.clock.monotonic_s(), EPOCH)
+
 
 def test_claims_ahead_of_the_slots_but_sends_at_most_concurrency(store: QueueStore) -> None:
     async def run() -> None:
@@ -254,12 +275,7 @@ def test_per_destination_limit_and_no_state_kept_for_idle_destinations(
         await h.settle()
         assert h.agent.open == 2, "one per destination, two destinations"
         h.agent.release.set()
-        await h.finish()
-        for _ in range(10):  # 4 messages: a few scans at most
-            if not h.store.counts()["active"]:
-                break
-            await h.d._scan()
-            await h.finish()
+        await h.drain(10)  # 4 messages: a few scans at most
         assert h.agent.most_open == 2 and len(h.agent.sent) == 4
         assert h.d._per_dest == {}, "semaphores kept for destinations nobody uses"
 
@@ -322,11 +338,7 @@ def test_messages_to_several_destinations_never_wait_on_each_other(store: QueueS
             body = f"Subject: {qid}\r\n\r\nbody\r\n".encode()
             rcpts = tuple(f"rcpt@{d}" for d in domains)
             assert h.tx.one(enqueue(qid, T0 + k, rcpts=rcpts, body=body))[0] == "queued"
-        for _ in range(10):
-            if not h.store.counts()["active"]:
-                break
-            await h.d._scan()
-            await asyncio.wait_for(h.finish(), 5)  # a permit cycle would hang here
+        await h.drain(10)  # a permit cycle would hang here
         # One SMTP transaction per destination of each message.
         assert sorted(h.agent.sent) == [f"Subject: M{k:03d}" for k in (0, 0, 1, 1, 2, 3)]
         assert h.agent.most_open == 1
@@ -350,11 +362,7 @@ def test_with_a_relay_host_every_domain_shares_the_relays_permits(store: QueueSt
         assert h.agent.open == 1, "more transactions open to the relay than per_destination"
         assert set(h.d._claimed_for) == {"[127.0.0.1]:2525"}, h.d._claimed_for
         h.agent.release.set()
-        for _ in range(20):
-            await h.finish()
-            if not h.store.counts()["active"]:
-                break
-            await h.d._scan()
+        await h.drain(20)
         assert h.agent.most_open == 1 and len(h.agent.sent) == 6
         assert h.d._per_dest == {} and h.d._claimed_for == {}
 
@@ -400,8 +408,7 @@ def test_mail_behind_a_long_backlog_for_a_busy_destination_goes_within_a_deep_sc
         (second,) = h.queue(1, "other.test", first=backlog + 1)
         await h.d._scan()  # a shallow scan: passes over the cached backlog, stops short
         assert second not in h.d._in_flight
-        h.clock.advance(DEEP_SCAN_INTERVAL_S)
-        h.lease.renew_committed(h.clock.monotonic_s(), EPOCH)
+        h.advance(DEEP_SCAN_INTERVAL_S)
         await h.d._scan()
         assert second in h.d._in_flight, "the next deep scan did not find it"
         h.agent.release.set()
@@ -423,9 +430,7 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
         h.agent.unreachable.add("dead.test")
         dead = h.queue(3, "dead.test")
         (live,) = h.queue(1, "live.test", first=3)
-        for _ in range(6):
-            await h.d._scan()
-            await h.finish()
+        await h.scan_rounds(6)
         assert h.agent.tried.count("dead.test") == 1, h.agent.tried
         assert h.agent.sent == [f"Subject: {live}"]
         replies = [h.message(q).recipients[0].last_reply for q in dead]  # type: ignore[union-attr]
@@ -437,18 +442,13 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
 
         # An operator's retry of all three: tried again at once, suspended again.
         assert h.tx.one(QueueOp("retry", tuple(dead), h.clock.wall_ms()))[0] == "ok"
-        for _ in range(6):
-            await h.d._scan()
-            await h.finish()
+        await h.scan_rounds(6)
         assert h.agent.tried.count("dead.test") == 2, h.agent.tried
 
         # After retry_base_s (the messages' backoff too), tried again.
-        h.clock.advance(RetryPolicy().retry_max_s)
-        h.lease.renew_committed(h.clock.monotonic_s(), EPOCH)
+        h.advance(RetryPolicy().retry_max_s)
         h.agent.unreachable.clear()
-        for _ in range(6):
-            await h.d._scan()
-            await h.finish()
+        await h.scan_rounds(6)
         assert sorted(h.agent.sent[1:]) == [f"Subject: {q}" for q in dead], h.agent.sent
         assert h.d._suspended == {}
 
