@@ -316,20 +316,17 @@ class QueueStore:
         if self._boot_id is not None and recorded == self._boot_id:
             return False
         if recorded == WRITEBACK_FAILED:
-            log.warning(
-                "queue state %s: a writeback of its commits failed before the node "
-                "stopped: discarding it; it is rebuilt from snapshot.bin and the Raft log",
-                self.path,
-            )
+            why = ": a writeback of its commits failed before the node stopped"
         else:
-            log.warning(
-                "queue state %s holds commits never fsynced (boot %s) and the machine has "
-                "restarted since (boot %s): discarding it; it is rebuilt from snapshot.bin "
-                "and the Raft log",
-                self.path,
-                recorded or "?",
-                self._boot_id or "unknown",
+            why = (
+                f" holds commits never fsynced (boot {recorded or '?'}) and the machine has "
+                f"restarted since (boot {self._boot_id or 'unknown'})"
             )
+        log.warning(
+            "queue state %s%s: discarding it; it is rebuilt from snapshot.bin and the Raft log",
+            self.path,
+            why,
+        )
         shutil.rmtree(self.path)
         fsync_path(self.path.parent)
         return True
