@@ -6,9 +6,17 @@ sessions share one entry, one append and one LMDB transaction). Wire format:
     entry := FORMAT_VERSION (1 byte) || msgpack([[tag, field, ...], ...])
 
 Everything a command needs to be applied deterministically (ids, timestamps,
-random choices) is made before submit and carried here. Unknown tags or a
-different format version raise `CodecError`: a node must never guess at an
-entry written by a newer version.
+random choices) is made before submit and carried here. A node must never
+guess at an entry written by a newer version: a newer format byte, an unknown
+tag or more fields than this version knows raise `NewerFormatError`, which
+stops the node's applying (see statemachine.py) instead of letting it skip
+what its peers apply; other malformed input raises `CodecError` and is
+rejected the same way everywhere.
+
+Fields added to a command after its first release have defaults and come
+last; the encoder leaves out a trailing run of them that all hold their
+defaults, so an entry that uses no new feature is byte for byte what the
+previous version wrote (an Enqueue without DSN parameters has 13 fields).
 
 Limits: an entry must stay under `MAX_ENTRY_BYTES` (pysyncobj mishandles
 entries near its 64 KiB append batch size), so bodies above
@@ -19,12 +27,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 import msgpack
 
-from .errors import CodecError
+from .errors import CodecError, NewerFormatError
 
 FORMAT_VERSION = 1
 MAX_ENTRY_BYTES = 56 * 1024
@@ -50,6 +58,11 @@ class Enqueue:
     message_id: str
     client: str
     node_id: str
+    # RFC 3461 (dsnparams.py); optional, added after the first release.
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    dsn_notify: tuple[str, ...] = ()  # per recipient, or () when none gave NOTIFY
+    dsn_orcpt: tuple[str, ...] = ()  # per recipient, or () when none gave ORCPT
 
 
 @dataclass(frozen=True)
@@ -157,7 +170,8 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
 _BY_TAG: dict[int, type[Any]] = {
     c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim, QueueOp)
 }
-_TUPLE_FIELDS = {"recipients", "results", "queue_ids"}
+_TUPLE_FIELDS = {"recipients", "results", "queue_ids", "dsn_notify", "dsn_orcpt"}
+_MAX_TAG = max(_BY_TAG)
 
 
 def _results_tuple(value: list[list[Any]]) -> tuple[tuple[Any, ...], ...]:
@@ -176,39 +190,58 @@ class _Schema:
     cls: type[Any]
     values: Callable[[Any], tuple[Any, ...]]  # the field values in order
     fields: tuple[tuple[str, Callable[[Any], bool], Callable[[Any], Any] | None], ...]
+    required: int  # the fields without a default: the first release's
+    defaults: tuple[Any, ...]  # of the optional fields after them, as encoded
 
 
 def _schema(cls: type[Any]) -> _Schema:
     spec = []
+    defaults: list[Any] = []
     for f in fields(cls):
         convert = (
             _results_tuple if f.name == "results" else tuple if f.name in _TUPLE_FIELDS else None
         )
         spec.append((f.name, _CHECKS[str(f.type)], convert))
+        if f.default is not MISSING:
+            defaults.append(f.default)
+        elif defaults:
+            raise TypeError(f"{cls.__name__}.{f.name}: a field after an optional one needs one")
     getter = operator.attrgetter(*(name for name, _, _ in spec))
     values = getter if len(spec) > 1 else (lambda cmd: (getter(cmd),))
-    return _Schema(cls, values, tuple(spec))
+    return _Schema(cls, values, tuple(spec), len(spec) - len(defaults), tuple(defaults))
 
 
 _SCHEMAS: dict[int, _Schema] = {tag: _schema(cls) for tag, cls in _BY_TAG.items()}
 
 
 def _to_list(cmd: Command) -> list[Any]:
-    return [cmd.TAG, *_SCHEMAS[cmd.TAG].values(cmd)]
+    schema = _SCHEMAS[cmd.TAG]
+    values = schema.values(cmd)
+    if not schema.defaults:
+        return [cmd.TAG, *values]
+    end = len(values)
+    while end > schema.required and values[end - 1] == schema.defaults[end - 1 - schema.required]:
+        end -= 1
+    return [cmd.TAG, *values[:end]]
 
 
 def _from_list(item: Any) -> Command:
     if not isinstance(item, list) or not item:
         raise CodecError(f"command is not a non-empty list: {type(item).__name__}")
-    schema = _SCHEMAS.get(item[0]) if isinstance(item[0], int) else None
+    tag = item[0]
+    schema = _SCHEMAS.get(tag) if _is_int(tag) else None
     if schema is None:
-        raise CodecError(f"unknown command tag {item[0]!r}")
+        if _is_int(tag) and tag > _MAX_TAG:
+            raise NewerFormatError(f"command tag {tag} is newer than this version's {_MAX_TAG}")
+        raise CodecError(f"unknown command tag {tag!r}")
     spec = schema.fields
     name = schema.cls.__name__
-    if len(item) != len(spec) + 1:
-        raise CodecError(f"{name}: expected {len(spec)} fields, got {len(item) - 1}")
+    if len(item) - 1 > len(spec):
+        raise NewerFormatError(f"{name} has {len(item) - 1} fields; this version knows {len(spec)}")
+    if len(item) - 1 < schema.required:
+        raise CodecError(f"{name}: expected {schema.required} fields, got {len(item) - 1}")
     values = []
-    for (field_name, check, convert), value in zip(spec, item[1:], strict=True):
+    for (field_name, check, convert), value in zip(spec, item[1:], strict=False):
         if not check(value):
             raise CodecError(f"{name}.{field_name}: wrong type {type(value).__name__}")
         values.append(value if convert is None else convert(value))
@@ -254,6 +287,8 @@ def encode_packed_entry(packed: list[bytes]) -> bytes:
 def decode_entry(data: bytes) -> list[Command]:
     if not data:
         raise CodecError("empty entry")
+    if data[0] > FORMAT_VERSION:
+        raise NewerFormatError(f"entry format {data[0]}; this version reads {FORMAT_VERSION}")
     if data[0] != FORMAT_VERSION:
         raise CodecError(f"entry format version {data[0]} is not {FORMAT_VERSION}")
     try:

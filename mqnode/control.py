@@ -51,10 +51,10 @@ from . import membership
 from .clock import Clock
 from .commands import QUEUE_OPS, QueueOp, RecordOutcome
 from .config import parse_hostport
-from .dispatcher import bounce_for
 from .errors import ConfigError, MembershipError, SubmitError
 from .metrics import NodeMetrics
 from .model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
+from .notify import report_for
 from .raft import RaftNode
 from .replicator import Replicator
 from .statemachine import QueueStateMachine
@@ -196,7 +196,7 @@ class AdminServer:
             ]
             dsn_id = make_queue_id(now_ms, secrets.token_bytes(4))
             body = self._store.read_body(msg)
-            dsn = bounce_for(msg, results, {}, body, now_ms, self._info["hostname"], dsn_id)
+            dsn = report_for(msg, results, {}, body, now_ms, self._info["hostname"], dsn_id)
             cmd = RecordOutcome(
                 qid, now_ms, tuple(results), now_ms, epoch, dsn_id if dsn else "", dsn
             )

@@ -27,6 +27,12 @@ with 5.6.7 without being offered (Postfix does the same). A body with 8-bit
 bytes is declared `BODY=8BITMIME` to a host that offers it (RFC 6152); to
 one that does not it goes as it is (no MIME downgrade).
 
+DSN (RFC 3461): a message whose client gave DSN parameters carries them to a
+host that offers DSN (RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT);
+`deliver` reports which recipients such a host took, for which that host now
+answers the sender's NOTIFY=SUCCESS. Without DSN at the host the parameters
+stay here, and the dispatcher reports success itself (`Action: relayed`).
+
 Fencing: `gate()` is called after the server's 354 and right before the body
 and the final "." are written (one write, nothing awaited in between). If it
 returns False (the dispatch lease was lost), the connection is dropped without
@@ -61,6 +67,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from .dsnparams import DsnRequest
 from .model import Outcome
 
 RecipientResult = tuple[int, str, str]
@@ -228,28 +235,37 @@ class DeliveryAgent:
         body: bytes,
         gate: Callable[[], bool],
         require_tls: bool = False,
-    ) -> tuple[list[RecipientResult], str]:
-        """Per-recipient results and the name of the host that answered ("" if none).
+        dsn: DsnRequest | None = None,
+    ) -> tuple[list[RecipientResult], str, frozenset[int]]:
+        """Per-recipient results, the name of the host that answered ("" if none), and the
+        recipients delivered to a host that took `dsn`'s parameters (module doc).
 
         In transactions of at most `max_rcpts_per_transaction` recipients (module doc).
         """
         results: list[RecipientResult] = []
         host = ""
         todo = list(rcpts)
+        passed: set[int] = set()
         while todo:
             batch, todo = todo[: self._max_rcpts], todo[self._max_rcpts :]
-            part, host = await self._deliver_one(targets, mail_from, batch, body, gate, require_tls)
+            part, host, dsn_taken = await self._deliver_one(
+                targets, mail_from, batch, body, gate, require_tls, dsn
+            )
             if not host:  # no host took a transaction: the rest would fare the same
                 reply = part[0][2]
-                return results + part + [(i, Outcome.DEFERRED.value, reply) for i, _ in todo], ""
+                rest = [(i, Outcome.DEFERRED.value, reply) for i, _ in todo]
+                return results + part + rest, "", frozenset(passed)
+            if dsn_taken:
+                passed.update(i for i, out, _ in part if out == Outcome.DELIVERED.value)
             over = {
                 i for i, out, reply in part if out == Outcome.DEFERRED.value and reply[:3] == "452"
             }
             if over and any(out == Outcome.DELIVERED.value for _, out, _ in part):
                 todo = [r for r in batch if r[0] in over] + todo  # the host's limit: again now
                 part = [r for r in part if r[0] not in over]
+                passed.difference_update(over)
             results += part
-        return results, host
+        return results, host, frozenset(passed)
 
     async def _deliver_one(
         self,
@@ -259,8 +275,10 @@ class DeliveryAgent:
         body: bytes,
         gate: Callable[[], bool],
         require_tls: bool,
-    ) -> tuple[list[RecipientResult], str]:
-        """One transaction for `rcpts` on the first target that takes it."""
+        dsn: DsnRequest | None,
+    ) -> tuple[list[RecipientResult], str, bool]:
+        """One transaction for `rcpts` on the first target that takes it; whether that
+        host took `dsn`'s parameters."""
         last_error = "no delivery target"
         for target in targets:
             session = self._take(target)
@@ -276,19 +294,20 @@ class DeliveryAgent:
                 continue
             try:
                 session.uses += 1
+                dsn_taken = bool(dsn) and session.client.supports_extension("dsn")
                 results, ended = await self._transaction(
-                    session.client, mail_from, rcpts, body, gate
+                    session.client, mail_from, rcpts, body, gate, dsn if dsn_taken else None
                 )
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await _close(session.client)
                 reply = f"{target.name}[{target.address}]: lost connection: {exc}"
-                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], target.name
+                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], target.name, False
             except BaseException:
                 session.client.close()
                 raise
             await self._park(target, session, reset=not ended)
-            return results, target.name
-        return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], ""
+            return results, target.name, dsn_taken
+        return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], "", False
 
     async def _transaction(
         self,
@@ -297,8 +316,11 @@ class DeliveryAgent:
         rcpts: list[tuple[int, str]],
         body: bytes,
         gate: Callable[[], bool],
+        dsn: DsnRequest | None = None,
     ) -> tuple[list[RecipientResult], bool]:
-        """Per-recipient results, and whether the transaction ended (final "." answered)."""
+        """Per-recipient results, and whether the transaction ended (final "." answered).
+
+        `dsn`: the client's RFC 3461 parameters, for a host that offers DSN."""
         utf8 = not (mail_from.isascii() and all(addr.isascii() for _, addr in rcpts))
         if utf8 and not client.supports_extension("smtputf8"):
             out = Outcome.BOUNCED.value
@@ -313,6 +335,8 @@ class DeliveryAgent:
             options.append(f"SIZE={len(body)}")  # RFC 1870: it may refuse at MAIL, not after DATA
         if not body.isascii() and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")  # RFC 6152: declare 8-bit content where offered
+        if dsn is not None:
+            options += dsn.mail_options()
         # MAIL and RCPT go straight to execute_command: the addresses were checked at
         # ingress, and aiosmtplib's mail()/rcpt() re-parse each with email.utils.
         args = [b"FROM:<" + mail_from.encode(encoding) + b">", *(o.encode() for o in options)]
@@ -323,7 +347,9 @@ class DeliveryAgent:
         results: dict[int, RecipientResult] = {}
         accepted: list[int] = []
         for idx, addr in rcpts:
-            resp = await client.execute_command(b"RCPT", b"TO:<" + addr.encode(encoding) + b">")
+            path = b"TO:<" + addr.encode(encoding) + b">"
+            extra = [o.encode() for o in dsn.rcpt_options(idx)] if dsn is not None else []
+            resp = await client.execute_command(b"RCPT", path, *extra)
             if resp.code in (250, 251):
                 accepted.append(idx)
             else:

@@ -80,11 +80,11 @@ from dataclasses import dataclass
 from .clock import Clock
 from .commands import Claim, LeaseRenew, RecordOutcome
 from .delivery import DeliveryAgent, LeaseLost, RecipientResult
-from .dsn import FailedRecipient, build_dsn, is_null_sender, status_from_reply
 from .errors import CorruptDataError, MqnodeError
 from .events import EventLog
 from .lease import LeaderLease
 from .model import Outcome, QueuedMessage, RcptState, make_queue_id
+from .notify import report_for
 from .policy import RetryPolicy
 from .replicator import Replicator
 from .routing import Router
@@ -343,12 +343,16 @@ class Dispatcher:
             return
         results: list[RecipientResult] = []
         remote: dict[int, str] = {}
+        passed: frozenset[int] = frozenset()  # delivered to hosts that took the DSN request
         for (dest, require_tls), rcpts in by_dest.items():
-            part, host = await self._deliver_to(dest, require_tls, rcpts, msg, body, epoch)
+            part, host, dsn_passed = await self._deliver_to(
+                dest, require_tls, rcpts, msg, body, epoch
+            )
             results += part
+            passed |= dsn_passed
             remote.update((i, host) for i, _, _ in part)
         await sent()
-        await self._record(msg, epoch, results, remote, body)
+        await self._record(msg, epoch, results, remote, body, passed)
 
     async def _deliver_to(
         self,
@@ -358,31 +362,29 @@ class Dispatcher:
         msg: QueuedMessage,
         body: bytes,
         epoch: int,
-    ) -> tuple[list[RecipientResult], str]:
-        """One transaction for `rcpts`, all bound for destination `dest`."""
+    ) -> tuple[list[RecipientResult], str, frozenset[int]]:
+        """One transaction for `rcpts`, all bound for destination `dest` (DeliveryAgent.deliver)."""
+        none: frozenset[int] = frozenset()
         suspended = self._suspended.get(dest)
         if suspended is not None:
             if suspended[0] > self._clock.monotonic_s():
                 reply = f"4.4.1 delivery temporarily suspended: {suspended[1]}"
-                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", none
             del self._suspended[dest]
         route = await self._router.route(dest)
-        if route.kind == "bounce":
-            return [
-                (i, Outcome.BOUNCED.value, f"{route.status} {route.reason}") for i, _ in rcpts
-            ], ""
-        if route.kind == "defer":
-            return [
-                (i, Outcome.DEFERRED.value, f"{route.status} {route.reason}") for i, _ in rcpts
-            ], ""
+        if route.kind in ("bounce", "defer"):
+            outcome = Outcome.BOUNCED if route.kind == "bounce" else Outcome.DEFERRED
+            reply = f"{route.status} {route.reason}"
+            return [(i, outcome.value, reply) for i, _ in rcpts], "", none
         try:  # the destination's permit is held already (_attempt)
-            results, host = await self._agent.deliver(
+            results, host, passed = await self._agent.deliver(
                 route.targets,
                 msg.mail_from,
                 rcpts,
                 body,
                 gate=lambda: self._lease.valid(epoch),
                 require_tls=require_tls,
+                dsn=msg.dsn or None,
             )
         except LeaseLost:
             raise
@@ -392,12 +394,12 @@ class Dispatcher:
             # the same crash every scan (seen with a UTF-8 address).
             log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, dest)
             reply = f"4.3.0 internal error delivering to {dest}: {type(exc).__name__}"
-            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", none
         # No host took a transaction: see the module docstring. Not when TLS was required:
         # a host without it may still take the destination's other mail.
         if not host and results and not require_tls:
             self._suspend(dest, results[0][2])
-        return results, host
+        return results, host, passed
 
     def _suspend(self, dest: str, why: str) -> None:
         if len(self._suspended) >= SUSPENDED_MAX:
@@ -437,6 +439,7 @@ class Dispatcher:
         results: list[RecipientResult],
         remote: dict[int, str],
         body: bytes,
+        dsn_passed: frozenset[int] = frozenset(),
     ) -> None:
         now_ms = self._clock.wall_ms()
         expired = now_ms - msg.received_ms > self._s.max_queue_lifetime_s * 1000
@@ -446,7 +449,7 @@ class Dispatcher:
                 outcome, reply = Outcome.BOUNCED.value, f"4.4.7 message expired in queue: {reply}"
             final.append((i, outcome, reply[:MAX_REPLY_CHARS]))
         dsn_id = make_queue_id(now_ms, self._random_bytes(4))
-        dsn = bounce_for(msg, final, remote, body, now_ms, self._s.hostname, dsn_id)
+        dsn = report_for(msg, final, remote, body, now_ms, self._s.hostname, dsn_id, dsn_passed)
         dsn_id = dsn_id if dsn else ""
         bounce_id = dsn_id
         delay_s = self._policy.delay_s(msg.attempts + 1, self._random)
@@ -504,47 +507,3 @@ def destinations(msg: QueuedMessage, nexthop: Callable[[str], str]) -> tuple[str
             {nexthop(domain_of(r.address)) for r in msg.recipients if r.state is RcptState.PENDING}
         )
     )
-
-
-def bounce_for(
-    msg: QueuedMessage,
-    results: list[RecipientResult],
-    remote: dict[int, str],
-    body: bytes,
-    now_ms: int,
-    hostname: str,
-    dsn_queue_id: str,
-) -> bytes:
-    """The DSN for the bounced recipients in `results` ("" when none, or a null sender)."""
-    bounced = [(i, reply) for i, outcome, reply in results if outcome == Outcome.BOUNCED.value]
-    if not bounced or is_null_sender(msg.mail_from):
-        return b""
-    failed = [
-        FailedRecipient(
-            address=msg.recipients[i].address,
-            status=_status_of(reply),
-            diagnostic=reply,
-            remote_mta=remote.get(i, ""),
-        )
-        for i, reply in bounced
-    ]
-    return build_dsn(
-        queue_id=msg.queue_id,
-        reporting_mta=hostname,
-        original_sender=msg.mail_from,
-        original_message_id=msg.message_id,
-        arrival_ms=msg.received_ms,
-        now_ms=now_ms,
-        failed=failed,
-        original=body,
-        max_returned_bytes=16 * 1024,  # the bounce must fit one small log entry
-    )
-
-
-def _status_of(reply: str) -> str:
-    """Enhanced status of a reply; our own replies ("5.1.10 ...", "4.4.7 ...") start with it."""
-    head = reply.split(" ", 1)[0]
-    parts = head.split(".")
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and head[0] in "45":
-        return head
-    return status_from_reply(reply, "5.0.0")

@@ -1,6 +1,6 @@
-"""dsn: RFC 3464 delivery status notifications (bounces).
+"""dsn: RFC 3464 delivery status notifications (bounces and success reports).
 
-`build_dsn()` renders the bounce for one queued message as a
+`build_dsn()` renders the report for one queued message as a
 `multipart/report; report-type=delivery-status` message (RFC 6522), ready to
 be enqueued through the log like any other message and sent with the null
 return path. `is_null_sender()` is how the dispatcher makes sure a bounce
@@ -8,18 +8,20 @@ never bounces; `build_dsn()` refuses a null sender too.
 
 Shape (the order is the RFC's):
     headers      From: Mail Delivery System <MAILER-DAEMON@reporting_mta>,
-                 To: <original_sender>, Subject, Auto-Submitted: auto-replied
+                 To: <original_sender>, Subject (by the actions reported:
+                 failures, successes or both), Auto-Submitted: auto-replied
                  (RFC 3834), Date, Message-ID, In-Reply-To/References (when the
                  original had a Message-ID), MIME-Version, Content-Type.
     part 1       text/plain: a short Postfix-like explanation, one paragraph
-                 per failed recipient naming the host and its reply.
-    part 2       message/delivery-status: Reporting-MTA, X-Mqnode-Queue-ID,
-                 X-Mqnode-Sender, Arrival-Date; then per recipient
+                 per reported recipient naming the host and its reply.
+    part 2       message/delivery-status: [Original-Envelope-Id], Reporting-MTA,
+                 X-Mqnode-Queue-ID, X-Mqnode-Sender, Arrival-Date; then per recipient
                  [Original-Recipient], Final-Recipient, Action, Status,
                  [Remote-MTA], [Diagnostic-Code].
     part 3       message/rfc822 with the whole original when it is at most
-                 `max_returned_bytes` and every line fits in 998 octets;
-                 otherwise text/rfc822-headers with its header block only
+                 `max_returned_bytes`, every line fits in 998 octets and
+                 `headers_only` is false (RET=HDRS, or a report of successes
+                 only); otherwise text/rfc822-headers with its header block only
                  (whole fields kept while they fit in `max_returned_bytes`).
 
 Determinism: the output is a pure function of the arguments. Date comes from
@@ -67,6 +69,8 @@ from email.message import Message
 from email.utils import format_datetime
 from typing import Any
 
+from .dsnparams import xtext_encode
+
 MAX_DIAGNOSTIC_CHARS = 1000
 LINE_MAX_OCTETS = 998  # RFC 5322 section 2.1.1
 _FOLD_COLUMNS = 78
@@ -80,6 +84,11 @@ _MSGID_RE = re.compile(r"<[^<>\s]+@[^<>\s]+>")
 # utf8=True only matters for a UTF-8 To header (everything else is ASCII). Typed Any:
 # the stubs tie EmailPolicy to EmailMessage, but the generator renders any Message.
 _POLICY: email_policy.Policy[Any] = email_policy.SMTPUTF8.clone(max_line_length=LINE_MAX_OCTETS)
+_SUCCESS_TEXT = (  # Postfix's words for a success report
+    "Your message was successfully delivered to the destination(s) listed below. If the "
+    "message was delivered to mailbox you will receive no further notifications. Otherwise "
+    "you may still receive notifications of mail delivery errors from other systems."
+)
 
 
 @dataclass(frozen=True)
@@ -133,8 +142,11 @@ def build_dsn(
     failed: list[FailedRecipient],
     original: bytes,
     max_returned_bytes: int = 64 * 1024,
+    envelope_id: str = "",
+    headers_only: bool = False,
 ) -> bytes:
-    """Render the bounce (CRLF line endings) of `original` for the `failed` recipients.
+    """Render the report (CRLF line endings) of `original` for the `failed` recipients
+    (the name is historical: each has its own action, "failed" or e.g. "relayed").
 
     Raises ValueError for a null sender, an empty recipient list, an empty
     queue id or host, or a recipient whose action or status is malformed.
@@ -153,20 +165,23 @@ def build_dsn(
     if not host or not qid:
         raise ValueError("queue_id and reporting_mta must not be empty")
     sender = _address(original_sender)
-    returned_type, returned_cte, returned = _returned_part(original, max_returned_bytes)
+    returned_type, returned_cte, returned = _returned_part(
+        original, max_returned_bytes, headers_only
+    )
     inputs: list[str | bytes | int] = [queue_id, reporting_mta, original_sender]
     inputs += [original_message_id, arrival_ms, now_ms, max_returned_bytes, original]
+    inputs += [envelope_id, int(headers_only)]
     for r in failed:
         inputs += [r.address, r.status, r.diagnostic, r.remote_mta, r.action, r.original_recipient]
     text = _human_text(host, failed, returned_type)
-    ds_blocks = _status_blocks(queue_id, host, sender, arrival_ms, failed)
+    ds_blocks = _status_blocks(queue_id, host, sender, arrival_ms, failed, envelope_id)
     own_id = f"<{qid}.{_digest(sorted(_address(r.address) for r in failed))[:12]}.dsn@{host}>"
     for salt in range(8):
         digest = _digest([salt, *inputs])
         boundary = f"=_{qid}.{digest[:24]}"
         placeholder = f"=_{digest}_returned"
         top = Message(policy=email_policy.compat32)
-        _headers(top, host, sender, original_message_id, now_ms, own_id)
+        _headers(top, host, sender, original_message_id, now_ms, own_id, _subject(failed))
         parts: list[Message | str] = [_text_part(text), _status_part(ds_blocks)]
         parts.append(_leaf(returned_type, returned_cte, placeholder))
         content_type = f'multipart/report; report-type=delivery-status; boundary="{boundary}"'
@@ -259,10 +274,19 @@ def _digest(items: Iterable[str | bytes | int]) -> str:
 # -- the parts ------------------------------------------------------------------------------
 
 
-def _headers(msg: Message, host: str, sender: str, msgid: str, now_ms: int, own_id: str) -> None:
+def _subject(reported: list[FailedRecipient]) -> str:
+    failed = sum(r.action in ("failed", "delayed") for r in reported)
+    if failed == len(reported):
+        return "Undelivered Mail Returned to Sender"
+    return "Successful Mail Delivery Report" if not failed else "Mail Delivery Status Report"
+
+
+def _headers(
+    msg: Message, host: str, sender: str, msgid: str, now_ms: int, own_id: str, subject: str
+) -> None:
     _set(msg, "From", f"Mail Delivery System <MAILER-DAEMON@{host}>")
     _set(msg, "To", f"<{sender}>")
-    _set(msg, "Subject", "Undelivered Mail Returned to Sender")
+    _set(msg, "Subject", subject)
     _set(msg, "Auto-Submitted", "auto-replied")
     _set(msg, "Date", _date(now_ms))
     _set(msg, "Message-ID", own_id)
@@ -277,6 +301,9 @@ def _explain(rcpt: FailedRecipient) -> str:
     diagnostic = _clean(rcpt.diagnostic)[:MAX_DIAGNOSTIC_CHARS]
     remote = _clean(rcpt.remote_mta)
     said = f"host {remote} said: {diagnostic}" if remote and diagnostic else diagnostic
+    if rcpt.status.startswith("2"):
+        via = f"delivery via {remote}" if remote else "delivered"
+        return f"<{_address(rcpt.address)}>: {via}: {diagnostic}" if diagnostic else via
     if rcpt.status.startswith("4"):  # a deferral that outlived the queue lifetime
         reason = "the message expired in the queue after temporary failures"
         reason += f"; last reply: {said}" if said else ""
@@ -287,10 +314,12 @@ def _explain(rcpt: FailedRecipient) -> str:
 
 def _human_text(host: str, failed: list[FailedRecipient], returned_type: str) -> str:
     attached = "message" if returned_type == "message/rfc822" else "message's headers"
-    lines = [
-        f"This is the mail system at host {host}.",
-        "",
-        "Your message could not be delivered to one or more recipients.",
+    lines = [f"This is the mail system at host {host}.", ""]
+    if any(r.status[0] != "2" for r in failed):
+        lines.append("Your message could not be delivered to one or more recipients.")
+    if any(r.status[0] == "2" for r in failed):
+        lines += textwrap.wrap(_SUCCESS_TEXT, width=_TEXT_COLUMNS)
+    lines += [
         f"The delivery report and the returned {attached} are attached.",
         "For help, forward this report to your postmaster.",
         "",
@@ -304,10 +333,18 @@ def _human_text(host: str, failed: list[FailedRecipient], returned_type: str) ->
 
 
 def _status_blocks(
-    queue_id: str, host: str, sender: str, arrival_ms: int, failed: list[FailedRecipient]
+    queue_id: str,
+    host: str,
+    sender: str,
+    arrival_ms: int,
+    failed: list[FailedRecipient],
+    envelope_id: str,
 ) -> list[list[tuple[str, str]]]:
+    # RFC 3464 2.2.1: the ENVID as the client gave it, in xtext (no CR/LF can get in).
+    envid = [("Original-Envelope-Id", xtext_encode(envelope_id))] if envelope_id else []
     blocks = [
         [
+            *envid,
             ("Reporting-MTA", f"dns; {_escape(host)}"),
             ("X-Mqnode-Queue-ID", _escape(_clean(queue_id))),
             ("X-Mqnode-Sender", _address_field(sender)),
@@ -368,11 +405,11 @@ def _render(msg: Message) -> bytes:
 # -- the returned original -----------------------------------------------------------------
 
 
-def _returned_part(original: bytes, max_bytes: int) -> tuple[str, str, bytes]:
+def _returned_part(original: bytes, max_bytes: int, headers_only: bool) -> tuple[str, str, bytes]:
     """(Content-Type, Content-Transfer-Encoding, body) of part 3; CRLF line endings."""
     lines = original.splitlines()
     whole = b"\r\n".join(lines)
-    if len(whole) <= max_bytes and _eight_bit_safe(lines):
+    if not headers_only and len(whole) <= max_bytes and _eight_bit_safe(lines):
         return "message/rfc822", _cte(whole), whole
     head = _header_block(lines, max_bytes)
     block = b"\r\n".join(head)

@@ -4,6 +4,7 @@ MqnodeError
 ├── ConfigError            bad flags or config file: one line, exit code 2
 ├── CorruptDataError       a data file fails its checksum or format check
 ├── CodecError             a replicated command cannot be decoded (version, shape)
+│   └── NewerFormatError   ... because a newer mqnode wrote it: this node must stop applying
 ├── MembershipError        a member add/remove was refused or not committed (`kind` says why)
 └── SubmitError            a command was not committed; carries the SMTP reply to give
     ├── NoLeaderError      no leader known, or it changed under us (451)
@@ -32,6 +33,14 @@ class CorruptDataError(MqnodeError):
 
 class CodecError(MqnodeError):
     """A replicated entry could not be decoded."""
+
+
+class NewerFormatError(CodecError):
+    """An entry uses a format, command or field this version does not know.
+
+    Skipping it would let this node's queue diverge from its upgraded peers', so
+    the node stops applying and exits instead; upgrading it lets it carry on.
+    """
 
 
 class MembershipError(MqnodeError):

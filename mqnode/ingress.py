@@ -86,6 +86,35 @@ class IngressLimits:
     exempt_networks: tuple[str, ...] = ()
 
 
+class DsnEnvelope(Envelope):
+    """aiosmtpd's envelope with the RFC 3461 parameters its MAIL and RCPTs gave."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn_mail = ("", "")  # (RET, ENVID)
+        self.dsn_rcpts: list[tuple[str, str]] = []  # (NOTIFY, ORCPT) by recipient, once any
+
+    def add_rcpt_dsn(self, notify_orcpt: tuple[str, str], count: int) -> None:
+        """Record the `count`th accepted recipient's; the list is built only once one has any."""
+        if notify_orcpt != ("", "") or self.dsn_rcpts:
+            self.dsn_rcpts += [("", "")] * (count - 1 - len(self.dsn_rcpts)) + [notify_orcpt]
+
+    def enqueue_fields(self) -> dict[str, Any]:
+        """The Enqueue's dsn_* fields ({} when the client asked for nothing)."""
+        ret, envid = self.dsn_mail
+        if not (ret or envid or self.dsn_rcpts):
+            return {}
+        rcpts = self.dsn_rcpts + [("", "")] * (len(self.rcpt_tos) - len(self.dsn_rcpts))
+        notify = tuple(n for n, _ in rcpts)
+        orcpt = tuple(o for _, o in rcpts)
+        return {
+            "dsn_ret": ret,
+            "dsn_envid": envid,
+            "dsn_notify": notify if any(notify) else (),
+            "dsn_orcpt": orcpt if any(orcpt) else (),
+        }
+
+
 def client_limits(limits: IngressLimits, clock: Clock) -> ClientLimits:
     """The per-client counters for these limits (one set per node process)."""
     return ClientLimits(
@@ -305,7 +334,8 @@ class SmtpIngress:
         # RFC 2920, as Postfix: a client may send MAIL, RCPT... and DATA without waiting
         # for each reply. aiosmtpd reads and answers commands strictly in order, and
         # drops what arrives in plaintext behind STARTTLS (RFC 3207 4.2).
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        # RFC 3461 DSN: the parameters are parsed in smtpserver.py and kept per message.
+        return [*responses[:-1], "250-PIPELINING", "250-DSN", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -325,6 +355,8 @@ class SmtpIngress:
             return "450 4.7.1 Error: too many messages from your address, try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        if isinstance(envelope, DsnEnvelope):
+            envelope.dsn_mail = getattr(server, "dsn_mail", ("", ""))
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -341,6 +373,8 @@ class SmtpIngress:
             return "452 4.5.3 Error: too many recipients in this transaction, send the rest later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
+        if isinstance(envelope, DsnEnvelope):
+            envelope.add_rcpt_dsn(getattr(server, "dsn_rcpt", ("", "")), len(envelope.rcpt_tos))
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -398,6 +432,7 @@ class SmtpIngress:
             message_id=message_id,
             client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
             node_id=self._node_id,
+            **(envelope.enqueue_fields() if isinstance(envelope, DsnEnvelope) else {}),
         )
         if self.events is not None:
             emit_received(self.events, cmd)

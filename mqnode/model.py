@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from .dsnparams import DsnRequest
+
 QueueId = str
 
 
@@ -93,6 +95,12 @@ class QueuedMessage:
     claim_epoch: int = 0  # lease epoch of the leader that claimed it for delivery; 0: unclaimed
     claim_node: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dsn(self) -> DsnRequest:
+        """The client's RFC 3461 request (empty when it made none)."""
+        rec = self.extra.get("dsn")
+        return DsnRequest() if rec is None else DsnRequest.from_record(rec)
 
     @property
     def complete(self) -> bool:

@@ -135,6 +135,7 @@ class Node:
         # After the state commit, not on a 250 (which goes out before it), and for mail
         # accepted by other nodes or released by an operator too.
         raft.on_applied = dispatcher.wake
+        raft.on_fatal = self._fail
         events = EventLog(cfg.event_log, cfg.node_id, self.clock, cfg.event_webhook)
         front.events = dispatcher.events = events
         metrics = self._build_metrics(store, raft, front, dispatcher, lease)

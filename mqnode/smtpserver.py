@@ -22,6 +22,9 @@ Contract, per connection:
 * Idle timeout `idle_timeout_s`: no command (or, inside DATA, no bytes) for
   that long gets `421 4.4.2` and close. Time spent in the handler (waiting
   for a Raft commit) or checking a password never counts as idle.
+* DSN parameters (RFC 3461, dsnparams.py) are taken out of MAIL and RCPT
+  before aiosmtpd parses the rest; a malformed one gets `501 5.5.4` and the
+  command is not handed to the handler.
 * aiosmtpd's bare replies for over-long lines and oversized DATA get enhanced
   status codes (`500 5.5.2`, `552 5.3.4`); no reply ever fails to encode.
 """
@@ -39,7 +42,8 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
-from .ingress import SmtpIngress, hook_names
+from .dsnparams import DsnParamError, mail_params, rcpt_params, split_params, without_dsn
+from .ingress import DsnEnvelope, SmtpIngress, hook_names
 from .smtpdata import NOMINAL, TOO_LONG, TOO_MUCH, read_data
 
 # aiosmtpd's replies without an enhanced status code (RFC 3463) -> ours.
@@ -182,6 +186,9 @@ class SubmissionProtocol(SMTP):
         self._idle_due = 0.0  # the idle deadline (loop time); see _reset_timeout
         self._idle_timer_at: float | None = None  # when the armed timer fires
         self._smtp_methods = _CountedMethods(self)
+        self._dsn_given: dict[str, str] | str | None = None  # see _getaddr
+        self.dsn_mail = ("", "")  # (RET, ENVID) of the MAIL being handled
+        self.dsn_rcpt = ("", "")  # (NOTIFY, ORCPT) of the RCPT being handled
 
     def __dir__(self) -> list[str]:
         # What aiosmtpd's __init__ scans: AUTH mechanisms (its command table, built
@@ -195,6 +202,22 @@ class SubmissionProtocol(SMTP):
         MAIL and RCPT: a tenth of the leader's CPU per message, measured with
         py-spy under smtp-source. Same answers (tests/unit/test_smtp_getaddr.py).
         """
+        address, params = self._parse_path(arg)
+        self._dsn_given = None
+        if params and "=" in params:
+            # RFC 3461's parameters, as sent: aiosmtpd upper-cases what it sees (ENVID and
+            # ORCPT are case-sensitive) and refuses keywords it does not know.
+            try:
+                rest, dsn = split_params(params)
+            except DsnParamError as exc:
+                # Answered by our hook; aiosmtpd would say 555 "not recognized" first.
+                params, self._dsn_given = without_dsn(params), str(exc)
+            else:
+                if dsn:
+                    params, self._dsn_given = rest, dsn
+        return address, params
+
+    def _parse_path(self, arg: str) -> tuple[str | None, str | None]:
         m = _SIMPLE_PATH.fullmatch(arg)
         if m is None or m.group(2).startswith("("):  # a comment after it: the parser's job
             try:
@@ -207,6 +230,30 @@ class SubmissionProtocol(SMTP):
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return address, m.group(2)
+
+    def _create_envelope(self) -> DsnEnvelope:
+        return DsnEnvelope()
+
+    def _take_dsn(self, command: str) -> str | None:
+        """Parse the DSN parameters `_getaddr` set aside for MAIL or RCPT into `dsn_mail` or
+        `dsn_rcpt` for the handler; the reply for a malformed one, else None."""
+        given, self._dsn_given = self._dsn_given, None
+        self.dsn_mail = self.dsn_rcpt = ("", "")
+        if given is None:
+            return None
+        if isinstance(given, str):
+            return given
+        assert self.session is not None
+        if not self.session.extended_smtp:
+            return "501 5.5.4 Error: DSN parameters need EHLO"
+        try:
+            if command == "MAIL":
+                self.dsn_mail = mail_params(given)
+            else:
+                self.dsn_rcpt = rcpt_params(given)
+        except DsnParamError as exc:
+            return str(exc)
+        return None
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -348,6 +395,10 @@ class SubmissionProtocol(SMTP):
         super().data_received(data)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command in ("MAIL", "RCPT"):
+            refusal = self._take_dsn(command)
+            if refusal is not None:
+                return refusal
         self._busy += 1
         try:
             return await super()._call_handler_hook(command, *args)

@@ -6,7 +6,10 @@ Contract (hashicorp/raft fsm.go: "Apply must be deterministic"):
 * Idempotent by index: an entry at or below the stored applied index is
   skipped, so replaying the journal after a restart changes nothing.
 * Invalid input (undecodable entry, missing chunks) is rejected the same way
-  on every node and recorded as a result; it never raises past here.
+  on every node and recorded as a result; it never raises past here. The one
+  exception: an entry a newer mqnode wrote (`NewerFormatError`) raises, and
+  the node stops applying (raft/node.py) rather than skip what its upgraded
+  peers apply.
 
 Dispatch fencing (see docs/design/dispatch.md): the state holds the current
 lease (holder, epoch = the holder's Raft term). A LeaseRenew, Claim or
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 from .commands import (
     QUEUE_OPS,
@@ -36,7 +40,8 @@ from .commands import (
     RecordOutcome,
     decode_entry,
 )
-from .errors import CodecError
+from .dsnparams import MAX_ENVID_CHARS, MAX_ORCPT_CHARS, DsnRequest
+from .errors import CodecError, NewerFormatError
 from .model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
 from .store import OPERATOR_RETRIES, StateTxn
 
@@ -81,6 +86,7 @@ def invalid(cmd: Command) -> str | None:
             return "Enqueue: bad upload reference"
         if cmd.received_ms < 0 or cmd.body_size < 0:
             return "Enqueue: negative time or size"
+        return _invalid_dsn(cmd)
     elif isinstance(cmd, PutChunk):
         if _bad_id(cmd.upload_id) or not 0 <= cmd.seq < MAX_CHUNKS or cmd.created_ms < 0:
             return "PutChunk: bad upload id or sequence"
@@ -102,6 +108,24 @@ def invalid(cmd: Command) -> str | None:
     return None
 
 
+def _invalid_dsn(cmd: Enqueue) -> str | None:
+    n = len(cmd.recipients)
+    if cmd.dsn_ret not in ("", "FULL", "HDRS") or len(cmd.dsn_envid) > MAX_ENVID_CHARS:
+        return "Enqueue: bad DSN RET or ENVID"
+    if len(cmd.dsn_notify) not in (0, n) or len(cmd.dsn_orcpt) not in (0, n):
+        return "Enqueue: DSN parameters do not match the recipients"
+    if any(len(v) > MAX_ORCPT_CHARS for v in (*cmd.dsn_notify, *cmd.dsn_orcpt)):
+        return "Enqueue: DSN parameter too long"
+    return None
+
+
+def _dsn_extra(cmd: Enqueue) -> dict[str, Any]:
+    if not (cmd.dsn_ret or cmd.dsn_envid or cmd.dsn_notify or cmd.dsn_orcpt):
+        return {}  # the common case, without building a request per message
+    dsn = DsnRequest(cmd.dsn_ret, cmd.dsn_envid, cmd.dsn_notify, cmd.dsn_orcpt)
+    return {"dsn": dsn.to_record()} if dsn else {}
+
+
 class QueueStateMachine:
     def apply(self, index: int, entry: bytes, txn: StateTxn) -> list[Result] | None:
         """Apply one log entry; None if it was applied before (replay)."""
@@ -110,6 +134,8 @@ class QueueStateMachine:
             return None
         try:
             commands = decode_entry(entry)
+        except NewerFormatError:
+            raise
         except CodecError as exc:
             log.error("entry %d rejected: %s", index, exc)
             txn.set_applied_index(index)
@@ -241,6 +267,7 @@ class QueueStateMachine:
             client=cmd.client,
             accepted_by=cmd.node_id,
             next_attempt_ms=cmd.received_ms,
+            extra=_dsn_extra(cmd),
         )
         txn.put_message(msg, None)
         txn.put_idem(cmd.idem_key, cmd.queue_id, cmd.received_ms)

@@ -20,6 +20,7 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
 from .. import membership
+from ..errors import MqnodeError, NewerFormatError
 from ..logstore import LogStore
 from ..statemachine import QueueStateMachine, Result
 from ..store import QueueStore
@@ -121,6 +122,8 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         # Called on the event loop after the state moved on and is readable (e.g. wake
         # the dispatcher: answers to callers go out before the state commit).
         self.on_applied: Callable[[], None] = lambda: None
+        # Called on the loop when this node stops applying for good (NewerFormatError).
+        self.on_fatal: Callable[[MqnodeError], None] = lambda exc: None
         self._pacer = AppendPacer(settings.replication_batch_ms / 1000)
         self._state_pacer = StateCommitPacer(FOLLOWER_STATE_COMMIT_S)
         self._map_cap_logged = False
@@ -298,6 +301,13 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
                 self._flush_before_tick()
                 self._gate_election()  # pre-vote: prevote.py
                 self._sync.doTick(wait)
+            except NewerFormatError as exc:
+                # Rolled back, so the entry stays unapplied in the journal: an upgraded
+                # build applies it at the next start. Applying past it would diverge.
+                log.critical("raft: cannot apply a committed entry: %s; upgrade mqnode", exc)
+                self._roll_back()
+                self._stop.set()
+                self._loop.call_soon_threadsafe(self.on_fatal, exc)
             except Exception as exc:
                 log.exception("raft tick failed; rolling back this tick's applies")
                 self._roll_back()

@@ -45,7 +45,7 @@ def test_session_is_reset_only_after_an_unfinished_transaction(sink: Sink) -> No
                 "b@sink.test",
                 "c@sink.test",
             ):
-                results, _host = await agent.deliver(
+                results, _host, _ = await agent.deliver(
                     (target,), "from@client.test", [(0, rcpt)], BODY, gate=lambda: True
                 )
                 outcomes.append(results[0][1])
@@ -82,7 +82,7 @@ def test_size_is_declared_and_a_message_over_the_hosts_limit_is_not_sent() -> No
             try:
                 out = []
                 for body in (BODY, big):
-                    results, _ = await agent.deliver(
+                    results, _, _ = await agent.deliver(
                         (target,), "from@client.test", [(0, "to@small.test")], body, lambda: True
                     )
                     out += results
@@ -104,7 +104,7 @@ def _deliver_all(sink: Sink, rcpts: list[str], max_rcpts: int) -> list[tuple[int
     async def run() -> list[tuple[int, str, str]]:
         agent = DeliveryAgent("client.test", timeout_s=10, max_rcpts_per_transaction=max_rcpts)
         try:
-            results, _host = await agent.deliver(
+            results, _host, _ = await agent.deliver(
                 (target,), "from@client.test", list(enumerate(rcpts)), BODY, gate=lambda: True
             )
             return results

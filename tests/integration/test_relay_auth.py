@@ -59,7 +59,7 @@ def _deliver(sink: Sink, auth: RelayAuth, rcpts: int = 1) -> list[tuple[int, str
         out: list[tuple[int, str, str]] = []
         try:
             for n in range(rcpts):
-                results, _ = await agent.deliver(
+                results, _, _ = await agent.deliver(
                     (target,), "from@client.test", [(0, f"to{n}@dest.test")], BODY, lambda: True
                 )
                 out += results
@@ -136,7 +136,7 @@ def test_implicit_tls_relay(cert: CertFiles) -> None:
         auth = RelayAuth(USER, PASSWORD, _auth(cert).tls, implicit_tls=True)
         agent = DeliveryAgent("client.test", timeout_s=10, relay_auth=auth)
         try:
-            results, _ = await agent.deliver(
+            results, _, _ = await agent.deliver(
                 (Target("127.0.0.1", "127.0.0.1", port, secure=True),),
                 "from@client.test",
                 [(0, "to@dest.test")],

@@ -188,8 +188,11 @@ class Sink:
         users: dict[str, str] | None = None,
         data_size_limit: int = 64 * 1024 * 1024,
         max_rcpts: int = 0,
+        dsn: bool = False,
     ) -> None:
         self.name = name
+        self.dsn = dsn
+        self._params: list[tuple[str, str]] = []  # (path, parameters as sent), with dsn
         self.data_size_limit = data_size_limit
         self.max_rcpts = max_rcpts
         self.smtputf8 = smtputf8
@@ -224,6 +227,16 @@ class Sink:
             self._data_scripts[address.lower()] = list(replies)
 
     # -- observation ----------------------------------------------------------------
+
+    @property
+    def params(self) -> list[tuple[str, str]]:
+        """With `dsn`: every MAIL and RCPT path and its parameters, as sent."""
+        with self._lock:
+            return list(self._params)
+
+    def _on_params(self, path: str, params: str) -> None:
+        with self._lock:
+            self._params.append((path, params))
 
     @property
     def rcpts(self) -> list[RcptEvent]:
@@ -372,6 +385,19 @@ class _Handler:
             envelope.rcpt_options.extend(rcpt_options)
         return reply
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self._sink.dsn:
+            return [*responses[:-1], "250-DSN", responses[-1]]
+        return responses
+
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self._sink._quit()
         return "221 Bye"
@@ -405,6 +431,17 @@ class _CountingSMTP(SMTP):
             self._sink._connected()
             self._host._transports.add(transport)
         super().connection_made(transport)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """With `dsn`: record the parameters as sent, and keep RFC 3461's from aiosmtpd
+        (which refuses keywords it does not know)."""
+        address, params = super()._getaddr(arg)
+        if not self._sink.dsn or address is None:
+            return address, params
+        self._sink._on_params(address, params or "")
+        dsn = ("RET=", "ENVID=", "NOTIFY=", "ORCPT=")
+        kept = [p for p in (params or "").split() if not p.upper().startswith(dsn)]
+        return address, " ".join(kept)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._tcp is not None:
@@ -442,6 +479,7 @@ class SinkHost:
         users: dict[str, str] | None = None,
         data_size_limit: int = 64 * 1024 * 1024,
         max_rcpts: int = 0,
+        dsn: bool = False,
     ) -> Sink:
         """A sink serving on `sock` (bound and listening); served once started.
 
@@ -454,7 +492,8 @@ class SinkHost:
         (login -> password) makes it a relay that requires AUTH PLAIN/LOGIN, only
         after STARTTLS, before MAIL (530 otherwise). `data_size_limit` is the SIZE
         its EHLO announces and enforces. `max_rcpts` (0: none) answers RCPTs past that
-        many accepted in one transaction "452 4.5.3 Too many recipients".
+        many accepted in one transaction "452 4.5.3 Too many recipients". `dsn` offers
+        DSN (RFC 3461) and records each MAIL and RCPT's parameters (`params`).
         """
         sink = Sink(
             name,
@@ -467,6 +506,7 @@ class SinkHost:
             users,
             data_size_limit,
             max_rcpts,
+            dsn,
         )
         self._sinks.append(sink)
         if self._thread is not None:

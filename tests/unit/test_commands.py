@@ -7,7 +7,7 @@ into a deterministic rejection; any other exception would wedge the tick).
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import MISSING, fields, replace
 from typing import Any
 
 import msgpack
@@ -30,7 +30,7 @@ from mqnode.commands import (
     encode_entry,
     encode_packed_entry,
 )
-from mqnode.errors import CodecError
+from mqnode.errors import CodecError, NewerFormatError
 
 from .kit import enqueue
 
@@ -212,10 +212,48 @@ def test_non_list_payload_raises(payload: Any) -> None:
         decode_entry(_entry_of(payload))
 
 
-@pytest.mark.parametrize("tag", [0, 8, 99, -1, "1", None, b"\x01"])
+@pytest.mark.parametrize("tag", [0, -1, "1", None, b"\x01", True])
 def test_unknown_tag_raises(tag: Any) -> None:
-    with pytest.raises(CodecError, match="unknown command tag"):
+    with pytest.raises(CodecError, match="unknown command tag") as info:
         decode_entry(_entry_of([[tag, "x", 1]]))
+    assert not isinstance(info.value, NewerFormatError)
+
+
+@pytest.mark.parametrize("tag", [8, 99])
+def test_a_tag_past_the_last_known_is_a_newer_format(tag: int) -> None:
+    """A newer mqnode's command: the node must stop, not skip it (statemachine.apply)."""
+    with pytest.raises(NewerFormatError, match="newer"):
+        decode_entry(_entry_of([[tag, "x", 1]]))
+
+
+def test_a_newer_entry_format_byte_stops_and_an_unknown_older_one_is_rejected() -> None:
+    packed = encode_entry([enqueue("Q1")])[1:]
+    with pytest.raises(NewerFormatError):
+        decode_entry(bytes([FORMAT_VERSION + 1]) + packed)
+    with pytest.raises(CodecError) as info:
+        decode_entry(bytes([0]) + packed)
+    assert not isinstance(info.value, NewerFormatError)
+
+
+def test_an_enqueue_without_dsn_parameters_is_encoded_as_the_first_release_did() -> None:
+    """13 fields: a node of the previous release reads it (optional fields left out)."""
+    plain = enqueue("Q1")
+    items = msgpack.unpackb(encode_entry([plain])[1:], raw=False)
+    assert len(items[0]) == 1 + 13
+    assert decode_entry(encode_entry([plain])) == [plain]
+
+
+def test_dsn_fields_travel_and_only_as_far_as_the_last_one_set() -> None:
+    with_ret = replace(enqueue("Q1"), dsn_ret="HDRS")
+    items = msgpack.unpackb(encode_entry([with_ret])[1:], raw=False)
+    assert len(items[0]) == 1 + 14
+    full = replace(
+        enqueue("Q2", rcpts=("a@x.org", "b@y.org")),
+        dsn_envid="env 1",
+        dsn_notify=("SUCCESS,FAILURE", ""),
+        dsn_orcpt=("", "rfc822;b@old.example"),
+    )
+    assert decode_entry(encode_entry([with_ret, full])) == [with_ret, full]
 
 
 @pytest.mark.parametrize(
@@ -246,9 +284,17 @@ def test_wrong_field_count_raises(cls: type[Any], delta: int) -> None:
     good = examples[cls]
     items = msgpack.unpackb(encode_entry([good])[1:], raw=False)
     cmd = items[0]
-    cmd = cmd[:-1] if delta < 0 else [*cmd, "extra"]
-    with pytest.raises(CodecError, match="expected"):
-        decode_entry(_entry_of([cmd]))
+    if delta < 0:
+        with pytest.raises(CodecError, match="expected"):
+            decode_entry(_entry_of([cmd[: 1 + len(_required(cls)) - 1]]))
+        return
+    known = len(fields(cls))
+    with pytest.raises(NewerFormatError, match="this version knows"):
+        decode_entry(_entry_of([[*cmd, *(["extra"] * (1 + known - len(cmd) + 1))]]))
+
+
+def _required(cls: type[Any]) -> list[str]:
+    return [f.name for f in fields(cls) if f.default is MISSING]
 
 
 @pytest.mark.parametrize("results", [5, [5], [[0, "delivered"], 7]])

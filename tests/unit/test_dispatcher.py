@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from mqnode.clock import ManualClock
 from mqnode.commands import Command, LeaseRenew, QueueOp
 from mqnode.delivery import RecipientResult, Target
 from mqnode.dispatcher import CLAIM_AHEAD, DEEP_SCAN_INTERVAL_S, Dispatcher, DispatchSettings
+from mqnode.dsnparams import DsnRequest
 from mqnode.lease import LeaderLease
 from mqnode.model import Outcome, QueuedMessage
 from mqnode.mx import MxAnswer, MxHost
@@ -68,6 +70,9 @@ class ScriptedAgent:
         self.unreachable: set[str] = set()  # domains no host of which takes a connection
         self.tried: list[str] = []  # the domain of each transaction asked for
         self.offers_tls = False
+        self.offers_dsn = False  # whether "the host" takes DSN parameters
+        self.dsn_given: list[DsnRequest | None] = []  # each transaction's DSN request
+        self.outcome: dict[str, tuple[str, str]] = {}  # recipient -> (outcome, reply)
 
     async def deliver(
         self,
@@ -77,15 +82,17 @@ class ScriptedAgent:
         body: bytes,
         gate: Callable[[], bool],
         require_tls: bool = False,
-    ) -> tuple[list[RecipientResult], str]:
+        dsn: DsnRequest | None = None,
+    ) -> tuple[list[RecipientResult], str, frozenset[int]]:
         domain = rcpts[0][1].rpartition("@")[2]
         self.tried.append(domain)
+        self.dsn_given.append(dsn)
         if require_tls and not self.offers_tls:
             reply = "relay: TLS is required but not offered"
-            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", frozenset()
         if domain in self.unreachable:
             reply = f"mx.{domain}[127.0.0.1]: Connection refused"
-            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], ""
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", frozenset()
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
@@ -94,7 +101,11 @@ class ScriptedAgent:
             assert gate(), "sent without a valid lease"
             self.sent.append(body.split(b"\r\n", 1)[0].decode())
             self.rcpts.append(tuple(a for _, a in rcpts))
-            return [(i, Outcome.DELIVERED.value, "250 2.0.0 Ok") for i, _ in rcpts], "sink"
+            ok = (Outcome.DELIVERED.value, "250 2.0.0 Ok")
+            results = [(i, *self.outcome.get(a, ok)) for i, a in rcpts]
+            took = dsn is not None and self.offers_dsn
+            passed = frozenset(i for i, _ in rcpts) if took else frozenset()
+            return results, "sink", passed
         finally:
             self.open -= 1
 
@@ -496,5 +507,50 @@ def test_with_a_relay_host_tls_required_recipients_go_apart_and_suspend_nothing(
         await h.d._scan()
         await h.finish()
         assert h.agent.sent[-1] == f"Subject: {other}"
+
+    asyncio.run(run())
+
+
+def test_dsn_requests_go_to_the_agent_and_decide_the_reports(store: QueueStore) -> None:
+    """NOTIFY=SUCCESS: a relayed report unless the host took the request; NEVER: no bounce."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=4)
+        rcpts = ("ok@example.com", "never@example.com", "bad@example.com")
+        cmd = replace(
+            enqueue("Q1", T0, rcpts=rcpts),
+            dsn_envid="E-1",
+            dsn_notify=("SUCCESS", "NEVER", "FAILURE"),
+        )
+        assert h.tx.one(cmd)[0] == "queued"
+        h.agent.outcome = {
+            "never@example.com": (Outcome.BOUNCED.value, "550 5.1.1 no such user"),
+            "bad@example.com": (Outcome.BOUNCED.value, "550 5.1.1 no such user"),
+        }
+        h.agent.offers_dsn = False
+        await h.d._scan()
+        await h.finish()
+        assert [d.envid if d else None for d in h.agent.dsn_given] == ["E-1"]
+        (report,) = [m for m in store.list_messages(100) if m.mail_from == ""]
+        status = store.read_body(report).split(b"message/delivery-status")[1]
+        status = status.split(b"\r\n--")[0]
+        assert b"Original-Envelope-Id: E-1" in status
+        assert b"Action: relayed" in status and b"Action: failed" in status
+        assert b"never@example.com" not in status, "NOTIFY=NEVER was reported"
+
+    asyncio.run(run())
+
+
+def test_no_success_report_when_the_host_took_the_dsn_request(store: QueueStore) -> None:
+    async def run() -> None:
+        h = Harness(store)
+        cmd = replace(enqueue("Q1", T0), dsn_notify=("SUCCESS",), dsn_orcpt=("rfc822;o@x",))
+        assert h.tx.one(cmd)[0] == "queued"
+        h.agent.offers_dsn = True
+        await h.d._scan()
+        await h.finish()
+        (given,) = h.agent.dsn_given
+        assert given is not None and given.rcpt_options(0) == ["NOTIFY=SUCCESS", "ORCPT=rfc822;o@x"]
+        assert store.counts()["active"] == 0 and not list(store.list_messages(100))
 
     asyncio.run(run())

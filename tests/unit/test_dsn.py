@@ -153,6 +153,45 @@ def test_non_ascii_recipient_uses_utf8_address_type() -> None:
     assert part.as_bytes().isascii()  # message/delivery-status stays ASCII (RFC 3464)
 
 
+RELAYED = FailedRecipient(
+    "dave@z.org", "2.0.0", "250 2.0.0 Ok: queued as 77", "relay.example", action="relayed"
+)
+
+
+def test_a_success_report_says_so_and_returns_headers_only() -> None:
+    msg = parse(build(failed=[RELAYED], headers_only=True))
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    text, _, returned = parts_of(msg)
+    body = text.get_content()
+    assert "successfully delivered" in body and "could not be delivered" not in body
+    assert "<dave@z.org>: delivery via relay.example: 250 2.0.0 Ok" in body
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert b"See you at noon." not in build(failed=[RELAYED], headers_only=True)
+    _, block = status_blocks(msg)
+    assert (block["Action"], block["Status"]) == ("relayed", "2.0.0")
+
+
+def test_a_mixed_report_names_both() -> None:
+    msg = parse(build(failed=[BOB, RELAYED]))
+    assert msg["Subject"] == "Mail Delivery Status Report"
+    body = parts_of(msg)[0].get_content()
+    assert "could not be delivered" in body and "successfully delivered" in body
+
+
+def test_envelope_id_is_the_first_per_message_field_in_xtext() -> None:
+    per_message, *_ = status_blocks(parse(build(envelope_id="T-42 +x\r\nBcc: e@v.il")))
+    assert next(k for k, _ in per_message.raw_items()) == "Original-Envelope-Id"
+    assert per_message["Original-Envelope-Id"] == "T-42+20+2Bx+0D+0ABcc:+20e@v.il"
+    first, *_ = status_blocks(parse(build()))
+    assert "Original-Envelope-Id" not in first
+
+
+def test_ret_hdrs_returns_the_header_block_of_a_small_original() -> None:
+    _, _, returned = parts_of(parse(build(headers_only=True)))
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert returned.get_content().rstrip().endswith("Subject: lunch")
+
+
 # -- the returned original ------------------------------------------------------------------
 
 

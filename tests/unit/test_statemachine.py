@@ -27,7 +27,9 @@ from mqnode.commands import (
     QueueOp,
     RecordOutcome,
     encode_entry,
+    to_wire,
 )
+from mqnode.errors import NewerFormatError
 from mqnode.model import MessageState, RcptState
 from mqnode.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
 from mqnode.store import QueueStore
@@ -290,7 +292,7 @@ def test_announce_records_the_node(tx: Transcript, store: QueueStore) -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    [b"\x02" + encode_entry([enqueue()])[1:], b"\x01\xc1", b"\x01", b"\x01\x93\x01\x02\x03"],
+    [b"\x00" + encode_entry([enqueue()])[1:], b"\x01\xc1", b"\x01", b"\x01\x93\x01\x02\x03"],
     ids=["version", "bad-msgpack", "no-payload", "not-a-command-list"],
 )
 def test_undecodable_entry_is_rejected_and_advances(
@@ -303,6 +305,27 @@ def test_undecodable_entry_is_rejected_and_advances(
     status, reason = results[0]
     assert status == "rejected" and reason.startswith("undecodable entry")
     assert store.applied_index() == 2
+    assert _without_meta(store) == before
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        b"\x02" + encode_entry([enqueue()])[1:],
+        b"\x01" + msgpack.packb([[99, "x"]]),
+        b"\x01" + msgpack.packb([[*to_wire(enqueue()), "", "", [], [], "a newer field"]]),
+    ],
+    ids=["format-byte", "command-tag", "more-fields"],
+)
+def test_an_entry_from_a_newer_version_raises_and_is_not_applied(
+    tx: Transcript, store: QueueStore, entry: bytes
+) -> None:
+    """Skipping it would let this node's queue diverge from its upgraded peers'."""
+    tx.one(enqueue("Q1"))
+    before = _without_meta(store)
+    with pytest.raises(NewerFormatError):
+        tx.apply_raw(2, entry)
+    assert store.applied_index() == 1
     assert _without_meta(store) == before
 
 
