@@ -255,6 +255,8 @@ def _queue(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=2) if args.json else "")
         if not args.json:
             _print_message(m)
+            if "dsn" in m:  # RFC 3461, as the client gave it (decoded)
+                print(f"        DSN: {json.dumps(m['dsn'])}")
         return 0
     if cmd == "cat":
         raw = _request(args.admin, f"/queue/{quote(args.id)}/body", _token(args), raw=True)

@@ -182,4 +182,5 @@ class QueuedMessage:
             "attempts": self.attempts,
             "claim_epoch": self.claim_epoch,
             "claim_node": self.claim_node,
+            **({"dsn": self.dsn.to_record()} if "dsn" in self.extra else {}),
         }

@@ -104,3 +104,9 @@ def test_ret_hdrs_returns_headers_with_a_failure() -> None:
 def test_the_null_sender_hears_nothing() -> None:
     msg = message(DsnRequest(notify=("SUCCESS,FAILURE",) * 4), sender="")
     assert report(msg, [(0, OK, "250"), (1, BOUNCED, "550")]) is None
+
+
+def test_queue_show_includes_the_request_only_when_there_is_one() -> None:
+    req = DsnRequest("HDRS", "E1", ("NEVER", "", "", ""), ())
+    assert message(req).summary()["dsn"] == req.to_record()
+    assert "dsn" not in message().summary()
