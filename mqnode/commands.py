@@ -35,6 +35,11 @@ import msgpack
 from .errors import CodecError, NewerFormatError
 
 FORMAT_VERSION = 1
+# What this build decodes, as a level its Announce carries (formats.py keeps fields a
+# member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
+# Announce's `reads`, and an entry from a newer version stops the node instead of being
+# skipped.
+READS_LEVEL = 2
 MAX_ENTRY_BYTES = 56 * 1024
 CHUNK_BYTES = 48 * 1024
 INLINE_BODY_MAX_BYTES = 32 * 1024
@@ -78,7 +83,7 @@ class PutChunk:
 
 @dataclass(frozen=True)
 class Announce:
-    """A new leader tells the cluster who it is (maps Raft address to node id)."""
+    """A node tells the cluster who it is (maps Raft address to node id) and what it reads."""
 
     TAG: ClassVar[int] = 3
     raft_addr: str
@@ -86,6 +91,7 @@ class Announce:
     smtp_addr: str
     admin_addr: str
     term: int
+    reads: int = 1  # the highest READS_LEVEL it decodes; optional, added after the first release
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,9 @@ def _results_tuple(value: list[list[Any]]) -> tuple[tuple[Any, ...], ...]:
 # Submitted by SMTP ingress, which never reads the state after the answer: answered
 # once committed, before the state's fsync (RaftNode.submit_entry's `early`).
 ANSWERED_ON_COMMIT = (Enqueue, PutChunk)
+# Never batched with other commands: a member that cannot decode it (it carries fields a
+# release may not know before the cluster's reads level is known) skips it alone.
+ENTRY_OF_ITS_OWN = (Announce,)
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,10 @@ from aiohttp import web
 
 from . import membership
 from .clock import Clock
-from .commands import QUEUE_OPS, QueueOp, RecordOutcome
+from .commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
 from .config import parse_hostport
 from .errors import ConfigError, MembershipError, SubmitError
+from .formats import cluster_level
 from .metrics import NodeMetrics
 from .model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
 from .notify import report_for
@@ -170,6 +171,10 @@ class AdminServer:
             "match_index": st.match_index,
             "peer_last_heard_s": st.peer_last_heard_s,
             "members": list(st.members),
+            # What this node reads, and the lowest any member announced (formats.py): DSN
+            # parameters are kept once the latter is 2.
+            "reads_level": READS_LEVEL,
+            "cluster_reads_level": cluster_level(nodes, st.members),
             "quorum": membership.quorum(len(st.members)),
             "smtp_workers": self.smtp_workers(),
         }

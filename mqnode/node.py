@@ -19,23 +19,24 @@ import random
 import signal
 import sys
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from .clock import Clock, SystemClock
-from .commands import Announce
+from .commands import READS_LEVEL, Announce
 from .config import NodeConfig, parse_hostport
 from .control import AdminServer
 from .delivery import DeliveryAgent, RelayAuth
 from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, CorruptDataError, MqnodeError
 from .events import EventLog
+from .formats import LevelGate, cluster_level
 from .ingress import client_limits
 from .lease import LeaderLease
 from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from .mx import MxResolver
 from .policy import RetryPolicy
 from .raft import RaftNode, RaftSettings, RaftStatus
-from .replicator import CommitPipeline
+from .replicator import CommitPipeline, Submitter
 from .routing import Router
 from .smtpfront import InProcessFront, build_ingress, ingress_limits
 from .smtpworkers import WorkerPool
@@ -56,6 +57,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # writeback while the kernel still serves the pages it could not write (W27, store.py).
 # The kernel writes dirty pages back within ~30 s anyway: this adds few writes.
 STATE_SYNC_S = 10.0
+ANNOUNCE_CHECK_S = 2.0  # see Node._keep_announced
 
 
 async def watch_state_writeback(
@@ -105,7 +107,7 @@ class Node:
         self._rng = random.Random()
         self._stop = asyncio.Event()
         self._failure: MqnodeError | None = None
-        self._announced = False
+        self._announced_to: str | None = None  # the leader last announced under
 
     async def run(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -119,7 +121,8 @@ class Node:
         pipeline = self._pipeline = CommitPipeline(
             raft, self.clock, cfg.max_pending_commits, cfg.commit_timeout_ms / 1000
         )
-        front = self._build_smtp_front(pipeline, store)
+        gate = LevelGate(pipeline, lambda: self._reads_level(store, raft), self.clock)
+        front = self._build_smtp_front(gate, store)
         # As many parked sessions per target as may deliver to it at once: with fewer,
         # a burst closed the surplus and reconnected for the next one (connect, EHLO,
         # QUIT per message cost the leader ~100 us of CPU each in the e2e bench).
@@ -152,6 +155,7 @@ class Node:
                 watch_state_writeback(store.sync_state, STATE_SYNC_S, self._fail),
                 name="state-writeback",
             ),
+            asyncio.create_task(self._keep_announced(store, raft), name="keep-announced"),
         ]
         if cfg.delivery_enabled:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
@@ -219,8 +223,14 @@ class Node:
             settings, store, QueueStateMachine(), loop, on_status_change=self._on_raft_status
         )
 
+    @staticmethod
+    def _reads_level(store: QueueStore, raft: RaftNode) -> int:
+        with store.reader() as r:
+            nodes = r.get_meta("nodes", {})
+        return cluster_level(nodes, raft.status.members)
+
     def _build_smtp_front(
-        self, pipeline: CommitPipeline, store: QueueStore
+        self, pipeline: Submitter, store: QueueStore
     ) -> InProcessFront | WorkerPool:
         """SMTP sessions in this process, or in a pool of worker processes."""
         cfg = self.cfg
@@ -336,22 +346,59 @@ class Node:
             self._lease.on_leadership(status.term)
         else:
             self._lease.on_step_down()
-        # Every node tells the cluster who it is (node id, SMTP and admin addresses) once a
-        # leader is known, and again whenever it becomes leader: `mqnode cluster status`
-        # and leader ids in /status come from these entries.
-        if status.leader_addr is not None and (status.role == "leader" or not self._announced):
-            self._announced = True
+        # Every node tells the cluster who it is (node id, SMTP and admin addresses) and
+        # what it reads, under each leader it sees: `mqnode cluster status`, leader ids in
+        # /status and the cluster's reads level (formats.py) come from these entries. Under
+        # each leader, not once: a member that skipped an entry while it ran an older
+        # release (the first release cannot decode `reads`) learns it again.
+        self._maybe_announce(status, again=status.role == "leader")
+
+    def _maybe_announce(self, status: RaftStatus, again: bool) -> None:
+        """Announce under `status`'s leader, unless done already (or `again`)."""
+        leader = status.leader_addr
+        if leader is not None and (again or self._announced_to != leader):
+            self._announced_to = leader
             cfg = self.cfg
-            cmd = Announce(cfg.raft_addr, cfg.node_id, cfg.smtp_addr, cfg.admin_addr, status.term)
+            cmd = Announce(
+                cfg.raft_addr, cfg.node_id, cfg.smtp_addr, cfg.admin_addr, status.term, READS_LEVEL
+            )
             task = asyncio.get_running_loop().create_task(self._announce(cmd))
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+
+    async def _keep_announced(self, store: QueueStore, raft: RaftNode) -> None:
+        """Announce again when the state's entry for this node is not what it announces,
+        or when another member's reads level went up.
+
+        A member that ran the first release skipped our Announce (it cannot decode
+        `reads`); once upgraded, it has our entry only if we say it again (seen in
+        `python -m bench.upgrade`: the old leader, upgraded last, kept reads level 1).
+        A snapshot from such a member can replace our own entry here too. Once per
+        ANNOUNCE_CHECK_S, one state read; levels only rise, so this settles (after a
+        start, the first check counts every member above level 1 as a rise: one more
+        Announce per start, which covers a member upgraded just before it).
+        """
+        cfg = self.cfg
+        mine = {"node_id": cfg.node_id, "smtp_addr": cfg.smtp_addr, "reads": READS_LEVEL}
+        seen: dict[str, int] = {}  # so the first check counts any upgraded member as new
+        while True:
+            await asyncio.sleep(ANNOUNCE_CHECK_S)
+            with store.reader() as r:
+                nodes: dict[str, Any] = r.get_meta("nodes", {})
+            levels = {a: int(info.get("reads", 1)) for a, info in nodes.items()}
+            entry = nodes.get(cfg.raft_addr, {})
+            stale = any(entry.get(k) != v for k, v in mine.items())
+            others = (a for a in levels if a != cfg.raft_addr)
+            upgraded = any(levels[a] > seen.get(a, 1) for a in others)
+            seen = levels
+            if stale or upgraded:
+                self._maybe_announce(raft.status, again=True)
 
     async def _announce(self, cmd: Announce) -> None:
         try:
             await self._pipeline.submit(cmd)
         except MqnodeError as exc:
-            self._announced = False  # try again at the next status change
-            log.warning("leader announce not committed: %s", exc)
+            self._announced_to = None  # try again at the next status change
+            log.warning("announce not committed: %s", exc)
 
     def request_stop(self) -> None:
         self._stop.set()

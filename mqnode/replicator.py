@@ -13,7 +13,10 @@ Limits and failure contract:
   commands idempotent, which Enqueue is, by idempotency key and queue id);
 * idempotent commands are retried on "no leader"/"leader changed" until the
   deadline; others are retried only when the failure proves they were never
-  appended.
+  appended;
+* an Announce goes in an entry of its own (`ENTRY_OF_ITS_OWN`): a member of an
+  older release that cannot decode it skips that entry alone, not the mail
+  sharing it.
 
 Dispatcher and ingress depend on the `Replicator` protocol, not on Raft.
 """
@@ -30,6 +33,7 @@ from typing import Protocol
 from .clock import Clock
 from .commands import (
     ANSWERED_ON_COMMIT,
+    ENTRY_OF_ITS_OWN,
     MAX_ENTRY_BYTES,
     Command,
     RecordOutcome,
@@ -62,6 +66,7 @@ class _Item:
     packed: bytes  # the command encoded once, as the entry will hold it
     future: asyncio.Future[Result] = field(repr=False)
     early: bool  # may be answered before the state commit (ANSWERED_ON_COMMIT)
+    alone: bool = False  # in an entry of its own (ENTRY_OF_ITS_OWN)
 
 
 class CommitPipeline:
@@ -119,9 +124,10 @@ class CommitPipeline:
         idempotent = not isinstance(cmd, RecordOutcome)
         packed = encode_command(cmd)
         early = isinstance(cmd, ANSWERED_ON_COMMIT)
+        alone = isinstance(cmd, ENTRY_OF_ITS_OWN)
         loop = asyncio.get_running_loop()
         while True:
-            item = _Item(packed, loop.create_future(), early)
+            item = _Item(packed, loop.create_future(), early, alone)
             self._queue.append(item)
             self._wake.set()
             remaining = deadline - self._clock.monotonic_s()
@@ -155,8 +161,14 @@ class CommitPipeline:
 
     def _take_batch(self) -> list[_Item]:
         batch = [self._queue.popleft()]
+        if batch[0].alone:
+            return batch
         total = len(batch[0].packed) + 16
-        while self._queue and total + len(self._queue[0].packed) < MAX_ENTRY_BYTES:
+        while (
+            self._queue
+            and not self._queue[0].alone
+            and total + len(self._queue[0].packed) < MAX_ENTRY_BYTES
+        ):
             item = self._queue.popleft()
             total += len(item.packed)
             batch.append(item)

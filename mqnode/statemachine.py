@@ -162,6 +162,7 @@ class QueueStateMachine:
                 "smtp_addr": cmd.smtp_addr,
                 "admin_addr": cmd.admin_addr,
                 "term": cmd.term,
+                "reads": cmd.reads,
             }
             txn.put_meta("nodes", nodes)
             return ("ok", "")

@@ -4,7 +4,8 @@ A 3-node cluster whose nodes take SMTP in a worker process (the Enqueue with
 DSN fields crosses the worker link and the log), real DNS on loopback, and
 recording sinks: `dsn.test` offers DSN (and records the parameters it is
 given), `plain.test` does not, `refuse.test` refuses every recipient,
-`senders.test` receives the reports.
+`senders.test` receives the reports. The nodes keep DSN fields only once every
+member has announced that it reads them (formats.py): the fixture waits for it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, d
         args = (*FAST_TUNING, "--delivery-port", str(port), "--smtp-workers", "1")
         with Cluster(base, n=3, extra_args=args, dns_server=f"{dns.host}:{dns.port}") as c:
             c.wait_for_leader()
+
+            def levels() -> tuple[bool | None, str]:
+                seen = [c.status(i)["cluster_reads_level"] for i in range(3)]
+                return (True if seen == [2, 2, 2] else None), f"cluster reads levels {seen}"
+
+            # Every member announced that it reads DSN fields (formats.py); until then a
+            # node would queue the mail without them.
+            c.poll("every node to see reads level 2", levels, 30)
             yield c, sinks
 
 

@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 
 from mqnode.clock import SystemClock
-from mqnode.commands import Claim, Command, RecordOutcome, decode_entry
+from mqnode.commands import READS_LEVEL, Announce, Claim, Command, RecordOutcome, decode_entry
 from mqnode.errors import CommitTimeoutError, NoLeaderError
 from mqnode.raft import RaftNode
 from mqnode.replicator import CommitPipeline
@@ -127,6 +127,34 @@ def test_an_entry_of_smtp_submissions_only_is_answered_before_the_state_commit()
         raft.entries[1][1]([("queued", "Q1"), ("ok", "")], None)
         await asyncio.gather(first, *mixed)
         assert raft.early == [True, False]  # one claim makes its whole entry wait
+        await p.stop()
+
+    asyncio.run(run())
+
+
+def test_an_announce_goes_in_an_entry_of_its_own() -> None:
+    """A member that cannot decode it skips that entry alone, never mail batched with it."""
+
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft, inflight=1)
+        first = asyncio.ensure_future(p.submit(claim(0)))
+        await _until(lambda: len(raft.entries) == 1)
+        announce = Announce("a:1", "n1", "s:2", "d:3", 4, READS_LEVEL)
+        waiting = [
+            asyncio.ensure_future(p.submit(c)) for c in (claim(1), announce, claim(2), claim(3))
+        ]
+        await asyncio.sleep(0.01)
+        for n in range(1, 4):  # answer each entry as it comes, one in flight at a time
+            raft.entries[n - 1][1]([f"r{n}"] * len(raft.entries[n - 1][0]), None)
+            await _until(lambda n=n: len(raft.entries) == n + 1)  # type: ignore[misc]
+        assert [cmds for cmds, _ in raft.entries[1:]] == [
+            [claim(1)],
+            [announce],
+            [claim(2), claim(3)],
+        ]
+        raft.entries[3][1](["x", "y"], None)
+        await asyncio.gather(first, *waiting)
         await p.stop()
 
     asyncio.run(run())

@@ -283,8 +283,12 @@ def test_announce_records_the_node(tx: Transcript, store: QueueStore) -> None:
             "smtp_addr": "10.0.0.1:2526",
             "admin_addr": "10.0.0.1:8025",
             "term": 4,
+            "reads": 1,  # a first-release Announce carries no level
         }
     }
+    tx.one(Announce("10.0.0.1:7001", "n1", "10.0.0.1:2526", "10.0.0.1:8025", 5, reads=2))
+    with store.reader() as r:
+        assert r.get_meta("nodes")["10.0.0.1:7001"]["reads"] == 2
 
 
 # -- entries that cannot be applied ------------------------------------------------------------
