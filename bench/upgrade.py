@@ -77,7 +77,7 @@ class Sender(threading.Thread):
         super().__init__(daemon=True)
         self.c, self.count, self.every_s = c, count, every_s
         self.acked: list[tuple[str, float]] = []  # (Message-ID, when answered)
-        self.refused = 0
+        self.refused: Counter[int] = Counter()  # reply code (-1: no connection) -> count
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -99,7 +99,7 @@ class Sender(threading.Thread):
             if code == 250:
                 self.acked.append((mid, time.monotonic()))
             else:
-                self.refused += 1
+                self.refused[code] += 1
 
 
 def _wait(what: str, probe: Callable[[], bool], max_s: float) -> None:
@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             missing = [m for m in after if re.sub(r"\D", "", m).encode() not in reported]
             rejected = _rejections(c)
             bad = [r for r in rejected if not r.split(": ", 1)[1].startswith("Announce")]
-    print(f"acknowledged {len(acked)} of {args.messages} ({sender.refused} refused or failed)")
+    codes = sender.refused.items()
+    refused = ", ".join(f"{n} x {'no connection' if k < 0 else k}" for k, n in codes)
+    print(f"acknowledged {len(acked)} of {args.messages}; not: {refused or 'none'}")
     print(f"delivered {len(counts)} distinct, duplicates {len(dups)}")
     print(f"old leader upgraded at +{upgraded_at - sender.acked[0][1]:.1f} s after the first 250")
     print(
