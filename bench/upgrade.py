@@ -42,7 +42,7 @@ from pathlib import Path
 
 from tests.support.chaos import post_json
 from tests.support.cluster import FAST_TUNING, Cluster
-from tests.support.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer, mx_zones
 from tests.support.smtpsink import Sink, SinkHost, bind_common_port
 
 SINKS = {"plain": "127.0.0.2", "senders": "127.0.0.3"}
@@ -60,14 +60,6 @@ class MixedCluster(Cluster):
     def command(self, i: int) -> list[str]:
         cmd = super().command(i)
         return ["env", f"PYTHONPATH={self.old_tree}", *cmd] if i in self.old else cmd
-
-
-def _zones() -> dict[str, object]:
-    out: dict[str, object] = {}
-    for name, ip in SINKS.items():
-        out[f"{name}.test"] = {"MX": [[10, f"mx.{name}.test"]]}
-        out[f"mx.{name}.test"] = {"A": [ip]}
-    return out
 
 
 class Sender(threading.Thread):
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     port, socks = bind_common_port(list(SINKS.values()))
     with (
         tempfile.TemporaryDirectory(prefix="mqnode-upgrade-") as tmp,
-        DnsServer(_zones()) as dns,
+        DnsServer(mx_zones(SINKS)) as dns,
         SinkHost() as host,
     ):
         sinks: dict[str, Sink] = {name: host.add(name, socks[ip]) for name, ip in SINKS.items()}

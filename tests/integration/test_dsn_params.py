@@ -19,7 +19,7 @@ from email.message import EmailMessage, Message
 import pytest
 
 from tests.support.cluster import FAST_TUNING, Cluster
-from tests.support.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer, mx_zones
 from tests.support.smtpsink import DataEvent, Sink, SinkHost, bind_common_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -28,19 +28,11 @@ SINKS = {"dsn": "127.0.0.2", "plain": "127.0.0.3", "refuse": "127.0.0.4", "sende
 WAIT_S = 45.0
 
 
-def zones() -> dict[str, object]:
-    out: dict[str, object] = {}
-    for name, ip in SINKS.items():
-        out[f"{name}.test"] = {"MX": [[10, f"mx.{name}.test"]]}
-        out[f"mx.{name}.test"] = {"A": [ip]}
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, dict[str, Sink]]]:
     port, socks = bind_common_port(list(SINKS.values()))
     base = tmp_path_factory.mktemp("dsn")
-    with DnsServer(zones()) as dns, SinkHost() as host:
+    with DnsServer(mx_zones(SINKS)) as dns, SinkHost() as host:
         sinks = {name: host.add(name, socks[ip], dsn=name == "dsn") for name, ip in SINKS.items()}
         sinks["refuse"].script_rcpt("*", "550 5.1.1 no such user here")
         args = (*FAST_TUNING, "--delivery-port", str(port), "--smtp-workers", "1")

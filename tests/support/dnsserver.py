@@ -87,6 +87,15 @@ def _abs(name: str) -> str:
     return name if name.endswith(".") else name + "."
 
 
+def mx_zones(hosts: dict[str, str]) -> dict[str, Any]:
+    """For each `name: ip`: `name.test` with MX 10 `mx.name.test`, which has A `ip`."""
+    out: dict[str, Any] = {}
+    for name, ip in hosts.items():
+        out[f"{name}.test"] = {"MX": [[10, f"mx.{name}.test"]]}
+        out[f"mx.{name}.test"] = {"A": [ip]}
+    return out
+
+
 def normalise_zones(zones: Zones) -> dict[str, Any]:
     """Check a zone description and return it with normalised names; raises ValueError."""
     out: dict[str, Any] = {}
