@@ -54,6 +54,11 @@ transaction that delivered to others is the host's recipient limit (RFC
 5321 4.5.3.1.10: "452 too many recipients"): it goes again in the next
 transaction at once, as Postfix does, rather than waiting for a retry.
 
+A host that greets with a refusal (typically "421 too many connections from
+you", a receiver's connection limit) is alive: `deliver` names it as the
+host that answered, the recipients are deferred with its reply, and the
+dispatcher does not suspend the destination for it.
+
 Limits: `timeout_s` per SMTP command and for the connect.
 """
 
@@ -277,14 +282,23 @@ class DeliveryAgent:
         require_tls: bool,
         dsn: DsnRequest | None,
     ) -> tuple[list[RecipientResult], str, bool]:
-        """One transaction for `rcpts` on the first target that takes it; whether that
-        host took `dsn`'s parameters."""
+        """One transaction for `rcpts` on the first target that takes it; the name of the
+        host that answered ("" if none did: every target refused, timed out or never
+        greeted; a host that greeted with 421 counts as answering); whether it took
+        `dsn`'s parameters."""
         last_error = "no delivery target"
+        answered = ""  # a host that greeted with a refusal: alive, only busy
         for target in targets:
             session = self._take(target)
             if session is None:
                 try:
                     session = await self._connect(target)
+                except aiosmtplib.SMTPConnectResponseError as exc:
+                    # "421 too many connections": the caller must not take this
+                    # destination for unreachable (dispatcher: suspension).
+                    last_error = f"{target.name}[{target.address}]: {exc.code} {exc.message}"
+                    answered = answered or target.name
+                    continue
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     last_error = f"{target.name}[{target.address}]: {exc}"
                     continue
@@ -307,7 +321,7 @@ class DeliveryAgent:
                 raise
             await self._park(target, session, reset=not ended)
             return results, target.name, dsn_taken
-        return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], "", False
+        return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], answered, False
 
     async def _transaction(
         self,

@@ -44,7 +44,9 @@ outcomes commit.)
 
 Unreachable destinations: when no host of a destination takes a
 transaction (connections refused or timing out, no greeting, a refused
-relay login; not a host without the TLS a domain requires), it is suspended for `retry_base_s`:
+relay login; not a host without the TLS a domain requires, nor one that
+greets with 421, a receiver's connection limit: its other sessions may be
+delivering), it is suspended for `retry_base_s`:
 its messages are deferred at once ("4.4.1 delivery temporarily suspended:
 <why>") instead of each waiting out its own connection timeouts, which held
 delivery slots and per-destination permits for `delivery_timeout_s` apiece

@@ -196,12 +196,8 @@ class SubmissionProtocol(SMTP):
         return hook_names(type(self), ("auth_",))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's MAIL/RCPT path parser, with a fast path for plain `<local@domain>`.
-
-        aiosmtpd runs email's full RFC 5322 parser (and defines a class) on every
-        MAIL and RCPT: a tenth of the leader's CPU per message, measured with
-        py-spy under smtp-source. Same answers (tests/unit/test_smtp_getaddr.py).
-        """
+        """aiosmtpd's MAIL/RCPT path parser (`_parse_path`), the DSN parameters set aside
+        for `_take_dsn` (what aiosmtpd sees is the rest)."""
         address, params = self._parse_path(arg)
         self._dsn_given = None
         if params and "=" in params:
@@ -218,6 +214,12 @@ class SubmissionProtocol(SMTP):
         return address, params
 
     def _parse_path(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's path parser with a fast path for plain `<local@domain>`.
+
+        aiosmtpd runs email's full RFC 5322 parser (and defines a class) on every
+        MAIL and RCPT: a tenth of the leader's CPU per message, measured with
+        py-spy under smtp-source. Same answers (tests/unit/test_smtp_getaddr.py).
+        """
         m = _SIMPLE_PATH.fullmatch(arg)
         if m is None or m.group(2).startswith("("):  # a comment after it: the parser's job
             try:

@@ -144,3 +144,43 @@ def test_recipients_over_the_hosts_limit_go_again_at_once() -> None:
         assert outcomes[5] == Outcome.DEFERRED.value, results
         assert [len(d.rcpts) for d in small.delivered()] == [2, 2, 1]
         assert small.connections == 1
+
+
+def test_a_host_that_greets_with_421_answered_and_is_not_unreachable() -> None:
+    """A receiver limiting connections greets the surplus with 421: the host is alive, so
+    `deliver` names it (the dispatcher suspends only destinations no host answered, and one
+    421 had suspended a busy destination for retry_base_s while its other sessions
+    delivered). The recipients are deferred with the host's reply."""
+
+    async def run() -> tuple[list[tuple[int, str, str]], str, int]:
+        greeted = 0
+
+        async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal greeted
+            greeted += 1
+            writer.write(b"421 4.7.0 mx.busy.test Error: too many connections from you\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(busy, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        agent = DeliveryAgent("client.test", timeout_s=5)
+        try:
+            results, host, _ = await agent.deliver(
+                (Target("mx.busy.test", "127.0.0.1", port),),
+                "from@client.test",
+                [(0, "a@busy.test"), (1, "b@busy.test")],
+                BODY,
+                gate=lambda: True,
+            )
+        finally:
+            await agent.close()
+            server.close()
+            await server.wait_closed()
+        return results, host, greeted
+
+    results, host, greeted = asyncio.run(run())
+    assert host == "mx.busy.test", "a host that answered 421 is not unreachable"
+    assert greeted == 1
+    assert [(i, out) for i, out, _ in results] == [(0, "deferred"), (1, "deferred")]
+    assert all("421 4.7.0" in reply for _, _, reply in results), results
