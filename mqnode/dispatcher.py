@@ -472,7 +472,10 @@ class Dispatcher:
                 event = "expired" if reply.startswith("4.4.7") else outcome
                 self.events.emit(event, msg.queue_id, to=rcpt, relay=remote.get(i, ""), reply=reply)
         if bounce_id and self.events is not None:
-            self.events.emit("bounce-queued", msg.queue_id, dsn_queue_id=bounce_id)
+            # A report of successes only (NOTIFY=SUCCESS) is no bounce.
+            failed = any(outcome == Outcome.BOUNCED.value for _, outcome, _ in final)
+            event = "bounce-queued" if failed else "success-report-queued"
+            self.events.emit(event, msg.queue_id, dsn_queue_id=bounce_id)
 
 
 class _Skip:

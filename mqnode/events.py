@@ -5,9 +5,12 @@
 Events: received (end of DATA, before submit), committed (the 250), claimed
 (by the lease holder, with its epoch), delivered / deferred / bounced (one per
 recipient, with the remote host and reply), expired (bounced at the end of
-the queue lifetime). Written with `event_log = PATH` (append, one line per
-write, flushed), or `-` for stderr; nothing when unset. A write failure is
-logged once and never stops mail.
+the queue lifetime), bounce-queued (a delivery status report with a failure
+in it was queued for the sender, with its queue id) or success-report-queued
+(one of successes only: RFC 3461 NOTIFY=SUCCESS). Written with
+`event_log = PATH` (append, one line per write, flushed), or `-` for
+stderr; nothing when unset. A write failure is logged once and never stops
+mail.
 
 Webhook (`event_webhook = URL`): events are also POSTed as a JSON array, in
 batches of up to `WEBHOOK_BATCH`, retried with backoff (1 s doubling to 60 s)

@@ -9,8 +9,10 @@ can hold a delivery open or raise. Clocks are manual; nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from mqnode.commands import Command, LeaseRenew, QueueOp
 from mqnode.delivery import RecipientResult, Target
 from mqnode.dispatcher import CLAIM_AHEAD, DEEP_SCAN_INTERVAL_S, Dispatcher, DispatchSettings
 from mqnode.dsnparams import DsnRequest
+from mqnode.events import EventLog
 from mqnode.lease import LeaderLease
 from mqnode.model import Outcome, QueuedMessage
 from mqnode.mx import MxAnswer, MxHost
@@ -511,7 +514,9 @@ def test_with_a_relay_host_tls_required_recipients_go_apart_and_suspend_nothing(
     asyncio.run(run())
 
 
-def test_dsn_requests_go_to_the_agent_and_decide_the_reports(store: QueueStore) -> None:
+def test_dsn_requests_go_to_the_agent_and_decide_the_reports(
+    store: QueueStore, tmp_path: Path
+) -> None:
     """NOTIFY=SUCCESS: a relayed report unless the host took the request; NEVER: no bounce."""
 
     async def run() -> None:
@@ -528,15 +533,38 @@ def test_dsn_requests_go_to_the_agent_and_decide_the_reports(store: QueueStore) 
             "bad@example.com": (Outcome.BOUNCED.value, "550 5.1.1 no such user"),
         }
         h.agent.offers_dsn = False
+        events = tmp_path / "events.jsonl"
+        h.d.events = EventLog(str(events), "n1", h.clock)
         await h.d._scan()
         await h.finish()
+        h.d.events.close()
         assert [d.envid if d else None for d in h.agent.dsn_given] == ["E-1"]
+        kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+        assert "bounce-queued" in kinds, kinds
         (report,) = [m for m in store.list_messages(100) if m.mail_from == ""]
         status = store.read_body(report).split(b"message/delivery-status")[1]
         status = status.split(b"\r\n--")[0]
         assert b"Original-Envelope-Id: E-1" in status
         assert b"Action: relayed" in status and b"Action: failed" in status
         assert b"never@example.com" not in status, "NOTIFY=NEVER was reported"
+
+    asyncio.run(run())
+
+
+def test_a_success_only_report_is_no_bounce_in_the_event_log(
+    store: QueueStore, tmp_path: Path
+) -> None:
+    async def run() -> None:
+        h = Harness(store)
+        cmd = replace(enqueue("Q1", T0), dsn_notify=("SUCCESS",))
+        assert h.tx.one(cmd)[0] == "queued"
+        events = tmp_path / "events.jsonl"
+        h.d.events = EventLog(str(events), "n1", h.clock)
+        await h.d._scan()
+        await h.finish()
+        h.d.events.close()
+        kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+        assert "success-report-queued" in kinds and "bounce-queued" not in kinds, kinds
 
     asyncio.run(run())
 
