@@ -49,6 +49,22 @@ def cluster_level(nodes: Mapping[str, Any], members: Iterable[str]) -> int:
     return min(levels, default=READS_LEVEL)
 
 
+def announce_again(
+    nodes: Mapping[str, Any], seen: Mapping[str, int], own_addr: str, mine: Mapping[str, Any]
+) -> tuple[bool, dict[str, int]]:
+    """Whether a node announces itself again (Node._keep_announced), and the levels now.
+
+    Again when the state's entry for it differs from `mine`, or when another member's
+    level rose since `seen` (a member that skipped its Announce while on the first
+    release has been upgraded: it needs the Announce once more).
+    """
+    levels = {a: int(info.get("reads", 1)) for a, info in nodes.items()}
+    entry = nodes.get(own_addr, {})
+    stale = any(entry.get(k) != v for k, v in mine.items())
+    upgraded = any(v > seen.get(a, 1) for a, v in levels.items() if a != own_addr)
+    return stale or upgraded, levels
+
+
 class LevelGate:
     """A Submitter that drops what the cluster's level cannot carry yet (module doc)."""
 

@@ -87,7 +87,8 @@ class IngressLimits:
 
 
 class DsnEnvelope(Envelope):
-    """aiosmtpd's envelope with the RFC 3461 parameters its MAIL and RCPTs gave."""
+    """aiosmtpd's envelope with the RFC 3461 parameters its MAIL and RCPTs gave
+    (recorded by SubmissionProtocol once this handler accepted the command)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -355,8 +356,6 @@ class SmtpIngress:
             return "450 4.7.1 Error: too many messages from your address, try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        if isinstance(envelope, DsnEnvelope):
-            envelope.dsn_mail = getattr(server, "dsn_mail", ("", ""))
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -373,8 +372,6 @@ class SmtpIngress:
             return "452 4.5.3 Error: too many recipients in this transaction, send the rest later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
-        if isinstance(envelope, DsnEnvelope):
-            envelope.add_rcpt_dsn(getattr(server, "dsn_rcpt", ("", "")), len(envelope.rcpt_tos))
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from .dsnparams import DsnRequest
 
 QueueId = str
+_NO_DSN = DsnRequest()  # frozen: one for every message without a request
 
 
 class MessageState(StrEnum):
@@ -100,7 +101,7 @@ class QueuedMessage:
     def dsn(self) -> DsnRequest:
         """The client's RFC 3461 request (empty when it made none)."""
         rec = self.extra.get("dsn")
-        return DsnRequest() if rec is None else DsnRequest.from_record(rec)
+        return _NO_DSN if rec is None else DsnRequest.from_record(rec)
 
     @property
     def complete(self) -> bool:

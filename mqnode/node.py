@@ -29,7 +29,7 @@ from .delivery import DeliveryAgent, RelayAuth
 from .dispatcher import Dispatcher, DispatchSettings
 from .errors import ConfigError, CorruptDataError, MqnodeError
 from .events import EventLog
-from .formats import LevelGate, cluster_level
+from .formats import LevelGate, announce_again, cluster_level
 from .ingress import client_limits
 from .lease import LeaderLease
 from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
@@ -384,13 +384,8 @@ class Node:
             await asyncio.sleep(ANNOUNCE_CHECK_S)
             with store.reader() as r:
                 nodes: dict[str, Any] = r.get_meta("nodes", {})
-            levels = {a: int(info.get("reads", 1)) for a, info in nodes.items()}
-            entry = nodes.get(cfg.raft_addr, {})
-            stale = any(entry.get(k) != v for k, v in mine.items())
-            others = (a for a in levels if a != cfg.raft_addr)
-            upgraded = any(levels[a] > seen.get(a, 1) for a in others)
-            seen = levels
-            if stale or upgraded:
+            again, seen = announce_again(nodes, seen, cfg.raft_addr, mine)
+            if again:
                 self._maybe_announce(raft.status, again=True)
 
     async def _announce(self, cmd: Announce) -> None:

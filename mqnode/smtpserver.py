@@ -187,8 +187,6 @@ class SubmissionProtocol(SMTP):
         self._idle_timer_at: float | None = None  # when the armed timer fires
         self._smtp_methods = _CountedMethods(self)
         self._dsn_given: dict[str, str] | str | None = None  # see _getaddr
-        self.dsn_mail = ("", "")  # (RET, ENVID) of the MAIL being handled
-        self.dsn_rcpt = ("", "")  # (NOTIFY, ORCPT) of the RCPT being handled
 
     def __dir__(self) -> list[str]:
         # What aiosmtpd's __init__ scans: AUTH mechanisms (its command table, built
@@ -236,26 +234,21 @@ class SubmissionProtocol(SMTP):
     def _create_envelope(self) -> DsnEnvelope:
         return DsnEnvelope()
 
-    def _take_dsn(self, command: str) -> str | None:
-        """Parse the DSN parameters `_getaddr` set aside for MAIL or RCPT into `dsn_mail` or
-        `dsn_rcpt` for the handler; the reply for a malformed one, else None."""
+    def _take_dsn(self, command: str) -> tuple[str | None, tuple[str, str]]:
+        """The DSN parameters `_getaddr` set aside for MAIL or RCPT, parsed: (the reply for
+        a malformed one, else None; (RET, ENVID) or (NOTIFY, ORCPT))."""
         given, self._dsn_given = self._dsn_given, None
-        self.dsn_mail = self.dsn_rcpt = ("", "")
         if given is None:
-            return None
+            return None, ("", "")
         if isinstance(given, str):
-            return given
+            return given, ("", "")
         assert self.session is not None
         if not self.session.extended_smtp:
-            return "501 5.5.4 Error: DSN parameters need EHLO"
+            return "501 5.5.4 Error: DSN parameters need EHLO", ("", "")
         try:
-            if command == "MAIL":
-                self.dsn_mail = mail_params(given)
-            else:
-                self.dsn_rcpt = rcpt_params(given)
+            return None, mail_params(given) if command == "MAIL" else rcpt_params(given)
         except DsnParamError as exc:
-            return str(exc)
-        return None
+            return str(exc), ("", "")
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -397,16 +390,25 @@ class SubmissionProtocol(SMTP):
         super().data_received(data)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        dsn = None
         if command in ("MAIL", "RCPT"):
-            refusal = self._take_dsn(command)
+            refusal, dsn = self._take_dsn(command)
             if refusal is not None:
                 return refusal
         self._busy += 1
         try:
-            return await super()._call_handler_hook(command, *args)
+            status = await super()._call_handler_hook(command, *args)
         finally:
             self._busy -= 1
             self._rearm()
+        envelope = self.envelope
+        accepted = isinstance(status, str) and status[:3] == "250"
+        if dsn is not None and accepted and isinstance(envelope, DsnEnvelope):
+            if command == "MAIL":
+                envelope.dsn_mail = dsn
+            else:
+                envelope.add_rcpt_dsn(dsn, len(envelope.rcpt_tos))
+        return status
 
     def _timeout_cb(self) -> None:
         if self._busy:

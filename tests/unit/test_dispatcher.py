@@ -191,6 +191,14 @@ class Harness:
             await self.d._scan()
             await self.finish()
 
+    async def scan_logging_events(self, path: Path) -> list[str]:
+        """One scan and its attempts with the event log on: the events' names in order."""
+        self.d.events = EventLog(str(path), "n1", self.clock)
+        await self.d._scan()
+        await self.finish()
+        self.d.events.close()
+        return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
     def advance(self, seconds: float) -> None:
         """Move the clocks on, the lease renewed meanwhile."""
         self.clock.advance(seconds)
@@ -533,13 +541,8 @@ def test_dsn_requests_go_to_the_agent_and_decide_the_reports(
             "bad@example.com": (Outcome.BOUNCED.value, "550 5.1.1 no such user"),
         }
         h.agent.offers_dsn = False
-        events = tmp_path / "events.jsonl"
-        h.d.events = EventLog(str(events), "n1", h.clock)
-        await h.d._scan()
-        await h.finish()
-        h.d.events.close()
+        kinds = await h.scan_logging_events(tmp_path / "events.jsonl")
         assert [d.envid if d else None for d in h.agent.dsn_given] == ["E-1"]
-        kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
         assert "bounce-queued" in kinds, kinds
         (report,) = [m for m in store.list_messages(100) if m.mail_from == ""]
         status = store.read_body(report).split(b"message/delivery-status")[1]
@@ -558,12 +561,7 @@ def test_a_success_only_report_is_no_bounce_in_the_event_log(
         h = Harness(store)
         cmd = replace(enqueue("Q1", T0), dsn_notify=("SUCCESS",))
         assert h.tx.one(cmd)[0] == "queued"
-        events = tmp_path / "events.jsonl"
-        h.d.events = EventLog(str(events), "n1", h.clock)
-        await h.d._scan()
-        await h.finish()
-        h.d.events.close()
-        kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+        kinds = await h.scan_logging_events(tmp_path / "events.jsonl")
         assert "success-report-queued" in kinds and "bounce-queued" not in kinds, kinds
 
     asyncio.run(run())

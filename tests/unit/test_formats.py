@@ -10,7 +10,7 @@ import pytest
 
 from mqnode.clock import ManualClock
 from mqnode.commands import Command
-from mqnode.formats import LEVEL_CACHE_S, LevelGate, cluster_level
+from mqnode.formats import LEVEL_CACHE_S, LevelGate, announce_again, cluster_level
 from mqnode.statemachine import Result
 
 from .kit import enqueue
@@ -59,3 +59,19 @@ def test_dsn_fields_are_dropped_below_level_two_and_kept_from_it(
         assert rec.got[-1] == with_dsn
 
     asyncio.run(run())
+
+
+def test_a_node_announces_again_when_its_entry_is_wrong_or_another_member_rose() -> None:
+    mine = {"node_id": "n1", "smtp_addr": "s:1", "reads": 2}
+    ok = {"a:1": dict(mine), "b:1": {"reads": 2}, "c:1": {"reads": 2}}
+    # After a start (nothing seen yet) members above level 1 count as a rise: once.
+    again, seen = announce_again(ok, {}, "a:1", mine)
+    assert again
+    assert announce_again(ok, seen, "a:1", mine) == (False, seen), "settles"
+    # b was on the first release (level 1) when we announced; it has been upgraded since.
+    old_b = ok | {"b:1": {}}
+    _, seen = announce_again(old_b, {}, "a:1", mine)
+    assert announce_again(ok, seen, "a:1", mine)[0]
+    # Our own entry lost (a snapshot from a first-release member) or from another release.
+    assert announce_again(ok | {"a:1": {"node_id": "n1", "smtp_addr": "s:1"}}, seen, "a:1", mine)[0]
+    assert announce_again({k: v for k, v in ok.items() if k != "a:1"}, seen, "a:1", mine)[0]
