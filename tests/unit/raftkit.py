@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from mqnode.localports import free_loopback_ports
 from mqnode.raft import RaftNode, RaftSettings
 from mqnode.statemachine import QueueStateMachine
 from mqnode.store import QueueStore
 
 
 def free_addrs(n: int) -> list[str]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """Loopback Raft addresses below the ephemeral range (mqnode.localports): a port found by
+    binding to 0 could be given to an outbound connection before the node binds it (seen in
+    a fresh-clone run: BindError, then pysyncobj's unclosed socket failing a later test)."""
+    return [f"127.0.0.1:{p}" for p in free_loopback_ports(n)]
 
 
 def raft_settings(tmp_path: Path, addr: str) -> RaftSettings:
