@@ -82,6 +82,9 @@ class NodeConfig:
     delivery_enabled: int = 1
     delivery_concurrency: int = 20
     per_destination_concurrency: int = 10
+    # Sessions a destination starts with; feedback moves it towards 1 or the above
+    # (Postfix's initial_destination_concurrency).
+    initial_destination_concurrency: int = 5
     # Recipients per SMTP transaction (Postfix's smtp_destination_recipient_limit).
     delivery_recipient_limit: int = 50
     delivery_port: int = 25
@@ -202,6 +205,7 @@ class NodeConfig:
             "raft_map_size_mb",
             "delivery_concurrency",
             "per_destination_concurrency",
+            "initial_destination_concurrency",
             "delivery_recipient_limit",
             "delivery_port",
             "delivery_timeout_s",

@@ -33,9 +33,9 @@ host that offers DSN (RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT);
 answers the sender's NOTIFY=SUCCESS. Without DSN at the host the parameters
 stay here, and the dispatcher reports success itself (`Action: relayed`).
 
-Fencing: `gate()` is called after the server's 354 and right before the body
-and the final "." are written (one write, nothing awaited in between). If it
-returns False (the dispatch lease was lost), the connection is dropped without
+Fencing: `Transaction.gate()` is called after the server's 354 and right
+before the body and the final "." are written (one write, nothing awaited in
+between). If it returns False (the dispatch lease was lost), the connection is dropped without
 the final "." so the server discards the message, and `LeaseLost` is raised:
 nothing may be recorded for this attempt.
 
@@ -54,10 +54,12 @@ transaction that delivered to others is the host's recipient limit (RFC
 5321 4.5.3.1.10: "452 too many recipients"): it goes again in the next
 transaction at once, as Postfix does, rather than waiting for a retry.
 
-A host that greets with a refusal (typically "421 too many connections from
-you", a receiver's connection limit) is alive: `deliver` names it as the
-host that answered, the recipients are deferred with its reply, and the
-dispatcher does not suspend the destination for it.
+How the session ended goes back with the results (`Attempt.contact`, for the
+dispatcher's concurrency feedback, feedback.py): a transaction answered, a
+host that greeted with a refusal (typically "421 too many connections from
+you", a receiver's connection limit: alive, named as the host that answered,
+its recipients deferred with its reply), a connection lost mid-transaction,
+or no host reached.
 
 Limits: `timeout_s` per SMTP command and for the connect.
 """
@@ -73,6 +75,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from .dsnparams import DsnRequest
+from .feedback import Contact
 from .model import Outcome
 
 RecipientResult = tuple[int, str, str]
@@ -125,6 +128,29 @@ def dot_stuff(body: bytes) -> bytes:
     body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     body = _DOT_LINE.sub(b"..", body)
     return body if body.endswith(b"\r\n") else body + b"\r\n"
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """What `deliver` sends: one message to the recipients of one destination."""
+
+    targets: tuple[Target, ...]  # tried in order until one takes the transaction
+    mail_from: str
+    rcpts: tuple[tuple[int, str], ...]  # (index in the message, address)
+    body: bytes
+    gate: Callable[[], bool] = field(repr=False)  # the lease check before the final "."
+    require_tls: bool = False
+    dsn: DsnRequest | None = None  # the client's RFC 3461 parameters, if any
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What `deliver` reports."""
+
+    results: list[RecipientResult]
+    host: str  # the host that answered, "" if none did
+    contact: Contact  # how the session ended (feedback.py)
+    dsn_passed: frozenset[int] = frozenset()  # delivered to a host that took the DSN request
 
 
 @dataclass
@@ -232,34 +258,20 @@ class DeliveryAgent:
             raise
         return _Parked(client, tls, 0, 0.0)
 
-    async def deliver(
-        self,
-        targets: tuple[Target, ...],
-        mail_from: str,
-        rcpts: list[tuple[int, str]],
-        body: bytes,
-        gate: Callable[[], bool],
-        require_tls: bool = False,
-        dsn: DsnRequest | None = None,
-    ) -> tuple[list[RecipientResult], str, frozenset[int]]:
-        """Per-recipient results, the name of the host that answered ("" if none), and the
-        recipients delivered to a host that took `dsn`'s parameters (module doc).
-
-        In transactions of at most `max_rcpts_per_transaction` recipients (module doc).
-        """
+    async def deliver(self, tx: Transaction) -> Attempt:
+        """Send `tx` in transactions of at most `max_rcpts_per_transaction` recipients
+        (module doc), over the first target that takes them."""
         results: list[RecipientResult] = []
         host = ""
-        todo = list(rcpts)
+        todo = list(tx.rcpts)
         passed: set[int] = set()
         while todo:
             batch, todo = todo[: self._max_rcpts], todo[self._max_rcpts :]
-            part, host, dsn_taken = await self._deliver_one(
-                targets, mail_from, batch, body, gate, require_tls, dsn
-            )
-            if not host:  # no host took a transaction: the rest would fare the same
+            part, host, contact, dsn_taken = await self._deliver_one(tx, batch)
+            if contact is not Contact.ANSWERED:  # the rest would fare the same
                 reply = part[0][2]
                 rest = [(i, Outcome.DEFERRED.value, reply) for i, _ in todo]
-                return results + part + rest, "", frozenset(passed)
+                return Attempt(results + part + rest, host, contact, frozenset(passed))
             if dsn_taken:
                 passed.update(i for i, out, _ in part if out == Outcome.DELIVERED.value)
             over = {
@@ -270,71 +282,68 @@ class DeliveryAgent:
                 part = [r for r in part if r[0] not in over]
                 passed.difference_update(over)
             results += part
-        return results, host, frozenset(passed)
+        return Attempt(results, host, Contact.ANSWERED, frozenset(passed))
 
     async def _deliver_one(
-        self,
-        targets: tuple[Target, ...],
-        mail_from: str,
-        rcpts: list[tuple[int, str]],
-        body: bytes,
-        gate: Callable[[], bool],
-        require_tls: bool,
-        dsn: DsnRequest | None,
-    ) -> tuple[list[RecipientResult], str, bool]:
-        """One transaction for `rcpts` on the first target that takes it; the name of the
-        host that answered ("" if none did: every target refused, timed out or never
-        greeted; a host that greeted with 421 counts as answering); whether it took
-        `dsn`'s parameters."""
+        self, tx: Transaction, rcpts: list[tuple[int, str]]
+    ) -> tuple[list[RecipientResult], str, Contact, bool]:
+        """One transaction for `rcpts` on the first target that takes it: the results, the
+        name of the host that answered ("" if none did: every target refused, timed out or
+        never greeted; a host that greeted with 421 counts as answering), how the session
+        ended, and whether the host took `tx.dsn`'s parameters."""
         last_error = "no delivery target"
         answered = ""  # a host that greeted with a refusal: alive, only busy
-        for target in targets:
+        without_tls = False  # a host that answered but cannot take mail that requires TLS
+        for target in tx.targets:
             session = self._take(target)
             if session is None:
                 try:
                     session = await self._connect(target)
                 except aiosmtplib.SMTPConnectResponseError as exc:
-                    # "421 too many connections": the caller must not take this
-                    # destination for unreachable (dispatcher: suspension).
+                    # "421 too many connections": busy, not unreachable (feedback.py).
                     last_error = f"{target.name}[{target.address}]: {exc.code} {exc.message}"
                     answered = answered or target.name
                     continue
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     last_error = f"{target.name}[{target.address}]: {exc}"
                     continue
-            if require_tls and not session.tls:
+            if tx.require_tls and not session.tls:
                 last_error = f"{target.name}: TLS is required but not offered"
+                without_tls = True
                 await _close(session.client)
                 continue
             try:
                 session.uses += 1
-                dsn_taken = bool(dsn) and session.client.supports_extension("dsn")
-                results, ended = await self._transaction(
-                    session.client, mail_from, rcpts, body, gate, dsn if dsn_taken else None
-                )
+                dsn_taken = bool(tx.dsn) and session.client.supports_extension("dsn")
+                dsn = tx.dsn if dsn_taken else None
+                results, ended = await self._transaction(session.client, tx, rcpts, dsn)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await _close(session.client)
                 reply = f"{target.name}[{target.address}]: lost connection: {exc}"
-                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], target.name, False
+                out = Outcome.DEFERRED.value
+                return [(i, out, reply) for i, _ in rcpts], target.name, Contact.LOST, False
             except BaseException:
                 session.client.close()
                 raise
             await self._park(target, session, reset=not ended)
-            return results, target.name, dsn_taken
-        return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], answered, False
+            return results, target.name, Contact.ANSWERED, dsn_taken
+        if without_tls:
+            contact = Contact.NO_FEEDBACK
+        else:
+            contact = Contact.BUSY if answered else Contact.UNREACHABLE
+        return [(i, Outcome.DEFERRED.value, last_error) for i, _ in rcpts], answered, contact, False
 
     async def _transaction(
         self,
         client: aiosmtplib.SMTP,
-        mail_from: str,
+        tx: Transaction,
         rcpts: list[tuple[int, str]],
-        body: bytes,
-        gate: Callable[[], bool],
-        dsn: DsnRequest | None = None,
+        dsn: DsnRequest | None,
     ) -> tuple[list[RecipientResult], bool]:
         """Per-recipient results, and whether the transaction ended (final "." answered).
 
         `dsn`: the client's RFC 3461 parameters, for a host that offers DSN."""
+        mail_from, body = tx.mail_from, tx.body
         utf8 = not (mail_from.isascii() and all(addr.isascii() for _, addr in rcpts))
         if utf8 and not client.supports_extension("smtputf8"):
             out = Outcome.BOUNCED.value
@@ -370,7 +379,7 @@ class DeliveryAgent:
                 results[idx] = (idx, _refused(resp.code).value, f"{resp.code} {resp.message}")
         ended = False
         if accepted:
-            outcome, reply, ended = await self._gated_data(client, body, gate)
+            outcome, reply, ended = await self._gated_data(client, body, tx.gate)
             for idx in accepted:
                 results[idx] = (idx, outcome.value, reply)
         return [results[i] for i, _ in rcpts], ended

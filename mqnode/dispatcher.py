@@ -42,18 +42,23 @@ destination with a backlog fills neither the slots nor the claim window.
 of its end-to-end rate: its waiting messages are what keeps it busy while
 outcomes commit.)
 
-Unreachable destinations: when no host of a destination takes a
-transaction (connections refused or timing out, no greeting, a refused
-relay login; not a host without the TLS a domain requires, nor one that
-greets with 421, a receiver's connection limit: its other sessions may be
-delivering), it is suspended for `retry_base_s`:
-its messages are deferred at once ("4.4.1 delivery temporarily suspended:
-<why>") instead of each waiting out its own connection timeouts, which held
-delivery slots and per-destination permits for `delivery_timeout_s` apiece
-(Postfix marks such a destination dead the same way). An operator's retry
-(`mqnode queue retry` / `flush`) lifts every suspension, as `postqueue -f`
-does. Suspensions live in the lease holder's memory: a new leader probes
-afresh.
+Concurrency feedback (feedback.py, Postfix's scheduler): a destination starts
+at `initial_per_destination` sessions and moves towards `per_destination` as
+its sessions get transactions answered, and back towards 1 as they fail (no
+host reached, every host greeting with 421, a connection lost); a permit
+frees only while fewer than its window's sessions are open.
+
+Dead destinations: once a whole cohort of a destination's sessions failed in
+a row (as many as its window; a destination none of whose hosts answers
+fails its first cohort together, on the same connect timeout), it is
+suspended for `retry_base_s`: its messages are deferred at once ("4.4.1
+delivery temporarily suspended: <why>") instead of each waiting out its own
+connection timeouts, which held delivery slots and permits for
+`delivery_timeout_s` apiece (Postfix marks such a destination dead the same
+way). A host without the TLS a domain requires is no failure: it may take the
+destination's other mail. An operator's retry (`mqnode queue retry` /
+`flush`) lifts every suspension, as `postqueue -f` does. Windows and
+suspensions live in the lease holder's memory: a new leader probes afresh.
 
 Scan depth: a scan reads the due index oldest first, passing over messages
 for destinations at their claim limit (known from an earlier scan: not
@@ -74,16 +79,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from dataclasses import dataclass
 
 from .clock import Clock
 from .commands import Claim, LeaseRenew, RecordOutcome
-from .delivery import DeliveryAgent, LeaseLost, RecipientResult
+from .delivery import DeliveryAgent, LeaseLost, RecipientResult, Transaction
 from .errors import CorruptDataError, MqnodeError
 from .events import EventLog
+from .feedback import ConcurrencyWindow, Contact
 from .lease import LeaderLease
 from .model import Outcome, QueuedMessage, RcptState, make_queue_id
 from .notify import report_for
@@ -101,7 +107,8 @@ DESTS_SEEN_MAX = 100_000
 DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module docstring)
 DEEP_SCAN_DECODES = 2_000
 DEEP_SCAN_INTERVAL_S = 1.0
-SUSPENDED_MAX = 10_000  # destinations remembered as unreachable; all forgotten beyond
+SUSPENDED_MAX = 10_000  # destinations remembered as dead; all forgotten beyond
+IDLE_WINDOWS_MAX = 10_000  # idle destinations whose window feedback moved; idem
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class DispatchSettings:
     tls_required_domains: frozenset[str]
     batch: int = 100
     scan_interval_s: float = 0.5
+    initial_per_destination: int = 5  # Postfix's initial_destination_concurrency
 
 
 class Dispatcher:
@@ -142,9 +150,10 @@ class Dispatcher:
         self._random = unit_random
         self._random_bytes = random_bytes
         self._slots = asyncio.Semaphore(settings.concurrency)
-        # Per destination: a semaphore and how many attempts hold or wait for it. Dropped
-        # when nobody does, so a node that has sent to millions of domains keeps none.
-        self._per_dest: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        # Per destination: its window and permits. Dropped once no attempt holds or waits
+        # for a permit and its window is as a new one would be; at most IDLE_WINDOWS_MAX
+        # idle ones beyond that, so a node that has sent to millions of domains keeps few.
+        self._dests: dict[str, _Destination] = {}
         self._in_flight: set[str] = set()
         self._claimed_for: dict[str, int] = {}  # destination -> messages claimed here for it
         # Destinations of due messages seen by scans, so a scan passes over those for a
@@ -154,7 +163,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._next_deep_scan_s = 0.0  # monotonic; the first scan may run deep
-        # Unreachable destination -> (monotonic time its suspension ends, why).
+        # Dead destination -> (monotonic time its suspension ends, why).
         self._suspended: dict[str, tuple[float, str]] = {}
         self._retries_seen = -1  # the store's operator retry count at the last scan
         self.counts = {o.value: 0 for o in Outcome}
@@ -378,16 +387,17 @@ class Dispatcher:
             outcome = Outcome.BOUNCED if route.kind == "bounce" else Outcome.DEFERRED
             reply = f"{route.status} {route.reason}"
             return [(i, outcome.value, reply) for i, _ in rcpts], "", none
+        tx = Transaction(
+            route.targets,
+            msg.mail_from,
+            tuple(rcpts),
+            body,
+            gate=lambda: self._lease.valid(epoch),
+            require_tls=require_tls,
+            dsn=msg.dsn or None,
+        )
         try:  # the destination's permit is held already (_attempt)
-            results, host, passed = await self._agent.deliver(
-                route.targets,
-                msg.mail_from,
-                rcpts,
-                body,
-                gate=lambda: self._lease.valid(epoch),
-                require_tls=require_tls,
-                dsn=msg.dsn or None,
-            )
+            attempt = await self._agent.deliver(tx)
         except LeaseLost:
             raise
         except Exception as exc:
@@ -397,11 +407,24 @@ class Dispatcher:
             log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, dest)
             reply = f"4.3.0 internal error delivering to {dest}: {type(exc).__name__}"
             return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", none
-        # No host took a transaction: see the module docstring. Not when TLS was required:
-        # a host without it may still take the destination's other mail.
-        if not host and results and not require_tls:
+        results = attempt.results
+        if self._feedback(dest, attempt.contact) and results:
             self._suspend(dest, results[0][2])
-        return results, host, passed
+        return results, attempt.host, attempt.dsn_passed
+
+    def _feedback(self, dest: str, contact: Contact) -> bool:
+        """A session's end into the destination's window; True if it is now dead."""
+        record = self._dests.get(dest)  # held: the attempt has its permit
+        if record is None:
+            return False
+        dead = record.window.feedback(contact, record.held - 1)
+        if dead:  # after the suspension it starts afresh, as in Postfix
+            record.window = self._new_window()
+        record.wake()  # the window may have grown
+        return dead
+
+    def _new_window(self) -> ConcurrencyWindow:
+        return ConcurrencyWindow(self._s.initial_per_destination, self._s.per_destination)
 
     def _suspend(self, dest: str, why: str) -> None:
         if len(self._suspended) >= SUSPENDED_MAX:
@@ -409,29 +432,37 @@ class Dispatcher:
         until = self._clock.monotonic_s() + self._policy.retry_base_s
         if dest not in self._suspended:
             log.warning(
-                "%s: unreachable; suspended for %.0f s: %s", dest, self._policy.retry_base_s, why
+                "%s: a cohort of sessions failed; suspended for %.0f s: %s",
+                dest,
+                self._policy.retry_base_s,
+                why,
             )
         self._suspended[dest] = (until, why)
 
     async def _take_permits(self, stack: contextlib.AsyncExitStack, dests: tuple[str, ...]) -> None:
-        """One `per_destination` permit of each destination, taken in name order."""
+        """A permit of each destination, taken in name order."""
         for dest in dests:  # sorted by destinations(): no two attempts wait in a cycle
             await stack.enter_async_context(self._destination(dest))
 
     @contextlib.asynccontextmanager
     async def _destination(self, dest: str) -> AsyncIterator[None]:
-        """One of the destination's `per_destination` permits for the body of the block."""
-        sem, users = self._per_dest.get(dest) or (asyncio.Semaphore(self._s.per_destination), 0)
-        self._per_dest[dest] = (sem, users + 1)
+        """A permit of the destination (one of its window's sessions) for the block."""
+        record = self._dests.get(dest)
+        if record is None:
+            if len(self._dests) >= IDLE_WINDOWS_MAX:  # forget idle ones, not those in use
+                self._dests = {d: r for d, r in self._dests.items() if r.users}
+            record = self._dests[dest] = _Destination(self._new_window())
+        record.users += 1
         try:
-            async with sem:
+            await record.acquire()
+            try:
                 yield
+            finally:
+                record.release()
         finally:
-            sem, users = self._per_dest[dest]
-            if users > 1:
-                self._per_dest[dest] = (sem, users - 1)
-            else:
-                del self._per_dest[dest]
+            record.users -= 1
+            if not record.users and not record.window.learnt:
+                self._dests.pop(dest, None)
 
     # -- recording -------------------------------------------------------------------------
     async def _record(
@@ -476,6 +507,48 @@ class Dispatcher:
             failed = any(outcome == Outcome.BOUNCED.value for _, outcome, _ in final)
             event = "bounce-queued" if failed else "success-report-queued"
             self.events.emit(event, msg.queue_id, dsn_queue_id=bounce_id)
+
+
+class _Destination:
+    """A destination's concurrency window, and the attempts holding or awaiting its permits
+    (a semaphore whose size is the window's, which feedback moves)."""
+
+    def __init__(self, window: ConcurrencyWindow) -> None:
+        self.window = window
+        self.users = 0  # attempts holding or waiting for a permit
+        self._open = 0  # permits held
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self._open < self.window.sessions and not self._waiters:
+            self._open += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # wake() counted the permit as held for us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a permit just as we were cancelled
+            elif waiter in self._waiters:  # (wake() drops cancelled waiters it meets)
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self._open -= 1
+        self.wake()
+
+    @property
+    def held(self) -> int:
+        return self._open
+
+    def wake(self) -> None:
+        """Hand free permits to waiters, oldest first."""
+        while self._waiters and self._open < self.window.sessions:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._open += 1
+                waiter.set_result(None)
 
 
 class _Skip:

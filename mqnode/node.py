@@ -267,6 +267,7 @@ class Node:
             hostname=cfg.hostname,
             concurrency=cfg.delivery_concurrency,
             per_destination=cfg.per_destination_concurrency,
+            initial_per_destination=cfg.initial_destination_concurrency,
             max_queue_lifetime_s=cfg.max_queue_lifetime_s,
             tls_required_domains=frozenset(d.lower() for d in cfg.tls_required_domains),
         )

@@ -1077,3 +1077,31 @@ def test_an_unreachable_destination_is_suspended_not_waited_out_per_message(
     suspended = [r for r in replies if r.startswith("4.4.1 delivery temporarily suspended:")]
     assert hole.connections <= PER_DESTINATION, hole.connections
     assert len(suspended) >= len(dead) - PER_DESTINATION, replies
+
+
+def test_a_receiver_that_limits_connections_gets_fewer_sessions_and_no_suspension(
+    tmp_path: Path,
+) -> None:
+    """A receiver that serves 2 connections from us at once and greets any more with 421
+    (Postfix's smtpd_client_connection_count_limit), answering each message after 0.3 s.
+    A 421 drops mqnode's window for the destination to the sessions the receiver holds,
+    each delivery raises it again (feedback.py), so the surplus sessions stay few: 12
+    refusals in two runs. With a fixed 10 sessions per destination the same 40 messages
+    met 160-168 and took twice as long. A 421 never suspends the destination (the host
+    answers), and every message arrives once."""
+    port, socks = bind_common_port(["127.0.0.27"])
+    zone = {
+        "narrow.test": {"MX": [[10, "mx.narrow.test"]]},
+        "mx.narrow.test": {"A": ["127.0.0.27"]},
+    }
+    with DnsServer(zone) as dns, SinkHost() as host:
+        sink = host.add("narrow", socks["127.0.0.27"], reply_delay_s=0.3, max_connections=2)
+        args = (*FAST_TUNING, "--delivery-port", str(port), *RETRY_ARGS)
+        with Cluster(tmp_path / "c", extra_args=args, dns_server=f"{dns.host}:{dns.port}") as c:
+            acked = submit_batch(c, 40, "narrow", domain="narrow.test")
+            wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
+            logs = "\n".join(n.log_path.read_text(errors="replace") for n in c.nodes)
+    assert copies(sink, acked) == Counter({mid: 1 for mid in acked})
+    assert sink.most_open_connections <= 2
+    assert "suspended for" not in logs
+    assert sink.busy_refusals <= 20, f"{sink.busy_refusals} sessions refused with 421"

@@ -8,11 +8,13 @@ must be reset, or the next MAIL on that session gets "503 nested MAIL".
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 
 import pytest
 
-from mqnode.delivery import DeliveryAgent, Target
+from mqnode.delivery import Attempt, DeliveryAgent, Target, Transaction
+from mqnode.feedback import Contact
 from mqnode.model import Outcome
 from tests.support.smtpsink import Sink, SinkHost, bind_common_port
 
@@ -45,10 +47,8 @@ def test_session_is_reset_only_after_an_unfinished_transaction(sink: Sink) -> No
                 "b@sink.test",
                 "c@sink.test",
             ):
-                results, _host, _ = await agent.deliver(
-                    (target,), "from@client.test", [(0, rcpt)], BODY, gate=lambda: True
-                )
-                outcomes.append(results[0][1])
+                tx = Transaction((target,), "from@client.test", ((0, rcpt),), BODY, lambda: True)
+                outcomes.append((await agent.deliver(tx)).results[0][1])
         finally:
             await agent.close()
         return outcomes
@@ -82,10 +82,10 @@ def test_size_is_declared_and_a_message_over_the_hosts_limit_is_not_sent() -> No
             try:
                 out = []
                 for body in (BODY, big):
-                    results, _, _ = await agent.deliver(
-                        (target,), "from@client.test", [(0, "to@small.test")], body, lambda: True
+                    tx = Transaction(
+                        (target,), "from@client.test", ((0, "to@small.test"),), body, lambda: True
                     )
-                    out += results
+                    out += (await agent.deliver(tx)).results
                 return out
             finally:
                 await agent.close()
@@ -104,10 +104,10 @@ def _deliver_all(sink: Sink, rcpts: list[str], max_rcpts: int) -> list[tuple[int
     async def run() -> list[tuple[int, str, str]]:
         agent = DeliveryAgent("client.test", timeout_s=10, max_rcpts_per_transaction=max_rcpts)
         try:
-            results, _host, _ = await agent.deliver(
-                (target,), "from@client.test", list(enumerate(rcpts)), BODY, gate=lambda: True
+            tx = Transaction(
+                (target,), "from@client.test", tuple(enumerate(rcpts)), BODY, lambda: True
             )
-            return results
+            return (await agent.deliver(tx)).results
         finally:
             await agent.close()
 
@@ -146,13 +146,14 @@ def test_recipients_over_the_hosts_limit_go_again_at_once() -> None:
         assert small.connections == 1
 
 
-def test_a_host_that_greets_with_421_answered_and_is_not_unreachable() -> None:
+def test_a_host_that_greets_with_421_is_busy_not_unreachable() -> None:
     """A receiver limiting connections greets the surplus with 421: the host is alive, so
-    `deliver` names it (the dispatcher suspends only destinations no host answered, and one
-    421 had suspended a busy destination for retry_base_s while its other sessions
-    delivered). The recipients are deferred with the host's reply."""
+    `deliver` names it and reports the session as busy (the dispatcher lowers the
+    destination's concurrency for it; one 421 had suspended a busy destination for
+    retry_base_s while its other sessions delivered). The recipients are deferred with the
+    host's reply."""
 
-    async def run() -> tuple[list[tuple[int, str, str]], str, int]:
+    async def run() -> tuple[Attempt, int]:
         greeted = 0
 
         async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -166,21 +167,54 @@ def test_a_host_that_greets_with_421_answered_and_is_not_unreachable() -> None:
         port = server.sockets[0].getsockname()[1]
         agent = DeliveryAgent("client.test", timeout_s=5)
         try:
-            results, host, _ = await agent.deliver(
-                (Target("mx.busy.test", "127.0.0.1", port),),
-                "from@client.test",
-                [(0, "a@busy.test"), (1, "b@busy.test")],
-                BODY,
-                gate=lambda: True,
+            attempt = await agent.deliver(
+                Transaction(
+                    (Target("mx.busy.test", "127.0.0.1", port),),
+                    "from@client.test",
+                    ((0, "a@busy.test"), (1, "b@busy.test")),
+                    BODY,
+                    lambda: True,
+                )
             )
         finally:
             await agent.close()
             server.close()
             await server.wait_closed()
-        return results, host, greeted
+        return attempt, greeted
 
-    results, host, greeted = asyncio.run(run())
-    assert host == "mx.busy.test", "a host that answered 421 is not unreachable"
+    attempt, greeted = asyncio.run(run())
+    assert attempt.host == "mx.busy.test", "a host that answered 421 is not unreachable"
+    assert attempt.contact is Contact.BUSY
     assert greeted == 1
+    results = attempt.results
     assert [(i, out) for i, out, _ in results] == [(0, "deferred"), (1, "deferred")]
     assert all("421 4.7.0" in reply for _, _, reply in results), results
+
+
+def test_a_refused_connection_is_unreachable_and_an_answered_one_is_not(sink: Sink) -> None:
+    """How a session ended, for the dispatcher's feedback: no listener at all is
+    unreachable; a host that answers the transaction, whatever it replies, answered."""
+    sink.script_rcpt("gone@sink.test", "550 5.1.1 <gone@sink.test>: user unknown")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: connection refused
+
+    async def run() -> tuple[Attempt, Attempt]:
+        agent = DeliveryAgent("client.test", timeout_s=5)
+        try:
+            attempts = []
+            for target, rcpt in (
+                (Target("mx.dead.test", "127.0.0.1", port), "a@dead.test"),
+                (Target("sink.test", *sink.address), "gone@sink.test"),
+            ):
+                tx = Transaction((target,), "from@client.test", ((0, rcpt),), BODY, lambda: True)
+                attempts.append(await agent.deliver(tx))
+        finally:
+            await agent.close()
+        return attempts[0], attempts[1]
+
+    dead, live = asyncio.run(run())
+    assert (dead.host, dead.contact) == ("", Contact.UNREACHABLE), dead
+    assert (live.host, live.contact) == ("sink.test", Contact.ANSWERED), live
+    assert live.results[0][1] == Outcome.BOUNCED.value, live

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mqnode.delivery import DeliveryAgent, RelayAuth, Target
+from mqnode.delivery import DeliveryAgent, RelayAuth, Target, Transaction
 from mqnode.model import Outcome
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.smtp import make_message, submit
@@ -59,10 +59,9 @@ def _deliver(sink: Sink, auth: RelayAuth, rcpts: int = 1) -> list[tuple[int, str
         out: list[tuple[int, str, str]] = []
         try:
             for n in range(rcpts):
-                results, _, _ = await agent.deliver(
-                    (target,), "from@client.test", [(0, f"to{n}@dest.test")], BODY, lambda: True
-                )
-                out += results
+                to = ((0, f"to{n}@dest.test"),)
+                tx = Transaction((target,), "from@client.test", to, BODY, lambda: True)
+                out += (await agent.deliver(tx)).results
         finally:
             await agent.close()
             # A TLS transport closes its socket only after the TLS shutdown, a few loop
@@ -136,13 +135,16 @@ def test_implicit_tls_relay(cert: CertFiles) -> None:
         auth = RelayAuth(USER, PASSWORD, _auth(cert).tls, implicit_tls=True)
         agent = DeliveryAgent("client.test", timeout_s=10, relay_auth=auth)
         try:
-            results, _, _ = await agent.deliver(
-                (Target("127.0.0.1", "127.0.0.1", port, secure=True),),
-                "from@client.test",
-                [(0, "to@dest.test")],
-                BODY,
-                lambda: True,
+            attempt = await agent.deliver(
+                Transaction(
+                    (Target("127.0.0.1", "127.0.0.1", port, secure=True),),
+                    "from@client.test",
+                    ((0, "to@dest.test"),),
+                    BODY,
+                    lambda: True,
+                )
             )
+            results = attempt.results
         finally:
             await agent.close()
             server.close()

@@ -31,8 +31,12 @@ leaves a message that was delivered although the client never learnt it.
 `in_progress` counts transactions between their final "." and their reply
 (`most_in_progress`: the most at once so far);
 `connections`, `open_connections` and `quits` count TCP connections accepted,
-still open, and QUIT commands. With a `tls_context` the sink offers STARTTLS
-(`self_signed_tls` makes one) and `DataEvent.tls` says whether it was used.
+still open, and QUIT commands. With `max_connections` a connection beyond that
+many open is greeted "421 4.7.0 Error: too many connections" and closed, as
+Postfix's smtpd_client_connection_count_limit does (`busy_refusals` counts
+them; `most_open_connections` is the most served at once). With a
+`tls_context` the sink offers STARTTLS (`self_signed_tls` makes one) and
+`DataEvent.tls` says whether it was used.
 A transaction whose connection drops before the final "." records nothing.
 
 Every loop is bounded: the serving thread ends at `stop()` or after
@@ -189,9 +193,13 @@ class Sink:
         data_size_limit: int = 64 * 1024 * 1024,
         max_rcpts: int = 0,
         dsn: bool = False,
+        max_connections: int = 0,
     ) -> None:
         self.name = name
         self.dsn = dsn
+        self.max_connections = max_connections
+        self.busy_refusals = 0
+        self.most_open_connections = 0
         self._params: list[tuple[str, str]] = []  # (path, parameters as sent), with dsn
         self.data_size_limit = data_size_limit
         self.max_rcpts = max_rcpts
@@ -347,10 +355,16 @@ class Sink:
         with self._lock:
             self._in_progress -= 1
 
-    def _connected(self) -> None:
+    def _connected(self) -> bool:
+        """Count a new connection; False if it is one too many (`max_connections`)."""
         with self._lock:
+            if self.max_connections and self.open_connections >= self.max_connections:
+                self.busy_refusals += 1
+                return False
             self.connections += 1
             self.open_connections += 1
+            self.most_open_connections = max(self.most_open_connections, self.open_connections)
+            return True
 
     def _disconnected(self) -> None:
         with self._lock:
@@ -424,11 +438,17 @@ class _CountingSMTP(SMTP):
         self._sink = sink
         self._host = host
         self._tcp: asyncio.BaseTransport | None = None
+        self._busy = False  # refused at the greeting: aiosmtpd never ran
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._tcp is None:
+            if not self._sink._connected():
+                self._busy = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Error: too many connections from you\r\n")
+                transport.close()
+                return
             self._tcp = transport
-            self._sink._connected()
             self._host._transports.add(transport)
         super().connection_made(transport)
 
@@ -444,6 +464,8 @@ class _CountingSMTP(SMTP):
         return address, " ".join(kept)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._busy:
+            return
         if self._tcp is not None:
             self._host._transports.discard(self._tcp)
             self._sink._disconnected()
@@ -480,6 +502,7 @@ class SinkHost:
         data_size_limit: int = 64 * 1024 * 1024,
         max_rcpts: int = 0,
         dsn: bool = False,
+        max_connections: int = 0,
     ) -> Sink:
         """A sink serving on `sock` (bound and listening); served once started.
 
@@ -494,6 +517,7 @@ class SinkHost:
         its EHLO announces and enforces. `max_rcpts` (0: none) answers RCPTs past that
         many accepted in one transaction "452 4.5.3 Too many recipients". `dsn` offers
         DSN (RFC 3461) and records each MAIL and RCPT's parameters (`params`).
+        `max_connections` (0: none) greets connections past that many open with 421.
         """
         sink = Sink(
             name,
@@ -507,6 +531,7 @@ class SinkHost:
             data_size_limit,
             max_rcpts,
             dsn,
+            max_connections,
         )
         self._sinks.append(sink)
         if self._thread is not None:

@@ -13,16 +13,22 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from mqnode.clock import ManualClock
 from mqnode.commands import Command, LeaseRenew, QueueOp
-from mqnode.delivery import RecipientResult, Target
-from mqnode.dispatcher import CLAIM_AHEAD, DEEP_SCAN_INTERVAL_S, Dispatcher, DispatchSettings
+from mqnode.delivery import Attempt, Transaction
+from mqnode.dispatcher import (
+    CLAIM_AHEAD,
+    DEEP_SCAN_INTERVAL_S,
+    Dispatcher,
+    DispatchSettings,
+    _Destination,
+)
 from mqnode.dsnparams import DsnRequest
 from mqnode.events import EventLog
+from mqnode.feedback import ConcurrencyWindow, Contact
 from mqnode.lease import LeaderLease
 from mqnode.model import Outcome, QueuedMessage
 from mqnode.mx import MxAnswer, MxHost
@@ -71,46 +77,50 @@ class ScriptedAgent:
         self.release.set()
         self.behave: Callable[[bytes], None] = lambda body: None
         self.unreachable: set[str] = set()  # domains no host of which takes a connection
+        self.busy: set[str] = set()  # domains whose hosts greet with 421
+        self.open_for: dict[str, int] = {}  # transactions open per domain
+        self.most_open_for: dict[str, int] = {}
         self.tried: list[str] = []  # the domain of each transaction asked for
         self.offers_tls = False
         self.offers_dsn = False  # whether "the host" takes DSN parameters
         self.dsn_given: list[DsnRequest | None] = []  # each transaction's DSN request
         self.outcome: dict[str, tuple[str, str]] = {}  # recipient -> (outcome, reply)
 
-    async def deliver(
-        self,
-        targets: tuple[Target, ...],
-        mail_from: str,
-        rcpts: list[tuple[int, str]],
-        body: bytes,
-        gate: Callable[[], bool],
-        require_tls: bool = False,
-        dsn: DsnRequest | None = None,
-    ) -> tuple[list[RecipientResult], str, frozenset[int]]:
+    async def deliver(self, tx: Transaction) -> Attempt:
+        rcpts = tx.rcpts
         domain = rcpts[0][1].rpartition("@")[2]
         self.tried.append(domain)
-        self.dsn_given.append(dsn)
-        if require_tls and not self.offers_tls:
+        self.dsn_given.append(tx.dsn)
+        if tx.require_tls and not self.offers_tls:
             reply = "relay: TLS is required but not offered"
-            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", frozenset()
+            results = [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts]
+            return Attempt(results, "", Contact.NO_FEEDBACK)
         if domain in self.unreachable:
             reply = f"mx.{domain}[127.0.0.1]: Connection refused"
-            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", frozenset()
+            results = [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts]
+            return Attempt(results, "", Contact.UNREACHABLE)
+        if domain in self.busy:
+            reply = f"mx.{domain}[127.0.0.1]: 421 4.7.0 too many connections"
+            results = [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts]
+            return Attempt(results, f"mx.{domain}", Contact.BUSY)
         self.open += 1
         self.most_open = max(self.most_open, self.open)
+        self.open_for[domain] = self.open_for.get(domain, 0) + 1
+        self.most_open_for[domain] = max(self.most_open_for.get(domain, 0), self.open_for[domain])
         try:
             await self.release.wait()
-            self.behave(body)
-            assert gate(), "sent without a valid lease"
-            self.sent.append(body.split(b"\r\n", 1)[0].decode())
+            self.behave(tx.body)
+            assert tx.gate(), "sent without a valid lease"
+            self.sent.append(tx.body.split(b"\r\n", 1)[0].decode())
             self.rcpts.append(tuple(a for _, a in rcpts))
             ok = (Outcome.DELIVERED.value, "250 2.0.0 Ok")
             results = [(i, *self.outcome.get(a, ok)) for i, a in rcpts]
-            took = dsn is not None and self.offers_dsn
+            took = tx.dsn is not None and self.offers_dsn
             passed = frozenset(i for i, _ in rcpts) if took else frozenset()
-            return results, "sink", passed
+            return Attempt(results, "sink", Contact.ANSWERED, passed)
         finally:
             self.open -= 1
+            self.open_for[domain] -= 1
 
     async def reap(self, everything: bool = False) -> None:
         return None
@@ -124,6 +134,7 @@ class Harness:
         per_destination: int = 0,
         relay: bool = False,
         tls_required: frozenset[str] = frozenset(),
+        initial_per_destination: int = 5,
     ) -> None:
         self.clock = ManualClock(wall_ms=T0 + 60_000)
         self.tx = Transcript(store)
@@ -139,6 +150,7 @@ class Harness:
             per_destination=per_destination or concurrency,
             max_queue_lifetime_s=5 * 86400,
             tls_required_domains=tls_required,
+            initial_per_destination=initial_per_destination,
         )
         self.d = Dispatcher(
             settings,
@@ -299,7 +311,7 @@ def test_per_destination_limit_and_no_state_kept_for_idle_destinations(
         h.agent.release.set()
         await h.drain(10)  # 4 messages: a few scans at most
         assert h.agent.most_open == 2 and len(h.agent.sent) == 4
-        assert h.d._per_dest == {}, "semaphores kept for destinations nobody uses"
+        assert h.d._dests == {}, "permits kept for destinations nobody uses"
 
     asyncio.run(run())
 
@@ -317,9 +329,9 @@ def test_a_slow_destination_does_not_stall_mail_for_another(store: QueueStore) -
 
         deliver = h.agent.deliver
 
-        async def gated(*args: Any, **kw: Any) -> Any:
-            await hold_slow(args[3])
-            return await deliver(*args, **kw)
+        async def gated(tx: Transaction) -> Attempt:
+            await hold_slow(tx.body)
+            return await deliver(tx)
 
         h.agent.deliver = gated  # type: ignore[method-assign]
         await h.d._scan()
@@ -364,7 +376,7 @@ def test_messages_to_several_destinations_never_wait_on_each_other(store: QueueS
         # One SMTP transaction per destination of each message.
         assert sorted(h.agent.sent) == [f"Subject: M{k:03d}" for k in (0, 0, 1, 1, 2, 3)]
         assert h.agent.most_open == 1
-        assert h.d._per_dest == {} and h.d._claimed_for == {}
+        assert h.d._dests == {} and h.d._claimed_for == {}
 
     asyncio.run(run())
 
@@ -386,7 +398,7 @@ def test_with_a_relay_host_every_domain_shares_the_relays_permits(store: QueueSt
         h.agent.release.set()
         await h.drain(20)
         assert h.agent.most_open == 1 and len(h.agent.sent) == 6
-        assert h.d._per_dest == {} and h.d._claimed_for == {}
+        assert h.d._dests == {} and h.d._claimed_for == {}
 
     asyncio.run(run())
 
@@ -442,10 +454,11 @@ def test_mail_behind_a_long_backlog_for_a_busy_destination_goes_within_a_deep_sc
 def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator_retry(
     store: QueueStore,
 ) -> None:
-    """No host of dead.test takes a connection: after the first failure its messages are
-    deferred without trying ("4.4.1 delivery temporarily suspended"), other destinations
-    go on, and dead.test is tried again after retry_base_s or an operator's retry
-    (postqueue -f lifts Postfix's dead-destination throttle the same way)."""
+    """No host of dead.test takes a connection: after the first failure (a whole cohort
+    here: one session per destination) its messages are deferred without trying ("4.4.1
+    delivery temporarily suspended"), other destinations go on, and dead.test is tried
+    again after retry_base_s or an operator's retry (postqueue -f lifts Postfix's
+    dead-destination throttle the same way)."""
 
     async def run() -> None:
         h = Harness(store, concurrency=1)
@@ -473,6 +486,76 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
         await h.scan_rounds(6)
         assert sorted(h.agent.sent[1:]) == [f"Subject: {q}" for q in dead], h.agent.sent
         assert h.d._suspended == {}
+
+    asyncio.run(run())
+
+
+def test_a_destination_that_greets_with_421_gets_one_session_and_no_suspension(
+    store: QueueStore,
+) -> None:
+    """Every host of busy.test greets with 421. Each refusal lowers its window (4, 3.75,
+    3.48, ... down to 1 session) but never suspends it: the host answers, and a refusal
+    costs no wait. Each message is deferred with the host's reply; others go on. The
+    unreachable case (a cohort of sessions no host took) suspends: the test above."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=8, per_destination=4)
+        h.agent.busy.add("busy.test")
+        busy = h.queue(12, "busy.test")
+        (live,) = h.queue(1, "live.test", first=12)
+        await h.scan_rounds(6)
+        assert h.agent.tried.count("busy.test") == 12, h.agent.tried
+        assert h.agent.sent == [f"Subject: {live}"]
+        replies = [h.message(q).recipients[0].last_reply for q in busy]  # type: ignore[union-attr]
+        assert set(replies) == {"mx.busy.test[127.0.0.1]: 421 4.7.0 too many connections"}
+        assert h.d._suspended == {}
+        assert h.d._dests["busy.test"].window.sessions == 1
+
+    asyncio.run(run())
+
+
+def test_a_destinations_window_opens_with_answered_sessions(store: QueueStore) -> None:
+    """From `initial_per_destination` (1 here) the window grows by 1/window per session
+    answered (1, 2, 2.5, 2.9, ...) up to `per_destination` (4), never past it, and is
+    kept between bursts."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=10, per_destination=4, initial_per_destination=1)
+        h.queue(30, "grow.test")
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        assert h.agent.open == 1, "more sessions than the initial window"
+        h.agent.release.set()
+        await h.finish()  # the 20 claimed (2 x concurrency) delivered
+        assert len(h.agent.sent) == 20
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        assert h.agent.open == 4, "the window did not open up to per_destination"
+        h.agent.release.set()
+        await h.drain(10)
+        assert len(h.agent.sent) == 30 and h.agent.most_open_for["grow.test"] == 4
+        # Idle, it keeps what it learnt: the next burst starts at 4 sessions.
+        assert h.d._dests["grow.test"].window.sessions == 4 and not h.d._dests["grow.test"].users
+
+    asyncio.run(run())
+
+
+def test_a_waiter_cancelled_as_it_is_handed_a_permit_gives_it_back() -> None:
+    """Dispatcher.stop cancels attempts that may be waiting for a permit: one cancelled
+    after a release handed it the permit must not keep it."""
+
+    async def run() -> None:
+        dest = _Destination(ConcurrencyWindow(1, 1))
+        await dest.acquire()
+        waiter = asyncio.create_task(dest.acquire())
+        await asyncio.sleep(0)
+        dest.release()  # handed to the waiter, which has not run yet
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.wait_for(dest.acquire(), 1)  # free again
 
     asyncio.run(run())
 
