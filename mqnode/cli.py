@@ -400,10 +400,29 @@ def _print_status(st: dict[str, Any]) -> None:
         ("dispatch lease", "held" if st["lease_held"] else "not held"),
         ("raft links", _links(st.get("peer_last_heard_s") or {})),
         ("smtp", _smtp_workers(st.get("smtp_workers"))),
+        *(_destinations(st.get("destinations") or {}) if st["lease_held"] else []),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _destinations(view: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows for the suspended destinations and sessions per destination (lease holder)."""
+    if not view:
+        return []
+    suspended = ", ".join(
+        f"{d['destination']} ({d['for_s']} s more: {d['why']})" for d in view["suspended"]
+    )
+    more = view["suspended_count"] - len(view["suspended"])
+    sessions = ", ".join(
+        f"{d['destination']} {d['open']} open, {d['allowed']} of {d['limit']} allowed"
+        for d in view["sessions"]
+    )
+    return [
+        ("suspended", (suspended or "none") + (f", and {more} more" if more > 0 else "")),
+        ("destinations", sessions or "no sessions open, none narrowed"),
+    ]
 
 
 def _smtp_workers(workers: dict[str, Any] | None) -> str:

@@ -88,6 +88,8 @@ class AdminServer:
         self._token = token
         # the node's SMTP worker processes (smtpworkers.WorkerPool.describe); None: none
         self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None
+        # suspended destinations and sessions per destination (Dispatcher.describe_destinations)
+        self.destinations: Callable[[], dict[str, Any]] = lambda: {}
         self._metrics = metrics
         self._rep = replicator
         self._clock = clock
@@ -177,6 +179,7 @@ class AdminServer:
             "cluster_reads_level": cluster_level(nodes, st.members),
             "quorum": membership.quorum(len(st.members)),
             "smtp_workers": self.smtp_workers(),
+            "destinations": self.destinations(),
         }
 
     async def _bounce(self, ids: list[str]) -> web.Response:

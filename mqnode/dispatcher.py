@@ -83,6 +83,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from dataclasses import dataclass
+from typing import Any
 
 from .clock import Clock
 from .commands import Claim, LeaseRenew, RecordOutcome
@@ -108,6 +109,7 @@ DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module doc
 DEEP_SCAN_DECODES = 2_000
 DEEP_SCAN_INTERVAL_S = 1.0
 SUSPENDED_MAX = 10_000  # destinations remembered as dead; all forgotten beyond
+DESCRIBED_MAX = 20  # destinations of each kind /status lists
 IDLE_WINDOWS_MAX = 10_000  # idle destinations whose window feedback moved; idem
 
 
@@ -172,6 +174,33 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def describe_destinations(self) -> dict[str, Any]:
+        """For /status: suspended destinations (longest left first) and those below their
+        limit of sessions or with sessions open (fewest allowed first), DESCRIBED_MAX each.
+        Empty on a node that does not dispatch."""
+        now = self._clock.monotonic_s()
+        suspended = sorted(
+            ((until - now, dest, why) for dest, (until, why) in self._suspended.items()),
+            reverse=True,
+        )
+        suspended = [entry for entry in suspended if entry[0] > 0]
+        windows = sorted(
+            (r.window.sessions, -r.held, dest, r.window.limit)
+            for dest, r in self._dests.items()
+            if r.held or r.window.sessions < r.window.limit
+        )
+        return {
+            "suspended_count": len(suspended),
+            "suspended": [
+                {"destination": dest, "for_s": round(left), "why": why}
+                for left, dest, why in suspended[:DESCRIBED_MAX]
+            ],
+            "sessions": [
+                {"destination": dest, "open": -neg_open, "allowed": allowed, "limit": limit}
+                for allowed, neg_open, dest, limit in windows[:DESCRIBED_MAX]
+            ],
+        }
 
     async def run(self) -> None:
         renew = asyncio.create_task(self._renew_loop(), name="lease-renew")

@@ -38,6 +38,7 @@ class MetricsSnapshot:
     lease_held: bool
     store_fill_ratio: float = 0.0
     replication_lag: dict[str, int] = field(default_factory=dict)
+    destinations_suspended: int = 0
 
 
 class _SnapshotCollector(Collector):
@@ -81,6 +82,11 @@ class _SnapshotCollector(Collector):
             "mqnode_store_fill_ratio",
             "Queue store pages in use over its map size (mail is refused with 452 at 0.9)",
             value=s.store_fill_ratio,
+        )
+        yield GaugeMetricFamily(
+            "mqnode_delivery_destinations_suspended",
+            "Destinations whose mail is deferred without trying (a cohort of sessions failed)",
+            value=s.destinations_suspended,
         )
         g = GaugeMetricFamily(
             "mqnode_raft_replication_lag_entries", "Commit index minus peer match", labels=["peer"]

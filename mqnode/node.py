@@ -146,6 +146,7 @@ class Node:
         dispatcher.on_attempt = metrics.delivery_seconds.observe
         admin = self._build_admin(store, raft, pipeline, lease, metrics)
         admin.smtp_workers = front.describe
+        admin.destinations = dispatcher.describe_destinations
 
         raft.start()
         pipeline.start()
@@ -309,6 +310,7 @@ class Node:
                 lease_held=lease.valid(),
                 store_fill_ratio=store.fill_ratio(),
                 replication_lag={p: st.commit_index - m for p, m in st.match_index.items()},
+                destinations_suspended=dispatcher.describe_destinations()["suspended_count"],
             )
 
         return NodeMetrics(snapshot)

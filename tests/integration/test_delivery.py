@@ -1074,13 +1074,15 @@ def test_an_unreachable_destination_is_suspended_not_waited_out_per_message(
                 return (replies if done else None), f"{sum(map(bool, replies))} deferred"
 
             replies = poll(c, "every blackhole.test message deferred", all_deferred, 30.0)
+            view = c.status(c.leader())["destinations"]
+    assert [d["destination"] for d in view["suspended"]] == ["blackhole.test"], view
     suspended = [r for r in replies if r.startswith("4.4.1 delivery temporarily suspended:")]
     assert hole.connections <= PER_DESTINATION, hole.connections
     assert len(suspended) >= len(dead) - PER_DESTINATION, replies
 
 
 def test_a_receiver_that_limits_connections_gets_fewer_sessions_and_no_suspension(
-    tmp_path: Path,
+    tmp_path: Path, run_cli: RunCli
 ) -> None:
     """A receiver that serves 2 connections from us at once and greets any more with 421
     (Postfix's smtpd_client_connection_count_limit), answering each message after 0.3 s.
@@ -1101,6 +1103,14 @@ def test_a_receiver_that_limits_connections_gets_fewer_sessions_and_no_suspensio
             acked = submit_batch(c, 40, "narrow", domain="narrow.test")
             wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
             logs = "\n".join(n.log_path.read_text(errors="replace") for n in c.nodes)
+            lead = c.leader()
+            view = c.status(lead)["destinations"]
+            table = run_cli("status", "--admin", c.nodes[lead].admin_addr).stdout
+    # The leader shows the destination narrowed below its limit of 10, nothing suspended.
+    assert view["suspended_count"] == 0, view
+    (narrow,) = [d for d in view["sessions"] if d["destination"] == "narrow.test"]
+    assert narrow["allowed"] < narrow["limit"] == 10, view
+    assert re.search(r"destinations +narrow\.test \d+ open, [1-9] of 10 allowed", table), table
     assert copies(sink, acked) == Counter({mid: 1 for mid in acked})
     assert sink.most_open_connections <= 2
     assert "suspended for" not in logs

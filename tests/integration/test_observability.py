@@ -54,6 +54,7 @@ def test_metrics_health_and_readiness(tmp_path: Path) -> None:
         assert _metric(text, "mqnode_commit_seconds_count") >= 3
         assert "mqnode_raft_replication_lag_entries{peer=" in text
         assert 0 <= _metric(text, "mqnode_store_fill_ratio") < 0.9
+        assert _metric(text, "mqnode_delivery_destinations_suspended") == 0
         for n in c.nodes:
             assert _get(n.admin_url + "/healthz")[0] == 200
             assert _get(n.admin_url + "/readyz")[0] == 200

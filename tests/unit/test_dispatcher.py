@@ -474,6 +474,9 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
             r == "4.4.1 delivery temporarily suspended: mx.dead.test[127.0.0.1]: Connection refused"
             for r in replies[1:]
         ), replies
+        view = h.d.describe_destinations()
+        why = "mx.dead.test[127.0.0.1]: Connection refused"
+        assert view["suspended"] == [{"destination": "dead.test", "for_s": 300, "why": why}]
 
         # An operator's retry of all three: tried again at once, suspended again.
         assert h.tx.one(QueueOp("retry", tuple(dead), h.clock.wall_ms()))[0] == "ok"
@@ -510,6 +513,11 @@ def test_a_destination_that_greets_with_421_gets_one_session_and_no_suspension(
         assert set(replies) == {"mx.busy.test[127.0.0.1]: 421 4.7.0 too many connections"}
         assert h.d._suspended == {}
         assert h.d._dests["busy.test"].window.sessions == 1
+        assert h.d.describe_destinations() == {
+            "suspended_count": 0,
+            "suspended": [],
+            "sessions": [{"destination": "busy.test", "open": 0, "allowed": 1, "limit": 4}],
+        }
 
     asyncio.run(run())
 
