@@ -35,9 +35,9 @@ stay here, and the dispatcher reports success itself (`Action: relayed`).
 
 Fencing: `Transaction.gate()` is called after the server's 354 and right
 before the body and the final "." are written (one write, nothing awaited in
-between). If it returns False (the dispatch lease was lost), the connection is dropped without
-the final "." so the server discards the message, and `LeaseLost` is raised:
-nothing may be recorded for this attempt.
+between). If it returns False (the dispatch lease was lost), the connection
+is dropped without the final "." so the server discards the message, and
+`LeaseLost` is raised: nothing may be recorded for this attempt.
 
 Connections are reused: parked per target for `idle_s`, up to
 `max_idle_per_target` sessions and `max_messages_per_connection` transactions

@@ -42,11 +42,12 @@ destination with a backlog fills neither the slots nor the claim window.
 of its end-to-end rate: its waiting messages are what keeps it busy while
 outcomes commit.)
 
-Concurrency feedback (feedback.py, Postfix's scheduler): a destination starts
-at `initial_per_destination` sessions and moves towards `per_destination` as
-its sessions get transactions answered, and back towards 1 as they fail (no
-host reached, every host greeting with 421, a connection lost); a permit
-frees only while fewer than its window's sessions are open.
+Concurrency feedback (feedback.py, after Postfix's scheduler): a destination
+starts at `initial_per_destination` sessions and moves towards
+`per_destination` as its sessions get transactions answered, and back towards
+1 as they reach no host or lose their connection; a 421 greeting drops it to
+the destination's other permits held at that moment. A permit frees only
+while fewer than its window's sessions are open.
 
 Dead destinations: once a whole cohort of a destination's sessions failed in
 a row (as many as its window; a destination none of whose hosts answers
@@ -446,6 +447,9 @@ class Dispatcher:
         record = self._dests.get(dest)  # held: the attempt has its permit
         if record is None:
             return False
+        # The other permits held: sessions open, or attempts about to open one (one
+        # waiting for another destination's permit or a slot counts too: a 421 then
+        # narrows the window less than the receiver's limit, never more).
         dead = record.window.feedback(contact, record.held - 1)
         if dead:  # after the suspension it starts afresh, as in Postfix
             record.window = self._new_window()

@@ -496,10 +496,11 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
 def test_a_destination_that_greets_with_421_gets_one_session_and_no_suspension(
     store: QueueStore,
 ) -> None:
-    """Every host of busy.test greets with 421. Each refusal lowers its window (4, 3.75,
-    3.48, ... down to 1 session) but never suspends it: the host answers, and a refusal
-    costs no wait. Each message is deferred with the host's reply; others go on. The
-    unreachable case (a cohort of sessions no host took) suspends: the test above."""
+    """Every host of busy.test greets with 421. Each refusal drops its window to the
+    sessions open beside it (none here: the scripted 421 comes back at once), so to 1
+    session, but never suspends it: the host answers, and a refusal costs no wait. Each
+    message is deferred with the host's reply; others go on. The unreachable case (a
+    cohort of sessions no host took) suspends: the test above."""
 
     async def run() -> None:
         h = Harness(store, concurrency=8, per_destination=4)
