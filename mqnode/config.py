@@ -85,6 +85,9 @@ class NodeConfig:
     # Sessions a destination starts with; feedback moves it towards 1 or the above
     # (Postfix's initial_destination_concurrency).
     initial_destination_concurrency: int = 5
+    # "domain=N": a recipient domain's own limit instead of per_destination_concurrency
+    # (a receiver known to take few connections; Postfix: a transport of its own).
+    destination_concurrency_limits: list[str] = field(default_factory=list)
     # Recipients per SMTP transaction (Postfix's smtp_destination_recipient_limit).
     delivery_recipient_limit: int = 50
     delivery_port: int = 25
@@ -189,6 +192,7 @@ class NodeConfig:
                 ipaddress.ip_network(net, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"client_limit_exceptions: {exc}") from exc
+        self.destination_limits()  # raises ConfigError for a bad entry
         for net in self.allowed_networks:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -258,6 +262,10 @@ class NodeConfig:
             if self.smtps_addr in (self.smtp_addr, self.admin_addr, self.raft_addr):
                 raise ConfigError("smtps_addr: must differ from the other listen addresses")
 
+    def destination_limits(self) -> dict[str, int]:
+        """Recipient domain -> its own per-destination limit (ConfigError if malformed)."""
+        return parse_destination_limits(self.destination_concurrency_limits)
+
     def read_secret(self) -> str:
         """The cluster secret; refuse empty or world-readable files."""
         return _read_private(Path(self.cluster_secret_file), "cluster_secret_file", 0o007)
@@ -301,6 +309,22 @@ def _read_owned(path: Path, key: str, forbidden_mode: int) -> str:
     if st.st_mode & forbidden_mode:
         raise ConfigError(f"{key}: {path} is readable by others; chmod 600 it")
     return value
+
+
+def parse_destination_limits(entries: list[str]) -> dict[str, int]:
+    """`destination_concurrency_limits` entries ("domain=N", N > 0) as domain -> N."""
+    limits: dict[str, int] = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        name = name.strip().lower().rstrip(".")
+        if not sep or not name or not value.strip().isdigit() or int(value) <= 0:
+            raise ConfigError(
+                f"destination_concurrency_limits: {entry!r} is not DOMAIN=N with N > 0"
+            )
+        if name in limits:
+            raise ConfigError(f"destination_concurrency_limits: {name} given twice")
+        limits[name] = int(value)
+    return limits
 
 
 def _read_private(path: Path, key: str, forbidden_mode: int) -> str:

@@ -44,10 +44,11 @@ outcomes commit.)
 
 Concurrency feedback (feedback.py, after Postfix's scheduler): a destination
 starts at `initial_per_destination` sessions and moves towards
-`per_destination` as its sessions get transactions answered, and back towards
-1 as they reach no host or lose their connection; a 421 greeting drops it to
-the destination's other permits held at that moment. A permit frees only
-while fewer than its window's sessions are open.
+`per_destination` (or its own limit in `destination_limits`) as its sessions
+get transactions answered, and back towards 1 as they reach no host or lose
+their connection; a 421 greeting drops it to the destination's other permits
+held at that moment. A permit frees only while fewer than its window's
+sessions are open.
 
 Dead destinations: once a whole cohort of a destination's sessions failed in
 a row (as many as its window; a destination none of whose hosts answers
@@ -83,7 +84,7 @@ import logging
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .clock import Clock
@@ -126,6 +127,8 @@ class DispatchSettings:
     batch: int = 100
     scan_interval_s: float = 0.5
     initial_per_destination: int = 5  # Postfix's initial_destination_concurrency
+    # A destination's own limit instead of `per_destination` (destination_concurrency_limits)
+    destination_limits: dict[str, int] = field(default_factory=dict)
 
 
 class Dispatcher:
@@ -452,12 +455,13 @@ class Dispatcher:
         # narrows the window less than the receiver's limit, never more).
         dead = record.window.feedback(contact, record.held - 1)
         if dead:  # after the suspension it starts afresh, as in Postfix
-            record.window = self._new_window()
+            record.window = self._new_window(dest)
         record.wake()  # the window may have grown
         return dead
 
-    def _new_window(self) -> ConcurrencyWindow:
-        return ConcurrencyWindow(self._s.initial_per_destination, self._s.per_destination)
+    def _new_window(self, dest: str) -> ConcurrencyWindow:
+        limit = self._s.destination_limits.get(dest, self._s.per_destination)
+        return ConcurrencyWindow(self._s.initial_per_destination, limit)
 
     def _suspend(self, dest: str, why: str) -> None:
         if len(self._suspended) >= SUSPENDED_MAX:
@@ -484,7 +488,7 @@ class Dispatcher:
         if record is None:
             if len(self._dests) >= IDLE_WINDOWS_MAX:  # forget idle ones, not those in use
                 self._dests = {d: r for d, r in self._dests.items() if r.users}
-            record = self._dests[dest] = _Destination(self._new_window())
+            record = self._dests[dest] = _Destination(self._new_window(dest))
         record.users += 1
         try:
             await record.acquire()

@@ -269,6 +269,7 @@ class Node:
             concurrency=cfg.delivery_concurrency,
             per_destination=cfg.per_destination_concurrency,
             initial_per_destination=cfg.initial_destination_concurrency,
+            destination_limits=cfg.destination_limits(),
             max_queue_lifetime_s=cfg.max_queue_lifetime_s,
             tls_required_domains=frozenset(d.lower() for d in cfg.tls_required_domains),
         )

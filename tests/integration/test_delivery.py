@@ -1081,37 +1081,69 @@ def test_an_unreachable_destination_is_suspended_not_waited_out_per_message(
     assert len(suspended) >= len(dead) - PER_DESTINATION, replies
 
 
-def test_a_receiver_that_limits_connections_gets_fewer_sessions_and_no_suspension(
-    tmp_path: Path, run_cli: RunCli
-) -> None:
-    """A receiver that serves 2 connections from us at once and greets any more with 421
-    (Postfix's smtpd_client_connection_count_limit), answering each message after 0.3 s.
-    A 421 drops mqnode's window for the destination to the sessions the receiver holds,
-    each delivery raises it again (feedback.py), so the surplus sessions stay few: 12
-    refusals in two runs. With a fixed 10 sessions per destination the same 40 messages
-    met 160-168 and took twice as long. A 421 never suspends the destination (the host
-    answers), and every message arrives once."""
+NARROW_ZONE = {
+    "narrow.test": {"MX": [[10, "mx.narrow.test"]]},
+    "mx.narrow.test": {"A": ["127.0.0.27"]},
+}
+
+
+@dataclass
+class NarrowRun:
+    sink: Sink
+    acked: dict[str, str]
+    logs: str
+    view: dict[str, Any]  # the leader's /status "destinations"
+    table: str  # `mqnode status` of the leader
+
+
+def run_narrow_receiver(tmp_path: Path, run_cli: RunCli, *args: str) -> NarrowRun:
+    """40 messages to a receiver that serves 2 connections from us at once and greets any
+    more with 421 (Postfix's smtpd_client_connection_count_limit), answering each message
+    after 0.3 s; `args` for every node."""
     port, socks = bind_common_port(["127.0.0.27"])
-    zone = {
-        "narrow.test": {"MX": [[10, "mx.narrow.test"]]},
-        "mx.narrow.test": {"A": ["127.0.0.27"]},
-    }
-    with DnsServer(zone) as dns, SinkHost() as host:
+    with DnsServer(NARROW_ZONE) as dns, SinkHost() as host:
         sink = host.add("narrow", socks["127.0.0.27"], reply_delay_s=0.3, max_connections=2)
-        args = (*FAST_TUNING, "--delivery-port", str(port), *RETRY_ARGS)
-        with Cluster(tmp_path / "c", extra_args=args, dns_server=f"{dns.host}:{dns.port}") as c:
+        node_args = (*FAST_TUNING, "--delivery-port", str(port), *RETRY_ARGS, *args)
+        dns_addr = f"{dns.host}:{dns.port}"
+        with Cluster(tmp_path / "c", extra_args=node_args, dns_server=dns_addr) as c:
             acked = submit_batch(c, 40, "narrow", domain="narrow.test")
             wait_all_arrived(c, sink, acked, DELIVERY_WAIT_S)
             logs = "\n".join(n.log_path.read_text(errors="replace") for n in c.nodes)
             lead = c.leader()
             view = c.status(lead)["destinations"]
             table = run_cli("status", "--admin", c.nodes[lead].admin_addr).stdout
-    # The leader shows the destination narrowed below its limit of 10, nothing suspended.
-    assert view["suspended_count"] == 0, view
-    (narrow,) = [d for d in view["sessions"] if d["destination"] == "narrow.test"]
-    assert narrow["allowed"] < narrow["limit"] == 10, view
-    assert re.search(r"destinations +narrow\.test \d+ open, [1-9] of 10 allowed", table), table
     assert copies(sink, acked) == Counter({mid: 1 for mid in acked})
     assert sink.most_open_connections <= 2
-    assert "suspended for" not in logs
-    assert sink.busy_refusals <= 20, f"{sink.busy_refusals} sessions refused with 421"
+    return NarrowRun(sink, acked, logs, view, table)
+
+
+def test_a_receiver_that_limits_connections_gets_fewer_sessions_and_no_suspension(
+    tmp_path: Path, run_cli: RunCli
+) -> None:
+    """A 421 drops mqnode's window for the destination to the sessions the receiver
+    holds, each delivery raises it again (feedback.py), so the surplus sessions stay few:
+    12 refusals in two runs. With a fixed 10 sessions per destination the same 40
+    messages met 160-168 and took twice as long. A 421 never suspends the destination
+    (the host answers), and every message arrives once."""
+    run = run_narrow_receiver(tmp_path, run_cli)
+    # The leader shows the destination narrowed below its limit of 10, nothing suspended.
+    assert run.view["suspended_count"] == 0, run.view
+    (narrow,) = [d for d in run.view["sessions"] if d["destination"] == "narrow.test"]
+    assert narrow["allowed"] < narrow["limit"] == 10, run.view
+    table = run.table
+    assert re.search(r"destinations +narrow\.test \d+ open, [1-9] of 10 allowed", table), table
+    assert "suspended for" not in run.logs
+    refused = run.sink.busy_refusals
+    assert refused <= 20, f"{refused} sessions refused with 421"
+
+
+def test_a_destination_limit_of_its_own_spares_the_receiver_every_421(
+    tmp_path: Path, run_cli: RunCli
+) -> None:
+    """The operator's fix for a receiver known to take 2 connections:
+    `destination_concurrency_limits = ["narrow.test=2"]`. No session meets a 421."""
+    run = run_narrow_receiver(
+        tmp_path, run_cli, "--destination-concurrency-limits", "narrow.test=2"
+    )
+    assert run.sink.busy_refusals == 0
+    assert "of 2 allowed" in run.table or "narrow.test" not in run.table, run.table

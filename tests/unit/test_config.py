@@ -92,6 +92,11 @@ def test_integers_from_flags_are_coerced(good: dict[str, Any]) -> None:
         ("election_timeout_min_ms", 1400),
         ("hostname", 5),
         ("join", 2),
+        ("destination_concurrency_limits", "gmail.com"),
+        ("destination_concurrency_limits", "gmail.com=0"),
+        ("destination_concurrency_limits", "gmail.com=two"),
+        ("destination_concurrency_limits", "=3"),
+        ("destination_concurrency_limits", "a.test=2,A.test.=3"),
     ],
 )
 def test_bad_value_names_its_key(good: dict[str, Any], key: str, value: Any) -> None:
@@ -298,3 +303,10 @@ def test_relay_ca_file_that_does_not_load(tmp_path: Path) -> None:
     junk.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="relay_tls_ca_file: cannot load"):
         relay_client_context(str(junk))
+
+
+def test_destination_limits_are_per_lowercase_domain(good: dict[str, Any]) -> None:
+    limits = "Gmail.COM.=2, b.test=7"
+    cfg = NodeConfig.load(None, {**good, "destination_concurrency_limits": limits})
+    assert cfg.destination_limits() == {"gmail.com": 2, "b.test": 7}
+    assert NodeConfig.load(None, good).destination_limits() == {}

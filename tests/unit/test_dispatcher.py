@@ -135,6 +135,7 @@ class Harness:
         relay: bool = False,
         tls_required: frozenset[str] = frozenset(),
         initial_per_destination: int = 5,
+        destination_limits: dict[str, int] | None = None,
     ) -> None:
         self.clock = ManualClock(wall_ms=T0 + 60_000)
         self.tx = Transcript(store)
@@ -151,6 +152,7 @@ class Harness:
             max_queue_lifetime_s=5 * 86400,
             tls_required_domains=tls_required,
             initial_per_destination=initial_per_destination,
+            destination_limits=destination_limits or {},
         )
         self.d = Dispatcher(
             settings,
@@ -547,6 +549,29 @@ def test_a_destinations_window_opens_with_answered_sessions(store: QueueStore) -
         assert len(h.agent.sent) == 30 and h.agent.most_open_for["grow.test"] == 4
         # Idle, it keeps what it learnt: the next burst starts at 4 sessions.
         assert h.d._dests["grow.test"].window.sessions == 4 and not h.d._dests["grow.test"].users
+
+    asyncio.run(run())
+
+
+def test_a_destination_with_a_limit_of_its_own_gets_no_more_sessions(
+    store: QueueStore,
+) -> None:
+    """destination_concurrency_limits: narrow.test is limited to 2 sessions while other
+    domains get per_destination (4), and its window starts within that limit."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=10, per_destination=4, destination_limits={"narrow.test": 2})
+        h.queue(6, "narrow.test")
+        h.queue(6, "wide.test", first=6)
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        assert h.agent.open_for == {"narrow.test": 2, "wide.test": 4}, h.agent.open_for
+        sessions = {d["destination"]: d for d in h.d.describe_destinations()["sessions"]}
+        assert (sessions["narrow.test"]["allowed"], sessions["narrow.test"]["limit"]) == (2, 2)
+        h.agent.release.set()
+        await h.drain(10)
+        assert len(h.agent.sent) == 12 and h.agent.most_open_for["narrow.test"] == 2
 
     asyncio.run(run())
 
