@@ -45,7 +45,11 @@ each, so a burst to one destination pays the connect, EHLO and STARTTLS once.
 A transaction that ended with the reply to the final "." leaves the session
 ready for the next MAIL (RFC 5321 4.1.1.4); one that stopped earlier (MAIL,
 every RCPT or DATA refused) is reset with RSET before it is parked. The body
-and the final "." leave in one write, right after the lease gate.
+and the final "." leave in one write, right after the lease gate. A parked
+session that turns out closed at MAIL (the host closed it just after our
+liveness check) is replaced by a new connection once: nothing of the message
+had been sent, and a lost session counts towards the destination's
+suspension (feedback.py).
 
 Recipients: at most `max_rcpts_per_transaction` per transaction (Postfix's
 `smtp_destination_recipient_limit`, 50), the rest in more transactions of
@@ -85,6 +89,10 @@ _DOT_LINE = re.compile(rb"(?m)^\.")
 
 class LeaseLost(Exception):
     """The dispatch lease ended during a transaction; the message was not completed."""
+
+
+class _Stale(aiosmtplib.SMTPServerDisconnected):
+    """A reused session's connection was gone at MAIL: nothing of the message was sent."""
 
 
 @dataclass(frozen=True)
@@ -294,8 +302,11 @@ class DeliveryAgent:
         last_error = "no delivery target"
         answered = ""  # a host that greeted with a refusal: alive, only busy
         without_tls = False  # a host that answered but cannot take mail that requires TLS
-        for target in tx.targets:
-            session = self._take(target)
+        tries = [(target, True) for target in tx.targets]  # (target, may reuse a session)
+        while tries:
+            target, reuse = tries.pop(0)
+            session = self._take(target) if reuse else None
+            reused = session is not None
             if session is None:
                 try:
                     session = await self._connect(target)
@@ -319,6 +330,11 @@ class DeliveryAgent:
                 results, ended = await self._transaction(session.client, tx, rcpts, dsn)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await _close(session.client)
+                if reused and isinstance(exc, _Stale):
+                    # Closed by the host while parked, after our liveness check: once
+                    # more on a new connection (a lost session counts towards suspension).
+                    tries.insert(0, (target, False))
+                    continue
                 reply = f"{target.name}[{target.address}]: lost connection: {exc}"
                 out = Outcome.DEFERRED.value
                 return [(i, out, reply) for i, _ in rcpts], target.name, Contact.LOST, False
@@ -363,7 +379,10 @@ class DeliveryAgent:
         # MAIL and RCPT go straight to execute_command: the addresses were checked at
         # ingress, and aiosmtplib's mail()/rcpt() re-parse each with email.utils.
         args = [b"FROM:<" + mail_from.encode(encoding) + b">", *(o.encode() for o in options)]
-        resp = await client.execute_command(b"MAIL", *args)
+        try:
+            resp = await client.execute_command(b"MAIL", *args)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise _Stale(str(exc)) from exc
         if resp.code != 250:
             out = _refused(resp.code).value
             return [(i, out, f"MAIL: {resp.code} {resp.message}") for i, _ in rcpts], False

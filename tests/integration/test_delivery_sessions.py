@@ -218,3 +218,61 @@ def test_a_refused_connection_is_unreachable_and_an_answered_one_is_not(sink: Si
     assert (dead.host, dead.contact) == ("", Contact.UNREACHABLE), dead
     assert (live.host, live.contact) == ("sink.test", Contact.ANSWERED), live
     assert live.results[0][1] == Outcome.BOUNCED.value, live
+
+
+def test_a_parked_session_closed_at_mail_is_replaced_not_counted_lost() -> None:
+    """A host that drops a connection when its second MAIL arrives (as one that closed
+    an idle session just after our liveness check): the message goes over a new
+    connection at once and the session counts as answered. Before, it was deferred with
+    "lost connection" and, now that a lost session counts towards suspension, it could
+    have suspended a destination narrowed to one session."""
+
+    async def run() -> tuple[list[Attempt], int]:
+        connections = 0
+
+        async def one_message_each(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            w.write(b"220 mx.drop.test ESMTP\r\n")
+            mails = 0
+            while line := await r.readline():
+                verb = line[:4].upper()
+                if verb == b"MAIL":
+                    mails += 1
+                    if mails == 2:
+                        break  # drop the connection without a reply
+                if verb == b"EHLO":
+                    w.write(b"250 mx.drop.test\r\n")
+                elif verb == b"DATA":
+                    w.write(b"354 go ahead\r\n")
+                    while (await r.readline()) not in (b".\r\n", b""):
+                        pass
+                    w.write(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == b"QUIT":
+                    w.write(b"221 bye\r\n")
+                    break
+                else:
+                    w.write(b"250 ok\r\n")
+                await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(one_message_each, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        agent = DeliveryAgent("client.test", timeout_s=5)
+        target = Target("mx.drop.test", "127.0.0.1", port)
+        try:
+            attempts = []
+            for k in range(2):
+                rcpts = ((0, f"r{k}@drop.test"),)
+                tx = Transaction((target,), "from@client.test", rcpts, BODY, lambda: True)
+                attempts.append(await agent.deliver(tx))
+        finally:
+            await agent.close()
+            server.close()
+            await server.wait_closed()
+        return attempts, connections
+
+    attempts, connections = asyncio.run(run())
+    assert [a.results[0][1] for a in attempts] == [Outcome.DELIVERED.value] * 2, attempts
+    assert [a.contact for a in attempts] == [Contact.ANSWERED] * 2
+    assert connections == 2
