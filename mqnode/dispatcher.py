@@ -179,6 +179,11 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def suspended_count(self) -> int:
+        """Destinations suspended now (the metric; /status has the list)."""
+        now = self._clock.monotonic_s()
+        return sum(1 for until, _ in self._suspended.values() if until > now)
+
     def describe_destinations(self) -> dict[str, Any]:
         """For /status: suspended destinations (longest left first) and those below their
         limit of sessions or with sessions open (fewest allowed first), DESCRIBED_MAX each.
@@ -188,7 +193,7 @@ class Dispatcher:
             ((until - now, dest, why) for dest, (until, why) in self._suspended.items()),
             reverse=True,
         )
-        suspended = [entry for entry in suspended if entry[0] > 0]
+        suspended = [entry for entry in suspended if entry[0] > 0]  # as suspended_count
         windows = sorted(
             (r.window.sessions, -r.held, dest, r.window.limit)
             for dest, r in self._dests.items()

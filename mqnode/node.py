@@ -311,7 +311,7 @@ class Node:
                 lease_held=lease.valid(),
                 store_fill_ratio=store.fill_ratio(),
                 replication_lag={p: st.commit_index - m for p, m in st.match_index.items()},
-                destinations_suspended=dispatcher.describe_destinations()["suspended_count"],
+                destinations_suspended=dispatcher.suspended_count(),
             )
 
         return NodeMetrics(snapshot)

@@ -16,6 +16,7 @@ import pytest
 from mqnode.delivery import Attempt, DeliveryAgent, Target, Transaction
 from mqnode.feedback import Contact
 from mqnode.model import Outcome
+from tests.support import minismtp
 from tests.support.smtpsink import Sink, SinkHost, bind_common_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -163,23 +164,20 @@ def test_a_host_that_greets_with_421_is_busy_not_unreachable() -> None:
             await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(busy, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        agent = DeliveryAgent("client.test", timeout_s=5)
-        try:
-            attempt = await agent.deliver(
-                Transaction(
-                    (Target("mx.busy.test", "127.0.0.1", port),),
-                    "from@client.test",
-                    ((0, "a@busy.test"), (1, "b@busy.test")),
-                    BODY,
-                    lambda: True,
+        async with minismtp.serving(busy) as port:
+            agent = DeliveryAgent("client.test", timeout_s=5)
+            try:
+                attempt = await agent.deliver(
+                    Transaction(
+                        (Target("mx.busy.test", "127.0.0.1", port),),
+                        "from@client.test",
+                        ((0, "a@busy.test"), (1, "b@busy.test")),
+                        BODY,
+                        lambda: True,
+                    )
                 )
-            )
-        finally:
-            await agent.close()
-            server.close()
-            await server.wait_closed()
+            finally:
+                await agent.close()
         return attempt, greeted
 
     attempt, greeted = asyncio.run(run())
@@ -228,48 +226,33 @@ def test_a_parked_session_closed_at_mail_is_replaced_not_counted_lost() -> None:
     have suspended a destination narrowed to one session."""
 
     async def run() -> tuple[list[Attempt], int]:
+        mails: list[bytes] = []  # MAIL commands on the current connection
         connections = 0
 
-        async def one_message_each(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        def second_mail(line: bytes) -> bool:
+            if line[:4].upper() == b"MAIL":
+                mails.append(line)
+            return len(mails) == 2  # drop the connection without a reply
+
+        answer = minismtp.answer(b"mx.drop.test", drop=second_mail)
+
+        async def counted(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             nonlocal connections
             connections += 1
-            w.write(b"220 mx.drop.test ESMTP\r\n")
-            mails = 0
-            while line := await r.readline():
-                verb = line[:4].upper()
-                if verb == b"MAIL":
-                    mails += 1
-                    if mails == 2:
-                        break  # drop the connection without a reply
-                if verb == b"EHLO":
-                    w.write(b"250 mx.drop.test\r\n")
-                elif verb == b"DATA":
-                    w.write(b"354 go ahead\r\n")
-                    while (await r.readline()) not in (b".\r\n", b""):
-                        pass
-                    w.write(b"250 2.0.0 Ok: queued\r\n")
-                elif verb == b"QUIT":
-                    w.write(b"221 bye\r\n")
-                    break
-                else:
-                    w.write(b"250 ok\r\n")
-                await w.drain()
-            w.close()
+            mails.clear()
+            await answer(r, w)
 
-        server = await asyncio.start_server(one_message_each, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        agent = DeliveryAgent("client.test", timeout_s=5)
-        target = Target("mx.drop.test", "127.0.0.1", port)
-        try:
-            attempts = []
-            for k in range(2):
-                rcpts = ((0, f"r{k}@drop.test"),)
-                tx = Transaction((target,), "from@client.test", rcpts, BODY, lambda: True)
-                attempts.append(await agent.deliver(tx))
-        finally:
-            await agent.close()
-            server.close()
-            await server.wait_closed()
+        async with minismtp.serving(counted) as port:
+            agent = DeliveryAgent("client.test", timeout_s=5)
+            target = Target("mx.drop.test", "127.0.0.1", port)
+            try:
+                attempts = []
+                for k in range(2):
+                    rcpts = ((0, f"r{k}@drop.test"),)
+                    tx = Transaction((target,), "from@client.test", rcpts, BODY, lambda: True)
+                    attempts.append(await agent.deliver(tx))
+            finally:
+                await agent.close()
         return attempts, connections
 
     attempts, connections = asyncio.run(run())

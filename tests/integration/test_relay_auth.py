@@ -17,6 +17,7 @@ import pytest
 
 from mqnode.delivery import DeliveryAgent, RelayAuth, Target, Transaction
 from mqnode.model import Outcome
+from tests.support import minismtp
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.smtp import make_message, submit
 from tests.support.smtpsink import Sink, SinkHost, bind_common_port
@@ -128,65 +129,28 @@ def test_implicit_tls_relay(cert: CertFiles) -> None:
     received: list[bytes] = []
 
     async def run() -> tuple[list[tuple[int, str, str]], list[bytes]]:
-        server = await asyncio.start_server(
-            _implicit_tls_relay(received), "127.0.0.1", 0, ssl=_server_tls(cert)
-        )
-        port = server.sockets[0].getsockname()[1]
-        auth = RelayAuth(USER, PASSWORD, _auth(cert).tls, implicit_tls=True)
-        agent = DeliveryAgent("client.test", timeout_s=10, relay_auth=auth)
-        try:
-            attempt = await agent.deliver(
-                Transaction(
-                    (Target("127.0.0.1", "127.0.0.1", port, secure=True),),
-                    "from@client.test",
-                    ((0, "to@dest.test"),),
-                    BODY,
-                    lambda: True,
+        # aiosmtpd has no implicit-TLS server mode: a mini server on the TLS stream.
+        relay = minismtp.answer(b"relay.test", (b"AUTH PLAIN", b"8BITMIME"), received)
+        async with minismtp.serving(relay, tls=_server_tls(cert)) as port:
+            auth = RelayAuth(USER, PASSWORD, _auth(cert).tls, implicit_tls=True)
+            agent = DeliveryAgent("client.test", timeout_s=10, relay_auth=auth)
+            try:
+                attempt = await agent.deliver(
+                    Transaction(
+                        (Target("127.0.0.1", "127.0.0.1", port, secure=True),),
+                        "from@client.test",
+                        ((0, "to@dest.test"),),
+                        BODY,
+                        lambda: True,
+                    )
                 )
-            )
-            results = attempt.results
-        finally:
-            await agent.close()
-            server.close()
-            await server.wait_closed()
-        return results, received
+            finally:
+                await agent.close()
+        return attempt.results, received
 
     results, lines = asyncio.run(asyncio.wait_for(run(), 30))
     assert [r[1] for r in results] == [Outcome.DELIVERED.value]
     assert any(line.startswith(b"AUTH PLAIN ") for line in lines), lines
-
-
-def _implicit_tls_relay(received: list[bytes]):  # type: ignore[no-untyped-def]
-    """A minimal SMTP server for an already-encrypted stream (aiosmtpd has no implicit TLS
-    mode for a server; this speaks just enough: EHLO with AUTH PLAIN, one transaction)."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 relay.test ESMTP\r\n")
-        in_data = False
-        while line := await reader.readline():
-            received.append(line.rstrip(b"\r\n"))
-            if in_data:
-                if line == b".\r\n":
-                    in_data = False
-                    writer.write(b"250 2.0.0 queued\r\n")
-                continue
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(b"250-relay.test\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n")
-            elif verb == b"AUTH":
-                writer.write(b"235 2.7.0 Authentication successful\r\n")
-            elif verb == b"DATA":
-                in_data = True
-                writer.write(b"354 go ahead\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                break
-            else:
-                writer.write(b"250 2.0.0 ok\r\n")
-            await writer.drain()
-        writer.close()
-
-    return serve
 
 
 def test_a_cluster_relays_through_a_host_that_needs_a_login(

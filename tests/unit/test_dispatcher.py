@@ -479,6 +479,7 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
         view = h.d.describe_destinations()
         why = "mx.dead.test[127.0.0.1]: Connection refused"
         assert view["suspended"] == [{"destination": "dead.test", "for_s": 300, "why": why}]
+        assert h.d.suspended_count() == view["suspended_count"] == 1
 
         # An operator's retry of all three: tried again at once, suspended again.
         assert h.tx.one(QueueOp("retry", tuple(dead), h.clock.wall_ms()))[0] == "ok"
