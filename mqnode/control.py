@@ -12,7 +12,9 @@
                            it. Answers {"op", "affected": [ids]}.
     GET  /metrics          Prometheus text format (see metrics.py)
     GET  /healthz          200 while the process runs
-    GET  /readyz           200 when part of a quorum with a known leader, else 503
+    GET  /readyz           200 when a submission here would commit now (readiness.py:
+                           quorum, leader heard, last commit did not time out), else
+                           503 with the reasons
     POST /raft/compact     ask for a log compaction (snapshot) now
     POST /raft/transfer-leadership  {"to": "host:port"} or {}: leader hands over to a
                            caught-up follower (Raft TimeoutNow); 409 on a follower
@@ -57,7 +59,8 @@ from .metrics import NodeMetrics
 from .model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
 from .notify import report_for
 from .raft import RaftNode
-from .replicator import Replicator
+from .readiness import Readiness, assess
+from .replicator import PipelineHealth, Replicator
 from .statemachine import QueueStateMachine
 from .store import QueueStore
 
@@ -90,6 +93,10 @@ class AdminServer:
         self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None
         # suspended destinations and sessions per destination (Dispatcher.describe_destinations)
         self.destinations: Callable[[], dict[str, Any]] = lambda: {}
+        # readiness.assess over this node's Raft status and commit pipeline (set by Node)
+        self.readiness: Callable[[], Readiness] = lambda: assess(
+            raft.status, PipelineHealth(None, None, 0, None)
+        )
         self._metrics = metrics
         self._rep = replicator
         self._clock = clock
@@ -144,6 +151,7 @@ class AdminServer:
 
     def status(self) -> dict[str, Any]:
         st = self._raft.status
+        readiness = self.readiness()
         with self._store.reader() as r:
             nodes: dict[str, Any] = r.get_meta("nodes", {})
         leader = nodes.get(st.leader_addr or "", {})
@@ -180,6 +188,9 @@ class AdminServer:
             "quorum": membership.quorum(len(st.members)),
             "smtp_workers": self.smtp_workers(),
             "destinations": self.destinations(),
+            "ready": readiness.ready,
+            "not_ready_because": list(readiness.reasons),
+            "leader_heard_s": st.leader_heard_s,
         }
 
     async def _bounce(self, ids: list[str]) -> web.Response:
@@ -225,10 +236,10 @@ class AdminServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         st = self._raft.status
-        ready = st.has_quorum and st.leader_addr is not None
+        r = self.readiness()
         return web.json_response(
-            {"ready": ready, "role": st.role, "leader": st.leader_addr},
-            status=200 if ready else 503,
+            {"ready": r.ready, "role": st.role, "leader": st.leader_addr, "why_not": r.reasons},
+            status=200 if r.ready else 503,
         )
 
     async def _status(self, request: web.Request) -> web.Response:

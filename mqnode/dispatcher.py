@@ -248,8 +248,14 @@ class Dispatcher:
                     status, _ = await self._rep.submit(cmd)
                     if status == "ok":
                         was_valid = lease.valid()
-                        lease.renew_committed(started, epoch)
-                        if not was_valid:
+                        if not lease.renew_committed(started, epoch):
+                            log.info(
+                                "a lease renewal of epoch %d committed after this node left "
+                                "that epoch (now %d): it extends nothing",
+                                epoch,
+                                lease.epoch,
+                            )
+                        elif not was_valid:
                             log.info("dispatch lease acquired (epoch %d)", epoch)
                             self.wake()
                 except MqnodeError as exc:

@@ -52,9 +52,13 @@ class LeaderLease:
         """Call just before submitting a renewal; pass the result to renew_committed."""
         return self._clock.monotonic_s()
 
-    def renew_committed(self, started_s: float, epoch: int) -> None:
-        if epoch == self.epoch and epoch > 0:
-            self._valid_until = max(self._valid_until, started_s + self.lease_s - self.margin_s)
+    def renew_committed(self, started_s: float, epoch: int) -> bool:
+        """Extend the lease by a renewal of `epoch` that committed; False if it cannot
+        (a renewal of an earlier leadership, committed late: it extends nothing)."""
+        if epoch != self.epoch or epoch <= 0:
+            return False
+        self._valid_until = max(self._valid_until, started_s + self.lease_s - self.margin_s)
+        return True
 
     def valid(self, epoch: int | None = None) -> bool:
         """Held now (and, if given, still in `epoch`)."""

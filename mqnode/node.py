@@ -11,6 +11,7 @@ same way and exits 1; the next start rebuilds the state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -36,6 +37,7 @@ from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from .mx import MxResolver
 from .policy import RetryPolicy
 from .raft import RaftNode, RaftSettings, RaftStatus
+from .readiness import Readiness, assess
 from .replicator import CommitPipeline, Submitter
 from .routing import Router
 from .smtpfront import InProcessFront, build_ingress, ingress_limits
@@ -58,6 +60,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # The kernel writes dirty pages back within ~30 s anyway: this adds few writes.
 STATE_SYNC_S = 10.0
 ANNOUNCE_CHECK_S = 2.0  # see Node._keep_announced
+COMMIT_PROBE_EVERY_S = 1.0  # see Node._probe_commits
 
 
 async def watch_state_writeback(
@@ -146,6 +149,7 @@ class Node:
         dispatcher.on_attempt = metrics.delivery_seconds.observe
         admin = self._build_admin(store, raft, pipeline, lease, metrics)
         admin.smtp_workers = front.describe
+        admin.readiness = self._readiness
         admin.destinations = dispatcher.describe_destinations
 
         raft.start()
@@ -157,6 +161,7 @@ class Node:
                 name="state-writeback",
             ),
             asyncio.create_task(self._keep_announced(store, raft), name="keep-announced"),
+            asyncio.create_task(self._probe_commits(), name="commit-probe"),
         ]
         if cfg.delivery_enabled:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
@@ -391,6 +396,41 @@ class Node:
             again, seen = announce_again(nodes, seen, cfg.raft_addr, mine)
             if again:
                 self._maybe_announce(raft.status, again=True)
+
+    def _readiness(self) -> Readiness:
+        return assess(self._raft.status, self._pipeline.health())
+
+    async def _probe_commits(self) -> None:
+        """While the last commit here timed out, try one again every COMMIT_PROBE_EVERY_S.
+
+        /readyz says no while commits time out (readiness.py), so a load balancer
+        sends nothing, and without a probe nothing would show that commits work again.
+        The probe is this node's Announce (idempotent: the state keeps one per member,
+        and a member of any release reads it). Logs each change of readiness.
+        """
+        was: Readiness | None = None
+        while True:
+            await asyncio.sleep(COMMIT_PROBE_EVERY_S)
+            now = self._readiness()
+            if was is not None and now.ready != was.ready:
+                if now.ready:
+                    log.info("ready: submissions commit again")
+                else:
+                    log.warning("not ready: %s", "; ".join(now.reasons))
+            was = now
+            status = self._raft.status
+            if self._pipeline.health().timing_out and status.leader_addr is not None:
+                cfg = self.cfg
+                cmd = Announce(
+                    cfg.raft_addr,
+                    cfg.node_id,
+                    cfg.smtp_addr,
+                    cfg.admin_addr,
+                    status.term,
+                    READS_LEVEL,
+                )
+                with contextlib.suppress(MqnodeError):
+                    await self._pipeline.submit(cmd)
 
     async def _announce(self, cmd: Announce) -> None:
         try:

@@ -11,6 +11,14 @@ Limits and failure contract:
 * every submission resolves within `commit_timeout_s` or raises
   `CommitTimeoutError` (the entry may still commit: callers must make
   commands idempotent, which Enqueue is, by idempotency key and queue id);
+* an entry holds its in-flight slot until Raft answers it or its own deadline
+  (`commit_timeout_s` after it went out) passes, whichever comes first. The
+  slot is ours to free: pysyncobj does not answer every command it takes (a
+  forwarded command lost with its connection, a command overtaken by a
+  snapshot install), and a slot that waited for that answer would be lost for
+  good; after `max_inflight_entries` such losses nothing would commit again;
+* `health()` tells whether the last submission that ended committed or timed
+  out, which /readyz reads: a node whose commits time out is not ready;
 * idempotent commands are retried on "no leader"/"leader changed" until the
   deadline; others are retried only when the failure proves they were never
   appended;
@@ -40,7 +48,13 @@ from .commands import (
     encode_command,
     encode_packed_entry,
 )
-from .errors import BackpressureError, NoLeaderError, SubmitError, time_out
+from .errors import (
+    BackpressureError,
+    CommitTimeoutError,
+    NoLeaderError,
+    SubmitError,
+    time_out,
+)
 from .raft import RaftNode
 from .statemachine import Result
 
@@ -59,6 +73,32 @@ class Submitter(Protocol):
 
 class Replicator(Submitter, Protocol):
     def is_leader(self) -> bool: ...
+
+
+@dataclass
+class _Inflight:
+    """One entry handed to Raft: its slot is freed once, by the answer or the deadline."""
+
+    batch: list[_Item]
+    timer: asyncio.TimerHandle | None = None
+    ended: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineHealth:
+    """What /readyz needs to know of the commit path (monotonic seconds; None: never)."""
+
+    last_commit_s: float | None
+    last_timeout_s: float | None
+    expired_entries: int  # entries whose slot was freed by the deadline, not by Raft
+    oldest_inflight_s: float | None  # age of the oldest entry still waiting for Raft
+
+    @property
+    def timing_out(self) -> bool:
+        """The most recent submission to end timed out (nothing committed since)."""
+        if self.last_timeout_s is None:
+            return False
+        return self.last_commit_s is None or self.last_timeout_s > self.last_commit_s
 
 
 @dataclass
@@ -85,7 +125,11 @@ class CommitPipeline:
         self._max_inflight = max_inflight_entries
         self._queue: deque[_Item] = deque()
         self._pending = 0
-        self._inflight = 0
+        self._inflight: dict[int, tuple[float, _Inflight]] = {}  # id -> (sent at, entry)
+        self._next_id = 0
+        self._last_commit_s: float | None = None
+        self._last_timeout_s: float | None = None
+        self._expired = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.on_commit: Callable[[float], None] = lambda seconds: None  # metrics hook
@@ -108,6 +152,20 @@ class CommitPipeline:
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def health(self) -> PipelineHealth:
+        now = self._clock.monotonic_s()
+        oldest = min((sent for sent, _ in self._inflight.values()), default=None)
+        return PipelineHealth(
+            self._last_commit_s,
+            self._last_timeout_s,
+            self._expired,
+            None if oldest is None else now - oldest,
+        )
+
     async def submit(self, cmd: Command) -> Result:
         if self._pending >= self._max_pending:
             raise BackpressureError(f"too many commits pending ({self._pending})")
@@ -115,7 +173,12 @@ class CommitPipeline:
         started = self._clock.monotonic_s()
         try:
             result = await self._submit_until(cmd, started + self._timeout_s)
-            self.on_commit(self._clock.monotonic_s() - started)
+        except CommitTimeoutError:
+            self._last_timeout_s = self._clock.monotonic_s()
+            raise
+        else:
+            self._last_commit_s = now = self._clock.monotonic_s()
+            self.on_commit(now - started)
             return result
         finally:
             self._pending -= 1
@@ -150,14 +213,47 @@ class CommitPipeline:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue and self._inflight < self._max_inflight:
-                batch = self._take_batch()
-                self._inflight += 1
-                self._raft.submit_entry(
-                    encode_packed_entry([i.packed for i in batch]),
-                    lambda res, err, b=batch: self._done(b, res, err),  # type: ignore[misc]
-                    early=all(i.early for i in batch),
-                )
+            while self._queue and len(self._inflight) < self._max_inflight:
+                self._send(self._take_batch())
+
+    def _send(self, batch: list[_Item]) -> None:
+        entry = _Inflight(batch)
+        self._next_id += 1
+        key = self._next_id
+        self._inflight[key] = (self._clock.monotonic_s(), entry)
+        # The deadline frees the slot whether or not Raft ever answers (module docstring).
+        entry.timer = asyncio.get_running_loop().call_later(
+            self._timeout_s, self._expire, key, entry
+        )
+        self._raft.submit_entry(
+            encode_packed_entry([i.packed for i in batch]),
+            lambda res, err: self._done(key, entry, res, err),
+            early=all(i.early for i in batch),
+        )
+
+    def _end(self, key: int, entry: _Inflight) -> bool:
+        """Free the entry's slot; False if it was freed before (an answer after the deadline)."""
+        if entry.ended:
+            return False
+        entry.ended = True
+        if entry.timer is not None:
+            entry.timer.cancel()
+        del self._inflight[key]
+        self._wake.set()
+        return True
+
+    def _expire(self, key: int, entry: _Inflight) -> None:
+        if not self._end(key, entry):
+            return
+        self._expired += 1
+        log.warning(
+            "commit pipeline: an entry of %d submission(s) got no answer from Raft in "
+            "%.1f s; its slot is free again (the entry may still commit)",
+            len(entry.batch),
+            self._timeout_s,
+        )
+        for item in entry.batch:
+            time_out(item.future, "commit timed out")
 
     def _take_batch(self) -> list[_Item]:
         batch = [self._queue.popleft()]
@@ -174,10 +270,11 @@ class CommitPipeline:
             batch.append(item)
         return batch
 
-    def _done(self, batch: list[_Item], results: list[Result] | None, err: str | None) -> None:
-        self._inflight -= 1
-        self._wake.set()
-        for i, item in enumerate(batch):
+    def _done(
+        self, key: int, entry: _Inflight, results: list[Result] | None, err: str | None
+    ) -> None:
+        self._end(key, entry)
+        for i, item in enumerate(entry.batch):
             if item.future.done():
                 continue
             if err is not None:

@@ -24,6 +24,7 @@ from ..errors import MqnodeError, NewerFormatError
 from ..logstore import LogStore
 from ..statemachine import QueueStateMachine, Result
 from ..store import QueueStore
+from .guarded import install as install_guarded_connections
 from .journal import DurableJournal
 from .members import FAIL_NAMES, MembershipOps
 from .pacing import AppendPacer, StateCommitPacer, follower_waits
@@ -32,6 +33,7 @@ from .snapshot_writer import SnapshotWriter
 from .snapshots import SnapshotOps
 from .transport import DeferringTransport
 from .types import Done, RaftSettings, RaftStatus
+from .unanswered import UnansweredCommands
 from .wire import install as install_cheap_framing
 
 log = logging.getLogger("mqnode.raft")
@@ -101,6 +103,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         on_status_change: Callable[[RaftStatus], None] | None = None,
     ) -> None:
         install_cheap_framing()  # process-wide, idempotent: see wire.py
+        install_guarded_connections()  # likewise: see guarded.py
         self._settings = settings
         self._store = store
         self._machine = machine
@@ -146,6 +149,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         # Well inside pysyncobj's idle-connection timeout (see DeferringTransport.keep_alive).
         self._keepalive_s = conf.connectionTimeout / 4
         self._sync = _SyncObj(self, settings.self_addr, peers, conf, self._journal)
+        self._unanswered = UnansweredCommands(self._sync)
         self._adopt_journal()
         self._journal.applied_index = lambda: int(self._sync.raftLastApplied)
         self._ledger = membership.MemberLedger(
@@ -287,6 +291,11 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         self._sync.forceLogCompaction()
 
     # -- the tick thread -----------------------------------------------------------------
+    def _on_leader_link_lost(self) -> None:
+        """Tick thread (the transport): the connection to the leader closed."""
+        super()._on_leader_link_lost()
+        self._unanswered.fail_forwarded("the connection to the leader closed")
+
     def _apply(self, entry: bytes) -> list[Result] | None:
         index = self._sync.raftLastApplied + 1
         return self._machine.apply(index, entry, self._store.apply_txn())
@@ -402,6 +411,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             # No ack wakes the poll to count what this tick appended: without this a
             # single node's commit waited for the next poll timeout (up to 50 ms).
             self.wake()
+        self._unanswered.sweep(_pysyncobj_now())
         self._deliver_completions(failed=False)
         self._scale_compaction()
         self._publish_status()
@@ -494,6 +504,8 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
     def _publish_status(self) -> None:
         sync = self._sync
         leader = sync._getLeader()
+        now = _pysyncobj_now()
+        heard_at = None if sync._isLeader() else sync._SyncObj__transport.mq_leader_heard_at
         status = RaftStatus(
             role=_ROLES.get(sync._SyncObj__raftState, "unknown"),
             leader_addr=None if leader is None else leader.address,
@@ -512,6 +524,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             snapshot_after_entries=self._compaction_every,
             log_first_index=int(self._journal[0][1]),
             log_last_index=int(self._journal[-1][1]),
+            leader_heard_s=None if heard_at is None else round(now - heard_at, 3),
         )
         old, self.status = self.status, status
         changed = (old.role, old.leader_addr, old.term) != (

@@ -40,6 +40,11 @@ from .prevote import PREVOTE, PREVOTE_GRANTED
 log = logging.getLogger("mqnode.raft")
 
 WRONG_SECRET_LOG_EVERY_S = 60.0
+# Incoming connections that have not finished the key exchange (guarded.py): at most this
+# many at once (the oldest is closed for a new one) and for at most this long. A peer
+# finishes it in one round trip.
+MAX_UNAUTHENTICATED = 16
+HANDSHAKE_DEADLINE_S = 5.0
 HANDSHAKE_FAILURES_BEFORE_WARNING = 2
 KEEPALIVE = {"type": "mq_keepalive"}  # pysyncobj ignores message types it does not know
 PREVOTE_TYPES = frozenset({PREVOTE, PREVOTE_GRANTED})  # ours: see prevote.py
@@ -114,19 +119,47 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         self._mq_warned: dict[str, float] = {}
         self._mq_handshake_failures: dict[str, int] = {}
         self._mq_next_keepalive = 0.0
+        self._mq_unauthenticated: dict[Any, float] = {}  # incoming conn -> accepted at
         super().__init__(syncObj, selfNode, otherNodes)
 
     def _onNewIncomingConnection(self, conn: Any) -> None:
         super()._onNewIncomingConnection(conn)
-        if conn.encryptor is None:
-            return
         try:
             peer = str(conn._TcpConnection__socket.getpeername()[0])
         except (OSError, AttributeError, IndexError):
             peer = "unknown"
+        conn.mq_on_refused = lambda why: self._warn_once(
+            peer, "raft: closed a connection from %s: " + why.replace("%", "%%")
+        )
+        self._bound_unauthenticated(conn)
+        if conn.encryptor is None:
+            return
         watched = _WatchedEncryptor(conn.encryptor)
         conn.encryptor = watched
         self._mq_incoming[conn] = (peer, watched)
+
+    def _bound_unauthenticated(self, conn: Any) -> None:
+        """Track a new incoming connection until it authenticates; close the oldest beyond
+        MAX_UNAUTHENTICATED, so idle or hostile connections cannot pile up."""
+        pending = self._mq_unauthenticated
+        for old in [c for c in pending if c.mq_authenticated or c.fileno() is None]:
+            del pending[old]
+        pending[conn] = _pysyncobj_now()
+        while len(pending) > MAX_UNAUTHENTICATED:
+            oldest = min(pending, key=pending.__getitem__)
+            del pending[oldest]
+            oldest.mq_on_refused("too many connections without the key exchange")
+            oldest.disconnect()
+
+    def _expire_handshakes(self, now: float) -> None:
+        pending = self._mq_unauthenticated
+        for conn, since in list(pending.items()):
+            if conn.mq_authenticated or conn.fileno() is None:
+                del pending[conn]
+            elif now - since > HANDSHAKE_DEADLINE_S:
+                del pending[conn]
+                conn.mq_on_refused(f"no key exchange within {HANDSHAKE_DEADLINE_S:g} s")
+                conn.disconnect()
 
     def _onOutgoingConnected(self, conn: Any) -> None:
         if self._syncObj.encryptor:
@@ -185,6 +218,8 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
     def keep_alive(self, every_s: float) -> None:
         """Send a no-op to each connected peer every `every_s` (see the module docstring)."""
         now = _pysyncobj_now()
+        if self._mq_unauthenticated:
+            self._expire_handshakes(now)
         if now < self._mq_next_keepalive:
             return
         self._mq_next_keepalive = now + every_s

@@ -50,3 +50,6 @@ class RaftStatus:
     # The log's first index (the last snapshot's, once compacted) and its last index.
     log_first_index: int = 0
     log_last_index: int = 0
+    # A follower: seconds since the last append_entries of a leader of its term; None:
+    # none since the connection to the leader last closed (or this node leads).
+    leader_heard_s: float | None = None

@@ -158,3 +158,33 @@ def test_an_announce_goes_in_an_entry_of_its_own() -> None:
         await p.stop()
 
     asyncio.run(run())
+
+
+def test_entries_raft_never_answers_free_their_slots_at_their_deadline() -> None:
+    """pysyncobj may never answer a command it took (a forwarded command lost with its
+    connection, one overtaken by a snapshot install). The slots are ours to free: more
+    unanswered entries than there are slots must not stop the pipeline for good."""
+
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft, timeout_s=0.1, inflight=2)
+        lost = [asyncio.ensure_future(p.submit(claim(i))) for i in range(6)]
+        for f in lost:
+            with pytest.raises(CommitTimeoutError):
+                await f
+        assert p.health().timing_out
+        await _until(lambda: p.inflight == 0)
+        sent = len(raft.entries)
+        later = asyncio.ensure_future(p.submit(claim(99)))
+        await _until(lambda: len(raft.entries) == sent + 1)
+        raft.entries[-1][1](["ok"], None)
+        assert await later == "ok"
+        health = p.health()
+        assert not health.timing_out
+        assert health.expired_entries == sent
+        for _, done in raft.entries[:sent]:
+            done(["late"], None)  # answers after the deadline change nothing
+        assert p.inflight == 0 and p.pending == 0
+        await p.stop()
+
+    asyncio.run(run())

@@ -64,3 +64,14 @@ def test_new_leader_waits_out_the_old_lease_before_taking_over_claims() -> None:
 def test_margin_must_be_small() -> None:
     with pytest.raises(ValueError):
         LeaderLease(ManualClock(), lease_ms=1000, margin_ms=600)
+
+
+def test_a_late_renewal_of_an_earlier_term_says_it_extended_nothing() -> None:
+    _, lease = _lease()
+    lease.on_leadership(term=1)
+    started = lease.renew_started()
+    lease.on_leadership(term=2)  # the term-1 renewal commits only now
+    assert lease.renew_committed(started, epoch=1) is False
+    assert not lease.valid()
+    assert lease.renew_committed(lease.renew_started(), epoch=2) is True
+    assert lease.valid()

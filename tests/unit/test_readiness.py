@@ -1,0 +1,43 @@
+"""readiness.assess: ready only when a submission here would commit now."""
+
+from __future__ import annotations
+
+from mqnode.raft import RaftStatus
+from mqnode.readiness import assess
+from mqnode.replicator import PipelineHealth
+
+HEALTHY = PipelineHealth(
+    last_commit_s=10.0, last_timeout_s=None, expired_entries=0, oldest_inflight_s=None
+)
+
+
+def _status(
+    role: str = "follower",
+    leader: str | None = "127.0.0.1:7001",
+    quorum: bool = True,
+    heard: float | None = 0.05,
+) -> RaftStatus:
+    return RaftStatus(role, leader, 3, 100, 100, quorum, 10, leader_heard_s=heard)
+
+
+def test_a_follower_hearing_its_leader_with_commits_working_is_ready() -> None:
+    r = assess(_status(), HEALTHY)
+    assert r.ready and r.reasons == ()
+    assert assess(_status(role="leader", heard=None), HEALTHY).ready
+
+
+def test_knowing_a_leader_is_not_enough() -> None:
+    assert not assess(_status(leader=None), HEALTHY).ready
+    assert not assess(_status(quorum=False), HEALTHY).ready
+    silent = assess(_status(heard=5.0), HEALTHY)
+    assert not silent.ready and "leader silent" in silent.reasons[0]
+    assert not assess(_status(heard=None), HEALTHY).ready  # the link to it closed
+
+
+def test_commits_timing_out_make_a_node_unready_until_one_commits() -> None:
+    timing_out = PipelineHealth(10.0, 12.0, 3, None)
+    r = assess(_status(), timing_out)
+    assert not r.ready and "timed out" in r.reasons[0]
+    assert assess(_status(), PipelineHealth(13.0, 12.0, 3, None)).ready
+    stuck = assess(_status(role="leader", heard=None), PipelineHealth(10.0, None, 0, 4.0))
+    assert not stuck.ready and "waited" in stuck.reasons[0]
