@@ -8,8 +8,9 @@ all of these hold:
 
 * it has a quorum and knows a leader;
 * a follower has heard that leader's append_entries within
-  `LEADER_SILENCE_MAX_S` (a cut link is noticed before pysyncobj gives the
-  connection up, several seconds later);
+  `LEADER_SILENCE_MAX_S`, and a leader has heard from a majority of members
+  (itself included) within it (a cut link is noticed before pysyncobj gives
+  the connection up, several seconds later);
 * the last submission that ended here committed, not timed out; while one
   did, the node probes the commit path (`Node._probe_commits`) and is ready
   again as soon as a probe commits;
@@ -41,7 +42,16 @@ def assess(status: RaftStatus, health: PipelineHealth) -> Readiness:
         reasons.append("no leader known")
     elif not status.has_quorum:
         reasons.append("no quorum")
-    elif status.role != "leader":
+    elif status.role == "leader":
+        lately = sum(
+            1
+            for s in status.peer_last_heard_s.values()
+            if s is not None and s <= LEADER_SILENCE_MAX_S
+        )
+        members = max(len(status.members), len(status.peer_last_heard_s) + 1)
+        if (lately + 1) * 2 <= members:
+            reasons.append(f"heard from {lately} of {members - 1} peers lately: no majority")
+    else:
         heard = status.leader_heard_s
         if heard is None:
             reasons.append("no contact with the leader")

@@ -44,6 +44,8 @@ from typing import Any, TypeVar
 
 from mqnode.localports import free_loopback_ports
 
+from .netlab import NetLab
+
 HOST = "127.0.0.1"
 SECRET = "integration-test-cluster-secret-0123456789"
 STOP_GRACE_S = 10.0
@@ -95,9 +97,10 @@ def http_request(
     auth: str | None,
     body: bytes | None = None,
     timeout_s: float = 15.0,
+    host: str = HOST,
 ) -> tuple[int, bytes]:
-    """One request to 127.0.0.1:port with any method, auth header and body; (status, body)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    """One request to host:port with any method, auth header and body; (status, body)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         headers = {"Content-Type": "application/json"}
         if auth is not None:
@@ -140,18 +143,21 @@ class NodeProc:
     wanted: bool = False  # the harness started it and has not stopped or killed it
     starts: int = 0
     exit_codes: list[int] = field(default_factory=list)
+    host: str = HOST  # SMTP and admin (a NetLab node: its client link)
+    raft_host: str = HOST  # Raft (a NetLab node: its Raft link)
+    prefix: list[str] = field(default_factory=list)  # e.g. ip netns exec NS
 
     @property
     def raft_addr(self) -> str:
-        return f"{HOST}:{self.raft_port}"
+        return f"{self.raft_host}:{self.raft_port}"
 
     @property
     def smtp_addr(self) -> str:
-        return f"{HOST}:{self.smtp_port}"
+        return f"{self.host}:{self.smtp_port}"
 
     @property
     def admin_addr(self) -> str:
-        return f"{HOST}:{self.admin_port}"
+        return f"{self.host}:{self.admin_port}"
 
     @property
     def admin_url(self) -> str:
@@ -186,6 +192,7 @@ class Cluster:
         relay_host: str | None = None,
         dns_server: str | None = None,
         start_timeout_s: float = 30.0,
+        netlab: NetLab | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
@@ -202,9 +209,13 @@ class Cluster:
         self.admin_token_file.write_text(ADMIN_TOKEN + "\n", encoding="utf-8")
         os.chmod(self.admin_token_file, 0o600)
         self.nodes: list[NodeProc] = []
+        self.netlab = netlab
         ports = free_ports(3 * n)
         for i in range(n):
-            self._make_node(ports[3 * i : 3 * i + 3])
+            node = self._make_node(ports[3 * i : 3 * i + 3])
+            if netlab is not None:  # its own namespace: see netlab.py
+                node.host, node.raft_host = netlab.client_ip(i), netlab.raft_ip(i)
+                node.prefix = netlab.exec_prefix(i)
         for node in self.nodes:
             node.peers = [p.raft_addr for p in self.nodes if p is not node]
 
@@ -232,6 +243,14 @@ class Cluster:
         while used & set(ports):
             ports = free_ports(3)
         node = self._make_node(ports)
+        if self.netlab is not None:
+            if node.index >= self.netlab.n:
+                raise ClusterError(f"the NetLab has {self.netlab.n} hosts; node {node.index}?")
+            node.host, node.raft_host = (
+                self.netlab.client_ip(node.index),
+                self.netlab.raft_ip(node.index),
+            )
+            node.prefix = self.netlab.exec_prefix(node.index)
         node.peers = [self.nodes[i].raft_addr for i in members]
         node.extra_args = ["--join", "1"] if join else []
         return node.index
@@ -260,6 +279,7 @@ class Cluster:
         node = self.nodes[i]
         peers = ",".join(node.peers)
         cmd = [
+            *node.prefix,
             sys.executable,
             "-m",
             "mqnode.cli",
@@ -288,6 +308,10 @@ class Cluster:
         if not self.relay_host and not self.dns_server:
             # Nowhere on loopback to deliver to: never dispatch (no system DNS, no port 25).
             cmd += ["--delivery-enabled", "0"]
+        if self.netlab is not None:
+            # Clients come from the root side of the client links, not from loopback.
+            nets = f"127.0.0.0/8,{self.netlab.client_net()}"
+            cmd += ["--allowed-networks", nets, "--client-limit-exceptions", nets]
         return cmd + node.extra_args + self.extra_args
 
     def start(self, wait_leader: bool = True) -> None:

@@ -41,3 +41,15 @@ def test_commits_timing_out_make_a_node_unready_until_one_commits() -> None:
     assert assess(_status(), PipelineHealth(13.0, 12.0, 3, None)).ready
     stuck = assess(_status(role="leader", heard=None), PipelineHealth(10.0, None, 0, 4.0))
     assert not stuck.ready and "waited" in stuck.reasons[0]
+
+
+def test_a_leader_needs_a_majority_heard_lately() -> None:
+    def leader(heard: dict[str, float | None]) -> RaftStatus:
+        members = ("a:1", *heard)
+        return RaftStatus(
+            "leader", "a:1", 3, 9, 9, True, 10, members=members, peer_last_heard_s=heard
+        )
+
+    assert assess(leader({"b:1": 0.1, "c:1": 9.0}), HEALTHY).ready
+    alone = assess(leader({"b:1": 5.0, "c:1": None}), HEALTHY)
+    assert not alone.ready and "no majority" in alone.reasons[0]
