@@ -5,8 +5,16 @@ deferred. Targets (MX hosts' addresses, or the relay host) are tried in order
 until one accepts the connection and greets with 220; a transaction that got
 as far as MAIL FROM is final for this attempt (Postfix does the same).
 
-STARTTLS is used whenever offered (opportunistic, no certificate check, like
-Postfix's `may` level); `require_tls` turns "not offered" into a deferral.
+A host that refuses EHLO with a 5xx reply gets HELO (RFC 5321 3.2), and then
+no extensions: no STARTTLS, SIZE, 8BITMIME, SMTPUTF8, DSN or PIPELINING.
+
+STARTTLS is used whenever offered, opportunistically as Postfix's `may` level
+does: no certificate check, and any protocol version and cipher the host
+speaks, TLS 1.0 included (tlsconfig.py), since the alternative is plaintext.
+If the handshake still fails (or STARTTLS is refused), the same host is tried
+once more at once without STARTTLS, as Postfix does at `may`; this is logged.
+Mail for a domain that requires TLS (`require_tls`) gets TLS 1.2 at least and
+no fallback: "not offered" or a failed handshake defers it.
 A relay host with a login (`RelayAuth`, a target marked `secure`) gets
 Postfix's `secure` level instead: STARTTLS is required (or, with
 `implicit_tls`, TLS from connect: port 465, RFC 8314), the certificate must
@@ -53,10 +61,16 @@ suspension (feedback.py).
 
 Recipients: at most `max_rcpts_per_transaction` per transaction (Postfix's
 `smtp_destination_recipient_limit`, 50), the rest in more transactions of
-the same attempt, over the same session. A recipient refused with 452 in a
-transaction that delivered to others is the host's recipient limit (RFC
-5321 4.5.3.1.10: "452 too many recipients"): it goes again in the next
-transaction at once, as Postfix does, rather than waiting for a retry.
+the same attempt, over the same session. A recipient refused for the count
+(`452 4.5.3`, or a 452 without an enhanced status code, RFC 5321
+4.5.3.1.10) in a transaction that delivered to others is the host's
+recipient limit: it goes again in the next transaction at once, as Postfix
+does. Any other 452 (`4.2.2 mailbox full`, ...) is that recipient's deferral.
+
+Addresses: an internationalized domain goes as A-labels to a host without
+SMTPUTF8 when its local part is ASCII; only a UTF-8 local part needs the
+extension. A message whose header fields are UTF-8 (RFC 6532) declares
+SMTPUTF8 to a host that offers it.
 
 How the session ended goes back with the results (`Attempt.contact`, for the
 dispatcher's concurrency feedback, feedback.py): a transaction answered, a
@@ -71,6 +85,7 @@ Limits: `timeout_s` per SMTP command and for the connect.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import ssl
 from collections.abc import Callable
@@ -78,9 +93,13 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from .addresses import ascii_form
 from .dsnparams import DsnRequest
 from .feedback import Contact
 from .model import Outcome
+from .tlsconfig import opportunistic_client_context, required_client_context
+
+log = logging.getLogger(__name__)
 
 RecipientResult = tuple[int, str, str]
 SMTPUTF8_NOT_OFFERED = "5.6.7 SMTPUTF8 is required, but was not offered by the host"
@@ -93,6 +112,27 @@ class LeaseLost(Exception):
 
 class _Stale(aiosmtplib.SMTPServerDisconnected):
     """A reused session's connection was gone at MAIL: nothing of the message was sent."""
+
+
+class _HandshakeFailed(aiosmtplib.SMTPException):
+    """STARTTLS was offered but refused or its handshake failed."""
+
+
+_STRONG_TLS = frozenset({"TLSv1.2", "TLSv1.3"})
+_RECIPIENT_LIMIT = re.compile(r"452(?:[ -](?![245]\.\d{1,3}\.\d{1,3}\b)|[ -]4\.5\.3\b|$)")
+
+
+def recipient_limit_reply(reply: str) -> bool:
+    """Whether a RCPT refusal is the host's limit on recipients per transaction (module
+    docstring): 452 with 4.5.3, or 452 without an enhanced status code."""
+    return _RECIPIENT_LIMIT.match(reply) is not None
+
+
+def describe(exc: BaseException) -> str:
+    """An SMTP failure as its reply text ("550 5.7.1 ..."), not aiosmtplib's tuple."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -167,6 +207,7 @@ class _Parked:
     tls: bool
     uses: int
     since_s: float
+    strong_tls: bool = False  # TLS 1.2 or later: may carry mail that requires TLS
 
 
 class DeliveryAgent:
@@ -184,9 +225,8 @@ class DeliveryAgent:
         self._max_rcpts = max_rcpts_per_transaction
         self._relay_auth = relay_auth
         self._timeout_s = timeout_s
-        self._tls = ssl.create_default_context()
-        self._tls.check_hostname = False
-        self._tls.verify_mode = ssl.CERT_NONE
+        self._tls = opportunistic_client_context()
+        self._tls_required = required_client_context()
         self._idle_s = idle_s
         self._max_idle = max_idle_per_target
         self._max_uses = max_messages_per_connection
@@ -199,14 +239,18 @@ class DeliveryAgent:
             for p in sessions:
                 await _close(p.client)
 
-    def _take(self, target: Target) -> _Parked | None:
+    def _take(self, target: Target, strong_tls: bool = False) -> _Parked | None:
+        """A parked session to `target` (with TLS 1.2+ if `strong_tls`); stale ones closed."""
         now = asyncio.get_running_loop().time()
         sessions = self._parked.get(target, [])
-        while sessions:
-            p = sessions.pop()
-            if p.client.is_connected and now - p.since_s < self._idle_s:
-                return p
+        for p in [
+            p for p in sessions if not p.client.is_connected or now - p.since_s >= self._idle_s
+        ]:
+            sessions.remove(p)
             p.client.close()
+        for i in range(len(sessions) - 1, -1, -1):
+            if sessions[i].strong_tls or not strong_tls:
+                return sessions.pop(i)
         return None
 
     async def _park(self, target: Target, p: _Parked, reset: bool) -> None:
@@ -238,8 +282,29 @@ class DeliveryAgent:
             for p in stale:
                 await _close(p.client)
 
-    async def _connect(self, target: Target) -> _Parked:
+    async def _connect(self, target: Target, require_tls: bool = False) -> _Parked:
+        """A new session: EHLO (HELO after a 5xx), STARTTLS when offered, AUTH for a secure
+        relay. A failed opportunistic handshake gets one more connection without TLS."""
         auth = self._relay_auth if target.secure else None
+        if auth is not None:
+            return await self._open(target, auth.tls, auth, starttls=True)
+        ctx = self._tls_required if require_tls else self._tls
+        try:
+            return await self._open(target, ctx, None, starttls=True)
+        except _HandshakeFailed as exc:
+            if require_tls:
+                raise _HandshakeFailed(f"TLS is required but the handshake failed: {exc}") from exc
+            log.info(
+                "%s[%s]: TLS handshake failed (%s); delivering without TLS (opportunistic)",
+                target.name,
+                target.address,
+                exc,
+            )
+            return await self._open(target, ctx, None, starttls=False)
+
+    async def _open(
+        self, target: Target, ctx: ssl.SSLContext, auth: RelayAuth | None, starttls: bool
+    ) -> _Parked:
         implicit = auth is not None and auth.implicit_tls
         client = aiosmtplib.SMTP(
             hostname=target.address,
@@ -248,23 +313,26 @@ class DeliveryAgent:
             local_hostname=self._helo,
             use_tls=implicit,
             start_tls=False,
-            tls_context=self._tls if auth is None else auth.tls,
+            tls_context=ctx,
         )
         self.connects += 1
         try:
             await client.connect()
-            await client.ehlo()
-            tls = implicit or client.supports_extension("starttls")
+            await _greet(client)
+            tls = implicit or (starttls and client.supports_extension("starttls"))
             if tls and not implicit:
-                # a secure target's certificate must name the relay host as configured
-                await client.starttls(server_hostname=target.name)
-                await client.ehlo()
+                try:
+                    # a secure target's certificate must name the relay host as configured
+                    await client.starttls(server_hostname=target.name)
+                except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
+                    raise _HandshakeFailed(describe(exc)) from exc
+                await _greet(client)
             if auth is not None:
                 await _log_in(client, target, auth, tls)
         except BaseException:
             client.close()
             raise
-        return _Parked(client, tls, 0, 0.0)
+        return _Parked(client, tls, 0, 0.0, tls and _tls_version(client) in _STRONG_TLS)
 
     async def deliver(self, tx: Transaction) -> Attempt:
         """Send `tx` in transactions of at most `max_rcpts_per_transaction` recipients
@@ -283,7 +351,9 @@ class DeliveryAgent:
             if dsn_taken:
                 passed.update(i for i, out, _ in part if out == Outcome.DELIVERED.value)
             over = {
-                i for i, out, reply in part if out == Outcome.DEFERRED.value and reply[:3] == "452"
+                i
+                for i, out, reply in part
+                if out == Outcome.DEFERRED.value and recipient_limit_reply(reply)
             }
             if over and any(out == Outcome.DELIVERED.value for _, out, _ in part):
                 todo = [r for r in batch if r[0] in over] + todo  # the host's limit: again now
@@ -305,21 +375,24 @@ class DeliveryAgent:
         tries = [(target, True) for target in tx.targets]  # (target, may reuse a session)
         while tries:
             target, reuse = tries.pop(0)
-            session = self._take(target) if reuse else None
+            session = self._take(target, tx.require_tls) if reuse else None
             reused = session is not None
             if session is None:
                 try:
-                    session = await self._connect(target)
+                    session = await self._connect(target, tx.require_tls)
                 except aiosmtplib.SMTPConnectResponseError as exc:
                     # "421 too many connections": busy, not unreachable (feedback.py).
                     last_error = f"{target.name}[{target.address}]: {exc.code} {exc.message}"
                     answered = answered or target.name
                     continue
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                    last_error = f"{target.name}[{target.address}]: {exc}"
+                    last_error = f"{target.name}[{target.address}]: {describe(exc)}"
+                    without_tls = without_tls or isinstance(exc, _HandshakeFailed)
                     continue
-            if tx.require_tls and not session.tls:
+            if tx.require_tls and not session.strong_tls:
                 last_error = f"{target.name}: TLS is required but not offered"
+                if session.tls:
+                    last_error = f"{target.name}: TLS is required, but the host has only TLS < 1.2"
                 without_tls = True
                 await _close(session.client)
                 continue
@@ -335,7 +408,7 @@ class DeliveryAgent:
                     # more on a new connection (a lost session counts towards suspension).
                     tries.insert(0, (target, False))
                     continue
-                reply = f"{target.name}[{target.address}]: lost connection: {exc}"
+                reply = f"{target.name}[{target.address}]: lost connection: {describe(exc)}"
                 out = Outcome.DEFERRED.value
                 return [(i, out, reply) for i, _ in rcpts], target.name, Contact.LOST, False
             except BaseException:
@@ -359,11 +432,15 @@ class DeliveryAgent:
         """Per-recipient results, and whether the transaction ended (final "." answered).
 
         `dsn`: the client's RFC 3461 parameters, for a host that offers DSN."""
-        mail_from, body = tx.mail_from, tx.body
-        utf8 = not (mail_from.isascii() and all(addr.isascii() for _, addr in rcpts))
-        if utf8 and not client.supports_extension("smtputf8"):
+        body = tx.body
+        offered = client.supports_extension("smtputf8")
+        mail_from, sent = _envelope_for(tx.mail_from, rcpts, offered)
+        utf8 = not (mail_from.isascii() and all(addr.isascii() for _, addr in sent))
+        if utf8 and not offered:
             out = Outcome.BOUNCED.value
             return [(i, out, SMTPUTF8_NOT_OFFERED) for i, _ in rcpts], False
+        # RFC 6532 header fields need SMTPUTF8 where the host offers it.
+        utf8 = utf8 or (offered and not _header_block(body).isascii())
         limit = _size_limit(client)
         if limit is not None and len(body) > limit:
             # Postfix's answer too (a bounce): the host said up front it takes no more.
@@ -388,7 +465,7 @@ class DeliveryAgent:
             return [(i, out, f"MAIL: {resp.code} {resp.message}") for i, _ in rcpts], False
         results: dict[int, RecipientResult] = {}
         accepted: list[int] = []
-        for idx, addr in rcpts:
+        for idx, addr in sent:
             path = b"TO:<" + addr.encode(encoding) + b">"
             extra = [o.encode() for o in dsn.rcpt_options(idx)] if dsn is not None else []
             resp = await client.execute_command(b"RCPT", path, *extra)
@@ -418,6 +495,41 @@ class DeliveryAgent:
         protocol.write(dot_stuff(body) + b".\r\n")
         resp = await protocol.read_response(timeout=self._timeout_s)
         return _outcome_for(resp.code), f"{resp.code} {resp.message}", True
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO; HELO when the host refuses EHLO with a 5xx (RFC 5321 3.2): no extensions."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError as exc:
+        if not 500 <= exc.code < 600:
+            raise
+        await client.helo()
+
+
+def _tls_version(client: aiosmtplib.SMTP) -> str | None:
+    transport = client.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    return None if ssl_object is None else ssl_object.version()
+
+
+def _envelope_for(
+    mail_from: str, rcpts: list[tuple[int, str]], smtputf8: bool
+) -> tuple[str, list[tuple[int, str]]]:
+    """The addresses as sent: as stored to a host with SMTPUTF8, else their ASCII forms
+    (A-label domains) where the local part is ASCII (a UTF-8 one stays and bounces)."""
+    if smtputf8:
+        return mail_from, rcpts
+
+    def ascii_or_same(addr: str) -> str:
+        return addr if addr.isascii() else (ascii_form(addr) or addr)
+
+    return ascii_or_same(mail_from), [(i, ascii_or_same(a)) for i, a in rcpts]
+
+
+def _header_block(body: bytes) -> bytes:
+    ends = [e for e in (body.find(b"\r\n\r\n"), body.find(b"\n\n")) if e >= 0]
+    return body[: min(ends)] if ends else body
 
 
 def _size_limit(client: aiosmtplib.SMTP) -> int | None:

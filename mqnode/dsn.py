@@ -32,6 +32,11 @@ while a later bounce for other recipients of the same message gets a new one;
 the MIME boundary is the queue id plus a digest of every input, so no input can
 contain it (this is checked, not assumed).
 
+SMTPUTF8 (RFC 6533): a report about a message with a UTF-8 address (sender or a
+reported recipient) or UTF-8 header fields is a `global-delivery-status` report:
+part 2 is message/global-delivery-status, part 3 message/global (or
+message/global-headers for the header block).
+
 Safety: every input string is cleaned before use: control characters (CR, LF,
 TAB, NUL ...), Unicode line and paragraph separators and lone surrogates
 become spaces, so no input can start a header line or a MIME part. Header
@@ -165,8 +170,9 @@ def build_dsn(
     if not host or not qid:
         raise ValueError("queue_id and reporting_mta must not be empty")
     sender = _address(original_sender)
+    utf8 = _is_global(original_sender, failed, original)
     returned_type, returned_cte, returned = _returned_part(
-        original, max_returned_bytes, headers_only
+        original, max_returned_bytes, headers_only, utf8
     )
     inputs: list[str | bytes | int] = [queue_id, reporting_mta, original_sender]
     inputs += [original_message_id, arrival_ms, now_ms, max_returned_bytes, original]
@@ -182,9 +188,16 @@ def build_dsn(
         placeholder = f"=_{digest}_returned"
         top = Message(policy=email_policy.compat32)
         _headers(top, host, sender, original_message_id, now_ms, own_id, _subject(failed))
-        parts: list[Message | str] = [_text_part(text), _status_part(ds_blocks)]
+        status, status_body = _status_part(ds_blocks), b""
+        if utf8:
+            # The email package renders header blocks for message/delivery-status only:
+            # the same blocks go in RFC 6533's global type, spliced in like the original.
+            status_body = _render(status).split(b"\r\n\r\n", 1)[1]
+            status = _leaf("message/global-delivery-status", "7bit", f"=_{digest}_status")
+        parts: list[Message | str] = [_text_part(text), status]
         parts.append(_leaf(returned_type, returned_cte, placeholder))
-        content_type = f'multipart/report; report-type=delivery-status; boundary="{boundary}"'
+        report = "global-delivery-status" if utf8 else "delivery-status"
+        content_type = f'multipart/report; report-type={report}; boundary="{boundary}"'
         _set(top, "Content-Type", content_type)
         if not text.isascii() or returned_cte == "8bit":
             _set(top, "Content-Transfer-Encoding", "8bit")
@@ -192,6 +205,11 @@ def build_dsn(
         out = _render(top)
         if out.count(placeholder.encode()) != 1:
             continue
+        if utf8:
+            marker = f"=_{digest}_status".encode()
+            if out.count(marker) != 1:
+                continue
+            out = out.replace(marker, status_body.rstrip(b"\r\n"))
         out = out.replace(placeholder.encode(), returned)
         if out.count(b"--" + boundary.encode()) == len(parts) + 1:
             return out
@@ -313,7 +331,8 @@ def _explain(rcpt: FailedRecipient) -> str:
 
 
 def _human_text(host: str, failed: list[FailedRecipient], returned_type: str) -> str:
-    attached = "message" if returned_type == "message/rfc822" else "message's headers"
+    whole = returned_type in ("message/rfc822", "message/global")
+    attached = "message" if whole else "message's headers"
     lines = [f"This is the mail system at host {host}.", ""]
     if any(r.status[0] != "2" for r in failed):
         lines.append("Your message could not be delivered to one or more recipients.")
@@ -405,17 +424,37 @@ def _render(msg: Message) -> bytes:
 # -- the returned original -----------------------------------------------------------------
 
 
-def _returned_part(original: bytes, max_bytes: int, headers_only: bool) -> tuple[str, str, bytes]:
-    """(Content-Type, Content-Transfer-Encoding, body) of part 3; CRLF line endings."""
+def _is_global(sender: str, failed: list[FailedRecipient], original: bytes) -> bool:
+    """An SMTPUTF8 message (UTF-8 addresses or header fields): RFC 6533's global types."""
+    addresses = [sender, *(r.address for r in failed), *(r.original_recipient for r in failed)]
+    if not all(a.isascii() for a in addresses):
+        return True
+    end = original.find(b"\n\n")
+    end2 = original.find(b"\r\n\r\n")
+    ends = [e for e in (end, end2) if e >= 0]
+    head = original[: min(ends)] if ends else original
+    return not head.isascii() and _is_utf8(head)
+
+
+def _returned_part(
+    original: bytes, max_bytes: int, headers_only: bool, utf8: bool
+) -> tuple[str, str, bytes]:
+    """(Content-Type, Content-Transfer-Encoding, body) of part 3; CRLF line endings.
+
+    `utf8`: an SMTPUTF8 message goes back as message/global, or its header block as
+    message/global-headers (RFC 6533 6.3, 6.4), in 8bit.
+    """
     lines = original.splitlines()
     whole = b"\r\n".join(lines)
     if not headers_only and len(whole) <= max_bytes and _eight_bit_safe(lines):
-        return "message/rfc822", _cte(whole), whole
+        return ("message/global" if utf8 else "message/rfc822"), _cte(whole), whole
     head = _header_block(lines, max_bytes)
     block = b"\r\n".join(head)
     if not _eight_bit_safe(head):
         encoded = base64.encodebytes(block).splitlines()
         return "text/rfc822-headers", "base64", b"\r\n".join(encoded)
+    if utf8:
+        return "message/global-headers", _cte(block), block
     content_type = "text/rfc822-headers"
     if not block.isascii() and _is_utf8(block):
         content_type += '; charset="utf-8"'

@@ -39,7 +39,6 @@ import hashlib
 import inspect
 import ipaddress
 import logging
-import re
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
+from . import addresses
 from .clock import Clock
 from .commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
 from .errors import SubmitError
@@ -58,8 +58,6 @@ from .smtpauth import UserDb
 from .statemachine import Result, misses_chunks
 
 log = logging.getLogger(__name__)
-
-_ADDR_RE = re.compile(r"^[^\s@<>()\[\]\\,;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_RCPT_BYTES = 16 * 1024
@@ -126,16 +124,22 @@ def client_limits(limits: IngressLimits, clock: Clock) -> ClientLimits:
     )
 
 
-def valid_address(addr: str, allow_empty: bool) -> bool:
+def valid_address(addr: str, allow_empty: bool, utf8: bool = True) -> bool:
+    """RFC 5321/6531 mailbox syntax (addresses.py); "" is the null path."""
     if addr == "":
         return allow_empty
-    if len(addr) > 254 or _ADDR_RE.fullmatch(addr) is None or not addr.isprintable():
-        return False
-    try:
-        addr.encode("utf-8")  # undecodable bytes arrive as lone surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
+    return addresses.check(addr, utf8) is None
+
+
+def _address_reply(address: str, envelope: Envelope, status: str, what: str) -> str | None:
+    """The refusal of a MAIL or RCPT address, or None if it is a valid mailbox."""
+    utf8 = bool(getattr(envelope, "smtp_utf8", False))
+    why = addresses.check(address, utf8)
+    if why is None:
+        return None
+    if not utf8 and not address.isascii():
+        return f"553 5.6.7 Non-ASCII {what} address needs MAIL ... SMTPUTF8 (RFC 6531)"
+    return f"501 {status} Bad {what} address syntax: {why}"
 
 
 def header_count(body: bytes, stop_after: int) -> int:
@@ -346,8 +350,8 @@ class SmtpIngress:
             return "554 5.7.1 Access denied: relaying from your network is not allowed"
         # aiosmtpd hands over the null reverse path (bounces) as "<>"; it stays so in the
         # envelope (aiosmtpd wants a non-empty mail_from before RCPT) and is "" when queued.
-        if not valid_address("" if address == "<>" else address, allow_empty=True):
-            return "501 5.1.7 Bad sender address syntax"
+        if address != "<>" and (bad := _address_reply(address, envelope, "5.1.7", "sender")):
+            return bad
         ip = peer_ip(session.peer)
         limited = ip is not None and not self._exempt(ip)
         if limited and ip is not None and not await self._gate.allow_message(client_key(ip)):
@@ -363,8 +367,8 @@ class SmtpIngress:
     ) -> str:
         if not self._allowed(session):
             return "554 5.7.1 Access denied"
-        if not valid_address(address, allow_empty=False):
-            return "501 5.1.3 Bad recipient address syntax"
+        if bad := _address_reply(address, envelope, "5.1.3", "recipient"):
+            return bad
         if len(envelope.rcpt_tos) >= self._max_rcpts:
             return f"452 4.5.3 Error: too many recipients (max {self._max_rcpts})"
         if sum(len(r) + 3 for r in envelope.rcpt_tos) + len(address) > MAX_RCPT_BYTES:
@@ -406,7 +410,8 @@ class SmtpIngress:
             # Stable across attempts, so receivers can de-duplicate after a failover.
             message_id = f"<{queue_id}@{self._hostname}>"
             body = f"Message-ID: {message_id}\r\n".encode() + body
-        body = self._received(session, queue_id, rcpts, now_ms) + body
+        utf8 = bool(getattr(envelope, "smtp_utf8", False))
+        body = self._received(session, queue_id, rcpts, now_ms, utf8) + body
         upload_id, chunks = "", 0
         inline: bytes | None = body
         parts: list[bytes] = []
@@ -440,12 +445,15 @@ class SmtpIngress:
             return value
         raise SubmitError(f"not queued: {value}")
 
-    def _received(self, session: Session, queue_id: str, rcpts: list[str], now_ms: int) -> bytes:
+    def _received(
+        self, session: Session, queue_id: str, rcpts: list[str], now_ms: int, utf8: bool
+    ) -> bytes:
         peer: Any = session.peer
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
         helo = "".join(c if c.isprintable() else "?" for c in session.host_name or "unknown")[:255]
-        # RFC 3848 protocol types: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA
-        proto = "ESMTP" + ("S" if session.ssl is not None else "")
+        # RFC 3848 protocol types: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA; after MAIL
+        # ... SMTPUTF8, RFC 6531's UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA
+        proto = ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if session.ssl is not None else "")
         proto += "A" if session.authenticated else ""
         date = _rfc5322_date(now_ms // 1000)
         rcpt = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""

@@ -62,6 +62,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from .addresses import ascii_domain
 from .clock import Clock, SystemClock
 
 MxKind = Literal["hosts", "null_mx", "nxdomain", "temp_fail"]
@@ -134,6 +135,10 @@ class MxResolver:
             name = name[:-1]
         if name.startswith("[") and name.endswith("]"):
             return _literal(name)
+        try:
+            name = ascii_domain(name)  # U-labels (SMTPUTF8 mail) are looked up as A-labels
+        except ValueError as exc:
+            return MxAnswer("nxdomain", (), f"invalid domain name {domain!r}: {exc}")
         cached = self._cache_get(name)
         if cached is not None:
             return self._shuffle_ties(cached)

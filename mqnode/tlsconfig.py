@@ -8,6 +8,12 @@ certificates are not asked for.
 relay's certificate must chain to `relay_tls_ca_file` (else the system's
 CAs) and name the relay host as configured; TLS 1.2 is the floor.
 
+`opportunistic_client_context`: delivery when TLS is not required (Postfix's
+`may` level): no certificate check, every protocol version and cipher the
+local OpenSSL still has (TLS 1.0 and 1.1 included, security level 0), because
+the alternative to a weak handshake is plaintext. `required_client_context`:
+mail for a domain that requires TLS: TLS 1.2 at least.
+
 The files are read once, at start-up: replacing a certificate or CA file
 means restarting the node (one node at a time).
 """
@@ -43,5 +49,27 @@ def relay_client_context(ca_file: str) -> ssl.SSLContext:
         raise ConfigError(f"relay_tls_ca_file: no such file: {ca_file}") from exc
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"relay_tls_ca_file: cannot load {ca_file}: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def opportunistic_client_context() -> ssl.SSLContext:
+    """Postfix `may`: encrypt whenever the receiver can, however old its TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    try:
+        ctx.set_ciphers("ALL:@SECLEVEL=0")  # OpenSSL 3 refuses TLS 1.0/1.1 at level 1
+    except ssl.SSLError:
+        ctx.set_ciphers("ALL")
+    return ctx
+
+
+def required_client_context() -> ssl.SSLContext:
+    """Mail that requires TLS: TLS 1.2 at least, modern ciphers."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx

@@ -337,20 +337,20 @@ def _readyz_summary(
         during = Counter(str(s) for t, s in mine if fault <= t < heal)
         after = Counter(str(s) for t, s in mine if t >= heal)
         report.readyz[node.node_id] = {"during": dict(during), "after": dict(after)}
-    # The first sample round after the heal from which on every node said 200 in each round.
-    rounds: dict[float, dict[int, int]] = defaultdict(dict)
-    for t, i, s in samples:
-        if t >= heal:
-            rounds[round(t / READYZ_EVERY_S)][i] = s
-    good_since: float | None = None
-    for key in sorted(rounds):
-        codes = rounds[key]
-        if len(codes) == len(cluster.nodes) and all(s == 200 for s in codes.values()):
-            good_since = key * READYZ_EVERY_S if good_since is None else good_since
-        else:
-            good_since = None
-    if good_since is not None:
-        report.ready_after_heal_s = round(max(good_since - heal, 0.0), 2)
+    # Per node: the first sample after the heal from which on it said 200 every time.
+    ready_at: list[float] = []
+    for node in cluster.nodes:
+        after = [(t, code) for t, i, code in samples if i == node.index and t >= heal]
+        since: float | None = None
+        for t, code in after:
+            if code != 200:
+                since = None
+            elif since is None:
+                since = t
+        if since is None:
+            return  # this node never settled on 200: ready_after_heal_s stays None
+        ready_at.append(since)
+    report.ready_after_heal_s = round(max(max(ready_at) - heal, 0.0), 2)
 
 
 # --- fault scripts --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import email.parser
 import email.policy
 import re
 from dataclasses import replace
@@ -61,16 +62,26 @@ def parse(raw: bytes) -> EmailMessage:
 
 
 def parts_of(msg: EmailMessage) -> list[EmailMessage]:
+    """The report's three parts; an SMTPUTF8 report is of RFC 6533's global type."""
     assert msg.get_content_type() == "multipart/report"
-    assert msg.get_param("report-type") == "delivery-status"
+    status_type = msg.get_param("report-type")
+    assert status_type in ("delivery-status", "global-delivery-status")
     parts = list(msg.iter_parts())
     assert len(parts) == 3
     assert isinstance(parts[0], EmailMessage)
+    assert parts[1].get_content_type() == f"message/{status_type}"
     return [p for p in parts if isinstance(p, EmailMessage)]
 
 
 def status_blocks(msg: EmailMessage) -> list[Message]:
     part = parts_of(msg)[1]
+    if part.get_content_type() == "message/global-delivery-status":
+        # The email package parses only message/delivery-status into header blocks: read
+        # the part's body as written.
+        text = re.split(rb"\r?\n\r?\n", part.as_bytes(), maxsplit=1)[1]
+        chunks = re.split(rb"\r?\n\r?\n", text.strip())
+        parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+        return [parser.parsebytes(c + b"\r\n\r\n") for c in chunks]
     assert part.get_content_type() == "message/delivery-status"
     blocks = part.get_payload()  # the email package gives a list of header blocks
     assert isinstance(blocks, list)
@@ -149,8 +160,21 @@ def test_non_ascii_recipient_uses_utf8_address_type() -> None:
     assert raw_field(block, "Final-Recipient") == r"utf-8; j\x{F6}rg\x{2B}x@b\x{FC}cher.example"
     assert raw_field(block, "Diagnostic-Code") == r"smtp; 550 n\x{F6}"
     assert "zoë@a.org" in parse(raw)["To"]
-    part = parts_of(parse(raw))[1]
-    assert part.as_bytes().isascii()  # message/delivery-status stays ASCII (RFC 3464)
+    msg = parse(raw)
+    assert msg.get_param("report-type") == "global-delivery-status"  # RFC 6533
+    part = parts_of(msg)[1]
+    assert part.get_content_type() == "message/global-delivery-status"
+    assert part.as_bytes().isascii()  # the utf-8 address type in its xtext form
+    assert parts_of(msg)[2].get_content_type() == "message/global"
+
+
+def test_an_ascii_message_keeps_the_rfc3464_types() -> None:
+    msg = parse(build())
+    assert msg.get_param("report-type") == "delivery-status"
+    assert [p.get_content_type() for p in parts_of(msg)][1:] == [
+        "message/delivery-status",
+        "message/rfc822",
+    ]
 
 
 RELAYED = FailedRecipient(
@@ -246,10 +270,15 @@ def test_eight_bit_headers_survive_in_a_returned_message() -> None:
 
 def test_eight_bit_headers_survive_headers_only() -> None:
     original = b"Subject: caf\xc3\xa9\r\nFrom: a@b\r\n\r\n" + b"y" * 500
-    returned = parts_of(parse(build(original=original, max_returned_bytes=100)))[2]
-    assert returned.get_content_type() == "text/rfc822-headers"
-    assert returned.get_payload(decode=True) == b"Subject: caf\xc3\xa9\r\nFrom: a@b"
-    assert returned.get_content() == "Subject: café\r\nFrom: a@b"
+    raw = build(original=original, max_returned_bytes=100)
+    msg = parse(raw)
+    returned = parts_of(msg)[2]
+    # UTF-8 header fields: an SMTPUTF8 message, returned as RFC 6533 message/global-headers
+    assert msg.get_param("report-type") == "global-delivery-status"
+    assert returned.get_content_type() == "message/global-headers"
+    assert b"8bit\r\n\r\nSubject: caf\xc3\xa9\r\nFrom: a@b\r\n--" in raw
+    whole = parts_of(parse(build(original=original)))[2]
+    assert whole.get_content_type() == "message/global"
 
     latin1 = b"Subject: caf\xe9\r\n\r\n" + b"y" * 500
     returned = parts_of(parse(build(original=latin1, max_returned_bytes=100)))[2]

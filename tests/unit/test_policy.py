@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mqnode import addresses
 from mqnode.clock import ManualClock
 from mqnode.ingress import find_message_id, idempotency_key, valid_address
 from mqnode.model import make_queue_id
@@ -111,6 +112,16 @@ def test_queue_ids_sort_by_time_as_text() -> None:
         "o'brien@example.ie",
         "user@xn--bcher-kva.example",
         "a@1.2.3.4",
+        # RFC 5321 4.1.2/4.1.3: quoted local parts and address literals are mailboxes too
+        '"john smith"@example.test',
+        '"a\\"b@c"@example.test',
+        "user@[192.0.2.4]",
+        "user@[IPv6:::1]",
+        "user@[IPv6:2001:db8::1]",
+        # RFC 6531 (SMTPUTF8): UTF-8 local parts and U-label domains
+        "user@bücher.test",
+        "jöran@bücher.test",
+        "x" * 64 + "@example.test",
     ],
 )
 def test_valid_addresses(addr: str) -> None:
@@ -130,7 +141,17 @@ def test_valid_addresses(addr: str) -> None:
         "user@-example.com",
         "user@example.com-",
         "user@exa_mple.com",
-        "user@[127.0.0.1]",
+        "user@[300.1.1.1]",
+        "user@[::1]",  # IPv6 needs its tag
+        "user@[IPv6:1.2.3.4]",
+        "user@[tag:anything]",  # a general address literal: nothing routes it
+        "user@[127.0.0.1",
+        '"unterminated@example.com',
+        '"tab\there"@example.com',
+        "x" * 65 + "@example.test",  # local part over 64 octets
+        "a..b@example.com",
+        ".a@example.com",
+        "user@bü--cher.test",  # not valid IDNA
         "us,er@example.com",
         'us"er@example.com',
         "user@example.com ",
@@ -148,6 +169,18 @@ def test_empty_address_only_where_allowed() -> None:
 
 def test_trailing_newline_is_not_an_address() -> None:
     assert not valid_address("user@example.com\n", allow_empty=False)
+
+
+def test_non_ascii_only_with_smtputf8() -> None:
+    assert not valid_address("jöran@example.org", allow_empty=False, utf8=False)
+    assert not valid_address("user@bücher.test", allow_empty=False, utf8=False)
+    assert valid_address('"john smith"@example.test', allow_empty=False, utf8=False)
+
+
+def test_ascii_forms_route_idn_domains_by_their_a_labels() -> None:
+    assert addresses.ascii_form("user@Bücher.test") == "user@xn--bcher-kva.test"
+    assert addresses.ascii_form("jöran@bücher.test") is None  # needs SMTPUTF8
+    assert addresses.ascii_form("user@[192.0.2.4]") == "user@[192.0.2.4]"
 
 
 @given(st.text(max_size=300), st.booleans())
