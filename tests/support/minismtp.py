@@ -5,7 +5,8 @@ given command without a reply; delivery tests need both. `serving` runs a
 stream handler on a free loopback port; `answer` is a handler that speaks
 just enough SMTP for one client: 220, EHLO with the given extensions, 250 to
 everything else, 354 and one 250 per message, 221 to QUIT. `drop(line)`
-closes the connection without a reply when it returns True.
+closes the connection without a reply when it returns True; EHLO refusal,
+STARTTLS (served or refused) and per-recipient replies can be scripted.
 
 Bounded: each handler ends at EOF, QUIT or a drop; `serving` closes the
 server when its block ends.
@@ -37,12 +38,31 @@ def answer(
     extensions: tuple[bytes, ...] = (),
     received: list[bytes] | None = None,
     drop: Callable[[bytes], bool] = lambda line: False,
+    ehlo_refusal: bytes | None = None,
+    tls: ssl.SSLContext | None = None,
+    starttls_refusal: bytes | None = None,
+    rcpt: Callable[[bytes], bytes | None] = lambda line: None,
+    tls_versions: list[str] | None = None,
 ) -> Handler:
-    """A handler answering as host `name`; every line it reads goes to `received`."""
+    """A handler answering as host `name`; every line it reads goes to `received`.
+
+    `ehlo_refusal`: the reply to EHLO (HELO then gets 250, without extensions);
+    `tls`: STARTTLS is offered and served with this context (the negotiated version
+    goes to `tls_versions`; a failed handshake ends the session); `starttls_refusal`:
+    the reply to STARTTLS instead; `rcpt`: the reply to a RCPT line (None: 250).
+    """
+    offered = (*extensions, b"STARTTLS") if tls is not None or starttls_refusal else extensions
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await session(reader, writer)
+        finally:
+            writer.close()  # also when the loop ends first and cancels this handler
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 " + name + b" ESMTP\r\n")
         in_data = False
+        secure = False
         while line := await reader.readline():
             if received is not None:
                 received.append(line.rstrip(b"\r\n"))
@@ -54,10 +74,30 @@ def answer(
             if drop(line):
                 break
             verb = line[:4].upper()
-            if verb == b"EHLO":
-                lines = [name, *extensions]
+            if verb == b"EHLO" and ehlo_refusal is not None:
+                writer.write(ehlo_refusal + b"\r\n")
+            elif verb == b"EHLO":
+                lines = [name, *(x for x in offered if not (secure and x == b"STARTTLS"))]
                 writer.write(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]))
                 writer.write(b"250 " + lines[-1] + b"\r\n")
+            elif verb == b"STAR" and starttls_refusal is not None:
+                writer.write(starttls_refusal + b"\r\n")
+            elif verb == b"STAR" and tls is not None:
+                writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+                await writer.drain()
+                raw = writer.transport
+                try:
+                    await writer.start_tls(tls)
+                except (ssl.SSLError, OSError):
+                    raw.abort()  # a failed start_tls leaves the plain transport open
+                    break
+                secure = True
+                ssl_object = writer.get_extra_info("ssl_object")
+                if tls_versions is not None and ssl_object is not None:
+                    tls_versions.append(str(ssl_object.version()))
+                continue
+            elif verb == b"RCPT" and (reply := rcpt(line)) is not None:
+                writer.write(reply + b"\r\n")
             elif verb == b"AUTH":
                 writer.write(b"235 2.7.0 Authentication successful\r\n")
             elif verb == b"DATA":
@@ -69,6 +109,5 @@ def answer(
             else:
                 writer.write(b"250 2.0.0 ok\r\n")
             await writer.drain()
-        writer.close()
 
     return serve
