@@ -115,8 +115,11 @@ def available(path: str | None = None, *, instance: bool = True) -> str | None:
     return None
 
 
-def render_main_cf(base: Path, relay_port: int, concurrency: int) -> str:
-    """main.cf for a private relay-only instance whose files all live under `base`."""
+def render_main_cf(
+    base: Path, relay_port: int, concurrency: int, extra: dict[str, str] | None = None
+) -> str:
+    """main.cf for a private relay-only instance whose files all live under `base`;
+    `extra` adds or overrides settings (the interop tests: TLS, access maps, limits)."""
     settings = {
         "compatibility_level": "3.6",
         "queue_directory": str(base / "queue"),
@@ -150,6 +153,7 @@ def render_main_cf(base: Path, relay_port: int, concurrency: int) -> str:
         "default_process_limit": str(max(100, 2 * concurrency)),
         "biff": "no",
         "delay_warning_time": "0",
+        **(extra or {}),
     }
     return "".join(f"{k} = {v}\n" for k, v in settings.items())
 
@@ -175,6 +179,7 @@ MASTER_SERVICES = (
     ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
     ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
     ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+    ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),  # TLS for the interop tests
     ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
 )
 
@@ -260,6 +265,7 @@ def throwaway_postfix(
     path: str | None = None,
     start_timeout_s: float = 30.0,
     stop_timeout_s: float = 30.0,
+    extra_main_cf: dict[str, str] | None = None,
 ) -> Iterator[PostfixInstance]:
     """A private Postfix under tmpdir/postfix, listening on 127.0.0.1:smtp_port.
 
@@ -276,7 +282,8 @@ def throwaway_postfix(
     # Root-owned and reachable by the postfix user, or postfix-script objects.
     for d in (Path(tmpdir), base, base / "etc", base / "queue"):
         d.chmod(0o755)
-    write_config(base / "etc", render_main_cf(base, relay_port, concurrency), smtp_port)
+    main_cf = render_main_cf(base, relay_port, concurrency, extra_main_cf)
+    write_config(base / "etc", main_cf, smtp_port)
     inst = PostfixInstance(base, smtp_port, relay_port, which("postfix", path))
     try:
         inst.ctl("start", start_timeout_s)
