@@ -12,6 +12,7 @@ import json
 import os
 import selectors
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -24,7 +25,10 @@ import pytest
 
 from mqnode.clock import ManualClock
 from mqnode.mx import MxAnswer, MxHost, MxResolver
+from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
+from tests.support.smtp import make_message
+from tests.support.smtpsink import SinkHost, bind_common_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -330,3 +334,31 @@ def test_subprocess_server_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path
             proc.wait(timeout=10)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_mail_to_address_literals_and_idn_domains_is_delivered(
+    dns: DnsServer, tmp_path: Path
+) -> None:
+    """End to end on a real node: `user@[127.0.0.5]` goes to that address without DNS,
+    `user@bücher.test` (submitted with SMTPUTF8) is looked up as its A-label, and a quoted
+    local part arrives as written."""
+    dns.set_zones({**ZONES, "xn--bcher-kva.test": {"A": ["127.0.0.6"]}})
+    port, socks = bind_common_port(["127.0.0.5", "127.0.0.6"])
+    with SinkHost() as host:
+        literal = host.add("literal", socks["127.0.0.5"])
+        idn = host.add("idn", socks["127.0.0.6"])
+        args = (*FAST_TUNING, "--delivery-port", str(port))
+        with Cluster(tmp_path, n=1, extra_args=args, dns_server=f"{dns.host}:{dns.port}") as c:
+            node = c.nodes[0]
+            rcpts = ["user@[127.0.0.5]", '"john smith"@[127.0.0.5]', "user@bücher.test"]
+            body = make_message(600, rcpt="many").data
+            with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=30) as s:
+                s.sendmail("a@client.test", rcpts, body, mail_options=["SMTPUTF8"])
+
+            def arrived() -> tuple[list[str] | None, str]:
+                got = sorted(r for d in literal.datas + idn.datas for r in d.rcpts)
+                return (got if len(got) == 3 else None), f"arrived so far: {got}"
+
+            got = c.poll("the three recipients at their hosts", arrived, 30)
+    # The IDN host offers no SMTPUTF8: the ASCII local part goes with the A-label domain.
+    assert got == sorted([*rcpts[:2], "user@xn--bcher-kva.test"]), got
