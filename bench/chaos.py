@@ -1,7 +1,7 @@
 """Long fault runs: the fault suite's scenarios at length, written to docs/reliability.md.
 
-The run replaces the file's generated table; the `## ` sections written by hand
-below it (what earlier runs found) are kept.
+The run replaces the file, keeping the section `python -m bench.netchaos` wrote
+(between its markers) below the new table.
 
     python -m bench.chaos [--quick] [--seed N] [--out docs/reliability.md]
 
@@ -160,16 +160,18 @@ def write_markdown(reports: list[Report], command: str, out: Path) -> None:
 
 
 def _history(out: Path) -> list[str]:
-    """What follows the generated part of an existing file (its `## ` sections,
-    written by hand about earlier runs): kept below the new table."""
+    """The section bench/netchaos.py writes in the same file (between its markers), kept
+    below the new table; nothing else of the old file is (git keeps earlier results)."""
+    from bench.netchaos import BEGIN, END
+
     try:
-        old = out.read_text().splitlines()
+        text = out.read_text()
     except FileNotFoundError:
         return []
-    for i, line in enumerate(old):
-        if line.startswith("## "):
-            return [*old[i:], ""]
-    return []
+    if BEGIN not in text or END not in text:
+        return []
+    block = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    return [*block.splitlines(), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
