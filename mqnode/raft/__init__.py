@@ -5,14 +5,21 @@ hooks, startup repair and compaction pace), journal.py (DurableJournal),
 transport.py (DeferringTransport), wire.py (cheaper framing of its messages),
 pacing.py (when the leader sends new entries), members.py (dynamic
 membership), prevote.py (no election without a majority's pre-vote),
-types.py (RaftSettings, RaftStatus). Everything else in mqnode
+types.py (RaftSettings, RaftStatus), unanswered.py (fails the command
+callbacks pysyncobj would never make), guarded.py (a bounded reader for the
+Raft port), internals.py (the only module touching pysyncobj's private
+names; checks its exact version). Everything else in mqnode
 talks to Raft through RaftNode (and `Replicator` in replicator.py).
 
 What it promises
 * `submit_entry(entry, done)` appends one entry; `done(results, None)` runs on
   the asyncio loop only after the entry is committed by a majority, applied to
   LMDB *and that LMDB transaction is committed*; otherwise `done(None, reason)`.
-  It may also never be called (leader lost, partition): callers time out.
+  It is called at most once. Commands pysyncobj would never answer (a
+  forwarded command lost with its connection, one a snapshot install jumped
+  over) get `unknown_outcome` (unanswered.py), but callers must still keep
+  their own deadline and free what they hold by it (the commit pipeline
+  does): nothing guarantees the call.
   With `early=True` (SMTP ingress, which never reads the state after the
   answer) `done` runs once the entry is committed and on disk in this node's
   journal, before the state's commit; `on_applied` runs after each state

@@ -45,6 +45,8 @@ import pysyncobj.transport as pysyncobj_transport
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.tcp_connection import TcpConnection
 
+from .internals import ConnectionInternals, install_read_path
+
 PRE_AUTH_MAX_FRAME_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 READ_BUDGET_BYTES = 1024 * 1024
@@ -98,16 +100,18 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
         return False
 
     # -- pysyncobj's private read path (tcp_connection.py), replaced ---------------------
-    def _TcpConnection__tryReadBuffer(self) -> None:
+    # install_read_path (internals.py) puts these three under TcpConnection's private names.
+    def mq_try_read_buffer(self) -> None:
         self._mq_budget = READ_BUDGET_BYTES
-        while self._TcpConnection__processRead():
+        while self.mq_process_read():
             pass
-        self._TcpConnection__lastReadTime = _pysyncobj_now()
+        ConnectionInternals(self).last_read_time = _pysyncobj_now()
 
-    def _TcpConnection__processRead(self) -> bool:
-        sock = self._TcpConnection__socket
+    def mq_process_read(self) -> bool:
+        raw = ConnectionInternals(self)
+        sock = raw.socket
         try:
-            incoming = sock.recv(self._TcpConnection__recvBufferSize)
+            incoming = sock.recv(raw.recv_buffer_size)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 self.disconnect()
@@ -119,7 +123,7 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
         self._mq_budget -= len(incoming)
         return self._mq_header_ok() and self._mq_budget > 0
 
-    def _TcpConnection__processParseMessage(self) -> Any:
+    def mq_process_parse_message(self) -> Any:
         buf = self._mq_buf
         if len(buf) < _LENGTH.size or not self._mq_header_ok():
             return None
@@ -147,6 +151,14 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
             self.disconnect()  # as pysyncobj does: the transport logs a failed decrypt
             return None
         return message
+
+
+install_read_path(
+    GuardedConnection,
+    GuardedConnection.mq_try_read_buffer,
+    GuardedConnection.mq_process_read,
+    GuardedConnection.mq_process_parse_message,
+)
 
 
 def install() -> None:

@@ -24,6 +24,7 @@ from pysyncobj.pickle import loads as _pysyncobj_unpickle
 
 from .. import membership
 from ..errors import MembershipError
+from .internals import SyncInternals
 from .journal import MEMBERSHIP_TYPE, DurableJournal
 from .types import RaftSettings
 
@@ -37,6 +38,7 @@ class MembershipOps:
     """Mixed into RaftNode, which sets these attributes up; all of it runs on the tick thread."""
 
     _sync: Any
+    _raw: SyncInternals
     _settings: RaftSettings
     _journal: DurableJournal
     _ledger: membership.MemberLedger
@@ -50,7 +52,7 @@ class MembershipOps:
 
     def _guard_membership(self) -> None:
         """Membership changes only through `change_membership`, and no elections while joining."""
-        transport = self._sync._SyncObj__transport
+        transport = self._raw.transport
 
         def refuse(_args: Any, callback: Callable[[Any, int], None]) -> None:
             callback(None, FAIL_REASON.REQUEST_DENIED)
@@ -63,7 +65,7 @@ class MembershipOps:
             # A node nobody knows yet reaches its peers for a moment on every reconnect
             # and would start an election each time; added later, its higher term
             # would depose the leader. The first append-entries resets this deadline.
-            self._sync._SyncObj__raftElectionDeadline = float("inf")
+            self._raw.election_deadline = float("inf")
             log.info("raft: joining; no elections until a leader adds this node")
 
     # -- lifecycle -----------------------------------------------------------------
@@ -113,7 +115,7 @@ class MembershipOps:
             # Append now, while this node is still the leader that ran the checks: queued,
             # it would go out after the next poll, and a follower forwards queued
             # commands to whoever leads then, past these checks.
-            self._sync._checkCommandsToApply()
+            self._raw.check_commands_to_apply()
             log.info("raft: membership change %s %s appended", op, addr)
 
         self._tick_actions.append(in_tick)
@@ -136,11 +138,11 @@ class MembershipOps:
             raise MembershipError(
                 "not_leader", f"not the leader; the leader is {addr or 'unknown'}", addr
             )
-        others = sync._SyncObj__otherNodes
+        others = sync.otherNodes
         since = _pysyncobj_now() - sync.conf.leaderFallbackTimeout
-        last_response = sync._SyncObj__lastResponseTime
+        last_response = self._raw.last_response_time
         answered = {n.address for n in others if last_response.get(n, since) > since}
-        noop = sync._SyncObj__noopIDx
+        noop = self._raw.noop_index
         return membership.LeaderView(
             self_addr=self._settings.self_addr,
             members=frozenset(self._members()),
@@ -164,7 +166,7 @@ class MembershipOps:
 
     def _members(self) -> list[str]:
         """This node's current member list (tick thread): the latest in its log."""
-        others = self._sync._SyncObj__otherNodes
+        others = self._sync.otherNodes
         return sorted([self._settings.self_addr, *(n.address for n in others)])
 
     def _adopt_own_add(self) -> None:
@@ -198,7 +200,7 @@ class MembershipOps:
                     ", ".join(self._members()),
                     ", ".join(now),
                 )
-                self._sync._SyncObj__updateClusterConfiguration([m for m in now if m != me])
+                self._raw.update_cluster_configuration([m for m in now if m != me])
             self._own_add_pending = False
             return
 

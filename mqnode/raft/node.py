@@ -25,6 +25,7 @@ from ..logstore import LogStore
 from ..statemachine import QueueStateMachine, Result
 from ..store import QueueStore
 from .guarded import install as install_guarded_connections
+from .internals import SyncInternals
 from .journal import DurableJournal
 from .members import FAIL_NAMES, MembershipOps
 from .pacing import AppendPacer, StateCommitPacer, follower_waits
@@ -66,7 +67,7 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         self._mq_owner = owner
         self._mq_journal = journal
         super().__init__(self_addr, peers, conf, transportClass=DeferringTransport)
-        self._mq_notifier = PipeNotifier(self._poller)
+        self._mq_notifier = PipeNotifier(SyncInternals(self).poller)
 
     @replicated  # type: ignore[untyped-decorator]
     def mq_apply(self, entry: bytes) -> list[Result] | None:
@@ -84,11 +85,12 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         """
         if self._mq_owner._joining:
             return
-        if self._SyncObj__raftState == _LEADER or self._SyncObj__votedForNodeId is not None:
+        raw = SyncInternals(self)
+        if raw.state == _LEADER or raw.voted_for is not None:
             return  # voted in this term (for it, another or ourselves): nothing to fix
-        ours = (self._SyncObj__getCurrentLogTerm(), self._SyncObj__getCurrentLogIndex())
+        ours = (raw.last_log_term(), raw.last_log_index())
         if refused_for_log(message, self.raftCurrentTerm, ours):
-            self._SyncObj__raftElectionDeadline = 0.0
+            raw.election_deadline = 0.0
 
 
 class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
@@ -149,6 +151,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         # Well inside pysyncobj's idle-connection timeout (see DeferringTransport.keep_alive).
         self._keepalive_s = conf.connectionTimeout / 4
         self._sync = _SyncObj(self, settings.self_addr, peers, conf, self._journal)
+        self._raw = SyncInternals(self._sync)
         self._unanswered = UnansweredCommands(self._sync)
         self._adopt_journal()
         self._journal.applied_index = lambda: int(self._sync.raftLastApplied)
@@ -194,14 +197,15 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
 
     def _adopt_journal(self) -> None:
         """Swap our journal into pysyncobj (it built a MemoryJournal before we could)."""
-        j, s = self._journal, self._sync
+        j = self._journal
         applied = max(self._store.applied_index(), 1)
-        s._SyncObj__raftLog = j
-        s._SyncObj__raftCurrentTerm = max(j.getCurrentTerm(), j[-1][2])
-        s._SyncObj__votedForNodeId = j.getVotedForNodeId()
-        s._SyncObj__raftCommitIndex = min(max(j.getRaftCommitIndex(), applied), j[-1][1])
-        s._SyncObj__raftLastApplied = applied
-        s._SyncObj__needLoadDumpFile = False
+        self._raw.adopt_log(
+            j,
+            term=max(j.getCurrentTerm(), j[-1][2]),
+            voted_for=j.getVotedForNodeId(),
+            commit=min(max(j.getRaftCommitIndex(), applied), j[-1][1]),
+            applied=applied,
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="raft-tick", daemon=True)
@@ -211,7 +215,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._sync._doDestroy()
+        self._sync.destroy()
         self._snapshots.close()
         self._logstore.close()
 
@@ -271,7 +275,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
 
     def set_partition(self, blocked_peers: list[str]) -> None:
         """Fault injection: drop all Raft traffic to and from these peer addresses."""
-        self._sync._SyncObj__transport.mq_blocked = frozenset(blocked_peers)
+        self._raw.transport.mq_blocked = frozenset(blocked_peers)
 
     def reset_connections(self, peers: list[str]) -> None:
         """Fault injection: close the TCP connections with these peer addresses now (a
@@ -279,7 +283,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         wanted = frozenset(peers)
 
         def in_tick() -> None:
-            transport = self._sync._SyncObj__transport
+            transport = self._raw.transport
             for node, conn in list(transport._connections.items()):
                 if getattr(node, "address", None) in wanted:
                     conn.disconnect()
@@ -336,7 +340,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         if not journal.dirty or (self._sync._isLeader() and not journal.sent_unflushed):
             return
         journal.flush()
-        self._sync._SyncObj__transport.release_deferred()
+        self._raw.transport.release_deferred()
 
     def _grow_state_map(self) -> None:
         """Committed entries must apply, or this node could not apply the deletes that
@@ -375,7 +379,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
                 action()
             except Exception:  # an operator request must never cost a tick's flush
                 log.exception("admin action on the tick thread failed")
-        transport = sync._SyncObj__transport
+        transport = self._raw.transport
         transport.keep_alive(self._keepalive_s)
         last_applied = sync.raftLastApplied
         # What the leader applied was flushed in earlier ticks (pysyncobj counts entries
@@ -406,7 +410,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             at_once = sync._isLeader() or self._store.fill_ratio() >= FOLLOWER_STATE_HOLD_MAX_FILL
             if self._state_pacer.should_commit(now, at_once, bool(self._completions)):
                 self._commit_state(last_applied, refresh_fill=True)
-        alone = sync._isLeader() and not sync._SyncObj__otherNodes
+        alone = sync._isLeader() and not self._raw.other_nodes
         if alone and sync.raftCommitIndex < self._journal[-1][1]:
             # No ack wakes the poll to count what this tick appended: without this a
             # single node's commit waited for the next poll timeout (up to 50 ms).
@@ -429,11 +433,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         poll carried, after `_flush_before_tick`.
         """
         journal = self._journal
-        return (
-            journal.sent_unflushed
-            or not self._sync._SyncObj__otherNodes
-            or journal.members_changed()
-        )
+        return journal.sent_unflushed or not self._raw.other_nodes or journal.members_changed()
 
     def _replicate(self, transport: Any) -> None:
         """Leader: send new entries and the commit index to followers when pacing allows.
@@ -460,7 +460,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             return
         self._sent_commit = commit
         self._sent_upto = self._journal[-1][1]
-        sync._SyncObj__sendAppendEntries()
+        self._raw.send_append_entries()
 
     def _commit_state(self, last_applied: int, refresh_fill: bool = False) -> None:
         advanced = last_applied > self._applied_written
@@ -477,7 +477,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
     def _roll_back(self) -> None:
         self._store.abort_apply()
         committed = self._store.applied_index()
-        self._sync._SyncObj__raftLastApplied = max(committed, self._journal[0][1])
+        self._raw.last_applied = max(committed, self._journal[0][1])
         self._applied_written = committed
         self._deliver_completions(failed=True)
 
@@ -505,22 +505,21 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         sync = self._sync
         leader = sync._getLeader()
         now = _pysyncobj_now()
-        heard_at = None if sync._isLeader() else sync._SyncObj__transport.mq_leader_heard_at
+        raw = self._raw
+        heard_at = None if sync._isLeader() else raw.transport.mq_leader_heard_at
         status = RaftStatus(
-            role=_ROLES.get(sync._SyncObj__raftState, "unknown"),
+            role=_ROLES.get(raw.state, "unknown"),
             leader_addr=None if leader is None else leader.address,
             term=sync.raftCurrentTerm,
             commit_index=sync.raftCommitIndex,
             last_applied=self._applied_written,  # in the state readers see (a follower's lags)
             has_quorum=sync.hasQuorum,
             log_len=len(self._journal),
-            match_index={
-                node.address: int(idx) for node, idx in sync._SyncObj__raftMatchIndex.items()
-            }
+            match_index={node.address: int(idx) for node, idx in raw.match_index.items()}
             if sync._isLeader()
             else {},
             members=tuple(self._members()),
-            peer_last_heard_s=sync._SyncObj__transport.last_heard(sync._SyncObj__otherNodes),
+            peer_last_heard_s=raw.transport.last_heard(raw.other_nodes),
             snapshot_after_entries=self._compaction_every,
             log_first_index=int(self._journal[0][1]),
             log_last_index=int(self._journal[-1][1]),

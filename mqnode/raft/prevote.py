@@ -47,6 +47,8 @@ from typing import Any
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.syncobj import _RAFT_STATE
 
+from .internals import SyncInternals
+
 log = logging.getLogger("mqnode.raft")
 
 EARLY_STAND_MAX_S = 0.1  # after the leader's connection closed: stand within this
@@ -117,6 +119,7 @@ class PreVoteOps:
     """RaftNode's side of pre-vote: the gate before each tick and the two messages."""
 
     _sync: Any
+    _raw: SyncInternals
     _prevote: PreVote
     _prevote_alive_s: float
     _prevote_rng: random.Random
@@ -124,13 +127,13 @@ class PreVoteOps:
 
     def _on_leader_link_lost(self) -> None:
         """Tick thread (the transport): our connection to the leader closed; stand soon."""
-        sync = self._sync
-        sync._SyncObj__transport.mq_leader_heard_at = None
-        if self._joining or sync._SyncObj__transferInProgress:
+        raw = self._raw
+        raw.transport.mq_leader_heard_at = None
+        if self._joining or raw.transfer_in_progress:
             return
         soon = _pysyncobj_now() + self._prevote_rng.uniform(0.0, EARLY_STAND_MAX_S)
-        if sync._SyncObj__raftElectionDeadline > soon:
-            sync._SyncObj__raftElectionDeadline = soon
+        if raw.election_deadline > soon:
+            raw.election_deadline = soon
             log.info(
                 "raft: the connection to the leader closed; standing within %.0f ms "
                 "unless the others still hear it",
@@ -144,24 +147,24 @@ class PreVoteOps:
         random moment: with a fixed poll period both followers woke at the same tick
         after a leader's death, passed their pre-votes together and split the vote.
         """
-        sync = self._sync
-        if sync._SyncObj__raftState == _LEADER:
+        raw = self._raw
+        if raw.state == _LEADER:
             return float("inf")
-        return max(0.0, float(sync._SyncObj__raftElectionDeadline) - now)
+        return max(0.0, raw.election_deadline - now)
 
     def _gate_election(self) -> None:
         """Tick thread, before each tick: hold pysyncobj's election until a pre-vote passes."""
-        sync = self._sync
-        if sync._SyncObj__raftState == _LEADER or sync._SyncObj__selfNode is None:
+        sync, raw = self._sync, self._raw
+        if raw.state == _LEADER or sync.selfNode is None:
             return
-        if sync._SyncObj__transferInProgress:
+        if raw.transfer_in_progress:
             return
         now = _pysyncobj_now()
         term = sync.raftCurrentTerm
-        if sync._SyncObj__raftElectionDeadline >= now or self._prevote.may_elect(term):
+        if raw.election_deadline >= now or self._prevote.may_elect(term):
             return
-        sync._SyncObj__raftElectionDeadline = now + sync._SyncObj__generateRaftTimeout()
-        others = list(sync._SyncObj__otherNodes)
+        raw.election_deadline = now + raw.random_election_timeout()
+        others = list(raw.other_nodes)
         failed_before = self._prevote.failed_rounds
         round_id = self._prevote.start(term, len(others) + 1)
         if self._prevote.failed_rounds == 1 and failed_before == 0:
@@ -171,42 +174,42 @@ class PreVoteOps:
                 term,
             )
         if self._prevote.may_elect(term):
-            sync._SyncObj__raftElectionDeadline = 0.0
+            raw.election_deadline = 0.0
             return
         message = {
             "type": PREVOTE,
             "round": round_id,
-            "last_log_term": sync._SyncObj__getCurrentLogTerm(),
-            "last_log_index": sync._SyncObj__getCurrentLogIndex(),
+            "last_log_term": raw.last_log_term(),
+            "last_log_index": raw.last_log_index(),
         }
-        transport = sync._SyncObj__transport
+        transport = raw.transport
         for node in others:
             transport.send(node, message)
 
     def _on_prevote_message(self, node: Any, message: dict[str, Any]) -> None:
         """Tick thread (the transport's receive path): a pre-vote request or grant."""
-        sync = self._sync
+        sync, raw = self._sync, self._raw
         if message.get("type") == PREVOTE_GRANTED:
-            if node not in sync._SyncObj__otherNodes:
+            if node not in raw.other_nodes:
                 return
             failed = self._prevote.failed_rounds
             term = sync.raftCurrentTerm
             if self._prevote.grant(message.get("round"), term, str(node.address)):
                 if failed:
                     log.info("raft: pre-vote passed after %d that did not; standing", failed)
-                if sync._SyncObj__raftState != _LEADER:
-                    sync._SyncObj__raftElectionDeadline = 0.0  # stand at the next tick
+                if raw.state != _LEADER:
+                    raw.election_deadline = 0.0  # stand at the next tick
             return
         last_term, last_index = message.get("last_log_term"), message.get("last_log_index")
         if not isinstance(last_term, int) or not isinstance(last_index, int):
             return
-        if sync._SyncObj__selfNode is None:
+        if sync.selfNode is None:
             return
-        ours = (sync._SyncObj__getCurrentLogTerm(), sync._SyncObj__getCurrentLogIndex())
-        transport = sync._SyncObj__transport
+        ours = (raw.last_log_term(), raw.last_log_index())
+        transport = raw.transport
         heard_at = transport.mq_leader_heard_at
         heard_s = None if heard_at is None else _pysyncobj_now() - heard_at
-        is_leader = sync._SyncObj__raftState == _LEADER
+        is_leader = raw.state == _LEADER
         if grants(
             is_leader=is_leader,
             leader_heard_s=heard_s,
@@ -219,10 +222,10 @@ class PreVoteOps:
             # meanwhile, both would pass and split the vote (seen after a leader's
             # kill, where both followers stand within EARLY_STAND_MAX_S).
             # Never sooner than it was (a joining node's timer is infinite).
-            later = _pysyncobj_now() + sync._SyncObj__generateRaftTimeout()
-            sync._SyncObj__raftElectionDeadline = max(sync._SyncObj__raftElectionDeadline, later)
+            later = _pysyncobj_now() + raw.random_election_timeout()
+            raw.election_deadline = max(raw.election_deadline, later)
         elif not (is_leader or self._joining) and (
             heard_s is None or heard_s >= self._prevote_alive_s
         ):
             # Refused only for its log: no leader here either, and ours is further on.
-            sync._SyncObj__raftElectionDeadline = 0.0
+            raw.election_deadline = 0.0

@@ -32,6 +32,8 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON
 
+from .internals import SyncInternals
+
 log = logging.getLogger("mqnode.raft")
 
 SWEEP_EVERY_S = 0.5
@@ -46,15 +48,16 @@ class UnansweredCommands:
 
     def __init__(self, sync: Any) -> None:
         self._sync = sync
+        self._raw = SyncInternals(sync)
         self._next_sweep = 0.0
         self._first_seen: dict[int, float] = {}  # forwarded request id -> when first seen
         self.failed_total = 0  # callbacks failed here, for /status
 
     def _waiting_reply(self) -> dict[int, Any]:
-        return self._sync._SyncObj__commandsWaitingReply  # type: ignore[no-any-return]
+        return self._raw.commands_waiting_reply
 
     def _waiting_commit(self) -> dict[int, list[tuple[int, Any]]]:
-        return self._sync._SyncObj__commandsWaitingCommit  # type: ignore[no-any-return]
+        return self._raw.commands_waiting_commit
 
     def fail_forwarded(self, why: str) -> int:
         """The connection to the leader closed: no answer can come for what we forwarded."""

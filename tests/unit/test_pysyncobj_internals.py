@@ -1,0 +1,57 @@
+"""The canary for mqnode/raft/internals.py: every pysyncobj private name we use still exists.
+
+A real SyncObj and a real TcpConnection are built (no tick runs, nothing binds);
+each name of `INTERNALS` must be there, and a missing one fails naming it, so a
+pysyncobj upgrade that renames anything stops here instead of in production.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.poller import createPoller
+from pysyncobj.tcp_connection import TcpConnection
+
+from mqnode.raft import internals
+from mqnode.raft.guarded import GuardedConnection
+
+
+def test_the_pinned_version_is_installed() -> None:
+    assert metadata.version("pysyncobj") == internals.PINNED_VERSION
+
+
+@pytest.mark.parametrize("name", internals.INTERNALS["SyncObj"])
+def test_syncobj_still_has(name: str) -> None:
+    sync = SyncObj("127.0.0.1:1", [], SyncObjConf(autoTick=False))
+    try:
+        assert hasattr(sync, name), f"pysyncobj.SyncObj has no {name} any more"
+    finally:
+        sync.destroy()
+
+
+@pytest.mark.parametrize("name", internals.INTERNALS["TcpConnection"])
+def test_tcp_connection_still_has(name: str) -> None:
+    conn = TcpConnection(createPoller("auto"))
+    assert hasattr(conn, name), f"pysyncobj TcpConnection has no {name} any more"
+
+
+def test_the_guarded_read_path_is_what_tcp_connection_calls() -> None:
+    for name in internals.READ_PATH_OVERRIDES:
+        assert getattr(GuardedConnection, name) is not getattr(TcpConnection, name), name
+    first = getattr(GuardedConnection, internals.READ_PATH_OVERRIDES[0])
+    assert first is GuardedConnection.mq_try_read_buffer
+
+
+def test_the_accessors_read_a_real_syncobj() -> None:
+    sync = SyncObj("127.0.0.1:1", ["127.0.0.1:2"], SyncObjConf(autoTick=False))
+    try:
+        raw = internals.SyncInternals(sync)
+        assert raw.state == 0 and raw.leader is None  # a follower that knows no leader
+        assert [n.address for n in raw.other_nodes] == ["127.0.0.1:2"]
+        assert raw.last_log_index() >= 0 and raw.commands_waiting_reply == {}
+        raw.election_deadline = 12.5
+        assert raw.election_deadline == 12.5
+    finally:
+        sync.destroy()
