@@ -50,62 +50,22 @@ ARGS = (*FAST_TUNING, "--log-compaction-min-entries", "150")
 BEGIN = "<!-- netchaos:begin -->"
 END = "<!-- netchaos:end -->"
 
-Draw = Callable[[random.Random], tuple[NetScript, float]]  # (script, load seconds)
-
-
-def _faults() -> dict[str, Draw]:
-    def isolate(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(3, 15)
-        return isolate_leader(1.0, s), s + 2.5
-
-    def cut_leader(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(3, 15)
-        return cut_follower_from_leader(1.0, s), s + 2.5
-
-    def cut_followers(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(3, 10)
-        return cut_followers_from_each_other(1.0, s), s + 2.5
-
-    def one_way_from(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(3, 10)
-        return one_way(1.0, s, from_leader=True), s + 2.5
-
-    def one_way_to(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(3, 10)
-        return one_way(1.0, s, from_leader=False), s + 2.5
-
-    def flap(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(10, 60)
-        return flapping(1.0, s), s + 2.5
-
-    def slow(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(5, 20)
-        return lossy_slow(1.0, s, 50.0, 0.01), s + 2.5
-
-    def kill_heal(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(3, 10)
-        return kill_during_heal(1.0, s), s + 4.0
-
-    def transfer(r: random.Random) -> tuple[NetScript, float]:
-        s = r.uniform(3, 10)
-        return partition_during_transfer(1.0, s), s + 2.5
-
-    return {
-        "isolate-leader": isolate,
-        "cut-follower-from-leader": cut_leader,
-        "cut-followers": cut_followers,
-        "one-way-from-leader": one_way_from,
-        "one-way-to-leader": one_way_to,
-        "flapping": flap,
-        "rtt50-loss1": slow,
-        "kill-9-during-heal": kill_heal,
-        "cut-during-transfer": transfer,
-    }
+# name -> (the fault for a duration, the range of durations drawn, load seconds beyond it)
+FAULTS: dict[str, tuple[Callable[[float], NetScript], tuple[float, float], float]] = {
+    "isolate-leader": (lambda s: isolate_leader(1.0, s), (3, 15), 2.5),
+    "cut-follower-from-leader": (lambda s: cut_follower_from_leader(1.0, s), (3, 15), 2.5),
+    "cut-followers": (lambda s: cut_followers_from_each_other(1.0, s), (3, 10), 2.5),
+    "one-way-from-leader": (lambda s: one_way(1.0, s, from_leader=True), (3, 10), 2.5),
+    "one-way-to-leader": (lambda s: one_way(1.0, s, from_leader=False), (3, 10), 2.5),
+    "flapping": (lambda s: flapping(1.0, s), (10, 60), 2.5),
+    "rtt50-loss1": (lambda s: lossy_slow(1.0, s, 50.0, 0.01), (5, 20), 2.5),
+    "kill-9-during-heal": (lambda s: kill_during_heal(1.0, s), (3, 10), 4.0),
+    "cut-during-transfer": (lambda s: partition_during_transfer(1.0, s), (3, 10), 2.5),
+}
 
 
 def run(minutes: float, seed: int, progress: Callable[[str], None]) -> list[NetReport]:
     rng = random.Random(seed)
-    faults = _faults()
     reports: list[NetReport] = []
     end = time.monotonic() + minutes * 60
     with tempfile.TemporaryDirectory(prefix="netchaos-") as tmp, NetLab(3, Path(tmp)) as lab:
@@ -115,8 +75,10 @@ def run(minutes: float, seed: int, progress: Callable[[str], None]) -> list[NetR
             for round_ in range(10_000):
                 if time.monotonic() >= end:
                     break
-                name = rng.choice(sorted(faults))
-                script, load_s = faults[name](rng)
+                name = rng.choice(sorted(FAULTS))
+                make, (low, high), extra_s = FAULTS[name]
+                hold_s = rng.uniform(low, high)
+                script, load_s = make(hold_s), hold_s + extra_s
                 t0 = time.monotonic()
                 report = run_net_scenario(name, lab, cluster, script, rng.randrange(2**31), load_s)
                 reports.append(report)

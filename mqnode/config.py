@@ -94,6 +94,9 @@ class NodeConfig:
     delivery_timeout_s: int = 60
     dns_timeout_ms: int = 5000
     tls_required_domains: list[str] = field(default_factory=list)
+    # Mail for tls_required_domains: the MX host's certificate must chain to these CAs
+    # (PEM; empty: the system's) and name the MX host (Postfix's `verify` level).
+    tls_required_ca_file: str = ""
     retry_base_s: int = 300
     retry_max_s: int = 4000
     max_queue_lifetime_s: int = 5 * 86400

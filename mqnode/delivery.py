@@ -13,8 +13,9 @@ does: no certificate check, and any protocol version and cipher the host
 speaks, TLS 1.0 included (tlsconfig.py), since the alternative is plaintext.
 If the handshake still fails (or STARTTLS is refused), the same host is tried
 once more at once without STARTTLS, as Postfix does at `may`; this is logged.
-Mail for a domain that requires TLS (`require_tls`) gets TLS 1.2 at least and
-no fallback: "not offered" or a failed handshake defers it.
+Mail for a domain that requires TLS (`require_tls`) gets TLS 1.2 at least, a
+certificate that must verify and name the MX host (Postfix's `verify`), and
+no fallback: "not offered", a failed handshake or a bad certificate defers it.
 A relay host with a login (`RelayAuth`, a target marked `secure`) gets
 Postfix's `secure` level instead: STARTTLS is required (or, with
 `implicit_tls`, TLS from connect: port 465, RFC 8314), the certificate must
@@ -220,13 +221,15 @@ class DeliveryAgent:
         max_messages_per_connection: int = 100,
         relay_auth: RelayAuth | None = None,
         max_rcpts_per_transaction: int = 50,
+        required_tls: ssl.SSLContext | None = None,
     ) -> None:
         self._helo = helo_hostname
         self._max_rcpts = max_rcpts_per_transaction
         self._relay_auth = relay_auth
         self._timeout_s = timeout_s
         self._tls = opportunistic_client_context()
-        self._tls_required = required_client_context()
+        # verifies the MX host's certificate (tls_required_ca_file, else the system's CAs)
+        self._tls_required = required_tls or required_client_context()
         self._idle_s = idle_s
         self._max_idle = max_idle_per_target
         self._max_uses = max_messages_per_connection

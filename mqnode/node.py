@@ -44,7 +44,7 @@ from .smtpfront import InProcessFront, build_ingress, ingress_limits
 from .smtpworkers import WorkerPool
 from .statemachine import QueueStateMachine
 from .store import QueueStore
-from .tlsconfig import relay_client_context
+from .tlsconfig import relay_client_context, required_client_context
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class Node:
             max_idle_per_target=cfg.per_destination_concurrency,
             relay_auth=relay_auth,
             max_rcpts_per_transaction=cfg.delivery_recipient_limit,
+            required_tls=required_client_context(cfg.tls_required_ca_file),
         )
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         dispatcher = self._build_dispatcher(store, pipeline, agent, lease)

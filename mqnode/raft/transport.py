@@ -17,7 +17,10 @@ the key exchange: of two nodes only the one with the higher address
 connects, so each pair has exactly one of each). The connecting side warns
 only after two such closes in a row: a peer killed mid-accept does it once.
 
-`keep_alive()` sends a no-op message to every connected peer about every
+`keep_alive()` (every tick) also drops an outgoing connection still connecting
+after `CONNECT_TIMEOUT_S`, so a link comes back right after a partition heals
+rather than at the kernel's next SYN retransmission. It sends a no-op message
+to every connected peer about every
 second. pysyncobj drops a connection it has read nothing from for
 `connectionTimeout`, and checks that only when it next sends: followers never
 talk to each other, so after a leader crash the first vote request between
@@ -35,6 +38,7 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
+from .internals import ConnectionInternals, SyncInternals
 from .prevote import PREVOTE, PREVOTE_GRANTED
 
 log = logging.getLogger("mqnode.raft")
@@ -45,6 +49,12 @@ WRONG_SECRET_LOG_EVERY_S = 60.0
 # finishes it in one round trip.
 MAX_UNAUTHENTICATED = 16
 HANDSHAKE_DEADLINE_S = 5.0
+# An outgoing connection still connecting after this long is dropped and made again. A SYN
+# lost in a partition is retried by the kernel with a doubling back-off (1, 2, 4, 8 s...),
+# and pysyncobj checks a connection's timeout only on an event of its socket, which a lost
+# SYN never brings: after a heal the link came back only at the next retransmission, up
+# to ~10 s later (seen in the network-fault runs).
+CONNECT_TIMEOUT_S = 1.0
 HANDSHAKE_FAILURES_BEFORE_WARNING = 2
 KEEPALIVE = {"type": "mq_keepalive"}  # pysyncobj ignores message types it does not know
 PREVOTE_TYPES = frozenset({PREVOTE, PREVOTE_GRANTED})  # ours: see prevote.py
@@ -125,7 +135,7 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
     def _onNewIncomingConnection(self, conn: Any) -> None:
         super()._onNewIncomingConnection(conn)
         try:
-            peer = str(conn._TcpConnection__socket.getpeername()[0])
+            peer = str(ConnectionInternals(conn).socket.getpeername()[0])
         except (OSError, AttributeError, IndexError):
             peer = "unknown"
         conn.mq_on_refused = lambda why: self._warn_once(
@@ -175,12 +185,8 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
 
     def _onDisconnected(self, conn: Any) -> None:
         sync = self._syncObj
-        leader = sync._SyncObj__raftLeader
-        if (
-            leader is not None
-            and leader != sync._SyncObj__selfNode
-            and self._connToNode(conn) == leader
-        ):
+        leader = SyncInternals(sync).leader
+        if leader is not None and leader != sync.selfNode and self._connToNode(conn) == leader:
             sync._mq_owner._on_leader_link_lost()  # prevote.py: stand soon
         peer, watched = self._mq_incoming.pop(conn, ("", None))
         if watched is not None and watched.failed:
@@ -211,7 +217,7 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         for node in nodes:
             conn = self._connections.get(node)
             connected = conn is not None and conn.state == CONNECTION_STATE.CONNECTED
-            read_at = getattr(conn, "_TcpConnection__lastReadTime", None)
+            read_at = None if conn is None else ConnectionInternals(conn).last_read_time
             out[str(node.address)] = round(now - read_at, 3) if connected and read_at else None
         return out
 
@@ -220,12 +226,23 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         now = _pysyncobj_now()
         if self._mq_unauthenticated:
             self._expire_handshakes(now)
+        self._expire_connecting(now)
         if now < self._mq_next_keepalive:
             return
         self._mq_next_keepalive = now + every_s
         for node, conn in list(self._connections.items()):
             if conn.state == CONNECTION_STATE.CONNECTED:
                 self.send(node, KEEPALIVE)
+
+    def _expire_connecting(self, now: float) -> None:
+        """Drop outgoing connections stuck connecting (CONNECT_TIMEOUT_S); pysyncobj makes
+        a new one within its retry time, with a fresh SYN."""
+        for conn in list(self._connections.values()):
+            if conn.state != CONNECTION_STATE.CONNECTING:
+                continue
+            started = ConnectionInternals(conn).last_read_time  # set when connect() began
+            if started is not None and now - started > CONNECT_TIMEOUT_S:
+                conn.disconnect()
 
     def _warn_once(self, key: str, fmt: str) -> None:
         """Log `fmt % key` at most once a minute per key (a peer retries every half second)."""
@@ -247,7 +264,7 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
             return
         if kind == "append_entries" and message.get("term", -1) >= self._syncObj.raftCurrentTerm:
             self.mq_leader_heard_at = _pysyncobj_now()  # a leader of our term or later
-        next_index = self._syncObj._SyncObj__raftNextIndex
+        next_index = SyncInternals(self._syncObj).next_index
         sent_up_to = next_index.get(node)
         message = commit_unverified_no_further(message, self._syncObj.raftCommitIndex)
         super()._onMessageReceived(node, message)

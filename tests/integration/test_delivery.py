@@ -168,6 +168,7 @@ class Env:
     dns: DnsServer
     sinks: dict[str, Sink]
     port: int
+    tls_ca: Path  # the "tls" sink's self-signed certificate
 
     @property
     def dns_addr(self) -> str:
@@ -181,7 +182,10 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     port, socks = bind_common_port(list(SINK_HOSTS.values()))
-    tls = self_signed_tls(tmp_path_factory.mktemp("tls"), "mx.tls.test")
+    tls_dir = tmp_path_factory.mktemp("tls")
+    # Also the MX host of the TLS-required domain once the test points it here: that mail
+    # is only sent to a host whose certificate verifies (--tls-required-ca-file) and names it.
+    tls = self_signed_tls(tls_dir, "mx.tls.test", also=["mx.tlsreq.test"])
     with DnsServer(zones(servfail_fixed=False)) as dns, SinkHost() as host:
         sinks = {
             name: host.add(
@@ -203,7 +207,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         sinks["perm"].script_rcpt("busy@perm.test", MAILBOX_BUSY, "250 2.1.5 Ok")
         sinks["temp"].script_data("later@temp.test", TRY_LATER, "250 2.0.0 Ok: recorded")
         sinks["refuse"].script_rcpt("*", "550 5.7.1 Service unavailable; we accept no mail")
-        yield Env(dns, sinks, port)
+        yield Env(dns, sinks, port, tls_dir / "mx.tls.test.crt")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -390,7 +394,8 @@ class Shared:
 def shared(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     env.dns.set_zones(zones(servfail_fixed=False))
     base = tmp_path_factory.mktemp("delivery")
-    with env.cluster(base, *RETRY_ARGS, "--tls-required-domains", TLS_REQUIRED) as c:
+    tls = ("--tls-required-domains", TLS_REQUIRED, "--tls-required-ca-file", str(env.tls_ca))
+    with env.cluster(base, *RETRY_ARGS, *tls) as c:
         sent: dict[str, Sent] = {}
         for k, (name, (mail_from, rcpts)) in enumerate(SCENARIOS.items()):
             if name == "temp":

@@ -19,6 +19,7 @@ import pytest
 
 from mqnode.delivery import Attempt, DeliveryAgent, Target, Transaction
 from mqnode.model import Outcome
+from mqnode.tlsconfig import required_client_context
 from tests.support import minismtp
 from tests.support.tlscert import make_cert
 
@@ -35,12 +36,14 @@ def _deliver(
     require_tls: bool = False,
     body: bytes = BODY,
     mail_from: str = "a@client.test",
+    required_tls: ssl.SSLContext | None = None,
+    host_name: str = "mx.x.test",
 ) -> Attempt:
     async def run() -> Attempt:
         async with minismtp.serving(handler) as port:
-            agent = DeliveryAgent("client.test", timeout_s=5)
+            agent = DeliveryAgent("client.test", timeout_s=5, required_tls=required_tls)
             try:
-                target = Target("mx.x.test", "127.0.0.1", port)
+                target = Target(host_name, "127.0.0.1", port)
                 tx = Transaction((target,), mail_from, rcpts, body, lambda: True, require_tls)
                 return await agent.deliver(tx)
             finally:
@@ -97,6 +100,37 @@ def test_mail_that_requires_tls_is_not_sent_over_tls_1_0(tmp_path: Path) -> None
     assert _outcomes(attempt) == [DEFERRED], attempt
     assert "TLS is required" in attempt.results[0][2], attempt
     assert not any(line.upper().startswith(b"MAIL") for line in lines), "sent in the clear"
+
+
+def _tls12_server(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A modern receiver whose self-signed certificate names localhost; (context, cert)."""
+    cert = make_cert(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert.cert, cert.key)
+    return ctx, cert.cert
+
+
+@pytest.mark.parametrize(
+    ("trusted", "host_name", "delivered"),
+    [(True, "localhost", True), (False, "localhost", False), (True, "mx.x.test", False)],
+    ids=["verified", "untrusted-ca", "other-name"],
+)
+def test_mail_that_requires_tls_goes_only_to_a_verified_host(
+    tmp_path: Path, trusted: bool, host_name: str, delivered: bool
+) -> None:
+    """Postfix's `verify`: the certificate must chain to the configured CAs and name the
+    MX host; an opportunistic session would have taken all three."""
+    server, cert = _tls12_server(tmp_path)
+    lines: list[bytes] = []
+    ca = required_client_context(str(cert) if trusted else "")
+    handler = minismtp.answer(b"mx.x.test", tls=server, received=lines)
+    attempt = _deliver(handler, require_tls=True, required_tls=ca, host_name=host_name)
+    if delivered:
+        assert _outcomes(attempt) == [DELIVERED], attempt
+    else:
+        assert _outcomes(attempt) == [DEFERRED], attempt
+        assert "TLS is required" in attempt.results[0][2], attempt
+        assert not any(line.upper().startswith(b"MAIL") for line in lines), "sent anyway"
 
 
 @pytest.mark.parametrize("failure", ["refused", "broken handshake"])

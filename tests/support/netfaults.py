@@ -106,6 +106,7 @@ class NetReport:
     still_queued: int = 0
     readyz: dict[str, dict[str, Any]] = field(default_factory=dict)
     ready_after_heal_s: float | None = None
+    snapshot_installs: int = 0  # "installed snapshot" lines the nodes logged in the scenario
     details: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -189,6 +190,7 @@ def run_net_scenario(
 ) -> NetReport:
     ctx = NetContext(lab, cluster, random.Random(seed))
     report = NetReport(name, seed)
+    installs_before = _snapshot_installs(cluster)
     first_term = int(cluster.status(cluster.wait_for_leader(30))["term"])
     targets = [(n.host, n.smtp_port) for n in cluster.nodes]
     gen = LoadGen(targets, concurrency=concurrency, timeout_s=10.0, run_id=f"{name}-{seed}")
@@ -235,7 +237,18 @@ def run_net_scenario(
     )
     last_term = int(cluster.status(cluster.wait_for_leader(30))["term"])
     report.leader_changes = last_term - first_term
+    report.snapshot_installs = _snapshot_installs(cluster) - installs_before
     return report
+
+
+def _snapshot_installs(cluster: Cluster) -> int:
+    total = 0
+    for node in cluster.nodes:
+        try:
+            total += node.log_path.read_text(errors="replace").count("installed snapshot at")
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _accept_after_heal(
@@ -356,63 +369,56 @@ def _readyz_summary(
 # --- fault scripts --------------------------------------------------------------------------
 
 
-def isolate_leader(after_s: float, isolated_s: float) -> NetScript:
+def _fault(after_s: float, hold_s: float, act: Callable[[NetContext, int], None]) -> NetScript:
+    """Wait `after_s`, apply `act(ctx, leader index)` (marked "fault"), hold, heal."""
+
     def script(ctx: NetContext) -> None:
         ctx.sleep(after_s)
         lead = ctx.cluster.wait_for_leader(20)
         ctx.mark("fault")
-        ctx.lab.isolate(lead)
-        ctx.cut_off([lead])
-        ctx.sleep(isolated_s)
+        act(ctx, lead)
+        ctx.sleep(hold_s)
         ctx.heal()
 
     return script
+
+
+def _a_follower(ctx: NetContext, lead: int) -> int:
+    return ctx.rng.choice([i for i in range(len(ctx.cluster.nodes)) if i != lead])
+
+
+def isolate_leader(after_s: float, isolated_s: float) -> NetScript:
+    def act(ctx: NetContext, lead: int) -> None:
+        ctx.lab.isolate(lead)
+        ctx.cut_off([lead])
+
+    return _fault(after_s, isolated_s, act)
 
 
 def cut_follower_from_leader(after_s: float, cut_s: float) -> NetScript:
     """Two-way cut between the leader and one follower; the other follower sees both."""
-
-    def script(ctx: NetContext) -> None:
-        ctx.sleep(after_s)
-        lead = ctx.cluster.wait_for_leader(20)
-        follower = ctx.rng.choice([i for i in range(ctx.lab.n) if i != lead])
-        ctx.mark("fault")
-        ctx.lab.cut(lead, follower)
-        ctx.sleep(cut_s)
-        ctx.heal()
-
-    return script
+    return _fault(after_s, cut_s, lambda ctx, lead: ctx.lab.cut(lead, _a_follower(ctx, lead)))
 
 
 def cut_followers_from_each_other(after_s: float, cut_s: float) -> NetScript:
-    def script(ctx: NetContext) -> None:
-        ctx.sleep(after_s)
-        lead = ctx.cluster.wait_for_leader(20)
-        a, b = [i for i in range(ctx.lab.n) if i != lead]
-        ctx.mark("fault")
+    def act(ctx: NetContext, lead: int) -> None:
+        a, b = [i for i in range(len(ctx.cluster.nodes)) if i != lead]
         ctx.lab.cut(a, b)
-        ctx.sleep(cut_s)
-        ctx.heal()
 
-    return script
+    return _fault(after_s, cut_s, act)
 
 
 def one_way(after_s: float, cut_s: float, from_leader: bool) -> NetScript:
     """Packets one way only between the leader and a follower (leader->follower or back)."""
 
-    def script(ctx: NetContext) -> None:
-        ctx.sleep(after_s)
-        lead = ctx.cluster.wait_for_leader(20)
-        follower = ctx.rng.choice([i for i in range(ctx.lab.n) if i != lead])
-        ctx.mark("fault")
+    def act(ctx: NetContext, lead: int) -> None:
+        follower = _a_follower(ctx, lead)
         if from_leader:
             ctx.lab.drop(lead, follower)
         else:
             ctx.lab.drop(follower, lead)
-        ctx.sleep(cut_s)
-        ctx.heal()
 
-    return script
+    return _fault(after_s, cut_s, act)
 
 
 def flapping(after_s: float, total_s: float, up_s: tuple[float, float] = (0.5, 3.0),
@@ -470,19 +476,17 @@ def kill_during_heal(after_s: float, isolated_s: float) -> NetScript:
 def partition_during_transfer(after_s: float, cut_s: float) -> NetScript:
     """Ask for a leadership transfer and cut the target from the leader right away."""
 
-    def script(ctx: NetContext) -> None:
-        c = ctx.cluster
-        ctx.sleep(after_s)
-        lead = c.wait_for_leader(20)
-        target = ctx.rng.choice([i for i in range(ctx.lab.n) if i != lead])
-        ctx.mark("fault")
-        body = {"to": c.nodes[target].raft_addr}
-        _post(c, lead, "/raft/transfer-leadership", body)
+    def act(ctx: NetContext, lead: int) -> None:
+        target = _a_follower(ctx, lead)
+        _post(
+            ctx.cluster,
+            lead,
+            "/raft/transfer-leadership",
+            {"to": ctx.cluster.nodes[target].raft_addr},
+        )
         ctx.lab.cut(lead, target)
-        ctx.sleep(cut_s)
-        ctx.heal()
 
-    return script
+    return _fault(after_s, cut_s, act)
 
 
 def _post(c: Cluster, i: int, path: str, body: dict[str, Any]) -> None:
@@ -499,7 +503,7 @@ def cut_during_catch_up(after_s: float, away_s: float, again_s: float) -> NetScr
     def script(ctx: NetContext) -> None:
         ctx.sleep(after_s)
         lead = ctx.cluster.wait_for_leader(20)
-        follower = ctx.rng.choice([i for i in range(len(ctx.cluster.nodes)) if i != lead])
+        follower = _a_follower(ctx, lead)
         ctx.mark("fault")
         ctx.lab.isolate(follower)
         ctx.sleep(away_s)
@@ -520,7 +524,7 @@ def cut_during_membership_change(after_s: float, cut_s: float) -> NetScript:
         c = ctx.cluster
         ctx.sleep(after_s)
         lead = c.wait_for_leader(20)
-        follower = ctx.rng.choice([i for i in range(len(c.nodes)) if i != lead])
+        follower = _a_follower(ctx, lead)
         new = c.add_node()
         c.start_node(new)
         ctx.mark("fault")

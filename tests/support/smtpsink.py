@@ -101,8 +101,11 @@ def message_id_of(content: bytes) -> str:
     return " ".join(str(value).split())
 
 
-def self_signed_tls(directory: Path, name: str = "sink.test") -> ssl.SSLContext:
-    """A server-side TLS context with a fresh self-signed EC certificate for `name`."""
+def self_signed_tls(
+    directory: Path, name: str = "sink.test", also: Sequence[str] = ()
+) -> ssl.SSLContext:
+    """A server-side TLS context with a fresh self-signed EC certificate for `name` (and
+    the names in `also`); the certificate is `directory / f"{name}.crt"`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -119,7 +122,10 @@ def self_signed_tls(directory: Path, name: str = "sink.test") -> ssl.SSLContext:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in (name, *also)]),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
