@@ -11,8 +11,8 @@ all of these hold:
   `LEADER_SILENCE_MAX_S`, and a leader has heard from a majority of members
   (itself included) within it (a cut link is noticed before pysyncobj gives
   the connection up, several seconds later);
-* the last submission that ended here committed, not timed out; while one
-  did, the node probes the commit path (`Node._probe_commits`) and is ready
+* no submission begun after the last commit here has timed out; while one
+  has, the node probes the commit path (`Node._probe_commits`) and is ready
   again as soon as a probe commits;
 * no entry has waited for its commit longer than `STALLED_COMMIT_S`.
 

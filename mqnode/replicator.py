@@ -17,8 +17,9 @@ Limits and failure contract:
   forwarded command lost with its connection, a command overtaken by a
   snapshot install), and a slot that waited for that answer would be lost for
   good; after `max_inflight_entries` such losses nothing would commit again;
-* `health()` tells whether the last submission that ended committed or timed
-  out, which /readyz reads: a node whose commits time out is not ready;
+* `health()` tells whether a submission begun after the last commit has timed
+  out, which /readyz reads: a node whose commits time out is not ready (one
+  begun before a later commit is a straggler and does not count);
 * idempotent commands are retried on "no leader"/"leader changed" until the
   deadline; others are retried only when the failure proves they were never
   appended;
@@ -88,14 +89,14 @@ class _Inflight:
 class PipelineHealth:
     """What /readyz needs to know of the commit path (monotonic seconds; None: never)."""
 
-    last_commit_s: float | None
-    last_timeout_s: float | None
+    last_commit_s: float | None  # when the last committed submission ended
+    last_timeout_s: float | None  # when the last submission that timed out began
     expired_entries: int  # entries whose slot was freed by the deadline, not by Raft
     oldest_inflight_s: float | None  # age of the oldest entry still waiting for Raft
 
     @property
     def timing_out(self) -> bool:
-        """The most recent submission to end timed out (nothing committed since)."""
+        """A submission that began after the last commit ended has timed out."""
         if self.last_timeout_s is None:
             return False
         return self.last_commit_s is None or self.last_timeout_s > self.last_commit_s
@@ -174,7 +175,9 @@ class CommitPipeline:
         try:
             result = await self._submit_until(cmd, started + self._timeout_s)
         except CommitTimeoutError:
-            self._last_timeout_s = self._clock.monotonic_s()
+            # When it began: one that began before the last commit ended says nothing new
+            # (a straggler of a fault that has healed since).
+            self._last_timeout_s = started
             raise
         else:
             self._last_commit_s = now = self._clock.monotonic_s()

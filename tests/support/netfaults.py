@@ -49,6 +49,7 @@ from .netlab import NetLab
 ACCEPT_BOUND_S = 15.0  # after the final heal, every node answers 250 within this
 DRAIN_BOUND_S = 90.0
 READY_BOUND_S = 30.0  # after the heal, every node's /readyz says 200 within this
+READY_STREAK = 4  # ... and keeps saying it for this many polls in a row
 READYZ_EVERY_S = 0.5
 PROBE_EVERY_S = 0.25
 DELIVERY_CONCURRENCY = 20  # the node's default: the most a leader change may duplicate
@@ -276,9 +277,11 @@ def _accept_after_heal(
 
 
 def _wait_all_ready(cluster: Cluster, deadline: float, report: NetReport) -> None:
-    """Poll until every node's /readyz says 200 (the sampler records it), or say why not."""
+    """Poll until every node's /readyz has said 200 in READY_STREAK polls in a row (the
+    sampler records them too), or say why not."""
     why: dict[str, str] = {}
-    while time.monotonic() < deadline:
+    streak = 0
+    while time.monotonic() < deadline and streak < READY_STREAK:
         why = {}
         for node in cluster.nodes:
             try:
@@ -289,11 +292,10 @@ def _wait_all_ready(cluster: Cluster, deadline: float, report: NetReport) -> Non
                 status, body = -1, str(exc).encode()
             if status != 200:
                 why[node.node_id] = body.decode(errors="replace")[:300]
-        if not why:
-            time.sleep(2 * READYZ_EVERY_S)  # a full sampler round sees it too
-            return
+        streak = 0 if why else streak + 1
         time.sleep(READYZ_EVERY_S)
-    report.details += [f"not ready: {n}: {w}" for n, w in why.items()]
+    if streak < READY_STREAK:
+        report.details += [f"not ready: {n}: {w}" for n, w in why.items()]
 
 
 def _delivered(lab: NetLab) -> Counter[str]:

@@ -188,3 +188,27 @@ def test_entries_raft_never_answers_free_their_slots_at_their_deadline() -> None
         await p.stop()
 
     asyncio.run(run())
+
+
+def test_a_straggler_timing_out_after_a_later_commit_is_not_a_wedge() -> None:
+    """/readyz reads health(): a submission begun before the last commit and timing out
+    after it is left over from a fault that has healed; one begun later is not."""
+
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft, timeout_s=0.2, inflight=2)
+        straggler = asyncio.ensure_future(p.submit(claim(0)))
+        await _until(lambda: len(raft.entries) == 1)
+        later = asyncio.ensure_future(p.submit(claim(1)))
+        await _until(lambda: len(raft.entries) == 2)
+        raft.entries[1][1](["ok"], None)
+        assert await later == "ok"
+        with pytest.raises(CommitTimeoutError):
+            await straggler
+        assert not p.health().timing_out
+        with pytest.raises(CommitTimeoutError):
+            await p.submit(claim(2))  # begun after the commit: the path is wedged now
+        assert p.health().timing_out
+        await p.stop()
+
+    asyncio.run(run())
