@@ -148,6 +148,8 @@ def write_markdown(reports: list[Report], command: str, out: Path) -> None:
         "marker names another boot and 10 pages of data.mdb are garbled (W24).",
         "partition-follower cuts one follower off from both others for 5 s under load:",
         "with pre-vote (W25) it comes back without an election (the leader's term in notes).",
+        "partition-* drop Raft traffic in the nodes' transport (the in-process hook); faults",
+        "from the kernel between namespaced nodes are in the next section.",
         "",
         "`refused` counts every non-250 attempt (451 during elections or without a",
         "majority, and connection refusals while a node is down: the load generator",
