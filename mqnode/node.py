@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # back from an fsync or a poll with an ack in hand waited for the loop's next
 # blocking call, up to the whole interval, before it could count the commit.
 # 0.5 ms: +5% acceptance in 5 of 7 alternated pairs (2 smtp workers), leader
-# submit-to-commit 4.8 -> 4.6 ms (benchmarks.md, session 11).
+# submit-to-commit 4.8 -> 4.6 ms (alternated A/B pairs).
 GIL_SWITCH_INTERVAL_S = 0.0005
 # How often the queue state's unsynced commits are written back, to learn of a failed
 # writeback while the kernel still serves the pages it could not write (W27, store.py).

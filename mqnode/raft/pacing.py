@@ -8,7 +8,7 @@ round. Holding new entries back while the previous send is less than
 `interval_s` old lets each round carry more (bench.profile, 3 nodes on 2
 cores, 6 ms: follower CPU per message 158 -> 97 us, leader 246 -> 190 us,
 commit latency unchanged because the CPUs are less contended). The default
-became 4 ms with StateCommitPacer (session 10), which made a round cheaper.
+became 4 ms with StateCommitPacer, which made a round cheaper.
 
 The first send after a quiet spell goes at once, so an idle cluster commits
 a lone message as fast as before; a log-mismatch resend never waits, nor does

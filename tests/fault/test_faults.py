@@ -170,7 +170,7 @@ def test_a_flapping_link_to_the_leader_causes_no_election(tmp_path: Path) -> Non
     """W26's early stand trusts a closed connection to the leader. A link that resets
     again and again while the leader lives (15 resets in ~4.5 s, under load) must cost
     no election: pre-vote makes the other follower and the leader refuse, so the term
-    never moves and every message offered is answered 250 (a session 13 doubt, staged)."""
+    never moves and every message offered is answered 250 (staged)."""
     with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection", "1")) as c:
         lead = c.leader()
         term = int(c.status(lead)["term"])
