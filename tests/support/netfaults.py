@@ -80,10 +80,13 @@ class NetContext:
             self.minority_windows.append((i, now, float("inf")))
 
     def heal(self) -> None:
-        self.lab.heal()
-        now = time.monotonic()
-        self.minority_windows = [(i, a, min(b, now)) for i, a, b in self.minority_windows]
+        """Lift every fault. A minority window closes when the heal *begins* (the first
+        rule removed lets traffic through); the "heal" mark, from which liveness is
+        measured, is set when it is complete."""
+        began = time.monotonic()
+        self.minority_windows = [(i, a, min(b, began)) for i, a, b in self.minority_windows]
         self.minority.clear()
+        self.lab.heal()
         self.mark("heal")
 
 
