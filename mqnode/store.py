@@ -13,8 +13,8 @@ Two environments per data dir, each with one job:
 
 Durability: the journal fsyncs every write; the state does not. Everything in
 the state is derived from the log, and `snapshot.bin` plus the journal after
-it always rebuild it, so a state commit skips the fsync (+2-9% acceptance,
-docs/benchmarks.md session 12). What that costs is only a kernel crash or
+it always rebuild it, so a state commit skips the fsync (+2-9% acceptance
+in alternated A/B pairs). What that costs is only a kernel crash or
 power loss, never a killed process (its writes are in the page cache): a
 marker holding the kernel's boot id is made durable before the first
 unsynced commit, and a state found with the marker of another boot is

@@ -64,6 +64,7 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
         self.mq_authenticated = False
         # Told why a connection was closed for its framing (the transport logs it).
         self.mq_on_refused: Callable[[str], None] = lambda why: None
+        self._mq_raw = ConnectionInternals(self)  # one per connection, not per read
         super().__init__(*args, **kwargs)
 
     def connect(self, host: str, port: int) -> bool:
@@ -105,10 +106,10 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
         self._mq_budget = READ_BUDGET_BYTES
         while self.mq_process_read():
             pass
-        ConnectionInternals(self).last_read_time = _pysyncobj_now()
+        self._mq_raw.last_read_time = _pysyncobj_now()
 
     def mq_process_read(self) -> bool:
-        raw = ConnectionInternals(self)
+        raw = self._mq_raw
         sock = raw.socket
         try:
             incoming = sock.recv(raw.recv_buffer_size)

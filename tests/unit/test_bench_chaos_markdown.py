@@ -20,13 +20,13 @@ def test_a_new_run_replaces_the_table_and_keeps_the_netchaos_section(tmp_path: P
     first = out.read_text()
     assert "| kill-leader | 105 | 100 |" in first and "## " not in first
     netchaos.write(out, [netchaos.BEGIN, "## Network faults", "", "| a table |", netchaos.END])
-    out.write_text(out.read_text() + "\n## Session 12 (a dated log)\n\nGone next time.\n")
+    out.write_text(out.read_text() + "\n## Run log of 2026-11-24\n\nGone next time.\n")
     write_markdown([_report("power-loss", 42)], "python -m bench.chaos --seed 2", out)
     text = out.read_text()
     assert "--seed 2" in text and "| power-loss | 47 | 42 |" in text
     assert "--seed 1" not in text and "kill-leader | 105" not in text
     assert text.count("## Network faults") == 1 and "| a table |" in text
-    assert "Session 12" not in text
+    assert "Run log of" not in text
     netchaos.write(out, [netchaos.BEGIN, "## Network faults", "", "| new |", netchaos.END])
     text = out.read_text()
     assert "| new |" in text and "| a table |" not in text and "| power-loss | 47" in text
