@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from .config import NodeConfig
-from .errors import ConfigError, MembershipError, MqnodeError
-from .eventloop import run_event_loop
-from .membership import check_addr
+from mqnode.config import NodeConfig
+from mqnode.errors import ConfigError, MembershipError, MqnodeError
+from mqnode.eventloop import run_event_loop
+from mqnode.raft.membership import check_addr
 
 SENDER_HELP = 'from this envelope sender; "<>" for bounces (the null sender)'
 
@@ -59,7 +59,7 @@ def _add_restore(sub: Any) -> None:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from .raft.restore import restore_data_dir
+    from mqnode.raft.restore import restore_data_dir
 
     overrides = {f.name: getattr(args, f.name) for f in fields(NodeConfig)}
     cfg = NodeConfig.load(args.config, overrides)
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         # aiosmtpd logs every SMTP command at INFO: far too much for a queue under load.
         logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
-        from .node import Node
+        from mqnode.node import Node
 
         run_event_loop(Node(cfg).run())
         return 0

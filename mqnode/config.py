@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from mqnode.errors import ConfigError
 
 DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
 MAX_SMTP_WORKERS = 64
@@ -103,7 +103,7 @@ class NodeConfig:
     lease_ms: int = 3000
     lease_margin_ms: int = 500
     # SMTP submission security. TLS cert+key enable STARTTLS (and smtps_addr, implicit TLS,
-    # RFC 8314); a users file (USER:scrypt$... lines, see mqnode/smtpauth.py) enables AUTH
+    # RFC 8314); a users file (USER:scrypt$... lines, see mqnode/smtp/auth.py) enables AUTH
     # PLAIN/LOGIN after TLS; authenticated users may relay from any network.
     smtp_tls_cert: str = ""
     smtp_tls_key: str = ""

@@ -22,29 +22,29 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-from .clock import Clock, SystemClock
-from .commands import READS_LEVEL, Announce
-from .config import NodeConfig, parse_hostport
-from .control import AdminServer
-from .delivery import DeliveryAgent, RelayAuth
-from .dispatcher import Dispatcher, DispatchSettings
-from .errors import ConfigError, CorruptDataError, MqnodeError
-from .events import EventLog
-from .formats import LevelGate, announce_again, cluster_level
-from .ingress import client_limits
-from .lease import LeaderLease
-from .metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
-from .mx import MxResolver
-from .policy import RetryPolicy
-from .raft import RaftNode, RaftSettings, RaftStatus
-from .readiness import Readiness, assess
-from .replicator import CommitPipeline, Submitter
-from .routing import Router
-from .smtpfront import InProcessFront, build_ingress, ingress_limits
-from .smtpworkers import WorkerPool
-from .statemachine import QueueStateMachine
-from .store import QueueStore
-from .tlsconfig import relay_client_context, required_client_context
+from mqnode.admin.http import AdminServer
+from mqnode.admin.metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
+from mqnode.admin.readiness import Readiness, assess
+from mqnode.clock import Clock, SystemClock
+from mqnode.config import NodeConfig, parse_hostport
+from mqnode.delivery.client import DeliveryAgent, RelayAuth
+from mqnode.delivery.dispatcher import Dispatcher, DispatchSettings
+from mqnode.delivery.lease import LeaderLease
+from mqnode.delivery.mx import MxResolver
+from mqnode.delivery.retry import RetryPolicy
+from mqnode.delivery.routing import Router
+from mqnode.errors import ConfigError, CorruptDataError, MqnodeError
+from mqnode.queue.commands import READS_LEVEL, Announce
+from mqnode.queue.events import EventLog
+from mqnode.queue.formats import LevelGate, announce_again, cluster_level
+from mqnode.queue.statemachine import QueueStateMachine
+from mqnode.queue.store import QueueStore
+from mqnode.raft import RaftNode, RaftSettings, RaftStatus
+from mqnode.raft.commit_pipeline import CommitPipeline, Submitter
+from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
+from mqnode.smtp.handler import client_limits
+from mqnode.smtp.worker_pool import WorkerPool
+from mqnode.tls import relay_client_context, required_client_context
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 # submit-to-commit 4.8 -> 4.6 ms (alternated A/B pairs).
 GIL_SWITCH_INTERVAL_S = 0.0005
 # How often the queue state's unsynced commits are written back, to learn of a failed
-# writeback while the kernel still serves the pages it could not write (W27, store.py).
+# writeback while the kernel still serves the pages it could not write (W27, queue/store.py).
 # The kernel writes dirty pages back within ~30 s anyway: this adds few writes.
 STATE_SYNC_S = 10.0
 ANNOUNCE_CHECK_S = 2.0  # see Node._keep_announced
@@ -358,7 +358,7 @@ class Node:
             self._lease.on_step_down()
         # Every node tells the cluster who it is (node id, SMTP and admin addresses) and
         # what it reads, under each leader it sees: `mqnode cluster status`, leader ids in
-        # /status and the cluster's reads level (formats.py) come from these entries. Under
+        # /status and the cluster's reads level (queue/formats.py) come from these entries. Under
         # each leader, not once: a member that skipped an entry while it ran an older
         # release (the first release cannot decode `reads`) learns it again.
         self._maybe_announce(status, again=status.role == "leader")
@@ -404,7 +404,7 @@ class Node:
     async def _probe_commits(self) -> None:
         """While the last commit here timed out, try one again every COMMIT_PROBE_EVERY_S.
 
-        /readyz says no while commits time out (readiness.py), so a load balancer
+        /readyz says no while commits time out (admin/readiness.py), so a load balancer
         sends nothing, and without a probe nothing would show that commits work again.
         The probe is this node's Announce (idempotent: the state keeps one per member,
         and a member of any release reads it). Logs each change of readiness.

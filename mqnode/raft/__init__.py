@@ -9,7 +9,7 @@ types.py (RaftSettings, RaftStatus), unanswered.py (fails the command
 callbacks pysyncobj would never make), guarded.py (a bounded reader for the
 Raft port), internals.py (the only module touching pysyncobj's private
 names; checks its exact version). Everything else in mqnode
-talks to Raft through RaftNode (and `Replicator` in replicator.py).
+talks to Raft through RaftNode (and `Replicator` in raft/commit_pipeline.py).
 
 What it promises
 * `submit_entry(entry, done)` appends one entry; `done(results, None)` runs on
@@ -31,7 +31,7 @@ What it promises
 * At most one fsync per tick for the journal and one LMDB commit for the
   state, however many entries the tick carried (group commit). State commits
   are not fsynced: after a kernel crash the state is rebuilt from snapshot.bin
-  and the journal (store.py), which is why a state commit never runs ahead of
+  and the journal (queue/store.py), which is why a state commit never runs ahead of
   the journal and a snapshot downloaded from the leader is fsynced before the
   journal is reset past it. While busy, the leader sends
   new entries at most once per `replication_batch_ms` (pacing.py), so each
@@ -46,7 +46,7 @@ docs/design/replication.md):
   own FileJournal does not fsync and its dump-file loader drops entries.
 * Its startup dump-file load is disabled; the LMDB state (with its applied
   index) is the snapshot, and the journal holds everything after it.
-* Snapshots go through its serializer/deserializer hooks as `snapshot.py`
+* Snapshots go through its serializer/deserializer hooks as `queue/snapshot.py`
   files; installing one replaces the LMDB state.
 * Membership changes (`change_membership`) are its dynamic membership: an
   entry takes effect when appended. The member list it leads to is stored in
@@ -55,9 +55,9 @@ docs/design/replication.md):
   restore-by-replay does not happen).
 """
 
-from .journal import MEMBERSHIP, NO_OP, DurableJournal, Entry
-from .node import RaftNode
-from .types import Done, RaftSettings, RaftStatus
+from mqnode.raft.journal import MEMBERSHIP, NO_OP, DurableJournal, Entry
+from mqnode.raft.node import RaftNode
+from mqnode.raft.types import Done, RaftSettings, RaftStatus
 
 __all__ = [
     "MEMBERSHIP",

@@ -45,7 +45,7 @@ import pysyncobj.transport as pysyncobj_transport
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.tcp_connection import TcpConnection
 
-from .internals import ConnectionInternals, install_read_path
+from mqnode.raft.internals import ConnectionInternals, install_read_path
 
 PRE_AUTH_MAX_FRAME_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 16 * 1024 * 1024

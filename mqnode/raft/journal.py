@@ -17,8 +17,8 @@ from typing import Any
 
 from pysyncobj.journal import Journal
 
-from ..errors import CorruptDataError
-from ..logstore import LogStore
+from mqnode.errors import CorruptDataError
+from mqnode.raft.logstore import LogStore
 
 NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP marker
 MEMBERSHIP = b"\x02"  # _COMMAND_TYPE.MEMBERSHIP: pickled [op, node id, node], op "add"/"rem"

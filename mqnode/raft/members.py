@@ -1,7 +1,7 @@
 """MembershipOps: RaftNode's dynamic-membership half (add/remove one node at a time).
 
 The rules (one change at a time, never remove the leader, keep a majority
-of answering nodes, ...) are `mqnode.membership.plan`, pure and tested on
+of answering nodes, ...) are `mqnode.raft.membership.plan`, pure and tested on
 their own; this part gathers what the leader knows for them, appends the
 change on the tick thread right after the checks, keeps the member list
 the log leads to for the journal to store, and lets a node that started
@@ -22,11 +22,11 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.node import TCPNode
 from pysyncobj.pickle import loads as _pysyncobj_unpickle
 
-from .. import membership
-from ..errors import MembershipError
-from .internals import SyncInternals
-from .journal import MEMBERSHIP_TYPE, DurableJournal
-from .types import RaftSettings
+from mqnode.errors import MembershipError
+from mqnode.raft import membership
+from mqnode.raft.internals import SyncInternals
+from mqnode.raft.journal import MEMBERSHIP_TYPE, DurableJournal
+from mqnode.raft.types import RaftSettings
 
 log = logging.getLogger("mqnode.raft")
 

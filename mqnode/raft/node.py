@@ -19,23 +19,23 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
-from .. import membership
-from ..errors import MqnodeError, NewerFormatError
-from ..logstore import LogStore
-from ..statemachine import QueueStateMachine, Result
-from ..store import QueueStore
-from .guarded import install as install_guarded_connections
-from .internals import SyncInternals
-from .journal import DurableJournal
-from .members import FAIL_NAMES, MembershipOps
-from .pacing import AppendPacer, StateCommitPacer, follower_waits
-from .prevote import PreVote, PreVoteOps
-from .snapshot_writer import SnapshotWriter
-from .snapshots import SnapshotOps
-from .transport import DeferringTransport
-from .types import Done, RaftSettings, RaftStatus
-from .unanswered import UnansweredCommands
-from .wire import install as install_cheap_framing
+from mqnode.errors import MqnodeError, NewerFormatError
+from mqnode.queue.statemachine import QueueStateMachine, Result
+from mqnode.queue.store import QueueStore
+from mqnode.raft import membership
+from mqnode.raft.guarded import install as install_guarded_connections
+from mqnode.raft.internals import SyncInternals
+from mqnode.raft.journal import DurableJournal
+from mqnode.raft.logstore import LogStore
+from mqnode.raft.members import FAIL_NAMES, MembershipOps
+from mqnode.raft.pacing import AppendPacer, StateCommitPacer, follower_waits
+from mqnode.raft.prevote import PreVote, PreVoteOps
+from mqnode.raft.snapshot_writer import SnapshotWriter
+from mqnode.raft.snapshots import SnapshotOps
+from mqnode.raft.transport import DeferringTransport
+from mqnode.raft.types import Done, RaftSettings, RaftStatus
+from mqnode.raft.unanswered import UnansweredCommands
+from mqnode.raft.wire import install as install_cheap_framing
 
 log = logging.getLogger("mqnode.raft")
 

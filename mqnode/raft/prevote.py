@@ -47,7 +47,7 @@ from typing import Any
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.syncobj import _RAFT_STATE
 
-from .internals import SyncInternals
+from mqnode.raft.internals import SyncInternals
 
 log = logging.getLogger("mqnode.raft")
 

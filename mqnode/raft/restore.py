@@ -21,12 +21,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .. import snapshot
-from ..errors import ConfigError
-from ..logstore import LogStore
-from ..snapshot import SnapshotHeader
-from ..store import QueueStore, fsync_path
-from .journal import DurableJournal
+from mqnode.errors import ConfigError
+from mqnode.queue import snapshot
+from mqnode.queue.snapshot import SnapshotHeader
+from mqnode.queue.store import QueueStore, fsync_path
+from mqnode.raft.journal import DurableJournal
+from mqnode.raft.logstore import LogStore
 
 
 def restore_data_dir(

@@ -33,9 +33,9 @@ from typing import Any
 
 from pysyncobj.config import SERIALIZER_STATE
 
-from .. import snapshot
-from ..store import QueueStore, fsync_path
-from .journal import Entry
+from mqnode.queue import snapshot
+from mqnode.queue.store import QueueStore, fsync_path
+from mqnode.raft.journal import Entry
 
 log = logging.getLogger("mqnode.raft")
 

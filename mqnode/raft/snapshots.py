@@ -17,14 +17,15 @@ from typing import Any
 
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 
-from .. import membership, snapshot
-from ..errors import CorruptDataError, StoreFullError
-from ..logstore import LogStore
-from ..store import QueueStore, fsync_path
-from .compaction import compaction_min_entries, staggered_threshold
-from .journal import DurableJournal, Entry
-from .snapshot_writer import SnapshotWriter
-from .types import RaftSettings
+from mqnode.errors import CorruptDataError, StoreFullError
+from mqnode.queue import snapshot
+from mqnode.queue.store import QueueStore, fsync_path
+from mqnode.raft import membership
+from mqnode.raft.compaction import compaction_min_entries, staggered_threshold
+from mqnode.raft.journal import DurableJournal, Entry
+from mqnode.raft.logstore import LogStore
+from mqnode.raft.snapshot_writer import SnapshotWriter
+from mqnode.raft.types import RaftSettings
 
 log = logging.getLogger("mqnode.raft")
 
@@ -135,7 +136,7 @@ class SnapshotOps:
         self._snapshots.discard()  # ours must not replace the leader's, nor hold the store
         # pysyncobj renames the download into place unsynced; the journal is about to be
         # reset past its own entries, so this file is what a state lost in a kernel crash
-        # would be rebuilt from (store.py): durable first.
+        # would be rebuilt from (queue/store.py): durable first.
         fsync_path(Path(filename))
         fsync_path(Path(filename).parent)
         self._journal.flush()  # journal first, as in _serialize: never state ahead of log

@@ -38,8 +38,8 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
-from .internals import ConnectionInternals, SyncInternals
-from .prevote import PREVOTE, PREVOTE_GRANTED
+from mqnode.raft.internals import ConnectionInternals, SyncInternals
+from mqnode.raft.prevote import PREVOTE, PREVOTE_GRANTED
 
 log = logging.getLogger("mqnode.raft")
 

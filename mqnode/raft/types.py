@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..statemachine import Result
+from mqnode.queue.statemachine import Result
 
 # Called on the asyncio loop: (results, None) once committed and applied, else (None, reason).
 Done = Callable[[list[Result] | None, str | None], None]

@@ -32,7 +32,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON
 
-from .internals import SyncInternals
+from mqnode.raft.internals import SyncInternals
 
 log = logging.getLogger("mqnode.raft")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.loadgen import LoadGen
-from mqnode.devsink import read_sink
+from mqnode.devtools.devsink import read_sink
 from tests.support.chaos import (
     Report,
     acked_in_window,
@@ -113,7 +113,7 @@ def test_full_cluster_kill_and_restart(tmp_path: Path, staggered: bool) -> None:
 
 
 def test_power_loss_of_the_whole_cluster(tmp_path: Path) -> None:
-    """Every node's unsynced state commits lost or torn at once (store.py): each
+    """Every node's unsynced state commits lost or torn at once (queue/store.py): each
     rebuilds its state from snapshot.bin and its journal; nothing acked is lost."""
     with Cluster(tmp_path, extra_args=COMPACTING) as c:
         report, _, _ = run_scenario("power-loss", c, power_loss(2, 2.5), SEED, load_s=9)
@@ -327,7 +327,7 @@ def test_disk_full_refuses_then_recovers(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "mqnode.devsink",
+                "mqnode.devtools.devsink",
                 "--listen",
                 f"127.0.0.1:{sink_port}",
                 "--out",

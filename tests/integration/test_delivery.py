@@ -12,7 +12,7 @@ Two parts:
 * `TestDelivery`: one cluster (class scope) to which every routing/bounce
   scenario is submitted up front, so their deliveries and retries overlap;
   each test then checks its own scenario. The SERVFAIL scenario is first: the
-  resolver caches a temporary DNS failure for 30 s (mqnode/mx.py
+  resolver caches a temporary DNS failure for 30 s (mqnode/delivery/mx.py
   `temp_fail_ttl_s`, not a node flag), so its recovery is the long wait and
   the others finish meanwhile.
   It also covers STARTTLS (opportunistic, and required per domain) and the
@@ -1129,7 +1129,7 @@ def test_a_receiver_that_limits_connections_gets_fewer_sessions_and_no_suspensio
     tmp_path: Path, run_cli: RunCli
 ) -> None:
     """A 421 drops mqnode's window for the destination to the sessions the receiver
-    holds, each delivery raises it again (feedback.py), so the surplus sessions stay few:
+    holds, each delivery raises it again (delivery/feedback.py), so the surplus sessions stay few:
     12 refusals in two runs. With a fixed 10 sessions per destination the same 40
     messages met 160-168 and took twice as long. A 421 never suspends the destination
     (the host answers), and every message arrives once."""

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mqnode.delivery import Attempt, DeliveryAgent, Target, Transaction
-from mqnode.model import Outcome
-from mqnode.tlsconfig import required_client_context
+from mqnode.delivery.client import Attempt, DeliveryAgent, Target, Transaction
+from mqnode.queue.model import Outcome
+from mqnode.tls import required_client_context
 from tests.support import minismtp
 from tests.support.tlscert import make_cert
 
@@ -147,7 +147,7 @@ def test_a_failed_starttls_is_retried_once_without_tls(
     else:  # the server expects TLS 1.3 only with a cipher list nothing matches: it fails
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
         handler = minismtp.answer(b"tlsbad.x.test", received=lines, tls=server)
-    with caplog.at_level("INFO", logger="mqnode.delivery"):
+    with caplog.at_level("INFO", logger="mqnode.delivery.client"):
         attempt = _deliver(handler)
     assert _outcomes(attempt) == [DELIVERED], attempt
     assert sum(1 for line in lines if line.upper().startswith(b"EHLO")) >= 2, lines

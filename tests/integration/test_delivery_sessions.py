@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from mqnode.delivery import Attempt, DeliveryAgent, Target, Transaction
-from mqnode.feedback import Contact
-from mqnode.model import Outcome
+from mqnode.delivery.client import Attempt, DeliveryAgent, Target, Transaction
+from mqnode.delivery.feedback import Contact
+from mqnode.queue.model import Outcome
 from tests.support import minismtp
 from tests.support.smtpsink import Sink, SinkHost, bind_common_port
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from mqnode.clock import ManualClock
-from mqnode.mx import MxAnswer, MxHost, MxResolver
+from mqnode.delivery.mx import MxAnswer, MxHost, MxResolver
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
 from tests.support.smtp import make_message

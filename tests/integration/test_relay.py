@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 
-from mqnode.devsink import read_sink
+from mqnode.devtools.devsink import read_sink
 from tests.support.cluster import FAST_TUNING, Cluster, free_ports
 from tests.support.smtp import make_message, submit
 from tests.support.smtpsink import SinkHost, bind_common_port
@@ -58,7 +58,7 @@ def relay_cluster(tmp_path: Path, webhook: str) -> Iterator[tuple[Cluster, Path]
         [
             sys.executable,
             "-m",
-            "mqnode.devsink",
+            "mqnode.devtools.devsink",
             "--listen",
             f"127.0.0.1:{port}",
             "--out",

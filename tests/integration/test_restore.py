@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mqnode import snapshot
+from mqnode.queue import snapshot
 from tests.support.chaos import post_json
 from tests.support.checks import assert_acked_once, offer_ok
 from tests.support.cli import run_cli

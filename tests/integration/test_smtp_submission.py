@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from mqnode.smtpauth import hash_password
+from mqnode.smtp.auth import hash_password
 from tests.support.checks import assert_acked_once, assert_not_queued
 from tests.support.cluster import FAST_TUNING, HOST, Cluster, free_ports
 from tests.support.rawsmtp import RawSmtp

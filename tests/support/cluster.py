@@ -42,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from mqnode.localports import free_loopback_ports
+from mqnode.devtools.localports import free_loopback_ports
 
 from .netlab import NetLab
 
@@ -83,7 +83,7 @@ class ClusterError(AssertionError):
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (see mqnode.localports)."""
+    """`count` distinct free TCP ports on 127.0.0.1 (see mqnode.devtools.localports)."""
     return free_loopback_ports(count)
 
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.loadgen import LoadGen, LoadResult
-from mqnode.devsink import read_sink
+from mqnode.devtools.devsink import read_sink
 
 from .cluster import ADMIN_TOKEN, Cluster, http_request
 from .netlab import NetLab

@@ -170,7 +170,7 @@ class NetLab:
                 continue
             log = open(self.base_dir / f"sink-n{i + 1}.log", "ab")  # noqa: SIM115
             self._sinks[i] = subprocess.Popen(
-                [*self.exec_prefix(i), sys.executable, "-m", "mqnode.devsink",
+                [*self.exec_prefix(i), sys.executable, "-m", "mqnode.devtools.devsink",
                  "--listen", f"127.0.0.1:{SINK_PORT}", "--out", str(self.sink_file(i))],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip

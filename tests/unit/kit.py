@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mqnode.commands import Command, Enqueue, PutChunk, RecordOutcome, encode_entry
-from mqnode.statemachine import QueueStateMachine, Result
-from mqnode.store import QueueStore
+from mqnode.queue.commands import Command, Enqueue, PutChunk, RecordOutcome, encode_entry
+from mqnode.queue.statemachine import QueueStateMachine, Result
+from mqnode.queue.store import QueueStore
 
 T0 = 1_700_000_000_000
 DB_NAMES = (

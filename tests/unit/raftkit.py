@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from mqnode.localports import free_loopback_ports
+from mqnode.devtools.localports import free_loopback_ports
+from mqnode.queue.statemachine import QueueStateMachine
+from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode, RaftSettings
-from mqnode.statemachine import QueueStateMachine
-from mqnode.store import QueueStore
 
 
 def free_addrs(n: int) -> list[str]:
-    """Loopback Raft addresses below the ephemeral range (mqnode.localports): a port found by
+    """Loopback Raft addresses below the ephemeral range (devtools.localports): a port found by
     binding to 0 could be given to an outbound connection before the node binds it (seen in
     a fresh-clone run: BindError, then pysyncobj's unclosed socket failing a later test)."""
     return [f"127.0.0.1:{p}" for p in free_loopback_ports(n)]

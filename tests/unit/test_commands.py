@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqnode.commands import (
+from mqnode.errors import CodecError, NewerFormatError
+from mqnode.queue.commands import (
     FORMAT_VERSION,
     Announce,
     Claim,
@@ -30,7 +31,6 @@ from mqnode.commands import (
     encode_entry,
     encode_packed_entry,
 )
-from mqnode.errors import CodecError, NewerFormatError
 
 from .kit import enqueue
 

@@ -14,10 +14,10 @@ from typing import Any, cast
 import pytest
 
 from mqnode.clock import SystemClock
-from mqnode.commands import READS_LEVEL, Announce, Claim, Command, RecordOutcome, decode_entry
 from mqnode.errors import CommitTimeoutError, NoLeaderError
+from mqnode.queue.commands import READS_LEVEL, Announce, Claim, Command, RecordOutcome, decode_entry
 from mqnode.raft import RaftNode
-from mqnode.replicator import CommitPipeline
+from mqnode.raft.commit_pipeline import CommitPipeline
 
 from .kit import enqueue
 

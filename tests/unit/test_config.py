@@ -9,7 +9,7 @@ import pytest
 
 from mqnode.config import NodeConfig, parse_hostport
 from mqnode.errors import ConfigError
-from mqnode.tlsconfig import relay_client_context
+from mqnode.tls import relay_client_context
 
 SECRET = "0123456789abcdef-cluster-secret"
 

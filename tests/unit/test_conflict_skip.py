@@ -6,8 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from mqnode.logstore import LogStore
 from mqnode.raft import DurableJournal
+from mqnode.raft.logstore import LogStore
 from mqnode.raft.transport import DeferringTransport
 
 

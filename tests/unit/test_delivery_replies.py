@@ -1,11 +1,11 @@
-"""How a remote reply maps to a recipient's outcome (delivery.py)."""
+"""How a remote reply maps to a recipient's outcome (delivery/client.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from mqnode.delivery import _outcome_for, _refused
-from mqnode.model import Outcome
+from mqnode.delivery.client import _outcome_for, _refused
+from mqnode.queue.model import Outcome
 
 
 @pytest.mark.parametrize(

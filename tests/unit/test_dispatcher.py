@@ -17,25 +17,25 @@ from pathlib import Path
 import pytest
 
 from mqnode.clock import ManualClock
-from mqnode.commands import Command, LeaseRenew, QueueOp
-from mqnode.delivery import Attempt, Transaction
-from mqnode.dispatcher import (
+from mqnode.delivery.client import Attempt, Transaction
+from mqnode.delivery.dispatcher import (
     CLAIM_AHEAD,
     DEEP_SCAN_INTERVAL_S,
     Dispatcher,
     DispatchSettings,
     _Destination,
 )
-from mqnode.dsnparams import DsnRequest
-from mqnode.events import EventLog
-from mqnode.feedback import ConcurrencyWindow, Contact
-from mqnode.lease import LeaderLease
-from mqnode.model import Outcome, QueuedMessage
-from mqnode.mx import MxAnswer, MxHost
-from mqnode.policy import RetryPolicy
-from mqnode.routing import Router
-from mqnode.statemachine import Result
-from mqnode.store import QueueStore
+from mqnode.delivery.feedback import ConcurrencyWindow, Contact
+from mqnode.delivery.lease import LeaderLease
+from mqnode.delivery.mx import MxAnswer, MxHost
+from mqnode.delivery.retry import RetryPolicy
+from mqnode.delivery.routing import Router
+from mqnode.queue.commands import Command, LeaseRenew, QueueOp
+from mqnode.queue.dsnparams import DsnRequest
+from mqnode.queue.events import EventLog
+from mqnode.queue.model import Outcome, QueuedMessage
+from mqnode.queue.statemachine import Result
+from mqnode.queue.store import QueueStore
 
 from .kit import T0, Transcript, enqueue
 

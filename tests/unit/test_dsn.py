@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqnode.dsn import (
+from mqnode.dsn.report import (
     MAX_DIAGNOSTIC_CHARS,
     FailedRecipient,
     build_dsn,

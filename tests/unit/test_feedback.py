@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mqnode.feedback import FAILED_COHORT_LIMIT, ConcurrencyWindow, Contact
+from mqnode.delivery.feedback import FAILED_COHORT_LIMIT, ConcurrencyWindow, Contact
 
 
 def test_starts_at_the_initial_concurrency_within_the_limit() -> None:

@@ -7,10 +7,10 @@ import asyncio
 from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
-from mqnode.commands import CHUNK_BYTES, Command, PutChunk, encode_entry
-from mqnode.ingress import SmtpIngress
-from mqnode.statemachine import QueueStateMachine, Result
-from mqnode.store import QueueStore
+from mqnode.queue.commands import CHUNK_BYTES, Command, PutChunk, encode_entry
+from mqnode.queue.statemachine import QueueStateMachine, Result
+from mqnode.queue.store import QueueStore
+from mqnode.smtp.handler import SmtpIngress
 
 
 class _LosesFirstChunkOnce:

@@ -8,7 +8,7 @@ from typing import Any
 from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
-from mqnode.ingress import MAX_RCPT_BYTES, SmtpIngress
+from mqnode.smtp.handler import MAX_RCPT_BYTES, SmtpIngress
 
 
 class _NeverSubmits:

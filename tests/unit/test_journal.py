@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqnode.errors import CorruptDataError, StoreFullError
-from mqnode.logstore import LogStore
 from mqnode.raft import NO_OP, DurableJournal
+from mqnode.raft.logstore import LogStore
 
 _U64 = struct.Struct(">Q")
 Entry = tuple[bytes, int, int]

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from mqnode.commands import encode_entry
+from mqnode.queue.commands import encode_entry
+from mqnode.queue.statemachine import QueueStateMachine
+from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode
-from mqnode.statemachine import QueueStateMachine
-from mqnode.store import QueueStore
 
 from .kit import enqueue
 from .raftkit import free_addrs, raft_settings

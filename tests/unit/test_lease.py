@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mqnode.clock import ManualClock
-from mqnode.lease import LeaderLease
+from mqnode.delivery.lease import LeaderLease
 
 
 def _lease() -> tuple[ManualClock, LeaderLease]:

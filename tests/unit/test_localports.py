@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from mqnode import localports
-from mqnode.localports import FIXED_LO, ephemeral_range, free_loopback_ports
+from mqnode.devtools import localports
+from mqnode.devtools.localports import FIXED_LO, ephemeral_range, free_loopback_ports
 
 
 def test_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:

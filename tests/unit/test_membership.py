@@ -1,4 +1,4 @@
-"""Membership rules (membership.py) and the member list the journal stores with every write."""
+"""Membership rules (raft/membership.py) and the member list the journal stores with every write."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mqnode.errors import MembershipError
-from mqnode.logstore import LogStore
-from mqnode.membership import (
+from mqnode.raft import DurableJournal
+from mqnode.raft.logstore import LogStore
+from mqnode.raft.membership import (
     ADD,
     REMOVE,
     LeaderView,
@@ -22,7 +23,6 @@ from mqnode.membership import (
     quorum,
     startup_peers,
 )
-from mqnode.raft import DurableJournal
 
 A, B, C, D, E = (f"127.0.0.1:{7001 + i}" for i in range(5))
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from mqnode.commands import FORMAT_VERSION, encode_entry
 from mqnode.errors import MqnodeError, NewerFormatError
+from mqnode.queue.commands import FORMAT_VERSION, encode_entry
+from mqnode.queue.statemachine import QueueStateMachine
+from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode
-from mqnode.statemachine import QueueStateMachine
-from mqnode.store import QueueStore
 
 from .kit import enqueue
 from .raftkit import raft_settings, single_node

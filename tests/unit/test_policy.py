@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqnode import addresses
 from mqnode.clock import ManualClock
-from mqnode.ingress import find_message_id, idempotency_key, valid_address
-from mqnode.model import make_queue_id
-from mqnode.policy import RetryPolicy
+from mqnode.delivery.retry import RetryPolicy
+from mqnode.queue import addresses
+from mqnode.queue.model import make_queue_id
+from mqnode.smtp.handler import find_message_id, idempotency_key, valid_address
 
 # -- RetryPolicy ---------------------------------------------------------------------------
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from mqnode import snapshot
 from mqnode.errors import MembershipError
+from mqnode.queue import snapshot
+from mqnode.queue.statemachine import QueueStateMachine
+from mqnode.queue.store import QueueStore
 from mqnode.raft import MEMBERSHIP, RaftNode
 from mqnode.raft.journal import NO_OP
-from mqnode.statemachine import QueueStateMachine
-from mqnode.store import QueueStore
 
 from .raftkit import raft_settings, single_node
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from mqnode.admin.readiness import assess
 from mqnode.raft import RaftStatus
-from mqnode.readiness import assess
-from mqnode.replicator import PipelineHealth
+from mqnode.raft.commit_pipeline import PipelineHealth
 
 HEALTHY = PipelineHealth(
     last_commit_s=10.0, last_timeout_s=None, expired_entries=0, oldest_inflight_s=None

@@ -18,8 +18,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mqnode.smtpdata import unstuff
-from mqnode.smtpserver import SubmissionProtocol
+from mqnode.smtp.data import unstuff
+from mqnode.smtp.protocol import SubmissionProtocol
 
 SIZE_LIMIT = 3000
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit, with the CRLF

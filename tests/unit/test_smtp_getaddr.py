@@ -9,7 +9,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqnode.smtpserver import SubmissionProtocol
+from mqnode.smtp.protocol import SubmissionProtocol
 
 ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
 SPECIALS = ' \t()<>@,:;."[]\\'

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mqnode.commands import encode_entry
+from mqnode.queue.commands import encode_entry
 from mqnode.raft import RaftNode
 
 from .kit import enqueue

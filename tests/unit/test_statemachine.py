@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mqnode.commands import (
+from mqnode.errors import NewerFormatError
+from mqnode.queue.commands import (
     Announce,
     Claim,
     Command,
@@ -29,10 +30,9 @@ from mqnode.commands import (
     encode_entry,
     to_wire,
 )
-from mqnode.errors import NewerFormatError
-from mqnode.model import MessageState, RcptState
-from mqnode.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
-from mqnode.store import QueueStore
+from mqnode.queue.model import MessageState, RcptState
+from mqnode.queue.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
+from mqnode.queue.store import QueueStore
 
 from .kit import T0, Transcript, chunked, dump, enqueue, fresh_store, outcome
 
@@ -377,7 +377,7 @@ def _enq_with(**changes: Any) -> list[Any]:
 def test_decodable_but_malformed_entry_is_rejected_not_raised(
     tx: Transcript, store: QueueStore, entry: bytes
 ) -> None:
-    # statemachine.py promises: invalid input "is rejected the same way on every node and
+    # queue/statemachine.py promises: invalid input "is rejected the same way on every node and
     # recorded as a result; it never raises past here". An exception here is retried by the
     # Raft tick forever on every node (RaftNode._run rolls back and re-applies the entry).
     tx.one(enqueue("Q1"))

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from mqnode.clock import ManualClock
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError
-from mqnode.ingress import IngressLimits, SmtpIngress, client_key, header_count, valid_address
-from mqnode.ingress import peer_ip as parse_peer
-from mqnode.ratelimit import ConcurrencyLimiter, RateLimiter
-from mqnode.smtpauth import PasswordHash, UserDb, hash_password
-from mqnode.tlsconfig import server_context
+from mqnode.smtp.auth import PasswordHash, UserDb, hash_password
+from mqnode.smtp.handler import IngressLimits, SmtpIngress, client_key, header_count, valid_address
+from mqnode.smtp.handler import peer_ip as parse_peer
+from mqnode.smtp.ratelimit import ConcurrencyLimiter, RateLimiter
+from mqnode.tls import server_context
 
 FAST_N = 16  # scrypt cost for tests: the format is the same, the work trivial
 
@@ -328,7 +328,7 @@ def test_hash_password_command(
 ) -> None:
     import getpass
 
-    from mqnode import smtpauth
+    from mqnode.smtp import auth as smtpauth
 
     monkeypatch.setattr(getpass, "getpass", lambda prompt="": "pw")
     assert smtpauth.main(["alice@x.test"]) == 0

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from mqnode.commands import Enqueue, from_wire
 from mqnode.errors import (
     BackpressureError,
     CommitTimeoutError,
@@ -17,8 +16,8 @@ from mqnode.errors import (
     StoreFullError,
     SubmitError,
 )
-from mqnode.smtpworker import NodeLink
-from mqnode.workerlink import (
+from mqnode.queue.commands import Enqueue, from_wire
+from mqnode.smtp.worker_link import (
     CLOSE,
     FAILED,
     FILL,
@@ -30,6 +29,7 @@ from mqnode.workerlink import (
     error_from,
     error_kind,
 )
+from mqnode.smtp.worker_process import NodeLink
 
 CMD = Enqueue(
     queue_id="Q1",

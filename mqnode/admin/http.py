@@ -1,0 +1,426 @@
+"""Admin HTTP endpoint (aiohttp) on `admin_addr`: status and queue inspection.
+
+    GET  /status           node, Raft and queue summary (what `mqnode status` prints)
+    GET  /queue            ?state=active|deferred|hold&domain=D&sender=S&limit=N (default
+                           1000, max 100000): like `postqueue -p`; sender "<>": bounces
+    GET  /queue/{id}       one message: envelope, per-recipient status, attempts
+    GET  /queue/{id}/body  the stored message as it will be sent (like postcat)
+    POST /queue/{op}       op = hold | release | delete | retry | bounce (like postsuper
+                           -h/-H/-d, postqueue -i; bounce returns them with a DSN):
+                           {"ids": [...]} or {"state", "domain", "sender"} selects; the
+                           change is committed through the log, so every node applies
+                           it. Answers {"op", "affected": [ids]}.
+    GET  /metrics          Prometheus text format (see admin/metrics.py)
+    GET  /healthz          200 while the process runs
+    GET  /readyz           200 when a submission here would commit now (admin/readiness.py:
+                           quorum, leader heard, last commit did not time out), else
+                           503 with the reasons
+    POST /raft/compact     ask for a log compaction (snapshot) now
+    POST /raft/transfer-leadership  {"to": "host:port"} or {}: leader hands over to a
+                           caught-up follower (Raft TimeoutNow); 409 on a follower
+    POST /raft/add-node    {"addr": "host:port", "timeout_s": 10}: leader only; adds
+    POST /raft/remove-node the Raft address as a member / removes it, one change at a
+                           time (raft/membership.py), answering once committed:
+                           {"op", "addr", "members", "quorum"}. 400 bad address, 409
+                           not the leader (the error names it) or refused, 504 not
+                           committed in time (it may still commit), 503 discarded.
+                           add-node first checks something listens at the address.
+    POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
+                           those peers (only with `fault_injection = 1`; tests)
+    POST /fault/reset      {"peers": ["host:port", ...]}: close the Raft connections
+                           with those peers once, as a link reset does (same rule)
+
+Binds to loopback by default. /queue*, /raft* and /fault* need
+`Authorization: Bearer <token>` (the node's admin token, see config.py);
+/status, /metrics, /healthz and /readyz do not (no message data in them).
+Selections are made from this node's copy of
+the queue and submitted as explicit ids, so apply stays deterministic;
+`MAX_SELECT` ids at most per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
+
+from aiohttp import web
+
+from mqnode.admin.metrics import NodeMetrics
+from mqnode.admin.readiness import Readiness, assess
+from mqnode.clock import Clock
+from mqnode.config import parse_hostport
+from mqnode.dsn.notify import report_for
+from mqnode.errors import ConfigError, MembershipError, SubmitError
+from mqnode.queue.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
+from mqnode.queue.formats import cluster_level
+from mqnode.queue.model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
+from mqnode.queue.statemachine import QueueStateMachine
+from mqnode.queue.store import QueueStore
+from mqnode.raft import RaftNode, membership
+from mqnode.raft.commit_pipeline import PipelineHealth, Replicator
+
+MAX_LIST = 100_000
+PROTECTED = ("/queue", "/raft", "/fault")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_SELECT = 100_000
+IDS_PER_COMMAND = 500  # keeps each log entry small
+MEMBERSHIP_TIMEOUT_S = 10.0  # default wait for a membership change to commit
+MEMBERSHIP_MAX_TIMEOUT_S = 120.0
+PROBE_TIMEOUT_S = 2.0  # add-node: something must accept a TCP connection at the address
+_MEMBERSHIP_HTTP = {"invalid": 400, "not_leader": 409, "refused": 409, "timeout": 504}
+
+
+class AdminServer:
+    def __init__(
+        self,
+        node_info: dict[str, str],
+        store: QueueStore,
+        raft: RaftNode,
+        lease_held: Callable[[], bool],
+        replicator: Replicator,
+        clock: Clock,
+        metrics: NodeMetrics,
+        token: str,
+        fault_injection: bool = False,
+    ) -> None:
+        self._token = token
+        # the node's SMTP worker processes (smtpworkers.WorkerPool.describe); None: none
+        self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None
+        # suspended destinations and sessions per destination (Dispatcher.describe_destinations)
+        self.destinations: Callable[[], dict[str, Any]] = lambda: {}
+        # readiness.assess over this node's Raft status and commit pipeline (set by Node)
+        self.readiness: Callable[[], Readiness] = lambda: assess(
+            raft.status, PipelineHealth(None, None, 0, None)
+        )
+        self._metrics = metrics
+        self._rep = replicator
+        self._clock = clock
+        self._info = node_info
+        self._store = store
+        self._raft = raft
+        self._lease_held = lease_held
+        self.app = web.Application(middlewares=[self._auth])
+        self.app.add_routes(
+            [
+                web.get("/status", self._status),
+                web.get("/metrics", self._metrics_page),
+                web.get("/healthz", self._healthz),
+                web.get("/readyz", self._readyz),
+                web.get("/queue", self._list),
+                web.get("/queue/{id}", self._show),
+                web.get("/queue/{id}/body", self._body),
+                web.post("/queue/{op}", self._operate),
+                web.post("/raft/compact", self._compact),
+                web.post("/raft/transfer-leadership", self._transfer),
+                web.post("/raft/add-node", self._change_membership),
+                web.post("/raft/remove-node", self._change_membership),
+            ]
+        )
+        if fault_injection:
+            self.app.add_routes(
+                [
+                    web.post("/fault/partition", self._partition),
+                    web.post("/fault/reset", self._reset),
+                ]
+            )
+        self._runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(PROTECTED):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(
+                given.encode("utf-8", "surrogateescape"), f"Bearer {self._token}".encode()
+            ):
+                return web.json_response({"error": "admin token required"}, status=401)
+        return await handler(request)
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def status(self) -> dict[str, Any]:
+        st = self._raft.status
+        readiness = self.readiness()
+        with self._store.reader() as r:
+            nodes: dict[str, Any] = r.get_meta("nodes", {})
+        leader = nodes.get(st.leader_addr or "", {})
+        leader_addr = st.leader_addr if st.has_quorum else None  # isolated: no leader known
+        if st.role == "leader":
+            leader_id: str | None = self._info["node_id"]
+        elif leader_addr is None:
+            leader_id = None
+        else:
+            leader_id = leader.get("node_id") or leader_addr
+        return {
+            **self._info,
+            "role": st.role,
+            "leader_id": leader_id,
+            "leader_raft_addr": leader_addr,
+            "term": st.term,
+            "commit_index": st.commit_index,
+            "last_applied": st.last_applied,
+            "has_quorum": st.has_quorum,
+            "log_entries": st.log_len,
+            "log_first_index": st.log_first_index,
+            "log_last_index": st.log_last_index,
+            "snapshot_after_entries": st.snapshot_after_entries,
+            "queue": self._store.counts(),
+            "lease_held": self._lease_held(),
+            "nodes": nodes,
+            "match_index": st.match_index,
+            "peer_last_heard_s": st.peer_last_heard_s,
+            "members": list(st.members),
+            # What this node reads, and the lowest any member announced (queue/formats.py): DSN
+            # parameters are kept once the latter is 2.
+            "reads_level": READS_LEVEL,
+            "cluster_reads_level": cluster_level(nodes, st.members),
+            "quorum": membership.quorum(len(st.members)),
+            "smtp_workers": self.smtp_workers(),
+            "destinations": self.destinations(),
+            "ready": readiness.ready,
+            "not_ready_because": list(readiness.reasons),
+            "leader_heard_s": st.leader_heard_s,
+        }
+
+    async def _bounce(self, ids: list[str]) -> web.Response:
+        """Return messages to their senders (postsuper -r-like bounce): a DSN per message.
+
+        Recorded as an outcome in the current lease epoch, so it is fenced like any
+        delivery result; a message being delivered right now may still arrive too.
+        """
+        affected: list[str] = []
+        with self._store.reader() as r:
+            epoch = QueueStateMachine.lease_epoch(r)
+        for qid in ids:
+            msg = self._store.get_message(qid)
+            if msg is None:
+                continue
+            now_ms = self._clock.wall_ms()
+            reply = "5.0.0 returned to sender by the mail administrator"
+            results = [
+                (i, Outcome.BOUNCED.value, reply)
+                for i, rcpt in enumerate(msg.recipients)
+                if rcpt.state is RcptState.PENDING
+            ]
+            dsn_id = make_queue_id(now_ms, secrets.token_bytes(4))
+            body = self._store.read_body(msg)
+            dsn = report_for(msg, results, {}, body, now_ms, self._info["hostname"], dsn_id)
+            cmd = RecordOutcome(
+                qid, now_ms, tuple(results), now_ms, epoch, dsn_id if dsn else "", dsn
+            )
+            try:
+                status, _ = await self._rep.submit(cmd)
+            except SubmitError as exc:
+                return web.json_response({"error": str(exc), "affected": affected}, status=503)
+            if status == "ok":
+                affected.append(qid)
+        return web.json_response({"op": "bounce", "affected": affected})
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        body, content_type = self._metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        st = self._raft.status
+        r = self.readiness()
+        return web.json_response(
+            {"ready": r.ready, "role": st.role, "leader": st.leader_addr, "why_not": r.reasons},
+            status=200 if r.ready else 503,
+        )
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    def _select(self, state_s: Any, domain: Any, sender: Any, limit: int) -> list[QueuedMessage]:
+        """Messages in `state_s` with a recipient in `domain` and from `sender` (each
+        optional; sender "" or "<>" is the null sender: bounces)."""
+        if not all(isinstance(v, str | None) for v in (state_s, domain, sender)):
+            raise ValueError("state, domain and sender must be strings")
+        state = MessageState(state_s) if state_s else None
+        if not domain and sender is None:
+            return self._store.list_messages(limit, state)
+        suffix = "@" + domain.lower() if domain else ""
+        wanted = None if sender is None else sender.strip("<>").lower()
+
+        def matches(m: QueuedMessage) -> bool:
+            if wanted is not None and m.mail_from.lower() != wanted:
+                return False
+            return not suffix or any(r.address.lower().endswith(suffix) for r in m.recipients)
+
+        return [m for m in self._store.list_messages(MAX_LIST, state) if matches(m)][:limit]
+
+    async def _list(self, request: web.Request) -> web.Response:
+        try:
+            limit = min(int(request.query.get("limit", "1000")), MAX_LIST)
+            q = request.query
+            msgs = self._select(q.get("state"), q.get("domain"), q.get("sender"), limit)
+        except ValueError:
+            return web.json_response({"error": "bad state or limit"}, status=400)
+        return web.json_response({"messages": [m.summary() for m in msgs]})
+
+    async def _operate(self, request: web.Request) -> web.Response:
+        op = request.match_info["op"]
+        if op not in (*QUEUE_OPS, "bounce"):
+            return web.json_response({"error": f"unknown operation {op!r}"}, status=404)
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            ids = body.get("ids")
+            if ids is None:
+                msgs = self._select(
+                    body.get("state"), body.get("domain"), body.get("sender"), MAX_SELECT
+                )
+                ids = [m.queue_id for m in msgs]
+            if not isinstance(ids, list) or not all(
+                isinstance(i, str) and i.isascii() for i in ids
+            ):
+                raise ValueError("ids must be a list of queue ids")
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        affected: list[str] = []
+        if op == "bounce":
+            return await self._bounce(ids)
+        try:
+            for start in range(0, len(ids), IDS_PER_COMMAND):
+                part = tuple(ids[start : start + IDS_PER_COMMAND])
+                status, done = await self._rep.submit(QueueOp(op, part, self._clock.wall_ms()))
+                if status != "ok":
+                    return web.json_response({"error": done, "affected": affected}, status=400)
+                affected += [i for i in done.split(",") if i]
+        except SubmitError as exc:
+            return web.json_response({"error": str(exc), "affected": affected}, status=503)
+        return web.json_response({"op": op, "affected": affected})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        msg = self._store.get_message(request.match_info["id"])
+        if msg is None:
+            return web.json_response({"error": "no such message"}, status=404)
+        return web.json_response(msg.summary())
+
+    async def _body(self, request: web.Request) -> web.Response:
+        msg = self._store.get_message(request.match_info["id"])
+        if msg is None:
+            return web.json_response({"error": "no such message"}, status=404)
+        body = self._store.read_body(msg)
+        return web.Response(body=body, content_type="message/rfc822")
+
+    async def _transfer(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+            target = body.get("to") if isinstance(body, dict) else None
+            if target is not None:
+                if not isinstance(target, str):
+                    raise ValueError("to must be host:port")
+                parse_hostport(target, "to")
+        except ConfigError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if self._raft.status.role != "leader":
+            return self._not_leader(self._raft.status.leader_addr)
+        outcome = await self._raft.transfer_leadership(target)
+        code = 200 if outcome == "requested" else 409
+        return web.json_response({"result": outcome, "to": target}, status=code)
+
+    def _not_leader(self, leader_addr: str | None) -> web.Response:
+        """409 naming the leader (id, Raft and admin address as it announced them)."""
+        with self._store.reader() as r:
+            nodes: dict[str, Any] = r.get_meta("nodes", {})
+        me = self._info["node_id"]
+        info = nodes.get(leader_addr or "", {})
+        admin = info.get("admin_addr")
+        if leader_addr is None:
+            text = f"{me} is not the leader and knows of none (election running or no quorum)"
+        else:
+            text = (
+                f"{me} is not the leader; the leader is {info.get('node_id', '?')} "
+                f"(raft {leader_addr}, admin {admin or 'not announced'})"
+            )
+        body = {"error": text, "leader": leader_addr, "leader_admin": admin}
+        return web.json_response(body, status=409)
+
+    async def _change_membership(self, request: web.Request) -> web.Response:
+        op = membership.ADD if request.path.endswith("/add-node") else membership.REMOVE
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            addr = membership.check_addr(body.get("addr"))
+            timeout_s = body.get("timeout_s", MEMBERSHIP_TIMEOUT_S)
+            if (
+                not isinstance(timeout_s, int | float)
+                or isinstance(timeout_s, bool)
+                or not 0 < timeout_s <= MEMBERSHIP_MAX_TIMEOUT_S
+            ):
+                raise ValueError(
+                    f"timeout_s: a number of seconds in (0, {MEMBERSHIP_MAX_TIMEOUT_S:g}]"
+                )
+        except (ValueError, MembershipError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if self._raft.status.role != "leader":
+            return self._not_leader(self._raft.status.leader_addr)
+        if op == membership.ADD and not await _accepts_connections(addr, PROBE_TIMEOUT_S):
+            text = (
+                f"nothing accepts connections at {addr}: start the new node first "
+                "(with join = 1 and peers = the current members), then add it"
+            )
+            return web.json_response({"error": text}, status=409)
+        try:
+            up = op == membership.ADD  # checked just above
+            members = await self._raft.change_membership(op, addr, float(timeout_s), up)
+        except MembershipError as exc:
+            if exc.kind == "not_leader":
+                return self._not_leader(exc.leader)
+            status = _MEMBERSHIP_HTTP.get(exc.kind, 503)
+            return web.json_response({"error": str(exc), "kind": exc.kind}, status=status)
+        return web.json_response(
+            {"op": op, "addr": addr, "members": members, "quorum": membership.quorum(len(members))}
+        )
+
+    async def _compact(self, request: web.Request) -> web.Response:
+        self._raft.force_compaction()
+        self._raft.wake()
+        return web.json_response({"ok": True})
+
+    async def _partition(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        blocked = body.get("block", [])
+        if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
+            return web.json_response({"error": "block must be a list of host:port"}, status=400)
+        self._raft.set_partition(blocked)
+        return web.json_response({"blocked": blocked})
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        peers = body.get("peers", []) if isinstance(body, dict) else None
+        if not isinstance(peers, list) or not all(isinstance(b, str) for b in peers):
+            return web.json_response({"error": "peers must be a list of host:port"}, status=400)
+        self._raft.reset_connections(peers)
+        return web.json_response({"reset": peers})
+
+
+async def _accepts_connections(addr: str, timeout_s: float) -> bool:
+    """True if a TCP connection to `addr` opens within `timeout_s` (it is closed at once)."""
+    host, port = parse_hostport(addr, "addr")
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with suppress(OSError):
+        await writer.wait_closed()
+    return True

@@ -1,0 +1,635 @@
+"""Dispatcher: the lease holder's claim -> deliver -> record loop.
+
+Only the node holding a valid dispatch lease sends (see delivery/lease.py and
+docs/design/dispatch.md). Each scan:
+  1. takes due messages (oldest due first, at most `batch`, at most the room
+     in the claim window), skipping those in flight here, those claimed by
+     an earlier epoch until the old lease is waited out, and those for a
+     destination with enough claimed here already;
+  2. commits a Claim for them; apply grants only unclaimed / ended claims;
+  3. delivers each granted message once its destinations' permits and a
+     delivery slot are free (re-read then: one held, deleted or re-claimed
+     meanwhile is left alone):
+     recipients grouped by destination (the relay host, else the domain:
+     delivery/routing.py), each group routed and sent with a lease gate before the
+     final ".";
+  4. commits RecordOutcome per message (split so entries stay small), with
+     a bounce (DSN) for bounced recipients in the same command, and bounces
+     recipients deferred past `max_queue_lifetime_s` (4.4.7).
+
+Limits: `concurrency` (C) deliveries in flight, `per_destination` per destination,
+`batch` per scan, a scan every `scan_interval_s` unless woken.
+A failover can duplicate at most the C messages in flight at that moment.
+
+Claim window: up to CLAIM_AHEAD x C messages are claimed, C of them
+delivering (SMTP, then waiting for the outcome to commit), the rest claimed
+and waiting for a slot. A slot that frees finds its next message claimed
+already instead of waiting for a scan and a Claim commit (that wait held
+every slot about twice as long as the SMTP transaction itself under load).
+Waiting messages were never sent, so they cannot be duplicated; after a
+failover the new leader sends them once the old lease is waited out, as any
+claimed message.
+
+Destinations (recipient domains, or the one relay host) never block the
+others: an attempt takes the permits of all its message's destinations (in
+name order, so two multi-domain messages cannot wait on each other) *before*
+a delivery slot, so a slot is only ever held by a transaction in progress; the permits go
+back when its SMTP transactions end, before the outcome's commit. A scan
+claims for one destination at most CLAIM_AHEAD x C messages, and the window
+holds C/2 more, which only other destinations can take: one slow
+destination with a backlog fills neither the slots nor the claim window.
+(A cap of CLAIM_AHEAD x `per_destination` cost a single destination a sixth
+of its end-to-end rate: its waiting messages are what keeps it busy while
+outcomes commit.)
+
+Concurrency feedback (delivery/feedback.py, after Postfix's scheduler): a destination
+starts at `initial_per_destination` sessions and moves towards
+`per_destination` (or its own limit in `destination_limits`) as its sessions
+get transactions answered, and back towards 1 as they reach no host or lose
+their connection; a 421 greeting drops it to the destination's other permits
+held at that moment. A permit frees only while fewer than its window's
+sessions are open.
+
+Dead destinations: once a whole cohort of a destination's sessions failed in
+a row (as many as its window; a destination none of whose hosts answers
+fails its first cohort together, on the same connect timeout), it is
+suspended for `retry_base_s`: its messages are deferred at once ("4.4.1
+delivery temporarily suspended: <why>") instead of each waiting out its own
+connection timeouts, which held delivery slots and permits for
+`delivery_timeout_s` apiece (Postfix marks such a destination dead the same
+way). A host without the TLS a domain requires is no failure: it may take the
+destination's other mail. An operator's retry (`mqnode queue retry` /
+`flush`) lifts every suspension, as `postqueue -f` does. Windows and
+suspensions live in the lease holder's memory: a new leader probes afresh.
+
+Scan depth: a scan reads the due index oldest first, passing over messages
+for destinations at their claim limit (known from an earlier scan: not
+decoded again). Most scans stop after `2 x batch` index entries past those in
+flight; once every DEEP_SCAN_INTERVAL_S one may read DEEP_SCAN_ENTRIES, so
+mail behind a backlog for busy destinations (a newsletter to one domain) goes
+within about a second instead of after the backlog, up to a backlog of that
+many messages (Postfix's active queue has a similar bound: 20,000 messages).
+With a relay host (one destination) scans never run deep. A deep scan costs
+~1.5 us per entry passed over (30 ms for 20,000) and ~11 us per message it
+decodes for the first time, at most DEEP_SCAN_DECODES of them (a new leader
+meeting a backlog of 20,000 blocked its event loop for 0.22 s decoding them
+all in one scan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqnode.clock import Clock
+from mqnode.delivery.client import DeliveryAgent, LeaseLost, RecipientResult, Transaction
+from mqnode.delivery.feedback import ConcurrencyWindow, Contact
+from mqnode.delivery.lease import LeaderLease
+from mqnode.delivery.retry import RetryPolicy
+from mqnode.delivery.routing import Router
+from mqnode.dsn.notify import report_for
+from mqnode.errors import CorruptDataError, MqnodeError
+from mqnode.queue.commands import Claim, LeaseRenew, RecordOutcome
+from mqnode.queue.events import EventLog
+from mqnode.queue.model import Outcome, QueuedMessage, RcptState, make_queue_id
+from mqnode.queue.store import QueueStore
+from mqnode.raft.commit_pipeline import Replicator
+
+log = logging.getLogger(__name__)
+
+MAX_REPLY_CHARS = 256
+RESULTS_PER_COMMAND = 100
+CLAIM_AHEAD = 2  # claimed messages per delivery slot (see the module docstring)
+DESTS_SEEN_MAX = 100_000
+DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module docstring)
+DEEP_SCAN_DECODES = 2_000
+DEEP_SCAN_INTERVAL_S = 1.0
+SUSPENDED_MAX = 10_000  # destinations remembered as dead; all forgotten beyond
+DESCRIBED_MAX = 20  # destinations of each kind /status lists
+IDLE_WINDOWS_MAX = 10_000  # idle destinations whose window feedback moved; idem
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    node_id: str
+    raft_addr: str
+    hostname: str
+    concurrency: int
+    per_destination: int
+    max_queue_lifetime_s: int
+    tls_required_domains: frozenset[str]
+    batch: int = 100
+    scan_interval_s: float = 0.5
+    initial_per_destination: int = 5  # Postfix's initial_destination_concurrency
+    # A destination's own limit instead of `per_destination` (destination_concurrency_limits)
+    destination_limits: dict[str, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: DispatchSettings,
+        store: QueueStore,
+        replicator: Replicator,
+        agent: DeliveryAgent,
+        router: Router,
+        lease: LeaderLease,
+        clock: Clock,
+        policy: RetryPolicy,
+        unit_random: Callable[[], float],
+        random_bytes: Callable[[int], bytes],
+    ) -> None:
+        self._s = settings
+        self._store = store
+        self._rep = replicator
+        self._agent = agent
+        self._router = router
+        self._lease = lease
+        self._clock = clock
+        self._policy = policy
+        self._random = unit_random
+        self._random_bytes = random_bytes
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        # Per destination: its window and permits. Dropped once no attempt holds or waits
+        # for a permit and its window is as a new one would be; at most IDLE_WINDOWS_MAX
+        # idle ones beyond that, so a node that has sent to millions of domains keeps few.
+        self._dests: dict[str, _Destination] = {}
+        self._in_flight: set[str] = set()
+        self._claimed_for: dict[str, int] = {}  # destination -> messages claimed here for it
+        # Destinations of due messages seen by scans, so a scan passes over those for a
+        # destination at its claim limit without decoding them again (a backlog for one
+        # destination is read on every scan). Bounded; forgotten once an attempt ends.
+        self._dests_seen: dict[str, tuple[str, ...]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._next_deep_scan_s = 0.0  # monotonic; the first scan may run deep
+        # Dead destination -> (monotonic time its suspension ends, why).
+        self._suspended: dict[str, tuple[float, str]] = {}
+        self._retries_seen = -1  # the store's operator retry count at the last scan
+        self.counts = {o.value: 0 for o in Outcome}
+        self.events: EventLog | None = None
+        self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def suspended_count(self) -> int:
+        """Destinations suspended now (the metric; /status has the list)."""
+        now = self._clock.monotonic_s()
+        return sum(1 for until, _ in self._suspended.values() if until > now)
+
+    def describe_destinations(self) -> dict[str, Any]:
+        """For /status: suspended destinations (longest left first) and those below their
+        limit of sessions or with sessions open (fewest allowed first), DESCRIBED_MAX each.
+        Empty on a node that does not dispatch."""
+        now = self._clock.monotonic_s()
+        suspended = sorted(
+            ((until - now, dest, why) for dest, (until, why) in self._suspended.items()),
+            reverse=True,
+        )
+        suspended = [entry for entry in suspended if entry[0] > 0]  # as suspended_count
+        windows = sorted(
+            (r.window.sessions, -r.held, dest, r.window.limit)
+            for dest, r in self._dests.items()
+            if r.held or r.window.sessions < r.window.limit
+        )
+        return {
+            "suspended_count": len(suspended),
+            "suspended": [
+                {"destination": dest, "for_s": round(left), "why": why}
+                for left, dest, why in suspended[:DESCRIBED_MAX]
+            ],
+            "sessions": [
+                {"destination": dest, "open": -neg_open, "allowed": allowed, "limit": limit}
+                for allowed, neg_open, dest, limit in windows[:DESCRIBED_MAX]
+            ],
+        }
+
+    async def run(self) -> None:
+        renew = asyncio.create_task(self._renew_loop(), name="lease-renew")
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._s.scan_interval_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                try:
+                    await self._scan()
+                except MqnodeError as exc:
+                    log.warning("dispatch scan failed: %s", exc)
+                # Idle sessions are closed on time, and all of them once we stop dispatching.
+                await self._agent.reap(everything=not self._lease.valid())
+        finally:
+            renew.cancel()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the lease -------------------------------------------------------------------
+    async def _renew_loop(self) -> None:
+        lease = self._lease
+        while True:
+            epoch = lease.epoch
+            if epoch > 0:
+                started = lease.renew_started()
+                cmd = LeaseRenew(
+                    self._s.node_id, self._s.raft_addr, epoch, int(lease.lease_s * 1000)
+                )
+                try:
+                    status, _ = await self._rep.submit(cmd)
+                    if status == "ok":
+                        was_valid = lease.valid()
+                        if not lease.renew_committed(started, epoch):
+                            log.info(
+                                "a lease renewal of epoch %d committed after this node left "
+                                "that epoch (now %d): it extends nothing",
+                                epoch,
+                                lease.epoch,
+                            )
+                        elif not was_valid:
+                            log.info("dispatch lease acquired (epoch %d)", epoch)
+                            self.wake()
+                except MqnodeError as exc:
+                    log.info("lease renewal not committed: %s", exc)
+            await asyncio.sleep(lease.renew_interval_s)
+
+    # -- claim and dispatch ------------------------------------------------------------
+    async def _scan(self) -> None:
+        lease = self._lease
+        epoch = lease.epoch
+        if not lease.valid(epoch):
+            return
+        retries = self._store.operator_retries()
+        if retries != self._retries_seen:  # an operator's retry lifts every suspension
+            self._retries_seen = retries
+            self._suspended.clear()
+        # Up to CLAIM_AHEAD x C claimed for any one destination, and C/2 places more
+        # that only other destinations can take (see the module docstring).
+        room = self._s.concurrency * CLAIM_AHEAD
+        free = room + max(1, self._s.concurrency // 2) - len(self._in_flight)
+        if free <= 0:
+            return
+        waited_out = lease.waited_out()
+        picked: dict[str, tuple[str, ...]] = {}  # queue id -> its destinations
+        planned: dict[str, int] = {}
+
+        def full(dests: tuple[str, ...]) -> bool:
+            return any(self._claimed_for.get(d, 0) + planned.get(d, 0) >= room for d in dests)
+
+        if len(self._dests_seen) > DESTS_SEEN_MAX:
+            self._dests_seen.clear()
+        skip = _Skip(self._in_flight, self._dests_seen, full)
+        now_ms = self._clock.wall_ms()
+        examined = len(self._in_flight) + 2 * self._s.batch
+        limit = self._s.batch
+        now_s = self._clock.monotonic_s()
+        # Past a backlog for busy destinations; pointless with one destination (a relay):
+        # every message then waits for the same permits.
+        if now_s >= self._next_deep_scan_s and not self._router.one_destination:
+            self._next_deep_scan_s = now_s + DEEP_SCAN_INTERVAL_S
+            examined = max(examined, DEEP_SCAN_ENTRIES)
+            limit = max(limit, DEEP_SCAN_DECODES)
+        # Closed before the first await: it holds the store's lock and a read transaction.
+        with closing(self._store.iter_due(now_ms, limit, skip, examined)) as due:
+            for msg in due:
+                if msg.claim_epoch not in (0, epoch) and not waited_out:
+                    continue  # another leader's claim: wait out its lease first
+                dests = self._dests_seen[msg.queue_id] = self._destinations(msg)
+                if full(dests):
+                    continue  # that destination has enough waiting here: look further
+                picked[msg.queue_id] = dests
+                for d in dests:
+                    planned[d] = planned.get(d, 0) + 1
+                if len(picked) >= free:
+                    break
+        if not picked:
+            return
+        status, granted = await self._rep.submit(Claim(tuple(picked), self._s.node_id, epoch))
+        if status != "ok" or not granted:
+            return
+        for qid in granted.split(","):
+            if self.events is not None:
+                self.events.emit("claimed", qid, epoch=epoch)
+            self._in_flight.add(qid)
+            dests = picked.get(qid, ())
+            self._count_claims(dests, +1)
+            task = asyncio.create_task(self._attempt(qid, epoch, dests), name=f"deliver-{qid}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _destinations(self, msg: QueuedMessage) -> tuple[str, ...]:
+        """A message's pending destinations, sorted (the order permits are taken in)."""
+        return destinations(msg, self._router.nexthop)
+
+    def _count_claims(self, dests: tuple[str, ...], delta: int) -> None:
+        for d in dests:
+            n = self._claimed_for.get(d, 0) + delta
+            if n > 0:
+                self._claimed_for[d] = n
+            else:
+                self._claimed_for.pop(d, None)
+
+    async def _attempt(self, qid: str, epoch: int, dests: tuple[str, ...]) -> None:
+        try:
+            # Permits first, then a slot: a slot is never held waiting for a destination.
+            # The permits go back once the SMTP transactions are done, before the outcome's
+            # commit (held through it, one destination's end-to-end rate fell by a fifth).
+            async with contextlib.AsyncExitStack() as permits:
+                await self._take_permits(permits, dests)
+                async with self._slots:
+                    msg = self._store.get_message(qid)  # as it is now, not as claimed
+                    if msg is None or msg.hold or msg.claim_epoch != epoch:
+                        return  # deleted, held or claimed by a newer leader while it waited
+                    if not self._lease.valid(epoch):
+                        return  # still claimed: sent after a take-over waits out this lease
+                    started = self._clock.monotonic_s()
+                    await self._deliver(msg, epoch, permits.aclose)
+                    self.on_attempt(self._clock.monotonic_s() - started)
+            # A slot is free: scan now rather than at the next tick, or a backlog
+            # drains at the claim window per `scan_interval_s`. Only after a recorded
+            # attempt, so a failing commit never turns into a resend loop.
+            self.wake()
+        except LeaseLost:
+            log.warning("%s: lease lost mid-delivery; not completed, not recorded", qid)
+        except MqnodeError as exc:
+            log.warning("%s: attempt not recorded: %s", qid, exc)
+        except Exception:
+            log.exception("%s: delivery attempt crashed", qid)
+        finally:
+            self._in_flight.discard(qid)
+            self._dests_seen.pop(qid, None)  # its pending recipients may have changed
+            self._count_claims(dests, -1)
+
+    async def _deliver(
+        self, msg: QueuedMessage, epoch: int, sent: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Send to every pending destination, call `sent()`, record the outcome."""
+        # One transaction per destination, and apart for domains that require TLS: a relay
+        # that does not offer it must not hold up the recipients that do not need it.
+        tls_required = self._s.tls_required_domains
+        by_dest: defaultdict[tuple[str, bool], list[tuple[int, str]]] = defaultdict(list)
+        for i, r in enumerate(msg.recipients):
+            if r.state is RcptState.PENDING:
+                domain = domain_of(r.address)
+                key = (self._router.nexthop(domain), domain in tls_required)
+                by_dest[key].append((i, r.address))
+        if not by_dest:
+            return
+        try:
+            body = self._store.read_body(msg)
+        except CorruptDataError as exc:
+            # This node's copy is damaged; another leader's may not be. Defer with backoff
+            # (raising left it claimed and due: the same error every scan).
+            log.error("%s: cannot read the message body: %s", msg.queue_id, exc)
+            reply = f"4.3.0 queued message damaged on {self._s.node_id}: {exc}"
+            pending = [i for rcpts in by_dest.values() for i, _ in rcpts]
+            await self._record(
+                msg, epoch, [(i, Outcome.DEFERRED.value, reply) for i in pending], {}, b""
+            )
+            return
+        results: list[RecipientResult] = []
+        remote: dict[int, str] = {}
+        passed: frozenset[int] = frozenset()  # delivered to hosts that took the DSN request
+        for (dest, require_tls), rcpts in by_dest.items():
+            part, host, dsn_passed = await self._deliver_to(
+                dest, require_tls, rcpts, msg, body, epoch
+            )
+            results += part
+            passed |= dsn_passed
+            remote.update((i, host) for i, _, _ in part)
+        await sent()
+        await self._record(msg, epoch, results, remote, body, passed)
+
+    async def _deliver_to(
+        self,
+        dest: str,
+        require_tls: bool,
+        rcpts: list[tuple[int, str]],
+        msg: QueuedMessage,
+        body: bytes,
+        epoch: int,
+    ) -> tuple[list[RecipientResult], str, frozenset[int]]:
+        """One transaction for `rcpts`, all bound for destination `dest` (DeliveryAgent.deliver)."""
+        none: frozenset[int] = frozenset()
+        suspended = self._suspended.get(dest)
+        if suspended is not None:
+            if suspended[0] > self._clock.monotonic_s():
+                reply = f"4.4.1 delivery temporarily suspended: {suspended[1]}"
+                return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", none
+            del self._suspended[dest]
+        route = await self._router.route(dest)
+        if route.kind in ("bounce", "defer"):
+            outcome = Outcome.BOUNCED if route.kind == "bounce" else Outcome.DEFERRED
+            reply = f"{route.status} {route.reason}"
+            return [(i, outcome.value, reply) for i, _ in rcpts], "", none
+        tx = Transaction(
+            route.targets,
+            msg.mail_from,
+            tuple(rcpts),
+            body,
+            gate=lambda: self._lease.valid(epoch),
+            require_tls=require_tls,
+            dsn=msg.dsn or None,
+        )
+        try:  # the destination's permit is held already (_attempt)
+            attempt = await self._agent.deliver(tx)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            # A bug, not the remote host: defer with backoff (Postfix: "deferred:
+            # internal error") instead of leaving it claimed and due, which re-ran
+            # the same crash every scan (seen with a UTF-8 address).
+            log.exception("%s: delivery to %s failed unexpectedly", msg.queue_id, dest)
+            reply = f"4.3.0 internal error delivering to {dest}: {type(exc).__name__}"
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", none
+        results = attempt.results
+        if self._feedback(dest, attempt.contact) and results:
+            self._suspend(dest, results[0][2])
+        return results, attempt.host, attempt.dsn_passed
+
+    def _feedback(self, dest: str, contact: Contact) -> bool:
+        """A session's end into the destination's window; True if it is now dead."""
+        record = self._dests.get(dest)  # held: the attempt has its permit
+        if record is None:
+            return False
+        # The other permits held: sessions open, or attempts about to open one (one
+        # waiting for another destination's permit or a slot counts too: a 421 then
+        # narrows the window less than the receiver's limit, never more).
+        dead = record.window.feedback(contact, record.held - 1)
+        if dead:  # after the suspension it starts afresh, as in Postfix
+            record.window = self._new_window(dest)
+        record.wake()  # the window may have grown
+        return dead
+
+    def _new_window(self, dest: str) -> ConcurrencyWindow:
+        limit = self._s.destination_limits.get(dest, self._s.per_destination)
+        return ConcurrencyWindow(self._s.initial_per_destination, limit)
+
+    def _suspend(self, dest: str, why: str) -> None:
+        if len(self._suspended) >= SUSPENDED_MAX:
+            self._suspended.clear()
+        until = self._clock.monotonic_s() + self._policy.retry_base_s
+        if dest not in self._suspended:
+            log.warning(
+                "%s: a cohort of sessions failed; suspended for %.0f s: %s",
+                dest,
+                self._policy.retry_base_s,
+                why,
+            )
+        self._suspended[dest] = (until, why)
+
+    async def _take_permits(self, stack: contextlib.AsyncExitStack, dests: tuple[str, ...]) -> None:
+        """A permit of each destination, taken in name order."""
+        for dest in dests:  # sorted by destinations(): no two attempts wait in a cycle
+            await stack.enter_async_context(self._destination(dest))
+
+    @contextlib.asynccontextmanager
+    async def _destination(self, dest: str) -> AsyncIterator[None]:
+        """A permit of the destination (one of its window's sessions) for the block."""
+        record = self._dests.get(dest)
+        if record is None:
+            if len(self._dests) >= IDLE_WINDOWS_MAX:  # forget idle ones, not those in use
+                self._dests = {d: r for d, r in self._dests.items() if r.users}
+            record = self._dests[dest] = _Destination(self._new_window(dest))
+        record.users += 1
+        try:
+            await record.acquire()
+            try:
+                yield
+            finally:
+                record.release()
+        finally:
+            record.users -= 1
+            if not record.users and not record.window.learnt:
+                self._dests.pop(dest, None)
+
+    # -- recording -------------------------------------------------------------------------
+    async def _record(
+        self,
+        msg: QueuedMessage,
+        epoch: int,
+        results: list[RecipientResult],
+        remote: dict[int, str],
+        body: bytes,
+        dsn_passed: frozenset[int] = frozenset(),
+    ) -> None:
+        now_ms = self._clock.wall_ms()
+        expired = now_ms - msg.received_ms > self._s.max_queue_lifetime_s * 1000
+        final: list[RecipientResult] = []
+        for i, outcome, reply in results:
+            if outcome == Outcome.DEFERRED.value and expired:
+                outcome, reply = Outcome.BOUNCED.value, f"4.4.7 message expired in queue: {reply}"
+            final.append((i, outcome, reply[:MAX_REPLY_CHARS]))
+        dsn_id = make_queue_id(now_ms, self._random_bytes(4))
+        dsn = report_for(msg, final, remote, body, now_ms, self._s.hostname, dsn_id, dsn_passed)
+        dsn_id = dsn_id if dsn else ""
+        bounce_id = dsn_id
+        delay_s = self._policy.delay_s(msg.attempts + 1, self._random)
+        next_ms = now_ms + int(delay_s * 1000)
+        for start in range(0, len(final), RESULTS_PER_COMMAND):  # keep entries small
+            part = tuple(final[start : start + RESULTS_PER_COMMAND])
+            cmd = RecordOutcome(msg.queue_id, now_ms, part, next_ms, epoch, dsn_id, dsn)
+            dsn_id, dsn = "", b""  # the bounce rides with the first part only
+            status, detail = await self._rep.submit(cmd)
+            if status != "ok":
+                log.warning("%s: outcome rejected: %s", msg.queue_id, detail)
+                return
+        for i, outcome, reply in final:
+            self.counts[outcome] += 1
+            rcpt = msg.recipients[i].address
+            log.info("%s: to=<%s> %s: %s", msg.queue_id, rcpt, outcome, reply)
+            if self.events is not None:
+                event = "expired" if reply.startswith("4.4.7") else outcome
+                self.events.emit(event, msg.queue_id, to=rcpt, relay=remote.get(i, ""), reply=reply)
+        if bounce_id and self.events is not None:
+            # A report of successes only (NOTIFY=SUCCESS) is no bounce.
+            failed = any(outcome == Outcome.BOUNCED.value for _, outcome, _ in final)
+            event = "bounce-queued" if failed else "success-report-queued"
+            self.events.emit(event, msg.queue_id, dsn_queue_id=bounce_id)
+
+
+class _Destination:
+    """A destination's concurrency window, and the attempts holding or awaiting its permits
+    (a semaphore whose size is the window's, which feedback moves)."""
+
+    def __init__(self, window: ConcurrencyWindow) -> None:
+        self.window = window
+        self.users = 0  # attempts holding or waiting for a permit
+        self._open = 0  # permits held
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self._open < self.window.sessions and not self._waiters:
+            self._open += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # wake() counted the permit as held for us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a permit just as we were cancelled
+            elif waiter in self._waiters:  # (wake() drops cancelled waiters it meets)
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self._open -= 1
+        self.wake()
+
+    @property
+    def held(self) -> int:
+        return self._open
+
+    def wake(self) -> None:
+        """Hand free permits to waiters, oldest first."""
+        while self._waiters and self._open < self.window.sessions:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._open += 1
+                waiter.set_result(None)
+
+
+class _Skip:
+    """What a scan passes over without decoding: in flight here, or seen going to a full
+    destination (a stale entry lists more destinations than are pending: passed over
+    longer than needed, never claimed past a limit)."""
+
+    def __init__(
+        self,
+        in_flight: set[str],
+        seen: dict[str, tuple[str, ...]],
+        full: Callable[[tuple[str, ...]], bool],
+    ) -> None:
+        self._in_flight = in_flight
+        self._seen = seen
+        self._full = full
+
+    def __contains__(self, qid: object) -> bool:
+        if qid in self._in_flight:
+            return True
+        dests = self._seen.get(qid) if isinstance(qid, str) else None
+        return dests is not None and self._full(dests)
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def destinations(msg: QueuedMessage, nexthop: Callable[[str], str]) -> tuple[str, ...]:
+    """The destinations of a message's pending recipients, sorted (the order permits are
+    taken in); `nexthop` maps a recipient domain to its destination (Router.nexthop)."""
+    return tuple(
+        sorted(
+            {nexthop(domain_of(r.address)) for r in msg.recipients if r.state is RcptState.PENDING}
+        )
+    )

@@ -1,0 +1,1 @@
+"""Delivery status notifications: who hears of an outcome (`notify`), the RFC 3464 `report`."""

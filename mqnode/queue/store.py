@@ -1,0 +1,627 @@
+"""LMDB storage: the only module that imports `lmdb`.
+
+Two environments per data dir, each with one job:
+
+* `QueueStore` (`<data>/state`): the replicated state machine's output —
+  messages, bodies, the due-time index, idempotency keys, counters and the
+  last applied Raft index. Writes happen only on the Raft tick thread, in one
+  transaction per tick (`apply_txn` / `commit_apply`), so many entries share a
+  commit. Reads from other threads go through `reader()`.
+* `LogStore` (`<data>/raft`, raft/logstore.py): the durable Raft journal and
+  term/vote/commit metadata, written in one synced transaction per batch. It
+  opens its env with `open_env` here.
+
+Durability: the journal fsyncs every write; the state does not. Everything in
+the state is derived from the log, and `snapshot.bin` plus the journal after
+it always rebuild it, so a state commit skips the fsync (+2-9% acceptance
+in alternated A/B pairs). What that costs is only a kernel crash or
+power loss, never a killed process (its writes are in the page cache): a
+marker holding the kernel's boot id is made durable before the first
+unsynced commit, and a state found with the marker of another boot is
+discarded at open and rebuilt (RaftNode's startup repair). A clean close
+syncs the state and removes the marker. Without a boot id (not Linux)
+every state commit fsyncs as before. The kernel reports a failed writeback
+of those pages only to a later fsync, and serves the pages it could not
+write only until it evicts them (then reads return what the disk holds,
+silently): the node calls `sync_state` every few seconds, and on an error
+the marker is overwritten so that no boot matches it, and the node stops
+(W27, node.py): the next open discards the state and rebuilds it.
+
+Limits: map sizes are set at open (`*_map_size_mb`); a full map raises
+`StoreFullError` and the transaction is rolled back, never half-applied.
+Committed entries must still apply (a node that cannot apply cannot apply the
+deletes that would free space either), so the state map may grow past its
+configured size, a quarter at a time up to twice it (`grow_for_apply`);
+ingress measures its fill against the configured size and keeps refusing.
+Log records carry a CRC32 because LMDB has none; a mismatch raises
+`CorruptDataError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Container, Generator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from mqnode.errors import CorruptDataError, StateMapFullError, StoreFullError
+from mqnode.queue.model import MessageState, QueuedMessage
+
+log = logging.getLogger("mqnode.queue.store")
+
+U64 = struct.Struct(">Q")
+U32 = struct.Struct(">I")
+
+FILL_REFRESH_COMMITS = 8
+# How far past its configured size the state map may grow to apply committed entries.
+APPLY_HEADROOM_STEP = 0.25
+APPLY_HEADROOM_MAX = 2.0
+# For raft/logstore.py, which keeps its records in an env opened here: lmdb's errors by name,
+# so this stays the only module that imports lmdb.
+LmdbError = lmdb.Error
+LmdbMapFullError = lmdb.MapFullError
+COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
+# Meta key: how many operator retries (QueueOp "retry") took effect; delivery/dispatcher.py.
+OPERATOR_RETRIES = "operator_retries"
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+# In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
+UNSYNCED_MARKER = "unsynced-boot-id"
+# The marker's text after a failed writeback: no boot id matches it (a rebuild at open).
+WRITEBACK_FAILED = "writeback-failed"
+
+
+def pack(obj: Any) -> bytes:
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (its entries: a rename or unlink in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateTxn:
+    """Write access to the queue state inside one LMDB transaction (tick thread only)."""
+
+    def __init__(self, store: QueueStore, txn: Any) -> None:
+        self._s = store
+        self._txn = txn
+
+    # -- meta ---------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        raw = self._txn.get(key.encode(), db=self._s._meta)
+        return default if raw is None else unpack(raw)
+
+    def put_meta(self, key: str, value: Any) -> None:
+        self._txn.put(key.encode(), pack(value), db=self._s._meta)
+
+    def applied_index(self) -> int:
+        return int(self.get_meta("applied_index", 0))
+
+    def set_applied_index(self, index: int) -> None:
+        self.put_meta("applied_index", index)
+
+    def _bump(self, state: MessageState, delta: int) -> None:
+        key = COUNT_KEYS[state].decode()
+        self.put_meta(key, int(self.get_meta(key, 0)) + delta)
+
+    # -- messages -----------------------------------------------------------
+    def get_message(self, queue_id: str) -> QueuedMessage | None:
+        raw = self._txn.get(queue_id.encode(), db=self._s._msgs)
+        return None if raw is None else _decode_message(bytes(raw), queue_id)
+
+    def put_message(self, msg: QueuedMessage, old: QueuedMessage | None) -> None:
+        """Insert or replace, keeping the due index and state counters in step."""
+        if old is not None:
+            self._unindex(old)
+        self._txn.put(msg.queue_id.encode(), _with_crc(pack(msg.to_record())), db=self._s._msgs)
+        if not msg.hold:
+            self._txn.put(_due_key(msg), b"", db=self._s._due)
+        self._bump(msg.state(), +1)
+
+    def delete_message(self, msg: QueuedMessage) -> None:
+        self._unindex(msg)
+        self._txn.delete(msg.queue_id.encode(), db=self._s._msgs)
+        self.delete_body(msg.body_key, msg.body_chunks)
+
+    def _unindex(self, msg: QueuedMessage) -> None:
+        self._txn.delete(_due_key(msg), db=self._s._due)
+        self._bump(msg.state(), -1)
+
+    # -- bodies -------------------------------------------------------------
+    def put_body_chunk(self, body_key: str, seq: int, data: bytes) -> None:
+        self._txn.put(_body_key(body_key, seq), _with_crc(data), db=self._s._body)
+
+    def has_body_chunk(self, body_key: str, seq: int) -> bool:
+        return self._txn.get(_body_key(body_key, seq), db=self._s._body) is not None
+
+    def read_body(self, body_key: str, chunks: int) -> bytes:
+        parts = []
+        for seq in range(chunks):
+            raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
+            if raw is None:
+                raise CorruptDataError(f"body {body_key} chunk {seq} missing")
+            parts.append(_check_crc(bytes(raw), f"body {body_key} chunk {seq}"))
+        return b"".join(parts)
+
+    def delete_body(self, body_key: str, chunks: int) -> None:
+        for seq in range(chunks):
+            self._txn.delete(_body_key(body_key, seq), db=self._s._body)
+
+    # -- staged uploads (large bodies arriving as chunks) --------------------
+    def note_upload(self, upload_id: str, created_ms: int) -> None:
+        key = upload_id.encode()
+        if self._txn.get(key, db=self._s._uploads) is None:
+            self._txn.put(key, U64.pack(created_ms), db=self._s._uploads)
+            self._txn.put(U64.pack(created_ms) + key, b"", db=self._s._uploads_by_time)
+
+    def finish_upload(self, upload_id: str) -> None:
+        key = upload_id.encode()
+        raw = self._txn.get(key, db=self._s._uploads)
+        if raw is not None:
+            self._txn.delete(key, db=self._s._uploads)
+            self._txn.delete(bytes(raw) + key, db=self._s._uploads_by_time)
+
+    def expire_uploads(self, older_than_ms: int, limit: int) -> int:
+        """Drop staged chunks of uploads never enqueued (client gave up); bounded work."""
+        doomed = self._expire(self._s._uploads_by_time, self._s._uploads, older_than_ms, limit)
+        for upload_id in doomed:
+            bcur = self._txn.cursor(db=self._s._body)
+            prefix = upload_id + b"\0"
+            if bcur.set_range(prefix):
+                while bcur.key().startswith(prefix):
+                    if not bcur.delete():
+                        break
+        return len(doomed)
+
+    def _expire(self, by_time: Any, primary: Any, older_than_ms: int, limit: int) -> list[bytes]:
+        """Delete up to `limit` keys whose time-index entry (ms || key) is older; return them."""
+        doomed: list[bytes] = []
+        for key, _ in self._txn.cursor(db=by_time):
+            if U64.unpack(key[:8])[0] >= older_than_ms or len(doomed) >= limit:
+                break
+            doomed.append(bytes(key))
+        for key in doomed:
+            self._txn.delete(key, db=by_time)
+            self._txn.delete(key[8:], db=primary)
+        return [k[8:] for k in doomed]
+
+    # -- idempotency --------------------------------------------------------
+    def get_idem(self, key: bytes) -> str | None:
+        raw = self._txn.get(key, db=self._s._idem)
+        return None if raw is None else str(unpack(raw)[0])
+
+    def put_idem(self, key: bytes, queue_id: str, at_ms: int) -> None:
+        self._txn.put(key, pack([queue_id, at_ms]), db=self._s._idem)
+        self._txn.put(U64.pack(at_ms) + key, b"", db=self._s._idem_by_time)
+
+    def expire_idem(self, older_than_ms: int, limit: int) -> int:
+        return len(self._expire(self._s._idem_by_time, self._s._idem, older_than_ms, limit))
+
+
+def current_boot_id() -> str | None:
+    """This kernel's boot id (Linux), or None where there is none."""
+    try:
+        return BOOT_ID_FILE.read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+def open_env(path: Path, map_size: int, max_dbs: int, what: str, sync: bool = True) -> Any:
+    """Open an LMDB env, refusing a truncated data file before LMDB maps past its end.
+
+    (LMDB reads pages through mmap: a page beyond EOF is SIGBUS, not an error.)
+    """
+    try:
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, sync=sync)
+    except lmdb.Error as exc:
+        raise CorruptDataError(f"cannot open {what} {path}: {exc}") from exc
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = os.path.getsize(path / "data.mdb")
+    if actual < needed:
+        env.close()
+        raise CorruptDataError(
+            f"{what} {path / 'data.mdb'} is truncated ({actual} bytes, needs {needed}); "
+            "restore it or move the data dir away to resync this node from its peers"
+        )
+    return env
+
+
+def _with_crc(data: bytes) -> bytes:
+    return U32.pack(zlib.crc32(data)) + data
+
+
+def _check_crc(raw: bytes, what: str) -> bytes:
+    """LMDB has no record checksums: every queue record carries a CRC32 in front."""
+    if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+        raise CorruptDataError(f"{what}: checksum mismatch")
+    return raw[4:]
+
+
+def storage_error(what: str, exc: Exception) -> Exception:
+    """ENOSPC and friends become StoreFullError (retryable); anything else is corruption."""
+    text = str(exc)
+    if "No space left" in text or "Disk quota" in text or "MDB_MAP_FULL" in text:
+        return StoreFullError(f"{what}: {text}")
+    return CorruptDataError(f"{what}: {text}")
+
+
+def _decode_message(raw: bytes, queue_id: str) -> QueuedMessage:
+    try:
+        return QueuedMessage.from_record(unpack(_check_crc(raw, f"message {queue_id}")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptDataError(f"message {queue_id}: undecodable record: {exc}") from exc
+
+
+def _due_key(msg: QueuedMessage) -> bytes:
+    return U64.pack(msg.next_attempt_ms) + msg.queue_id.encode()
+
+
+def _body_key(body_key: str, seq: int) -> bytes:
+    return body_key.encode() + b"\0" + U32.pack(seq)
+
+
+class QueueStore:
+    """The queue state in LMDB. See the module docstring for the threading contract."""
+
+    def __init__(
+        self,
+        path: Path,
+        map_size_mb: int,
+        boot_id: Callable[[], str | None] = current_boot_id,
+    ) -> None:
+        self.path = path
+        self._map_size = map_size_mb * 1024 * 1024  # configured: what fill is measured against
+        self._env_map_size = self._map_size  # grown past it only to apply (grow_for_apply)
+        self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()  # sync_state against close, not against readers
+        self._untrusted = False  # a writeback failed: never removes the marker
+        self._txn: Any = None
+        self._commits = 0
+        self._boot_id = boot_id()
+        self.discarded_unsynced = self._discard_if_os_restarted()
+        self._open()
+
+    def _discard_if_os_restarted(self) -> bool:
+        """Delete a state whose unsynced commits a kernel crash may have lost or torn.
+
+        The marker names the boot whose page cache held them; under that same
+        boot (a killed process) the state is whole. RaftNode rebuilds it from
+        snapshot.bin and the journal, which a state commit never runs ahead of.
+        """
+        marker = self.path / UNSYNCED_MARKER
+        try:
+            recorded = marker.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return False
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CorruptDataError(f"queue store marker {marker}: {exc}") from exc
+        if self._boot_id is not None and recorded == self._boot_id:
+            return False
+        if recorded == WRITEBACK_FAILED:
+            why = ": a writeback of its commits failed before the node stopped"
+        else:
+            why = (
+                f" holds commits never fsynced (boot {recorded or '?'}) and the machine has "
+                f"restarted since (boot {self._boot_id or 'unknown'})"
+            )
+        log.warning(
+            "queue state %s%s: discarding it; it is rebuilt from snapshot.bin and the Raft log",
+            self.path,
+            why,
+        )
+        shutil.rmtree(self.path)
+        fsync_path(self.path.parent)
+        return True
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether state commits skip fsync (see the module docstring)."""
+        return self._boot_id is not None
+
+    def _open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.unsynced:
+            # Durable before the first commit that is not: see _discard_if_os_restarted.
+            self._write_marker(str(self._boot_id))
+        self._env = open_env(
+            self.path, self._env_map_size, 16, "queue store", sync=not self.unsynced
+        )
+        self._closed = False
+        env = self._env
+        # A map grown to apply before a restart opens at least as big as its data.
+        self._env_map_size = max(self._env_map_size, int(env.info()["map_size"]))
+        self._meta = env.open_db(b"meta")
+        self._msgs = env.open_db(b"msgs")
+        self._body = env.open_db(b"body")
+        self._due = env.open_db(b"due")
+        self._idem = env.open_db(b"idem")
+        self._idem_by_time = env.open_db(b"idem_by_time")
+        self._uploads = env.open_db(b"uploads")
+        self._uploads_by_time = env.open_db(b"uploads_by_time")
+        self._fill = self._measure_fill()
+
+    def _write_marker(self, text: str) -> None:
+        with open(self.path / UNSYNCED_MARKER, "w", encoding="ascii") as fh:
+            fh.write(f"{text}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_path(self.path)
+
+    def _mark_untrusted(self) -> None:
+        self._untrusted = True
+        try:
+            self._write_marker(WRITEBACK_FAILED)
+        except OSError as exc:
+            log.error("queue state %s: cannot mark it for a rebuild: %s", self.path, exc)
+
+    def sync_state(self) -> None:
+        """Write unsynced commits back now; CorruptDataError if the disk refused them.
+
+        Any thread; the tick thread's commits go on meanwhile. On an error the marker
+        makes the next open discard the state (module docstring, W27): the caller
+        must stop the node, as the state may already read back wrong.
+        """
+        with self._sync_lock:
+            if not self.unsynced or self._closed:
+                return
+            try:
+                self._env.sync(True)
+            except lmdb.Error as exc:
+                self._mark_untrusted()
+                raise CorruptDataError(
+                    f"queue state {self.path}: writing its commits back to disk failed ({exc}); "
+                    "it is rebuilt from snapshot.bin and the Raft log at the next start"
+                ) from exc
+
+    # -- the tick thread's write path ----------------------------------------
+    def apply_txn(self) -> StateTxn:
+        """The open write transaction of this tick (opened on first use)."""
+        if self._txn is None:
+            self._txn = self._env.begin(write=True)
+        return StateTxn(self, self._txn)
+
+    def commit_apply(self, refresh_fill: bool = False) -> None:
+        """Commit everything applied since the last commit (no fsync: module docstring).
+
+        The fill ratio is measured again every `FILL_REFRESH_COMMITS` commits, or
+        now with `refresh_fill` (a follower commits only every ~25 ms while busy:
+        eight of those let ingress accept on a fill ratio 200 ms old, and a 6 MB
+        map filled inside apply in the disk-full fault test).
+        """
+        if self._txn is None:
+            return
+        txn, self._txn = self._txn, None
+        try:
+            txn.commit()
+        except lmdb.MapFullError as exc:
+            self._fill = 1.0
+            raise StateMapFullError("queue store map is full") from exc
+        except lmdb.Error as exc:
+            raise storage_error("queue store", exc) from exc
+        self._commits += 1
+        if refresh_fill or self._commits % FILL_REFRESH_COMMITS == 0:
+            self._fill = self._measure_fill()
+
+    def abort_apply(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+    @staticmethod
+    def map_filled(exc: BaseException) -> bool:
+        """Whether `exc` is this store's map filling inside apply or its commit."""
+        return isinstance(exc, (lmdb.MapFullError, StateMapFullError))
+
+    def grow_for_apply(self) -> bool:
+        """Grow the map by `APPLY_HEADROOM_STEP` of the configured size; False at the cap.
+
+        Tick thread, after `abort_apply`, and never while a snapshot copy holds a read
+        transaction (LMDB remaps the file: another thread's open reader would fault).
+        Readers on other threads take `_lock`, held here.
+        """
+        limit = int(self._map_size * APPLY_HEADROOM_MAX)
+        if self._txn is not None or self._env_map_size >= limit:
+            return False
+        with self._lock:
+            grown = min(limit, self._env_map_size + int(self._map_size * APPLY_HEADROOM_STEP))
+            self._env.set_mapsize(grown)
+            self._env_map_size = grown
+        return True
+
+    @property
+    def map_size_bytes(self) -> int:
+        """The map's size now: the configured size, or more after `grow_for_apply`."""
+        return self._env_map_size
+
+    # -- readers (any thread) ------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[StateTxn]:
+        with self._lock, self._env.begin(write=False) as txn:
+            yield StateTxn(self, txn)
+
+    def applied_index(self) -> int:
+        with self.reader() as r:
+            return r.applied_index()
+
+    def counts(self) -> dict[str, int]:
+        with self.reader() as r:
+            return {s.value: int(r.get_meta(COUNT_KEYS[s].decode(), 0)) for s in MessageState}
+
+    def operator_retries(self) -> int:
+        with self.reader() as r:
+            return int(r.get_meta(OPERATOR_RETRIES, 0))
+
+    def get_message(self, queue_id: str) -> QueuedMessage | None:
+        with self.reader() as r:
+            return r.get_message(queue_id)
+
+    def read_body(self, msg: QueuedMessage) -> bytes:
+        with self.reader() as r:
+            return r.read_body(msg.body_key, msg.body_chunks)
+
+    def list_messages(self, limit: int, state: MessageState | None = None) -> list[QueuedMessage]:
+        out: list[QueuedMessage] = []
+        with self._lock, self._env.begin(write=False) as txn:
+            for _, raw in txn.cursor(db=self._msgs):
+                msg = _decode_message(bytes(raw), "?")
+                if state is None or msg.state() is state:
+                    out.append(msg)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def domain_counts(self, limit: int) -> dict[str, int]:
+        """Pending recipients' domains over the first `limit` messages (for metrics)."""
+        counts: dict[str, int] = {}
+        for msg in self.list_messages(limit):
+            for domain in {r.address.rpartition("@")[2].lower() for r in msg.recipients}:
+                counts[domain] = counts.get(domain, 0) + 1
+        return counts
+
+    def due_messages(self, now_ms: int, limit: int) -> list[QueuedMessage]:
+        """Messages whose next attempt is due, oldest due first."""
+        return list(self.iter_due(now_ms, limit))
+
+    def iter_due(
+        self, now_ms: int, limit: int, skip: Container[str] = (), max_examined: int | None = None
+    ) -> Generator[QueuedMessage, None, None]:
+        """Due messages one at a time, decoded only when asked for; ids in `skip` passed over.
+
+        The dispatcher skips the messages it is delivering (the oldest due) and
+        those it knows to be for a destination with enough claimed, and stops
+        once its free slots are filled: decoding a whole batch on every scan was
+        a tenth of the leader's CPU in the end-to-end bench. At most `limit`
+        messages are yielded and `max_examined` index entries read. Consume it
+        without awaiting in between: it holds a read transaction.
+        """
+        with self._lock, self._env.begin(write=False) as txn:
+            given = examined = 0
+            for key, _ in txn.cursor(db=self._due):
+                if U64.unpack(key[:8])[0] > now_ms or given >= limit:
+                    break
+                examined += 1
+                if max_examined is not None and examined > max_examined:
+                    break
+                qid = bytes(key[8:]).decode()
+                if qid in skip:
+                    continue
+                raw = txn.get(bytes(key[8:]), db=self._msgs)
+                if raw is not None:
+                    given += 1
+                    yield _decode_message(bytes(raw), qid)
+
+    def fill_ratio(self) -> float:
+        """Pages in use over the map size, as of the last few commits (cheap: no I/O).
+
+        Ingress asks on every DATA; the tick thread refreshes it every
+        `FILL_REFRESH_COMMITS` commits instead of every caller opening a transaction.
+        """
+        return self._fill
+
+    def used_bytes(self) -> int:
+        """Bytes of live data, as of the last fill measurement (cheap: no I/O)."""
+        return int(self._fill * self._map_size)
+
+    def _measure_fill(self) -> float:
+        """Pages in use by live data over the map size (freed pages count as free)."""
+        with self._lock, self._env.begin(write=False) as txn:
+            pages = 0
+            psize = 4096
+            for db in self._all_dbs():
+                st = txn.stat(db)
+                psize = st["psize"]
+                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return float(pages * psize) / float(self._map_size)
+
+    def _all_dbs(self) -> tuple[Any, ...]:
+        return (
+            self._meta,
+            self._msgs,
+            self._body,
+            self._due,
+            self._idem,
+            self._idem_by_time,
+            self._uploads,
+            self._uploads_by_time,
+        )
+
+    # -- snapshots -----------------------------------------------------------
+    def copy_to(self, dest_file: Path, txn: Any = None) -> None:
+        """A consistent, compacted copy of the state as one scratch file, not fsynced.
+
+        With `txn` (from `snapshot_txn()`), the copy is the state as of that read
+        transaction, and may run on another thread while applies go on. Not
+        synced: the caller streams it into a durable file in slices
+        (queue/snapshot.py); one fsync of the whole copy queued every journal fsync
+        on the disk behind it.
+        """
+        if txn is None:
+            self.commit_apply()
+        with open(dest_file, "wb") as fh:
+            self._env.copyfd(fh.fileno(), compact=True, txn=txn)
+
+    def snapshot_txn(self) -> Any:
+        """Commit this tick's applies and open a read transaction on exactly that state.
+
+        LMDB readers see a fixed version while writers go on (pages they still
+        see are not reused until they end), so a snapshot can be copied from it
+        on another thread. The caller must abort it, and before `replace_from`.
+        """
+        self.commit_apply()
+        return self._env.begin(write=False)
+
+    def replace_from(self, data_file: Path) -> None:
+        """Swap the whole state for a snapshot copy (install-snapshot path)."""
+        with self._lock, self._sync_lock:
+            self.abort_apply()
+            self._env.close()
+            staging = self.path.with_name(self.path.name + ".new")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            shutil.copyfile(data_file, staging / "data.mdb")
+            fsync_path(staging / "data.mdb")
+            old = self.path.with_name(self.path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.path, old)
+            os.rename(staging, self.path)
+            fsync_path(self.path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+            self._open()
+
+    def close(self) -> None:
+        """Sync (a clean close leaves nothing to rebuild after a reboot) and close."""
+        with self._lock, self._sync_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.abort_apply()
+            trusted = self.unsynced and not self._untrusted
+            if trusted:
+                try:
+                    self._env.sync(True)
+                except lmdb.Error as exc:
+                    trusted = False
+                    log.error("queue state %s: writeback failed at close: %s", self.path, exc)
+                    self._mark_untrusted()
+            self._env.close()
+            if trusted:
+                (self.path / UNSYNCED_MARKER).unlink(missing_ok=True)
+                fsync_path(self.path)

@@ -1,0 +1,115 @@
+"""LogStore: the durable Raft journal in LMDB (`<data>/raft`).
+
+Entries (index -> term, command) and the term/vote/commit metadata, each
+batch in one synced transaction. Record format: crc32 (4 bytes, over the
+rest) || msgpack([term, command]); a gap or a bad checksum on load is
+`CorruptDataError`. The env is opened by queue/store.py (`open_env`), the only
+module that imports lmdb. Limits: `raft_map_size_mb`; a full map raises
+`StoreFullError` and the batch is rolled back.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+from mqnode.errors import CorruptDataError, StoreFullError
+from mqnode.queue.store import (
+    U32,
+    U64,
+    LmdbError,
+    LmdbMapFullError,
+    open_env,
+    pack,
+    storage_error,
+    unpack,
+)
+
+
+class LogStore:
+    """Durable Raft journal: entries (index -> term, command) and term/vote/commit metadata.
+
+    Record format: crc32(4 bytes, over the rest) || msgpack([term, command]).
+    """
+
+    def __init__(self, path: Path, map_size_mb: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.map_bytes = map_size_mb * 1024 * 1024
+        self._env = open_env(path, self.map_bytes, 4, "raft log")
+        self._log = self._env.open_db(b"log")
+        self._meta = self._env.open_db(b"meta")
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages holding entries now (an LMDB stat: no scan)."""
+        with self._env.begin() as txn:
+            st = txn.stat(self._log)
+        return int((st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"])
+
+    def load(self) -> list[tuple[bytes, int, int]]:
+        """All entries in index order; a gap or bad checksum is corruption."""
+        try:
+            return self._load()
+        except LmdbError as exc:
+            raise CorruptDataError(f"raft log: {exc}") from exc
+
+    def _load(self) -> list[tuple[bytes, int, int]]:
+        out: list[tuple[bytes, int, int]] = []
+        with self._env.begin() as txn:
+            for key, raw in txn.cursor(db=self._log):
+                idx = U64.unpack(key)[0]
+                raw = bytes(raw)
+                if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+                    raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
+                term, cmd = unpack(raw[4:])
+                if out and idx != out[-1][1] + 1:
+                    raise CorruptDataError(f"raft log gap: {out[-1][1]} then {idx}")
+                out.append((cmd, idx, term))
+        return out
+
+    def get_meta(self) -> dict[str, Any]:
+        with self._env.begin() as txn:
+            raw = txn.get(b"meta", db=self._meta)
+        return {} if raw is None else dict(unpack(raw))
+
+    def write(
+        self,
+        ops: list[tuple[str, int, int, bytes]],
+        meta: dict[str, Any] | None,
+    ) -> None:
+        """Apply journal ops in order, in one synced transaction.
+
+        ops: ("add", idx, term, cmd) | ("del_from", idx, 0, b"") | ("del_to", idx, 0, b"")
+        | ("clear", 0, 0, b"").
+        """
+        try:
+            with self._env.begin(write=True) as txn:
+                for op, idx, term, cmd in ops:
+                    if op == "add":
+                        body = pack([term, cmd])
+                        txn.put(U64.pack(idx), U32.pack(zlib.crc32(body)) + body, db=self._log)
+                    elif op == "clear":
+                        txn.drop(self._log, delete=False)
+                    else:
+                        self._delete_range(txn, op, idx)
+                if meta is not None:
+                    txn.put(b"meta", pack(meta), db=self._meta)
+        except LmdbMapFullError as exc:
+            raise StoreFullError("raft log map is full") from exc
+        except LmdbError as exc:
+            raise storage_error("raft log", exc) from exc
+
+    def _delete_range(self, txn: Any, op: str, idx: int) -> None:
+        cur = txn.cursor(db=self._log)
+        if op == "del_from":
+            if cur.set_range(U64.pack(idx)):
+                while cur.delete():
+                    pass
+        else:  # del_to: delete every index below idx
+            if cur.first():
+                while U64.unpack(cur.key())[0] < idx:
+                    if not cur.delete():
+                        break
+
+    def close(self) -> None:
+        self._env.close()
