@@ -6,7 +6,9 @@ name-mangled attributes, and the workarounds of docs/design/replication.md
 must read and sometimes write them. They are reached here and nowhere else:
 `SyncInternals` wraps a SyncObj, `ConnectionInternals` a TcpConnection, and
 `READ_PATH_OVERRIDES` names the three private methods of TcpConnection's read
-path that raft/guarded.py replaces. What pysyncobj offers publicly
+path that raft/guarded.py replaces. `INTERNALS["TCPTransport"]` names the
+protected hooks and state that raft/transport.py's subclass uses. What pysyncobj
+offers publicly
 (`selfNode`, `otherNodes`, `raftLastApplied`, `raftCommitIndex`,
 `raftCurrentTerm`, `hasQuorum`, `_getLeader()`, `_isLeader()`, `destroy()`)
 is used directly by the callers.
@@ -60,6 +62,19 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "_SyncObj__updateClusterConfiguration",
         "_checkCommandsToApply",
         "_poller",
+    ),
+    # Not name-mangled but protected: the hooks DeferringTransport (raft/transport.py)
+    # overrides and the state it reads as a subclass. A renamed hook would silently
+    # never be called, so the canary checks these too.
+    "TCPTransport": (
+        "_onNewIncomingConnection",
+        "_onOutgoingConnected",
+        "_onOutgoingMessageReceived",
+        "_onDisconnected",
+        "_onMessageReceived",
+        "_connToNode",
+        "_connections",
+        "_syncObj",
     ),
     "TcpConnection": (
         "_TcpConnection__socket",

@@ -1,4 +1,4 @@
-"""MembershipOps: RaftNode's dynamic-membership half (add/remove one node at a time).
+"""Membership: a RaftNode's member list and its changes (add/remove one node at a time).
 
 The rules (one change at a time, never remove the leader, keep a majority
 of answering nodes, ...) are `mqnode.raft.membership.plan`, pure and tested on
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,23 +33,41 @@ _MEMBERSHIP_OPS = {"add": membership.ADD, "rem": membership.REMOVE}
 FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper()}
 
 
-class MembershipOps:
-    """Mixed into RaftNode, which sets these attributes up; all of it runs on the tick thread."""
+class Membership:
+    """The member list of one RaftNode and the changes to it; runs on the tick thread,
+    except `change`, which waits on the event loop for the tick thread's answer.
 
-    _sync: Any
-    _raw: SyncInternals
-    _settings: RaftSettings
-    _journal: DurableJournal
-    _ledger: membership.MemberLedger
-    _tick_actions: deque[Callable[[], None]]
-    _joining: bool
-    _own_add_pending: bool
-    _own_add_scanned: int
+    `start_members` is the list this start uses (stored, else --peers, this node
+    included); `joining`: this node started empty with `join` and waits for a
+    leader to add it; `fresh`: its log is empty, so the entry that adds it carries
+    the list it must adopt. `run_on_tick` queues a callable for the tick thread
+    and wakes it.
+    """
 
-    def wake(self) -> None:
-        raise NotImplementedError
+    def __init__(
+        self,
+        sync: Any,
+        settings: RaftSettings,
+        journal: DurableJournal,
+        start_members: list[str],
+        applied_index: int,
+        joining: bool,
+        fresh: bool,
+        run_on_tick: Callable[[Callable[[], None]], None],
+    ) -> None:
+        self._sync = sync
+        self._raw = SyncInternals(sync)
+        self._settings = settings
+        self._journal = journal
+        self._run_on_tick = run_on_tick
+        self.joining = joining
+        self.ledger = membership.MemberLedger(start_members, applied_index, self.entries)
+        # A node that starts from nothing seeds its list from --peers; the entry that adds
+        # it carries the cluster's list, which it adopts (see adopt_own_add).
+        self.own_add_pending = fresh
+        self._own_add_scanned = journal[-1][1]
 
-    def _guard_membership(self) -> None:
+    def guard(self) -> None:
         """Membership changes only through `change_membership`, and no elections while joining."""
         transport = self._raw.transport
 
@@ -61,7 +78,7 @@ class MembershipOps:
         # syncobj_admin tool), which would skip our one-change-at-a-time checks.
         transport.setOnUtilityMessageCallback("add", refuse)
         transport.setOnUtilityMessageCallback("remove", refuse)
-        if self._joining:
+        if self.joining:
             # A node nobody knows yet reaches its peers for a moment on every reconnect
             # and would start an election each time; added later, its higher term
             # would depose the leader. The first append-entries resets this deadline.
@@ -70,7 +87,7 @@ class MembershipOps:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def change_membership(
+    async def change(
         self, op: str, addr: str, timeout_s: float, target_up: bool = False
     ) -> list[str]:
         """Add or remove one member (op "add"/"remove"); the new member list once committed.
@@ -94,7 +111,7 @@ class MembershipOps:
 
         def in_tick() -> None:
             try:
-                new_members = membership.plan(op, addr, self._leader_view(), target_up)
+                new_members = membership.plan(op, addr, self.leader_view(), target_up)
             except MembershipError as exc:
                 loop.call_soon_threadsafe(answer, exc)
                 return
@@ -118,8 +135,7 @@ class MembershipOps:
             self._raw.check_commands_to_apply()
             log.info("raft: membership change %s %s appended", op, addr)
 
-        self._tick_actions.append(in_tick)
-        self.wake()
+        self._run_on_tick(in_tick)
         try:
             return await asyncio.wait_for(done, timeout_s)
         except TimeoutError:
@@ -129,7 +145,7 @@ class MembershipOps:
                 "(or be dropped by the next leader): check mqnode cluster status",
             ) from None
 
-    def _leader_view(self) -> membership.LeaderView:
+    def leader_view(self) -> membership.LeaderView:
         """The leader's side of `membership.plan` (tick thread); MembershipError if not leader."""
         sync = self._sync
         if not sync._isLeader():
@@ -145,13 +161,13 @@ class MembershipOps:
         noop = self._raw.noop_index
         return membership.LeaderView(
             self_addr=self._settings.self_addr,
-            members=frozenset(self._members()),
+            members=frozenset(self.current()),
             responsive=frozenset({self._settings.self_addr, *answered}),
             first_entry_committed=noop is not None and sync.raftLastApplied >= noop,
-            pending=tuple(self._membership_entries(sync.raftCommitIndex, None)),
+            pending=tuple(self.entries(sync.raftCommitIndex, None)),
         )
 
-    def _membership_entries(self, index: int, upto: int | None) -> list[membership.Change]:
+    def entries(self, index: int, upto: int | None) -> list[membership.Change]:
         """(op, addr) of the membership entries in the log in (index, upto], oldest first."""
         j = self._journal
         first = j[0][1]
@@ -164,12 +180,12 @@ class MembershipOps:
                 out.append((_MEMBERSHIP_OPS.get(request[0], request[0]), str(request[1])))
         return out
 
-    def _members(self) -> list[str]:
+    def current(self) -> list[str]:
         """This node's current member list (tick thread): the latest in its log."""
         others = self._sync.otherNodes
         return sorted([self._settings.self_addr, *(n.address for n in others)])
 
-    def _adopt_own_add(self) -> None:
+    def adopt_own_add(self) -> None:
         """On a node that started empty: take the member list from the entry that added it.
 
         Until then its list is --peers plus the membership entries it has received
@@ -191,22 +207,28 @@ class MembershipOps:
             if request[0] != "add" or request[1] != me or not listed:
                 continue
             idx = j[pos][1]
-            self._ledger.rebase(listed, idx)
-            now = self._ledger.at(last)
-            if now != self._members():
+            self.ledger.rebase(listed, idx)
+            now = self.ledger.at(last)
+            if now != self.current():
                 log.error(
                     "raft: the member list this node started with (%s) is not the cluster's "
                     "(%s, from the entry that added it); using the cluster's",
-                    ", ".join(self._members()),
+                    ", ".join(self.current()),
                     ", ".join(now),
                 )
                 self._raw.update_cluster_configuration([m for m in now if m != me])
-            self._own_add_pending = False
+            self.own_add_pending = False
             return
 
-    def _members_to_store(self) -> list[str] | None:
+    def to_store(self) -> list[str] | None:
         """What the journal stores with each write (every tick): the list at the log's end."""
-        if self._joining:
+        if self.joining:
             return None
         _, idx, term = self._journal[-1]
-        return self._ledger.at_end(idx, term)
+        return self.ledger.at_end(idx, term)
+
+    def on_snapshot_installed(self, cluster: list[str], index: int) -> None:
+        """A leader's snapshot replaced the state: its list, at its index, is ours now."""
+        self.ledger.reset(cluster, index)
+        if self._settings.self_addr in cluster:
+            self.own_add_pending = False  # the leader's list names us: nothing to adopt

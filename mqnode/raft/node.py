@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
 from mqnode.errors import MqnodeError, NewerFormatError
+from mqnode.queue.snapshot import SnapshotHeader
 from mqnode.queue.statemachine import QueueStateMachine, Result
 from mqnode.queue.store import QueueStore
 from mqnode.raft import membership
@@ -27,11 +27,11 @@ from mqnode.raft.guarded import install as install_guarded_connections
 from mqnode.raft.internals import SyncInternals
 from mqnode.raft.journal import DurableJournal
 from mqnode.raft.logstore import LogStore
-from mqnode.raft.members import FAIL_NAMES, MembershipOps
+from mqnode.raft.members import FAIL_NAMES, Membership
 from mqnode.raft.pacing import AppendPacer, StateCommitPacer, follower_waits
-from mqnode.raft.prevote import PreVote, PreVoteOps
+from mqnode.raft.prevote import PreVoteGate
 from mqnode.raft.snapshot_writer import SnapshotWriter
-from mqnode.raft.snapshots import SnapshotOps
+from mqnode.raft.snapshots import CompactionPace, SnapshotHooks, reconcile_startup
 from mqnode.raft.transport import DeferringTransport
 from mqnode.raft.types import Done, RaftSettings, RaftStatus
 from mqnode.raft.unanswered import UnansweredCommands
@@ -83,7 +83,7 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         bench). The candidate's higher term has already deposed any leader, so
         standing now only shortens the gap; Raft's vote rule keeps it safe.
         """
-        if self._mq_owner._joining:
+        if self._mq_owner.membership.joining:
             return
         raw = SyncInternals(self)
         if raw.state == _LEADER or raw.voted_for is not None:
@@ -93,8 +93,13 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
             raw.election_deadline = 0.0
 
 
-class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
-    """Owns the pysyncobj instance, its tick thread, the journal and snapshot hooks."""
+class RaftNode:
+    """Owns the pysyncobj instance, its tick thread, the journal and snapshot hooks.
+
+    Its parts, each built here and given what it needs: `Membership` (members.py),
+    `SnapshotHooks` and `CompactionPace` (snapshots.py), `PreVoteGate` (prevote.py),
+    `UnansweredCommands` (unanswered.py), the pacers (pacing.py).
+    """
 
     def __init__(
         self,
@@ -115,7 +120,15 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         self._snapshots = SnapshotWriter(self._snapshot_path)
         self._logstore = LogStore(settings.data_dir / "raft", settings.raft_map_size_mb)
         self._journal = DurableJournal(self._logstore)
-        self._reconcile_startup()
+        reconcile_startup(store, self._journal, self._snapshot_path)
+        self._snapshot_hooks = SnapshotHooks(
+            settings,
+            self._journal,
+            store,
+            self._snapshots,
+            members_at=lambda index: self.membership.ledger.at(index),
+            on_installed=self._on_snapshot_installed,
+        )
         self._completions: deque[tuple[Done, Any, int, bool]] = deque()
         self._tick_actions: deque[Callable[[], None]] = deque()  # run on the tick thread
         self._stop = threading.Event()
@@ -133,21 +146,14 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         self._state_pacer = StateCommitPacer(FOLLOWER_STATE_COMMIT_S)
         self._map_cap_logged = False
         self._poll_until = 0.0  # when the poll after the current tick ends at the latest
-        self._next_compaction_check = 0.0
-        self._compaction_every = settings.log_compaction_min_entries
-        self._compaction_rank = (0, 1)
-        self._compaction_first = -1
         stored = self._journal.stored_members()
         peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
         if warning:
             log.warning("raft: %s", warning)
         self.start_peers = peers  # what this start uses: the stored list, else --peers
         fresh = len(self._journal) == 1 and self._journal[0][1] == 1
-        self._joining = settings.join and stored is None and fresh
+        joining = settings.join and stored is None and fresh
         conf = self._conf()
-        self._prevote = PreVote()
-        self._prevote_alive_s = float(conf.raftMinTimeout)
-        self._prevote_rng = random.Random()
         # Well inside pysyncobj's idle-connection timeout (see DeferringTransport.keep_alive).
         self._keepalive_s = conf.connectionTimeout / 4
         self._sync = _SyncObj(self, settings.self_addr, peers, conf, self._journal)
@@ -155,15 +161,24 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         self._unanswered = UnansweredCommands(self._sync)
         self._adopt_journal()
         self._journal.applied_index = lambda: int(self._sync.raftLastApplied)
-        self._ledger = membership.MemberLedger(
-            [settings.self_addr, *peers], self._store.applied_index(), self._membership_entries
+        self.membership = Membership(
+            self._sync,
+            settings,
+            self._journal,
+            [settings.self_addr, *peers],
+            self._store.applied_index(),
+            joining=joining,
+            fresh=fresh and stored is None,
+            run_on_tick=self._run_on_tick,
         )
-        # A node that starts from nothing seeds its list from --peers; the entry that adds
-        # it carries the cluster's list, which it adopts (see _adopt_own_add).
-        self._own_add_pending = fresh and stored is None
-        self._own_add_scanned = self._journal[-1][1]
-        self._journal.members = self._members_to_store
-        self._guard_membership()
+        self._journal.members = self.membership.to_store
+        self.membership.guard()
+        self._prevote = PreVoteGate(
+            self._sync, self._raw, float(conf.raftMinTimeout), lambda: self.membership.joining
+        )
+        self._compaction = CompactionPace(
+            settings, self._journal, self._logstore, store, self.membership.current
+        )
         # Runs inside every tick, after apply and before the poll: commit, fsync, release
         # acks and answer callers *before* the tick sleeps, not a poll timeout later.
         self._sync.addOnTickCallback(self._after_tick)
@@ -177,9 +192,9 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             password=s.secret,
             journalFile=None,
             fullDumpFile=str(self._snapshot_path),
-            serializer=self._serialize,
+            serializer=self._snapshot_hooks.serialize,
             serializeChecker=self._snapshots.status,
-            deserializer=self._deserialize,
+            deserializer=self._snapshot_hooks.deserialize,
             raftMinTimeout=s.election_timeout_min_ms / 1000,
             raftMaxTimeout=max_s,
             appendEntriesPeriod=s.heartbeat_ms / 1000,
@@ -237,6 +252,16 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         self._sync.mq_apply(entry, callback=on_result)
         self.wake()
 
+    async def change_membership(
+        self, op: str, addr: str, timeout_s: float, target_up: bool = False
+    ) -> list[str]:
+        """Add or remove one member: `Membership.change`."""
+        return await self.membership.change(op, addr, timeout_s, target_up)
+
+    def _run_on_tick(self, action: Callable[[], None]) -> None:
+        self._tick_actions.append(action)
+        self.wake()
+
     def wake(self) -> None:
         try:
             self._sync._mq_notifier.notify()
@@ -266,8 +291,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             except ValueError:  # pysyncobj parses the address; never let it break the tick
                 loop.call_soon_threadsafe(answer, "denied")
 
-        self._tick_actions.append(in_tick)
-        self.wake()
+        self._run_on_tick(in_tick)
         try:
             return await asyncio.wait_for(done, 5.0)
         except TimeoutError:
@@ -283,13 +307,9 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         wanted = frozenset(peers)
 
         def in_tick() -> None:
-            transport = self._raw.transport
-            for node, conn in list(transport._connections.items()):
-                if getattr(node, "address", None) in wanted:
-                    conn.disconnect()
+            self._raw.transport.disconnect(wanted)
 
-        self._tick_actions.append(in_tick)
-        self.wake()
+        self._run_on_tick(in_tick)
 
     def force_compaction(self) -> None:
         self._sync.forceLogCompaction()
@@ -297,8 +317,16 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
     # -- the tick thread -----------------------------------------------------------------
     def _on_leader_link_lost(self) -> None:
         """Tick thread (the transport): the connection to the leader closed."""
-        super()._on_leader_link_lost()
+        self._prevote.on_leader_link_lost()
         self._unanswered.fail_forwarded("the connection to the leader closed")
+
+    def _on_prevote_message(self, node: Any, message: dict[str, Any]) -> None:
+        """Tick thread (the transport's receive path): a pre-vote request or grant."""
+        self._prevote.on_message(node, message)
+
+    def _on_snapshot_installed(self, header: SnapshotHeader) -> None:
+        self._applied_written = header.index
+        self.membership.on_snapshot_installed(header.cluster, header.index)
 
     def _apply(self, entry: bytes) -> list[Result] | None:
         index = self._sync.raftLastApplied + 1
@@ -309,10 +337,10 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
         while not self._stop.is_set():
             try:
                 now = _pysyncobj_now()
-                wait = min(self._pacer.wait_s(now, tick_s), self._until_election_s(now))
+                wait = min(self._pacer.wait_s(now, tick_s), self._prevote.until_election_s(now))
                 self._poll_until = now + wait  # pysyncobj polls this long after the tick
                 self._flush_before_tick()
-                self._gate_election()  # pre-vote: prevote.py
+                self._prevote.gate_election()
                 self._sync.doTick(wait)
             except NewerFormatError as exc:
                 # Rolled back, so the entry stays unapplied in the journal: an upgraded
@@ -368,11 +396,12 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
 
     def _after_tick(self) -> None:
         sync = self._sync
-        if self._joining and sync._getLeader() is not None:
-            self._joining = False  # a leader reached us: we are a member now
+        members = self.membership
+        if members.joining and sync._getLeader() is not None:
+            members.joining = False  # a leader reached us: we are a member now
             log.info("raft: joined; leader %s", sync._getLeader().address)
-        if self._own_add_pending:
-            self._adopt_own_add()
+        if members.own_add_pending:
+            members.adopt_own_add()
         while self._tick_actions:
             action = self._tick_actions.popleft()
             try:
@@ -417,7 +446,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             self.wake()
         self._unanswered.sweep(_pysyncobj_now())
         self._deliver_completions(failed=False)
-        self._scale_compaction()
+        self._compaction.scale(sync.conf)
         self._publish_status()
 
     def _leader_flush_due(self) -> bool:
@@ -470,7 +499,7 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
                 txn.set_applied_index(last_applied)  # entries we never see (no-ops) count too
         self._store.commit_apply(refresh_fill)
         self._applied_written = last_applied
-        self._ledger.advance(last_applied)
+        self.membership.ledger.advance(last_applied)
         if advanced:
             self._loop.call_soon_threadsafe(self.on_applied)
 
@@ -518,9 +547,9 @@ class RaftNode(MembershipOps, SnapshotOps, PreVoteOps):
             match_index={node.address: int(idx) for node, idx in raw.match_index.items()}
             if sync._isLeader()
             else {},
-            members=tuple(self._members()),
+            members=tuple(self.membership.current()),
             peer_last_heard_s=raw.transport.last_heard(raw.other_nodes),
-            snapshot_after_entries=self._compaction_every,
+            snapshot_after_entries=self._compaction.every,
             log_first_index=int(self._journal[0][1]),
             log_last_index=int(self._journal[-1][1]),
             leader_heard_s=None if heard_at is None else round(now - heard_at, 3),

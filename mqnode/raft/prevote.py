@@ -9,7 +9,7 @@ through the other follower, while the old leader still led its term for 3 s.
 Each costs the cluster an election: SMTP clients get 451 meanwhile.
 
 How. When pysyncobj's election timer runs out, the tick thread holds it back
-(`PreVoteOps._gate_election`) and sends `mq_prevote` with its last log term
+(`PreVoteGate.gate_election`) and sends `mq_prevote` with its last log term
 and index to the voting members. A member grants (`grants`) when it is not
 the leader, has not heard from a leader for the minimum election timeout
 (Raft's rule: a leader heard since then is alive), and the
@@ -27,7 +27,7 @@ kernel closes them at once; a partition does not). A follower whose
 connection to its leader closes stops counting that leader as heard and
 stands within `EARLY_STAND_MAX_S` (random, so the two followers of a 3-node
 cluster rarely stand together) instead of after a whole election timeout:
-`PreVoteOps._on_leader_link_lost`. Pre-vote keeps this safe: while the
+`PreVoteGate.on_leader_link_lost`. Pre-vote keeps this safe: while the
 leader lives, the members still connected to it refuse.
 
 Not gated: a leadership transfer (the leader asked for it with timeout_now,
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
@@ -115,23 +116,35 @@ class PreVote:
         self.failed_rounds = 0
 
 
-class PreVoteOps:
-    """RaftNode's side of pre-vote: the gate before each tick and the two messages."""
+class PreVoteGate:
+    """One node's pre-vote: the gate before each tick and the two messages (tick thread only).
 
-    _sync: Any
-    _raw: SyncInternals
-    _prevote: PreVote
-    _prevote_alive_s: float
-    _prevote_rng: random.Random
-    _joining: bool
+    `joining` says whether this node is still waiting for a leader to add it: such a
+    node never stands, and never stands early.
+    """
 
-    def _on_leader_link_lost(self) -> None:
+    def __init__(
+        self,
+        sync: Any,
+        raw: SyncInternals,
+        alive_s: float,
+        joining: Callable[[], bool],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sync = sync
+        self._raw = raw
+        self._alive_s = alive_s  # a leader heard within this is alive (min election timeout)
+        self._joining = joining
+        self._rng = rng or random.Random()
+        self._prevote = PreVote()
+
+    def on_leader_link_lost(self) -> None:
         """Tick thread (the transport): our connection to the leader closed; stand soon."""
         raw = self._raw
         raw.transport.mq_leader_heard_at = None
-        if self._joining or raw.transfer_in_progress:
+        if self._joining() or raw.transfer_in_progress:
             return
-        soon = _pysyncobj_now() + self._prevote_rng.uniform(0.0, EARLY_STAND_MAX_S)
+        soon = _pysyncobj_now() + self._rng.uniform(0.0, EARLY_STAND_MAX_S)
         if raw.election_deadline > soon:
             raw.election_deadline = soon
             log.info(
@@ -140,7 +153,7 @@ class PreVoteOps:
                 EARLY_STAND_MAX_S * 1000,
             )
 
-    def _until_election_s(self, now: float) -> float:
+    def until_election_s(self, now: float) -> float:
         """Seconds until this node's election timer runs out (inf while leading).
 
         The tick's poll sleeps at most this long, so each member stands at its own
@@ -152,7 +165,7 @@ class PreVoteOps:
             return float("inf")
         return max(0.0, raw.election_deadline - now)
 
-    def _gate_election(self) -> None:
+    def gate_election(self) -> None:
         """Tick thread, before each tick: hold pysyncobj's election until a pre-vote passes."""
         sync, raw = self._sync, self._raw
         if raw.state == _LEADER or sync.selfNode is None:
@@ -186,7 +199,7 @@ class PreVoteOps:
         for node in others:
             transport.send(node, message)
 
-    def _on_prevote_message(self, node: Any, message: dict[str, Any]) -> None:
+    def on_message(self, node: Any, message: dict[str, Any]) -> None:
         """Tick thread (the transport's receive path): a pre-vote request or grant."""
         sync, raw = self._sync, self._raw
         if message.get("type") == PREVOTE_GRANTED:
@@ -213,7 +226,7 @@ class PreVoteOps:
         if grants(
             is_leader=is_leader,
             leader_heard_s=heard_s,
-            alive_s=self._prevote_alive_s,
+            alive_s=self._alive_s,
             theirs=(last_term, last_index),
             ours=ours,
         ):
@@ -224,8 +237,6 @@ class PreVoteOps:
             # Never sooner than it was (a joining node's timer is infinite).
             later = _pysyncobj_now() + raw.random_election_timeout()
             raw.election_deadline = max(raw.election_deadline, later)
-        elif not (is_leader or self._joining) and (
-            heard_s is None or heard_s >= self._prevote_alive_s
-        ):
+        elif not (is_leader or self._joining()) and (heard_s is None or heard_s >= self._alive_s):
             # Refused only for its log: no leader here either, and ours is further on.
             raw.election_deadline = 0.0

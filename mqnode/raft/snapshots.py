@@ -1,11 +1,12 @@
-"""SnapshotOps: RaftNode's snapshot half: pysyncobj's dump hooks, startup repair, compaction pace.
+"""A RaftNode's snapshots: pysyncobj's dump hooks, startup repair, compaction pace.
 
-pysyncobj calls `_serialize` when it compacts the log (we start a copy of the
-LMDB state at the entry it names; SnapshotWriter finishes it off the tick
-thread) and `_deserialize` when a follower installs the leader's snapshot.
-`_reconcile_startup` makes the journal and the state agree after a crash at
-any point between their two commits; `_scale_compaction` snapshots less often
-while the state is large (compaction.py). See docs/design/replication.md.
+pysyncobj calls `SnapshotHooks.serialize` when it compacts the log (we start a
+copy of the LMDB state at the entry it names; SnapshotWriter finishes it off the
+tick thread) and `SnapshotHooks.deserialize` when a follower installs the
+leader's snapshot. `reconcile_startup` makes the journal and the state agree
+after a crash at any point between their two commits; `CompactionPace`
+snapshots less often while the state is large (compaction.py). All of it runs
+on the tick thread. See docs/design/replication.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from mqnode.errors import CorruptDataError, StoreFullError
 from mqnode.queue import snapshot
 from mqnode.queue.store import QueueStore, fsync_path
-from mqnode.raft import membership
 from mqnode.raft.compaction import compaction_min_entries, staggered_threshold
 from mqnode.raft.journal import DurableJournal, Entry
 from mqnode.raft.logstore import LogStore
@@ -32,57 +32,63 @@ log = logging.getLogger("mqnode.raft")
 COMPACTION_CHECK_S = 1.0  # how often the snapshot threshold follows the state size
 
 
-class SnapshotOps:
-    """Mixed into RaftNode, which sets these attributes up; all of it runs on the tick thread."""
+def reconcile_startup(store: QueueStore, journal: DurableJournal, snapshot_path: Path) -> None:
+    """Make the journal and the LMDB state agree after a crash at any point."""
+    applied = store.applied_index()
+    first, last = journal[0][1], journal[-1][1]
+    if first <= applied + 1 and applied <= last:
+        return
+    header = snapshot.read_header(snapshot_path)
+    if applied + 1 < first:
+        if header.index + 1 < first:
+            raise CorruptDataError(
+                f"state is at index {applied} but the log starts at {first} and the "
+                f"snapshot at {header.index}: this data dir cannot catch up; move it "
+                "away and restart the node to resync from its peers"
+            )
+        log.warning("state behind log start (%d < %d): restoring snapshot", applied, first)
+        snapshot.install(snapshot_path, store)
+        applied = header.index
+    if applied > last:
+        if header.index != applied:
+            raise CorruptDataError(f"state at {applied} is ahead of the log end {last}")
+        log.warning("log behind state (%d > %d): resetting log to snapshot", last, applied)
+        journal.reset([header.prev, header.last])
+        journal.set_members(header.cluster)  # the list that log leads to
 
-    _sync: Any
-    _settings: RaftSettings
-    _store: QueueStore
-    _logstore: LogStore
-    _journal: DurableJournal
-    _ledger: membership.MemberLedger
-    _snapshots: SnapshotWriter
-    _snapshot_path: Path
-    _applied_written: int
-    _own_add_pending: bool
-    _next_compaction_check: float
-    _compaction_every: int
-    _compaction_rank: tuple[int, int]  # this member's place among the members, how many
-    _compaction_first: int  # the log's first index when the threshold was last set
-    _members: Callable[[], list[str]]
 
-    def _reconcile_startup(self) -> None:
-        """Make the journal and the LMDB state agree after a crash at any point."""
-        applied = self._store.applied_index()
-        first, last = self._journal[0][1], self._journal[-1][1]
-        if first <= applied + 1 and applied <= last:
-            return
-        header = snapshot.read_header(self._snapshot_path)
-        if applied + 1 < first:
-            if header.index + 1 < first:
-                raise CorruptDataError(
-                    f"state is at index {applied} but the log starts at {first} and the "
-                    f"snapshot at {header.index}: this data dir cannot catch up; move it "
-                    "away and restart the node to resync from its peers"
-                )
-            log.warning("state behind log start (%d < %d): restoring snapshot", applied, first)
-            snapshot.install(self._snapshot_path, self._store)
-            applied = header.index
-        if applied > last:
-            if header.index != applied:
-                raise CorruptDataError(f"state at {applied} is ahead of the log end {last}")
-            log.warning("log behind state (%d > %d): resetting log to snapshot", last, applied)
-            self._journal.reset([header.prev, header.last])
-            self._journal.set_members(header.cluster)  # the list that log leads to
+class CompactionPace:
+    """How long pysyncobj lets the log grow before its next snapshot (`every`, published)."""
 
-    def _scale_compaction(self) -> None:
-        """Set the log length of the next snapshot: the period follows the state size
-        (checked ~1/s), the phase this member's place among the members (compaction.py);
-        recomputed at once when a snapshot has moved the log's start."""
+    def __init__(
+        self,
+        settings: RaftSettings,
+        journal: DurableJournal,
+        logstore: LogStore,
+        store: QueueStore,
+        members: Callable[[], list[str]],
+    ) -> None:
+        self._settings = settings
+        self._journal = journal
+        self._logstore = logstore
+        self._store = store
+        self._members = members
+        self.every = settings.log_compaction_min_entries
+        self._next_check = 0.0
+        self._rank = (0, 1)  # this member's place among the members, how many
+        self._first = -1  # the log's first index when the threshold was last set
+
+    def scale(self, conf: Any) -> None:
+        """Set the log length of pysyncobj's next snapshot in its `conf`.
+
+        The period follows the state size (checked ~1/s), the phase this member's place
+        among the members (compaction.py); recomputed at once when a snapshot has moved
+        the log's start.
+        """
         now = _pysyncobj_now()
         first = int(self._journal[0][1])
-        if now >= self._next_compaction_check:
-            self._next_compaction_check = now + COMPACTION_CHECK_S
+        if now >= self._next_check:
+            self._next_check = now + COMPACTION_CHECK_S
             every = compaction_min_entries(
                 self._settings.log_compaction_min_entries,
                 len(self._journal),
@@ -91,20 +97,43 @@ class SnapshotOps:
                 self._logstore.map_bytes,
             )
             if every is not None:
-                self._compaction_every = every
+                self.every = every
             members = self._members()
             me = self._settings.self_addr
-            self._compaction_rank = (members.index(me) if me in members else 0, len(members))
-        elif first == self._compaction_first:
+            self._rank = (members.index(me) if me in members else 0, len(members))
+        elif first == self._first:
             return
-        self._compaction_first = first
-        threshold = staggered_threshold(self._compaction_every, first, *self._compaction_rank)
-        conf = self._sync.conf
+        self._first = first
+        threshold = staggered_threshold(self.every, first, *self._rank)
         if threshold != conf.logCompactionMinEntries:
             log.debug("raft: next snapshot when the log holds %d entries", threshold)
             conf.logCompactionMinEntries = threshold
 
-    def _serialize(self, _filename: str, data: Any) -> None:
+
+class SnapshotHooks:
+    """pysyncobj's serializer and deserializer, on our LMDB state and snapshot files.
+
+    `members_at(index)` is the member list at a log index; `on_installed` runs
+    (tick thread) once a leader's snapshot has replaced the state.
+    """
+
+    def __init__(
+        self,
+        settings: RaftSettings,
+        journal: DurableJournal,
+        store: QueueStore,
+        writer: SnapshotWriter,
+        members_at: Callable[[int], list[str]],
+        on_installed: Callable[[snapshot.SnapshotHeader], None],
+    ) -> None:
+        self._settings = settings
+        self._journal = journal
+        self._store = store
+        self._snapshots = writer
+        self._members_at = members_at
+        self._on_installed = on_installed
+
+    def serialize(self, _filename: str, data: Any) -> None:
         """Start a snapshot at last[1]; SnapshotWriter copies it off the tick thread.
 
         pysyncobj then renames its own temporary file name over snapshot.bin; we
@@ -124,7 +153,7 @@ class SnapshotOps:
         # entries appended after the snapshot's index, perhaps never to commit. A follower
         # installing the snapshot must get the list *at* that index: the later entries
         # reach it with the log, and are undone there if a new leader drops them.
-        members = self._ledger.at(int(last[1]))
+        members = self._members_at(int(last[1]))
         self._snapshots.start(
             self._store,
             (bytes(last[0]), int(last[1]), int(last[2])),
@@ -132,7 +161,7 @@ class SnapshotOps:
             members,
         )
 
-    def _deserialize(self, filename: str) -> tuple[Entry, Entry, list[str]]:
+    def deserialize(self, filename: str) -> tuple[Entry, Entry, list[str]]:
         self._snapshots.discard()  # ours must not replace the leader's, nor hold the store
         # pysyncobj renames the download into place unsynced; the journal is about to be
         # reset past its own entries, so this file is what a state lost in a kernel crash
@@ -145,10 +174,7 @@ class SnapshotOps:
         except StoreFullError:
             self._store.abort_apply()
         header = snapshot.install(Path(filename), self._store)
-        self._applied_written = header.index
-        self._ledger.reset(header.cluster, header.index)
-        if self._settings.self_addr in header.cluster:
-            self._own_add_pending = False  # the leader's list names us: nothing to adopt
+        self._on_installed(header)
         log.info("installed snapshot at index %d from the leader", header.index)
         # pysyncobj drops this node from the list by comparing Node objects; ours are
         # addresses, so it would keep itself as a peer and count itself twice.

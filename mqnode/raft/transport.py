@@ -221,6 +221,12 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
             out[str(node.address)] = round(now - read_at, 3) if connected and read_at else None
         return out
 
+    def disconnect(self, addresses: frozenset[str]) -> None:
+        """Close the connections with these peer addresses now (fault injection)."""
+        for node, conn in list(self._connections.items()):
+            if getattr(node, "address", None) in addresses:
+                conn.disconnect()
+
     def keep_alive(self, every_s: float) -> None:
         """Send a no-op to each connected peer every `every_s` (see the module docstring)."""
         now = _pysyncobj_now()

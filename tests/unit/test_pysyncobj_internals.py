@@ -13,6 +13,7 @@ import pytest
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.transport import TCPTransport
 
 from mqnode.raft import internals
 from mqnode.raft.guarded import GuardedConnection
@@ -35,6 +36,17 @@ def test_syncobj_still_has(name: str) -> None:
 def test_tcp_connection_still_has(name: str) -> None:
     conn = TcpConnection(createPoller("auto"))
     assert hasattr(conn, name), f"pysyncobj TcpConnection has no {name} any more"
+
+
+@pytest.mark.parametrize("name", internals.INTERNALS["TCPTransport"])
+def test_tcp_transport_still_has(name: str) -> None:
+    sync = SyncObj("127.0.0.1:1", [], SyncObjConf(autoTick=False))
+    try:
+        transport = internals.SyncInternals(sync).transport
+        assert isinstance(transport, TCPTransport)
+        assert hasattr(transport, name), f"pysyncobj TCPTransport has no {name} any more"
+    finally:
+        sync.destroy()
 
 
 def test_the_guarded_read_path_is_what_tcp_connection_calls() -> None:

@@ -127,7 +127,7 @@ def test_a_snapshot_start_makes_the_journal_durable_before_the_state(tmp_path: P
 
                 store.snapshot_txn = spy  # type: ignore[method-assign]
                 try:
-                    raft._serialize("", (j[-2], j[-3], []))
+                    raft._snapshot_hooks.serialize("", (j[-2], j[-3], []))
                 finally:
                     store.snapshot_txn = commit  # type: ignore[method-assign]
                     raft._snapshots.discard()
@@ -160,7 +160,7 @@ def test_installing_a_snapshot_flushes_the_journal_before_the_state(tmp_path: Pa
 
                 store.commit_apply = spy  # type: ignore[method-assign]
                 try:
-                    raft._deserialize(str(copy))
+                    raft._snapshot_hooks.deserialize(str(copy))
                 finally:
                     store.commit_apply = commit  # type: ignore[method-assign]
                 return bool(seen) and not seen[0]
