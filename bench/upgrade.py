@@ -20,7 +20,7 @@ Reported, and checked (exit 1 on a failure):
 * every node ends with the same applied index and an empty queue;
 * the success reports (NOTIFY=SUCCESS, "Action: relayed") that arrived: none
   is required before the last node is upgraded (the parameters wait for
-  every member's reads level, queue/formats.py), and mail sent after it must get one.
+  every member's reads level, raft/formats.py), and mail sent after it must get one.
 
 Bounded: at most --messages messages, --max-s seconds per wait; the nodes are
 stopped by PID and their data deleted.

@@ -59,7 +59,7 @@ def _add_restore(sub: Any) -> None:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from mqnode.raft.restore import restore_data_dir
+    from mqnode.restore import restore_data_dir
 
     overrides = {f.name: getattr(args, f.name) for f in fields(NodeConfig)}
     cfg = NodeConfig.load(args.config, overrides)

@@ -34,13 +34,13 @@ from mqnode.delivery.mx import MxResolver
 from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
 from mqnode.errors import ConfigError, CorruptDataError, MqnodeError
+from mqnode.events import EventLog
 from mqnode.queue.commands import READS_LEVEL, Announce
-from mqnode.queue.events import EventLog
-from mqnode.queue.formats import LevelGate, announce_again, cluster_level
 from mqnode.queue.statemachine import QueueStateMachine
-from mqnode.queue.store import QueueStore
+from mqnode.queue.store import QueueStore, StateTxn
 from mqnode.raft import RaftNode, RaftSettings, RaftStatus
 from mqnode.raft.commit_pipeline import CommitPipeline, Submitter
+from mqnode.raft.formats import LevelGate, announce_again, cluster_level
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
@@ -209,7 +209,7 @@ class Node:
 
     def _build_raft(
         self, store: QueueStore, secret: str, loop: asyncio.AbstractEventLoop
-    ) -> RaftNode:
+    ) -> RaftNode[StateTxn]:
         cfg = self.cfg
         settings = RaftSettings(
             self_addr=cfg.raft_addr,
@@ -231,7 +231,7 @@ class Node:
         )
 
     @staticmethod
-    def _reads_level(store: QueueStore, raft: RaftNode) -> int:
+    def _reads_level(store: QueueStore, raft: RaftNode[StateTxn]) -> int:
         with store.reader() as r:
             nodes = r.get_meta("nodes", {})
         return cluster_level(nodes, raft.status.members)
@@ -295,7 +295,7 @@ class Node:
     def _build_metrics(
         self,
         store: QueueStore,
-        raft: RaftNode,
+        raft: RaftNode[StateTxn],
         front: InProcessFront | WorkerPool,
         dispatcher: Dispatcher,
         lease: LeaderLease,
@@ -325,7 +325,7 @@ class Node:
     def _build_admin(
         self,
         store: QueueStore,
-        raft: RaftNode,
+        raft: RaftNode[StateTxn],
         pipeline: CommitPipeline,
         lease: LeaderLease,
         metrics: NodeMetrics,
@@ -358,7 +358,7 @@ class Node:
             self._lease.on_step_down()
         # Every node tells the cluster who it is (node id, SMTP and admin addresses) and
         # what it reads, under each leader it sees: `mqnode cluster status`, leader ids in
-        # /status and the cluster's reads level (queue/formats.py) come from these entries. Under
+        # /status and the cluster's reads level (raft/formats.py) come from these entries. Under
         # each leader, not once: a member that skipped an entry while it ran an older
         # release (the first release cannot decode `reads`) learns it again.
         self._maybe_announce(status, again=status.role == "leader")
@@ -375,7 +375,7 @@ class Node:
             task = asyncio.get_running_loop().create_task(self._announce(cmd))
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
 
-    async def _keep_announced(self, store: QueueStore, raft: RaftNode) -> None:
+    async def _keep_announced(self, store: QueueStore, raft: RaftNode[StateTxn]) -> None:
         """Announce again when the state's entry for this node is not what it announces,
         or when another member's reads level went up.
 

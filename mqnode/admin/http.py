@@ -56,12 +56,12 @@ from mqnode.config import parse_hostport
 from mqnode.dsn.notify import report_for
 from mqnode.errors import ConfigError, MembershipError, SubmitError
 from mqnode.queue.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
-from mqnode.queue.formats import cluster_level
 from mqnode.queue.model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
 from mqnode.queue.statemachine import QueueStateMachine
 from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode, membership
 from mqnode.raft.commit_pipeline import PipelineHealth, Replicator
+from mqnode.raft.formats import cluster_level
 
 MAX_LIST = 100_000
 PROTECTED = ("/queue", "/raft", "/fault")
@@ -79,7 +79,7 @@ class AdminServer:
         self,
         node_info: dict[str, str],
         store: QueueStore,
-        raft: RaftNode,
+        raft: RaftNode[Any],
         lease_held: Callable[[], bool],
         replicator: Replicator,
         clock: Clock,
@@ -180,7 +180,7 @@ class AdminServer:
             "match_index": st.match_index,
             "peer_last_heard_s": st.peer_last_heard_s,
             "members": list(st.members),
-            # What this node reads, and the lowest any member announced (queue/formats.py): DSN
+            # What this node reads, and the lowest any member announced (raft/formats.py): DSN
             # parameters are kept once the latter is 2.
             "reads_level": READS_LEVEL,
             "cluster_reads_level": cluster_level(nodes, st.members),

@@ -97,12 +97,11 @@ import aiosmtplib
 from mqnode.delivery.feedback import Contact
 from mqnode.queue.addresses import ascii_form
 from mqnode.queue.dsnparams import DsnRequest
-from mqnode.queue.model import Outcome
+from mqnode.queue.model import Outcome, RecipientResult
 from mqnode.tls import opportunistic_client_context, required_client_context
 
 log = logging.getLogger(__name__)
 
-RecipientResult = tuple[int, str, str]
 SMTPUTF8_NOT_OFFERED = "5.6.7 SMTPUTF8 is required, but was not offered by the host"
 _DOT_LINE = re.compile(rb"(?m)^\.")
 

@@ -88,16 +88,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqnode.clock import Clock
-from mqnode.delivery.client import DeliveryAgent, LeaseLost, RecipientResult, Transaction
+from mqnode.delivery.client import DeliveryAgent, LeaseLost, Transaction
 from mqnode.delivery.feedback import ConcurrencyWindow, Contact
 from mqnode.delivery.lease import LeaderLease
 from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
 from mqnode.dsn.notify import report_for
 from mqnode.errors import CorruptDataError, MqnodeError
+from mqnode.events import EventLog
 from mqnode.queue.commands import Claim, LeaseRenew, RecordOutcome
-from mqnode.queue.events import EventLog
-from mqnode.queue.model import Outcome, QueuedMessage, RcptState, make_queue_id
+from mqnode.queue.model import Outcome, QueuedMessage, RcptState, RecipientResult, make_queue_id
 from mqnode.queue.store import QueueStore
 from mqnode.raft.commit_pipeline import Replicator
 

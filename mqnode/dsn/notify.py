@@ -19,9 +19,8 @@ Original-Envelope-Id and Original-Recipient.
 
 from __future__ import annotations
 
-from mqnode.delivery.client import RecipientResult
 from mqnode.dsn.report import FailedRecipient, build_dsn, is_null_sender, status_from_reply
-from mqnode.queue.model import Outcome, QueuedMessage
+from mqnode.queue.model import Outcome, QueuedMessage, RecipientResult
 
 REPORT_MAX_RETURNED_BYTES = 16 * 1024  # the report must fit one small log entry
 

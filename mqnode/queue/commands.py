@@ -35,7 +35,7 @@ import msgpack
 from mqnode.errors import CodecError, NewerFormatError
 
 FORMAT_VERSION = 1
-# What this build decodes, as a level its Announce carries (queue/formats.py keeps fields a
+# What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
 # member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
 # Announce's `reads`, and an entry from a newer version stops the node instead of being
 # skipped.

@@ -40,6 +40,10 @@ class Outcome(StrEnum):
     BOUNCED = "bounced"
 
 
+# One recipient's result of a delivery attempt: (its index in the message, Outcome value,
+# the reply or the reason as text).
+RecipientResult = tuple[int, str, str]
+
 _MSGID_RE = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
 _FOLD_RE = re.compile(rb"\r?\n(?=[ \t])")
 

@@ -1,4 +1,4 @@
-"""LMDB storage: the only module that imports `lmdb`.
+"""QueueStore: the queue state in LMDB (through mqnode/storage.py, the lmdb adapter).
 
 Two environments per data dir, each with one job:
 
@@ -8,8 +8,7 @@ Two environments per data dir, each with one job:
   transaction per tick (`apply_txn` / `commit_apply`), so many entries share a
   commit. Reads from other threads go through `reader()`.
 * `LogStore` (`<data>/raft`, raft/logstore.py): the durable Raft journal and
-  term/vote/commit metadata, written in one synced transaction per batch. It
-  opens its env with `open_env` here.
+  term/vote/commit metadata, written in one synced transaction per batch.
 
 Durability: the journal fsyncs every write; the state does not. Everything in
 the state is derived from the log, and `snapshot.bin` plus the journal after
@@ -42,33 +41,34 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Container, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import lmdb
-import msgpack
-
-from mqnode.errors import CorruptDataError, StateMapFullError, StoreFullError
+from mqnode.errors import CorruptDataError, StateMapFullError
 from mqnode.queue.model import MessageState, QueuedMessage
+from mqnode.storage import (
+    U32,
+    U64,
+    LmdbError,
+    LmdbMapFullError,
+    check_crc,
+    fsync_path,
+    open_env,
+    pack,
+    storage_error,
+    unpack,
+    with_crc,
+)
 
 log = logging.getLogger("mqnode.queue.store")
-
-U64 = struct.Struct(">Q")
-U32 = struct.Struct(">I")
 
 FILL_REFRESH_COMMITS = 8
 # How far past its configured size the state map may grow to apply committed entries.
 APPLY_HEADROOM_STEP = 0.25
 APPLY_HEADROOM_MAX = 2.0
-# For raft/logstore.py, which keeps its records in an env opened here: lmdb's errors by name,
-# so this stays the only module that imports lmdb.
-LmdbError = lmdb.Error
-LmdbMapFullError = lmdb.MapFullError
 COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
 # Meta key: how many operator retries (QueueOp "retry") took effect; delivery/dispatcher.py.
 OPERATOR_RETRIES = "operator_retries"
@@ -77,24 +77,6 @@ BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 UNSYNCED_MARKER = "unsynced-boot-id"
 # The marker's text after a failed writeback: no boot id matches it (a rebuild at open).
 WRITEBACK_FAILED = "writeback-failed"
-
-
-def pack(obj: Any) -> bytes:
-    out: bytes = msgpack.packb(obj, use_bin_type=True)
-    return out
-
-
-def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a directory (its entries: a rename or unlink in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StateTxn:
@@ -131,7 +113,7 @@ class StateTxn:
         """Insert or replace, keeping the due index and state counters in step."""
         if old is not None:
             self._unindex(old)
-        self._txn.put(msg.queue_id.encode(), _with_crc(pack(msg.to_record())), db=self._s._msgs)
+        self._txn.put(msg.queue_id.encode(), with_crc(pack(msg.to_record())), db=self._s._msgs)
         if not msg.hold:
             self._txn.put(_due_key(msg), b"", db=self._s._due)
         self._bump(msg.state(), +1)
@@ -147,7 +129,7 @@ class StateTxn:
 
     # -- bodies -------------------------------------------------------------
     def put_body_chunk(self, body_key: str, seq: int, data: bytes) -> None:
-        self._txn.put(_body_key(body_key, seq), _with_crc(data), db=self._s._body)
+        self._txn.put(_body_key(body_key, seq), with_crc(data), db=self._s._body)
 
     def has_body_chunk(self, body_key: str, seq: int) -> bool:
         return self._txn.get(_body_key(body_key, seq), db=self._s._body) is not None
@@ -158,7 +140,7 @@ class StateTxn:
             raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
             if raw is None:
                 raise CorruptDataError(f"body {body_key} chunk {seq} missing")
-            parts.append(_check_crc(bytes(raw), f"body {body_key} chunk {seq}"))
+            parts.append(check_crc(bytes(raw), f"body {body_key} chunk {seq}"))
         return b"".join(parts)
 
     def delete_body(self, body_key: str, chunks: int) -> None:
@@ -224,48 +206,9 @@ def current_boot_id() -> str | None:
         return None
 
 
-def open_env(path: Path, map_size: int, max_dbs: int, what: str, sync: bool = True) -> Any:
-    """Open an LMDB env, refusing a truncated data file before LMDB maps past its end.
-
-    (LMDB reads pages through mmap: a page beyond EOF is SIGBUS, not an error.)
-    """
-    try:
-        env = lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, sync=sync)
-    except lmdb.Error as exc:
-        raise CorruptDataError(f"cannot open {what} {path}: {exc}") from exc
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    actual = os.path.getsize(path / "data.mdb")
-    if actual < needed:
-        env.close()
-        raise CorruptDataError(
-            f"{what} {path / 'data.mdb'} is truncated ({actual} bytes, needs {needed}); "
-            "restore it or move the data dir away to resync this node from its peers"
-        )
-    return env
-
-
-def _with_crc(data: bytes) -> bytes:
-    return U32.pack(zlib.crc32(data)) + data
-
-
-def _check_crc(raw: bytes, what: str) -> bytes:
-    """LMDB has no record checksums: every queue record carries a CRC32 in front."""
-    if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
-        raise CorruptDataError(f"{what}: checksum mismatch")
-    return raw[4:]
-
-
-def storage_error(what: str, exc: Exception) -> Exception:
-    """ENOSPC and friends become StoreFullError (retryable); anything else is corruption."""
-    text = str(exc)
-    if "No space left" in text or "Disk quota" in text or "MDB_MAP_FULL" in text:
-        return StoreFullError(f"{what}: {text}")
-    return CorruptDataError(f"{what}: {text}")
-
-
 def _decode_message(raw: bytes, queue_id: str) -> QueuedMessage:
     try:
-        return QueuedMessage.from_record(unpack(_check_crc(raw, f"message {queue_id}")))
+        return QueuedMessage.from_record(unpack(check_crc(raw, f"message {queue_id}")))
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptDataError(f"message {queue_id}: undecodable record: {exc}") from exc
 
@@ -384,7 +327,7 @@ class QueueStore:
                 return
             try:
                 self._env.sync(True)
-            except lmdb.Error as exc:
+            except LmdbError as exc:
                 self._mark_untrusted()
                 raise CorruptDataError(
                     f"queue state {self.path}: writing its commits back to disk failed ({exc}); "
@@ -411,10 +354,10 @@ class QueueStore:
         txn, self._txn = self._txn, None
         try:
             txn.commit()
-        except lmdb.MapFullError as exc:
+        except LmdbMapFullError as exc:
             self._fill = 1.0
             raise StateMapFullError("queue store map is full") from exc
-        except lmdb.Error as exc:
+        except LmdbError as exc:
             raise storage_error("queue store", exc) from exc
         self._commits += 1
         if refresh_fill or self._commits % FILL_REFRESH_COMMITS == 0:
@@ -428,7 +371,7 @@ class QueueStore:
     @staticmethod
     def map_filled(exc: BaseException) -> bool:
         """Whether `exc` is this store's map filling inside apply or its commit."""
-        return isinstance(exc, (lmdb.MapFullError, StateMapFullError))
+        return isinstance(exc, (LmdbMapFullError, StateMapFullError))
 
     def grow_for_apply(self) -> bool:
         """Grow the map by `APPLY_HEADROOM_STEP` of the configured size; False at the cap.
@@ -570,7 +513,7 @@ class QueueStore:
         With `txn` (from `snapshot_txn()`), the copy is the state as of that read
         transaction, and may run on another thread while applies go on. Not
         synced: the caller streams it into a durable file in slices
-        (queue/snapshot.py); one fsync of the whole copy queued every journal fsync
+        (raft/snapshot_file.py); one fsync of the whole copy queued every journal fsync
         on the disk behind it.
         """
         if txn is None:
@@ -617,7 +560,7 @@ class QueueStore:
             if trusted:
                 try:
                     self._env.sync(True)
-                except lmdb.Error as exc:
+                except LmdbError as exc:
                     trusted = False
                     log.error("queue state %s: writeback failed at close: %s", self.path, exc)
                     self._mark_untrusted()

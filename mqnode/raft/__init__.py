@@ -1,15 +1,27 @@
 """The Raft adapter: the only package that imports pysyncobj (pinned to 0.3.17).
 
-Modules: node.py (RaftNode: tick thread, submit), snapshots.py (its snapshot
-hooks, startup repair and compaction pace), journal.py (DurableJournal),
-transport.py (DeferringTransport), wire.py (cheaper framing of its messages),
-pacing.py (when the leader sends new entries), members.py (dynamic
-membership), prevote.py (no election without a majority's pre-vote),
-types.py (RaftSettings, RaftStatus), unanswered.py (fails the command
-callbacks pysyncobj would never make), guarded.py (a bounded reader for the
-Raft port), internals.py (the only module touching pysyncobj's private
-names; checks its exact version). Everything else in mqnode
-talks to Raft through RaftNode (and `Replicator` in raft/commit_pipeline.py).
+Modules:
+* node.py: RaftNode, the pysyncobj instance and its tick thread; submit.
+* contracts.py: the Protocols the replicated state implements (StateMachine,
+  StateStore); nothing here imports the queue's classes for them.
+* commit_pipeline.py: group commit between asyncio callers and the log, with
+  its own deadlines; formats.py: which command fields the members can read.
+* journal.py (DurableJournal) over logstore.py (the journal in LMDB).
+* snapshots.py (pysyncobj's dump hooks, startup repair, compaction pace),
+  snapshot_writer.py (copies on a thread of their own), snapshot_file.py (the
+  file format), compaction.py (how long the log may grow).
+* members.py (Membership: the member list and its changes) and membership.py
+  (the pure rules of a change).
+* transport.py (DeferringTransport: acks held until durable, keep-alives),
+  wire.py (cheaper framing), guarded.py (a bounded reader for the Raft port),
+  pacing.py (when the leader sends), prevote.py (no election without a
+  majority's pre-vote), unanswered.py (fails the callbacks pysyncobj would
+  never make), types.py (RaftSettings, RaftStatus).
+* internals.py: the only module touching pysyncobj's private names; checks
+  its exact version at import.
+
+Everything else in mqnode talks to Raft through RaftNode and the commit
+pipeline.
 
 What it promises
 * `submit_entry(entry, done)` appends one entry; `done(results, None)` runs on
@@ -46,7 +58,7 @@ docs/design/replication.md):
   own FileJournal does not fsync and its dump-file loader drops entries.
 * Its startup dump-file load is disabled; the LMDB state (with its applied
   index) is the snapshot, and the journal holds everything after it.
-* Snapshots go through its serializer/deserializer hooks as `queue/snapshot.py`
+* Snapshots go through its serializer/deserializer hooks as `raft/snapshot_file.py`
   files; installing one replaces the LMDB state.
 * Membership changes (`change_membership`) are its dynamic membership: an
   entry takes effect when appended. The member list it leads to is stored in

@@ -37,7 +37,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from mqnode.clock import Clock
 from mqnode.errors import (
@@ -113,7 +113,7 @@ class _Item:
 class CommitPipeline:
     def __init__(
         self,
-        raft: RaftNode,
+        raft: RaftNode[Any],
         clock: Clock,
         max_pending: int,
         commit_timeout_s: float,

@@ -3,7 +3,7 @@
 Entries (index -> term, command) and the term/vote/commit metadata, each
 batch in one synced transaction. Record format: crc32 (4 bytes, over the
 rest) || msgpack([term, command]); a gap or a bad checksum on load is
-`CorruptDataError`. The env is opened by queue/store.py (`open_env`), the only
+`CorruptDataError`. The env is opened by mqnode/storage.py (`open_env`), the only
 module that imports lmdb. Limits: `raft_map_size_mb`; a full map raises
 `StoreFullError` and the batch is rolled back.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mqnode.errors import CorruptDataError, StoreFullError
-from mqnode.queue.store import (
+from mqnode.storage import (
     U32,
     U64,
     LmdbError,

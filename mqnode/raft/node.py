@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
@@ -19,10 +19,8 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
 from mqnode.errors import MqnodeError, NewerFormatError
-from mqnode.queue.snapshot import SnapshotHeader
-from mqnode.queue.statemachine import QueueStateMachine, Result
-from mqnode.queue.store import QueueStore
 from mqnode.raft import membership
+from mqnode.raft.contracts import StateMachine, StateStore, TxnT
 from mqnode.raft.guarded import install as install_guarded_connections
 from mqnode.raft.internals import SyncInternals
 from mqnode.raft.journal import DurableJournal
@@ -30,6 +28,7 @@ from mqnode.raft.logstore import LogStore
 from mqnode.raft.members import FAIL_NAMES, Membership
 from mqnode.raft.pacing import AppendPacer, StateCommitPacer, follower_waits
 from mqnode.raft.prevote import PreVoteGate
+from mqnode.raft.snapshot_file import SnapshotHeader
 from mqnode.raft.snapshot_writer import SnapshotWriter
 from mqnode.raft.snapshots import CompactionPace, SnapshotHooks, reconcile_startup
 from mqnode.raft.transport import DeferringTransport
@@ -62,7 +61,12 @@ def refused_for_log(message: dict[str, Any], term: int, ours: tuple[int, int]) -
 
 class _SyncObj(SyncObj):  # type: ignore[misc]
     def __init__(
-        self, owner: RaftNode, self_addr: str, peers: list[str], conf: Any, journal: DurableJournal
+        self,
+        owner: RaftNode[Any],
+        self_addr: str,
+        peers: list[str],
+        conf: Any,
+        journal: DurableJournal,
     ) -> None:
         self._mq_owner = owner
         self._mq_journal = journal
@@ -70,7 +74,7 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         self._mq_notifier = PipeNotifier(SyncInternals(self).poller)
 
     @replicated  # type: ignore[untyped-decorator]
-    def mq_apply(self, entry: bytes) -> list[Result] | None:
+    def mq_apply(self, entry: bytes) -> Any:
         return self._mq_owner._apply(entry)
 
     def _mq_after_vote_request(self, message: dict[str, Any]) -> None:
@@ -93,7 +97,7 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
             raw.election_deadline = 0.0
 
 
-class RaftNode:
+class RaftNode(Generic[TxnT]):
     """Owns the pysyncobj instance, its tick thread, the journal and snapshot hooks.
 
     Its parts, each built here and given what it needs: `Membership` (members.py),
@@ -104,8 +108,8 @@ class RaftNode:
     def __init__(
         self,
         settings: RaftSettings,
-        store: QueueStore,
-        machine: QueueStateMachine,
+        store: StateStore[TxnT],
+        machine: StateMachine[TxnT],
         loop: asyncio.AbstractEventLoop,
         on_status_change: Callable[[RaftStatus], None] | None = None,
     ) -> None:
@@ -328,7 +332,7 @@ class RaftNode:
         self._applied_written = header.index
         self.membership.on_snapshot_installed(header.cluster, header.index)
 
-    def _apply(self, entry: bytes) -> list[Result] | None:
+    def _apply(self, entry: bytes) -> Any:
         index = self._sync.raftLastApplied + 1
         return self._machine.apply(index, entry, self._store.apply_txn())
 

@@ -8,7 +8,7 @@ election per compaction (terms 1 -> 17 in 50 s of 100 KiB submissions,
 refusing mail with 451 each time).
 
 Now the tick thread only commits the state and opens an LMDB read
-transaction at exactly the snapshot's index (`QueueStore.snapshot_txn`);
+transaction at exactly the snapshot's index (`StateStore.snapshot_txn`);
 this writer copies from it on its own thread while applies go on, into
 `snapshot.bin.writing`. pysyncobj polls `status()` (its `serializeChecker`)
 on the tick thread; the finished file is renamed over `snapshot.bin` there,
@@ -33,9 +33,10 @@ from typing import Any
 
 from pysyncobj.config import SERIALIZER_STATE
 
-from mqnode.queue import snapshot
-from mqnode.queue.store import QueueStore, fsync_path
+from mqnode.raft import snapshot_file
+from mqnode.raft.contracts import StateStore
 from mqnode.raft.journal import Entry
+from mqnode.storage import fsync_path
 
 log = logging.getLogger("mqnode.raft")
 
@@ -61,7 +62,7 @@ class SnapshotWriter:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
-    def start(self, store: QueueStore, last: Entry, prev: Entry, members: list[str]) -> None:
+    def start(self, store: StateStore[Any], last: Entry, prev: Entry, members: list[str]) -> None:
         """Tick thread: freeze the state at last[1] and copy it in the background."""
         if self._thread is not None:
             raise RuntimeError("a snapshot is already being written")
@@ -76,12 +77,12 @@ class SnapshotWriter:
         self._thread.start()
 
     def _write(
-        self, store: QueueStore, txn: Any, last: Entry, prev: Entry, members: list[str]
+        self, store: StateStore[Any], txn: Any, last: Entry, prev: Entry, members: list[str]
     ) -> None:
         started = time.monotonic()
         ok = False
         try:
-            snapshot.write_snapshot(self._writing, store, last, prev, members, txn)
+            snapshot_file.write_snapshot(self._writing, store, last, prev, members, txn)
             ok = True
         except Exception:
             log.exception("snapshot at index %d failed; the log is kept", last[1])

@@ -19,26 +19,27 @@ from typing import Any
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 
 from mqnode.errors import CorruptDataError, StoreFullError
-from mqnode.queue import snapshot
-from mqnode.queue.store import QueueStore, fsync_path
+from mqnode.raft import snapshot_file
 from mqnode.raft.compaction import compaction_min_entries, staggered_threshold
+from mqnode.raft.contracts import StateStore
 from mqnode.raft.journal import DurableJournal, Entry
 from mqnode.raft.logstore import LogStore
 from mqnode.raft.snapshot_writer import SnapshotWriter
 from mqnode.raft.types import RaftSettings
+from mqnode.storage import fsync_path
 
 log = logging.getLogger("mqnode.raft")
 
 COMPACTION_CHECK_S = 1.0  # how often the snapshot threshold follows the state size
 
 
-def reconcile_startup(store: QueueStore, journal: DurableJournal, snapshot_path: Path) -> None:
+def reconcile_startup(store: StateStore[Any], journal: DurableJournal, snapshot_path: Path) -> None:
     """Make the journal and the LMDB state agree after a crash at any point."""
     applied = store.applied_index()
     first, last = journal[0][1], journal[-1][1]
     if first <= applied + 1 and applied <= last:
         return
-    header = snapshot.read_header(snapshot_path)
+    header = snapshot_file.read_header(snapshot_path)
     if applied + 1 < first:
         if header.index + 1 < first:
             raise CorruptDataError(
@@ -47,7 +48,7 @@ def reconcile_startup(store: QueueStore, journal: DurableJournal, snapshot_path:
                 "away and restart the node to resync from its peers"
             )
         log.warning("state behind log start (%d < %d): restoring snapshot", applied, first)
-        snapshot.install(snapshot_path, store)
+        snapshot_file.install(snapshot_path, store)
         applied = header.index
     if applied > last:
         if header.index != applied:
@@ -65,7 +66,7 @@ class CompactionPace:
         settings: RaftSettings,
         journal: DurableJournal,
         logstore: LogStore,
-        store: QueueStore,
+        store: StateStore[Any],
         members: Callable[[], list[str]],
     ) -> None:
         self._settings = settings
@@ -121,10 +122,10 @@ class SnapshotHooks:
         self,
         settings: RaftSettings,
         journal: DurableJournal,
-        store: QueueStore,
+        store: StateStore[Any],
         writer: SnapshotWriter,
         members_at: Callable[[int], list[str]],
-        on_installed: Callable[[snapshot.SnapshotHeader], None],
+        on_installed: Callable[[snapshot_file.SnapshotHeader], None],
     ) -> None:
         self._settings = settings
         self._journal = journal
@@ -173,7 +174,7 @@ class SnapshotHooks:
             self._store.commit_apply()
         except StoreFullError:
             self._store.abort_apply()
-        header = snapshot.install(Path(filename), self._store)
+        header = snapshot_file.install(Path(filename), self._store)
         self._on_installed(header)
         log.info("installed snapshot at index %d from the leader", header.index)
         # pysyncobj drops this node from the list by comparing Node objects; ours are

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mqnode.queue.statemachine import Result
-
-# Called on the asyncio loop: (results, None) once committed and applied, else (None, reason).
-Done = Callable[[list[Result] | None, str | None], None]
+# Called on the asyncio loop: (what the state machine's apply returned, None) once committed
+# and applied, else (None, reason). raft/ never reads the results (contracts.py).
+Done = Callable[[Any, str | None], None]
 
 
 @dataclass(frozen=True)

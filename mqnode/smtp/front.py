@@ -17,7 +17,7 @@ from typing import Any
 
 from mqnode.clock import Clock
 from mqnode.config import NodeConfig, parse_hostport
-from mqnode.queue.events import EventLog
+from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.handler import IngressLimits, SmtpIngress

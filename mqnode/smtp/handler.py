@@ -48,9 +48,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from mqnode.clock import Clock
 from mqnode.errors import SubmitError
+from mqnode.events import EventLog
 from mqnode.queue import addresses
 from mqnode.queue.commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
-from mqnode.queue.events import EventLog
 from mqnode.queue.model import find_message_id, make_queue_id
 from mqnode.queue.statemachine import Result, misses_chunks
 from mqnode.raft.commit_pipeline import Submitter

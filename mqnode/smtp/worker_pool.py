@@ -39,8 +39,8 @@ from typing import Any
 from mqnode.clock import Clock
 from mqnode.config import NodeConfig
 from mqnode.errors import CodecError, MqnodeError, SubmitError
+from mqnode.events import EventLog
 from mqnode.queue.commands import Enqueue, from_wire
-from mqnode.queue.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.smtp.front import bind, listen_addrs
 from mqnode.smtp.handler import emit_committed, emit_received

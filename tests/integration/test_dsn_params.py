@@ -5,7 +5,7 @@ DSN fields crosses the worker link and the log), real DNS on loopback, and
 recording sinks: `dsn.test` offers DSN (and records the parameters it is
 given), `plain.test` does not, `refuse.test` refuses every recipient,
 `senders.test` receives the reports. The nodes keep DSN fields only once every
-member has announced that it reads them (queue/formats.py): the fixture waits for it.
+member has announced that it reads them (raft/formats.py): the fixture waits for it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, d
                 seen = [c.status(i)["cluster_reads_level"] for i in range(3)]
                 return (True if seen == [2, 2, 2] else None), f"cluster reads levels {seen}"
 
-            # Every member announced that it reads DSN fields (queue/formats.py); until then a
+            # Every member announced that it reads DSN fields (raft/formats.py); until then a
             # node would queue the mail without them.
             c.poll("every node to see reads level 2", levels, 30)
             yield c, sinks

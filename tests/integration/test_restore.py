@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mqnode.queue import snapshot
+from mqnode.raft import snapshot_file
 from tests.support.chaos import post_json
 from tests.support.checks import assert_acked_once, offer_ok
 from tests.support.cli import run_cli
@@ -32,7 +32,7 @@ def _snapshot_covering(c: Cluster, i: int, index: int) -> Path:
 
     def probe() -> tuple[Path | None, str]:
         try:
-            got = snapshot.read_header(path).index
+            got = snapshot_file.read_header(path).index
         except Exception as exc:  # not written yet, or being written
             return None, repr(exc)
         return (path if got >= index else None), f"snapshot at {got}"

@@ -30,9 +30,9 @@ from mqnode.delivery.lease import LeaderLease
 from mqnode.delivery.mx import MxAnswer, MxHost
 from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
+from mqnode.events import EventLog
 from mqnode.queue.commands import Command, LeaseRenew, QueueOp
 from mqnode.queue.dsnparams import DsnRequest
-from mqnode.queue.events import EventLog
 from mqnode.queue.model import Outcome, QueuedMessage
 from mqnode.queue.statemachine import Result
 from mqnode.queue.store import QueueStore

@@ -10,8 +10,8 @@ import pytest
 
 from mqnode.clock import ManualClock
 from mqnode.queue.commands import Command
-from mqnode.queue.formats import LEVEL_CACHE_S, LevelGate, announce_again, cluster_level
 from mqnode.queue.statemachine import Result
+from mqnode.raft.formats import LEVEL_CACHE_S, LevelGate, announce_again, cluster_level
 
 from .kit import enqueue
 
@@ -46,7 +46,7 @@ def test_dsn_fields_are_dropped_below_level_two_and_kept_from_it(
         gate = LevelGate(rec, lambda: level[0], clock)
         with_dsn = replace(enqueue("Q1"), dsn_envid="E", dsn_notify=("NEVER",))
         plain = enqueue("Q2")
-        with caplog.at_level(logging.WARNING, logger="mqnode.queue.formats"):
+        with caplog.at_level(logging.WARNING, logger="mqnode.raft.formats"):
             await gate.submit(with_dsn)
             await gate.submit(plain)
         assert rec.got == [enqueue("Q1"), plain], "queued, without its DSN fields"

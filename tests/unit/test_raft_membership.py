@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 
 from mqnode.errors import MembershipError
-from mqnode.queue import snapshot
 from mqnode.queue.statemachine import QueueStateMachine
 from mqnode.queue.store import QueueStore
-from mqnode.raft import MEMBERSHIP, RaftNode
+from mqnode.raft import MEMBERSHIP, RaftNode, snapshot_file
 from mqnode.raft.journal import NO_OP
 
 from .raftkit import raft_settings, single_node
@@ -149,7 +148,7 @@ def test_installing_a_snapshot_flushes_the_journal_before_the_state(tmp_path: Pa
                 j, store = raft._journal, raft._store
                 copy = tmp_path / "leader-snapshot.bin"
                 store.commit_apply()
-                snapshot.write_snapshot(copy, store, j[-1], j[-2], [raft._settings.self_addr])
+                snapshot_file.write_snapshot(copy, store, j[-1], j[-2], [raft._settings.self_addr])
                 j.add(NO_OP, j[-1][1] + 1, j[-1][2])  # appended by a poll, not flushed yet
                 seen: list[bool] = []
                 commit = store.commit_apply

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pysyncobj.config import SERIALIZER_STATE
 
-from mqnode.queue.snapshot import install, read_header
 from mqnode.queue.store import QueueStore
+from mqnode.raft.snapshot_file import install, read_header
 from mqnode.raft.snapshot_writer import SnapshotWriter
 
 from .kit import Transcript, enqueue, open_store
@@ -93,7 +93,7 @@ def test_a_failed_copy_is_reported_and_keeps_the_old_file(
     def broken(*_args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("mqnode.queue.snapshot.write_snapshot", broken)
+    monkeypatch.setattr("mqnode.raft.snapshot_file.write_snapshot", broken)
     writer = SnapshotWriter(path)
     writer.start(store, entry(1), entry(0), MEMBERS)
     assert wait_result(writer) == SERIALIZER_STATE.FAILED

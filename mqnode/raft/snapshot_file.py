@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import msgpack
 
 from mqnode.errors import CorruptDataError
-from mqnode.queue.store import QueueStore
+from mqnode.raft.contracts import StateStore
 
 MAGIC = b"MQSNAP01"
 _U32 = struct.Struct(">I")
@@ -55,7 +55,7 @@ class SnapshotHeader:
 
 def write_snapshot(
     dest: Path,
-    store: QueueStore,
+    store: StateStore[Any],
     last: Entry,
     prev: Entry,
     cluster: list[str],
@@ -147,7 +147,7 @@ def extract_state(path: Path, header: SnapshotHeader, dest_file: Path) -> None:
         )
 
 
-def install(path: Path, store: QueueStore) -> SnapshotHeader:
+def install(path: Path, store: StateStore[Any]) -> SnapshotHeader:
     """Replace the store's contents with the snapshot at `path`."""
     header = read_header(path)
     tmp = path.with_name(path.name + ".state")

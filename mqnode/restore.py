@@ -22,11 +22,11 @@ import shutil
 from pathlib import Path
 
 from mqnode.errors import ConfigError
-from mqnode.queue import snapshot
-from mqnode.queue.snapshot import SnapshotHeader
-from mqnode.queue.store import QueueStore, fsync_path
+from mqnode.queue.store import QueueStore
 from mqnode.raft.journal import DurableJournal
 from mqnode.raft.logstore import LogStore
+from mqnode.raft.snapshot_file import SnapshotHeader, install, read_header, write_snapshot
+from mqnode.storage import fsync_path
 
 
 def restore_data_dir(
@@ -40,7 +40,7 @@ def restore_data_dir(
     for d in (state_dir, raft_dir):
         if d.exists() and any(d.iterdir()):
             raise ConfigError(f"{d} is not empty: restore only into a new, empty data dir")
-    header = snapshot.read_header(snapshot_file)  # CorruptDataError if damaged
+    header = read_header(snapshot_file)  # CorruptDataError if damaged
     data_dir.mkdir(parents=True, exist_ok=True)
     copy = data_dir / "snapshot.bin"
     if snapshot_file.resolve() != copy.resolve():
@@ -48,10 +48,10 @@ def restore_data_dir(
     fsync_path(copy)
     store = QueueStore(state_dir, state_map_size_mb)
     try:
-        snapshot.install(copy, store)  # verifies size and CRC before replacing anything
+        install(copy, store)  # verifies size and CRC before replacing anything
         # The copy names the old cluster's members; this node serves its snapshot.bin to
         # the nodes it adds, which would take that list. Write it again naming this node.
-        snapshot.write_snapshot(copy, store, header.last, header.prev, [raft_addr])
+        write_snapshot(copy, store, header.last, header.prev, [raft_addr])
     finally:
         store.close()
     logstore = LogStore(raft_dir, raft_map_size_mb)

@@ -1,0 +1,84 @@
+"""The LMDB adapter: the only module that imports `lmdb` (and msgpack for records).
+
+Both LMDB environments of a data dir are opened here (`open_env`): the queue
+state (queue/store.py) and the Raft journal (raft/logstore.py). What they
+share lives here too: record codecs (msgpack), a CRC32 in front of records
+(LMDB has none), the mapping of lmdb's errors to ours (`storage_error`: a full
+disk or map is `StoreFullError`, retryable; anything else `CorruptDataError`)
+and `fsync_path` for files and directories.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from mqnode.errors import CorruptDataError, StoreFullError
+
+U64 = struct.Struct(">Q")
+U32 = struct.Struct(">I")
+LmdbError = lmdb.Error
+LmdbMapFullError = lmdb.MapFullError
+
+
+def pack(obj: Any) -> bytes:
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (its entries: a rename or unlink in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_env(path: Path, map_size: int, max_dbs: int, what: str, sync: bool = True) -> Any:
+    """Open an LMDB env, refusing a truncated data file before LMDB maps past its end.
+
+    (LMDB reads pages through mmap: a page beyond EOF is SIGBUS, not an error.)
+    """
+    try:
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, sync=sync)
+    except lmdb.Error as exc:
+        raise CorruptDataError(f"cannot open {what} {path}: {exc}") from exc
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = os.path.getsize(path / "data.mdb")
+    if actual < needed:
+        env.close()
+        raise CorruptDataError(
+            f"{what} {path / 'data.mdb'} is truncated ({actual} bytes, needs {needed}); "
+            "restore it or move the data dir away to resync this node from its peers"
+        )
+    return env
+
+
+def with_crc(data: bytes) -> bytes:
+    return U32.pack(zlib.crc32(data)) + data
+
+
+def check_crc(raw: bytes, what: str) -> bytes:
+    """LMDB has no record checksums: every queue record carries a CRC32 in front."""
+    if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+        raise CorruptDataError(f"{what}: checksum mismatch")
+    return raw[4:]
+
+
+def storage_error(what: str, exc: Exception) -> Exception:
+    """ENOSPC and friends become StoreFullError (retryable); anything else is corruption."""
+    text = str(exc)
+    if "No space left" in text or "Disk quota" in text or "MDB_MAP_FULL" in text:
+        return StoreFullError(f"{what}: {text}")
+    return CorruptDataError(f"{what}: {text}")

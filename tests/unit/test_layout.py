@@ -1,0 +1,99 @@
+"""The package layout's rules (docs: README "Module map"): imports point one way, and each
+third-party library that needs an adapter is imported in one place.
+
+Layers, bottom up: the frame's leaves (errors, clock, storage, tls, events,
+config) -> queue/ -> raft/ -> smtp/, delivery/, dsn/ -> admin/ -> node, cli,
+restore. devtools/ is never imported by the node's code.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "mqnode"
+
+# What each part may import from mqnode (besides itself).
+LEAVES = {"errors", "clock", "storage", "tls", "events", "config", "eventloop"}
+ALLOWED: dict[str, set[str]] = {
+    "queue": LEAVES,
+    "raft": LEAVES | {"queue"},
+    "dsn": LEAVES | {"queue"},
+    "smtp": LEAVES | {"queue", "raft"},
+    "delivery": LEAVES | {"queue", "raft", "dsn"},
+    "admin": LEAVES | {"queue", "raft", "dsn", "delivery", "smtp"},
+    "devtools": LEAVES | {"queue", "raft", "dsn", "delivery", "smtp", "admin"},
+}
+# Libraries reached through one adapter module (or package).
+ADAPTERS = {
+    "pysyncobj": "raft/",
+    "lmdb": "storage.py",
+    "aiosmtplib": "delivery/client.py",
+    "dns": "delivery/mx.py",
+    "prometheus_client": "admin/metrics.py",
+    "cryptography": "raft/wire.py",
+    "uvloop": "eventloop.py",
+    "idna": "queue/addresses.py",
+}
+
+
+def _modules() -> list[tuple[str, Path]]:
+    return [(str(p.relative_to(PACKAGE)), p) for p in sorted(PACKAGE.rglob("*.py"))]
+
+
+def _imports(path: Path) -> list[str]:
+    out: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, f"{path}: relative import; mqnode uses absolute ones"
+            base = node.module
+            out += [f"{base}.{a.name}" if base == "mqnode" else base for a in node.names]
+    return out
+
+
+def _part(module: str) -> str:
+    """mqnode.raft.node -> raft; mqnode.errors -> errors."""
+    return module.split(".")[1]
+
+
+@pytest.mark.parametrize("rel,path", _modules(), ids=lambda v: str(v))
+def test_imports_point_one_way(rel: str, path: Path) -> None:
+    here = rel.split("/")[0].removesuffix(".py")
+    allowed = ALLOWED.get(here)
+    for imported in _imports(path):
+        if not imported.startswith("mqnode."):
+            continue
+        there = _part(imported)
+        if there == here:
+            continue
+        if there == "devtools":
+            assert here in {"devtools", "cli"}, f"{rel} imports {imported}: devtools is apart"
+        if allowed is not None:
+            assert there in allowed, f"{rel} imports {imported} ({here}/ may not use {there})"
+
+
+@pytest.mark.parametrize("library,home", sorted(ADAPTERS.items()))
+def test_each_library_has_one_adapter(library: str, home: str) -> None:
+    users = [
+        rel
+        for rel, path in _modules()
+        if any(m == library or m.startswith(library + ".") for m in _imports(path))
+    ]
+    assert users, f"nothing imports {library}"
+    strays = [u for u in users if not (u == home or (home.endswith("/") and u.startswith(home)))]
+    assert not strays, f"{library} is imported outside {home}: {strays}"
+
+
+def test_only_internals_names_pysyncobj_privates() -> None:
+    """Name-mangled pysyncobj attributes appear in raft/internals.py only."""
+    strays = [
+        rel
+        for rel, path in _modules()
+        if rel != "raft/internals.py"
+        and any(f"_{cls}__" in path.read_text() for cls in ("SyncObj", "TcpConnection"))
+    ]
+    assert not strays, strays
