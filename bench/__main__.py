@@ -6,10 +6,11 @@
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
 1 and 10 recipients, five leader kills, sizes to 5 MiB, 3 vs 5 nodes).
-Writes `<stamp>-<mode>.json` and PNG plots named after it to `bench/results/`;
-`--record` puts them in `docs/bench/` instead and appends the markdown
-tables, with this exact command and links to the plots, to
-`docs/benchmarks.md`.
+Writes `<stamp>-<mode>.json` and PNG plots named after it to `bench/results/`
+(not kept in git). `--record` also rewrites, in `docs/benchmarks.md`, the
+section of each workload it measured (table, this exact command, machine and
+date), and puts the plots the page shows in `docs/bench/` under fixed names;
+sections of workloads it did not run are left as they are.
 Postfix rows need `postfix`, `smtp-source` and `smtp-sink` and root; without
 them they are skipped with the reason in the table. Everything runs on
 127.0.0.1; every load is bounded in count and time; every process started is
@@ -24,10 +25,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from bench import paired, postfix, report
+from bench.runners import Row
 from bench.workloads import FULL, QUICK, WORKLOADS, Plan, run
 
 DOCS = Path("docs")
@@ -53,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--full", action="store_true", help="the whole matrix (tens of minutes)")
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
-    ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     ap.add_argument(
-        "--out", type=Path, help="JSON directory (bench/results; docs/bench with --record)"
+        "--record",
+        action="store_true",
+        help="rewrite the measured workloads' sections of docs/benchmarks.md",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="JSON and plot directory"
     )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -83,20 +90,31 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out_dir = args.out or (DOCS / "bench" if args.record else Path("bench/results"))
-    json_path = out_dir / f"{stamp}-{plan.mode}.json"
+    json_path = args.out / f"{stamp}-{plan.mode}.json"
     report.write_json(json_path, meta, results.rows, results.series)
-    pngs = report.plots(out_dir, f"{stamp}-{plan.mode}", results.series)
-    text = report.markdown(command.strip(), meta, results.rows)
-    if pngs:
-        links = (f"![{p.stem}]({p.relative_to(DOCS) if args.record else p})" for p in pngs)
-        text += "\n" + "\n".join(links) + "\n"
-    print(text)
+    pngs = report.plots(args.out, f"{stamp}-{plan.mode}", results.series)
+    print(report.markdown(command.strip(), meta, results.rows))
     print(f"results: {json_path}; plots: {', '.join(str(p) for p in pngs) or 'none'}")
     if args.record:
-        with open(DOCS / "benchmarks.md", "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+        record(command.strip(), meta, results.rows, results.series)
+        print(f"recorded in {DOCS / 'benchmarks.md'}")
     return 0
+
+
+def record(command: str, meta: dict[str, object], rows: list[Row], series: dict[str, Any]) -> None:
+    """Rewrite the measured workloads' sections of docs/benchmarks.md, with their plots."""
+    plot_dir = DOCS / "bench"
+    written = {p.stem: p for p in report.plots(plot_dir, "", series)}
+    blocks = {}
+    for workload in report.WORKLOAD_ORDER:
+        if not any(r.workload == workload for r in rows):
+            continue
+        stem = report.PLOT_OF.get(workload)
+        plot = written.get(stem) if stem else None
+        link = str(plot.relative_to(DOCS)) if plot else None
+        blocks[workload] = report.section(workload, command, dict(meta), rows, link)
+    page = DOCS / "benchmarks.md"
+    page.write_text(report.rewrite(page.read_text(encoding="utf-8"), blocks), encoding="utf-8")
 
 
 if __name__ == "__main__":

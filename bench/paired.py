@@ -2,7 +2,7 @@
 
 The accept workload measures its rows minutes apart, and this machine's speed
 drifts meanwhile: Postfix's 1 KiB, 20-session row ranged from 701 to 1,624
-msg/s across the runs recorded in docs/benchmarks.md, and the null handler's
+msg/s across a day of runs on one machine, and the null handler's
 ratio to it from 1.5 to 2.1. Here each round measures the five systems one
 after the other within seconds (each from a fresh start, after the same
 unmeasured warm-up of twice the measured count, in an order rotated every

@@ -68,55 +68,107 @@ def _group_ratio(rows: list[Row], row: Row, names: tuple[str, ...]) -> float | N
     return row.rate / max(refs)
 
 
+TABLE_WORKLOADS = ("accept", "paired", "e2e", "paired-e2e", "latency", "sessions", "scaling")
+WORKLOAD_ORDER = (*TABLE_WORKLOADS, "failover")
+# The plot each workload's section shows (written under a stable name with --record).
+PLOT_OF = {"failover": "failover-throughput", "latency": "latency-cdf"}
+
+
 def markdown(command: str, meta: dict[str, Any], rows: list[Row]) -> str:
+    """Every measured workload's table, for the terminal (or a bench/results file)."""
+    out = [f"Bench suite, {meta['mode']} mode ({meta['started']})", "", f"    {command}", ""]
+    for workload in WORKLOAD_ORDER:
+        table = workload_table(workload, rows)
+        if table:
+            out += [f"### {workload}", "", *table, ""]
+    return "\n".join(out)
+
+
+def workload_table(workload: str, rows: list[Row], summary_only: bool = False) -> list[str]:
+    """One workload's markdown table (no lines if it did not run).
+
+    `summary_only`: of the paired workloads, only the median-over-rounds rows (the
+    per-round rows stay in the JSON).
+    """
+    sel = [r for r in rows if r.workload == workload]
+    if not sel:
+        return []
+    if workload == "failover":
+        return _failover_table(sel)
+    shown = [r for r in sel if not summary_only or r.params.get("round") in (None, "median")]
     out = [
-        f"## Bench suite, {meta['mode']} mode ({meta['started']})",
-        "",
-        f"    {command}",
-        "",
-        f"Machine: {meta['cpus']} CPUs, Python {meta['python']}. {meta.get('note', '')}".rstrip(),
+        "| row | load generator | params | msg/s | x null handler | x Postfix "
+        "| p50 ms | p99 ms | acked/attempted | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for workload in ("accept", "paired", "e2e", "paired-e2e", "latency", "sessions", "scaling"):
-        sel = [r for r in rows if r.workload == workload]
-        if not sel:
-            continue
-        out += [
-            "",
-            f"### {workload}",
-            "",
-            "| row | load generator | params | msg/s | x null handler | x Postfix "
-            "| p50 ms | p99 ms | acked/attempted | note |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        ]
-        for r in sel:
-            extra = ", ".join(f"{k}={v}" for k, v in r.extra.items() if k != "failover_s")
-            note = "; ".join(x for x in (r.note, extra) if x)
-            x_null = _group_ratio(rows, r, NULLS)
-            x_postfix = _group_ratio(rows, r, (POSTFIX.get(workload, ""),))
-            out.append(
-                f"| {r.name} | {r.params.get('generator', OURS)} | {_params(r.params)} | "
-                f"{_f(r.rate)} | {_f(x_null, 2)} | {_f(x_postfix, 2)} | {_f(r.p50_ms, 1)} | "
-                f"{_f(r.p99_ms, 1)} | {r.acked}/{r.attempted} | {note} |"
-            )
-    fail = [r for r in rows if r.workload == "failover"]
-    if fail:
-        out += [
-            "",
-            "### failover",
-            "",
-            "| row | rounds | failover s (median) | max | each | lost | duplicated "
-            "| acked/attempted |",
-            "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
-        ]
-        for r in fail:
-            e = r.extra
-            each = ", ".join(f"{g:.2f}" for g in e.get("failover_s", []))
-            out.append(
-                f"| {r.name} | {r.params.get('rounds')} | {_f(e.get('failover_s_median'), 2)} | "
-                f"{_f(e.get('failover_s_max'), 2)} | {each} | {e.get('lost')} | "
-                f"{e.get('duplicated')} | {r.acked}/{r.attempted} |"
-            )
-    return "\n".join(out) + "\n"
+    for r in shown:
+        extra = ", ".join(f"{k}={v}" for k, v in r.extra.items() if k != "failover_s")
+        note = "; ".join(x for x in (r.note, extra) if x)
+        x_null = _group_ratio(rows, r, NULLS)
+        x_postfix = _group_ratio(rows, r, (POSTFIX.get(workload, ""),))
+        out.append(
+            f"| {r.name} | {r.params.get('generator', OURS)} | {_params(r.params)} | "
+            f"{_f(r.rate)} | {_f(x_null, 2)} | {_f(x_postfix, 2)} | {_f(r.p50_ms, 1)} | "
+            f"{_f(r.p99_ms, 1)} | {r.acked}/{r.attempted} | {note} |"
+        )
+    return out
+
+
+def _failover_table(sel: list[Row]) -> list[str]:
+    out = [
+        "| row | rounds | failover s (median) | max | each | lost | duplicated | acked/attempted |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in sel:
+        e = r.extra
+        each = ", ".join(f"{g:.2f}" for g in e.get("failover_s", []))
+        out.append(
+            f"| {r.name} | {r.params.get('rounds')} | {_f(e.get('failover_s_median'), 2)} | "
+            f"{_f(e.get('failover_s_max'), 2)} | {each} | {e.get('lost')} | "
+            f"{e.get('duplicated')} | {r.acked}/{r.attempted} |"
+        )
+    return out
+
+
+def section(
+    workload: str, command: str, meta: dict[str, Any], rows: list[Row], plot: str | None
+) -> str:
+    """The marked block of docs/benchmarks.md that `--record` rewrites for one workload."""
+    lines = [
+        _begin(workload),
+        f"Measured {meta['started']} with `{command}` ({meta['mode']} mode) on "
+        f"{meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}."
+        + (f" {meta['note']}" if meta.get("note") else ""),
+        "",
+        *workload_table(workload, rows, summary_only=True),
+    ]
+    if plot:
+        lines += ["", f"![{workload}]({plot})"]
+    lines.append(_end(workload))
+    return "\n".join(lines)
+
+
+def _begin(workload: str) -> str:
+    return f"<!-- bench:{workload} begin: written by python -m bench --record -->"
+
+
+def _end(workload: str) -> str:
+    return f"<!-- bench:{workload} end -->"
+
+
+def rewrite(doc: str, blocks: dict[str, str]) -> str:
+    """`doc` with each workload's marked block replaced by `blocks[workload]`.
+
+    A workload without a block yet gets one at the end, under its own heading.
+    Everything outside the markers (the page's prose) is kept as it is.
+    """
+    for workload, block in blocks.items():
+        begin, end = doc.find(_begin(workload)), doc.find(_end(workload))
+        if begin >= 0 and end > begin:
+            doc = doc[:begin] + block + doc[end + len(_end(workload)) :]
+        else:
+            doc = doc.rstrip("\n") + f"\n\n## {workload}\n\n{block}\n"
+    return doc
 
 
 def plots(directory: Path, prefix: str, series: dict[str, Any]) -> list[Path]:
@@ -137,7 +189,7 @@ def plots(directory: Path, prefix: str, series: dict[str, Any]) -> list[Path]:
         ax.set_xlabel("seconds")
         ax.set_ylabel("250s per second (100 ms bins)")
         ax.set_title("Acceptance through a leader kill (3 nodes, 1 KiB)")
-        written.append(_save(fig, directory / f"{prefix}-failover-throughput.png"))
+        written.append(_save(fig, directory / _name(prefix, "failover-throughput")))
     lat = {k: v for k, v in series.items() if k.startswith("latency_ms_") and v}
     if lat:
         fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -150,8 +202,12 @@ def plots(directory: Path, prefix: str, series: dict[str, Any]) -> list[Path]:
         ax.set_title("Acceptance latency distribution (3 nodes, 1 KiB)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        written.append(_save(fig, directory / f"{prefix}-latency-cdf.png"))
+        written.append(_save(fig, directory / _name(prefix, "latency-cdf")))
     return written
+
+
+def _name(prefix: str, kind: str) -> str:
+    return f"{prefix}-{kind}.png" if prefix else f"{kind}.png"
 
 
 def _save(fig: Any, path: Path) -> Path:

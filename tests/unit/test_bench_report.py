@@ -122,3 +122,34 @@ def test_paired_e2e_summary_compares_with_postfix_end_to_end_only() -> None:
         list(rows.values()),
     )
     assert "### paired-e2e" in md
+
+
+def test_record_rewrites_only_the_measured_workloads_sections() -> None:
+    meta = report.machine_meta("full", "2026-12-06 07:00 UTC")
+    page = "# Benchmarks\n\nprose kept\n\n## accept\n\n" + report.section(
+        "accept", "python -m bench --full", meta, rows(), None
+    )
+    page += "\n\nmore prose\n\n## e2e\n\n<!-- bench:e2e begin: x -->old e2e<!-- bench:e2e end -->\n"
+    newer = report.machine_meta("quick", "2026-12-07 08:00 UTC")
+    block = report.section("accept", "python -m bench --only accept", newer, rows(), None)
+    out = report.rewrite(page, {"accept": block})
+    assert out.count("<!-- bench:accept begin") == 1 and "2026-12-07 08:00 UTC" in out
+    assert "2026-12-06 07:00 UTC" not in out  # the old table is gone, not appended to
+    assert "prose kept" in out and "more prose" in out and "old e2e" in out
+    again = report.rewrite(out, {"accept": block})
+    assert again == out  # recording the same result twice changes nothing
+    fresh = report.rewrite(
+        out, {"scaling": "<!-- bench:scaling begin -->s<!-- bench:scaling end -->"}
+    )
+    assert fresh.endswith("## scaling\n\n<!-- bench:scaling begin -->s<!-- bench:scaling end -->\n")
+
+
+def test_paired_sections_show_the_median_rows_only() -> None:
+    meta = report.machine_meta("full", "t")
+    params = {"size": 1024, "sessions": 20, "messages": 10, "generator": "smtp-source"}
+    r = [
+        Row("paired", "Postfix accept", {**params, "round": 1}, rate=1000.0),
+        Row("paired", "Postfix accept", {**params, "round": "median"}, rate=1000.0),
+    ]
+    text = report.section("paired", "python -m bench", meta, r, None)
+    assert "round=median" in text and "round=1," not in text and "round=1 " not in text
