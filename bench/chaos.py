@@ -49,7 +49,7 @@ from tests.support.chaos import (
 )
 from tests.support.cluster import FAST_TUNING, Cluster
 
-ARGS = (*FAST_TUNING, "--log-compaction-min-entries", "150", "--fault-injection", "1")
+ARGS = (*FAST_TUNING, "--log-compaction-min-entries", "150", "--fault-injection")
 ELECTION_MAX_S = 0.6
 WORKERS = ("--smtp-workers", "2")
 

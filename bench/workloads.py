@@ -15,7 +15,7 @@
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
-operator would see. Every node has `--delivery-enabled 0` except in e2e,
+operator would see. Every node has `--no-delivery-enabled` except in e2e,
 where the relay host is the counting sink on 127.0.0.1: nothing leaves
 loopback. Every run is bounded by a message count and a time limit.
 """

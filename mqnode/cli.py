@@ -28,6 +28,9 @@ from mqnode.eventloop import run_event_loop
 from mqnode.raft.membership import check_addr
 
 SENDER_HELP = 'from this envelope sender; "<>" for bounces (the null sender)'
+DEFAULT_ADMIN = "127.0.0.1:8025"
+ADMIN_HELP = f"the node's admin endpoint (default: {DEFAULT_ADMIN})"
+TOKEN_HELP = "file with that node's admin token (default: $MQNODE_ADMIN_TOKEN)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,12 +39,76 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run(sub: Any) -> None:
-    run = sub.add_parser("run", help="run a node")
-    run.add_argument("--config", help="TOML file with the same keys as the flags")
+    run = sub.add_parser(
+        "run",
+        help="run a node",
+        description="Run one node. Every setting is a flag here and a key in the --config "
+        "TOML file (--raft-addr is raft_addr); flags win. Lists are comma-separated; "
+        "switches take --x or --no-x.",
+    )
+    run.add_argument("--config", metavar="FILE", help="TOML file with the same keys as the flags")
+    _add_setting_flags(run)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per NodeConfig field, with its help and default (argparse's stays None,
+    so that a flag left out does not override the TOML file)."""
+    defaults = NodeConfig()
     for f in fields(NodeConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = int if f.type == "int" else str
-        run.add_argument(flag, dest=f.name, type=kind, default=None)
+        default = getattr(defaults, f.name)
+        text = f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{text} (default: {'on' if default else 'off'})",
+            )
+            continue
+        shown = ",".join(default) if isinstance(default, list) else str(default)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=int if isinstance(default, int) else str,
+            default=None,
+            metavar=f.metadata.get("metavar") or _metavar(f.name, default),
+            help=text if "(required" in text else f"{text} (default: {shown or 'none'})",
+        )
+
+
+def _metavar(name: str, default: Any) -> str:
+    if isinstance(default, int):
+        return "N"
+    return "HOST:PORT" if name.endswith(("_addr", "_host", "_server")) else "TEXT"
+
+
+def _switch_names() -> set[str]:
+    return {f.name for f in fields(NodeConfig) if isinstance(getattr(NodeConfig(), f.name), bool)}
+
+
+_BOOL_WORDS = {"0": False, "1": True, "false": False, "true": True, "no": False, "yes": True}
+
+
+def switches_as_flags(argv: list[str]) -> list[str]:
+    """`--x 1` / `--x 0` (and true/false, `--x=0`), the form of earlier releases and of TOML
+    habits, as `--x` / `--no-x`."""
+    names = {"--" + n.replace("_", "-") for n in _switch_names()}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        if flag in names and eq and value.lower() in _BOOL_WORDS:
+            out.append(flag if _BOOL_WORDS[value.lower()] else "--no-" + flag[2:])
+        elif arg in names and i + 1 < len(argv) and argv[i + 1].lower() in _BOOL_WORDS:
+            out.append(arg if _BOOL_WORDS[argv[i + 1].lower()] else "--no-" + arg[2:])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def _add_restore(sub: Any) -> None:
@@ -53,9 +120,7 @@ def _add_restore(sub: Any) -> None:
         "--snapshot", required=True, metavar="FILE", help="a copy of DATA_DIR/snapshot.bin"
     )
     r.add_argument("--config", help="the node's TOML file (data_dir, raft_addr, map sizes)")
-    for f in fields(NodeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        r.add_argument(flag, dest=f.name, type=int if f.type == "int" else str, default=None)
+    _add_setting_flags(r)
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -72,7 +137,7 @@ def _restore(args: argparse.Namespace) -> int:
     )
     print(
         f"restored {cfg.data_path} from {args.snapshot} (index {header.index}); start this node "
-        "with no peers, then add the others with `mqnode cluster add-node` (they run with join = 1)"
+        "with no peers, then add the others with `mqnode cluster add-node` (they run with --join)"
     )
     return 0
 
@@ -109,11 +174,11 @@ def _add_queue(sub: Any) -> None:
     flush.add_argument("--domain", help="with a recipient in this domain")
     flush.add_argument("--sender", help=SENDER_HELP)
     for p in qsub.choices.values():
-        p.add_argument("--admin", default="127.0.0.1:8025", metavar="HOST:PORT")
+        p.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT", help=ADMIN_HELP)
         p.add_argument(
             "--admin-token-file",
             metavar="FILE",
-            help="the node's admin token (default: $MQNODE_ADMIN_TOKEN)",
+            help=TOKEN_HELP,
         )
 
 
@@ -125,7 +190,7 @@ def _add_cluster(sub: Any) -> None:
     tr = csub.add_parser("transfer-leadership", help="hand leadership to a caught-up follower")
     tr.add_argument("--to", metavar="RAFT_HOST:PORT", help="target (default: most caught up)")
     for name, text in (
-        ("add-node", "add a started node (run with join = 1) as a member; ask the leader"),
+        ("add-node", "add a started node (run with join = true) as a member; ask the leader"),
         ("remove-node", "remove a member (then stop its process); ask the leader"),
     ):
         m = csub.add_parser(name, help=text)
@@ -134,8 +199,8 @@ def _add_cluster(sub: Any) -> None:
             "--timeout-s", type=float, default=10.0, help="wait this long for the commit"
         )
     for p in csub.choices.values():
-        p.add_argument("--admin", default="127.0.0.1:8025", metavar="HOST:PORT")
-        p.add_argument("--admin-token-file", metavar="FILE")
+        p.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT", help=ADMIN_HELP)
+        p.add_argument("--admin-token-file", metavar="FILE", help=TOKEN_HELP)
 
 
 def _change_membership(args: argparse.Namespace) -> int:
@@ -216,10 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_restore(sub)
     st = sub.add_parser("status", help="show a node's role, Raft position and queue counts")
-    st.add_argument("--admin", required=True, metavar="HOST:PORT")
+    st.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT", help=ADMIN_HELP)
     st.add_argument("--json", action="store_true")
     _add_queue(sub)
     _add_cluster(sub)
+    sink = sub.add_parser(
+        "dev-sink",
+        help="a local SMTP sink that records what it receives, to try mqnode without a mail "
+        "server (mqnode dev-sink --help)",
+        add_help=False,
+    )
+    sink.add_argument("sink_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -312,10 +384,15 @@ def _request(
             data = resp.read()
             return data if raw else json.loads(data)
     except urllib.error.HTTPError as exc:
-        if exc.code == 401:
+        if exc.code == 401 and not token:
             raise ConfigError(
                 "admin token required: pass --admin-token-file DATA_DIR/admin.token "
                 "or set MQNODE_ADMIN_TOKEN"
+            ) from exc
+        if exc.code == 401:
+            raise ConfigError(
+                f"admin token refused by {admin}: wrong token; each node has its own "
+                "(its DATA_DIR/admin.token, or the file its admin_token_file names)"
             ) from exc
         text = exc.read().decode(errors="replace")
         try:
@@ -446,7 +523,16 @@ def _links(heard: dict[str, float | None]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    if argv[0] == "dev-sink":  # its own flags, --help included
+        from mqnode.devtools import devsink
+
+        return devsink.main(argv[1:], prog="mqnode dev-sink")
+    args = parser.parse_args(switches_as_flags(argv))
     try:
         if args.command == "queue":
             return _queue(args)

@@ -33,102 +33,124 @@ def parse_hostport(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
+def setting(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A NodeConfig field with its one line of help (`mqnode run --help` shows it).
+
+    A list default is copied for each instance.
+    """
+    meta = {"help": help, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class NodeConfig:
-    node_id: str = ""
-    data_dir: str = ""
-    raft_addr: str = ""
-    # The other members' raft_addr. Read at the first start only: from then on the node
-    # keeps the member list in its data dir (changed by `mqnode cluster add-node` /
-    # `remove-node`), and a different `peers` only earns a warning in the log.
-    peers: list[str] = field(default_factory=list)
-    # 1: this node joins a running cluster (peers = its current members) and starts no
-    # election until the leader adds it. Ignored once the node has been contacted.
-    join: int = 0
-    smtp_addr: str = "127.0.0.1:2525"
-    admin_addr: str = "127.0.0.1:8025"
-    cluster_secret_file: str = ""
-    # Bearer token for the admin API's queue and Raft operations; empty: the node makes
-    # <data_dir>/admin.token (mode 600) on first start and uses that.
-    admin_token_file: str = ""
-    relay_host: str = ""
-    # A login for relay_host: a file (mode 600) with one line USER:PASSWORD. With it the
-    # relay must offer STARTTLS (or relay_implicit_tls) with a certificate that verifies
-    # against relay_tls_ca_file (empty: the system's CAs) and names relay_host.
-    relay_auth_file: str = ""
-    relay_tls_ca_file: str = ""
-    # 1: the relay speaks TLS from the first byte (port 465) instead of STARTTLS.
-    relay_implicit_tls: int = 0
-    dns_server: str = ""
-    hostname: str = "mqnode.localdomain"
-    allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_recipients: int = 1000
-    commit_timeout_ms: int = 10_000
-    max_pending_commits: int = 2000
-    election_timeout_min_ms: int = 400
-    election_timeout_max_ms: int = 1400
-    heartbeat_ms: int = 100
-    # The leader sends new entries to followers at most once per this many ms while busy
-    # (the first after a quiet spell goes at once): fewer, larger appends, fsyncs and acks.
-    replication_batch_ms: int = 4
-    leader_fallback_ms: int = 3000
-    log_compaction_min_entries: int = 2000
-    log_compaction_min_time_s: int = 300
-    state_map_size_mb: int = 4096
-    raft_map_size_mb: int = 1024
-    # 0: accept and replicate only, never dispatch (a queue-only node, and tests that must
-    # not resolve or connect anywhere).
-    delivery_enabled: int = 1
-    delivery_concurrency: int = 20
-    per_destination_concurrency: int = 10
-    # Sessions a destination starts with; feedback moves it towards 1 or the above
-    # (Postfix's initial_destination_concurrency).
-    initial_destination_concurrency: int = 5
-    # "domain=N": a recipient domain's own limit instead of per_destination_concurrency
-    # (a receiver known to take few connections; Postfix: a transport of its own).
-    destination_concurrency_limits: list[str] = field(default_factory=list)
-    # Recipients per SMTP transaction (Postfix's smtp_destination_recipient_limit).
-    delivery_recipient_limit: int = 50
-    delivery_port: int = 25
-    delivery_timeout_s: int = 60
-    dns_timeout_ms: int = 5000
-    tls_required_domains: list[str] = field(default_factory=list)
-    # Mail for tls_required_domains: the MX host's certificate must chain to these CAs
-    # (PEM; empty: the system's) and name the MX host (Postfix's `verify` level).
-    tls_required_ca_file: str = ""
-    retry_base_s: int = 300
-    retry_max_s: int = 4000
-    max_queue_lifetime_s: int = 5 * 86400
-    lease_ms: int = 3000
-    lease_margin_ms: int = 500
-    # SMTP submission security. TLS cert+key enable STARTTLS (and smtps_addr, implicit TLS,
-    # RFC 8314); a users file (USER:scrypt$... lines, see mqnode/smtp/auth.py) enables AUTH
-    # PLAIN/LOGIN after TLS; authenticated users may relay from any network.
-    smtp_tls_cert: str = ""
-    smtp_tls_key: str = ""
-    smtp_users_file: str = ""
-    smtps_addr: str = ""
+    node_id: str = setting("", "this node's name in logs, status and events (required)", "NAME")
+    data_dir: str = setting(
+        "", "directory for the Raft log, queue state and snapshots (required)", "DIR"
+    )
+    raft_addr: str = setting("", "HOST:PORT for Raft traffic between the members (required)")
+    # Read at the first start only: from then on the node keeps the member list in its
+    # data dir (changed by `mqnode cluster add-node` / `remove-node`), and a different
+    # `peers` only earns a warning in the log.
+    peers: list[str] = setting(
+        [], "the other members' raft_addr, comma-separated (first start only)", "ADDRS"
+    )
+    # Ignored once the node has been contacted.
+    join: bool = setting(
+        False, "join a running cluster (peers = its members); no election until added"
+    )
+    smtp_addr: str = setting("127.0.0.1:2525", "HOST:PORT of the SMTP listener")
+    admin_addr: str = setting("127.0.0.1:8025", "HOST:PORT of the admin HTTP endpoint")
+    cluster_secret_file: str = setting(
+        "", "file holding the secret shared by all members, mode 600 (required)", "FILE"
+    )
+    # Empty: the node makes <data_dir>/admin.token (mode 600) on first start and uses that.
+    admin_token_file: str = setting(
+        "", "bearer token for the admin API; empty: DATA_DIR/admin.token", "FILE"
+    )
+    relay_host: str = setting("", "HOST:PORT to send all mail to; empty: the domains' MX hosts")
+    # With it the relay must offer STARTTLS (or relay_implicit_tls) with a certificate that
+    # verifies against relay_tls_ca_file (empty: the system's CAs) and names relay_host.
+    relay_auth_file: str = setting(
+        "", "USER:PASSWORD for relay_host, one line, mode 600 (needs TLS)", "FILE"
+    )
+    relay_tls_ca_file: str = setting(
+        "", "CAs (PEM) the relay's certificate must chain to; empty: the system's", "FILE"
+    )
+    relay_implicit_tls: bool = setting(False, "the relay speaks TLS from the first byte (465)")
+    dns_server: str = setting("", "IP:PORT of the DNS server for MX lookups; empty: the system's")
+    hostname: str = setting("mqnode.localdomain", "name in the SMTP greeting, EHLO and Received")
+    allowed_networks: list[str] = setting(
+        ["127.0.0.0/8", "::1/128"], "client networks that may relay without AUTH", "NETS"
+    )
+    max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, "largest message accepted (552)")
+    max_recipients: int = setting(1000, "recipients per message (452 beyond)")
+    commit_timeout_ms: int = setting(10_000, "how long a submission waits for its commit (451)")
+    max_pending_commits: int = setting(2000, "submissions waiting for a commit (451 beyond)")
+    election_timeout_min_ms: int = setting(400, "Raft election timeout, lower bound")
+    election_timeout_max_ms: int = setting(1400, "Raft election timeout, upper bound")
+    heartbeat_ms: int = setting(100, "leader heartbeat; at most half the minimum election timeout")
+    # The first after a quiet spell goes at once: fewer, larger appends, fsyncs and acks.
+    replication_batch_ms: int = setting(4, "while busy, send new entries at most this often")
+    leader_fallback_ms: int = setting(3000, "a leader without a majority's answers steps down")
+    log_compaction_min_entries: int = setting(2000, "Raft log entries before a snapshot (at least)")
+    log_compaction_min_time_s: int = setting(300, "seconds between snapshots (at least)")
+    state_map_size_mb: int = setting(4096, "queue state size limit; ingress refuses when full")
+    raft_map_size_mb: int = setting(1024, "Raft log size limit")
+    # Off: a queue-only node, and tests that must not resolve or connect anywhere.
+    delivery_enabled: bool = setting(True, "deliver mail (off: accept and replicate only)")
+    delivery_concurrency: int = setting(20, "SMTP delivery sessions at once, all destinations")
+    per_destination_concurrency: int = setting(10, "sessions at once to one destination")
+    # Feedback moves it towards 1 or the above (Postfix's initial_destination_concurrency).
+    initial_destination_concurrency: int = setting(5, "sessions a destination starts with")
+    # A receiver known to take few connections (Postfix: a transport of its own).
+    destination_concurrency_limits: list[str] = setting(
+        [], "DOMAIN=N entries: a domain's own session limit", "LIST"
+    )
+    # Postfix's smtp_destination_recipient_limit.
+    delivery_recipient_limit: int = setting(50, "recipients per SMTP transaction")
+    delivery_port: int = setting(25, "port of the MX hosts")
+    delivery_timeout_s: int = setting(60, "timeout of each SMTP step of a delivery")
+    dns_timeout_ms: int = setting(5000, "timeout of one DNS lookup")
+    tls_required_domains: list[str] = setting(
+        [], "domains whose mail needs verified TLS (else deferred)", "DOMAINS"
+    )
+    # Postfix's `verify` level: the MX host's certificate must chain to these and name it.
+    tls_required_ca_file: str = setting(
+        "", "CAs (PEM) for tls_required_domains; empty: the system's", "FILE"
+    )
+    retry_base_s: int = setting(300, "first retry after this; doubles each attempt")
+    retry_max_s: int = setting(4000, "longest wait between retries")
+    max_queue_lifetime_s: int = setting(5 * 86400, "bounce mail still undelivered after this")
+    lease_ms: int = setting(3000, "dispatch lease of the leader")
+    lease_margin_ms: int = setting(500, "stop dispatching this long before the lease ends")
+    # TLS cert+key enable STARTTLS (and smtps_addr, implicit TLS, RFC 8314); a users file
+    # (USER:scrypt$... lines, see mqnode/smtp/auth.py) enables AUTH PLAIN/LOGIN after TLS;
+    # authenticated users may relay from any network.
+    smtp_tls_cert: str = setting("", "certificate (PEM) for STARTTLS and smtps_addr", "FILE")
+    smtp_tls_key: str = setting("", "private key (PEM) of smtp_tls_cert", "FILE")
+    smtp_users_file: str = setting("", "AUTH users, USER:scrypt$... lines (needs TLS)", "FILE")
+    smtps_addr: str = setting("", "HOST:PORT of an implicit-TLS listener (RFC 8314)")
     # Per client IP (an IPv6 client per /64): 421 4.7.0 / 450 4.7.1 beyond these.
-    client_connection_rate_per_min: int = 600
-    client_message_rate_per_min: int = 6000
-    client_max_connections: int = 100
-    client_limit_exceptions: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    client_connection_rate_per_min: int = setting(600, "connections per minute per client")
+    client_message_rate_per_min: int = setting(6000, "messages per minute per client")
+    client_max_connections: int = setting(100, "connections at once per client")
+    client_limit_exceptions: list[str] = setting(
+        ["127.0.0.0/8", "::1/128"], "client networks exempt from those limits", "NETS"
+    )
     # Per session: 552 5.3.4 / 421 4.7.0 / 421 4.4.2 beyond these.
-    max_header_count: int = 1000
-    max_commands_per_session: int = 10_000
-    smtp_idle_timeout_s: int = 300
-    # SMTP sessions in this many worker processes beside the node's (0: in the node's
-    # own process). Each worker is an interpreter of its own: set it to the cores the
-    # node may use beyond one, so SMTP parsing does not compete with Raft for one lock.
-    smtp_workers: int = 0
-    log_level: str = "INFO"
-    # Test-only: 1 exposes POST /fault/partition on the admin endpoint.
-    fault_injection: int = 0
-    # JSON event log (one line per queue event): a file path, "-" for stderr, "" for none.
-    event_log: str = ""
-    # POST those events (JSON arrays) to this URL, retried with backoff; "" for none.
-    event_webhook: str = ""
+    max_header_count: int = setting(1000, "header fields per message")
+    max_commands_per_session: int = setting(10_000, "SMTP commands per session")
+    smtp_idle_timeout_s: int = setting(300, "close an SMTP session idle this long")
+    # Each worker is an interpreter of its own: set it to the cores the node may use
+    # beyond one, so SMTP parsing does not compete with Raft for one lock.
+    smtp_workers: int = setting(0, "SMTP worker processes (0: sessions in the node's process)")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL")
+    fault_injection: bool = setting(False, "tests only: expose POST /fault/partition")
+    event_log: str = setting("", 'JSON line per queue event: a file, "-" for stderr', "FILE")
+    event_webhook: str = setting("", "POST the events (JSON arrays) to this URL", "URL")
 
     # --- loading -----------------------------------------------------------
 
@@ -168,8 +190,6 @@ class NodeConfig:
             raise ConfigError("peers: must not contain this node's own raft_addr")
         if len(set(self.peers)) != len(self.peers):
             raise ConfigError("peers: duplicate entry")
-        if self.join not in (0, 1):
-            raise ConfigError("join: 0 or 1")
         if self.join and not self.peers:
             raise ConfigError("join: needs peers, the raft_addr of the cluster's current members")
         for key in ("relay_host", "dns_server"):
@@ -183,8 +203,6 @@ class NodeConfig:
                     f"{key}: only used with relay_auth_file (a relay without a "
                     "login gets opportunistic STARTTLS)"
                 )
-        if self.relay_implicit_tls not in (0, 1):
-            raise ConfigError("relay_implicit_tls: 0 or 1")
         if not self.cluster_secret_file:
             raise ConfigError(
                 "cluster_secret_file: required; the Raft port runs code from anyone who "
@@ -271,14 +289,14 @@ class NodeConfig:
 
     def read_secret(self) -> str:
         """The cluster secret; refuse empty or world-readable files."""
-        return _read_private(Path(self.cluster_secret_file), "cluster_secret_file", 0o007)
+        return _read_private(Path(self.cluster_secret_file), "cluster_secret_file")
 
     def relay_login(self) -> tuple[str, str] | None:
         """(user, password) from relay_auth_file, None without one; ConfigError if unusable."""
         if not self.relay_auth_file:
             return None
         path = Path(self.relay_auth_file)
-        lines = _read_owned(path, "relay_auth_file", 0o077).splitlines()
+        lines = read_owner_only(path, "relay_auth_file").splitlines()
         user, sep, password = (lines[0] if lines else "").partition(":")
         if not sep or not user.strip() or not password:
             raise ConfigError(f"relay_auth_file: {path} must hold one line USER:PASSWORD")
@@ -294,23 +312,30 @@ class NodeConfig:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as fh:
                     fh.write(secrets.token_hex(24) + "\n")
-        return _read_private(path, "admin_token_file", 0o077)
+        return _read_private(path, "admin_token_file")
 
     @property
     def data_path(self) -> Path:
         return Path(os.path.abspath(self.data_dir))
 
 
-def _read_owned(path: Path, key: str, forbidden_mode: int) -> str:
-    """A file only its owner (and, per mode, group) may read; ConfigError else."""
+# Group and world bits: every file holding a secret (cluster secret, admin token, relay
+# login, SMTP users) must be readable by its owner alone, mode 600 or 400.
+_NOT_OWNER = 0o077
+
+
+def read_owner_only(path: Path, key: str) -> str:
+    """A file holding a secret, which only its owner may read; ConfigError else."""
     try:
         st = path.stat()
         value = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
         raise ConfigError(f"{key}: cannot read {path}: {reason}") from exc
-    if st.st_mode & forbidden_mode:
-        raise ConfigError(f"{key}: {path} is readable by others; chmod 600 it")
+    if st.st_mode & _NOT_OWNER:
+        raise ConfigError(
+            f"{key}: {path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it"
+        )
     return value
 
 
@@ -330,9 +355,9 @@ def parse_destination_limits(entries: list[str]) -> dict[str, int]:
     return limits
 
 
-def _read_private(path: Path, key: str, forbidden_mode: int) -> str:
-    """A secret from a file that only its owner (and, per mode, group) may read; >= 16 chars."""
-    value = _read_owned(path, key, forbidden_mode).strip()
+def _read_private(path: Path, key: str) -> str:
+    """A secret from a file only its owner may read; at least 16 characters."""
+    value = read_owner_only(path, key).strip()
     if len(value) < 16:
         raise ConfigError(f"{key}: the secret in {path} must be at least 16 characters")
     return value
@@ -346,9 +371,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected a list of strings or a comma-separated string")
     if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false")
-        return value
+        return _boolean(key, value)
     if isinstance(default, int):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer")
@@ -359,3 +382,18 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string")
     return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _boolean(key: str, value: Any) -> bool:
+    """true/false in TOML; 1/0 too (the form of earlier releases), and yes/no/on/off as text."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{key}: expected true or false (or 1/0), got {value!r}")

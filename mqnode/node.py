@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import random
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-from mqnode.admin.http import AdminServer
+from mqnode.admin.endpoint import AdminServer
 from mqnode.admin.metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
 from mqnode.clock import Clock, SystemClock
@@ -35,15 +37,15 @@ from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
 from mqnode.errors import ConfigError, CorruptDataError, MqnodeError
 from mqnode.events import EventLog
-from mqnode.queue.commands import READS_LEVEL, Announce
-from mqnode.queue.statemachine import QueueStateMachine
-from mqnode.queue.store import QueueStore, StateTxn
 from mqnode.raft import RaftNode, RaftSettings, RaftStatus
 from mqnode.raft.commit_pipeline import CommitPipeline, Submitter
 from mqnode.raft.formats import LevelGate, announce_again, cluster_level
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
+from mqnode.spool.commands import READS_LEVEL, Announce
+from mqnode.spool.statemachine import QueueStateMachine
+from mqnode.spool.store import QueueStore, StateTxn
 from mqnode.tls import relay_client_context, required_client_context
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 # submit-to-commit 4.8 -> 4.6 ms (alternated A/B pairs).
 GIL_SWITCH_INTERVAL_S = 0.0005
 # How often the queue state's unsynced commits are written back, to learn of a failed
-# writeback while the kernel still serves the pages it could not write (W27, queue/store.py).
+# writeback while the kernel still serves the pages it could not write (W27, spool/store.py).
 # The kernel writes dirty pages back within ~30 s anyway: this adds few writes.
 STATE_SYNC_S = 10.0
 ANNOUNCE_CHECK_S = 2.0  # see Node._keep_announced
@@ -77,9 +79,20 @@ async def watch_state_writeback(
 
 
 def _lock_data_dir(cfg: NodeConfig) -> IO[str]:
+    """Lock the data dir (one process per dir) and check whose it is.
+
+    A dir that another node's identity (node.json) names is refused; a new dir is
+    stamped only by `_stamp_data_dir`, once the node has bound its ports, so that a
+    start that fails on a wrong address leaves nothing to refuse the corrected one.
+    """
     path = cfg.data_path
-    path.mkdir(parents=True, exist_ok=True)
-    lock = open(path / "LOCK", "w")  # noqa: SIM115 - held for the process lifetime
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = open(path / "LOCK", "w")  # noqa: SIM115 - held for the process lifetime
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ConfigError(f"data_dir: {path} (or a parent) exists and is not a directory") from exc
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot use {path}: {exc.strerror}") from exc
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -96,11 +109,36 @@ def _lock_data_dir(cfg: NodeConfig) -> IO[str]:
                 f"data_dir: {path} belongs to node {stored.get('node_id')} at "
                 f"{stored.get('raft_addr')}, not {cfg.node_id} at {cfg.raft_addr}"
             )
-    else:
+    return lock
+
+
+def _stamp_data_dir(cfg: NodeConfig) -> None:
+    """Write the data dir's identity (node.json) if it has none yet."""
+    ident = cfg.data_path / "node.json"
+    if not ident.exists():
         tmp = ident.with_suffix(".tmp")
         tmp.write_text(json.dumps({"node_id": cfg.node_id, "raft_addr": cfg.raft_addr}))
         os.replace(tmp, ident)
-    return lock
+
+
+def check_listen_addrs(cfg: NodeConfig) -> None:
+    """Refuse, in one line, a listen address this host cannot bind (in use, not its own).
+
+    Checked before anything is written to the data dir. A port taken between this
+    check and the real bind still fails the start, with the same kind of message.
+    """
+    keys = ["raft_addr", "smtp_addr", "admin_addr"] + (["smtps_addr"] if cfg.smtps_addr else [])
+    for key in keys:
+        addr = getattr(cfg, key)
+        host, port = parse_hostport(addr, key)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                why = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise ConfigError(f"{key}: cannot listen on {addr}: {why}") from exc
 
 
 class Node:
@@ -117,10 +155,12 @@ class Node:
         cfg = self.cfg
         secret = cfg.read_secret()
         relay_auth = self._relay_auth()  # a bad login file or CA file stops us here
+        check_listen_addrs(cfg)
         lock = _lock_data_dir(cfg)
         loop = asyncio.get_running_loop()
         store = QueueStore(cfg.data_path / "state", cfg.state_map_size_mb)
         raft = self._raft = self._build_raft(store, secret, loop)
+        _stamp_data_dir(cfg)
         pipeline = self._pipeline = CommitPipeline(
             raft, self.clock, cfg.max_pending_commits, cfg.commit_timeout_ms / 1000
         )

@@ -9,7 +9,7 @@ that starts at the snapshot's index and term, a member list of this node
 alone, and the snapshot written again with that list (the copy names the
 old members, and added nodes would take them from it). Started with no peers, it leads at once;
 `mqnode cluster add-node` then grows the cluster (new nodes start empty
-with `join = 1` and catch up from its snapshot).
+with `join = true` and catch up from its snapshot).
 
 What it cannot give back: mail acknowledged after the snapshot was taken
 is not in it, and mail delivered after it is queued again (it will be sent
@@ -22,10 +22,10 @@ import shutil
 from pathlib import Path
 
 from mqnode.errors import ConfigError
-from mqnode.queue.store import QueueStore
 from mqnode.raft.journal import DurableJournal
 from mqnode.raft.logstore import LogStore
 from mqnode.raft.snapshot_file import SnapshotHeader, install, read_header, write_snapshot
+from mqnode.spool.store import QueueStore
 from mqnode.storage import fsync_path
 
 

@@ -1,7 +1,7 @@
 """The LMDB adapter: the only module that imports `lmdb` (and msgpack for records).
 
 Both LMDB environments of a data dir are opened here (`open_env`): the queue
-state (queue/store.py) and the Raft journal (raft/logstore.py). What they
+state (spool/store.py) and the Raft journal (raft/logstore.py). What they
 share lives here too: record codecs (msgpack), a CRC32 in front of records
 (LMDB has none), the mapping of lmdb's errors to ours (`storage_error`: a full
 disk or map is `StoreFullError`, retryable; anything else `CorruptDataError`)

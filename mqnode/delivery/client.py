@@ -95,9 +95,9 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from mqnode.delivery.feedback import Contact
-from mqnode.queue.addresses import ascii_form
-from mqnode.queue.dsnparams import DsnRequest
-from mqnode.queue.model import Outcome, RecipientResult
+from mqnode.spool.addresses import ascii_form
+from mqnode.spool.dsnparams import DsnRequest
+from mqnode.spool.model import Outcome, RecipientResult
 from mqnode.tls import opportunistic_client_context, required_client_context
 
 log = logging.getLogger(__name__)

@@ -96,10 +96,10 @@ from mqnode.delivery.routing import Router
 from mqnode.dsn.notify import report_for
 from mqnode.errors import CorruptDataError, MqnodeError
 from mqnode.events import EventLog
-from mqnode.queue.commands import Claim, LeaseRenew, RecordOutcome
-from mqnode.queue.model import Outcome, QueuedMessage, RcptState, RecipientResult, make_queue_id
-from mqnode.queue.store import QueueStore
 from mqnode.raft.commit_pipeline import Replicator
+from mqnode.spool.commands import Claim, LeaseRenew, RecordOutcome
+from mqnode.spool.model import Outcome, QueuedMessage, RcptState, RecipientResult, make_queue_id
+from mqnode.spool.store import QueueStore
 
 log = logging.getLogger(__name__)
 

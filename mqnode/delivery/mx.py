@@ -63,7 +63,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mqnode.clock import Clock, SystemClock
-from mqnode.queue.addresses import ascii_domain
+from mqnode.spool.addresses import ascii_domain
 
 MxKind = Literal["hosts", "null_mx", "nxdomain", "temp_fail"]
 

@@ -6,7 +6,8 @@ loopback, and tests need to *join* what mqnode acknowledged with what arrived
 and appends one JSON line per message to a file, so a checker can read the
 file while the sink is still running.
 
-    python -m mqnode.devtools.devsink --listen 127.0.0.1:PORT --out FILE.jsonl [--fail-rate 0]
+    mqnode dev-sink [--listen 127.0.0.1:2600] [--out devsink.jsonl] [--fail-rate 0]
+    (or python -m mqnode.devtools.devsink with the same flags)
 
 Line format (flushed per message):
     {"mail_from", "rcpts", "message_id", "size", "sha256", "received_ms", "peer"}
@@ -115,18 +116,31 @@ async def serve(
         return handler.count
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mqnode.devtools.devsink", description="Recording SMTP sink.")
-    p.add_argument("--listen", required=True, help="HOST:PORT to accept SMTP on")
-    p.add_argument("--out", required=True, help="JSON-lines file to append records to")
+DEFAULT_LISTEN = "127.0.0.1:2600"  # the relay host of the README's three-node example
+DEFAULT_OUT = "devsink.jsonl"
+
+
+def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="A local SMTP sink that accepts every message and records one JSON line "
+        "per message (sender, recipients, Message-ID, size, SHA-256), for trying mqnode "
+        "without a real mail server: run the nodes with --relay-host at its address.",
+    )
+    p.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to accept SMTP on ({DEFAULT_LISTEN})"
+    )
+    p.add_argument(
+        "--out", default=DEFAULT_OUT, help=f"JSON-lines file to append records to ({DEFAULT_OUT})"
+    )
     p.add_argument("--fail-rate", type=float, default=0.0, help="fraction answered 451 (0..1)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate choices")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m mqnode.devtools.devsink") -> int:
+    args = _parse_args(argv, prog)
     host, sep, port_s = str(args.listen).rpartition(":")
     if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         print(f"devsink: --listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)

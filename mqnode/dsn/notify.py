@@ -5,7 +5,7 @@ outcomes into the notification queued with them (RecordOutcome's bounce), for
 the dispatcher and for an operator's bounce alike:
 
 * a bounced recipient is reported (`Action: failed`) unless its client gave
-  NOTIFY without FAILURE (queue/dsnparams.py);
+  NOTIFY without FAILURE (spool/dsnparams.py);
 * a delivered recipient whose client asked NOTIFY=SUCCESS is reported
   (`Action: relayed`, RFC 3464's word for a hand-over to a host that does
   not speak DSN) unless the host took the DSN parameters (`dsn_passed`);
@@ -20,7 +20,7 @@ Original-Envelope-Id and Original-Recipient.
 from __future__ import annotations
 
 from mqnode.dsn.report import FailedRecipient, build_dsn, is_null_sender, status_from_reply
-from mqnode.queue.model import Outcome, QueuedMessage, RecipientResult
+from mqnode.spool.model import Outcome, QueuedMessage, RecipientResult
 
 REPORT_MAX_RETURNED_BYTES = 16 * 1024  # the report must fit one small log entry
 

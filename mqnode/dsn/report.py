@@ -74,7 +74,7 @@ from email.message import Message
 from email.utils import format_datetime
 from typing import Any
 
-from mqnode.queue.dsnparams import xtext_encode
+from mqnode.spool.dsnparams import xtext_encode
 
 MAX_DIAGNOSTIC_CHARS = 1000
 LINE_MAX_OCTETS = 998  # RFC 5322 section 2.1.1

@@ -43,7 +43,7 @@ What it promises
 * At most one fsync per tick for the journal and one LMDB commit for the
   state, however many entries the tick carried (group commit). State commits
   are not fsynced: after a kernel crash the state is rebuilt from snapshot.bin
-  and the journal (queue/store.py), which is why a state commit never runs ahead of
+  and the journal (spool/store.py), which is why a state commit never runs ahead of
   the journal and a snapshot downloaded from the leader is fsynced before the
   journal is reset past it. While busy, the leader sends
   new entries at most once per `replication_batch_ms` (pacing.py), so each
@@ -69,7 +69,7 @@ docs/design/replication.md):
 
 from mqnode.raft.journal import MEMBERSHIP, NO_OP, DurableJournal, Entry
 from mqnode.raft.node import RaftNode
-from mqnode.raft.types import Done, RaftSettings, RaftStatus
+from mqnode.raft.settings import Done, RaftSettings, RaftStatus
 
 __all__ = [
     "MEMBERSHIP",

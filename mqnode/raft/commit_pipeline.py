@@ -47,7 +47,8 @@ from mqnode.errors import (
     SubmitError,
     time_out,
 )
-from mqnode.queue.commands import (
+from mqnode.raft import RaftNode
+from mqnode.spool.commands import (
     ANSWERED_ON_COMMIT,
     ENTRY_OF_ITS_OWN,
     MAX_ENTRY_BYTES,
@@ -56,8 +57,7 @@ from mqnode.queue.commands import (
     encode_command,
     encode_packed_entry,
 )
-from mqnode.queue.statemachine import Result
-from mqnode.raft import RaftNode
+from mqnode.spool.statemachine import Result
 
 log = logging.getLogger(__name__)
 

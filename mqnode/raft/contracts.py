@@ -1,4 +1,4 @@
-"""What raft/ needs of the replicated state: small Protocols that queue/ implements.
+"""What raft/ needs of the replicated state: small Protocols that spool/ implements.
 
 As hashicorp/raft's FSM and SnapshotStore: nothing under raft/ imports the
 queue's classes. node.py (the wiring) hands a RaftNode a `QueueStore` and a
@@ -43,7 +43,7 @@ TxnT_contra = TypeVar("TxnT_contra", bound=ApplyTxn, contravariant=True)
 
 
 class StateStore(Protocol[TxnT_co]):
-    """The replicated state's durable storage (queue/store.py's QueueStore)."""
+    """The replicated state's durable storage (spool/store.py's QueueStore)."""
 
     @property
     def map_size_bytes(self) -> int: ...
@@ -72,6 +72,6 @@ class StateStore(Protocol[TxnT_co]):
 
 
 class StateMachine(Protocol[TxnT_contra]):
-    """Applies one committed entry (queue/statemachine.py's QueueStateMachine)."""
+    """Applies one committed entry (spool/statemachine.py's QueueStateMachine)."""
 
     def apply(self, index: int, entry: bytes, txn: TxnT_contra) -> Any: ...

@@ -1,6 +1,6 @@
 """formats: keep fields out of the log until every member can read them.
 
-A member decodes entries up to its `READS_LEVEL` (queue/commands.py). Each node
+A member decodes entries up to its `READS_LEVEL` (spool/commands.py). Each node
 announces its own under every leader it sees (node.py), and the replicated
 state keeps the announced levels by Raft address (the `nodes` meta). The
 cluster's level is the lowest among the current Raft members; a member that
@@ -32,9 +32,9 @@ from dataclasses import replace
 from typing import Any
 
 from mqnode.clock import Clock
-from mqnode.queue.commands import READS_LEVEL, Command, Enqueue
-from mqnode.queue.statemachine import Result
 from mqnode.raft.commit_pipeline import Submitter
+from mqnode.spool.commands import READS_LEVEL, Command, Enqueue
+from mqnode.spool.statemachine import Result
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from mqnode.errors import MembershipError
 from mqnode.raft import membership
 from mqnode.raft.internals import SyncInternals
 from mqnode.raft.journal import MEMBERSHIP_TYPE, DurableJournal
-from mqnode.raft.types import RaftSettings
+from mqnode.raft.settings import RaftSettings
 
 log = logging.getLogger("mqnode.raft")
 

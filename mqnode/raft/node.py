@@ -13,12 +13,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjException, replicated
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
-from mqnode.errors import MqnodeError, NewerFormatError
+from mqnode.errors import ConfigError, MqnodeError, NewerFormatError
 from mqnode.raft import membership
 from mqnode.raft.contracts import StateMachine, StateStore, TxnT
 from mqnode.raft.guarded import install as install_guarded_connections
@@ -28,11 +28,11 @@ from mqnode.raft.logstore import LogStore
 from mqnode.raft.members import FAIL_NAMES, Membership
 from mqnode.raft.pacing import AppendPacer, StateCommitPacer, follower_waits
 from mqnode.raft.prevote import PreVoteGate
+from mqnode.raft.settings import Done, RaftSettings, RaftStatus
 from mqnode.raft.snapshot_file import SnapshotHeader
 from mqnode.raft.snapshot_writer import SnapshotWriter
 from mqnode.raft.snapshots import CompactionPace, SnapshotHooks, reconcile_startup
 from mqnode.raft.transport import DeferringTransport
-from mqnode.raft.types import Done, RaftSettings, RaftStatus
 from mqnode.raft.unanswered import UnansweredCommands
 from mqnode.raft.wire import install as install_cheap_framing
 
@@ -160,7 +160,14 @@ class RaftNode(Generic[TxnT]):
         conf = self._conf()
         # Well inside pysyncobj's idle-connection timeout (see DeferringTransport.keep_alive).
         self._keepalive_s = conf.connectionTimeout / 4
-        self._sync = _SyncObj(self, settings.self_addr, peers, conf, self._journal)
+        try:
+            self._sync = _SyncObj(self, settings.self_addr, peers, conf, self._journal)
+        except SyncObjException as exc:  # pysyncobj's BindError, after its bind retries
+            self._logstore.close()
+            raise ConfigError(
+                f"raft_addr: cannot listen on {settings.self_addr} ({exc}): in use, or not "
+                "an address of this host"
+            ) from exc
         self._raw = SyncInternals(self._sync)
         self._unanswered = UnansweredCommands(self._sync)
         self._adopt_journal()

@@ -24,8 +24,8 @@ from mqnode.raft.compaction import compaction_min_entries, staggered_threshold
 from mqnode.raft.contracts import StateStore
 from mqnode.raft.journal import DurableJournal, Entry
 from mqnode.raft.logstore import LogStore
+from mqnode.raft.settings import RaftSettings
 from mqnode.raft.snapshot_writer import SnapshotWriter
-from mqnode.raft.types import RaftSettings
 from mqnode.storage import fsync_path
 
 log = logging.getLogger("mqnode.raft")
@@ -166,7 +166,7 @@ class SnapshotHooks:
         self._snapshots.discard()  # ours must not replace the leader's, nor hold the store
         # pysyncobj renames the download into place unsynced; the journal is about to be
         # reset past its own entries, so this file is what a state lost in a kernel crash
-        # would be rebuilt from (queue/store.py): durable first.
+        # would be rebuilt from (spool/store.py): durable first.
         fsync_path(Path(filename))
         fsync_path(Path(filename).parent)
         self._journal.flush()  # journal first, as in _serialize: never state ahead of log

@@ -11,8 +11,8 @@ made with `hashlib.scrypt(password, salt=SALT, n=N, r=r, p=p)` and a random
 
     python -m mqnode.smtp.auth USER          # asks for the password twice
 
-The file must not be readable by others (like the cluster secret); it is
-read once, at start-up.
+Only its owner may read the file (mode 600, like every file holding a
+secret: config.read_owner_only); it is read once, at start-up.
 
 `UserDb.verify` costs one scrypt evaluation (about 16 MiB and tens of
 milliseconds at the default N=2**14) whether or not the user exists, and
@@ -31,10 +31,10 @@ import binascii
 import hashlib
 import hmac
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from mqnode.config import read_owner_only
 from mqnode.errors import ConfigError
 
 DEFAULT_N = 2**14
@@ -160,13 +160,7 @@ class UserDb:
     def load(cls, path: str) -> UserDb:
         """Read the users file; ConfigError if unreadable, open to others, or malformed."""
         p = Path(path)
-        try:
-            st = p.stat()
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"smtp_users_file: cannot read {p}: {exc}") from exc
-        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-            raise ConfigError(f"smtp_users_file: {p} is open to others; chmod 600 it")
+        text = read_owner_only(p, "smtp_users_file")
         return cls.parse(text, f"smtp_users_file {p}")
 
 

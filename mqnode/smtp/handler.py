@@ -49,13 +49,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from mqnode.clock import Clock
 from mqnode.errors import SubmitError
 from mqnode.events import EventLog
-from mqnode.queue import addresses
-from mqnode.queue.commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
-from mqnode.queue.model import find_message_id, make_queue_id
-from mqnode.queue.statemachine import Result, misses_chunks
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.ratelimit import ClientGate, ClientLimits, LocalGate
+from mqnode.spool import addresses
+from mqnode.spool.commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
+from mqnode.spool.model import find_message_id, make_queue_id
+from mqnode.spool.statemachine import Result, misses_chunks
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def client_limits(limits: IngressLimits, clock: Clock) -> ClientLimits:
 
 
 def valid_address(addr: str, allow_empty: bool, utf8: bool = True) -> bool:
-    """RFC 5321/6531 mailbox syntax (queue/addresses.py); "" is the null path."""
+    """RFC 5321/6531 mailbox syntax (spool/addresses.py); "" is the null path."""
     if addr == "":
         return allow_empty
     return addresses.check(addr, utf8) is None

@@ -22,7 +22,7 @@ Contract, per connection:
 * Idle timeout `idle_timeout_s`: no command (or, inside DATA, no bytes) for
   that long gets `421 4.4.2` and close. Time spent in the handler (waiting
   for a Raft commit) or checking a password never counts as idle.
-* DSN parameters (RFC 3461, queue/dsnparams.py) are taken out of MAIL and RCPT
+* DSN parameters (RFC 3461, spool/dsnparams.py) are taken out of MAIL and RCPT
   before aiosmtpd parses the rest; a malformed one gets `501 5.5.4` and the
   command is not handed to the handler.
 * aiosmtpd's bare replies for over-long lines and oversized DATA get enhanced
@@ -42,15 +42,15 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
-from mqnode.queue.dsnparams import (
+from mqnode.smtp.data import NOMINAL, TOO_LONG, TOO_MUCH, read_data
+from mqnode.smtp.handler import DsnEnvelope, SmtpIngress, hook_names
+from mqnode.spool.dsnparams import (
     DsnParamError,
     mail_params,
     rcpt_params,
     split_params,
     without_dsn,
 )
-from mqnode.smtp.data import NOMINAL, TOO_LONG, TOO_MUCH, read_data
-from mqnode.smtp.handler import DsnEnvelope, SmtpIngress, hook_names
 
 # aiosmtpd's replies without an enhanced status code (RFC 3463) -> ours.
 _ENHANCED = {

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mqnode
 from mqnode.clock import Clock
 from mqnode.config import NodeConfig
 from mqnode.errors import CodecError, MqnodeError, SubmitError
 from mqnode.events import EventLog
-from mqnode.queue.commands import Enqueue, from_wire
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.smtp.front import bind, listen_addrs
 from mqnode.smtp.handler import emit_committed, emit_received
@@ -60,6 +60,7 @@ from mqnode.smtp.worker_link import (
     error_kind,
 )
 from mqnode.smtp.worker_process import DRAIN_S
+from mqnode.spool.commands import Enqueue, from_wire
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class WorkerPool:
         }
         env = dict(os.environ)
         # the worker imports mqnode from where this node did, installed or not
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(mqnode.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             w.proc = subprocess.Popen(

@@ -39,8 +39,6 @@ from mqnode.clock import SystemClock
 from mqnode.config import NodeConfig
 from mqnode.errors import NoLeaderError, time_out
 from mqnode.eventloop import run_event_loop
-from mqnode.queue.commands import Command, to_wire
-from mqnode.queue.statemachine import Result
 from mqnode.smtp.front import build_ingress, listen_addrs, serve
 from mqnode.smtp.handler import SmtpIngress
 from mqnode.smtp.worker_link import (
@@ -57,6 +55,8 @@ from mqnode.smtp.worker_link import (
     Link,
     error_from,
 )
+from mqnode.spool.commands import Command, to_wire
+from mqnode.spool.statemachine import Result
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.fault
 
 SEED = 20261123
 # Compaction active: snapshots every 150 entries, so restarts cross snapshot + log.
-COMPACTING = (*FAST_TUNING, "--log-compaction-min-entries", "150", "--fault-injection", "1")
+COMPACTING = (*FAST_TUNING, "--log-compaction-min-entries", "150", "--fault-injection")
 
 
 def _assert_promise(report: Report) -> None:
@@ -113,7 +113,7 @@ def test_full_cluster_kill_and_restart(tmp_path: Path, staggered: bool) -> None:
 
 
 def test_power_loss_of_the_whole_cluster(tmp_path: Path) -> None:
-    """Every node's unsynced state commits lost or torn at once (queue/store.py): each
+    """Every node's unsynced state commits lost or torn at once (spool/store.py): each
     rebuilds its state from snapshot.bin and its journal; nothing acked is lost."""
     with Cluster(tmp_path, extra_args=COMPACTING) as c:
         report, _, _ = run_scenario("power-loss", c, power_loss(2, 2.5), SEED, load_s=9)
@@ -139,7 +139,7 @@ def test_a_cut_off_follower_comes_back_without_an_election(tmp_path: Path, cut: 
     it, the follower came back at term 9 and deposed a healthy leader ("from-all"), or won
     an election through the other follower while the old leader still led ("from-leader-
     only"): an election, and 451s to SMTP clients, each time."""
-    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection", "1")) as c:
+    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection")) as c:
         lead = c.leader()
         term = int(c.status(lead)["term"])
         cut_off, other = [i for i in range(3) if i != lead]
@@ -171,7 +171,7 @@ def test_a_flapping_link_to_the_leader_causes_no_election(tmp_path: Path) -> Non
     again and again while the leader lives (15 resets in ~4.5 s, under load) must cost
     no election: pre-vote makes the other follower and the leader refuse, so the term
     never moves and every message offered is answered 250 (staged)."""
-    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection", "1")) as c:
+    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection")) as c:
         lead = c.leader()
         term = int(c.status(lead)["term"])
         flapping = next(i for i in range(3) if i != lead)

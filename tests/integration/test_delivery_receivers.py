@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mqnode.delivery.client import Attempt, DeliveryAgent, Target, Transaction
-from mqnode.queue.model import Outcome
+from mqnode.spool.model import Outcome
 from mqnode.tls import required_client_context
 from tests.support import minismtp
 from tests.support.tlscert import make_cert

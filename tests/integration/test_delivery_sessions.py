@@ -15,7 +15,7 @@ import pytest
 
 from mqnode.delivery.client import Attempt, DeliveryAgent, Target, Transaction
 from mqnode.delivery.feedback import Contact
-from mqnode.queue.model import Outcome
+from mqnode.spool.model import Outcome
 from tests.support import minismtp
 from tests.support.smtpsink import Sink, SinkHost, bind_common_port
 

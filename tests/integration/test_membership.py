@@ -1,7 +1,7 @@
 """`mqnode cluster add-node` / `remove-node` against real nodes (docs/operations.md, section 4).
 
 What these show:
-* a node started with `--join 1` and added on the leader receives every queue
+* a node started with `--join` and added on the leader receives every queue
   entry and accepts mail;
 * the member list survives kill -9 of every node: each node restarts with the
   command line it was first given (the original three still have `--peers`
@@ -94,7 +94,7 @@ def test_grow_to_four_restart_shrink_to_three_restart(tmp_path: Path) -> None:
             _offer_ok(c, k % 3, acked)
 
         # --- 3 -> 4 -------------------------------------------------------------------
-        new = c.add_node()  # --peers: the three members; --join 1
+        new = c.add_node()  # --peers: the three members; --join
         c.start_node(new)
         _raft_port_open(c, new)
         st = c.status(new)
@@ -156,7 +156,7 @@ def test_grow_to_four_restart_shrink_to_three_restart(tmp_path: Path) -> None:
         assert c.nodes[gone].raft_addr not in st["match_index"], st
 
 
-TUNING = (*FAST_TUNING, "--fault-injection", "1", "--leader-fallback-ms", "10000")
+TUNING = (*FAST_TUNING, "--fault-injection", "--leader-fallback-ms", "10000")
 
 
 def _partition(c: Cluster, i: int, blocked: list[int]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mqnode.delivery.client import DeliveryAgent, RelayAuth, Target, Transaction
-from mqnode.queue.model import Outcome
+from mqnode.spool.model import Outcome
 from tests.support import minismtp
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.smtp import make_message, submit

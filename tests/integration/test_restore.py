@@ -70,7 +70,7 @@ def test_restore_a_cluster_from_one_snapshot(tmp_path: Path) -> None:
         assert new.queue_ids(0) == sorted(acked.values())
         _offer_ok(new, 0, acked)  # it takes new mail at once
 
-        grown = new.add_node()  # starts empty with --join 1
+        grown = new.add_node()  # starts empty with --join
         new.start_node(grown)
         token = ["--admin-token-file", str(new.admin_token_file)]
         add = run_cli(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadGen, LoadResult
-from mqnode.queue.store import UNSYNCED_MARKER
+from mqnode.spool.store import UNSYNCED_MARKER
 
 from .cluster import ADMIN_TOKEN, Cluster
 
@@ -254,7 +254,7 @@ def full_restart(
 
 def power_loss(rounds: int, every_s: float) -> FaultScript:
     """The whole cluster loses power: kill -9 every node; the marker of each state
-    that skipped fsyncs (queue/store.py) names a boot that is gone, and pages of its data
+    that skipped fsyncs (spool/store.py) names a boot that is gone, and pages of its data
     file are torn. Journals and snapshots, always fsynced, are left as they are."""
     return full_restart(rounds, every_s, staggered=False, power_loss=True)
 

@@ -16,7 +16,7 @@ Promises:
   node back at the same addresses with the same data dir.
 * A node's command line is fixed when the node is made: its `--peers` are the
   other nodes of the cluster as first started, or, for a node made later by
-  `add_node()`, the members it was told about (`--join 1`). Restarts reuse
+  `add_node()`, the members it was told about (`--join`). Restarts reuse
   that command line, as a service manager would, even after membership changed.
 
 Limits: loopback only; ports are found by binding port 0 and releasing it, so
@@ -137,7 +137,7 @@ class NodeProc:
     data_dir: Path
     log_path: Path
     peers: list[str] = field(default_factory=list)  # its --peers, fixed at creation
-    extra_args: list[str] = field(default_factory=list)  # e.g. ["--join", "1"]
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--join"]
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
     wanted: bool = False  # the harness started it and has not stopped or killed it
@@ -236,7 +236,7 @@ class Cluster:
 
     def add_node(self, peers: Sequence[int] | None = None, join: bool = True) -> int:
         """Make (not start) one more node whose --peers name `peers` (default: the nodes the
-        harness keeps up), with `--join 1` unless join=False. Returns its index."""
+        harness keeps up), with `--join` unless join=False. Returns its index."""
         members = self.up_indexes() if peers is None else list(peers)
         used = {p for n in self.nodes for p in (n.raft_port, n.smtp_port, n.admin_port)}
         ports = free_ports(3)
@@ -252,7 +252,7 @@ class Cluster:
             )
             node.prefix = self.netlab.exec_prefix(node.index)
         node.peers = [self.nodes[i].raft_addr for i in members]
-        node.extra_args = ["--join", "1"] if join else []
+        node.extra_args = ["--join"] if join else []
         return node.index
 
     # --- context manager ---------------------------------------------------
@@ -307,7 +307,7 @@ class Cluster:
             cmd += ["--dns-server", self.dns_server]
         if not self.relay_host and not self.dns_server:
             # Nowhere on loopback to deliver to: never dispatch (no system DNS, no port 25).
-            cmd += ["--delivery-enabled", "0"]
+            cmd += ["--no-delivery-enabled"]
         if self.netlab is not None:
             # Clients come from the root side of the client links, not from loopback.
             nets = f"127.0.0.0/8,{self.netlab.client_net()}"

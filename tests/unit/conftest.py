@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mqnode.queue.store import QueueStore
+from mqnode.spool.store import QueueStore
 
 from .kit import Transcript, open_store
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mqnode.queue.commands import Command, Enqueue, PutChunk, RecordOutcome, encode_entry
-from mqnode.queue.statemachine import QueueStateMachine, Result
-from mqnode.queue.store import QueueStore
+from mqnode.spool.commands import Command, Enqueue, PutChunk, RecordOutcome, encode_entry
+from mqnode.spool.statemachine import QueueStateMachine, Result
+from mqnode.spool.store import QueueStore
 
 T0 = 1_700_000_000_000
 DB_NAMES = (

@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from mqnode.devtools.localports import free_loopback_ports
-from mqnode.queue.statemachine import QueueStateMachine
-from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode, RaftSettings
+from mqnode.spool.statemachine import QueueStateMachine
+from mqnode.spool.store import QueueStore
 
 
 def free_addrs(n: int) -> list[str]:

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mqnode.errors import CodecError, NewerFormatError
-from mqnode.queue.commands import (
+from mqnode.spool.commands import (
     FORMAT_VERSION,
     Announce,
     Claim,

@@ -15,9 +15,9 @@ import pytest
 
 from mqnode.clock import SystemClock
 from mqnode.errors import CommitTimeoutError, NoLeaderError
-from mqnode.queue.commands import READS_LEVEL, Announce, Claim, Command, RecordOutcome, decode_entry
 from mqnode.raft import RaftNode
 from mqnode.raft.commit_pipeline import CommitPipeline
+from mqnode.spool.commands import READS_LEVEL, Announce, Claim, Command, RecordOutcome, decode_entry
 
 from .kit import enqueue
 

@@ -285,7 +285,7 @@ def test_missing_relay_auth_file(good: dict[str, Any], tmp_path: Path) -> None:
         ({"relay_host": "h.test:25", "relay_implicit_tls": 1}, "relay_implicit_tls: only used"),
         (
             {"relay_host": "h.test:465", "relay_auth_file": "/x", "relay_implicit_tls": 2},
-            "relay_implicit_tls: 0 or 1",
+            "relay_implicit_tls: expected true or false",
         ),
     ],
 )
@@ -310,3 +310,21 @@ def test_destination_limits_are_per_lowercase_domain(good: dict[str, Any]) -> No
     cfg = NodeConfig.load(None, {**good, "destination_concurrency_limits": limits})
     assert cfg.destination_limits() == {"gmail.com": 2, "b.test": 7}
     assert NodeConfig.load(None, good).destination_limits() == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (False, False), (1, True), (0, False), ("yes", True), ("off", False)],
+)
+def test_switches_take_true_false_and_the_earlier_1_0(
+    good: dict[str, Any], value: Any, expected: bool
+) -> None:
+    assert NodeConfig.load(None, {**good, "delivery_enabled": value}).delivery_enabled is expected
+
+
+def test_every_setting_has_one_line_of_help() -> None:
+    from dataclasses import fields
+
+    for f in fields(NodeConfig):
+        text = f.metadata.get("help", "")
+        assert text and "\n" not in text and len(text) <= 80, f.name

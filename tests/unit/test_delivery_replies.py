@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mqnode.delivery.client import _outcome_for, _refused
-from mqnode.queue.model import Outcome
+from mqnode.spool.model import Outcome
 
 
 @pytest.mark.parametrize(

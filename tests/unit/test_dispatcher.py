@@ -31,11 +31,11 @@ from mqnode.delivery.mx import MxAnswer, MxHost
 from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
 from mqnode.events import EventLog
-from mqnode.queue.commands import Command, LeaseRenew, QueueOp
-from mqnode.queue.dsnparams import DsnRequest
-from mqnode.queue.model import Outcome, QueuedMessage
-from mqnode.queue.statemachine import Result
-from mqnode.queue.store import QueueStore
+from mqnode.spool.commands import Command, LeaseRenew, QueueOp
+from mqnode.spool.dsnparams import DsnRequest
+from mqnode.spool.model import Outcome, QueuedMessage
+from mqnode.spool.statemachine import Result
+from mqnode.spool.store import QueueStore
 
 from .kit import T0, Transcript, enqueue
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqnode.queue.dsnparams import (
+from mqnode.spool.dsnparams import (
     DsnParamError,
     DsnRequest,
     mail_params,

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from mqnode.clock import ManualClock
-from mqnode.queue.commands import Command
-from mqnode.queue.statemachine import Result
 from mqnode.raft.formats import LEVEL_CACHE_S, LevelGate, announce_again, cluster_level
+from mqnode.spool.commands import Command
+from mqnode.spool.statemachine import Result
 
 from .kit import enqueue
 

@@ -7,10 +7,10 @@ import asyncio
 from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
-from mqnode.queue.commands import CHUNK_BYTES, Command, PutChunk, encode_entry
-from mqnode.queue.statemachine import QueueStateMachine, Result
-from mqnode.queue.store import QueueStore
 from mqnode.smtp.handler import SmtpIngress
+from mqnode.spool.commands import CHUNK_BYTES, Command, PutChunk, encode_entry
+from mqnode.spool.statemachine import QueueStateMachine, Result
+from mqnode.spool.store import QueueStore
 
 
 class _LosesFirstChunkOnce:

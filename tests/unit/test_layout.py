@@ -2,13 +2,14 @@
 third-party library that needs an adapter is imported in one place.
 
 Layers, bottom up: the frame's leaves (errors, clock, storage, tls, events,
-config) -> queue/ -> raft/ -> smtp/, delivery/, dsn/ -> admin/ -> node, cli,
+config) -> spool/ -> raft/ -> smtp/, delivery/, dsn/ -> admin/ -> node, cli,
 restore. devtools/ is never imported by the node's code.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mqnode"
 # What each part may import from mqnode (besides itself).
 LEAVES = {"errors", "clock", "storage", "tls", "events", "config", "eventloop"}
 ALLOWED: dict[str, set[str]] = {
-    "queue": LEAVES,
-    "raft": LEAVES | {"queue"},
-    "dsn": LEAVES | {"queue"},
-    "smtp": LEAVES | {"queue", "raft"},
-    "delivery": LEAVES | {"queue", "raft", "dsn"},
-    "admin": LEAVES | {"queue", "raft", "dsn", "delivery", "smtp"},
-    "devtools": LEAVES | {"queue", "raft", "dsn", "delivery", "smtp", "admin"},
+    "spool": LEAVES,
+    "raft": LEAVES | {"spool"},
+    "dsn": LEAVES | {"spool"},
+    "smtp": LEAVES | {"spool", "raft"},
+    "delivery": LEAVES | {"spool", "raft", "dsn"},
+    "admin": LEAVES | {"spool", "raft", "dsn", "delivery", "smtp"},
+    "devtools": LEAVES | {"spool", "raft", "dsn", "delivery", "smtp", "admin"},
 }
 # Libraries reached through one adapter module (or package).
 ADAPTERS = {
@@ -35,7 +36,7 @@ ADAPTERS = {
     "prometheus_client": "admin/metrics.py",
     "cryptography": "raft/wire.py",
     "uvloop": "eventloop.py",
-    "idna": "queue/addresses.py",
+    "idna": "spool/addresses.py",
 }
 
 
@@ -97,3 +98,16 @@ def test_only_internals_names_pysyncobj_privates() -> None:
         and any(f"_{cls}__" in path.read_text() for cls in ("SyncObj", "TcpConnection"))
     ]
     assert not strays, strays
+
+
+def test_no_module_or_package_is_named_like_a_stdlib_module() -> None:
+    """A `queue/` or `http.py` shadows the stdlib's whenever its directory lands on sys.path
+    (a script run from inside the package, or a child process given the wrong PYTHONPATH):
+    `import queue` in concurrent.futures then finds ours."""
+    clashes = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*")
+        if (p.suffix == ".py" and p.stem in sys.stdlib_module_names)
+        or (p.is_dir() and p.name in sys.stdlib_module_names)
+    ]
+    assert not clashes, clashes

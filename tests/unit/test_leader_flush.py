@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from mqnode.queue.commands import encode_entry
-from mqnode.queue.statemachine import QueueStateMachine
-from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode
+from mqnode.spool.commands import encode_entry
+from mqnode.spool.statemachine import QueueStateMachine
+from mqnode.spool.store import QueueStore
 
 from .kit import enqueue
 from .raftkit import free_addrs, raft_settings

@@ -16,10 +16,10 @@ import msgpack
 import pytest
 
 from mqnode.errors import MqnodeError, NewerFormatError
-from mqnode.queue.commands import FORMAT_VERSION, encode_entry
-from mqnode.queue.statemachine import QueueStateMachine
-from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode
+from mqnode.spool.commands import FORMAT_VERSION, encode_entry
+from mqnode.spool.statemachine import QueueStateMachine
+from mqnode.spool.store import QueueStore
 
 from .kit import enqueue
 from .raftkit import raft_settings, single_node

@@ -7,8 +7,8 @@ import email.policy
 from email.message import EmailMessage, Message
 
 from mqnode.dsn.notify import report_for
-from mqnode.queue.dsnparams import DsnRequest
-from mqnode.queue.model import Outcome, QueuedMessage, Recipient
+from mqnode.spool.dsnparams import DsnRequest
+from mqnode.spool.model import Outcome, QueuedMessage, Recipient
 
 BODY = b"Message-ID: <m@a.org>\r\nSubject: hi\r\n\r\nthe body\r\n"
 OK = Outcome.DELIVERED.value

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from mqnode.clock import ManualClock
 from mqnode.delivery.retry import RetryPolicy
-from mqnode.queue import addresses
-from mqnode.queue.model import make_queue_id
 from mqnode.smtp.handler import find_message_id, idempotency_key, valid_address
+from mqnode.spool import addresses
+from mqnode.spool.model import make_queue_id
 
 # -- RetryPolicy ---------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from mqnode.queue.commands import encode_entry
 from mqnode.raft import RaftNode
+from mqnode.spool.commands import encode_entry
 
 from .kit import enqueue
 from .raftkit import single_node

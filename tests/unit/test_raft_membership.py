@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from mqnode.errors import MembershipError
-from mqnode.queue.statemachine import QueueStateMachine
-from mqnode.queue.store import QueueStore
 from mqnode.raft import MEMBERSHIP, RaftNode, snapshot_file
 from mqnode.raft.journal import NO_OP
+from mqnode.spool.statemachine import QueueStateMachine
+from mqnode.spool.store import QueueStore
 
 from .raftkit import raft_settings, single_node
 

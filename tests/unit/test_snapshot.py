@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mqnode.errors import CorruptDataError
-from mqnode.queue.store import QueueStore
 from mqnode.raft.snapshot_file import MAGIC, install, read_header, write_snapshot
+from mqnode.spool.store import QueueStore
 
 from .kit import T0, Transcript, chunked, dump, enqueue, open_store, outcome
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pysyncobj.config import SERIALIZER_STATE
 
-from mqnode.queue.store import QueueStore
 from mqnode.raft.snapshot_file import install, read_header
 from mqnode.raft.snapshot_writer import SnapshotWriter
+from mqnode.spool.store import QueueStore
 
 from .kit import Transcript, enqueue, open_store
 

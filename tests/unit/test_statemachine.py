@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mqnode.errors import NewerFormatError
-from mqnode.queue.commands import (
+from mqnode.spool.commands import (
     Announce,
     Claim,
     Command,
@@ -30,9 +30,9 @@ from mqnode.queue.commands import (
     encode_entry,
     to_wire,
 )
-from mqnode.queue.model import MessageState, RcptState
-from mqnode.queue.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
-from mqnode.queue.store import QueueStore
+from mqnode.spool.model import MessageState, RcptState
+from mqnode.spool.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
+from mqnode.spool.store import QueueStore
 
 from .kit import T0, Transcript, chunked, dump, enqueue, fresh_store, outcome
 
@@ -377,7 +377,7 @@ def _enq_with(**changes: Any) -> list[Any]:
 def test_decodable_but_malformed_entry_is_rejected_not_raised(
     tx: Transcript, store: QueueStore, entry: bytes
 ) -> None:
-    # queue/statemachine.py promises: invalid input "is rejected the same way on every node and
+    # spool/statemachine.py promises: invalid input "is rejected the same way on every node and
     # recorded as a result; it never raises past here". An exception here is retried by the
     # Raft tick forever on every node (RaftNode._run rolls back and re-applies the entry).
     tx.one(enqueue("Q1"))

@@ -9,7 +9,7 @@ import lmdb
 import pytest
 
 from mqnode.errors import CorruptDataError
-from mqnode.queue.store import QueueStore
+from mqnode.spool.store import QueueStore
 
 from .kit import Transcript, enqueue, open_store
 

@@ -135,7 +135,10 @@ def test_users_file_open_to_others_is_refused(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         UserDb.load(str(path))
-    path.chmod(0o640)
+    path.chmod(0o640)  # the group neither: the same rule as every file holding a secret
+    with pytest.raises(ConfigError, match="chmod 600"):
+        UserDb.load(str(path))
+    path.chmod(0o600)
     assert UserDb.load(str(path)).verify(b"a", b"pw") == "a"
     with pytest.raises(ConfigError, match="cannot read"):
         UserDb.load(str(tmp_path / "missing"))

@@ -1,6 +1,6 @@
 """State commits skip fsync; a state from an earlier boot with unsynced commits is rebuilt.
 
-queue/store.py: the queue state is derived from the log, so its commits are not
+spool/store.py: the queue state is derived from the log, so its commits are not
 fsynced. A process killed loses nothing (its writes are in the kernel's page
 cache); a kernel crash may lose or tear them, which the boot-id marker tells
 apart at the next open. These tests kill real processes (`os._exit` in a
@@ -21,7 +21,7 @@ import pytest
 
 from mqnode.errors import CorruptDataError, MqnodeError
 from mqnode.node import watch_state_writeback
-from mqnode.queue.store import UNSYNCED_MARKER, WRITEBACK_FAILED, QueueStore
+from mqnode.spool.store import UNSYNCED_MARKER, WRITEBACK_FAILED, QueueStore
 from tests.support.chaos import tear_unsynced_state
 
 from .kit import Transcript, enqueue
@@ -42,7 +42,7 @@ def _killed_after_commit(path: Path, ids: list[str], boot: str) -> None:
         f"""
         import os
         from pathlib import Path
-        from mqnode.queue.store import QueueStore
+        from mqnode.spool.store import QueueStore
         from tests.unit.kit import Transcript, enqueue
         store = QueueStore(Path({str(path)!r}), 64, boot_id=lambda: {boot!r})
         tx = Transcript(store)
@@ -182,7 +182,7 @@ def _raft_child(tmp_path: Path, first: list[str], second: list[str]) -> str:
         f"""
         import asyncio, os
         from pathlib import Path
-        from mqnode.queue.commands import encode_entry
+        from mqnode.spool.commands import encode_entry
         from tests.unit.kit import enqueue
         from tests.unit.raftkit import single_node
 

@@ -16,7 +16,6 @@ from mqnode.errors import (
     StoreFullError,
     SubmitError,
 )
-from mqnode.queue.commands import Enqueue, from_wire
 from mqnode.smtp.worker_link import (
     CLOSE,
     FAILED,
@@ -30,6 +29,7 @@ from mqnode.smtp.worker_link import (
     error_kind,
 )
 from mqnode.smtp.worker_process import NodeLink
+from mqnode.spool.commands import Enqueue, from_wire
 
 CMD = Enqueue(
     queue_id="Q1",

@@ -9,7 +9,7 @@ Everything a command needs to be applied deterministically (ids, timestamps,
 random choices) is made before submit and carried here. A node must never
 guess at an entry written by a newer version: a newer format byte, an unknown
 tag or more fields than this version knows raise `NewerFormatError`, which
-stops the node's applying (see queue/statemachine.py) instead of letting it skip
+stops the node's applying (see spool/statemachine.py) instead of letting it skip
 what its peers apply; other malformed input raises `CodecError` and is
 rejected the same way everywhere.
 
@@ -63,7 +63,7 @@ class Enqueue:
     message_id: str
     client: str
     node_id: str
-    # RFC 3461 (queue/dsnparams.py); optional, added after the first release.
+    # RFC 3461 (spool/dsnparams.py); optional, added after the first release.
     dsn_ret: str = ""
     dsn_envid: str = ""
     dsn_notify: tuple[str, ...] = ()  # per recipient, or () when none gave NOTIFY

@@ -29,7 +29,7 @@ import logging
 from typing import Any
 
 from mqnode.errors import CodecError, NewerFormatError
-from mqnode.queue.commands import (
+from mqnode.spool.commands import (
     QUEUE_OPS,
     Announce,
     Claim,
@@ -41,9 +41,9 @@ from mqnode.queue.commands import (
     RecordOutcome,
     decode_entry,
 )
-from mqnode.queue.dsnparams import MAX_ENVID_CHARS, MAX_ORCPT_CHARS, DsnRequest
-from mqnode.queue.model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
-from mqnode.queue.store import OPERATOR_RETRIES, StateTxn
+from mqnode.spool.dsnparams import MAX_ENVID_CHARS, MAX_ORCPT_CHARS, DsnRequest
+from mqnode.spool.model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
+from mqnode.spool.store import OPERATOR_RETRIES, StateTxn
 
 log = logging.getLogger(__name__)
 

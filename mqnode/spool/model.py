@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from mqnode.queue.dsnparams import DsnRequest
+from mqnode.spool.dsnparams import DsnRequest
 
 QueueId = str
 _NO_DSN = DsnRequest()  # frozen: one for every message without a request

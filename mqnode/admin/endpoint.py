@@ -26,7 +26,7 @@
                            committed in time (it may still commit), 503 discarded.
                            add-node first checks something listens at the address.
     POST /fault/partition  {"block": ["host:port", ...]}: drop Raft traffic with
-                           those peers (only with `fault_injection = 1`; tests)
+                           those peers (only with `fault_injection = true`; tests)
     POST /fault/reset      {"peers": ["host:port", ...]}: close the Raft connections
                            with those peers once, as a link reset does (same rule)
 
@@ -55,13 +55,13 @@ from mqnode.clock import Clock
 from mqnode.config import parse_hostport
 from mqnode.dsn.notify import report_for
 from mqnode.errors import ConfigError, MembershipError, SubmitError
-from mqnode.queue.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
-from mqnode.queue.model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
-from mqnode.queue.statemachine import QueueStateMachine
-from mqnode.queue.store import QueueStore
 from mqnode.raft import RaftNode, membership
 from mqnode.raft.commit_pipeline import PipelineHealth, Replicator
 from mqnode.raft.formats import cluster_level
+from mqnode.spool.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
+from mqnode.spool.model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
+from mqnode.spool.statemachine import QueueStateMachine
+from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
 PROTECTED = ("/queue", "/raft", "/fault")
@@ -136,7 +136,12 @@ class AdminServer:
             if not hmac.compare_digest(
                 given.encode("utf-8", "surrogateescape"), f"Bearer {self._token}".encode()
             ):
-                return web.json_response({"error": "admin token required"}, status=401)
+                # Say which: a wrong token (each node has its own) is a different mistake.
+                missing = given.strip() in ("", "Bearer")
+                why = "admin token required" if missing else "admin token refused: wrong token"
+                return web.json_response(
+                    {"error": why}, status=401, headers={"WWW-Authenticate": "Bearer"}
+                )
         return await handler(request)
 
     async def start(self, host: str, port: int) -> None:
@@ -376,7 +381,7 @@ class AdminServer:
         if op == membership.ADD and not await _accepts_connections(addr, PROBE_TIMEOUT_S):
             text = (
                 f"nothing accepts connections at {addr}: start the new node first "
-                "(with join = 1 and peers = the current members), then add it"
+                "(with join = true and peers = the current members), then add it"
             )
             return web.json_response({"error": text}, status=409)
         try:

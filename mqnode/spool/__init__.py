@@ -1,4 +1,4 @@
-"""The queue: what is replicated and what it becomes.
+"""The spool: the queue that is replicated, and what it becomes in LMDB.
 
 `commands` is the replicated schema and its codec; `model`, `addresses` and
 `dsnparams` are the value types carried in it; `statemachine` applies committed

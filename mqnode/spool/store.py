@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from mqnode.errors import CorruptDataError, StateMapFullError
-from mqnode.queue.model import MessageState, QueuedMessage
+from mqnode.spool.model import MessageState, QueuedMessage
 from mqnode.storage import (
     U32,
     U64,
@@ -63,7 +63,7 @@ from mqnode.storage import (
     with_crc,
 )
 
-log = logging.getLogger("mqnode.queue.store")
+log = logging.getLogger("mqnode.spool.store")
 
 FILL_REFRESH_COMMITS = 8
 # How far past its configured size the state map may grow to apply committed entries.
