@@ -306,6 +306,54 @@ def _print_message(m: dict[str, Any]) -> None:
             print(f"                                         {r['address']}")
 
 
+def show_text(m: dict[str, Any], now_s: float) -> str:
+    """`queue show` as text: the envelope, then each recipient's state, attempts and last
+    reply, and when the next attempt is due."""
+
+    def when(ms: int | None) -> str:
+        if not ms:
+            return "-"
+        at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+        delta = ms / 1000 - now_s
+        rel = f"in {_span(delta)}" if delta >= 0 else f"{_span(-delta)} ago"
+        return f"{at} ({rel})"
+
+    pending = any(r["state"] == "pending" for r in m["recipients"])
+    rows = [
+        ("queue id", m["id"]),
+        ("state", m["state"]),
+        ("from", m["mail_from"] or "<> (a bounce)"),
+        ("message-id", m.get("message_id") or "-"),
+        ("size", f"{m['size']} bytes"),
+        ("received", f"{when(m['received_ms'])} from {m.get('client') or '?'}"),
+        ("accepted by", m.get("accepted_by") or "-"),
+        ("attempts", str(m.get("attempts", 0))),
+        ("next attempt", when(m.get("next_attempt_ms")) if pending else "- (nothing pending)"),
+    ]
+    if "dsn" in m:  # RFC 3461, as the client gave it (decoded)
+        rows.append(("dsn", json.dumps(m["dsn"])))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"recipients ({len(m['recipients'])}):")
+    for r in m["recipients"]:
+        tries = r.get("attempts", 0)
+        lines.append(f"  {r['address']}  {r['state']}, {tries} attempt{'s' * (tries != 1)}")
+        if r.get("last_reply"):
+            lines.append(f"      last reply: {r['last_reply']}")
+    return "\n".join(lines)
+
+
+def _span(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
 def _queue(args: argparse.Namespace) -> int:
     cmd = args.queue_command
     if cmd == "list":
@@ -323,12 +371,11 @@ def _queue(args: argparse.Namespace) -> int:
             print(f"-- {len(msgs)} message(s)")
         return 0
     if cmd == "show":
-        m = _fetch(args.admin, f"/queue/{args.id}", _token(args))
-        print(json.dumps(m, indent=2) if args.json else "")
-        if not args.json:
-            _print_message(m)
-            if "dsn" in m:  # RFC 3461, as the client gave it (decoded)
-                print(f"        DSN: {json.dumps(m['dsn'])}")
+        m = _fetch(args.admin, f"/queue/{quote(args.id)}", _token(args))
+        if args.json:
+            print(json.dumps(m, indent=2))
+        else:
+            print(show_text(m, time.time()))
         return 0
     if cmd == "cat":
         raw = _request(args.admin, f"/queue/{quote(args.id)}/body", _token(args), raw=True)

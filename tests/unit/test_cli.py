@@ -131,3 +131,29 @@ def test_every_secret_file_follows_one_mode_rule(tmp_path: Path, mode: int) -> N
     for key in ("cluster_secret_file", "admin_token_file"):
         (tmp_path / key).chmod(0o600)
     assert cfg.read_secret() and cfg.admin_token()
+
+
+def test_queue_show_text_names_attempts_last_reply_and_next_attempt() -> None:
+    m = {
+        "id": "Q1",
+        "state": "deferred",
+        "received_ms": 1_000_000,
+        "mail_from": "a@x.test",
+        "size": 1234,
+        "message_id": "<m1@x.test>",
+        "client": "127.0.0.1",
+        "accepted_by": "n1",
+        "attempts": 2,
+        "next_attempt_ms": 1_600_000,
+        "recipients": [
+            {"address": "b@y.test", "state": "pending", "attempts": 2, "last_reply": "451 busy"},
+            {"address": "c@y.test", "state": "delivered", "attempts": 1, "last_reply": "250 ok"},
+        ],
+    }
+    text = cli.show_text(m, now_s=1_300.0)
+    assert "next attempt  1970-01-01 00:26:40 UTC (in 5 min)" in text
+    assert "b@y.test  pending, 2 attempts" in text and "last reply: 451 busy" in text
+    assert "c@y.test  delivered, 1 attempt\n" in text
+    assert "attempts      2" in text
+    done = {**m, "recipients": [m["recipients"][1]]}  # type: ignore[list-item]
+    assert "nothing pending" in cli.show_text(done, now_s=1_300.0)
