@@ -254,6 +254,9 @@ def _cluster(args: argparse.Namespace) -> int:
         except MqnodeError:
             statuses[raft_addr] = None
     rows, problems = cluster_rows(nodes, statuses)
+    said = [first, *(st for st in statuses.values() if st)]
+    warnings = dict.fromkeys(w for st in said for w in st.get("member_lists_disagree") or [])
+    problems += [f"warning: {text}" for text in warnings]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -525,6 +528,7 @@ def _print_status(st: dict[str, Any]) -> None:
         ("raft links", _links(st.get("peer_last_heard_s") or {})),
         ("smtp", _smtp_workers(st.get("smtp_workers"))),
         *(_destinations(st.get("destinations") or {}) if st["lease_held"] else []),
+        *(("warning", text) for text in st.get("member_lists_disagree") or []),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

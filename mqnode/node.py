@@ -39,11 +39,17 @@ from mqnode.errors import ConfigError, CorruptDataError, MqnodeError
 from mqnode.events import EventLog
 from mqnode.raft import RaftNode, RaftSettings, RaftStatus
 from mqnode.raft.commit_pipeline import CommitPipeline, Submitter
-from mqnode.raft.formats import LevelGate, announce_again, cluster_level
+from mqnode.raft.formats import LevelGate, announce_again, announced_level, cluster_level
+from mqnode.raft.member_lists import (
+    ListWatch,
+    disagreements,
+    leader_not_listed,
+    unlisted_peer,
+)
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
-from mqnode.spool.commands import READS_LEVEL, Announce
+from mqnode.spool.commands import MEMBERS_LEVEL, READS_LEVEL, Announce
 from mqnode.spool.statemachine import QueueStateMachine
 from mqnode.spool.store import QueueStore, StateTxn
 from mqnode.tls import relay_client_context, required_client_context
@@ -149,6 +155,8 @@ class Node:
         self._stop = asyncio.Event()
         self._failure: MqnodeError | None = None
         self._announced_to: str | None = None  # the leader last announced under
+        self._lists = ListWatch()  # member lists that disagree with the leader's
+        self._store: QueueStore | None = None
 
     async def run(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -158,7 +166,7 @@ class Node:
         check_listen_addrs(cfg)
         lock = _lock_data_dir(cfg)
         loop = asyncio.get_running_loop()
-        store = QueueStore(cfg.data_path / "state", cfg.state_map_size_mb)
+        store = self._store = QueueStore(cfg.data_path / "state", cfg.state_map_size_mb)
         raft = self._raft = self._build_raft(store, secret, loop)
         _stamp_data_dir(cfg)
         pipeline = self._pipeline = CommitPipeline(
@@ -192,6 +200,7 @@ class Node:
         admin.smtp_workers = front.describe
         admin.readiness = self._readiness
         admin.destinations = dispatcher.describe_destinations
+        admin.member_lists = self._lists.confirmed
 
         raft.start()
         pipeline.start()
@@ -408,16 +417,34 @@ class Node:
         leader = status.leader_addr
         if leader is not None and (again or self._announced_to != leader):
             self._announced_to = leader
-            cfg = self.cfg
-            cmd = Announce(
-                cfg.raft_addr, cfg.node_id, cfg.smtp_addr, cfg.admin_addr, status.term, READS_LEVEL
-            )
-            task = asyncio.get_running_loop().create_task(self._announce(cmd))
+            task = asyncio.get_running_loop().create_task(self._announce(self._announcement()))
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+
+    def _announcement(self) -> Announce:
+        """This node's Announce. Its member list only once every member that announced
+        reads level 3 (raft/formats.py announced_level): a member of an earlier release
+        would stop at an Announce with one more field."""
+        cfg, status = self.cfg, self._raft.status
+        store = self._store
+        lists = False
+        if store is not None:
+            with store.reader() as r:
+                nodes = r.get_meta("nodes", {})
+            lists = announced_level(nodes, status.members) >= MEMBERS_LEVEL
+        members = tuple(sorted(status.members)) if lists else ()
+        return Announce(
+            cfg.raft_addr,
+            cfg.node_id,
+            cfg.smtp_addr,
+            cfg.admin_addr,
+            status.term,
+            READS_LEVEL,
+            members,
+        )
 
     async def _keep_announced(self, store: QueueStore, raft: RaftNode[StateTxn]) -> None:
         """Announce again when the state's entry for this node is not what it announces,
-        or when another member's reads level went up.
+        or when another member's reads level went up; and compare the members' lists.
 
         A member that ran the first release skipped our Announce (it cannot decode
         `reads`); once upgraded, it has our entry only if we say it again (seen in
@@ -434,9 +461,27 @@ class Node:
             await asyncio.sleep(ANNOUNCE_CHECK_S)
             with store.reader() as r:
                 nodes: dict[str, Any] = r.get_meta("nodes", {})
-            again, seen = announce_again(nodes, seen, cfg.raft_addr, mine)
+            listed = self._announcement().members
+            now_mine = {**mine, "members": list(listed)} if listed else mine
+            again, seen = announce_again(nodes, seen, cfg.raft_addr, now_mine)
             if again:
                 self._maybe_announce(raft.status, again=True)
+            self._check_member_lists(nodes, raft.status.leader_addr)
+
+    def _check_member_lists(self, nodes: dict[str, Any], leader_addr: str | None) -> None:
+        """Log, once, a member list that has disagreed with the leader's for GRACE_S."""
+        status = self._raft.status
+        found = [d.describe() for d in disagreements(nodes, leader_addr)]
+        me, members = self.cfg.raft_addr, status.members
+        followed = status.leader_addr or status.leader_named_by_others
+        own = leader_not_listed(me, members, followed)
+        found += [own] if own else []
+        found += [unlisted_peer(me, members, peer) for peer in status.unlisted_peers]
+        new, gone = self._lists.update(self.clock.monotonic_s(), found)
+        for text in new:
+            log.error("member lists disagree: %s", text)
+        for text in gone:
+            log.info("member lists agree again (was: %s)", text)
 
     def _readiness(self) -> Readiness:
         return assess(self._raft.status, self._pipeline.health())
@@ -461,17 +506,8 @@ class Node:
             was = now
             status = self._raft.status
             if self._pipeline.health().timing_out and status.leader_addr is not None:
-                cfg = self.cfg
-                cmd = Announce(
-                    cfg.raft_addr,
-                    cfg.node_id,
-                    cfg.smtp_addr,
-                    cfg.admin_addr,
-                    status.term,
-                    READS_LEVEL,
-                )
                 with contextlib.suppress(MqnodeError):
-                    await self._pipeline.submit(cmd)
+                    await self._pipeline.submit(self._announcement())
 
     async def _announce(self, cmd: Announce) -> None:
         try:

@@ -92,6 +92,8 @@ class AdminServer:
         self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None
         # suspended destinations and sessions per destination (Dispatcher.describe_destinations)
         self.destinations: Callable[[], dict[str, Any]] = lambda: {}
+        # members whose list has disagreed with the leader's for a while (raft/member_lists.py)
+        self.member_lists: Callable[[], list[str]] = lambda: []
         # readiness.assess over this node's Raft status and commit pipeline (set by Node)
         self.readiness: Callable[[], Readiness] = lambda: assess(
             raft.status, PipelineHealth(None, None, 0, None)
@@ -195,6 +197,7 @@ class AdminServer:
             "ready": readiness.ready,
             "not_ready_because": list(readiness.reasons),
             "leader_heard_s": st.leader_heard_s,
+            "member_lists_disagree": self.member_lists(),
         }
 
     async def _bounce(self, ids: list[str]) -> web.Response:

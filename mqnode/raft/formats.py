@@ -49,6 +49,18 @@ def cluster_level(nodes: Mapping[str, Any], members: Iterable[str]) -> int:
     return min(levels, default=READS_LEVEL)
 
 
+def announced_level(nodes: Mapping[str, Any], members: Iterable[str]) -> int:
+    """The lowest level among the `members` that announced one.
+
+    For Announce's member list, not for DSN fields: a member that never announced is
+    left out, because the member whose list is wrong may be one that never reached
+    the others (a typo in `peers` names a node nobody runs), and counting it as level
+    1 would keep every list out of the log exactly when one is needed. Every member
+    of an earlier release that ever had a leader has announced its level.
+    """
+    return cluster_level(nodes, [m for m in members if m in nodes])
+
+
 def announce_again(
     nodes: Mapping[str, Any], seen: Mapping[str, int], own_addr: str, mine: Mapping[str, Any]
 ) -> tuple[bool, dict[str, int]]:

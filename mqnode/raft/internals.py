@@ -72,6 +72,8 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "_onOutgoingMessageReceived",
         "_onDisconnected",
         "_onMessageReceived",
+        "_onIncomingMessageReceived",
+        "_nodeAddrToNode",
         "_connToNode",
         "_connections",
         "_syncObj",

@@ -42,6 +42,7 @@ _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 # A follower commits its state at most this often while busy (pacing.StateCommitPacer).
 FOLLOWER_STATE_COMMIT_S = 0.025
 FOLLOWER_STATE_HOLD_MAX_FILL = 0.5  # a fuller state map commits every tick
+UNLISTED_FOR_S = 30.0  # how long an unlisted peer's introduction counts (it retries ~2/s)
 _LEADER = _RAFT_STATE.LEADER
 
 
@@ -564,6 +565,8 @@ class RaftNode(Generic[TxnT]):
             log_first_index=int(self._journal[0][1]),
             log_last_index=int(self._journal[-1][1]),
             leader_heard_s=None if heard_at is None else round(now - heard_at, 3),
+            unlisted_peers=raw.transport.unlisted_peers(UNLISTED_FOR_S),
+            leader_named_by_others=self._prevote.leader_named_by_others(),
         )
         old, self.status = self.status, status
         changed = (old.role, old.leader_addr, old.term) != (

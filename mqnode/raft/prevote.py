@@ -55,6 +55,11 @@ log = logging.getLogger("mqnode.raft")
 EARLY_STAND_MAX_S = 0.1  # after the leader's connection closed: stand within this
 PREVOTE = "mq_prevote"
 PREVOTE_GRANTED = "mq_prevote_granted"
+# A refusal from a member that hears a live leader, naming it: a candidate whose member
+# list lacks that leader learns that its peers setting is wrong (raft/member_lists.py).
+# Earlier releases neither send nor read it.
+PREVOTE_REFUSED = "mq_prevote_refused"
+HEARD_OF_LEADER_FOR_S = 30.0
 _LEADER = _RAFT_STATE.LEADER
 
 
@@ -137,6 +142,14 @@ class PreVoteGate:
         self._joining = joining
         self._rng = rng or random.Random()
         self._prevote = PreVote()
+        self._told_leader: tuple[str, float] | None = None  # (address, when) from a refusal
+
+    def leader_named_by_others(self) -> str | None:
+        """The leader a member named when it refused our pre-vote lately, if any."""
+        told = self._told_leader
+        if told is None or _pysyncobj_now() - told[1] > HEARD_OF_LEADER_FOR_S:
+            return None
+        return told[0]
 
     def on_leader_link_lost(self) -> None:
         """Tick thread (the transport): our connection to the leader closed; stand soon."""
@@ -200,8 +213,13 @@ class PreVoteGate:
             transport.send(node, message)
 
     def on_message(self, node: Any, message: dict[str, Any]) -> None:
-        """Tick thread (the transport's receive path): a pre-vote request or grant."""
+        """Tick thread (the transport's receive path): a pre-vote request, grant or refusal."""
         sync, raw = self._sync, self._raw
+        if message.get("type") == PREVOTE_REFUSED:
+            leader = message.get("leader")
+            if node in raw.other_nodes and isinstance(leader, str) and len(leader) <= 261:
+                self._told_leader = (leader, _pysyncobj_now())
+            return
         if message.get("type") == PREVOTE_GRANTED:
             if node not in raw.other_nodes:
                 return
@@ -240,3 +258,8 @@ class PreVoteGate:
         elif not (is_leader or self._joining()) and (heard_s is None or heard_s >= self._alive_s):
             # Refused only for its log: no leader here either, and ours is further on.
             raw.election_deadline = 0.0
+        else:
+            leader = getattr(sync.selfNode if is_leader else raw.leader, "address", None)
+            if isinstance(leader, str):
+                refusal = {"type": PREVOTE_REFUSED, "round": message.get("round"), "leader": leader}
+                transport.send(node, refusal)

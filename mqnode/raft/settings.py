@@ -53,3 +53,8 @@ class RaftStatus:
     # A follower: seconds since the last append_entries of a leader of its term; None:
     # none since the connection to the leader last closed (or this node leads).
     leader_heard_s: float | None = None
+    # Peers with the cluster secret that introduced themselves as members recently but are
+    # not in this node's member list (raft/member_lists.py says what that means).
+    unlisted_peers: tuple[str, ...] = ()
+    # The leader another member named when it refused this node's pre-vote (prevote.py).
+    leader_named_by_others: str | None = None

@@ -39,7 +39,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
 from mqnode.raft.internals import ConnectionInternals, SyncInternals
-from mqnode.raft.prevote import PREVOTE, PREVOTE_GRANTED
+from mqnode.raft.prevote import PREVOTE, PREVOTE_GRANTED, PREVOTE_REFUSED
 
 log = logging.getLogger("mqnode.raft")
 
@@ -55,9 +55,11 @@ HANDSHAKE_DEADLINE_S = 5.0
 # SYN never brings: after a heal the link came back only at the next retransmission, up
 # to ~10 s later (seen in the network-fault runs).
 CONNECT_TIMEOUT_S = 1.0
+MAX_UNLISTED = 16  # unlisted peers remembered at once (each is a Raft address)
+MAX_ADDR_CHARS = 261  # a host name of 255, a colon, a port
 HANDSHAKE_FAILURES_BEFORE_WARNING = 2
 KEEPALIVE = {"type": "mq_keepalive"}  # pysyncobj ignores message types it does not know
-PREVOTE_TYPES = frozenset({PREVOTE, PREVOTE_GRANTED})  # ours: see prevote.py
+PREVOTE_TYPES = frozenset({PREVOTE, PREVOTE_GRANTED, PREVOTE_REFUSED})  # ours: prevote.py
 
 
 class _WatchedEncryptor:
@@ -130,7 +132,32 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         self._mq_handshake_failures: dict[str, int] = {}
         self._mq_next_keepalive = 0.0
         self._mq_unauthenticated: dict[Any, float] = {}  # incoming conn -> accepted at
+        # Raft address -> when a peer with the cluster secret last introduced itself as a
+        # member this node's list does not name (pysyncobj drops such a connection).
+        self.mq_unlisted: dict[str, float] = {}
         super().__init__(syncObj, selfNode, otherNodes)
+
+    def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:
+        """Note a peer that passed the key exchange and names itself as a member we do not
+        list (a typo in someone's peers, or a removed node still running); pysyncobj then
+        closes the connection silently."""
+        if (
+            conn.sendRandKey  # the key exchange is done: this is its address
+            and isinstance(message, str)
+            and message != "readonly"
+            and message not in self._nodeAddrToNode
+            and len(message) <= MAX_ADDR_CHARS
+            and (message in self.mq_unlisted or len(self.mq_unlisted) < MAX_UNLISTED)
+        ):
+            self.mq_unlisted[message] = _pysyncobj_now()
+        super()._onIncomingMessageReceived(conn, message)
+
+    def unlisted_peers(self, within_s: float) -> tuple[str, ...]:
+        """Peers not in our list that introduced themselves within `within_s`."""
+        now = _pysyncobj_now()
+        for addr in [a for a, t in self.mq_unlisted.items() if now - t > within_s]:
+            del self.mq_unlisted[addr]
+        return tuple(sorted(self.mq_unlisted))
 
     def _onNewIncomingConnection(self, conn: Any) -> None:
         super()._onNewIncomingConnection(conn)

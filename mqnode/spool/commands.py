@@ -38,8 +38,9 @@ FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
 # member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
 # Announce's `reads`, and an entry from a newer version stops the node instead of being
-# skipped.
-READS_LEVEL = 2
+# skipped; 3, Announce's `members`.
+READS_LEVEL = 3
+MEMBERS_LEVEL = 3  # the level from which an Announce may carry `members`
 MAX_ENTRY_BYTES = 56 * 1024
 CHUNK_BYTES = 48 * 1024
 INLINE_BODY_MAX_BYTES = 32 * 1024
@@ -92,6 +93,10 @@ class Announce:
     admin_addr: str
     term: int
     reads: int = 1  # the highest READS_LEVEL it decodes; optional, added after the first release
+    # The member list this node works with (level 3; empty below it): `cluster status` and
+    # the leader compare every member's with the leader's, so a typo in one node's --peers
+    # shows instead of silently giving it wrong majorities.
+    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
 _BY_TAG: dict[int, type[Any]] = {
     c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim, QueueOp)
 }
-_TUPLE_FIELDS = {"recipients", "results", "queue_ids", "dsn_notify", "dsn_orcpt"}
+_TUPLE_FIELDS = {"recipients", "results", "queue_ids", "dsn_notify", "dsn_orcpt", "members"}
 _MAX_TAG = max(_BY_TAG)
 
 

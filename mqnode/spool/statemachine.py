@@ -45,6 +45,7 @@ from mqnode.spool.dsnparams import MAX_ENVID_CHARS, MAX_ORCPT_CHARS, DsnRequest
 from mqnode.spool.model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
 from mqnode.spool.store import OPERATOR_RETRIES, StateTxn
 
+MAX_ANNOUNCED_MEMBERS = 64  # far beyond any Raft cluster's size; bounds the meta record
 log = logging.getLogger(__name__)
 
 Result = tuple[str, str]
@@ -103,8 +104,13 @@ def invalid(cmd: Command) -> str | None:
             return f"QueueOp: unknown operation {cmd.op!r}"
         if any(_bad_id(q) for q in cmd.queue_ids):
             return "QueueOp: bad queue id"
-    elif isinstance(cmd, Announce) and not 0 < len(cmd.raft_addr) <= 255:
-        return "Announce: bad address"
+    elif isinstance(cmd, Announce):
+        if not 0 < len(cmd.raft_addr) <= 255:
+            return "Announce: bad address"
+        if len(cmd.members) > MAX_ANNOUNCED_MEMBERS or any(
+            not 0 < len(m) <= 255 for m in cmd.members
+        ):
+            return "Announce: bad member list"
     return None
 
 
@@ -163,6 +169,7 @@ class QueueStateMachine:
                 "admin_addr": cmd.admin_addr,
                 "term": cmd.term,
                 "reads": cmd.reads,
+                **({"members": sorted(cmd.members)} if cmd.members else {}),
             }
             txn.put_meta("nodes", nodes)
             return ("ok", "")
