@@ -8,7 +8,7 @@ at it: its nodes and SMTP workers import that code). Mail carrying DSN
 parameters (ENVID, NOTIFY=SUCCESS) goes to every node in turn from a
 bounded sender thread, to a sink on loopback that does not offer DSN, found
 through a dnspython server on loopback. Meanwhile the runbook's procedure
-(docs/operations.md, section 3) is followed: each follower is stopped with
+(docs/maintenance.md, section 3) is followed: each follower is stopped with
 SIGTERM and started on this tree, then leadership moves to an upgraded node
 and the old leader is upgraded last.
 

@@ -21,7 +21,7 @@ node that submits is the one place that sees both.
 
 Limits: the level is read at most once per `LEVEL_CACHE_S`; a member added
 with an older release inside that second could still meet one such entry.
-Add members running the same release as the cluster (docs/operations.md).
+Add members running the same release as the cluster (docs/maintenance.md).
 """
 
 from __future__ import annotations

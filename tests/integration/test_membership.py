@@ -1,4 +1,4 @@
-"""`mqnode cluster add-node` / `remove-node` against real nodes (docs/operations.md, section 4).
+"""`mqnode cluster add-node` / `remove-node` against real nodes (docs/maintenance.md, section 4).
 
 What these show:
 * a node started with `--join` and added on the leader receives every queue

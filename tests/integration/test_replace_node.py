@@ -1,4 +1,4 @@
-"""Replacing a failed node (docs/operations.md): same address, empty data dir.
+"""Replacing a failed node (docs/maintenance.md): same address, empty data dir.
 
 The runbook's claim: a node started at a member's address with a wiped data
 dir joins as a follower and catches up from the leader's snapshot and log,

@@ -1,6 +1,6 @@
 """Disaster recovery: all data dirs lost, one snapshot.bin kept; `mqnode restore` rebuilds.
 
-The runbook's procedure (docs/operations.md, section 7) on real processes:
+The runbook's procedure (docs/recovery.md) on real processes:
 take a snapshot on a 3-node cluster, stop it for good, restore a new data dir
 from the copied file, start that node alone, check it holds exactly the mail
 the snapshot covers and takes new mail, then grow it with `cluster add-node`.
