@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every-s", type=float, default=0.05)
     ap.add_argument("--max-s", type=float, default=90.0)
     args = ap.parse_args(argv)
-    if not (args.old_tree / "mqnode" / "cli.py").is_file():
-        raise SystemExit(f"--old-tree {args.old_tree}: no mqnode/cli.py there")
+    pkg = args.old_tree / "mqnode"
+    if not ((pkg / "cli.py").is_file() or (pkg / "cli" / "__init__.py").is_file()):
+        raise SystemExit(f"--old-tree {args.old_tree}: no mqnode checkout there")
     port, socks = bind_common_port(list(SINKS.values()))
     with (
         tempfile.TemporaryDirectory(prefix="mqnode-upgrade-") as tmp,

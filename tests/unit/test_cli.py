@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mqnode import cli
+from mqnode.cli import text as views
 from mqnode.config import NodeConfig
 
 
@@ -150,10 +151,10 @@ def test_queue_show_text_names_attempts_last_reply_and_next_attempt() -> None:
             {"address": "c@y.test", "state": "delivered", "attempts": 1, "last_reply": "250 ok"},
         ],
     }
-    text = cli.show_text(m, now_s=1_300.0)
+    text = views.show_text(m, now_s=1_300.0)
     assert "next attempt  1970-01-01 00:26:40 UTC (in 5 min)" in text
     assert "b@y.test  pending, 2 attempts" in text and "last reply: 451 busy" in text
     assert "c@y.test  delivered, 1 attempt\n" in text
     assert "attempts      2" in text
     done = {**m, "recipients": [m["recipients"][1]]}  # type: ignore[list-item]
-    assert "nothing pending" in cli.show_text(done, now_s=1_300.0)
+    assert "nothing pending" in views.show_text(done, now_s=1_300.0)

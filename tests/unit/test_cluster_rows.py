@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mqnode.cli import cluster_rows
+from mqnode.cli.text import cluster_rows
 
 NODES = {
     "10.0.0.1:7001": {"node_id": "n1", "admin_addr": "127.0.0.1:8025"},

@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
 
+from mqnode.cli import remote
+from mqnode.cli import text as views
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError, MembershipError, MqnodeError
 from mqnode.eventloop import run_event_loop
@@ -217,7 +216,9 @@ def _change_membership(args: argparse.Namespace) -> int:
         raise ConfigError("--timeout-s: a number of seconds in (0, 120]")
     body = {"addr": addr, "timeout_s": args.timeout_s}
     path = f"/raft/{args.cluster_command}"
-    result = _request(args.admin, path, _token(args), body, timeout_s=args.timeout_s + 10)
+    result = remote.request(
+        args.admin, path, remote.token(args), body, timeout_s=args.timeout_s + 10
+    )
     done = "added" if result["op"] == "add" else "removed"
     members = result["members"]
     print(
@@ -231,29 +232,29 @@ def _cluster(args: argparse.Namespace) -> int:
     if args.cluster_command in ("add-node", "remove-node"):
         return _change_membership(args)
     if args.cluster_command == "transfer-leadership":
-        first = _fetch(args.admin, "/status")
+        first = remote.fetch(args.admin, "/status")
         leader = first["nodes"].get(first.get("leader_raft_addr") or "", {})
         admin = args.admin if first["role"] == "leader" else leader.get("admin_addr")
         if not admin:
             raise MqnodeError("no leader known; nothing to transfer")
         body = {"to": args.to} if args.to else {}
-        result = _request(admin, "/raft/transfer-leadership", _token(args), body)
+        result = remote.request(admin, "/raft/transfer-leadership", remote.token(args), body)
         print(
             f"transfer requested from {first.get('leader_id')} to {args.to or 'best follower'}"
             f": {result['result']}"
         )
         return 0
-    first = _fetch(args.admin, "/status")
+    first = remote.fetch(args.admin, "/status")
     # Nodes that ever announced themselves, less the ones removed since.
     members = first["members"]
     nodes = {a: info for a, info in first["nodes"].items() if a in members}
     statuses: dict[str, dict[str, Any] | None] = {}
     for raft_addr, info in sorted(nodes.items()):
         try:
-            statuses[raft_addr] = _fetch(info["admin_addr"], "/status")
+            statuses[raft_addr] = remote.fetch(info["admin_addr"], "/status")
         except MqnodeError:
             statuses[raft_addr] = None
-    rows, problems = cluster_rows(nodes, statuses)
+    rows, problems = views.cluster_rows(nodes, statuses)
     said = [first, *(st for st in statuses.values() if st)]
     warnings = dict.fromkeys(w for st in said for w in st.get("member_lists_disagree") or [])
     problems += [f"warning: {text}" for text in warnings]
@@ -298,90 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_message(m: dict[str, Any]) -> None:
-    when = time.strftime("%a %b %d %H:%M:%S", time.gmtime(m["received_ms"] / 1000))
-    flag = {"hold": "!", "deferred": " "}.get(m["state"], "*")
-    print(f"{m['id']}{flag} {m['size']:>8} {when}  {m['mail_from'] or 'MAILER-DAEMON'}")
-    for r in m["recipients"]:
-        if r["state"] == "pending" and r["last_reply"]:
-            print(f"        ({r['last_reply']})")
-        if r["state"] == "pending":
-            print(f"                                         {r['address']}")
-
-
-def show_text(m: dict[str, Any], now_s: float) -> str:
-    """`queue show` as text: the envelope, then each recipient's state, attempts and last
-    reply, and when the next attempt is due."""
-
-    def when(ms: int | None) -> str:
-        if not ms:
-            return "-"
-        at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
-        delta = ms / 1000 - now_s
-        rel = f"in {_span(delta)}" if delta >= 0 else f"{_span(-delta)} ago"
-        return f"{at} ({rel})"
-
-    pending = any(r["state"] == "pending" for r in m["recipients"])
-    rows = [
-        ("queue id", m["id"]),
-        ("state", m["state"]),
-        ("from", m["mail_from"] or "<> (a bounce)"),
-        ("message-id", m.get("message_id") or "-"),
-        ("size", f"{m['size']} bytes"),
-        ("received", f"{when(m['received_ms'])} from {m.get('client') or '?'}"),
-        ("accepted by", m.get("accepted_by") or "-"),
-        ("attempts", str(m.get("attempts", 0))),
-        ("next attempt", when(m.get("next_attempt_ms")) if pending else "- (nothing pending)"),
-    ]
-    if "dsn" in m:  # RFC 3461, as the client gave it (decoded)
-        rows.append(("dsn", json.dumps(m["dsn"])))
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines.append(f"recipients ({len(m['recipients'])}):")
-    for r in m["recipients"]:
-        tries = r.get("attempts", 0)
-        lines.append(f"  {r['address']}  {r['state']}, {tries} attempt{'s' * (tries != 1)}")
-        if r.get("last_reply"):
-            lines.append(f"      last reply: {r['last_reply']}")
-    return "\n".join(lines)
-
-
-def _span(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    if s < 172800:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
-
-
 def _queue(args: argparse.Namespace) -> int:
     cmd = args.queue_command
     if cmd == "list":
         query = f"?limit={args.limit}" + (f"&state={args.state}" if args.state else "")
         query += f"&domain={quote(args.domain)}" if args.domain else ""
         query += f"&sender={quote(args.sender)}" if args.sender is not None else ""
-        msgs = _fetch(args.admin, "/queue" + query, _token(args))["messages"]
+        msgs = remote.fetch(args.admin, "/queue" + query, remote.token(args))["messages"]
         if args.json:
             print(json.dumps(msgs, indent=2))
         elif not msgs:
             print("Mail queue is empty")
         else:
             for m in msgs:
-                _print_message(m)
+                views.print_message(m)
             print(f"-- {len(msgs)} message(s)")
         return 0
     if cmd == "show":
-        m = _fetch(args.admin, f"/queue/{quote(args.id)}", _token(args))
+        m = remote.fetch(args.admin, f"/queue/{quote(args.id)}", remote.token(args))
         if args.json:
             print(json.dumps(m, indent=2))
         else:
-            print(show_text(m, time.time()))
+            print(views.show_text(m, time.time()))
         return 0
     if cmd == "cat":
-        raw = _request(args.admin, f"/queue/{quote(args.id)}/body", _token(args), raw=True)
+        raw = remote.request(
+            args.admin, f"/queue/{quote(args.id)}/body", remote.token(args), raw=True
+        )
         if args.headers:
             raw = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n"
         sys.stdout.buffer.write(raw)
@@ -397,180 +341,11 @@ def _queue(args: argparse.Namespace) -> int:
         if not args.ids and not filtered:
             raise ConfigError(f"queue {op}: name queue ids, or --all (with optional filters)")
         body = {"ids": args.ids} if args.ids else {"state": args.state, **filters}
-    result = _request(args.admin, f"/queue/{op}", _token(args), body)
+    result = remote.request(args.admin, f"/queue/{op}", remote.token(args), body)
     print(f"{op}: {len(result['affected'])} message(s)")
     for qid in result["affected"]:
         print(f"  {qid}")
     return 0
-
-
-def _token(args: argparse.Namespace) -> str:
-    path = getattr(args, "admin_token_file", None)
-    if path:
-        try:
-            return open(path, encoding="utf-8").read().strip()
-        except OSError as exc:
-            raise ConfigError(f"--admin-token-file: cannot read {path}: {exc.strerror}") from exc
-    return os.environ.get("MQNODE_ADMIN_TOKEN", "")
-
-
-def _request(
-    admin: str,
-    path: str,
-    token: str,
-    body: dict[str, Any] | None = None,
-    timeout_s: float = 60,
-    raw: bool = False,
-) -> Any:
-    """The node's JSON answer (`raw`: the bytes as they came); errors as one line."""
-    req = urllib.request.Request(
-        f"http://{admin}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        method="GET" if body is None else "POST",
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            data = resp.read()
-            return data if raw else json.loads(data)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401 and not token:
-            raise ConfigError(
-                "admin token required: pass --admin-token-file DATA_DIR/admin.token "
-                "or set MQNODE_ADMIN_TOKEN"
-            ) from exc
-        if exc.code == 401:
-            raise ConfigError(
-                f"admin token refused by {admin}: wrong token; each node has its own "
-                "(its DATA_DIR/admin.token, or the file its admin_token_file names)"
-            ) from exc
-        text = exc.read().decode(errors="replace")
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-            text = doc["error"]  # the node's own sentence, not its JSON
-        raise MqnodeError(f"{path}: {exc.code} {text}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise MqnodeError(f"cannot reach admin endpoint {admin}: {exc}") from exc
-
-
-def cluster_rows(
-    nodes: dict[str, dict[str, Any]], statuses: dict[str, dict[str, Any] | None]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per member from each node's own /status; lag from the leader's match index.
-
-    A status that comes back from another node than the one asked for (each
-    node's admin address is loopback and this runs on another host, so the
-    address reaches the local node) is not used: that row shows "unreachable"
-    and a problem line says why, rather than one node's figures under
-    another's name.
-    """
-    problems: list[str] = []
-    checked: dict[str, dict[str, Any] | None] = {}
-    for raft_addr, st in statuses.items():
-        if st is not None and st.get("raft_addr") not in (None, raft_addr):
-            admin = nodes[raft_addr]["admin_addr"]
-            problems.append(
-                f"{nodes[raft_addr]['node_id']}: its admin address {admin} answered as "
-                f"{st.get('node_id')}; run this on that node's host, or bind --admin-addr "
-                "where the other nodes can reach it"
-            )
-            st = None
-        checked[raft_addr] = st
-    leader_match: dict[str, int] = {}
-    commit = 0
-    for st in checked.values():
-        if st and st["role"] == "leader":
-            leader_match, commit = st["match_index"], st["commit_index"]
-    rows = []
-    for raft_addr, info in sorted(nodes.items()):
-        st = checked.get(raft_addr)
-        lag = ""
-        if raft_addr in leader_match and not (st and st["role"] == "leader"):
-            lag = str(commit - leader_match[raft_addr])
-        rows.append(
-            {
-                "node": info["node_id"],
-                "raft_addr": raft_addr,
-                "role": st["role"] if st else "unreachable",
-                "term": st["term"] if st else None,
-                "commit_index": st["commit_index"] if st else None,
-                "last_applied": st["last_applied"] if st else None,
-                "lag": lag,
-                "lease": bool(st and st["lease_held"]),
-            }
-        )
-    return rows, problems
-
-
-def _fetch(admin: str, path: str, token: str = "") -> Any:
-    return _request(admin, path, token, timeout_s=10)
-
-
-def _print_status(st: dict[str, Any]) -> None:
-    q = st["queue"]
-    rows = [
-        ("node", st["node_id"]),
-        ("role", st["role"]),
-        ("leader", f"{st['leader_id']} ({st['leader_raft_addr']})"),
-        ("term", st["term"]),
-        ("commit index", st["commit_index"]),
-        ("last applied", st["last_applied"]),
-        ("quorum", "yes" if st["has_quorum"] else "no"),
-        (
-            "members",
-            f"{len(st['members'])} (commit needs {st['quorum']}): " + ", ".join(st["members"]),
-        ),
-        ("queue", f"active {q['active']}, deferred {q['deferred']}, hold {q['hold']}"),
-        ("dispatch lease", "held" if st["lease_held"] else "not held"),
-        ("raft links", _links(st.get("peer_last_heard_s") or {})),
-        ("smtp", _smtp_workers(st.get("smtp_workers"))),
-        *(_destinations(st.get("destinations") or {}) if st["lease_held"] else []),
-        *(("warning", text) for text in st.get("member_lists_disagree") or []),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-
-
-def _destinations(view: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rows for the suspended destinations and sessions per destination (lease holder)."""
-    if not view:
-        return []
-    suspended = ", ".join(
-        f"{d['destination']} ({d['for_s']} s more: {d['why']})" for d in view["suspended"]
-    )
-    more = view["suspended_count"] - len(view["suspended"])
-    sessions = ", ".join(
-        f"{d['destination']} {d['open']} open, {d['allowed']} of {d['limit']} allowed"
-        for d in view["sessions"]
-    )
-    return [
-        ("suspended", (suspended or "none") + (f", and {more} more" if more > 0 else "")),
-        ("destinations", sessions or "no sessions open, none narrowed"),
-    ]
-
-
-def _smtp_workers(workers: dict[str, Any] | None) -> str:
-    if not workers:
-        return "sessions in the node's process"
-    pids = ", ".join(str(p) for p in workers["pids"]) or "none"
-    return (
-        f"{len(workers['pids'])} of {workers['configured']} worker processes running "
-        f"(pids {pids}), {workers['restarts']} restarts"
-    )
-
-
-def _links(heard: dict[str, float | None]) -> str:
-    """Each peer with how long ago this node last heard from it (idle links send a no-op)."""
-    if not heard:
-        return "none (single node)"
-    return ", ".join(
-        f"{addr} {'not connected' if s is None else f'heard {s:.1f}s ago'}"
-        for addr, s in sorted(heard.items())
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,11 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "restore":
             return _restore(args)
         if args.command == "status":
-            st = _fetch(args.admin, "/status")
+            st = remote.fetch(args.admin, "/status")
             if args.json:
                 print(json.dumps(st, indent=2, sort_keys=True))
             else:
-                _print_status(st)
+                views.print_status(st)
             return 0
         overrides = {f.name: getattr(args, f.name) for f in fields(NodeConfig)}
         cfg = NodeConfig.load(args.config, overrides)
