@@ -88,7 +88,7 @@ class AdminServer:
         fault_injection: bool = False,
     ) -> None:
         self._token = token
-        # the node's SMTP worker processes (smtpworkers.WorkerPool.describe); None: none
+        # the node's SMTP worker processes (smtp.worker_pool.WorkerPool.describe); None: none
         self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None
         # suspended destinations and sessions per destination (Dispatcher.describe_destinations)
         self.destinations: Callable[[], dict[str, Any]] = lambda: {}

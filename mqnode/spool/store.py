@@ -19,7 +19,7 @@ marker holding the kernel's boot id is made durable before the first
 unsynced commit, and a state found with the marker of another boot is
 discarded at open and rebuilt (RaftNode's startup repair). A clean close
 syncs the state and removes the marker. Without a boot id (not Linux)
-every state commit fsyncs as before. The kernel reports a failed writeback
+every state commit fsyncs. The kernel reports a failed writeback
 of those pages only to a later fsync, and serves the pages it could not
 write only until it evicts them (then reads return what the disk holds,
 silently): the node calls `sync_state` every few seconds, and on an error
