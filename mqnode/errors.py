@@ -47,7 +47,7 @@ class MembershipError(MqnodeError):
     """A membership change was refused or did not commit.
 
     `kind`: "invalid" (malformed address), "not_leader" (`leader` names the leader's
-    Raft address, if known), "refused" (the rules in raft/membership.py), "timeout"
+    Raft address, if known), "refused" (the rules in raft/membership_rules.py), "timeout"
     (appended, not committed in time: it may still commit), "failed" (discarded).
     """
 

@@ -20,7 +20,7 @@
                            caught-up follower (Raft TimeoutNow); 409 on a follower
     POST /raft/add-node    {"addr": "host:port", "timeout_s": 10}: leader only; adds
     POST /raft/remove-node the Raft address as a member / removes it, one change at a
-                           time (raft/membership.py), answering once committed:
+                           time (raft/membership_rules.py), answering once committed:
                            {"op", "addr", "members", "quorum"}. 400 bad address, 409
                            not the leader (the error names it) or refused, 504 not
                            committed in time (it may still commit), 503 discarded.
@@ -55,7 +55,7 @@ from mqnode.clock import Clock
 from mqnode.config import parse_hostport
 from mqnode.dsn.notify import report_for
 from mqnode.errors import ConfigError, MembershipError, SubmitError
-from mqnode.raft import RaftNode, membership
+from mqnode.raft import RaftNode, membership_rules
 from mqnode.raft.commit_pipeline import PipelineHealth, Replicator
 from mqnode.raft.formats import cluster_level
 from mqnode.spool.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
@@ -191,7 +191,7 @@ class AdminServer:
             # parameters are kept once the latter is 2.
             "reads_level": READS_LEVEL,
             "cluster_reads_level": cluster_level(nodes, st.members),
-            "quorum": membership.quorum(len(st.members)),
+            "quorum": membership_rules.quorum(len(st.members)),
             "smtp_workers": self.smtp_workers(),
             "destinations": self.destinations(),
             "ready": readiness.ready,
@@ -362,12 +362,12 @@ class AdminServer:
         return web.json_response(body, status=409)
 
     async def _change_membership(self, request: web.Request) -> web.Response:
-        op = membership.ADD if request.path.endswith("/add-node") else membership.REMOVE
+        op = membership_rules.ADD if request.path.endswith("/add-node") else membership_rules.REMOVE
         try:
             body = await request.json()
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
-            addr = membership.check_addr(body.get("addr"))
+            addr = membership_rules.check_addr(body.get("addr"))
             timeout_s = body.get("timeout_s", MEMBERSHIP_TIMEOUT_S)
             if (
                 not isinstance(timeout_s, int | float)
@@ -381,14 +381,14 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=400)
         if self._raft.status.role != "leader":
             return self._not_leader(self._raft.status.leader_addr)
-        if op == membership.ADD and not await _accepts_connections(addr, PROBE_TIMEOUT_S):
+        if op == membership_rules.ADD and not await _accepts_connections(addr, PROBE_TIMEOUT_S):
             text = (
                 f"nothing accepts connections at {addr}: start the new node first "
                 "(with join = true and peers = the current members), then add it"
             )
             return web.json_response({"error": text}, status=409)
         try:
-            up = op == membership.ADD  # checked just above
+            up = op == membership_rules.ADD  # checked just above
             members = await self._raft.change_membership(op, addr, float(timeout_s), up)
         except MembershipError as exc:
             if exc.kind == "not_leader":
@@ -396,7 +396,12 @@ class AdminServer:
             status = _MEMBERSHIP_HTTP.get(exc.kind, 503)
             return web.json_response({"error": str(exc), "kind": exc.kind}, status=status)
         return web.json_response(
-            {"op": op, "addr": addr, "members": members, "quorum": membership.quorum(len(members))}
+            {
+                "op": op,
+                "addr": addr,
+                "members": members,
+                "quorum": membership_rules.quorum(len(members)),
+            }
         )
 
     async def _compact(self, request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ from mqnode.cli import text as views
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError, MembershipError, MqnodeError
 from mqnode.eventloop import run_event_loop
-from mqnode.raft.membership import check_addr
+from mqnode.raft.membership_rules import check_addr
 
 SENDER_HELP = 'from this envelope sender; "<>" for bounces (the null sender)'
 DEFAULT_ADMIN = "127.0.0.1:8025"

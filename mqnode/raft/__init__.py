@@ -10,8 +10,9 @@ Modules:
 * snapshots.py (pysyncobj's dump hooks, startup repair, compaction pace),
   snapshot_writer.py (copies on a thread of their own), snapshot_file.py (the
   file format), compaction.py (how long the log may grow).
-* members.py (Membership: the member list and its changes) and membership.py
-  (the pure rules of a change).
+* membership.py (Membership: the member list and its changes),
+  membership_rules.py (the pure rules of a change), member_lists.py (do the
+  members agree on the list?).
 * transport.py (DeferringTransport: acks held until durable, keep-alives),
   wire.py (cheaper framing), guarded.py (a bounded reader for the Raft port),
   pacing.py (when the leader sends), prevote.py (no election without a

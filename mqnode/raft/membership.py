@@ -1,231 +1,234 @@
-"""Membership rules: who may change the member list, when, and which list a node starts with.
+"""Membership: a RaftNode's member list and its changes (add/remove one node at a time).
 
-mqnode/raft/ (the pysyncobj adapter) asks `plan()` on the tick thread before it lets
-pysyncobj append a membership entry, and `startup_peers()` before it builds the
-pysyncobj instance. Pure: no I/O, no clock; the caller passes what the leader
-sees (`LeaderView`).
-
-Rules (single-server changes, Raft thesis section 4.1; pysyncobj applies a
-membership entry when it is *appended*, not when it commits):
-
-* only the leader changes membership, and only after its own first entry
-  (the election no-op) has committed;
-* one change at a time: none while a membership entry is in the log above
-  the commit index (pysyncobj 0.3.17 has this check, but the index it tests is
-  never set, so it lets any number through);
-* add: a well-formed HOST:PORT that is not a member; remove: a member that is
-  not the leader (transfer leadership first);
-* the new member list must still have a majority among the nodes that
-  answered the leader recently, plus the node being added if something
-  accepts connections at its address (`target_up`): otherwise the cluster
-  stops committing, the membership entry included, until a missing node
-  shows up. (An added node that is up but far behind can still hold up
-  commits while it catches up, when the cluster needs its vote: pysyncobj
-  has no non-voting catch-up phase. Remove a dead member before adding.)
-
-Member lists are sorted lists of Raft addresses (`host:port`, spelled as in
-`raft_addr`) and include the node itself.
+The rules (one change at a time, never remove the leader, keep a majority
+of answering nodes, ...) are `mqnode.raft.membership_rules.plan`, pure and tested on
+their own; this part gathers what the leader knows for them, appends the
+change on the tick thread right after the checks, keeps the member list
+the log leads to for the journal to store, and lets a node that started
+empty adopt the list carried by the entry that added it. See
+docs/design/replication.md, "Membership changes".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
 
-from mqnode.config import parse_hostport
-from mqnode.errors import ConfigError, MembershipError
+from pysyncobj import FAIL_REASON
+from pysyncobj.monotonic import monotonic as _pysyncobj_now
+from pysyncobj.node import TCPNode
+from pysyncobj.pickle import loads as _pysyncobj_unpickle
 
-ADD = "add"
-REMOVE = "remove"
-OPS = (ADD, REMOVE)
+from mqnode.errors import MembershipError
+from mqnode.raft import membership_rules
+from mqnode.raft.internals import SyncInternals
+from mqnode.raft.journal import MEMBERSHIP_TYPE, DurableJournal
+from mqnode.raft.settings import RaftSettings
 
-Change = tuple[str, str]  # (op, addr) of one membership entry
-# changes(after, upto): the membership entries in the log in (after, upto], oldest
-# first; upto None: to the end of the log.
-Changes = Callable[[int, int | None], list[Change]]
+log = logging.getLogger("mqnode.raft")
 
-
-def quorum(members: int) -> int:
-    """Votes (and durable copies) needed among `members` nodes."""
-    return members // 2 + 1
-
-
-def check_addr(addr: object) -> str:
-    """A Raft address as `raft_addr` spells it, or MembershipError("invalid")."""
-    if not isinstance(addr, str) or not addr or any(c.isspace() or c == "," for c in addr):
-        raise MembershipError("invalid", f"expected a Raft address HOST:PORT, got {addr!r}")
-    try:
-        parse_hostport(addr, "address")
-    except ConfigError as exc:
-        raise MembershipError("invalid", str(exc)) from exc
-    return addr
+_MEMBERSHIP_OPS = {"add": membership_rules.ADD, "rem": membership_rules.REMOVE}
+FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper()}
 
 
-@dataclass(frozen=True)
-class LeaderView:
-    """What the leader knows when a change is asked for (taken on the tick thread)."""
+class Membership:
+    """The member list of one RaftNode and the changes to it; runs on the tick thread,
+    except `change`, which waits on the event loop for the tick thread's answer.
 
-    self_addr: str
-    members: frozenset[str]  # the latest member list in the log, the leader included
-    responsive: frozenset[str]  # members that answered within leader_fallback_ms, leader included
-    first_entry_committed: bool
-    pending: tuple[tuple[str, str], ...]  # (op, addr) of membership entries not yet committed
-
-
-def plan(op: str, addr: str, view: LeaderView, target_up: bool = False) -> list[str]:
-    """The member list after `op addr`, or MembershipError("refused"/"invalid") saying why.
-
-    `target_up`: the node being added accepts connections (checked by the caller).
-    """
-    if op not in OPS:
-        raise MembershipError("invalid", f"unknown membership operation {op!r}")
-    addr = check_addr(addr)
-    if view.pending:
-        what = ", ".join(f"{o} {a}" for o, a in view.pending)
-        raise MembershipError(
-            "refused",
-            f"another membership change is pending ({what}, not committed yet); "
-            "wait until it commits (mqnode cluster status) and try again",
-        )
-    if not view.first_entry_committed:
-        raise MembershipError(
-            "refused", "this leader was just elected and its first entry is not committed; retry"
-        )
-    if op == ADD:
-        if addr in view.members:
-            raise MembershipError("refused", f"{addr} is already a member")
-        new = view.members | {addr}
-    else:
-        if addr == view.self_addr:
-            raise MembershipError(
-                "refused",
-                f"{addr} is the leader; move leadership first "
-                "(mqnode cluster transfer-leadership), then remove it through the new leader",
-            )
-        if addr not in view.members:
-            raise MembershipError("refused", f"{addr} is not a member")
-        new = view.members - {addr}
-    answering = view.responsive | ({addr} if op == ADD and target_up else set())
-    alive = len(answering & new)
-    if alive < quorum(len(new)):
-        down = sorted(new - answering)
-        raise MembershipError(
-            "refused",
-            f"with {op} {addr} the cluster has {len(new)} members and needs {quorum(len(new))} "
-            f"to commit, but only {alive} answer the leader (not answering: "
-            f"{', '.join(down)}); bring them back, or remove a dead member first",
-        )
-    return sorted(new)
-
-
-def apply_changes(members: Iterable[str], changes: Sequence[tuple[str, str]]) -> list[str]:
-    """The member list after the membership entries `changes` (oldest first).
-
-    pysyncobj's rules: adding a member or removing a non-member changes nothing.
-    """
-    result = set(members)
-    for op, addr in changes:
-        if op == ADD:
-            result.add(addr)
-        elif op == REMOVE:
-            result.discard(addr)
-    return sorted(result)
-
-
-def config_before(current: Iterable[str], later: Sequence[tuple[str, str]]) -> list[str]:
-    """The member list before the membership entries `later` (oldest first) were appended."""
-    members = set(current)
-    for op, addr in reversed(later):
-        if op == ADD:
-            members.discard(addr)
-        elif op == REMOVE:
-            members.add(addr)
-    return sorted(members)
-
-
-def startup_peers(
-    self_addr: str, configured: Sequence[str], stored: Sequence[str] | None
-) -> tuple[list[str], str | None]:
-    """The peers to start with, and a warning when the stored list overrides `--peers`.
-
-    `stored` is the member list kept in the data dir (None on a node that never
-    wrote one: a fresh or joining node, or a data dir from before this was kept).
-    It wins: it is the list the node's own log leads to, while `--peers` is only
-    the list the cluster was first started with.
-    """
-    if stored is None:
-        return list(configured), None
-    peers = sorted(m for m in stored if m != self_addr)
-    if self_addr not in stored:
-        return peers, (
-            f"this node ({self_addr}) is not in the member list stored in its data dir "
-            f"({', '.join(sorted(stored))}): it was removed from the cluster; starting "
-            "with that list anyway"
-        )
-    extra = sorted(set(configured) - set(peers))
-    missing = sorted(set(peers) - set(configured))
-    if not extra and not missing:
-        return peers, None
-    diff = "; ".join(
-        part
-        for part in (
-            f"not members any more: {', '.join(extra)}" if extra else "",
-            f"members --peers lacks: {', '.join(missing)}" if missing else "",
-        )
-        if part
-    )
-    return peers, (
-        f"the member list stored in the data dir ({', '.join(sorted(stored))}) overrides "
-        f"--peers ({diff}); update peers in this node's config"
-    )
-
-
-class MemberLedger:
-    """The member list as the log leads to it, kept apart from pysyncobj's own list.
-
-    Holds the list at the last applied index and reads the membership entries
-    above it from the log (`changes`) when asked. pysyncobj's list can be
-    briefly wrong on a follower (it undoes every membership entry past a
-    truncation point, applied ones included, and redoes them as the leader
-    re-sends them); this one depends only on the log's content.
+    `start_members` is the list this start uses (stored, else --peers, this node
+    included); `joining`: this node started empty with `join` and waits for a
+    leader to add it; `fresh`: its log is empty, so the entry that adds it carries
+    the list it must adopt. `run_on_tick` queues a callable for the tick thread
+    and wakes it.
     """
 
-    def __init__(self, latest: Iterable[str], applied_index: int, changes: Changes) -> None:
-        """`latest`: the list at the end of the log (stored, or --peers and self)."""
-        self._changes = changes
-        self.applied_to = applied_index
-        self.at_applied = config_before(latest, changes(applied_index, None))
-        self._end_key: tuple[object, ...] = ()
-        self._end_list: list[str] = []
+    def __init__(
+        self,
+        sync: Any,
+        settings: RaftSettings,
+        journal: DurableJournal,
+        start_members: list[str],
+        applied_index: int,
+        joining: bool,
+        fresh: bool,
+        run_on_tick: Callable[[Callable[[], None]], None],
+    ) -> None:
+        self._sync = sync
+        self._raw = SyncInternals(sync)
+        self._settings = settings
+        self._journal = journal
+        self._run_on_tick = run_on_tick
+        self.joining = joining
+        self.ledger = membership_rules.MemberLedger(start_members, applied_index, self.entries)
+        # A node that starts from nothing seeds its list from --peers; the entry that adds
+        # it carries the cluster's list, which it adopts (see adopt_own_add).
+        self.own_add_pending = fresh
+        self._own_add_scanned = journal[-1][1]
 
-    def at(self, index: int) -> list[str]:
-        """The list at `index` (not below the applied index)."""
-        return apply_changes(self.at_applied, self._changes(self.applied_to, index))
+    def guard(self) -> None:
+        """Membership changes only through `change_membership`, and no elections while joining."""
+        transport = self._raw.transport
 
-    def at_end(self, last_index: int, last_term: int) -> list[str]:
-        """The list at the end of the log, read again only when the end or the base moved.
+        def refuse(_args: Any, callback: Callable[[Any, int], None]) -> None:
+            callback(None, FAIL_REASON.REQUEST_DENIED)
 
-        (index, term) of the last entry fixes every entry before it (Raft's log
-        matching), so it is a safe cache key for the whole tail.
+        # pysyncobj also takes add/remove as utility messages on the Raft port (its
+        # syncobj_admin tool), which would skip our one-change-at-a-time checks.
+        transport.setOnUtilityMessageCallback("add", refuse)
+        transport.setOnUtilityMessageCallback("remove", refuse)
+        if self.joining:
+            # A node nobody knows yet reaches its peers for a moment on every reconnect
+            # and would start an election each time; added later, its higher term
+            # would depose the leader. The first append-entries resets this deadline.
+            self._raw.election_deadline = float("inf")
+            log.info("raft: joining; no elections until a leader adds this node")
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def change(
+        self, op: str, addr: str, timeout_s: float, target_up: bool = False
+    ) -> list[str]:
+        """Add or remove one member (op "add"/"remove"); the new member list once committed.
+
+        `target_up`: the caller saw the node being added accept a connection.
+        Runs the checks of `membership_rules.plan` and the append on the tick thread, so
+        nothing changes between them. Raises MembershipError: "not_leader" (with
+        the leader's address), "invalid", "refused", "timeout" (appended but not
+        committed within `timeout_s`: it may still commit) or "failed".
         """
-        key = (last_index, last_term, self.applied_to, tuple(self.at_applied))
-        if key != self._end_key:
-            self._end_key, self._end_list = key, self.at(last_index)
-        return self._end_list
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[str]] = loop.create_future()
 
-    def advance(self, applied_index: int) -> None:
-        """Entries up to `applied_index` were applied (they are still in the log)."""
-        if applied_index > self.applied_to:
-            self.at_applied = self.at(applied_index)
-            self.applied_to = applied_index
+        def answer(result: list[str] | MembershipError) -> None:
+            if done.done():
+                return
+            if isinstance(result, MembershipError):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
 
-    def reset(self, members: Iterable[str], index: int) -> None:
-        """A snapshot at `index` with this list replaced the state and the log."""
-        self.at_applied, self.applied_to = sorted(members), index
+        def in_tick() -> None:
+            try:
+                new_members = membership_rules.plan(op, addr, self.leader_view(), target_up)
+            except MembershipError as exc:
+                loop.call_soon_threadsafe(answer, exc)
+                return
 
-    def rebase(self, members: Iterable[str], index: int) -> None:
-        """`members` is known to be the list right after the entry at `index`."""
-        if index > self.applied_to:
-            self.at_applied = config_before(members, self._changes(self.applied_to, index))
-        else:
-            self.at_applied = apply_changes(members, self._changes(index, self.applied_to))
+            def callback(_res: Any, err: int) -> None:
+                if err == FAIL_REASON.SUCCESS:
+                    loop.call_soon_threadsafe(answer, new_members)
+                else:
+                    why = FAIL_NAMES.get(err, str(err))
+                    failed = MembershipError("failed", f"{op} {addr} not committed: {why}")
+                    loop.call_soon_threadsafe(answer, failed)
+
+            if op == membership_rules.ADD:
+                # pysyncobj pickles this node object into the entry: the list rides along.
+                self._sync.addNodeToCluster(TCPNode(addr, mq_members=new_members), callback)
+            else:
+                self._sync.removeNodeFromCluster(addr, callback)
+            # Append now, while this node is still the leader that ran the checks: queued,
+            # it would go out after the next poll, and a follower forwards queued
+            # commands to whoever leads then, past these checks.
+            self._raw.check_commands_to_apply()
+            log.info("raft: membership change %s %s appended", op, addr)
+
+        self._run_on_tick(in_tick)
+        try:
+            return await asyncio.wait_for(done, timeout_s)
+        except TimeoutError:
+            raise MembershipError(
+                "timeout",
+                f"{op} {addr} not committed within {timeout_s:g}s; it may still commit "
+                "(or be dropped by the next leader): check mqnode cluster status",
+            ) from None
+
+    def leader_view(self) -> membership_rules.LeaderView:
+        """The leader's side of `membership_rules.plan` (tick thread); MembershipError else."""
+        sync = self._sync
+        if not sync._isLeader():
+            leader = sync._getLeader()
+            addr = None if leader is None else str(leader.address)
+            raise MembershipError(
+                "not_leader", f"not the leader; the leader is {addr or 'unknown'}", addr
+            )
+        others = sync.otherNodes
+        since = _pysyncobj_now() - sync.conf.leaderFallbackTimeout
+        last_response = self._raw.last_response_time
+        answered = {n.address for n in others if last_response.get(n, since) > since}
+        noop = self._raw.noop_index
+        return membership_rules.LeaderView(
+            self_addr=self._settings.self_addr,
+            members=frozenset(self.current()),
+            responsive=frozenset({self._settings.self_addr, *answered}),
+            first_entry_committed=noop is not None and sync.raftLastApplied >= noop,
+            pending=tuple(self.entries(sync.raftCommitIndex, None)),
+        )
+
+    def entries(self, index: int, upto: int | None) -> list[membership_rules.Change]:
+        """(op, addr) of the membership entries in the log in (index, upto], oldest first."""
+        j = self._journal
+        first = j[0][1]
+        end = len(j) if upto is None else max(min(upto + 1 - first, len(j)), 0)
+        out: list[membership_rules.Change] = []
+        for pos in range(max(index + 1 - first, 0), end):
+            cmd = j[pos][0]
+            if cmd[0] == MEMBERSHIP_TYPE:  # an int compare: this runs over the log's tail
+                request = _pysyncobj_unpickle(cmd[1:])
+                out.append((_MEMBERSHIP_OPS.get(request[0], request[0]), str(request[1])))
+        return out
+
+    def current(self) -> list[str]:
+        """This node's current member list (tick thread): the latest in its log."""
+        others = self._sync.otherNodes
+        return sorted([self._settings.self_addr, *(n.address for n in others)])
+
+    def adopt_own_add(self) -> None:
+        """On a node that started empty: take the member list from the entry that added it.
+
+        Until then its list is --peers plus the membership entries it has received
+        (or a snapshot's list). A --peers that misses a member the log never mentions
+        would make this node's majorities wrong, so the list the leader put in the
+        add entry wins (logged when it differs).
+        """
+        me, j = self._settings.self_addr, self._journal
+        first, last = j[0][1], j[-1][1]
+        # Entries above the commit index may be replaced: look at them again next time.
+        start = min(self._own_add_scanned, self._sync.raftCommitIndex) + 1
+        self._own_add_scanned = last
+        for pos in range(max(start - first, 0), len(j)):
+            cmd = j[pos][0]
+            if cmd[0] != MEMBERSHIP_TYPE:
+                continue
+            request = _pysyncobj_unpickle(cmd[1:])
+            listed = getattr(request[2], "mq_members", None) if len(request) > 2 else None
+            if request[0] != "add" or request[1] != me or not listed:
+                continue
+            idx = j[pos][1]
+            self.ledger.rebase(listed, idx)
+            now = self.ledger.at(last)
+            if now != self.current():
+                log.error(
+                    "raft: the member list this node started with (%s) is not the cluster's "
+                    "(%s, from the entry that added it); using the cluster's",
+                    ", ".join(self.current()),
+                    ", ".join(now),
+                )
+                self._raw.update_cluster_configuration([m for m in now if m != me])
+            self.own_add_pending = False
+            return
+
+    def to_store(self) -> list[str] | None:
+        """What the journal stores with each write (every tick): the list at the log's end."""
+        if self.joining:
+            return None
+        _, idx, term = self._journal[-1]
+        return self.ledger.at_end(idx, term)
+
+    def on_snapshot_installed(self, cluster: list[str], index: int) -> None:
+        """A leader's snapshot replaced the state: its list, at its index, is ours now."""
+        self.ledger.reset(cluster, index)
+        if self._settings.self_addr in cluster:
+            self.own_add_pending = False  # the leader's list names us: nothing to adopt

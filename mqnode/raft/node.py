@@ -19,13 +19,13 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
 from mqnode.errors import ConfigError, MqnodeError, NewerFormatError
-from mqnode.raft import membership
+from mqnode.raft import membership_rules
 from mqnode.raft.contracts import StateMachine, StateStore, TxnT
 from mqnode.raft.guarded import install as install_guarded_connections
 from mqnode.raft.internals import SyncInternals
 from mqnode.raft.journal import DurableJournal
 from mqnode.raft.logstore import LogStore
-from mqnode.raft.members import FAIL_NAMES, Membership
+from mqnode.raft.membership import FAIL_NAMES, Membership
 from mqnode.raft.pacing import AppendPacer, StateCommitPacer, follower_waits
 from mqnode.raft.prevote import PreVoteGate
 from mqnode.raft.settings import Done, RaftSettings, RaftStatus
@@ -101,7 +101,7 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
 class RaftNode(Generic[TxnT]):
     """Owns the pysyncobj instance, its tick thread, the journal and snapshot hooks.
 
-    Its parts, each built here and given what it needs: `Membership` (members.py),
+    Its parts, each built here and given what it needs: `Membership` (membership.py),
     `SnapshotHooks` and `CompactionPace` (snapshots.py), `PreVoteGate` (prevote.py),
     `UnansweredCommands` (unanswered.py), the pacers (pacing.py).
     """
@@ -152,7 +152,7 @@ class RaftNode(Generic[TxnT]):
         self._map_cap_logged = False
         self._poll_until = 0.0  # when the poll after the current tick ends at the latest
         stored = self._journal.stored_members()
-        peers, warning = membership.startup_peers(settings.self_addr, settings.peers, stored)
+        peers, warning = membership_rules.startup_peers(settings.self_addr, settings.peers, stored)
         if warning:
             log.warning("raft: %s", warning)
         self.start_peers = peers  # what this start uses: the stored list, else --peers

@@ -1,4 +1,4 @@
-"""Membership rules (raft/membership.py) and the member list the journal stores with every write."""
+"""Membership rules (raft/membership_rules.py) and the member list the journal stores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mqnode.errors import MembershipError
 from mqnode.raft import DurableJournal
 from mqnode.raft.logstore import LogStore
-from mqnode.raft.membership import (
+from mqnode.raft.membership_rules import (
     ADD,
     REMOVE,
     LeaderView,
