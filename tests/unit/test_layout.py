@@ -111,3 +111,17 @@ def test_no_module_or_package_is_named_like_a_stdlib_module() -> None:
         or (p.is_dir() and p.name in sys.stdlib_module_names)
     ]
     assert not clashes, clashes
+
+
+def test_raft_reaches_the_spool_only_through_its_contracts() -> None:
+    """raft/ takes the state machine and store as Protocols (raft/contracts.py); only the
+    commit pipeline and the format gate, which encode the spool's commands, import it."""
+    speaking = {"raft/commit_pipeline.py", "raft/formats.py"}
+    strays = [
+        rel
+        for rel, path in _modules()
+        if rel.startswith("raft/")
+        and rel not in speaking
+        and any(m.startswith("mqnode.spool") for m in _imports(path))
+    ]
+    assert not strays, strays
