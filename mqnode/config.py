@@ -20,6 +20,22 @@ from typing import Any
 from mqnode.errors import ConfigError
 
 DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+# OpenDKIM's choice, less what it signs by default that lists and forwarders change.
+DKIM_HEADERS = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "reply-to",
+    "in-reply-to",
+    "references",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+)
 MAX_SMTP_WORKERS = 64
 
 
@@ -33,12 +49,14 @@ def parse_hostport(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
-def setting(default: Any, help: str, metavar: str | None = None) -> Any:
+def setting(default: Any, help: str, metavar: str | None = None, repeat_as: str = "") -> Any:
     """A NodeConfig field with its one line of help (`mqnode run --help` shows it).
 
-    A list default is copied for each instance.
+    A list default is copied for each instance. `repeat_as`: a second flag, and the
+    flag may be repeated, each adding to the list (any other flag given twice: the
+    last wins).
     """
-    meta = {"help": help, "metavar": metavar}
+    meta = {"help": help, "metavar": metavar, "repeat_as": repeat_as}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -147,6 +165,20 @@ class NodeConfig:
     # Each worker is an interpreter of its own: set it to the cores the node may use
     # beyond one, so SMTP parsing does not compete with Raft for one lock.
     smtp_workers: int = setting(0, "SMTP worker processes (0: sessions in the node's process)")
+    # DKIM (mqnode/signing): every message from a domain with a key leaves signed by it.
+    dkim_keys: list[str] = setting(
+        [], "DOMAIN:SELECTOR:KEY_FILE: a PEM RSA or Ed25519 key, mode 600", "KEYS", "--dkim-key"
+    )
+    dkim_headers: list[str] = setting(
+        list(DKIM_HEADERS), "header fields signed when present (From is always)", "LIST"
+    )
+    dkim_expire_s: int = setting(0, "signatures expire this long after receipt (x=); 0: never")
+    dkim_parent_domains: bool = setting(
+        False, "sign mail from a subdomain with its parent domain's key"
+    )
+    dkim_default_domain: str = setting(
+        "", "sign mail from domains without a key with this domain's key", "DOMAIN"
+    )
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL")
     fault_injection: bool = setting(False, "tests only: expose POST /fault/partition")
     event_log: str = setting("", 'JSON line per queue event: a file, "-" for stderr', "FILE")
@@ -268,6 +300,10 @@ class NodeConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0")
+        if self.dkim_expire_s < 0:
+            raise ConfigError("dkim_expire_s: must be >= 0")
+        if any(not h.isascii() or not h.strip() or ":" in h for h in self.dkim_headers):
+            raise ConfigError("dkim_headers: header field names, comma-separated")
         if not 0 <= self.smtp_workers <= MAX_SMTP_WORKERS:
             raise ConfigError(f"smtp_workers: must be 0..{MAX_SMTP_WORKERS}")
         if bool(self.smtp_tls_cert) != bool(self.smtp_tls_key):

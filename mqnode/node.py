@@ -46,6 +46,7 @@ from mqnode.raft.member_lists import (
     leader_not_listed,
     unlisted_peer,
 )
+from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
@@ -163,6 +164,13 @@ class Node:
         cfg = self.cfg
         secret = cfg.read_secret()
         relay_auth = self._relay_auth()  # a bad login file or CA file stops us here
+        signer = DkimSigner.from_config(cfg)  # so does a DKIM key that cannot sign
+        if signer.keys:
+            log.info(
+                "dkim: signing for %s (key set %s)",
+                ", ".join(sorted({k.domain for k in signer.keys.keys})),
+                signer.keys.fingerprint(),
+            )
         check_listen_addrs(cfg)
         lock = _lock_data_dir(cfg)
         loop = asyncio.get_running_loop()

@@ -58,12 +58,14 @@ from mqnode.errors import ConfigError, MembershipError, SubmitError
 from mqnode.raft import RaftNode, membership_rules
 from mqnode.raft.commit_pipeline import PipelineHealth, Replicator
 from mqnode.raft.formats import cluster_level
+from mqnode.signing.keys import signing_domains
 from mqnode.spool.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
 from mqnode.spool.model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
 from mqnode.spool.statemachine import QueueStateMachine
 from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
+MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
 PROTECTED = ("/queue", "/raft", "/fault")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SELECT = 100_000
@@ -317,7 +319,9 @@ class AdminServer:
         msg = self._store.get_message(request.match_info["id"])
         if msg is None:
             return web.json_response({"error": "no such message"}, status=404)
-        return web.json_response(msg.summary())
+        # Which domains signed it (DKIM-Signature d=), read from the stored header.
+        signed = signing_domains(self._store.read_body(msg)[:MAX_HEADER_SCAN_BYTES])
+        return web.json_response({**msg.summary(), "dkim_domains": signed})
 
     async def _body(self, request: web.Request) -> web.Response:
         msg = self._store.get_message(request.match_info["id"])

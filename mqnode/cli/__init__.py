@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from mqnode.cli import remote
+from mqnode.cli import dkim, remote
 from mqnode.cli import text as views
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError, MembershipError, MqnodeError
@@ -67,6 +67,18 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             )
             continue
         shown = ",".join(default) if isinstance(default, list) else str(default)
+        repeat_as = f.metadata.get("repeat_as")
+        if repeat_as:  # repeatable; each may hold a comma-separated list too
+            parser.add_argument(
+                flag,
+                repeat_as,
+                dest=f.name,
+                action="append",
+                default=None,
+                metavar=f.metadata.get("metavar") or "LIST",
+                help=f"{text} (default: {shown or 'none'})",
+            )
+            continue
         parser.add_argument(
             flag,
             dest=f.name,
@@ -75,6 +87,15 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             metavar=f.metadata.get("metavar") or _metavar(f.name, default),
             help=text if "(required" in text else f"{text} (default: {shown or 'none'})",
         )
+
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (None: not given); a repeated list flag is one list."""
+    out: dict[str, Any] = {}
+    for f in fields(NodeConfig):
+        value = getattr(args, f.name)
+        out[f.name] = ",".join(value) if isinstance(value, list) else value
+    return out
 
 
 def _metavar(name: str, default: Any) -> str:
@@ -125,7 +146,7 @@ def _add_restore(sub: Any) -> None:
 def _restore(args: argparse.Namespace) -> int:
     from mqnode.restore import restore_data_dir
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(NodeConfig)}
+    overrides = setting_overrides(args)
     cfg = NodeConfig.load(args.config, overrides)
     header = restore_data_dir(
         Path(args.snapshot),
@@ -289,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     _add_queue(sub)
     _add_cluster(sub)
+    dkim.add_parser(sub)
     sink = sub.add_parser(
         "dev-sink",
         help="a local SMTP sink that records what it receives, to try mqnode without a mail "
@@ -366,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cluster(args)
         if args.command == "restore":
             return _restore(args)
+        if args.command == "dkim":
+            return dkim.run(args)
         if args.command == "status":
             st = remote.fetch(args.admin, "/status")
             if args.json:
@@ -373,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 views.print_status(st)
             return 0
-        overrides = {f.name: getattr(args, f.name) for f in fields(NodeConfig)}
+        overrides = setting_overrides(args)
         cfg = NodeConfig.load(args.config, overrides)
         cfg.read_secret()
         logging.basicConfig(

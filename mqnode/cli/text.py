@@ -42,6 +42,8 @@ def show_text(m: dict[str, Any], now_s: float) -> str:
         ("attempts", str(m.get("attempts", 0))),
         ("next attempt", when(m.get("next_attempt_ms")) if pending else "- (nothing pending)"),
     ]
+    if "dkim_domains" in m:
+        rows.append(("dkim", ", ".join(m["dkim_domains"]) or "not signed"))
     if "dsn" in m:  # RFC 3461, as the client gave it (decoded)
         rows.append(("dsn", json.dumps(m["dsn"])))
     width = max(len(k) for k, _ in rows)

@@ -288,6 +288,26 @@ class MxResolver:
         return min(ttls) if ttls else self._negative_ttl_s
 
 
+async def lookup_txt(
+    name: str, nameserver: tuple[str, int] | None, timeout_s: float = 5.0
+) -> tuple[str, list[str]]:
+    """TXT records at `name` for `mqnode dkim check`: ("ok", texts) or (why not, []).
+
+    Each record's strings are joined, as DKIM (RFC 6376 3.6.2.2) and DMARC read them.
+    """
+    resolver = _make_resolver(nameserver, timeout_s)
+    try:
+        answer = await resolver.resolve(name, "TXT")
+    except dns.resolver.NXDOMAIN:
+        return "no such name", []
+    except dns.resolver.NoAnswer:
+        return "no TXT record", []
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        return f"DNS lookup failed: {exc}", []
+    texts = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+    return "ok", texts
+
+
 def _make_resolver(
     nameserver: tuple[str, int] | None, timeout_s: float
 ) -> dns.asyncresolver.Resolver:

@@ -19,6 +19,7 @@ from mqnode.clock import Clock
 from mqnode.config import NodeConfig, parse_hostport
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
+from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.handler import IngressLimits, SmtpIngress
 from mqnode.smtp.protocol import SubmissionProtocol
@@ -49,6 +50,7 @@ def build_ingress(
         users=UserDb.load(cfg.smtp_users_file) if cfg.smtp_users_file else None,
         tls=server_context(cfg.smtp_tls_cert, cfg.smtp_tls_key) if cfg.smtp_tls_cert else None,
         gate=gate,
+        signer=DkimSigner.from_config(cfg) if cfg.dkim_keys else None,
     )
 
 

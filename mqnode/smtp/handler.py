@@ -50,6 +50,7 @@ from mqnode.clock import Clock
 from mqnode.errors import SubmitError
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
+from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.ratelimit import ClientGate, ClientLimits, LocalGate
 from mqnode.spool import addresses
@@ -259,8 +260,10 @@ class SmtpIngress:
         users: UserDb | None = None,
         tls: ssl.SSLContext | None = None,
         gate: ClientGate | None = None,
+        signer: DkimSigner | None = None,
     ) -> None:
         self._rep = submitter
+        self._signer = signer  # None or no keys: nothing is signed
         self._clock = clock
         self._random = random_bytes
         self._node_id = node_id
@@ -411,7 +414,16 @@ class SmtpIngress:
             message_id = f"<{queue_id}@{self._hostname}>"
             body = f"Message-ID: {message_id}\r\n".encode() + body
         utf8 = bool(getattr(envelope, "smtp_utf8", False))
-        body = self._received(session, queue_id, rcpts, now_ms, utf8) + body
+        signatures = b""
+        if self._signer is not None:
+            # After the idempotency key (a retry is the same message) and the Message-ID
+            # (which is signed); t= is the receive time this command carries.
+            try:
+                signatures, _ = self._signer.sign(body, now_ms // 1000)
+            except SigningError as exc:
+                log.error("refused message from %s: %s", session.peer, exc)
+                raise SubmitError("message not signed; try again later") from exc
+        body = signatures + self._received(session, queue_id, rcpts, now_ms, utf8) + body
         upload_id, chunks = "", 0
         inline: bytes | None = body
         parts: list[bytes] = []

@@ -1,0 +1,142 @@
+"""DKIM on real nodes: keys made with `mqnode dkim keygen`, published on a real DNS server,
+checked with `mqnode dkim check`, and the bytes a real receiver got verified by dkimpy
+with the key looked up in that DNS server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dkim
+import dns.nameserver
+import dns.resolver
+import pytest
+
+from tests.support.cli import run_cli
+from tests.support.cluster import FAST_TUNING, Cluster
+from tests.support.dnsserver import DnsServer
+from tests.support.smtp import submit
+from tests.support.smtpsink import SinkHost, bind_common_port
+
+pytestmark = pytest.mark.integration
+
+DOMAIN = "signer.test"
+
+
+def _keygen(out: Path, selector: str, algorithm: str) -> tuple[str, str]:
+    """(the key file, its TXT record's text) from `mqnode dkim keygen`."""
+    proc = run_cli(
+        "dkim", "keygen", "--domain", DOMAIN, "--selector", selector,
+        "--algorithm", algorithm, "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    zone_line = next(line for line in proc.stdout.splitlines() if " IN TXT " in line)
+    strings = re.findall(r'"([^"]*)"', zone_line)
+    return str(out / f"{DOMAIN}.{selector}.key"), "".join(strings)
+
+
+def _txt(text: str) -> str:
+    """TXT rdata as the DNS server takes it: quoted strings of at most 255 bytes."""
+    return " ".join(f'"{text[i : i + 255]}"' for i in range(0, len(text), 255))
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    return {alg: _keygen(tmp_path / "keys", f"{alg}1", alg) for alg in ("rsa", "ed25519")}
+
+
+@pytest.fixture
+def dns_server(keys: dict[str, tuple[str, str]]) -> Iterator[DnsServer]:
+    zones: dict[str, Any] = {
+        f"{alg}1._domainkey.{DOMAIN}": {"TXT": [_txt(text)]} for alg, (_, text) in keys.items()
+    }
+    zones[f"_dmarc.{DOMAIN}"] = {"TXT": [_txt("v=DMARC1; p=reject")]}
+    with DnsServer(zones) as server:
+        yield server
+
+
+def _dnsfunc(server: DnsServer) -> Any:
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(server.host, server.port)]
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        try:
+            answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    return lookup
+
+
+def test_keygen_publish_check_round_trip(
+    keys: dict[str, tuple[str, str]], dns_server: DnsServer, tmp_path: Path
+) -> None:
+    dns_addr = f"{dns_server.host}:{dns_server.port}"
+    for alg, (path, _) in keys.items():
+        proc = run_cli(
+            "dkim", "check", "--domain", DOMAIN, "--selector", f"{alg}1",
+            "--key", path, "--dns-server", dns_addr,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "published, and it is this key's" in proc.stdout
+        assert "DMARC policy p=reject" in proc.stdout
+    other, _ = _keygen(tmp_path / "other", "rsa1", "rsa")  # same name, another key
+    proc = run_cli(
+        "dkim", "check", "--domain", DOMAIN, "--selector", "rsa1",
+        "--key", other, "--dns-server", dns_addr,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "published, but not this key" in proc.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-node", "2-smtp-workers"])
+def test_delivered_mail_verifies_with_both_keys(
+    keys: dict[str, tuple[str, str]], dns_server: DnsServer, tmp_path: Path, workers: int
+) -> None:
+    port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        sink = host.add("receiver", socks["127.0.0.1"])
+        args = [*FAST_TUNING, "--smtp-workers", str(workers)]
+        for alg, (path, _) in keys.items():
+            args += ["--dkim-key", f"{DOMAIN}:{alg}1:{path}"]
+        with Cluster(tmp_path, extra_args=args, relay_host=f"127.0.0.1:{port}") as c:
+            bodies = {
+                "ascii": b"From: A <a@signer.test>\r\nTo: r@example.net\r\nSubject: hi\r\n"
+                b"Message-ID: <ascii@signer.test>\r\n\r\nhello\r\n",
+                "8bit": "From: A <a@signer.test>\r\nTo: r@example.net\r\nSubject: héllo\r\n"
+                "Message-ID: <8bit@signer.test>\r\n\r\ncafé crème\r\n".encode(),
+                "large": b"From: A <a@signer.test>\r\nTo: r@example.net\r\nSubject: big\r\n"
+                b"Message-ID: <large@signer.test>\r\n\r\n" + b"0123456789" * 7 + b"\r\n" * 1
+                + (b"x" * 76 + b"\r\n") * 13_000,  # ~1 MiB: replicated as chunks
+                "unsigned": b"From: B <b@other.test>\r\nTo: r@example.net\r\nSubject: no\r\n"
+                b"Message-ID: <unsigned@other.test>\r\n\r\nno key for this domain\r\n",
+            }  # fmt: skip
+            for i, body in enumerate(bodies.values()):
+                node = c.nodes[i % 3]
+                code, text, _ = submit(
+                    node.host, node.smtp_port, "a@signer.test", ["r@example.net"], body
+                )
+                assert code == 250, text
+
+            def arrived() -> tuple[list[Any] | None, str]:
+                got = [d for d in sink.datas if d.reply.startswith("250")]
+                return (got if len(got) >= len(bodies) else None), f"{len(got)} arrived"
+
+            got = c.poll("every message at the receiver", arrived, 60)
+    verify = _dnsfunc(dns_server)
+    by_id = {d.message_id: d.content for d in got}
+    for name, sent in bodies.items():
+        content = by_id[f"<{name}@{'other' if name == 'unsigned' else 'signer'}.test>"]
+        header = content.split(b"\r\n\r\n", 1)[0]
+        count = len(re.findall(rb"(?mi)^DKIM-Signature:", header))
+        if name == "unsigned":
+            assert count == 0
+            continue
+        assert count == 2, header[:400]
+        assert b"a=rsa-sha256" in header and b"a=ed25519-sha256" in header
+        d = dkim.DKIM(content)
+        assert [d.verify(idx=i, dnsfunc=verify) for i in range(2)] == [True, True], name
+        assert content.endswith(sent.split(b"\r\n\r\n", 1)[1])  # the body as it was sent
