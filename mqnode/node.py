@@ -47,6 +47,7 @@ from mqnode.raft.member_lists import (
     unlisted_peer,
 )
 from mqnode.signing.dkim_signer import DkimSigner
+from mqnode.signing.keys import KeySet
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
@@ -158,13 +159,14 @@ class Node:
         self._announced_to: str | None = None  # the leader last announced under
         self._lists = ListWatch()  # member lists that disagree with the leader's
         self._store: QueueStore | None = None
+        self._signer = DkimSigner(KeySet([]))  # the node's own reports' signer (run builds it)
 
     async def run(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         cfg = self.cfg
         secret = cfg.read_secret()
         relay_auth = self._relay_auth()  # a bad login file or CA file stops us here
-        signer = DkimSigner.from_config(cfg)  # so does a DKIM key that cannot sign
+        signer = self._signer = DkimSigner.from_config(cfg)  # so does an unusable DKIM key
         if signer.keys:
             log.info(
                 "dkim: signing for %s (key set %s)",
@@ -209,6 +211,9 @@ class Node:
         admin.readiness = self._readiness
         admin.destinations = dispatcher.describe_destinations
         admin.member_lists = self._lists.confirmed
+        admin.dkim = lambda: self._signer.describe()
+        if signer.keys:
+            admin.sign_report = signer.sign_report
 
         raft.start()
         pipeline.start()
@@ -347,6 +352,7 @@ class Node:
             RetryPolicy(cfg.retry_base_s, cfg.retry_max_s),
             self._rng.random,
             self._rng.randbytes,
+            sign_report=self._signer.sign_report if self._signer.keys else None,
         )
 
     def _build_metrics(

@@ -96,6 +96,9 @@ class AdminServer:
         self.destinations: Callable[[], dict[str, Any]] = lambda: {}
         # members whose list has disagreed with the leader's for a while (raft/member_lists.py)
         self.member_lists: Callable[[], list[str]] = lambda: []
+        # DKIM: this node's key set (DkimSigner.describe) and the signer of its own reports
+        self.dkim: Callable[[], dict[str, Any]] = lambda: {}
+        self.sign_report: Callable[[bytes, int], bytes] | None = None
         # readiness.assess over this node's Raft status and commit pipeline (set by Node)
         self.readiness: Callable[[], Readiness] = lambda: assess(
             raft.status, PipelineHealth(None, None, 0, None)
@@ -200,6 +203,7 @@ class AdminServer:
             "not_ready_because": list(readiness.reasons),
             "leader_heard_s": st.leader_heard_s,
             "member_lists_disagree": self.member_lists(),
+            "dkim": self.dkim(),
         }
 
     async def _bounce(self, ids: list[str]) -> web.Response:
@@ -224,7 +228,9 @@ class AdminServer:
             ]
             dsn_id = make_queue_id(now_ms, secrets.token_bytes(4))
             body = self._store.read_body(msg)
-            dsn = report_for(msg, results, {}, body, now_ms, self._info["hostname"], dsn_id)
+            hostname = self._info["hostname"]
+            sign = self.sign_report
+            dsn = report_for(msg, results, {}, body, now_ms, hostname, dsn_id, sign=sign)
             cmd = RecordOutcome(
                 qid, now_ms, tuple(results), now_ms, epoch, dsn_id if dsn else "", dsn
             )

@@ -284,13 +284,13 @@ def _cluster(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'node':<8} {'raft':<22} {'role':<11} {'term':>5} {'commit':>8} {'applied':>8} "
-        f"{'lag':>5}  lease"
+        f"{'lag':>5}  {'lease':<5}  dkim"
     )
     for r in rows:
         print(
             f"{r['node']:<8} {r['raft_addr']:<22} {r['role']:<11} {r['term'] or '':>5} "
             f"{r['commit_index'] or '':>8} {r['last_applied'] or '':>8} {r['lag']:>5}  "
-            f"{'held' if r['lease'] else ''}"
+            f"{'held' if r['lease'] else '':<5}  {r['dkim'] or ''}"
         )
     for problem in problems:
         print(problem)

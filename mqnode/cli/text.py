@@ -112,7 +112,19 @@ def cluster_rows(
                 "last_applied": st["last_applied"] if st else None,
                 "lag": lag,
                 "lease": bool(st and st["lease_held"]),
+                # the DKIM key set's fingerprint ("" none); None: not known (unreachable, or
+                # a node of an earlier release)
+                "dkim": (st.get("dkim") or {}).get("key_set") if st else None,
             }
+        )
+    sets = {r["dkim"] for r in rows if r["dkim"] is not None}
+    if len(sets) > 1:
+        listing = ", ".join(
+            f"{r['node']} {r['dkim'] or 'none'}" for r in rows if r["dkim"] is not None
+        )
+        problems.append(
+            f"warning: the nodes sign with different DKIM key sets ({listing}): mail is "
+            "signed by whichever node took it; give every node the same dkim_keys"
         )
     return rows, problems
 

@@ -144,8 +144,10 @@ class Dispatcher:
         policy: RetryPolicy,
         unit_random: Callable[[], float],
         random_bytes: Callable[[int], bytes],
+        sign_report: Callable[[bytes, int], bytes] | None = None,
     ) -> None:
         self._s = settings
+        self._sign_report = sign_report  # DKIM for the DSNs this node writes
         self._store = store
         self._rep = replicator
         self._agent = agent
@@ -530,7 +532,17 @@ class Dispatcher:
                 outcome, reply = Outcome.BOUNCED.value, f"4.4.7 message expired in queue: {reply}"
             final.append((i, outcome, reply[:MAX_REPLY_CHARS]))
         dsn_id = make_queue_id(now_ms, self._random_bytes(4))
-        dsn = report_for(msg, final, remote, body, now_ms, self._s.hostname, dsn_id, dsn_passed)
+        dsn = report_for(
+            msg,
+            final,
+            remote,
+            body,
+            now_ms,
+            self._s.hostname,
+            dsn_id,
+            dsn_passed,
+            sign=self._sign_report,
+        )
         dsn_id = dsn_id if dsn else ""
         bounce_id = dsn_id
         delay_s = self._policy.delay_s(msg.attempts + 1, self._random)

@@ -19,6 +19,8 @@ Original-Envelope-Id and Original-Recipient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mqnode.dsn.report import FailedRecipient, build_dsn, is_null_sender, status_from_reply
 from mqnode.spool.model import Outcome, QueuedMessage, RecipientResult
 
@@ -34,8 +36,14 @@ def report_for(
     hostname: str,
     dsn_queue_id: str,
     dsn_passed: frozenset[int] = frozenset(),
+    sign: Callable[[bytes, int], bytes] | None = None,
 ) -> bytes:
-    """The DSN for the outcomes in `results` the sender asked to hear of (b"" if none)."""
+    """The DSN for the outcomes in `results` the sender asked to hear of (b"" if none).
+
+    `sign(report, at_s)`: DKIM-Signature headers for it (DkimSigner.sign_report), put
+    on top; the report's From is MAILER-DAEMON@`hostname`, so a key for that domain
+    signs it.
+    """
     if is_null_sender(msg.mail_from):
         return b""
     request = msg.dsn
@@ -62,7 +70,7 @@ def report_for(
     if not reported:
         return b""
     failed = any(r.action == "failed" for r in reported)
-    return build_dsn(
+    report = build_dsn(
         queue_id=msg.queue_id,
         reporting_mta=hostname,
         original_sender=msg.mail_from,
@@ -75,6 +83,7 @@ def report_for(
         envelope_id=request.envid,
         headers_only=not failed or request.ret == "HDRS",
     )
+    return report if sign is None else sign(report, now_ms // 1000) + report
 
 
 def status_of(reply: str) -> str:

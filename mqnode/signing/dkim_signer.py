@@ -25,6 +25,7 @@ carries are kept; ours go on top.
 from __future__ import annotations
 
 import base64
+import logging
 from email.utils import getaddresses
 from typing import Any
 
@@ -35,6 +36,8 @@ from mqnode.config import DKIM_HEADERS, NodeConfig
 from mqnode.errors import MqnodeError
 from mqnode.signing.keys import ED25519, DkimKey, KeySet
 from mqnode.spool.addresses import ascii_domain
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HEADERS = DKIM_HEADERS
 _RELAXED = b"relaxed/relaxed"
@@ -143,6 +146,24 @@ class DkimSigner:
         self._expire_s = expire_s
         self.signed: dict[str, int] = {}  # signatures made, by domain (metrics)
         self.failed = 0
+
+    def describe(self) -> dict[str, Any]:
+        """For /status: the domains signed for, the key set's fingerprint, counts."""
+        return {
+            "domains": sorted({k.domain for k in self.keys.keys}),
+            "key_set": self.keys.fingerprint(),
+            "signed": dict(self.signed),
+            "failed": self.failed,
+        }
+
+    def sign_report(self, report: bytes, at_s: int) -> bytes:
+        """Signatures for a report this node writes (a DSN). A report must go out: when
+        signing fails it goes unsigned, and the failure is logged and counted."""
+        try:
+            return self.sign(report, at_s)[0]
+        except SigningError as exc:
+            log.error("dkim: a delivery report goes out unsigned: %s", exc)
+            return b""
 
     def sign(self, message: bytes, at_s: int) -> tuple[bytes, tuple[str, ...]]:
         """(the DKIM-Signature headers to put on top of `message`, the domains they are for).

@@ -50,3 +50,30 @@ def test_unreachable_nodes_and_no_leader() -> None:
     rows, problems = cluster_rows(NODES, statuses)
     assert [r["role"] for r in rows] == ["unreachable"] * 3
     assert all(r["lag"] == "" for r in rows) and problems == []
+
+
+def test_nodes_signing_with_different_dkim_key_sets_are_named() -> None:
+    nodes = {
+        f"10.0.0.{i}:7001": {"node_id": f"n{i}", "admin_addr": f"10.0.0.{i}:8025"}
+        for i in (1, 2, 3)
+    }
+
+    def status(i: int, key_set: str) -> dict[str, object]:
+        return {
+            "raft_addr": f"10.0.0.{i}:7001",
+            "node_id": f"n{i}",
+            "role": "leader" if i == 1 else "follower",
+            "term": 2,
+            "commit_index": 10,
+            "last_applied": 10,
+            "lease_held": i == 1,
+            "match_index": {},
+            "dkim": {"key_set": key_set},
+        }
+
+    same = {a: status(i, "abcd") for i, a in zip((1, 2, 3), nodes, strict=True)}
+    rows, problems = cluster_rows(nodes, same)  # type: ignore[arg-type]
+    assert [r["dkim"] for r in rows] == ["abcd"] * 3 and problems == []
+    mixed = {**same, "10.0.0.3:7001": status(3, "")}
+    rows, problems = cluster_rows(nodes, mixed)  # type: ignore[arg-type]
+    assert len(problems) == 1 and "n3 none" in problems[0] and "n1 abcd" in problems[0]

@@ -5,8 +5,13 @@ from __future__ import annotations
 import email
 import email.policy
 from email.message import EmailMessage, Message
+from pathlib import Path
+
+import dkim
 
 from mqnode.dsn.notify import report_for
+from mqnode.signing.dkim_signer import DkimSigner
+from mqnode.signing.keys import ED25519, KeySet, keygen
 from mqnode.spool.dsnparams import DsnRequest
 from mqnode.spool.model import Outcome, QueuedMessage, Recipient
 
@@ -110,3 +115,39 @@ def test_queue_show_includes_the_request_only_when_there_is_one() -> None:
     req = DsnRequest("HDRS", "E1", ("NEVER", "", "", ""), ())
     assert message(req).summary()["dsn"] == req.to_record()
     assert "dsn" not in message().summary()
+
+
+def test_a_report_is_signed_for_the_reporting_domain_when_a_key_signs_for_it(
+    tmp_path: Path,
+) -> None:
+    key = keygen("me.example", "s1", ED25519, 0, tmp_path)
+    signer = DkimSigner(KeySet([key]))
+    raw = report_for(
+        message(),
+        [(0, BOUNCED, "550 5.1.1 no such user")],
+        {},
+        BODY,
+        1_700_000_100_000,
+        "me.example",
+        "0DSN",
+        sign=signer.sign_report,
+    )
+    assert raw.startswith(b"DKIM-Signature: ") and b"d=me.example;" in raw
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name.rstrip(b".") == key.record_name.encode()
+        return key.txt_record().encode()
+
+    assert dkim.DKIM(raw).verify(dnsfunc=dnsfunc)
+    # no key for the reporting domain: the report goes as it was
+    other = report_for(
+        message(),
+        [(0, BOUNCED, "550")],
+        {},
+        BODY,
+        1,
+        "other.example",
+        "0DSN",
+        sign=signer.sign_report,
+    )
+    assert other and not other.startswith(b"DKIM-Signature")
