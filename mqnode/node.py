@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -150,8 +151,17 @@ def check_listen_addrs(cfg: NodeConfig) -> None:
 
 
 class Node:
-    def __init__(self, cfg: NodeConfig, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        clock: Clock | None = None,
+        reload_config: Callable[[], NodeConfig] | None = None,
+    ) -> None:
         self.cfg = cfg
+        # Reads the settings again (the CLI: the same --config file and flags); a DKIM
+        # reload takes the dkim_* settings from it. None: the key files named at start.
+        self._reload_config = reload_config or (lambda: self.cfg)
+        self._front: InProcessFront | WorkerPool | None = None
         self.clock = clock or SystemClock()
         self._rng = random.Random()
         self._stop = asyncio.Event()
@@ -183,7 +193,7 @@ class Node:
             raft, self.clock, cfg.max_pending_commits, cfg.commit_timeout_ms / 1000
         )
         gate = LevelGate(pipeline, lambda: self._reads_level(store, raft), self.clock)
-        front = self._build_smtp_front(gate, store)
+        front = self._front = self._build_smtp_front(gate, store)
         # As many parked sessions per target as may deliver to it at once: with fewer,
         # a burst closed the surplus and reconnected for the next one (connect, EHLO,
         # QUIT per message cost the leader ~100 us of CPU each in the e2e bench).
@@ -212,8 +222,8 @@ class Node:
         admin.destinations = dispatcher.describe_destinations
         admin.member_lists = self._lists.confirmed
         admin.dkim = lambda: self._signer.describe()
-        if signer.keys:
-            admin.sign_report = signer.sign_report
+        admin.reload_dkim = self.reload_dkim
+        admin.sign_report = self._sign_report
 
         raft.start()
         pipeline.start()
@@ -233,6 +243,7 @@ class Node:
             await front.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_dkim_logged)
             log.info(
                 "node %s up: smtp %s, admin %s, raft %s peers %s",
                 cfg.node_id,
@@ -352,7 +363,7 @@ class Node:
             RetryPolicy(cfg.retry_base_s, cfg.retry_max_s),
             self._rng.random,
             self._rng.randbytes,
-            sign_report=self._signer.sign_report if self._signer.keys else None,
+            sign_report=self._sign_report,
         )
 
     def _build_metrics(
@@ -496,6 +507,36 @@ class Node:
             log.error("member lists disagree: %s", text)
         for text in gone:
             log.info("member lists agree again (was: %s)", text)
+
+    def _sign_report(self, report: bytes, at_s: int) -> bytes:
+        return self._signer.sign_report(report, at_s)  # the signer of the moment (reloads)
+
+    def reload_dkim(self) -> dict[str, Any]:
+        """Sign with the DKIM keys as the settings name them now (SIGHUP, POST /dkim/reload).
+
+        All or nothing: the settings are read again and every key file loaded and checked
+        before anything changes; a ConfigError (naming the file) leaves the old keys in
+        use, here and in the SMTP workers. Messages already queued keep their signatures.
+        """
+        settings = DkimSigner.settings(self._reload_config())
+        signer = DkimSigner.from_config(dataclasses.replace(self.cfg, **settings))
+        self.cfg = dataclasses.replace(self.cfg, **settings)
+        self._signer = signer
+        if self._front is not None:
+            self._front.set_dkim(settings)
+        view = signer.describe()
+        log.info(
+            "dkim: reloaded; signing for %s (key set %s)",
+            ", ".join(view["domains"]) or "no domain",
+            view["key_set"] or "empty",
+        )
+        return view
+
+    def _reload_dkim_logged(self) -> None:
+        try:
+            self.reload_dkim()
+        except ConfigError as exc:
+            log.error("dkim reload refused, signing with the keys as they were: %s", exc)
 
     def _readiness(self) -> Readiness:
         return assess(self._raft.status, self._pipeline.health())

@@ -16,6 +16,9 @@
                            quorum, leader heard, last commit did not time out), else
                            503 with the reasons
     POST /raft/compact     ask for a log compaction (snapshot) now
+    POST /dkim/reload      sign with the DKIM keys as the settings name them now (as
+                           SIGHUP): 200 with the key set, 400 naming a file that cannot
+                           be used (the old keys stay)
     POST /raft/transfer-leadership  {"to": "host:port"} or {}: leader hands over to a
                            caught-up follower (Raft TimeoutNow); 409 on a follower
     POST /raft/add-node    {"addr": "host:port", "timeout_s": 10}: leader only; adds
@@ -30,7 +33,7 @@
     POST /fault/reset      {"peers": ["host:port", ...]}: close the Raft connections
                            with those peers once, as a link reset does (same rule)
 
-Binds to loopback by default. /queue*, /raft* and /fault* need
+Binds to loopback by default. /queue*, /raft*, /dkim* and /fault* need
 `Authorization: Bearer <token>` (the node's admin token, see config.py);
 /status, /metrics, /healthz and /readyz do not (no message data in them).
 Selections are made from this node's copy of
@@ -66,7 +69,7 @@ from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
 MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
-PROTECTED = ("/queue", "/raft", "/fault")
+PROTECTED = ("/queue", "/raft", "/fault", "/dkim")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SELECT = 100_000
 IDS_PER_COMMAND = 500  # keeps each log entry small
@@ -99,6 +102,7 @@ class AdminServer:
         # DKIM: this node's key set (DkimSigner.describe) and the signer of its own reports
         self.dkim: Callable[[], dict[str, Any]] = lambda: {}
         self.sign_report: Callable[[bytes, int], bytes] | None = None
+        self.reload_dkim: Callable[[], dict[str, Any]] | None = None
         # readiness.assess over this node's Raft status and commit pipeline (set by Node)
         self.readiness: Callable[[], Readiness] = lambda: assess(
             raft.status, PipelineHealth(None, None, 0, None)
@@ -122,6 +126,7 @@ class AdminServer:
                 web.get("/queue/{id}/body", self._body),
                 web.post("/queue/{op}", self._operate),
                 web.post("/raft/compact", self._compact),
+                web.post("/dkim/reload", self._reload_dkim),
                 web.post("/raft/transfer-leadership", self._transfer),
                 web.post("/raft/add-node", self._change_membership),
                 web.post("/raft/remove-node", self._change_membership),
@@ -328,6 +333,14 @@ class AdminServer:
         # Which domains signed it (DKIM-Signature d=), read from the stored header.
         signed = signing_domains(self._store.read_body(msg)[:MAX_HEADER_SCAN_BYTES])
         return web.json_response({**msg.summary(), "dkim_domains": signed})
+
+    async def _reload_dkim(self, request: web.Request) -> web.Response:
+        if self.reload_dkim is None:
+            return web.json_response({"error": "no DKIM reload here"}, status=404)
+        try:
+            return web.json_response(self.reload_dkim())
+        except ConfigError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
 
     async def _body(self, request: web.Request) -> web.Response:
         msg = self._store.get_message(request.match_info["id"])

@@ -408,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
         from mqnode.node import Node
 
-        run_event_loop(Node(cfg).run())
+        def reload_config() -> NodeConfig:
+            return NodeConfig.load(args.config, overrides)
+
+        run_event_loop(Node(cfg, reload_config=reload_config).run())
         return 0
     except ConfigError as exc:
         print(f"mqnode: error: {exc}", file=sys.stderr)

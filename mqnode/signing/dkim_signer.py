@@ -25,6 +25,7 @@ carries are kept; ours go on top.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 from email.utils import getaddresses
 from typing import Any
@@ -129,6 +130,11 @@ class _Message(dkim.DKIM):  # type: ignore[misc]
 
 class DkimSigner:
     """Signs messages with a KeySet (module docstring)."""
+
+    @staticmethod
+    def settings(cfg: NodeConfig) -> dict[str, Any]:
+        """The dkim_* settings of `cfg`: what a reload changes (and sends to SMTP workers)."""
+        return {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("dkim_")}
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> DkimSigner:

@@ -11,6 +11,7 @@ describe, events).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -137,6 +138,12 @@ class InProcessFront:
     def counts(self) -> tuple[int, int]:
         """(accepted, refused) DATA replies so far."""
         return self.ingress.accepted, self.ingress.refused
+
+    def set_dkim(self, settings: dict[str, Any]) -> None:
+        """Sign with these dkim_* settings from now on (ConfigError: keep the old keys)."""
+        self._cfg = dataclasses.replace(self._cfg, **settings)
+        signer = DkimSigner.from_config(self._cfg)
+        self.ingress.set_signer(signer if signer.keys else None)
 
     def describe(self) -> dict[str, Any] | None:
         return None  # /status: no worker processes

@@ -286,6 +286,10 @@ class SmtpIngress:
         self.failed_logins = 0
         self.events: EventLog | None = None
 
+    def set_signer(self, signer: DkimSigner | None) -> None:
+        """Sign with these keys from the next message on (a DKIM reload)."""
+        self._signer = signer
+
     def _allowed(self, session: Session) -> bool:
         if session.authenticated:
             return True  # an authenticated user may submit from any network

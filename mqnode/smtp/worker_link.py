@@ -12,6 +12,7 @@ lists, streamed back to back (msgpack's Unpacker finds the boundaries):
     [MESSAGE, id, client key]               [ALLOWED, id, bool]
     [COUNTS, accepted, refused]
                                             [FILL, store fill ratio]
+                                            [DKIM, the dkim_* settings to sign with now]
 
 Writes made in one event-loop turn leave in one system call: a commit answers a
 batch of submissions at once. Limits: a message over `MAX_MESSAGE_BYTES` (a
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 
-SUBMIT, RESULT, FAILED, OPEN, OPENED, CLOSE, MESSAGE, ALLOWED, COUNTS, FILL = range(1, 11)
+SUBMIT, RESULT, FAILED, OPEN, OPENED, CLOSE, MESSAGE, ALLOWED, COUNTS, FILL, DKIM = range(1, 12)
 
 # SubmitError subclasses by name on the wire, so the worker answers the SMTP client
 # exactly what the node would have (451 4.3.0, 452 4.3.1, ...).

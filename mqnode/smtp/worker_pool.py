@@ -49,6 +49,7 @@ from mqnode.smtp.worker_link import (
     ALLOWED,
     CLOSE,
     COUNTS,
+    DKIM,
     FAILED,
     FILL,
     MESSAGE,
@@ -113,6 +114,14 @@ class WorkerPool:
             accepted += w.counts[0]
             refused += w.counts[1]
         return accepted, refused
+
+    def set_dkim(self, settings: dict[str, Any]) -> None:
+        """Each worker signs with these dkim_* settings from now on, and so does every
+        worker started later. A worker that cannot load them keeps its keys and logs why."""
+        self._cfg = dataclasses.replace(self._cfg, **settings)
+        for w in self._workers:
+            if w.link is not None and not w.link.closed:
+                w.link.send([DKIM, settings])
 
     def describe(self) -> dict[str, Any]:
         """For /status: the workers running now (by PID) and how often one was restarted."""

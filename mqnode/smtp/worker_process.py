@@ -27,24 +27,28 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from mqnode.clock import SystemClock
 from mqnode.config import NodeConfig
-from mqnode.errors import NoLeaderError, time_out
+from mqnode.errors import ConfigError, NoLeaderError, time_out
 from mqnode.eventloop import run_event_loop
+from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.front import build_ingress, listen_addrs, serve
 from mqnode.smtp.handler import SmtpIngress
 from mqnode.smtp.worker_link import (
     ALLOWED,
     CLOSE,
     COUNTS,
+    DKIM,
     FAILED,
     FILL,
     MESSAGE,
@@ -75,6 +79,7 @@ class NodeLink:
         self._waiting: dict[int, asyncio.Future[list[Any]]] = {}
         self._fill = 0.0
         self.gone = asyncio.Event()
+        self.on_dkim: Callable[[dict[str, Any]], None] = lambda settings: None
 
     def fill_ratio(self) -> float:
         return self._fill
@@ -121,6 +126,9 @@ class NodeLink:
         if msg[0] == FILL:
             self._fill = float(msg[1])
             return
+        if msg[0] == DKIM:
+            self.on_dkim(msg[1] if len(msg) > 1 and isinstance(msg[1], dict) else {})
+            return
         future = self._waiting.pop(msg[1], None) if len(msg) > 1 else None
         if future is not None and not future.done():
             future.set_result(msg)
@@ -157,6 +165,16 @@ async def run(spec: dict[str, Any]) -> None:
     )
     rng = random.Random()
     ingress = build_ingress(cfg, node, SystemClock(), rng.randbytes, node.fill_ratio, gate=node)
+
+    def reload_dkim(settings: dict[str, Any]) -> None:
+        try:
+            signer = DkimSigner.from_config(dataclasses.replace(cfg, **settings))
+        except (ConfigError, TypeError) as exc:
+            log.error("dkim reload refused, signing with the keys as they were: %s", exc)
+            return
+        ingress.set_signer(signer if signer.keys else None)
+
+    node.on_dkim = reload_dkim
     socks = [socket.socket(fileno=int(fd)) for fd in spec["listen_fds"]]
     servers = await serve(ingress, listen_addrs(cfg), socks)
     stop = asyncio.Event()

@@ -5,7 +5,10 @@ with the key looked up in that DNS server.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import dns.nameserver
 import dns.resolver
 import pytest
 
+from tests.support.chaos import post_json
 from tests.support.cli import run_cli
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
@@ -140,3 +144,103 @@ def test_delivered_mail_verifies_with_both_keys(
         d = dkim.DKIM(content)
         assert [d.verify(idx=i, dnsfunc=verify) for i in range(2)] == [True, True], name
         assert content.endswith(sent.split(b"\r\n\r\n", 1)[1])  # the body as it was sent
+
+
+def _status_key_sets(c: Cluster) -> set[str]:
+    return {c.status(i)["dkim"]["key_set"] for i in range(3)}
+
+
+def _hup(c: Cluster, i: int) -> None:
+    proc = c.nodes[i].proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGHUP)
+
+
+def test_keys_rotate_without_a_restart_and_a_bad_key_keeps_the_old_ones(
+    keys: dict[str, tuple[str, str]], dns_server: DnsServer, tmp_path: Path
+) -> None:
+    """A new selector through the config file and SIGHUP (and POST /dkim/reload), under
+    load, with SMTP workers: every message is signed by the old key or the new one,
+    whole; a key file that cannot be used is refused and the old keys stay."""
+    new_path, new_text = _keygen(tmp_path / "new", "rsa2", "rsa")
+    dns_server.set_zones(
+        {
+            f"rsa1._domainkey.{DOMAIN}": {"TXT": [_txt(keys["rsa"][1])]},
+            f"rsa2._domainkey.{DOMAIN}": {"TXT": [_txt(new_text)]},
+        }
+    )
+    conf = tmp_path / "dkim.toml"
+    conf.write_text(f'dkim_keys = ["{DOMAIN}:rsa1:{keys["rsa"][0]}"]\n')
+    port, socks = bind_common_port(["127.0.0.1"])
+    phase: dict[str, str] = {}  # Message-ID -> the selector it must carry ("" either)
+    with SinkHost() as host:
+        sink = host.add("receiver", socks["127.0.0.1"])
+        args = [*FAST_TUNING, "--smtp-workers", "2", "--config", str(conf)]
+        with Cluster(tmp_path / "c", extra_args=args, relay_host=f"127.0.0.1:{port}") as c:
+            before = _status_key_sets(c)
+            assert len(before) == 1 and "" not in before
+
+            def send(n: int, selector: str) -> None:
+                for _ in range(n):
+                    i = len(phase)
+                    node = c.nodes[i % 3]
+                    mid = f"<rot{i}@{DOMAIN}>"
+                    body = (
+                        f"From: a@{DOMAIN}\r\nTo: r@example.net\r\nSubject: {i}\r\n"
+                        f"Message-ID: {mid}\r\n\r\nmessage {i}\r\n"
+                    ).encode()
+                    code, text, _ = submit(
+                        node.host, node.smtp_port, f"a@{DOMAIN}", ["r@x.test"], body
+                    )
+                    assert code == 250, text
+                    phase[mid] = selector
+
+            send(6, "rsa1")
+            conf.write_text(f'dkim_keys = ["{DOMAIN}:rsa2:{new_path}"]\n')
+            for i in (0, 1):
+                _hup(c, i)
+                send(3, "")  # the signal is being handled: either key, never none
+            reloaded = post_json(c, 2, "/dkim/reload", {})
+            assert reloaded["domains"] == [DOMAIN]
+
+            def changed() -> tuple[bool | None, str]:
+                sets = _status_key_sets(c)
+                return (True if len(sets) == 1 and sets != before else None), str(sets)
+
+            c.poll("every node's key set to change", changed, 20)
+            send(6, "rsa2")
+            bad = tmp_path / "bad.key"
+            bad.write_text("not a key\n")
+            bad.chmod(0o600)
+            conf.write_text(f'dkim_keys = ["{DOMAIN}:rsa3:{bad}"]\n')
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                post_json(c, 0, "/dkim/reload", {})
+            assert refused.value.code == 400 and "bad.key" in refused.value.read().decode()
+            _hup(c, 1)
+
+            def logged() -> tuple[bool | None, str]:
+                text = c.nodes[1].log_path.read_text(errors="replace")
+                return (True if "dkim reload refused" in text else None), "no line yet"
+
+            c.poll("the refused reload to be logged", logged, 20)
+            after = _status_key_sets(c)
+            assert after != before and len(after) == 1  # the bad key changed nothing
+            send(3, "rsa2")
+
+            def arrived() -> tuple[list[Any] | None, str]:
+                got = [d for d in sink.datas if d.reply.startswith("250")]
+                return (got if len(got) >= len(phase) else None), f"{len(got)}/{len(phase)}"
+
+            got = c.poll("every message at the receiver", arrived, 60)
+    verify = _dnsfunc(dns_server)
+    seen = set()
+    for d in got:
+        header = d.content.split(b"\r\n\r\n", 1)[0].replace(b"\r\n ", b" ")
+        assert header.count(b"DKIM-Signature:") == 1, header[:300]
+        assert dkim.DKIM(d.content).verify(dnsfunc=verify), d.message_id
+        found = re.search(rb"\bs=(rsa\d);", header)
+        assert found is not None
+        selector = found.group(1).decode()
+        assert phase[d.message_id] in ("", selector), (d.message_id, selector)
+        seen.add(selector)
+    assert seen == {"rsa1", "rsa2"}
