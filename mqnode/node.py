@@ -377,6 +377,7 @@ class Node:
         def snapshot() -> MetricsSnapshot:
             st = raft.status
             accepted, refused = front.counts()
+            signed, sign_failures = front.dkim_counts()
             return MetricsSnapshot(
                 queue_by_state=store.counts(),
                 queue_by_domain=store.domain_counts(DOMAIN_SCAN_LIMIT),
@@ -392,6 +393,8 @@ class Node:
                 store_fill_ratio=store.fill_ratio(),
                 replication_lag={p: st.commit_index - m for p, m in st.match_index.items()},
                 destinations_suspended=dispatcher.suspended_count(),
+                dkim_signed=signed,
+                dkim_failures=sign_failures,
             )
 
         return NodeMetrics(snapshot)

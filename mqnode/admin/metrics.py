@@ -39,6 +39,8 @@ class MetricsSnapshot:
     store_fill_ratio: float = 0.0
     replication_lag: dict[str, int] = field(default_factory=dict)
     destinations_suspended: int = 0
+    dkim_signed: dict[str, int] = field(default_factory=dict)
+    dkim_failures: int = 0
 
 
 class _SnapshotCollector(Collector):
@@ -57,6 +59,15 @@ class _SnapshotCollector(Collector):
         for domain, n in s.queue_by_domain.items():
             g.add_metric([domain], n)
         yield g
+        c = CounterMetricFamily(
+            "mqnode_dkim_signed_messages", "Messages DKIM-signed at ingress", labels=["domain"]
+        )
+        for domain, n in s.dkim_signed.items():
+            c.add_metric([domain], n)
+        yield c
+        yield CounterMetricFamily(
+            "mqnode_dkim_failures", "Messages refused because signing failed", value=s.dkim_failures
+        )
         c = CounterMetricFamily("mqnode_smtp_messages", "SMTP DATA replies", labels=["result"])
         c.add_metric(["accepted"], s.smtp_accepted)
         c.add_metric(["refused"], s.smtp_refused)

@@ -139,6 +139,10 @@ class InProcessFront:
         """(accepted, refused) DATA replies so far."""
         return self.ingress.accepted, self.ingress.refused
 
+    def dkim_counts(self) -> tuple[dict[str, int], int]:
+        """(messages signed by domain, messages refused because signing failed)."""
+        return dict(self.ingress.dkim_signed), self.ingress.dkim_failed
+
     def set_dkim(self, settings: dict[str, Any]) -> None:
         """Sign with these dkim_* settings from now on (ConfigError: keep the old keys)."""
         self._cfg = dataclasses.replace(self._cfg, **settings)

@@ -285,6 +285,8 @@ class SmtpIngress:
         # mechanisms and hooks.
         self.failed_logins = 0
         self.events: EventLog | None = None
+        self.dkim_signed: dict[str, int] = {}  # messages signed, by signing domain
+        self.dkim_failed = 0  # messages refused because signing failed
 
     def set_signer(self, signer: DkimSigner | None) -> None:
         """Sign with these keys from the next message on (a DKIM reload)."""
@@ -419,14 +421,19 @@ class SmtpIngress:
             body = f"Message-ID: {message_id}\r\n".encode() + body
         utf8 = bool(getattr(envelope, "smtp_utf8", False))
         signatures = b""
+        signed_by: tuple[str, ...] = ()
         if self._signer is not None:
             # After the idempotency key (a retry is the same message) and the Message-ID
             # (which is signed); t= is the receive time this command carries.
             try:
-                signatures, _ = self._signer.sign(body, now_ms // 1000)
+                signatures, domains = self._signer.sign(body, now_ms // 1000)
             except SigningError as exc:
+                self.dkim_failed += 1
                 log.error("refused message from %s: %s", session.peer, exc)
                 raise SubmitError("message not signed; try again later") from exc
+            for domain in domains:
+                self.dkim_signed[domain] = self.dkim_signed.get(domain, 0) + 1
+            signed_by = domains
         body = signatures + self._received(session, queue_id, rcpts, now_ms, utf8) + body
         upload_id, chunks = "", 0
         inline: bytes | None = body
@@ -453,7 +460,7 @@ class SmtpIngress:
             **(envelope.enqueue_fields() if isinstance(envelope, DsnEnvelope) else {}),
         )
         if self.events is not None:
-            emit_received(self.events, cmd)
+            emit_received(self.events, cmd, signed_by)
         status, value = await self._submit_with_chunks(cmd, parts, now_ms)
         if status in ("queued", "duplicate"):
             if self.events is not None:
@@ -524,8 +531,9 @@ class SmtpIngress:
         return last
 
 
-def emit_received(events: EventLog, cmd: Enqueue) -> None:
-    """The `received` event, from the Enqueue about to be submitted (here or by a worker)."""
+def emit_received(events: EventLog, cmd: Enqueue, dkim: tuple[str, ...] = ()) -> None:
+    """The `received` event, from the Enqueue about to be submitted (here or by a worker);
+    `dkim`: the domains that signed it."""
     events.emit(
         "received",
         cmd.queue_id,
@@ -534,6 +542,7 @@ def emit_received(events: EventLog, cmd: Enqueue) -> None:
         nrcpt=len(cmd.recipients),
         size=cmd.body_size,
         message_id=cmd.message_id,
+        **({"dkim": list(dkim)} if dkim else {}),
     )
 
 

@@ -10,7 +10,7 @@ lists, streamed back to back (msgpack's Unpacker finds the boundaries):
     [OPEN, id, client key]                  [OPENED, id, client key, refusal or None]
     [CLOSE, client key]
     [MESSAGE, id, client key]               [ALLOWED, id, bool]
-    [COUNTS, accepted, refused]
+    [COUNTS, accepted, refused, signed by domain, signing failures]
                                             [FILL, store fill ratio]
                                             [DKIM, the dkim_* settings to sign with now]
 

@@ -42,6 +42,7 @@ from mqnode.config import NodeConfig
 from mqnode.errors import CodecError, MqnodeError, SubmitError
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
+from mqnode.signing.keys import signing_domains
 from mqnode.smtp.front import bind, listen_addrs
 from mqnode.smtp.handler import emit_committed, emit_received
 from mqnode.smtp.ratelimit import ClientLimits
@@ -66,6 +67,7 @@ from mqnode.spool.commands import Enqueue, from_wire
 log = logging.getLogger(__name__)
 
 FILL_PUSH_S = 0.5
+MAX_DKIM_DOMAINS = 10_000  # signing domains a worker may report (bounds its message)
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 10.0
 STABLE_S = 30.0
@@ -80,6 +82,7 @@ class _Worker:
     link: Link | None = None
     keys: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     counts: tuple[int, int] = (0, 0)
+    dkim: tuple[dict[str, int], int] = ({}, 0)  # what its ingress signed, failures
 
 
 class WorkerPool:
@@ -101,6 +104,7 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._submits: set[asyncio.Task[None]] = set()
         self._retired = (0, 0)
+        self._retired_dkim: tuple[dict[str, int], int] = ({}, 0)
         self._stopping = False
         self.restarts = 0
         self.events: EventLog | None = None
@@ -114,6 +118,15 @@ class WorkerPool:
             accepted += w.counts[0]
             refused += w.counts[1]
         return accepted, refused
+
+    def dkim_counts(self) -> tuple[dict[str, int], int]:
+        """(messages signed by domain, signing failures) by every worker so far."""
+        signed, failed = dict(self._retired_dkim[0]), self._retired_dkim[1]
+        for w in self._workers:
+            for domain, n in w.dkim[0].items():
+                signed[domain] = signed.get(domain, 0) + n
+            failed += w.dkim[1]
+        return signed, failed
 
     def set_dkim(self, settings: dict[str, Any]) -> None:
         """Each worker signs with these dkim_* settings from now on, and so does every
@@ -240,6 +253,11 @@ class WorkerPool:
         w.keys.clear()
         self._retired = (self._retired[0] + w.counts[0], self._retired[1] + w.counts[1])
         w.counts = (0, 0)
+        signed, failed = self._retired_dkim
+        for domain, n in w.dkim[0].items():
+            signed[domain] = signed.get(domain, 0) + n
+        self._retired_dkim = (signed, failed + w.dkim[1])
+        w.dkim = ({}, 0)
         w.link = None
 
     async def _push_fill(self) -> None:
@@ -275,6 +293,9 @@ class WorkerPool:
             link.send([ALLOWED, msg[1], self._limits.allow_message(str(msg[2]))])
         elif kind == COUNTS:
             w.counts = (int(msg[1]), int(msg[2]))
+            if len(msg) >= 5 and isinstance(msg[3], dict):
+                signed = {str(d): int(n) for d, n in list(msg[3].items())[:MAX_DKIM_DOMAINS]}
+                w.dkim = (signed, int(msg[4]))
         else:
             log.warning("smtp worker %d: unexpected message kind %r", w.index, kind)
 
@@ -286,7 +307,8 @@ class WorkerPool:
             return
         enqueue = cmd if isinstance(cmd, Enqueue) else None
         if enqueue is not None and self.events is not None:
-            emit_received(self.events, enqueue)
+            signed = tuple(signing_domains(enqueue.body)) if enqueue.body else ()
+            emit_received(self.events, enqueue, signed)
         try:
             result = await self._submitter.submit(cmd)
         except SubmitError as exc:

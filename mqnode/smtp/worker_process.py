@@ -146,12 +146,12 @@ class NodeLink:
 
 
 async def _push_counts(node: NodeLink, ingress: SmtpIngress) -> None:
-    last: list[int] = []
+    last: list[Any] = []
     while not node.link.closed:
-        counts = [ingress.accepted, ingress.refused]
+        counts = [ingress.accepted, ingress.refused, ingress.dkim_signed, ingress.dkim_failed]
         if counts != last:
             node.link.send([COUNTS, *counts])
-            last = counts
+            last = [*counts[:2], dict(ingress.dkim_signed), ingress.dkim_failed]
         await asyncio.sleep(COUNTS_PUSH_S)
 
 
@@ -191,7 +191,8 @@ async def run(spec: dict[str, Any]) -> None:
         deadline = loop.time() + DRAIN_S
         while node.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        node.link.send([COUNTS, ingress.accepted, ingress.refused])
+        final = [ingress.accepted, ingress.refused, ingress.dkim_signed, ingress.dkim_failed]
+        node.link.send([COUNTS, *final])
     counts.cancel()
     node.link.close()
     why = "the node is gone" if node.gone.is_set() else "SIGTERM"

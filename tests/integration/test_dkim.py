@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,21 @@ def test_delivered_mail_verifies_with_both_keys(
                 return (got if len(got) >= len(bodies) else None), f"{len(got)} arrived"
 
             got = c.poll("every message at the receiver", arrived, 60)
+
+            def counted() -> tuple[bool | None, str]:
+                total = 0.0
+                for node in c.nodes:
+                    with urllib.request.urlopen(node.admin_url + "/metrics", timeout=5) as r:
+                        text = r.read().decode()
+                    found = re.search(
+                        r'^mqnode_dkim_signed_messages_total\{domain="signer.test"\} (\S+)$',
+                        text,
+                        re.M,
+                    )
+                    total += float(found.group(1)) if found else 0.0
+                return (True if total == 3 else None), f"{total} signed in the metrics"
+
+            c.poll("the three signed messages in the nodes' metrics", counted, 20)
     verify = _dnsfunc(dns_server)
     by_id = {d.message_id: d.content for d in got}
     for name, sent in bodies.items():
