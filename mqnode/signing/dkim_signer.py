@@ -93,7 +93,10 @@ class _Message(dkim.DKIM):  # type: ignore[misc]
         self.signature_algorithm = algorithm
         self.hasher = dkim.HASH_ALGORITHMS[algorithm]
         policy = CanonicalizationPolicy.from_c_value(_RELAXED)
-        body_hash = base64.b64encode(self.hasher(policy.canonicalize_body(self.body)).digest())
+        body_hash: bytes | None = getattr(self, "_mq_body_hash", None)
+        if body_hash is None:  # both algorithms hash the body with SHA-256: once per message
+            body = policy.canonicalize_body(self.body)
+            body_hash = self._mq_body_hash = base64.b64encode(self.hasher(body).digest())
         present = {name.lower() for name, _ in self.headers}
         include = (*(h for h in headers if h in present), b"from")
         fields = [
