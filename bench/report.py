@@ -137,7 +137,8 @@ def section(
     lines = [
         _begin(workload),
         f"Measured {meta['started']} with `{command}` ({meta['mode']} mode) on "
-        f"{meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}."
+        f"{meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}"
+        + (f"; code at {meta['code']}." if meta.get("code") else ".")
         + (f" {meta['note']}" if meta.get("note") else ""),
         "",
         *workload_table(workload, rows, summary_only=True),
@@ -228,4 +229,25 @@ def machine_meta(mode: str, started: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "code": code_version(),
     }
+
+
+def code_version() -> str:
+    """The commit measured (with "+changes" when the work tree differs from it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "mqnode", "bench"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + ("+changes" if dirty else "")
