@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             upgraded_at = time.monotonic()
             print(f"upgraded the old leader {c.nodes[lead].node_id}", flush=True)
             _wait(
-                "cluster_reads_level 2 everywhere",
-                lambda: all(c.status(i).get("cluster_reads_level") == 2 for i in range(3)),
+                "cluster_reads_level 2 or more everywhere",
+                lambda: all(c.status(i).get("cluster_reads_level", 1) >= 2 for i in range(3)),
                 args.max_s,
             )
             level_at = time.monotonic()

@@ -18,6 +18,7 @@ from email.message import EmailMessage, Message
 
 import pytest
 
+from mqnode.raft.formats import DSN_LEVEL
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer, mx_zones
 from tests.support.smtpsink import DataEvent, Sink, SinkHost, bind_common_port
@@ -41,11 +42,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, d
 
             def levels() -> tuple[bool | None, str]:
                 seen = [c.status(i)["cluster_reads_level"] for i in range(3)]
-                return (True if seen == [2, 2, 2] else None), f"cluster reads levels {seen}"
+                ready = all(level >= DSN_LEVEL for level in seen)
+                return (True if ready else None), f"cluster reads levels {seen}"
 
             # Every member announced that it reads DSN fields (raft/formats.py); until then a
             # node would queue the mail without them.
-            c.poll("every node to see reads level 2", levels, 30)
+            c.poll("every node to see the DSN reads level", levels, 30)
             yield c, sinks
 
 
