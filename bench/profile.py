@@ -1,7 +1,7 @@
 """Where a message's time and CPU go: one smtp-source run into a 3-node cluster's leader.
 
     python -m bench.profile                       # 10,000 x 1 KiB, 20 sessions
-    python -m bench.profile --sessions 40 --smtp-workers 2
+    python -m bench.profile --sessions=40 --smtp-workers 2
     python -m bench.profile --e2e                 # relay to smtp-sink, until it has all
     python -m bench.profile --drain               # queue first, then time delivery alone
     python -m bench.profile --nodes 1 --smtp-workers 2   # no replication: what consensus costs
