@@ -1,7 +1,7 @@
 """The bench suite: mqnode against Postfix and the Python SMTP ceiling, side by side in one run.
 
     python -m bench [--full] [--record]
-        [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e]
+        [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e,paired-dkim]
 
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
@@ -11,8 +11,9 @@ Writes `<stamp>-<mode>.json` and PNG plots named after it to `bench/results/`
 section of each workload it measured (table, this exact command, machine and
 date), and puts the plots the page shows in `docs/bench/` under fixed names;
 sections of workloads it did not run are left as they are.
-Postfix rows need `postfix`, `smtp-source` and `smtp-sink` and root; without
-them they are skipped with the reason in the table. Everything runs on
+Postfix rows need `postfix`, `smtp-source` and `smtp-sink` and root, and
+paired-dkim's reference the `opendkim` daemon; without them they are skipped
+with the reason in the table. Everything runs on
 127.0.0.1; every load is bounded in count and time; every process started is
 stopped by PID. The machines are shared and noisy: read the ratios, not the
 absolute numbers.
@@ -29,7 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import paired, postfix, report
+from bench import paired, paired_dkim, postfix, report
 from bench.runners import Row
 from bench.workloads import FULL, QUICK, WORKLOADS, Plan, run
 
@@ -46,6 +47,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "scaling": len(plan.scaling_sizes) + len(plan.node_counts),
         "paired": plan.paired_rounds * len(paired.SYSTEMS),
         "paired-e2e": plan.paired_rounds * len(paired.E2E_SYSTEMS),
+        "paired-dkim": plan.paired_rounds * len(paired_dkim.SYSTEMS),
     }
     return sum(per[n] for n in names)
 

@@ -64,7 +64,7 @@ def paired(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
             row.extra["fsync/s, 20 threads"] = round(fsync_rate())
         return _measure(name, plan, base, messages)
 
-    _rounds("paired", SYSTEMS, measure, plan, tmp, step, out, (POSTFIX, NULL))
+    rounds("paired", SYSTEMS, measure, plan, tmp, step, out, (POSTFIX, NULL))
 
 
 def paired_e2e(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
@@ -80,13 +80,13 @@ def paired_e2e(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
             raise postfix.PostfixBenchError(f"smtp-sink got {got} of {messages} in time")
         return got / span
 
-    _rounds("paired-e2e", E2E_SYSTEMS, measure, plan, tmp, step, out, (POSTFIX_E2E,))
+    rounds("paired-e2e", E2E_SYSTEMS, measure, plan, tmp, step, out, (POSTFIX_E2E,))
 
 
 Measure = Callable[[str, int, Row, Path], float]
 
 
-def _rounds(
+def rounds(
     workload: str,
     systems: tuple[str, ...],
     measure: Measure,
@@ -95,8 +95,10 @@ def _rounds(
     step: Step,
     out: Results,
     refs: tuple[str, ...],
+    labels: dict[str, str] | None = None,
 ) -> None:
-    """`plan.paired_rounds` rounds of every system, order rotated each round; then summaries."""
+    """`plan.paired_rounds` rounds of every system, order rotated each round; then summaries
+    with each system's ratio to every one of `refs` (named as `labels` says)."""
     why = postfix.available()
     if why is not None:
         step(f"{workload}: skipped ({why})")
@@ -118,7 +120,7 @@ def _rounds(
                 row.note = f"failed: {exc}"
             rates[name].append(row.rate)
             out.rows.append(row)
-    out.rows += summary(rates, params, workload, refs)
+    out.rows += summary(rates, params, workload, refs, labels)
 
 
 def mqnode_end_to_end(base: Path, messages: int, plan: Plan, workers: bool) -> tuple[int, float]:
@@ -197,9 +199,15 @@ def summary(
     params: dict[str, Any],
     workload: str = "paired",
     refs: tuple[str, ...] = (POSTFIX, NULL),
+    labels: dict[str, str] | None = None,
 ) -> list[Row]:
     """One row per system: median rate over rounds; ratios per round, median and range."""
-    labels = {POSTFIX: "x Postfix", NULL: "x null handler", POSTFIX_E2E: "x Postfix"}
+    labels = {
+        POSTFIX: "x Postfix",
+        NULL: "x null handler",
+        POSTFIX_E2E: "x Postfix",
+        **(labels or {}),
+    }
     rows = []
     for name, mine in rates.items():
         ok = [x for x in mine if x]

@@ -369,6 +369,7 @@ def measure_postfix(
     path: str | None = None,
     tmp_root: str | None = None,
     warmup: int = 0,
+    extra_main_cf: dict[str, str] | None = None,
 ) -> tuple[RefRow, RefRow]:
     """One run through a throwaway Postfix: (accept row, end-to-end row).
 
@@ -385,13 +386,19 @@ def measure_postfix(
     most max_s after smtp-source finished. The queue goes in a temporary
     directory under tmp_root (default: the system's): put it on the disk
     the mqnode rows use, since fsync cost is what this row measures.
+    `extra_main_cf` adds main.cf settings (a signing milter: bench/opendkim.py).
     """
     smtp_port, relay_port = free_ports(2)
     with (
         tempfile.TemporaryDirectory(prefix="bench-postfix-", dir=tmp_root) as tmp,
         smtp_sink(relay_port, path=path) as sink,
         throwaway_postfix(
-            Path(tmp), smtp_port, relay_port, concurrency=concurrency, path=path
+            Path(tmp),
+            smtp_port,
+            relay_port,
+            concurrency=concurrency,
+            path=path,
+            extra_main_cf=extra_main_cf,
         ) as inst,
     ):
         base = sink.received()  # our readiness probes are sessions, not messages

@@ -26,6 +26,7 @@ POSTFIX = {
     "sessions": "Postfix accept",
     "paired": "Postfix accept",
     "paired-e2e": "Postfix end to end",
+    "paired-dkim": "Postfix + OpenDKIM milter accept",
 }
 
 
@@ -68,7 +69,16 @@ def _group_ratio(rows: list[Row], row: Row, names: tuple[str, ...]) -> float | N
     return row.rate / max(refs)
 
 
-TABLE_WORKLOADS = ("accept", "paired", "e2e", "paired-e2e", "latency", "sessions", "scaling")
+TABLE_WORKLOADS = (
+    "accept",
+    "paired",
+    "e2e",
+    "paired-e2e",
+    "paired-dkim",
+    "latency",
+    "sessions",
+    "scaling",
+)
 WORKLOAD_ORDER = (*TABLE_WORKLOADS, "failover")
 # The plot each workload's section shows (written under a stable name with --record).
 PLOT_OF = {"failover": "failover-throughput", "latency": "latency-cdf"}

@@ -12,6 +12,8 @@
   sessions   acceptance against the number of sessions (bench/workloads.py)
   paired     the 1 KiB acceptance ratios, measured in back-to-back rounds (bench/paired.py)
   paired-e2e the 1 KiB end-to-end ratios to Postfix, in back-to-back rounds (bench/paired.py)
+  paired-dkim what DKIM signing (RSA-2048, Ed25519) costs acceptance, against Postfix
+             signing through the OpenDKIM milter, in rounds (bench/paired_dkim.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -32,6 +34,7 @@ from typing import Any
 
 from bench import postfix
 from bench.paired import mqnode_end_to_end, paired, paired_e2e
+from bench.paired_dkim import paired_dkim
 from bench.plan import (
     FULL,
     KIB,
@@ -434,6 +437,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "scaling": scaling,
     "paired": paired,
     "paired-e2e": paired_e2e,
+    "paired-dkim": paired_dkim,
 }
 
 
