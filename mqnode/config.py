@@ -142,6 +142,19 @@ class NodeConfig:
     retry_base_s: int = setting(300, "first retry after this; doubles each attempt")
     retry_max_s: int = setting(4000, "longest wait between retries")
     max_queue_lifetime_s: int = setting(5 * 86400, "bounce mail still undelivered after this")
+    # mqnode/delivery/bounce_rules.toml documents the format; re-read on SIGHUP.
+    bounce_rules_file: str = setting(
+        "", "bounce classification rules, read before the shipped ones", "FILE"
+    )
+    # delivery/auto_suppress.py: a bounce of these categories suppresses the address.
+    suppress_bounces: list[str] = setting(
+        ["invalid-recipient:30", "bad-domain:30", "inactive-mailbox:30"],
+        "bounce categories that suppress the address, CATEGORY:DAYS (0 days: for good)",
+        "LIST",
+    )
+    suppress_bounce_exempt_domains: list[str] = setting(
+        [], "sending domains whose bounces suppress nothing", "DOMAINS"
+    )
     lease_ms: int = setting(3000, "dispatch lease of the leader")
     lease_margin_ms: int = setting(500, "stop dispatching this long before the lease ends")
     # TLS cert+key enable STARTTLS (and smtps_addr, implicit TLS, RFC 8314); a users file

@@ -28,8 +28,11 @@ from typing import IO, Any
 from mqnode.admin.endpoint import AdminServer
 from mqnode.admin.metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
+from mqnode.admin.suppressions import SuppressionRoutes
 from mqnode.clock import Clock, SystemClock
 from mqnode.config import NodeConfig, parse_hostport
+from mqnode.delivery.auto_suppress import AutoSuppress, parse_rules
+from mqnode.delivery.bounce_classes import BounceClassifier, Category
 from mqnode.delivery.client import DeliveryAgent, RelayAuth
 from mqnode.delivery.dispatcher import Dispatcher, DispatchSettings
 from mqnode.delivery.lease import LeaderLease
@@ -52,7 +55,7 @@ from mqnode.signing.keys import KeySet
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
-from mqnode.spool.commands import MEMBERS_LEVEL, READS_LEVEL, Announce
+from mqnode.spool.commands import MEMBERS_LEVEL, READS_LEVEL, SUPPRESS_LEVEL, Announce
 from mqnode.spool.statemachine import QueueStateMachine
 from mqnode.spool.store import QueueStore, StateTxn
 from mqnode.tls import relay_client_context, required_client_context
@@ -170,6 +173,7 @@ class Node:
         self._lists = ListWatch()  # member lists that disagree with the leader's
         self._store: QueueStore | None = None
         self._signer = DkimSigner(KeySet([]))  # the node's own reports' signer (run builds it)
+        self._bounces = BounceClassifier.load()  # run loads the operator's rules too
 
     async def run(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -177,6 +181,8 @@ class Node:
         secret = cfg.read_secret()
         relay_auth = self._relay_auth()  # a bad login file or CA file stops us here
         signer = self._signer = DkimSigner.from_config(cfg)  # so does an unusable DKIM key
+        self._bounces = BounceClassifier.load(cfg.bounce_rules_file)  # and a bad rules file
+        suppress_days = parse_rules(cfg.suppress_bounces, {c.value for c in Category})
         if signer.keys:
             log.info(
                 "dkim: signing for %s (key set %s)",
@@ -194,6 +200,7 @@ class Node:
         )
         gate = LevelGate(pipeline, lambda: self._reads_level(store, raft), self.clock)
         front = self._front = self._build_smtp_front(gate, store)
+        front.set_suppression(self._suppression, store.suppression_count)
         # As many parked sessions per target as may deliver to it at once: with fewer,
         # a burst closed the surplus and reconnected for the next one (connect, EHLO,
         # QUIT per message cost the leader ~100 us of CPU each in the e2e bench).
@@ -207,6 +214,13 @@ class Node:
         )
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         dispatcher = self._build_dispatcher(store, pipeline, agent, lease)
+        dispatcher.suppressed = self._suppression
+        dispatcher.auto_suppress = AutoSuppress(
+            pipeline,
+            suppress_days,
+            frozenset(d.lower() for d in cfg.suppress_bounce_exempt_domains),
+            writable=self._suppression_writable,
+        )
         # After the state commit, not on a 250 (which goes out before it), and for mail
         # accepted by other nodes or released by an operator too.
         raft.on_applied = dispatcher.wake
@@ -223,6 +237,10 @@ class Node:
         admin.member_lists = self._lists.confirmed
         admin.dkim = lambda: self._signer.describe()
         admin.reload_dkim = self.reload_dkim
+        admin.classify = self._classify
+        admin.app.add_routes(
+            SuppressionRoutes(store, pipeline, self.clock, self._suppression_writable).routes()
+        )
         admin.sign_report = self._sign_report
 
         raft.start()
@@ -243,7 +261,7 @@ class Node:
             await front.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_dkim_logged)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_logged)
             log.info(
                 "node %s up: smtp %s, admin %s, raft %s peers %s",
                 cfg.node_id,
@@ -364,6 +382,7 @@ class Node:
             self._rng.random,
             self._rng.randbytes,
             sign_report=self._sign_report,
+            classify=self._classify,
         )
 
     def _build_metrics(
@@ -384,6 +403,7 @@ class Node:
                 smtp_accepted=accepted,
                 smtp_refused=refused,
                 outcomes=dict(dispatcher.counts),
+                bounce_categories=dict(dispatcher.categories),
                 role=st.role,
                 term=st.term,
                 commit_index=st.commit_index,
@@ -535,11 +555,40 @@ class Node:
         )
         return view
 
-    def _reload_dkim_logged(self) -> None:
+    def _suppression(self, recipient: str, sender_domain: str) -> str | None:
+        """Why mail from `sender_domain` to `recipient` is suppressed, or None."""
+        assert self._store is not None
+        entry = self._store.suppressed(recipient, sender_domain, self.clock.wall_ms())
+        return None if entry is None else entry.why()
+
+    def _suppression_writable(self) -> bool:
+        """Whether every member reads Suppress commands (raft/formats.py)."""
+        assert self._store is not None
+        return self._reads_level(self._store, self._raft) >= SUPPRESS_LEVEL
+
+    def _classify(self, reply: str, host: str) -> Category:
+        return self._bounces.classify(reply, host)  # the rules of the moment (reloads)
+
+    def reload_bounce_rules(self) -> int:
+        """Classify with the bounce rules file as the settings name it now (SIGHUP); all or
+        nothing, as reload_dkim. Returns the number of rules in use."""
+        path = self._reload_config().bounce_rules_file
+        classifier = BounceClassifier.load(path)
+        self.cfg = dataclasses.replace(self.cfg, bounce_rules_file=path)
+        self._bounces = classifier
+        log.info("bounce rules: reloaded; %d rules (%s)", len(classifier.rules), path or "shipped")
+        return len(classifier.rules)
+
+    def _reload_logged(self) -> None:
+        """SIGHUP: the DKIM keys and the bounce rules, each all or nothing."""
         try:
             self.reload_dkim()
         except ConfigError as exc:
             log.error("dkim reload refused, signing with the keys as they were: %s", exc)
+        try:
+            self.reload_bounce_rules()
+        except ConfigError as exc:
+            log.error("bounce rules reload refused, classifying as before: %s", exc)
 
     def _readiness(self) -> Readiness:
         return assess(self._raft.status, self._pipeline.health())

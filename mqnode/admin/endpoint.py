@@ -69,7 +69,7 @@ from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
 MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
-PROTECTED = ("/queue", "/raft", "/fault", "/dkim")
+PROTECTED = ("/queue", "/raft", "/fault", "/dkim", "/suppressions")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SELECT = 100_000
 IDS_PER_COMMAND = 500  # keeps each log entry small
@@ -103,6 +103,8 @@ class AdminServer:
         self.dkim: Callable[[], dict[str, Any]] = lambda: {}
         self.sign_report: Callable[[bytes, int], bytes] | None = None
         self.reload_dkim: Callable[[], dict[str, Any]] | None = None
+        # the bounce category of a reply (delivery/bounce_classes.py), for `queue show`
+        self.classify: Callable[[str, str], Any] | None = None
         # readiness.assess over this node's Raft status and commit pipeline (set by Node)
         self.readiness: Callable[[], Readiness] = lambda: assess(
             raft.status, PipelineHealth(None, None, 0, None)
@@ -332,7 +334,12 @@ class AdminServer:
             return web.json_response({"error": "no such message"}, status=404)
         # Which domains signed it (DKIM-Signature d=), read from the stored header.
         signed = signing_domains(self._store.read_body(msg)[:MAX_HEADER_SCAN_BYTES])
-        return web.json_response({**msg.summary(), "dkim_domains": signed})
+        view = {**msg.summary(), "dkim_domains": signed}
+        if self.classify is not None:  # what each recipient's last failure means
+            for r in view["recipients"]:
+                if r["last_reply"] and r["state"] != "delivered":
+                    r["category"] = str(self.classify(r["last_reply"], ""))
+        return web.json_response(view)
 
     async def _reload_dkim(self, request: web.Request) -> web.Response:
         if self.reload_dkim is None:

@@ -41,6 +41,8 @@ class MetricsSnapshot:
     destinations_suspended: int = 0
     dkim_signed: dict[str, int] = field(default_factory=dict)
     dkim_failures: int = 0
+    # (outcome, bounce category) -> recipients: the deferred and bounced ones, classified
+    bounce_categories: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class _SnapshotCollector(Collector):
@@ -77,6 +79,14 @@ class _SnapshotCollector(Collector):
         )
         for outcome, n in s.outcomes.items():
             c.add_metric([outcome], n)
+        yield c
+        c = CounterMetricFamily(
+            "mqnode_delivery_failures",
+            "Deferred and bounced recipients by bounce category (delivery/bounce_classes.py)",
+            labels=["outcome", "category"],
+        )
+        for (outcome, category), n in sorted(s.bounce_categories.items()):
+            c.add_metric([outcome, category], n)
         yield c
         g = GaugeMetricFamily("mqnode_raft_role", "1 for this node's current role", labels=["role"])
         for role in ("leader", "follower", "candidate"):

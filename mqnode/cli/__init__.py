@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from mqnode.cli import dkim, remote
+from mqnode.cli import bounces, dkim, remote, suppress
 from mqnode.cli import text as views
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError, MembershipError, MqnodeError
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_queue(sub)
     _add_cluster(sub)
     dkim.add_parser(sub)
+    bounces.add_parser(sub)
+    suppress.add_parser(sub, DEFAULT_ADMIN, ADMIN_HELP, TOKEN_HELP)
     sink = sub.add_parser(
         "dev-sink",
         help="a local SMTP sink that records what it receives, to try mqnode without a mail "
@@ -390,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             return _restore(args)
         if args.command == "dkim":
             return dkim.run(args)
+        if args.command == "bounces":
+            return bounces.run(args)
+        if args.command == "suppress":
+            return suppress.run(args)
         if args.command == "status":
             st = remote.fetch(args.admin, "/status")
             if args.json:

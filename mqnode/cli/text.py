@@ -54,6 +54,8 @@ def show_text(m: dict[str, Any], now_s: float) -> str:
         lines.append(f"  {r['address']}  {r['state']}, {tries} attempt{'s' * (tries != 1)}")
         if r.get("last_reply"):
             lines.append(f"      last reply: {r['last_reply']}")
+        if r.get("category"):
+            lines.append(f"      category: {r['category']}")
     return "\n".join(lines)
 
 

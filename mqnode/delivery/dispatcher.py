@@ -81,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
@@ -88,6 +89,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqnode.clock import Clock
+from mqnode.delivery.auto_suppress import AutoSuppress
+from mqnode.delivery.bounce_classes import BounceClassifier, Category
 from mqnode.delivery.client import DeliveryAgent, LeaseLost, Transaction
 from mqnode.delivery.feedback import ConcurrencyWindow, Contact
 from mqnode.delivery.lease import LeaderLease
@@ -104,6 +107,10 @@ from mqnode.spool.store import QueueStore
 log = logging.getLogger(__name__)
 
 MAX_REPLY_CHARS = 256
+# A recipient bounced at dispatch because it was suppressed after the message was queued.
+SUPPRESSED_REPLY = "5.7.1 recipient suppressed"
+# An expired message's reply is the last one it got, behind this: its category is that one's.
+_EXPIRED = re.compile(r"^4\.4\.7 message expired in queue: ")
 RESULTS_PER_COMMAND = 100
 CLAIM_AHEAD = 2  # claimed messages per delivery slot (see the module docstring)
 DESTS_SEEN_MAX = 100_000
@@ -145,9 +152,12 @@ class Dispatcher:
         unit_random: Callable[[], float],
         random_bytes: Callable[[int], bytes],
         sign_report: Callable[[bytes, int], bytes] | None = None,
+        classify: Callable[[str, str], Category] | None = None,
     ) -> None:
         self._s = settings
         self._sign_report = sign_report  # DKIM for the DSNs this node writes
+        # The bounce category of a reply and the host that gave it (events, metrics).
+        self._classify = classify or BounceClassifier.load().classify
         self._store = store
         self._rep = replicator
         self._agent = agent
@@ -175,6 +185,12 @@ class Dispatcher:
         self._suspended: dict[str, tuple[float, str]] = {}
         self._retries_seen = -1  # the store's operator retry count at the last scan
         self.counts = {o.value: 0 for o in Outcome}
+        self.categories: dict[tuple[str, str], int] = {}  # (outcome, category) -> recipients
+        # The suppression list (spool/suppression.py): why mail from the sender's domain to
+        # an address must not go, or None; checked again before each delivery, for mail
+        # queued before the entry. And what a hard bounce adds to it (AutoSuppress).
+        self.suppressed: Callable[[str, str], str | None] = lambda rcpt, sender: None
+        self.auto_suppress: AutoSuppress | None = None
         self.events: EventLog | None = None
         self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
 
@@ -379,12 +395,18 @@ class Dispatcher:
         # that does not offer it must not hold up the recipients that do not need it.
         tls_required = self._s.tls_required_domains
         by_dest: defaultdict[tuple[str, bool], list[tuple[int, str]]] = defaultdict(list)
+        skipped: list[RecipientResult] = []  # suppressed since the message was queued
+        sender_domain = domain_of(msg.mail_from) if "@" in msg.mail_from else ""
         for i, r in enumerate(msg.recipients):
             if r.state is RcptState.PENDING:
+                why = self.suppressed(r.address, sender_domain)
+                if why is not None:
+                    skipped.append((i, Outcome.BOUNCED.value, f"{SUPPRESSED_REPLY} ({why})"))
+                    continue
                 domain = domain_of(r.address)
                 key = (self._router.nexthop(domain), domain in tls_required)
                 by_dest[key].append((i, r.address))
-        if not by_dest:
+        if not by_dest and not skipped:
             return
         try:
             body = self._store.read_body(msg)
@@ -394,11 +416,10 @@ class Dispatcher:
             log.error("%s: cannot read the message body: %s", msg.queue_id, exc)
             reply = f"4.3.0 queued message damaged on {self._s.node_id}: {exc}"
             pending = [i for rcpts in by_dest.values() for i, _ in rcpts]
-            await self._record(
-                msg, epoch, [(i, Outcome.DEFERRED.value, reply) for i in pending], {}, b""
-            )
+            deferred = [(i, Outcome.DEFERRED.value, reply) for i in pending]
+            await self._record(msg, epoch, deferred + skipped, {}, b"")
             return
-        results: list[RecipientResult] = []
+        results: list[RecipientResult] = list(skipped)
         remote: dict[int, str] = {}
         passed: frozenset[int] = frozenset()  # delivered to hosts that took the DSN request
         for (dest, require_tls), rcpts in by_dest.items():
@@ -555,18 +576,30 @@ class Dispatcher:
             if status != "ok":
                 log.warning("%s: outcome rejected: %s", msg.queue_id, detail)
                 return
+        hard: list[tuple[str, str, str]] = []  # (recipient, category, reply): may be suppressed
         for i, outcome, reply in final:
             self.counts[outcome] += 1
             rcpt = msg.recipients[i].address
+            relay = remote.get(i, "")
+            fields: dict[str, str] = {}
+            if outcome != Outcome.DELIVERED.value:
+                category = self._classify(_EXPIRED.sub("", reply), relay).value
+                key = (outcome, category)
+                self.categories[key] = self.categories.get(key, 0) + 1
+                fields["category"] = category
+                if outcome == Outcome.BOUNCED.value and not reply.startswith(SUPPRESSED_REPLY):
+                    hard.append((rcpt, category, reply))
             log.info("%s: to=<%s> %s: %s", msg.queue_id, rcpt, outcome, reply)
             if self.events is not None:
                 event = "expired" if reply.startswith("4.4.7") else outcome
-                self.events.emit(event, msg.queue_id, to=rcpt, relay=remote.get(i, ""), reply=reply)
+                self.events.emit(event, msg.queue_id, to=rcpt, relay=relay, reply=reply, **fields)
         if bounce_id and self.events is not None:
             # A report of successes only (NOTIFY=SUCCESS) is no bounce.
             failed = any(outcome == Outcome.BOUNCED.value for _, outcome, _ in final)
             event = "bounce-queued" if failed else "success-report-queued"
             self.events.emit(event, msg.queue_id, dsn_queue_id=bounce_id)
+        if hard and self.auto_suppress is not None:
+            await self.auto_suppress.after_bounces(msg, hard, now_ms, self.events)
 
 
 class _Destination:

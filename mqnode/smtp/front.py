@@ -143,6 +143,16 @@ class InProcessFront:
         """(messages signed by domain, messages refused because signing failed)."""
         return dict(self.ingress.dkim_signed), self.ingress.dkim_failed
 
+    def set_suppression(
+        self, reason: Callable[[str, str], str | None], count: Callable[[], int]
+    ) -> None:
+        """Refuse suppressed recipients at RCPT TO (a local read: no count needed)."""
+
+        async def suppressed(recipient: str, sender_domain: str) -> str | None:
+            return reason(recipient, sender_domain)
+
+        self.ingress.suppressed = suppressed
+
     def set_dkim(self, settings: dict[str, Any]) -> None:
         """Sign with these dkim_* settings from now on (ConfigError: keep the old keys)."""
         self._cfg = dataclasses.replace(self._cfg, **settings)

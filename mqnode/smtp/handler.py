@@ -40,7 +40,7 @@ import inspect
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,6 +287,10 @@ class SmtpIngress:
         self.events: EventLog | None = None
         self.dkim_signed: dict[str, int] = {}  # messages signed, by signing domain
         self.dkim_failed = 0  # messages refused because signing failed
+        # (recipient, sender's domain) -> why it is suppressed, or None (spool/suppression.py);
+        # None: no suppression list is consulted.
+        self.suppressed: Callable[[str, str], Awaitable[str | None]] | None = None
+        self.suppressed_refused = 0  # recipients refused at RCPT because they are suppressed
 
     def set_signer(self, signer: DkimSigner | None) -> None:
         """Sign with these keys from the next message on (a DKIM reload)."""
@@ -380,6 +384,15 @@ class SmtpIngress:
             return bad
         if len(envelope.rcpt_tos) >= self._max_rcpts:
             return f"452 4.5.3 Error: too many recipients (max {self._max_rcpts})"
+        if self.suppressed is not None:
+            sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+            try:
+                why = await self.suppressed(address, sender.rpartition("@")[2])
+            except SubmitError as exc:  # the node could not answer: the client tries later
+                return exc.smtp_reply()
+            if why is not None:
+                self.suppressed_refused += 1
+                return f"550 5.7.1 <{_printable(address)}>: recipient suppressed ({why})"
         if sum(len(r) + 3 for r in envelope.rcpt_tos) + len(address) > MAX_RCPT_BYTES:
             # The envelope travels in one log entry, which must stay small.
             return "452 4.5.3 Error: too many recipients in this transaction, send the rest later"
@@ -529,6 +542,11 @@ class SmtpIngress:
             )
             last = _result_or_raise(await self._rep.submit(cmd))
         return last
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Text for a reply line: printable ASCII, bounded (an address may carry UTF-8)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
 def emit_received(events: EventLog, cmd: Enqueue, dkim: tuple[str, ...] = ()) -> None:

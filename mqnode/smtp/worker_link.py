@@ -11,7 +11,9 @@ lists, streamed back to back (msgpack's Unpacker finds the boundaries):
     [CLOSE, client key]
     [MESSAGE, id, client key]               [ALLOWED, id, bool]
     [COUNTS, accepted, refused, signed by domain, signing failures]
-                                            [FILL, store fill ratio]
+    [SUPPRESSED, id, [recipient, sender domain]]
+                                            [VERDICT, id, why suppressed or None]
+                                            [FILL, store fill ratio, suppression entries]
                                             [DKIM, the dkim_* settings to sign with now]
 
 Writes made in one event-loop turn leave in one system call: a commit answers a
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 SUBMIT, RESULT, FAILED, OPEN, OPENED, CLOSE, MESSAGE, ALLOWED, COUNTS, FILL, DKIM = range(1, 12)
+SUPPRESSED, VERDICT = 12, 13
 
 # SubmitError subclasses by name on the wire, so the worker answers the SMTP client
 # exactly what the node would have (451 4.3.0, 452 4.3.1, ...).

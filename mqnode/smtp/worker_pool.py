@@ -58,6 +58,8 @@ from mqnode.smtp.worker_link import (
     OPENED,
     RESULT,
     SUBMIT,
+    SUPPRESSED,
+    VERDICT,
     Link,
     error_kind,
 )
@@ -108,6 +110,16 @@ class WorkerPool:
         self._stopping = False
         self.restarts = 0
         self.events: EventLog | None = None
+        # The suppression list (Node._suppression): why a recipient is suppressed, and how
+        # many entries there are (pushed with the fill ratio: none, no question asked).
+        self.suppression: Callable[[str, str], str | None] = lambda rcpt, sender: None
+        self.suppression_count: Callable[[], int] = lambda: 0
+
+    def set_suppression(
+        self, reason: Callable[[str, str], str | None], count: Callable[[], int]
+    ) -> None:
+        """Answer the workers' RCPT questions with `reason`; `count` goes with the fill."""
+        self.suppression, self.suppression_count = reason, count
 
     # --- what the node reads ------------------------------------------------------
 
@@ -234,7 +246,7 @@ class WorkerPool:
         link = Link(lambda msg: self._on_message(w, msg), on_closed)
         w.link = link
         await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=parent)
-        link.send([FILL, self._fill_ratio()])
+        link.send([FILL, self._fill_ratio(), self.suppression_count()])
         log.info("smtp worker %d started (pid %d)", w.index, w.proc.pid)
 
     def _reap(self, w: _Worker) -> str:
@@ -263,10 +275,10 @@ class WorkerPool:
     async def _push_fill(self) -> None:
         while True:
             await asyncio.sleep(FILL_PUSH_S)
-            ratio = self._fill_ratio()
+            ratio, entries = self._fill_ratio(), self.suppression_count()
             for w in self._workers:
                 if w.link is not None:
-                    w.link.send([FILL, ratio])
+                    w.link.send([FILL, ratio, entries])
 
     # --- requests -----------------------------------------------------------------
 
@@ -291,6 +303,8 @@ class WorkerPool:
                 self._limits.close(key)
         elif kind == MESSAGE:
             link.send([ALLOWED, msg[1], self._limits.allow_message(str(msg[2]))])
+        elif kind == SUPPRESSED and isinstance(msg[2], list) and len(msg[2]) == 2:
+            link.send([VERDICT, msg[1], self.suppression(str(msg[2][0]), str(msg[2][1]))])
         elif kind == COUNTS:
             w.counts = (int(msg[1]), int(msg[2]))
             if len(msg) >= 5 and isinstance(msg[3], dict):

@@ -56,6 +56,8 @@ from mqnode.smtp.worker_link import (
     OPENED,
     RESULT,
     SUBMIT,
+    SUPPRESSED,
+    VERDICT,
     Link,
     error_from,
 )
@@ -78,6 +80,7 @@ class NodeLink:
         self._next_id = 0
         self._waiting: dict[int, asyncio.Future[list[Any]]] = {}
         self._fill = 0.0
+        self._suppressions = 0  # entries in the suppression list, as the node last said
         self.gone = asyncio.Event()
         self.on_dkim: Callable[[dict[str, Any]], None] = lambda settings: None
 
@@ -104,6 +107,14 @@ class NodeLink:
     async def allow_message(self, key: str) -> bool:
         return bool((await self._ask(MESSAGE, key))[2])
 
+    async def suppressed(self, recipient: str, sender_domain: str) -> str | None:
+        """Why the node's suppression list refuses this recipient, or None. Not asked while
+        the list is empty (the count comes with the fill ratio, every FILL_PUSH_S)."""
+        if not self._suppressions:
+            return None
+        reply = await self._ask(SUPPRESSED, [recipient, sender_domain])
+        return None if reply[2] is None else str(reply[2])
+
     async def _ask(self, kind: int, arg: Any) -> list[Any]:
         if self.link.closed:
             raise NoLeaderError("the node process is gone; try again later")
@@ -125,6 +136,7 @@ class NodeLink:
     def _on_message(self, msg: list[Any]) -> None:
         if msg[0] == FILL:
             self._fill = float(msg[1])
+            self._suppressions = int(msg[2]) if len(msg) > 2 else 0
             return
         if msg[0] == DKIM:
             self.on_dkim(msg[1] if len(msg) > 1 and isinstance(msg[1], dict) else {})
@@ -134,7 +146,7 @@ class NodeLink:
             future.set_result(msg)
         elif msg[0] == OPENED and msg[3] is None:
             self.close(str(msg[2]))  # granted to a connection that is gone meanwhile
-        elif msg[0] not in (RESULT, FAILED, ALLOWED, OPENED):
+        elif msg[0] not in (RESULT, FAILED, ALLOWED, OPENED, VERDICT):
             log.warning("worker link: unexpected message kind %r", msg[0])
 
     def _on_closed(self) -> None:
@@ -165,6 +177,7 @@ async def run(spec: dict[str, Any]) -> None:
     )
     rng = random.Random()
     ingress = build_ingress(cfg, node, SystemClock(), rng.randbytes, node.fill_ratio, gate=node)
+    ingress.suppressed = node.suppressed
 
     def reload_dkim(settings: dict[str, Any]) -> None:
         try:

@@ -38,9 +38,10 @@ FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
 # member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
 # Announce's `reads`, and an entry from a newer version stops the node instead of being
-# skipped; 3, Announce's `members`.
-READS_LEVEL = 3
+# skipped; 3, Announce's `members`; 4, Suppress.
+READS_LEVEL = 4
 MEMBERS_LEVEL = 3  # the level from which an Announce may carry `members`
+SUPPRESS_LEVEL = 4  # the level from which the suppression list may be written
 MAX_ENTRY_BYTES = 56 * 1024
 CHUNK_BYTES = 48 * 1024
 INLINE_BODY_MAX_BYTES = 32 * 1024
@@ -151,11 +152,40 @@ class QueueOp:
 
 QUEUE_OPS = ("hold", "release", "delete", "retry")  # "bounce" is a RecordOutcome, see control
 
-Command = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp
+
+@dataclass(frozen=True)
+class Suppress:
+    """Add entries to the suppression list, or remove them (spool/suppression.py).
+
+    An entry: (target, scope, reason, source, created_ms, expires_ms). The target is an
+    address ("bob@example.org") or a whole domain ("@example.org"), normalised before
+    submit; the scope is "" (every sender) or one sending domain; expires_ms 0: never.
+    Removing reads the target and scope only.
+    """
+
+    TAG: ClassVar[int] = 8
+    op: str  # "add" | "remove"
+    entries: tuple[tuple[str, str, str, str, int, int], ...]
+    at_ms: int
+
+
+SUPPRESS_OPS = ("add", "remove")
+
+Command = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp | Suppress
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_suppression(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) == 6
+        and all(isinstance(x, str) for x in v[:4])
+        and _is_int(v[4])
+        and _is_int(v[5])
+    )
 
 
 def _is_result(v: Any) -> bool:
@@ -177,11 +207,16 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "bytes | None": lambda v: v is None or isinstance(v, bytes),
     "tuple[str, ...]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "tuple[tuple[int, str, str], ...]": lambda v: isinstance(v, list) and all(map(_is_result, v)),
+    "tuple[tuple[str, str, str, str, int, int], ...]": lambda v: (
+        isinstance(v, list) and all(map(_is_suppression, v))
+    ),
 }
 _BY_TAG: dict[int, type[Any]] = {
-    c.TAG: c for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim, QueueOp)
+    c.TAG: c
+    for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim, QueueOp, Suppress)
 }
 _TUPLE_FIELDS = {"recipients", "results", "queue_ids", "dsn_notify", "dsn_orcpt", "members"}
+_NESTED_TUPLE_FIELDS = {"results", "entries"}
 _MAX_TAG = max(_BY_TAG)
 
 
@@ -213,7 +248,11 @@ def _schema(cls: type[Any]) -> _Schema:
     defaults: list[Any] = []
     for f in fields(cls):
         convert = (
-            _results_tuple if f.name == "results" else tuple if f.name in _TUPLE_FIELDS else None
+            _results_tuple
+            if f.name in _NESTED_TUPLE_FIELDS
+            else tuple
+            if f.name in _TUPLE_FIELDS
+            else None
         )
         spec.append((f.name, _CHECKS[str(f.type)], convert))
         if f.default is not MISSING:

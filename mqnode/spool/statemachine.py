@@ -31,6 +31,7 @@ from typing import Any
 from mqnode.errors import CodecError, NewerFormatError
 from mqnode.spool.commands import (
     QUEUE_OPS,
+    SUPPRESS_OPS,
     Announce,
     Claim,
     Command,
@@ -39,11 +40,13 @@ from mqnode.spool.commands import (
     PutChunk,
     QueueOp,
     RecordOutcome,
+    Suppress,
     decode_entry,
 )
 from mqnode.spool.dsnparams import MAX_ENVID_CHARS, MAX_ORCPT_CHARS, DsnRequest
 from mqnode.spool.model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
 from mqnode.spool.store import OPERATOR_RETRIES, StateTxn
+from mqnode.spool.suppression import ENTRIES_PER_COMMAND, Entry, invalid_item
 
 MAX_ANNOUNCED_MEMBERS = 64  # far beyond any Raft cluster's size; bounds the meta record
 log = logging.getLogger(__name__)
@@ -104,6 +107,12 @@ def invalid(cmd: Command) -> str | None:
             return f"QueueOp: unknown operation {cmd.op!r}"
         if any(_bad_id(q) for q in cmd.queue_ids):
             return "QueueOp: bad queue id"
+    elif isinstance(cmd, Suppress):
+        if cmd.op not in SUPPRESS_OPS or len(cmd.entries) > ENTRIES_PER_COMMAND:
+            return "Suppress: unknown operation or too many entries"
+        for item in cmd.entries:
+            if problem := invalid_item(item):
+                return f"Suppress: {problem}"
     elif isinstance(cmd, Announce):
         if not 0 < len(cmd.raft_addr) <= 255:
             return "Announce: bad address"
@@ -181,7 +190,21 @@ class QueueStateMachine:
             return self._claim(cmd, txn)
         if isinstance(cmd, QueueOp):
             return self._queue_op(cmd, txn)
+        if isinstance(cmd, Suppress):
+            return self._suppress(cmd, txn)
         raise AssertionError(f"unhandled command {cmd!r}")
+
+    def _suppress(self, cmd: Suppress, txn: StateTxn) -> Result:
+        """Add or remove entries; the result counts those that changed the list."""
+        changed = 0
+        for item in cmd.entries:
+            if cmd.op == "add":
+                txn.put_suppression(Entry(*item))
+                changed += 1
+            elif txn.delete_suppression(item[1], item[0], count=True):
+                changed += 1
+        txn.expire_suppressions(cmd.at_ms, GC_BATCH)
+        return ("ok", str(changed))
 
     def _queue_op(self, cmd: QueueOp, txn: StateTxn) -> Result:
         done = []
@@ -243,6 +266,7 @@ class QueueStateMachine:
     def _enqueue(self, cmd: Enqueue, txn: StateTxn) -> Result:
         txn.expire_idem(cmd.received_ms - IDEM_WINDOW_MS, GC_BATCH)
         txn.expire_uploads(cmd.received_ms - UPLOAD_TTL_MS, GC_BATCH)
+        txn.expire_suppressions(cmd.received_ms, GC_BATCH)
         existing = txn.get_idem(cmd.idem_key)
         if existing is not None:
             if cmd.upload_id and cmd.upload_id != existing:

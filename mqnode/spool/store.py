@@ -49,6 +49,8 @@ from typing import Any
 
 from mqnode.errors import CorruptDataError, StateMapFullError
 from mqnode.spool.model import MessageState, QueuedMessage
+from mqnode.spool.suppression import Entry, lookup_keys, split_key
+from mqnode.spool.suppression import key as suppression_key
 from mqnode.storage import (
     U32,
     U64,
@@ -72,6 +74,8 @@ APPLY_HEADROOM_MAX = 2.0
 COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
 # Meta key: how many operator retries (QueueOp "retry") took effect; delivery/dispatcher.py.
 OPERATOR_RETRIES = "operator_retries"
+SUPPRESSIONS = "suppressions"  # meta key: entries in the suppression list
+SUPPRESSION_SCAN = 100_000  # entries one list request reads at most
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 # In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
 UNSYNCED_MARKER = "unsynced-boot-id"
@@ -197,6 +201,72 @@ class StateTxn:
     def expire_idem(self, older_than_ms: int, limit: int) -> int:
         return len(self._expire(self._s._idem_by_time, self._s._idem, older_than_ms, limit))
 
+    # -- the suppression list (spool/suppression.py) ----------------------------
+    def get_suppression(self, raw_key: bytes) -> Entry | None:
+        raw = self._txn.get(raw_key, db=self._s._suppress)
+        if raw is None:
+            return None
+        scope, target = split_key(raw_key)
+        return Entry.from_record(target, scope, unpack(raw))
+
+    def put_suppression(self, entry: Entry) -> None:
+        """Add or replace (a newer entry for the same target and scope wins)."""
+        if not self.delete_suppression(entry.scope, entry.target):
+            self.put_meta(SUPPRESSIONS, int(self.get_meta(SUPPRESSIONS, 0)) + 1)
+        raw_key = suppression_key(entry.scope, entry.target)
+        self._txn.put(raw_key, pack(entry.to_record()), db=self._s._suppress)
+        if entry.expires_ms:
+            self._txn.put(U64.pack(entry.expires_ms) + raw_key, b"", db=self._s._suppress_exp)
+
+    def delete_suppression(self, scope: str, target: str, count: bool = False) -> bool:
+        raw_key = suppression_key(scope, target)
+        old = self.get_suppression(raw_key)
+        if old is None:
+            return False
+        self._txn.delete(raw_key, db=self._s._suppress)
+        if old.expires_ms:
+            self._txn.delete(U64.pack(old.expires_ms) + raw_key, db=self._s._suppress_exp)
+        if count:
+            self.put_meta(SUPPRESSIONS, int(self.get_meta(SUPPRESSIONS, 0)) - 1)
+        return True
+
+    def expire_suppressions(self, now_ms: int, limit: int) -> int:
+        gone = len(self._expire(self._s._suppress_exp, self._s._suppress, now_ms, limit))
+        if gone:
+            self.put_meta(SUPPRESSIONS, int(self.get_meta(SUPPRESSIONS, 0)) - gone)
+        return gone
+
+    def suppressed(self, recipient: str, sender_domain: str, now_ms: int) -> Entry | None:
+        """The entry that suppresses this recipient for this sender, if any."""
+        for raw_key in lookup_keys(recipient, sender_domain):
+            entry = self.get_suppression(raw_key)
+            if entry is not None and not entry.expired(now_ms):
+                return entry
+        return None
+
+    def list_suppressions(
+        self, limit: int, after: str = "", scope: str | None = None, source: str = ""
+    ) -> list[Entry]:
+        """Entries in (scope, target) order after the key `after` ("scope\0target"), at
+        most `limit`, reading at most SUPPRESSION_SCAN entries (filters may skip)."""
+        out: list[Entry] = []
+        cur = self._txn.cursor(db=self._s._suppress)
+        start = after.encode() + b"\0" if after else (f"{scope}\0".encode() if scope else b"")
+        if not cur.set_range(start):
+            return out
+        for n, (raw_key, raw) in enumerate(cur.iternext()):
+            if len(out) >= limit or n >= SUPPRESSION_SCAN:
+                break
+            s, target = split_key(bytes(raw_key))
+            if scope is not None and s != scope:
+                if s > scope:
+                    break
+                continue
+            entry = Entry.from_record(target, s, unpack(raw))
+            if not source or entry.source == source:
+                out.append(entry)
+        return out
+
 
 def current_boot_id() -> str | None:
     """This kernel's boot id (Linux), or None where there is none."""
@@ -299,6 +369,8 @@ class QueueStore:
         self._idem_by_time = env.open_db(b"idem_by_time")
         self._uploads = env.open_db(b"uploads")
         self._uploads_by_time = env.open_db(b"uploads_by_time")
+        self._suppress = env.open_db(b"suppress")
+        self._suppress_exp = env.open_db(b"suppress_by_expiry")
         self._fill = self._measure_fill()
 
     def _write_marker(self, text: str) -> None:
@@ -412,6 +484,14 @@ class QueueStore:
         with self.reader() as r:
             return int(r.get_meta(OPERATOR_RETRIES, 0))
 
+    def suppressed(self, recipient: str, sender_domain: str, now_ms: int) -> Entry | None:
+        with self.reader() as r:
+            return r.suppressed(recipient, sender_domain, now_ms)
+
+    def suppression_count(self) -> int:
+        with self.reader() as r:
+            return int(r.get_meta(SUPPRESSIONS, 0))
+
     def get_message(self, queue_id: str) -> QueuedMessage | None:
         with self.reader() as r:
             return r.get_message(queue_id)
@@ -504,6 +584,8 @@ class QueueStore:
             self._idem_by_time,
             self._uploads,
             self._uploads_by_time,
+            self._suppress,
+            self._suppress_exp,
         )
 
     # -- snapshots -----------------------------------------------------------

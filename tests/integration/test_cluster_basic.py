@@ -406,3 +406,26 @@ def test_bad_config_file_exit_2(
     config.write_text(toml, encoding="utf-8")
     res = run_cli("run", "--config", str(config), *flags(node_args))
     _assert_one_line_exit_2(res, *keywords)
+
+
+@pytest.mark.parametrize(
+    ("text", "keywords"),
+    [
+        ('[[rule]]\ncategory = "nice"\nreply = "x"\n', ("rule 1", "category")),
+        ('[[rule]]\ncategory = "policy"\nreply = "(unclosed"\n', ("rule 1", "pattern")),
+        (None, ("no_such.toml",)),
+    ],
+    ids=["unknown category", "bad pattern", "missing file"],
+)
+def test_bad_bounce_rules_file_exit_2(
+    run_cli: RunCli,
+    node_args: dict[str, str],
+    tmp_path: Path,
+    text: str | None,
+    keywords: tuple[str, ...],
+) -> None:
+    rules = tmp_path / ("rules.toml" if text is not None else "no-such.toml")
+    if text is not None:
+        rules.write_text(text, encoding="utf-8")
+    args = dict(node_args, **{"bounce-rules-file": str(rules)})
+    _assert_one_line_exit_2(run_cli("run", *flags(args)), *keywords)
