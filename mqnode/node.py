@@ -404,6 +404,8 @@ class Node:
                 smtp_refused=refused,
                 outcomes=dict(dispatcher.counts),
                 bounce_categories=dict(dispatcher.categories),
+                suppressed_refused=front.suppressed_refused(),
+                suppression_entries=store.suppression_count(),
                 role=st.role,
                 term=st.term,
                 commit_index=st.commit_index,

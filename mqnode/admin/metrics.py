@@ -43,6 +43,8 @@ class MetricsSnapshot:
     dkim_failures: int = 0
     # (outcome, bounce category) -> recipients: the deferred and bounced ones, classified
     bounce_categories: dict[tuple[str, str], int] = field(default_factory=dict)
+    suppressed_refused: int = 0  # recipients refused at RCPT TO because suppressed
+    suppression_entries: int = 0
 
 
 class _SnapshotCollector(Collector):
@@ -88,6 +90,16 @@ class _SnapshotCollector(Collector):
         for (outcome, category), n in sorted(s.bounce_categories.items()):
             c.add_metric([outcome, category], n)
         yield c
+        yield CounterMetricFamily(
+            "mqnode_suppressed_recipients",
+            "Recipients refused at RCPT TO because they are on the suppression list",
+            value=s.suppressed_refused,
+        )
+        yield GaugeMetricFamily(
+            "mqnode_suppression_entries",
+            "Entries in the suppression list",
+            value=s.suppression_entries,
+        )
         g = GaugeMetricFamily("mqnode_raft_role", "1 for this node's current role", labels=["role"])
         for role in ("leader", "follower", "candidate"):
             g.add_metric([role], 1.0 if s.role == role else 0.0)

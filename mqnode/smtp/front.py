@@ -143,6 +143,10 @@ class InProcessFront:
         """(messages signed by domain, messages refused because signing failed)."""
         return dict(self.ingress.dkim_signed), self.ingress.dkim_failed
 
+    def suppressed_refused(self) -> int:
+        """Recipients refused at RCPT TO as suppressed."""
+        return self.ingress.suppressed_refused
+
     def set_suppression(
         self, reason: Callable[[str, str], str | None], count: Callable[[], int]
     ) -> None:

@@ -10,7 +10,7 @@ lists, streamed back to back (msgpack's Unpacker finds the boundaries):
     [OPEN, id, client key]                  [OPENED, id, client key, refusal or None]
     [CLOSE, client key]
     [MESSAGE, id, client key]               [ALLOWED, id, bool]
-    [COUNTS, accepted, refused, signed by domain, signing failures]
+    [COUNTS, accepted, refused, signed by domain, signing failures, suppressed refused]
     [SUPPRESSED, id, [recipient, sender domain]]
                                             [VERDICT, id, why suppressed or None]
                                             [FILL, store fill ratio, suppression entries]

@@ -85,6 +85,7 @@ class _Worker:
     keys: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     counts: tuple[int, int] = (0, 0)
     dkim: tuple[dict[str, int], int] = ({}, 0)  # what its ingress signed, failures
+    suppressed: int = 0  # recipients refused at RCPT because they are suppressed
 
 
 class WorkerPool:
@@ -107,6 +108,7 @@ class WorkerPool:
         self._submits: set[asyncio.Task[None]] = set()
         self._retired = (0, 0)
         self._retired_dkim: tuple[dict[str, int], int] = ({}, 0)
+        self._retired_suppressed = 0
         self._stopping = False
         self.restarts = 0
         self.events: EventLog | None = None
@@ -139,6 +141,10 @@ class WorkerPool:
                 signed[domain] = signed.get(domain, 0) + n
             failed += w.dkim[1]
         return signed, failed
+
+    def suppressed_refused(self) -> int:
+        """Recipients refused at RCPT TO as suppressed, by every worker so far."""
+        return self._retired_suppressed + sum(w.suppressed for w in self._workers)
 
     def set_dkim(self, settings: dict[str, Any]) -> None:
         """Each worker signs with these dkim_* settings from now on, and so does every
@@ -269,6 +275,8 @@ class WorkerPool:
         for domain, n in w.dkim[0].items():
             signed[domain] = signed.get(domain, 0) + n
         self._retired_dkim = (signed, failed + w.dkim[1])
+        self._retired_suppressed += w.suppressed
+        w.suppressed = 0
         w.dkim = ({}, 0)
         w.link = None
 
@@ -310,6 +318,8 @@ class WorkerPool:
             if len(msg) >= 5 and isinstance(msg[3], dict):
                 signed = {str(d): int(n) for d, n in list(msg[3].items())[:MAX_DKIM_DOMAINS]}
                 w.dkim = (signed, int(msg[4]))
+            if len(msg) >= 6:
+                w.suppressed = int(msg[5])
         else:
             log.warning("smtp worker %d: unexpected message kind %r", w.index, kind)
 

@@ -160,10 +160,16 @@ class NodeLink:
 async def _push_counts(node: NodeLink, ingress: SmtpIngress) -> None:
     last: list[Any] = []
     while not node.link.closed:
-        counts = [ingress.accepted, ingress.refused, ingress.dkim_signed, ingress.dkim_failed]
+        counts = [
+            ingress.accepted,
+            ingress.refused,
+            ingress.dkim_signed,
+            ingress.dkim_failed,
+            ingress.suppressed_refused,
+        ]
         if counts != last:
             node.link.send([COUNTS, *counts])
-            last = [*counts[:2], dict(ingress.dkim_signed), ingress.dkim_failed]
+            last = [*counts[:2], dict(ingress.dkim_signed), *counts[3:]]
         await asyncio.sleep(COUNTS_PUSH_S)
 
 
@@ -204,7 +210,13 @@ async def run(spec: dict[str, Any]) -> None:
         deadline = loop.time() + DRAIN_S
         while node.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        final = [ingress.accepted, ingress.refused, ingress.dkim_signed, ingress.dkim_failed]
+        final = [
+            ingress.accepted,
+            ingress.refused,
+            ingress.dkim_signed,
+            ingress.dkim_failed,
+            ingress.suppressed_refused,
+        ]
         node.link.send([COUNTS, *final])
     counts.cancel()
     node.link.close()

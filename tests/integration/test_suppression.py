@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,20 @@ def test_suppressed_recipients_are_refused_and_bounces_suppress(
             imported = _cli(c, other, "import", str(out))
             assert imported.returncode == 0 and "5 entries" in imported.stdout, imported.stdout
             _refused_everywhere(c, "bob@x.test")
+
+            def metrics() -> tuple[list[tuple[float, float]] | None, str]:
+                seen = []
+                for n in c.nodes:
+                    with urllib.request.urlopen(n.admin_url + "/metrics", timeout=5) as r:
+                        text = r.read().decode()
+                    entries = re.search(r"^mqnode_suppression_entries (\S+)$", text, re.M)
+                    refused = re.search(r"^mqnode_suppressed_recipients_total (\S+)$", text, re.M)
+                    assert entries and refused, text[:300]
+                    seen.append((float(entries.group(1)), float(refused.group(1))))
+                ok = all(e == 5 and r >= 3 for e, r in seen)
+                return (seen if ok else None), str(seen)
+
+            c.poll("the suppression metrics on every node", metrics, 10)
             assert _cli(c, lead, "remove", "bob@x.test").returncode == 0
 
             def accepted() -> tuple[bool | None, str]:

@@ -1,5 +1,5 @@
 """Bounce classification: real-world replies from the large providers' documentation
-(tests/data/bounce_replies.toml), rule-file errors, and an operator's rules first."""
+(tests/corpus/bounce_replies.toml), rule-file errors, and an operator's rules first."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mqnode.delivery.bounce_classes import (
 from mqnode.errors import ConfigError
 
 CORPUS = tomllib.loads(
-    (Path(__file__).parents[1] / "data" / "bounce_replies.toml").read_text(encoding="utf-8")
+    (Path(__file__).parents[1] / "corpus" / "bounce_replies.toml").read_text(encoding="utf-8")
 )["reply"]
 DEFAULTS = BounceClassifier.load()
 
