@@ -1,7 +1,8 @@
 """The bench suite: mqnode against Postfix and the Python SMTP ceiling, side by side in one run.
 
     python -m bench [--full] [--record]
-        [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e,paired-dkim]
+        [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e,paired-dkim,
+         paired-suppression]
 
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
@@ -30,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import paired, paired_dkim, postfix, report
+from bench import paired, paired_dkim, paired_suppression, postfix, report
 from bench.runners import Row
 from bench.workloads import FULL, QUICK, WORKLOADS, Plan, run
 
@@ -48,6 +49,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "paired": plan.paired_rounds * len(paired.SYSTEMS),
         "paired-e2e": plan.paired_rounds * len(paired.E2E_SYSTEMS),
         "paired-dkim": plan.paired_rounds * len(paired_dkim.SYSTEMS),
+        "paired-suppression": plan.paired_rounds * len(paired_suppression.SYSTEMS),
     }
     return sum(per[n] for n in names)
 

@@ -27,6 +27,7 @@ POSTFIX = {
     "paired": "Postfix accept",
     "paired-e2e": "Postfix end to end",
     "paired-dkim": "Postfix + OpenDKIM milter accept",
+    "paired-suppression": "Postfix accept",
 }
 
 
@@ -75,6 +76,7 @@ TABLE_WORKLOADS = (
     "e2e",
     "paired-e2e",
     "paired-dkim",
+    "paired-suppression",
     "latency",
     "sessions",
     "scaling",

@@ -14,6 +14,8 @@
   paired-e2e the 1 KiB end-to-end ratios to Postfix, in back-to-back rounds (bench/paired.py)
   paired-dkim what DKIM signing (RSA-2048, Ed25519) costs acceptance, against Postfix
              signing through the OpenDKIM milter, in rounds (bench/paired_dkim.py)
+  paired-suppression acceptance with a 1M-entry suppression list against an empty one,
+             in rounds (bench/paired_suppression.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -35,6 +37,7 @@ from typing import Any
 from bench import postfix
 from bench.paired import mqnode_end_to_end, paired, paired_e2e
 from bench.paired_dkim import paired_dkim
+from bench.paired_suppression import paired_suppression
 from bench.plan import (
     FULL,
     KIB,
@@ -438,6 +441,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "paired": paired,
     "paired-e2e": paired_e2e,
     "paired-dkim": paired_dkim,
+    "paired-suppression": paired_suppression,
 }
 
 

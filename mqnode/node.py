@@ -28,6 +28,7 @@ from typing import IO, Any
 from mqnode.admin.endpoint import AdminServer
 from mqnode.admin.metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
+from mqnode.admin.shaping import ShapingRoutes
 from mqnode.admin.suppressions import SuppressionRoutes
 from mqnode.clock import Clock, SystemClock
 from mqnode.config import NodeConfig, parse_hostport
@@ -241,6 +242,9 @@ class Node:
         admin.app.add_routes(
             SuppressionRoutes(store, pipeline, self.clock, self._suppression_writable).routes()
         )
+        writable = self._suppression_writable  # the same reads level (spool/commands.py)
+        shaping = ShapingRoutes(store, pipeline, self.clock, writable, dispatcher.shaper.describe)
+        admin.app.add_routes(shaping.routes())
         admin.sign_report = self._sign_report
 
         raft.start()
@@ -404,6 +408,7 @@ class Node:
                 smtp_refused=refused,
                 outcomes=dict(dispatcher.counts),
                 bounce_categories=dict(dispatcher.categories),
+                sites=dispatcher.shaper.describe(),
                 suppressed_refused=front.suppressed_refused(),
                 suppression_entries=store.suppression_count(),
                 role=st.role,

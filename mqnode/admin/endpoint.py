@@ -69,7 +69,7 @@ from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
 MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
-PROTECTED = ("/queue", "/raft", "/fault", "/dkim", "/suppressions")
+PROTECTED = ("/queue", "/raft", "/fault", "/dkim", "/suppressions", "/shaping")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SELECT = 100_000
 IDS_PER_COMMAND = 500  # keeps each log entry small

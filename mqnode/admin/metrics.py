@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,8 +42,9 @@ class MetricsSnapshot:
     destinations_suspended: int = 0
     dkim_signed: dict[str, int] = field(default_factory=dict)
     dkim_failures: int = 0
-    # (outcome, bounce category) -> recipients: the deferred and bounced ones, classified
-    bounce_categories: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (outcome, bounce category, site) -> recipients: the deferred and bounced ones
+    bounce_categories: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    sites: list[dict[str, Any]] = field(default_factory=list)  # Shaper.describe
     suppressed_refused: int = 0  # recipients refused at RCPT TO because suppressed
     suppression_entries: int = 0
 
@@ -84,12 +86,26 @@ class _SnapshotCollector(Collector):
         yield c
         c = CounterMetricFamily(
             "mqnode_delivery_failures",
-            "Deferred and bounced recipients by bounce category (delivery/bounce_classes.py)",
-            labels=["outcome", "category"],
+            "Deferred and bounced recipients by bounce category and shaping site",
+            labels=["outcome", "category", "site"],
         )
-        for (outcome, category), n in sorted(s.bounce_categories.items()):
-            c.add_metric([outcome, category], n)
+        for (outcome, category, site), n in sorted(s.bounce_categories.items()):
+            c.add_metric([outcome, category, site], n)
         yield c
+        g = GaugeMetricFamily(
+            "mqnode_shaping_site_rate", "A site's message rate now, per second", labels=["site"]
+        )
+        for site_view in s.sites:
+            g.add_metric([site_view["site"]], site_view["per_s"])
+        yield g
+        g = GaugeMetricFamily(
+            "mqnode_shaping_site_suspended",
+            "1 while a site is suspended after repeated throttling",
+            labels=["site"],
+        )
+        for site_view in s.sites:
+            g.add_metric([site_view["site"]], 1.0 if site_view["suspended_for_s"] else 0.0)
+        yield g
         yield CounterMetricFamily(
             "mqnode_suppressed_recipients",
             "Recipients refused at RCPT TO because they are on the suppression list",

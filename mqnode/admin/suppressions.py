@@ -36,7 +36,7 @@ from mqnode.spool.suppression import (
     normalise_target,
 )
 
-MAX_ENTRIES_PER_REQUEST = 100_000
+MAX_ENTRIES_PER_REQUEST = 10_000  # and the body is at most 1 MiB (aiohttp's default)
 MAX_PAGE = 10_000
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from mqnode.cli import bounces, dkim, remote, suppress
+from mqnode.cli import bounces, dkim, remote, shaping, suppress
 from mqnode.cli import text as views
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError, MembershipError, MqnodeError
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     dkim.add_parser(sub)
     bounces.add_parser(sub)
     suppress.add_parser(sub, DEFAULT_ADMIN, ADMIN_HELP, TOKEN_HELP)
+    shaping.add_parser(sub, DEFAULT_ADMIN, ADMIN_HELP, TOKEN_HELP)
     sink = sub.add_parser(
         "dev-sink",
         help="a local SMTP sink that records what it receives, to try mqnode without a mail "
@@ -396,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             return bounces.run(args)
         if args.command == "suppress":
             return suppress.run(args)
+        if args.command == "shaping":
+            return shaping.run(args)
         if args.command == "status":
             st = remote.fetch(args.admin, "/status")
             if args.json:

@@ -169,10 +169,16 @@ def _destinations(view: dict[str, Any]) -> list[tuple[str, str]]:
         f"{d['destination']} {d['open']} open, {d['allowed']} of {d['limit']} allowed"
         for d in view["sessions"]
     )
-    return [
+    rows = [
         ("suspended", (suspended or "none") + (f", and {more} more" if more > 0 else "")),
         ("destinations", sessions or "no sessions open, none narrowed"),
     ]
+    for site in view.get("sites") or []:  # traffic shaping (mqnode shaping show)
+        state = f"{site['per_s']}/s of {site['configured_per_s'] or 'unlimited'}"
+        if site["suspended_for_s"]:
+            state += f"; SUSPENDED {site['suspended_for_s']} s more: {site.get('why', '')}"
+        rows.append((f"site {site['site']}", state))
+    return rows
 
 
 def _smtp_workers(workers: dict[str, Any] | None) -> str:

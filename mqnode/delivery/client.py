@@ -89,7 +89,7 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -189,6 +189,10 @@ class Transaction:
     gate: Callable[[], bool] = field(repr=False)  # the lease check before the final "."
     require_tls: bool = False
     dsn: DsnRequest | None = None  # the client's RFC 3461 parameters, if any
+    # A site's shaping (delivery/shaping.py); 0 / None: the agent's own limits.
+    max_rcpts: int = 0  # recipients per transaction
+    max_uses: int = 0  # messages per connection
+    connect_gate: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -255,9 +259,9 @@ class DeliveryAgent:
                 return sessions.pop(i)
         return None
 
-    async def _park(self, target: Target, p: _Parked, reset: bool) -> None:
+    async def _park(self, target: Target, p: _Parked, reset: bool, max_uses: int = 0) -> None:
         sessions = self._parked.setdefault(target, [])
-        if p.uses >= self._max_uses or len(sessions) >= self._max_idle:
+        if p.uses >= (max_uses or self._max_uses) or len(sessions) >= self._max_idle:
             await _close(p.client)
             return
         try:
@@ -343,8 +347,9 @@ class DeliveryAgent:
         host = ""
         todo = list(tx.rcpts)
         passed: set[int] = set()
+        per = tx.max_rcpts or self._max_rcpts
         while todo:
-            batch, todo = todo[: self._max_rcpts], todo[self._max_rcpts :]
+            batch, todo = todo[:per], todo[per:]
             part, host, contact, dsn_taken = await self._deliver_one(tx, batch)
             if contact is not Contact.ANSWERED:  # the rest would fare the same
                 reply = part[0][2]
@@ -380,6 +385,8 @@ class DeliveryAgent:
             session = self._take(target, tx.require_tls) if reuse else None
             reused = session is not None
             if session is None:
+                if tx.connect_gate is not None:
+                    await tx.connect_gate()
                 try:
                     session = await self._connect(target, tx.require_tls)
                 except aiosmtplib.SMTPConnectResponseError as exc:
@@ -416,7 +423,7 @@ class DeliveryAgent:
             except BaseException:
                 session.client.close()
                 raise
-            await self._park(target, session, reset=not ended)
+            await self._park(target, session, reset=not ended, max_uses=tx.max_uses)
             return results, target.name, Contact.ANSWERED, dsn_taken
         if without_tls:
             contact = Contact.NO_FEEDBACK

@@ -96,12 +96,14 @@ from mqnode.delivery.feedback import ConcurrencyWindow, Contact
 from mqnode.delivery.lease import LeaderLease
 from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
+from mqnode.delivery.shaping import Shaper
 from mqnode.dsn.notify import report_for
 from mqnode.errors import CorruptDataError, MqnodeError
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Replicator
 from mqnode.spool.commands import Claim, LeaseRenew, RecordOutcome
 from mqnode.spool.model import Outcome, QueuedMessage, RcptState, RecipientResult, make_queue_id
+from mqnode.spool.shaping_rules import SiteConfig
 from mqnode.spool.store import QueueStore
 
 log = logging.getLogger(__name__)
@@ -185,12 +187,15 @@ class Dispatcher:
         self._suspended: dict[str, tuple[float, str]] = {}
         self._retries_seen = -1  # the store's operator retry count at the last scan
         self.counts = {o.value: 0 for o in Outcome}
-        self.categories: dict[tuple[str, str], int] = {}  # (outcome, category) -> recipients
+        # (outcome, bounce category, shaping site) -> recipients
+        self.categories: dict[tuple[str, str, str], int] = {}
         # The suppression list (spool/suppression.py): why mail from the sender's domain to
         # an address must not go, or None; checked again before each delivery, for mail
         # queued before the entry. And what a hard bounce adds to it (AutoSuppress).
         self.suppressed: Callable[[str, str], str | None] = lambda rcpt, sender: None
         self.auto_suppress: AutoSuppress | None = None
+        # Traffic shaping per site (delivery/shaping.py), with the rules the state holds.
+        self.shaper = Shaper(clock, self._classify)
         self.events: EventLog | None = None
         self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
 
@@ -227,6 +232,7 @@ class Dispatcher:
                 {"destination": dest, "open": -neg_open, "allowed": allowed, "limit": limit}
                 for allowed, neg_open, dest, limit in windows[:DESCRIBED_MAX]
             ],
+            **({"sites": self.shaper.describe()} if self.shaper.active else {}),
         }
 
     async def run(self) -> None:
@@ -286,6 +292,7 @@ class Dispatcher:
         epoch = lease.epoch
         if not lease.valid(epoch):
             return
+        self.shaper.load(self._store.shaping())
         retries = self._store.operator_retries()
         if retries != self._retries_seen:  # an operator's retry lifts every suspension
             self._retries_seen = retries
@@ -301,7 +308,10 @@ class Dispatcher:
         planned: dict[str, int] = {}
 
         def full(dests: tuple[str, ...]) -> bool:
-            return any(self._claimed_for.get(d, 0) + planned.get(d, 0) >= room for d in dests)
+            return any(
+                self._claimed_for.get(d, 0) + planned.get(d, 0) >= room or self.shaper.blocked(d)
+                for d in dests
+            )
 
         if len(self._dests_seen) > DESTS_SEEN_MAX:
             self._dests_seen.clear()
@@ -340,6 +350,7 @@ class Dispatcher:
             self._in_flight.add(qid)
             dests = picked.get(qid, ())
             self._count_claims(dests, +1)
+            self.shaper.claim(qid, dests)
             task = asyncio.create_task(self._attempt(qid, epoch, dests), name=f"deliver-{qid}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -362,6 +373,11 @@ class Dispatcher:
             # The permits go back once the SMTP transactions are done, before the outcome's
             # commit (held through it, one destination's end-to-end rate fell by a fifth).
             async with contextlib.AsyncExitStack() as permits:
+                if self.shaper.active:  # the sites' pace and connection budgets first
+                    sites = [await self._site(dest) for dest in dests]
+                    for site in sites:
+                        await self.shaper.pace(site)
+                    await permits.enter_async_context(self.shaper.connections(sites))
                 await self._take_permits(permits, dests)
                 async with self._slots:
                     msg = self._store.get_message(qid)  # as it is now, not as claimed
@@ -386,6 +402,7 @@ class Dispatcher:
             self._in_flight.discard(qid)
             self._dests_seen.pop(qid, None)  # its pending recipients may have changed
             self._count_claims(dests, -1)
+            self.shaper.release(qid)
 
     async def _deliver(
         self, msg: QueuedMessage, epoch: int, sent: Callable[[], Awaitable[None]]
@@ -454,14 +471,22 @@ class Dispatcher:
             outcome = Outcome.BOUNCED if route.kind == "bounce" else Outcome.DEFERRED
             reply = f"{route.status} {route.reason}"
             return [(i, outcome.value, reply) for i, _ in rcpts], "", none
+        site = self.shaper.site_for_route(dest, tuple(t.name for t in route.targets))
+        why = self.shaper.suspension(site) if self.shaper.active else None
+        if why is not None:
+            reply = f"4.4.1 delivery temporarily suspended: site {site.name}: {why}"
+            return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", none
         tx = Transaction(
             route.targets,
             msg.mail_from,
             tuple(rcpts),
             body,
             gate=lambda: self._lease.valid(epoch),
-            require_tls=require_tls,
+            require_tls=require_tls or site.tls_required,
             dsn=msg.dsn or None,
+            max_rcpts=site.recipients_per_transaction,
+            max_uses=site.messages_per_connection,
+            connect_gate=self.shaper.connect_gate(site) if self.shaper.active else None,
         )
         try:  # the destination's permit is held already (_attempt)
             attempt = await self._agent.deliver(tx)
@@ -477,7 +502,31 @@ class Dispatcher:
         results = attempt.results
         if self._feedback(dest, attempt.contact) and results:
             self._suspend(dest, results[0][2])
+        if self.shaper.active:
+            suspend_s = float(site.retry_base_s or self._policy.retry_base_s)
+            why = self.shaper.after(site, results, attempt.host, suspend_s)
+            if why is not None and self.events is not None:
+                self.events.emit("site-suspended", msg.queue_id, site=site.name, why=why)
         return results, attempt.host, attempt.dsn_passed
+
+    def _retry_policy(self, msg: QueuedMessage) -> RetryPolicy:
+        """The node's, or the retry overrides of the site of the message's first destination."""
+        dests = self._destinations(msg) if self.shaper.active else ()
+        if not dests:
+            return self._policy
+        site = self.shaper.site_of(dests[0])
+        if not (site.retry_base_s or site.retry_max_s):
+            return self._policy
+        return RetryPolicy(
+            float(site.retry_base_s or self._policy.retry_base_s),
+            float(site.retry_max_s or self._policy.retry_max_s),
+            self._policy.jitter_ratio,
+        )
+
+    async def _site(self, dest: str) -> SiteConfig:
+        """The destination's shaping site, from its MX hosts (the router's lookup)."""
+        route = await self._router.route(dest)
+        return self.shaper.site_for_route(dest, tuple(t.name for t in route.targets))
 
     def _feedback(self, dest: str, contact: Contact) -> bool:
         """A session's end into the destination's window; True if it is now dead."""
@@ -566,7 +615,7 @@ class Dispatcher:
         )
         dsn_id = dsn_id if dsn else ""
         bounce_id = dsn_id
-        delay_s = self._policy.delay_s(msg.attempts + 1, self._random)
+        delay_s = self._retry_policy(msg).delay_s(msg.attempts + 1, self._random)
         next_ms = now_ms + int(delay_s * 1000)
         for start in range(0, len(final), RESULTS_PER_COMMAND):  # keep entries small
             part = tuple(final[start : start + RESULTS_PER_COMMAND])
@@ -584,7 +633,8 @@ class Dispatcher:
             fields: dict[str, str] = {}
             if outcome != Outcome.DELIVERED.value:
                 category = self._classify(_EXPIRED.sub("", reply), relay).value
-                key = (outcome, category)
+                site = self.shaper.site_of(self._router.nexthop(domain_of(rcpt))).name
+                key = (outcome, category, site)
                 self.categories[key] = self.categories.get(key, 0) + 1
                 fields["category"] = category
                 if outcome == Outcome.BOUNCED.value and not reply.startswith(SUPPRESSED_REPLY):

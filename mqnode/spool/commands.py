@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
 # member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
 # Announce's `reads`, and an entry from a newer version stops the node instead of being
-# skipped; 3, Announce's `members`; 4, Suppress.
+# skipped; 3, Announce's `members`; 4, Suppress and SetShaping.
 READS_LEVEL = 4
 MEMBERS_LEVEL = 3  # the level from which an Announce may carry `members`
 SUPPRESS_LEVEL = 4  # the level from which the suppression list may be written
@@ -171,7 +171,28 @@ class Suppress:
 
 SUPPRESS_OPS = ("add", "remove")
 
-Command = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp | Suppress
+
+@dataclass(frozen=True)
+class SetShaping:
+    """The traffic shaping rules every lease holder enforces (delivery/shaping.py): the
+    TOML text as the operator applied it, checked again when applied."""
+
+    TAG: ClassVar[int] = 9
+    text: str
+    at_ms: int
+
+
+Command = (
+    Enqueue
+    | PutChunk
+    | Announce
+    | RecordOutcome
+    | LeaseRenew
+    | Claim
+    | QueueOp
+    | Suppress
+    | SetShaping
+)
 
 
 def _is_int(v: Any) -> bool:
@@ -213,7 +234,17 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
 }
 _BY_TAG: dict[int, type[Any]] = {
     c.TAG: c
-    for c in (Enqueue, PutChunk, Announce, RecordOutcome, LeaseRenew, Claim, QueueOp, Suppress)
+    for c in (
+        Enqueue,
+        PutChunk,
+        Announce,
+        RecordOutcome,
+        LeaseRenew,
+        Claim,
+        QueueOp,
+        Suppress,
+        SetShaping,
+    )
 }
 _TUPLE_FIELDS = {"recipients", "results", "queue_ids", "dsn_notify", "dsn_orcpt", "members"}
 _NESTED_TUPLE_FIELDS = {"results", "entries"}

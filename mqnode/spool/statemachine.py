@@ -28,7 +28,7 @@ import hashlib
 import logging
 from typing import Any
 
-from mqnode.errors import CodecError, NewerFormatError
+from mqnode.errors import CodecError, ConfigError, NewerFormatError
 from mqnode.spool.commands import (
     QUEUE_OPS,
     SUPPRESS_OPS,
@@ -40,12 +40,14 @@ from mqnode.spool.commands import (
     PutChunk,
     QueueOp,
     RecordOutcome,
+    SetShaping,
     Suppress,
     decode_entry,
 )
 from mqnode.spool.dsnparams import MAX_ENVID_CHARS, MAX_ORCPT_CHARS, DsnRequest
 from mqnode.spool.model import Outcome, QueuedMessage, RcptState, Recipient, find_message_id
-from mqnode.spool.store import OPERATOR_RETRIES, StateTxn
+from mqnode.spool.shaping_rules import ShapingRules
+from mqnode.spool.store import OPERATOR_RETRIES, SHAPING, StateTxn
 from mqnode.spool.suppression import ENTRIES_PER_COMMAND, Entry, invalid_item
 
 MAX_ANNOUNCED_MEMBERS = 64  # far beyond any Raft cluster's size; bounds the meta record
@@ -192,6 +194,13 @@ class QueueStateMachine:
             return self._queue_op(cmd, txn)
         if isinstance(cmd, Suppress):
             return self._suppress(cmd, txn)
+        if isinstance(cmd, SetShaping):
+            try:
+                ShapingRules.parse(cmd.text)
+            except ConfigError as exc:
+                return ("rejected", str(exc))
+            txn.put_meta(SHAPING, {"text": cmd.text, "at_ms": cmd.at_ms})
+            return ("ok", "")
         raise AssertionError(f"unhandled command {cmd!r}")
 
     def _suppress(self, cmd: Suppress, txn: StateTxn) -> Result:

@@ -75,6 +75,7 @@ COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
 # Meta key: how many operator retries (QueueOp "retry") took effect; delivery/dispatcher.py.
 OPERATOR_RETRIES = "operator_retries"
 SUPPRESSIONS = "suppressions"  # meta key: entries in the suppression list
+SHAPING = "shaping"  # meta key: the traffic shaping rules applied ({"text", "at_ms"})
 SUPPRESSION_SCAN = 100_000  # entries one list request reads at most
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 # In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
@@ -487,6 +488,11 @@ class QueueStore:
     def suppressed(self, recipient: str, sender_domain: str, now_ms: int) -> Entry | None:
         with self.reader() as r:
             return r.suppressed(recipient, sender_domain, now_ms)
+
+    def shaping(self) -> dict[str, Any]:
+        """The traffic shaping rules as applied ({"text", "at_ms"}), {} when none were."""
+        with self.reader() as r:
+            return dict(r.get_meta(SHAPING, {}))
 
     def suppression_count(self) -> int:
         with self.reader() as r:

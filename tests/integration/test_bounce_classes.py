@@ -96,7 +96,7 @@ def test_refusals_carry_their_category(tmp_path: Path) -> None:
             for _, outcome, category in REFUSALS.values():
                 found = re.search(
                     rf'^mqnode_delivery_failures_total\{{category="{category}",'
-                    rf'outcome="{outcome}"\}} (\S+)$',
+                    rf'outcome="{outcome}",site="default"\}} (\S+)$',
                     metrics,
                     re.M,
                 )

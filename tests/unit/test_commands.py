@@ -219,7 +219,7 @@ def test_unknown_tag_raises(tag: Any) -> None:
     assert not isinstance(info.value, NewerFormatError)
 
 
-@pytest.mark.parametrize("tag", [9, 99])
+@pytest.mark.parametrize("tag", [10, 99])
 def test_a_tag_past_the_last_known_is_a_newer_format(tag: int) -> None:
     """A newer mqnode's command: the node must stop, not skip it (statemachine.apply)."""
     with pytest.raises(NewerFormatError, match="newer"):
