@@ -2,7 +2,7 @@
 
     python -m bench [--full] [--record]
         [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e,paired-dkim,
-         paired-suppression]
+         paired-suppression,shaping]
 
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
@@ -50,6 +50,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "paired-e2e": plan.paired_rounds * len(paired.E2E_SYSTEMS),
         "paired-dkim": plan.paired_rounds * len(paired_dkim.SYSTEMS),
         "paired-suppression": plan.paired_rounds * len(paired_suppression.SYSTEMS),
+        "shaping": 2,
     }
     return sum(per[n] for n in names)
 

@@ -173,6 +173,7 @@ def run_source(
     keep_session: bool = False,
     max_s: float = 120.0,
     path: str | None = None,
+    to: str = RECIPIENT,
 ) -> tuple[float, float]:
     """Send `messages` with smtp-source to 127.0.0.1:port; return (elapsed_s, msg/s).
 
@@ -183,7 +184,7 @@ def run_source(
     """
     argv = [which("smtp-source", path), "-4", "-m", str(messages), "-s", str(sessions)]
     argv += ["-l", str(size), "-r", str(recipients), "-M", "source.bench.test"]
-    argv += ["-f", SENDER, "-t", RECIPIENT]
+    argv += ["-f", SENDER, "-t", to]
     if keep_session:
         argv.append("-d")
     argv.append(f"{HOST}:{port}")

@@ -16,6 +16,8 @@
              signing through the OpenDKIM milter, in rounds (bench/paired_dkim.py)
   paired-suppression acceptance with a 1M-entry suppression list against an empty one,
              in rounds (bench/paired_suppression.py)
+  shaping    a backlog for a rate-limited site drains at its rate while other mail
+             goes (bench/shaping_drain.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -61,6 +63,7 @@ from bench.runners import (
     run_load,
     wait_sink,
 )
+from bench.shaping_drain import shaping
 from tests.support.chaos import kill_leader_repeatedly, run_scenario
 from tests.support.cluster import free_ports
 
@@ -442,6 +445,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "paired-e2e": paired_e2e,
     "paired-dkim": paired_dkim,
     "paired-suppression": paired_suppression,
+    "shaping": shaping,
 }
 
 

@@ -155,6 +155,9 @@ class NodeConfig:
     suppress_bounce_exempt_domains: list[str] = setting(
         [], "sending domains whose bounces suppress nothing", "DOMAINS"
     )
+    suppression_action: str = setting(
+        "refuse", "suppressed recipients: refuse (550 at RCPT TO) or drop (accept, send none)"
+    )
     lease_ms: int = setting(3000, "dispatch lease of the leader")
     lease_margin_ms: int = setting(500, "stop dispatching this long before the lease ends")
     # TLS cert+key enable STARTTLS (and smtps_addr, implicit TLS, RFC 8314); a users file
@@ -293,6 +296,8 @@ class NodeConfig:
             raise ConfigError("election_timeout_min_ms: must be below election_timeout_max_ms")
         if self.lease_margin_ms * 2 >= self.lease_ms:
             raise ConfigError("lease_margin_ms: must be below half of lease_ms")
+        if self.suppression_action not in ("refuse", "drop"):
+            raise ConfigError("suppression_action: refuse or drop")
         if self.dns_server:
             host = parse_hostport(self.dns_server, "dns_server")[0]
             try:

@@ -201,7 +201,8 @@ class Node:
         )
         gate = LevelGate(pipeline, lambda: self._reads_level(store, raft), self.clock)
         front = self._front = self._build_smtp_front(gate, store)
-        front.set_suppression(self._suppression, store.suppression_count)
+        if cfg.suppression_action == "refuse":  # else dispatch drops them (Dispatcher)
+            front.set_suppression(self._suppression, store.suppression_count)
         # As many parked sessions per target as may deliver to it at once: with fewer,
         # a burst closed the surplus and reconnected for the next one (connect, EHLO,
         # QUIT per message cost the leader ~100 us of CPU each in the e2e bench).
@@ -216,6 +217,7 @@ class Node:
         self._lease = lease = LeaderLease(self.clock, cfg.lease_ms, cfg.lease_margin_ms)
         dispatcher = self._build_dispatcher(store, pipeline, agent, lease)
         dispatcher.suppressed = self._suppression
+        dispatcher.suppression_drops = cfg.suppression_action == "drop"
         dispatcher.auto_suppress = AutoSuppress(
             pipeline,
             suppress_days,

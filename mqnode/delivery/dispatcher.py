@@ -194,6 +194,9 @@ class Dispatcher:
         # queued before the entry. And what a hard bounce adds to it (AutoSuppress).
         self.suppressed: Callable[[str, str], str | None] = lambda rcpt, sender: None
         self.auto_suppress: AutoSuppress | None = None
+        # suppression_action "drop": SMTP accepts suppressed recipients, dispatch drops them
+        # (event "suppressed", no DSN) instead of bouncing them.
+        self.suppression_drops = False
         # Traffic shaping per site (delivery/shaping.py), with the rules the state holds.
         self.shaper = Shaper(clock, self._classify)
         self.events: EventLog | None = None
@@ -509,6 +512,9 @@ class Dispatcher:
                 self.events.emit("site-suspended", msg.queue_id, site=site.name, why=why)
         return results, attempt.host, attempt.dsn_passed
 
+    def _dropped(self, reply: str) -> bool:
+        return self.suppression_drops and reply.startswith(SUPPRESSED_REPLY)
+
     def _retry_policy(self, msg: QueuedMessage) -> RetryPolicy:
         """The node's, or the retry overrides of the site of the message's first destination."""
         dests = self._destinations(msg) if self.shaper.active else ()
@@ -602,9 +608,11 @@ class Dispatcher:
                 outcome, reply = Outcome.BOUNCED.value, f"4.4.7 message expired in queue: {reply}"
             final.append((i, outcome, reply[:MAX_REPLY_CHARS]))
         dsn_id = make_queue_id(now_ms, self._random_bytes(4))
+        # suppression_action "drop": a suppressed recipient is dropped without a report
+        reported = [r for r in final if not self._dropped(r[2])]
         dsn = report_for(
             msg,
-            final,
+            reported,
             remote,
             body,
             now_ms,
@@ -642,6 +650,7 @@ class Dispatcher:
             log.info("%s: to=<%s> %s: %s", msg.queue_id, rcpt, outcome, reply)
             if self.events is not None:
                 event = "expired" if reply.startswith("4.4.7") else outcome
+                event = "suppressed" if self._dropped(reply) else event
                 self.events.emit(event, msg.queue_id, to=rcpt, relay=relay, reply=reply, **fields)
         if bounce_id and self.events is not None:
             # A report of successes only (NOTIFY=SUCCESS) is no bounce.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,43 @@ def test_bad_entries_are_refused_whole(tmp_path: Path) -> None:
         assert bad.returncode == 1 and "entry 2" in bad.stderr, bad.stderr
         listed = _cli(c, 1, "list", "--json")
         assert json.loads(listed.stdout)["total"] == 0
+
+
+def test_drop_accepts_and_sends_nothing(tmp_path: Path) -> None:
+    """suppression_action = "drop": the client gets its 250, the suppressed recipient is
+    dropped at dispatch with an event and no bounce; the others are delivered."""
+    events = tmp_path / "events.jsonl"
+    port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        sink = host.add("receiver", socks["127.0.0.1"])
+        args = [*FAST_TUNING, "--suppression-action", "drop", "--event-log", str(events)]
+        with Cluster(tmp_path / "c", n=3, extra_args=args, relay_host=f"127.0.0.1:{port}") as c:
+            assert _cli(c, 0, "add", "bob@x.test", "--reason", "asked").returncode == 0
+            node = c.nodes[c.leader()]
+
+            def dropped() -> tuple[str | None, str]:
+                code, text, qid = submit(
+                    node.host, node.smtp_port, SENDER, ["bob@x.test", "amy@x.test"], BODY
+                )
+                assert code == 250, text
+                for _ in range(100):
+                    got = {
+                        e["event"]
+                        for e in _events(events)
+                        if e.get("queue_id") == qid and e.get("to") == "bob@x.test"
+                    }
+                    if got:
+                        return (qid if got == {"suppressed"} else None), str(got)
+                    time.sleep(0.1)
+                return None, "no outcome"
+
+            qid = c.poll("bob dropped at dispatch", dropped, 30)
+            c.poll(
+                "amy delivered",
+                lambda: (True if any("amy@x.test" in d.rcpts for d in sink.datas) else None, ""),
+                30,
+            )
+            time.sleep(1)  # a bounce would be queued in the same apply, and sent at once
+            assert not [d for d in sink.datas if d.mail_from in ("", "<>")], "a bounce was sent"
+            assert not [d for d in sink.datas if "bob@x.test" in d.rcpts]
+            assert c.queue_entry(c.leader(), qid) is None

@@ -1,0 +1,115 @@
+"""shaping: a backlog for one rate-limited site drains at its rate, and other mail still goes.
+
+A 3-node cluster delivering by MX (a real DNS server on loopback, two
+receiving sinks) with shaping rules applied through the log: site `bulk`
+(`bulk.bench.test`) limited to `RATE` messages per second, everything else
+unlimited. First a backlog for `bulk` is queued with smtp-source
+(`RATE` x `DRAIN_S` messages, accepted far faster than the site may take
+them); then, while it drains, `OTHER` messages for another domain. Rows:
+
+  bulk site drain   its delivery rate over the drain after the first
+                    second's burst, x the configured rate (1.00 is exact)
+  other site        messages per second end to end (smtp-source's start to
+                    the last arrival) while the backlog drains, x the same
+                    measured alone before the backlog (1.00: not slowed)
+
+Bounded: every wait ends after `plan.max_s` plus the drain's expected time;
+the cluster and sinks are stopped and their data removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+from bench import postfix
+from bench.plan import KIB, WORKERS, Plan, Results, Step
+from bench.runners import Row
+from tests.support.cluster import ADMIN_TOKEN, Cluster
+from tests.support.dnsserver import DnsServer
+from tests.support.smtpsink import Sink, SinkHost, bind_common_port
+
+RATE = 50.0
+DRAIN_S = {"full": 60, "quick": 10}
+OTHER = 500
+HOSTS = {"bulk": "127.0.0.41", "other": "127.0.0.42"}
+RULES = f"""
+[[site]]
+name = "bulk"
+domains = ["bulk.bench.test"]
+messages_per_second = {RATE}
+"""
+
+
+def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
+    backlog = int(RATE * DRAIN_S.get(plan.mode, 10))
+    params = {"size": KIB, "sessions": plan.sessions, "messages": backlog, "rate": RATE}
+    port, socks = bind_common_port(list(HOSTS.values()))
+    zones = {
+        "bulk.bench.test": {"MX": [[10, "mx.bulk.bench.test"]]},
+        "mx.bulk.bench.test": {"A": [HOSTS["bulk"]]},
+        "other.bench.test": {"MX": [[10, "mx.other.bench.test"]]},
+        "mx.other.bench.test": {"A": [HOSTS["other"]]},
+    }
+    base = tmp / "shaping"
+    try:
+        with DnsServer(zones) as dns, SinkHost(max_lifetime_s=plan.max_s * 10) as host:
+            sinks = {name: host.add(name, socks[ip]) for name, ip in HOSTS.items()}
+            args = (*WORKERS, "--delivery-port", str(port))
+            with Cluster(
+                base, n=3, extra_args=args, dns_server=f"{dns.host}:{dns.port}", start_timeout_s=60
+            ) as c:
+                lead = c.leader()
+                _apply(c, lead)
+                smtp = c.nodes[lead].smtp_port
+                step("shaping: other site alone")
+                alone = _other(smtp, sinks["other"], plan)
+                step(f"shaping: {backlog} messages for the bulk site, then other mail")
+                postfix.run_source(
+                    smtp, backlog, plan.sessions, KIB, max_s=plan.max_s, to="u@bulk.bench.test"
+                )
+                during = _other(smtp, sinks["other"], plan)
+                times = _wait(sinks["bulk"], backlog, plan.max_s + backlog / RATE)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    burst = int(RATE)
+    drain = (len(times) - burst - 1) / (times[-1] - times[burst]) if len(times) > burst + 1 else 0
+    row = Row("shaping", "bulk site drain", dict(params), rate=drain)
+    row.acked = row.attempted = backlog
+    row.note = f"x configured {drain / RATE:.3f}; {len(times)} delivered"
+    other = Row("shaping", "other site while the bulk site drains", {**params, "messages": OTHER})
+    other.rate, other.acked, other.attempted = during, OTHER, OTHER
+    other.note = f"x alone {during / alone:.2f} (alone {alone:.0f} msg/s)" if alone else ""
+    out.rows += [row, other]
+
+
+def _apply(c: Cluster, i: int) -> None:
+    req = urllib.request.Request(
+        c.nodes[i].admin_url + "/shaping",
+        data=json.dumps({"text": RULES}).encode(),
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        r.read()
+
+
+def _other(smtp: int, sink: Sink, plan: Plan) -> float:
+    before = len(sink.datas)
+    t0 = time.monotonic()
+    postfix.run_source(smtp, OTHER, plan.sessions, KIB, max_s=plan.max_s, to="u@other.bench.test")
+    _wait(sink, before + OTHER, plan.max_s)
+    return OTHER / (time.monotonic() - t0)
+
+
+def _wait(sink: Sink, n: int, timeout_s: float) -> list[float]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = sorted(d.at_s for d in sink.datas if d.accepted)
+        if len(got) >= n:
+            return got
+        time.sleep(0.2)
+    raise postfix.PostfixBenchError(f"{len(sink.datas)} of {n} arrived in {timeout_s:.0f} s")
