@@ -73,7 +73,14 @@ With a relay host (one destination) scans never run deep. A deep scan costs
 ~1.5 us per entry passed over (30 ms for 20,000) and ~11 us per message it
 decodes for the first time, at most DEEP_SCAN_DECODES of them (a new leader
 meeting a backlog of 20,000 blocked its event loop for 0.22 s decoding them
-all in one scan).
+all in one scan). With traffic shaping rules, a paced site's backlog stays due
+ahead of other mail for as long as it drains, so deep scans come every
+SHAPED_DEEP_SCAN_S instead, or ten times their own duration if that is longer
+(at most a tenth of the leader's time), and claim for the paced sites; the
+shallow scans between them start past the run of entries passed over at the
+head so far (the backlog, due earlier than any new mail), each moving that
+point further while it meets only the backlog, so other mail is claimed at
+once whatever the backlog's length.
 """
 
 from __future__ import annotations
@@ -119,6 +126,7 @@ DESTS_SEEN_MAX = 100_000
 DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module docstring)
 DEEP_SCAN_DECODES = 2_000
 DEEP_SCAN_INTERVAL_S = 1.0
+SHAPED_DEEP_SCAN_S = 0.1  # with shaping rules: a deep scan as often as this (at most)
 SUSPENDED_MAX = 10_000  # destinations remembered as dead; all forgotten beyond
 DESCRIBED_MAX = 20  # destinations of each kind /status lists
 IDLE_WINDOWS_MAX = 10_000  # idle destinations whose window feedback moved; idem
@@ -183,6 +191,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._next_deep_scan_s = 0.0  # monotonic; the first scan may run deep
+        self._past_paced = b""  # the due-index key shallow scans start after (shaping)
         # Dead destination -> (monotonic time its suspension ends, why).
         self._suspended: dict[str, tuple[float, str]] = {}
         self._retries_seen = -1  # the store's operator retry count at the last scan
@@ -198,7 +207,7 @@ class Dispatcher:
         # (event "suppressed", no DSN) instead of bouncing them.
         self.suppression_drops = False
         # Traffic shaping per site (delivery/shaping.py), with the rules the state holds.
-        self.shaper = Shaper(clock, self._classify)
+        self.shaper = Shaper(clock, self._classify, settings.concurrency)
         self.events: EventLog | None = None
         self.on_attempt: Callable[[float], None] = lambda seconds: None  # metrics hook
 
@@ -325,12 +334,17 @@ class Dispatcher:
         now_s = self._clock.monotonic_s()
         # Past a backlog for busy destinations; pointless with one destination (a relay):
         # every message then waits for the same permits.
-        if now_s >= self._next_deep_scan_s and not self._router.one_destination:
+        deep = now_s >= self._next_deep_scan_s and not self._router.one_destination
+        if deep:
             self._next_deep_scan_s = now_s + DEEP_SCAN_INTERVAL_S
             examined = max(examined, DEEP_SCAN_ENTRIES)
             limit = max(limit, DEEP_SCAN_DECODES)
+        # With shaping rules a shallow scan starts past the run of skipped entries the last
+        # deep scan began with (a paced site's backlog, due ahead of everything else).
+        after = b"" if deep or not self.shaper.active else self._past_paced
+        head: list[bytes] = []
         # Closed before the first await: it holds the store's lock and a read transaction.
-        with closing(self._store.iter_due(now_ms, limit, skip, examined)) as due:
+        with closing(self._store.iter_due(now_ms, limit, skip, examined, after, head)) as due:
             for msg in due:
                 if msg.claim_epoch not in (0, epoch) and not waited_out:
                     continue  # another leader's claim: wait out its lease first
@@ -342,6 +356,17 @@ class Dispatcher:
                     planned[d] = planned.get(d, 0) + 1
                 if len(picked) >= free:
                     break
+        if self.shaper.active:
+            # A paced site's backlog stays due ahead of other mail: scan deep more often (at
+            # most a tenth of the time), and shallow scans start past it, each one further
+            # while they meet only that backlog (module docstring).
+            if deep:
+                cost = self._clock.monotonic_s() - now_s
+                self._next_deep_scan_s = now_s + max(SHAPED_DEEP_SCAN_S, 10 * cost)
+            if head:
+                self._past_paced = max(self._past_paced, head[0])
+            elif deep:
+                self._past_paced = b""  # nothing passed over at the head: no backlog
         if not picked:
             return
         status, granted = await self._rep.submit(Claim(tuple(picked), self._s.node_id, epoch))

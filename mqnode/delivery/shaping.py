@@ -110,15 +110,21 @@ class Shaper:
     its connection budget, and its reaction to replies. The dispatcher asks it:
 
     * at each scan, `blocked(dest)`: leave the message unclaimed (its site is suspended,
-      or has as many claimed as it may send in the next CLAIM_SECONDS);
+      or has as many claimed as it may send in the next CLAIM_SECONDS, and never more
+      than `max_claims`: the dispatcher's delivery slots);
     * before an attempt takes its permits, `await pace(site)` (its turn at the site's
       rate) and `connections(sites)` (a place among its max_connections);
     * after each transaction, `after(site, results, host)`.
     """
 
-    def __init__(self, clock: Clock, classify: Callable[[str, str], Any]) -> None:
+    def __init__(
+        self, clock: Clock, classify: Callable[[str, str], Any], max_claims: int = 20
+    ) -> None:
         self._clock = clock
         self._classify = classify
+        # A rated site's claims at most: its waiting attempts count in the dispatcher's
+        # claim window, and a site that filled it would hold up every other site's mail.
+        self._max_claims = max(1, max_claims)
         self.rules = ShapingRules()
         self._sites: dict[str, _SiteState] = {}
         self._site_of: dict[str, str] = {}  # destination -> site name, from its MX hosts
@@ -178,7 +184,8 @@ class Shaper:
         if state.rate.suspended(self._clock.monotonic_s()):
             return True
         per_s = state.rate.per_s
-        return per_s > 0 and state.claimed >= max(2, math.ceil(per_s * CLAIM_SECONDS))
+        cap = min(self._max_claims, max(2, math.ceil(per_s * CLAIM_SECONDS)))
+        return per_s > 0 and state.claimed >= cap
 
     def claim(self, qid: str, dests: tuple[str, ...]) -> None:
         """A message claimed for `dests` counts against their sites until `release`."""

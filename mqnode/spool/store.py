@@ -530,7 +530,13 @@ class QueueStore:
         return list(self.iter_due(now_ms, limit))
 
     def iter_due(
-        self, now_ms: int, limit: int, skip: Container[str] = (), max_examined: int | None = None
+        self,
+        now_ms: int,
+        limit: int,
+        skip: Container[str] = (),
+        max_examined: int | None = None,
+        after: bytes = b"",
+        skipped_head: list[bytes] | None = None,
     ) -> Generator[QueuedMessage, None, None]:
         """Due messages one at a time, decoded only when asked for; ids in `skip` passed over.
 
@@ -540,10 +546,21 @@ class QueueStore:
         a tenth of the leader's CPU in the end-to-end bench. At most `limit`
         messages are yielded and `max_examined` index entries read. Consume it
         without awaiting in between: it holds a read transaction.
+
+        `after`: start past this due-index key. `skipped_head`: set to the key of the
+        last entry of the run of skipped entries the scan began with (a paced site's
+        backlog: delivery/dispatcher.py starts its next shallow scans there).
         """
         with self._lock, self._env.begin(write=False) as txn:
             given = examined = 0
-            for key, _ in txn.cursor(db=self._due):
+            cur = txn.cursor(db=self._due)
+            if after:  # an unpositioned cursor would iterate from the first key
+                if not cur.set_range(after):
+                    return
+                if bytes(cur.key()) == after and not cur.next():
+                    return
+            head = True
+            for key, _ in cur.iternext():
                 if U64.unpack(key[:8])[0] > now_ms or given >= limit:
                     break
                 examined += 1
@@ -551,7 +568,10 @@ class QueueStore:
                     break
                 qid = bytes(key[8:]).decode()
                 if qid in skip:
+                    if head and skipped_head is not None:
+                        skipped_head[:] = [bytes(key)]
                     continue
+                head = False
                 raw = txn.get(bytes(key[8:]), db=self._msgs)
                 if raw is not None:
                     given += 1
