@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from bench import postfix
-from bench.plan import KIB, WORKERS, Plan, Results, Step
+from bench.plan import KIB, SMTP_SOURCE, WORKERS, Plan, Results, Step
 from bench.runners import Row
 from tests.support.cluster import ADMIN_TOKEN, Cluster
 from tests.support.dnsserver import DnsServer
@@ -48,6 +48,7 @@ messages_per_second = {RATE}
 def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     backlog = int(RATE * DRAIN_S.get(plan.mode, 10))
     params = {"size": KIB, "sessions": plan.sessions, "messages": backlog, "rate": RATE}
+    params["generator"] = SMTP_SOURCE
     port, socks = bind_common_port(list(HOSTS.values()))
     zones = {
         "bulk.bench.test": {"MX": [[10, "mx.bulk.bench.test"]]},

@@ -23,7 +23,12 @@ from tests.support.smtpsink import Sink, SinkHost, bind_common_port
 
 pytestmark = pytest.mark.integration
 
-HOSTS = {"rate": "127.0.0.31", "big": "127.0.0.32", "throttle": "127.0.0.33"}
+HOSTS = {
+    "rate": "127.0.0.31",
+    "big": "127.0.0.32",
+    "throttle": "127.0.0.33",
+    "recover": "127.0.0.34",
+}
 SENDER = "app@shop.test"
 BODY = b"From: app@shop.test\r\nSubject: shaped\r\n\r\nhello\r\n"
 RATE = 8.0  # messages per second for the rate.test site
@@ -45,6 +50,11 @@ name = "throttler"
 domains = ["throttle.test"]
 messages_per_second = 20
 retry_base_s = 30
+
+[[site]]
+name = "recovering"
+domains = ["recover.test"]
+messages_per_second = 20
 """
 
 
@@ -58,6 +68,8 @@ def zones() -> dict[str, Any]:
         "mx2.bigmail.test": {"A": [HOSTS["big"]]},
         "throttle.test": {"MX": [[10, "mx.throttle.test"]]},
         "mx.throttle.test": {"A": [HOSTS["throttle"]]},
+        "recover.test": {"MX": [[10, "mx.recover.test"]]},
+        "mx.recover.test": {"A": [HOSTS["recover"]]},
     }
 
 
@@ -68,6 +80,9 @@ def shaped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, 
     with DnsServer(zones()) as dns, SinkHost() as host:
         sinks = {name: host.add(name, socks[ip]) for name, ip in HOSTS.items()}
         sinks["throttle"].script_rcpt("*", *["421 4.7.0 Too many messages, rate limited"] * 500)
+        # three throttling replies, then it accepts (a script's last reply repeats)
+        throttle = ["450 4.7.0 Rate limited, slow down"] * 3
+        sinks["recover"].script_rcpt("*", *throttle, "250 2.1.5 Ok")
         args = (
             *FAST_TUNING, "--delivery-port", str(port),
             "--retry-base-s", "1", "--retry-max-s", "2",
@@ -90,7 +105,7 @@ def _apply(c: Cluster, tmp_path: Path) -> None:
     follower = c.followers()[0]
     applied = _cli(c, follower, "apply", str(rules))
     assert applied.returncode == 0, applied.stderr
-    assert "3 site(s) (rate, bigmail, throttler)" in applied.stdout
+    assert "4 site(s) (rate, bigmail, throttler, recovering)" in applied.stdout
 
     def everywhere() -> tuple[bool | None, str]:
         shown = [json.loads(_cli(c, i, "show", "--json").stdout)["text"] for i in range(3)]
@@ -129,7 +144,23 @@ def test_bad_rules_are_refused_whole_naming_the_site(
     bad = tmp_path / "bad.toml"
     bad.write_text(RULES + '\n[[site]]\nname = "oops"\nmessages_per_hour = 10\n')
     refused = _cli(c, 0, "apply", str(bad))
-    assert refused.returncode == 2 and "site 4 (oops): needs domains or mx" in refused.stderr
+    assert refused.returncode == 2 and "site 5 (oops): needs domains or mx" in refused.stderr
+
+
+def test_a_site_that_throttles_a_while_gets_its_rate_back(
+    shaped: tuple[Cluster, dict[str, Sink]], tmp_path: Path
+) -> None:
+    c, sinks = shaped
+    _apply(c, tmp_path)
+    _send(c, [f"u{i}@recover.test" for i in range(40)])
+    _arrivals(sinks["recover"], 40, 60)  # the three throttled ones too, retried
+    lead = c.leader()
+    log = c.nodes[lead].log_path.read_text(errors="replace")
+    halved = re.findall(r"site recovering: throttled .*; rate now (\S+)/s", log)
+    assert halved and float(halved[0]) == 10.0, halved  # halved at the first throttle
+    view = json.loads(_cli(c, lead, "show", "--json").stdout)
+    site = next(s for s in view["sites"] if s["site"] == "recovering")
+    assert site["per_s"] == 20.0 and site["suspended_for_s"] == 0, site  # all won back
 
 
 def test_rate_rollup_and_throttling(
