@@ -33,7 +33,7 @@ from bench.plan import KIB, SMTP_SOURCE, WORKERS, Plan, Results, Step
 from bench.runners import Row
 from tests.support.cluster import ADMIN_TOKEN, Cluster
 from tests.support.dnsserver import DnsServer
-from tests.support.smtpsink import Sink, SinkHost, bind_common_port
+from tests.support.smtpsink import Sink, SinkHost, arrival_times, bind_common_port
 
 RATE = 50.0
 DRAIN_S = {"full": 60, "quick": 10}  # the window the bulk site's rate is measured over
@@ -113,10 +113,7 @@ def _other(smtp: int, sink: Sink, plan: Plan) -> float:
 
 
 def _wait(sink: Sink, n: int, timeout_s: float) -> list[float]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = sorted(d.at_s for d in sink.datas if d.accepted)
-        if len(got) >= n:
-            return got
-        time.sleep(0.2)
-    raise postfix.PostfixBenchError(f"{len(sink.datas)} of {n} arrived in {timeout_s:.0f} s")
+    try:
+        return arrival_times(sink, n, timeout_s)
+    except TimeoutError as exc:
+        raise postfix.PostfixBenchError(str(exc)) from exc

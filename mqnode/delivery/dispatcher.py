@@ -79,8 +79,9 @@ SHAPED_DEEP_SCAN_S instead, or ten times their own duration if that is longer
 (at most a tenth of the leader's time), and claim for the paced sites; the
 shallow scans between them start past the run of entries passed over at the
 head so far (the backlog, due earlier than any new mail), each moving that
-point further while it meets only the backlog, so other mail is claimed at
-once whatever the backlog's length.
+point further while it meets only the backlog (up to SHAPED_SCAN_ENTRIES
+entries, decoding at most `batch` it has not seen), so other mail behind
+even a long backlog is claimed within seconds, and at once after that.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module doc
 DEEP_SCAN_DECODES = 2_000
 DEEP_SCAN_INTERVAL_S = 1.0
 SHAPED_DEEP_SCAN_S = 0.1  # with shaping rules: a deep scan as often as this (at most)
+SHAPED_SCAN_ENTRIES = 5_000  # and a shallow one reads this many entries past the backlog
 SUSPENDED_MAX = 10_000  # destinations remembered as dead; all forgotten beyond
 DESCRIBED_MAX = 20  # destinations of each kind /status lists
 IDLE_WINDOWS_MAX = 10_000  # idle destinations whose window feedback moved; idem
@@ -339,6 +341,8 @@ class Dispatcher:
             self._next_deep_scan_s = now_s + DEEP_SCAN_INTERVAL_S
             examined = max(examined, DEEP_SCAN_ENTRIES)
             limit = max(limit, DEEP_SCAN_DECODES)
+        elif self.shaper.active:  # walks on past a paced backlog (module docstring)
+            examined = max(examined, SHAPED_SCAN_ENTRIES)
         # With shaping rules a shallow scan starts past the run of skipped entries the last
         # deep scan began with (a paced site's backlog, due ahead of everything else).
         after = b"" if deep or not self.shaper.active else self._past_paced

@@ -548,8 +548,9 @@ class QueueStore:
         without awaiting in between: it holds a read transaction.
 
         `after`: start past this due-index key. `skipped_head`: set to the key of the
-        last entry of the run of skipped entries the scan began with (a paced site's
-        backlog: delivery/dispatcher.py starts its next shallow scans there).
+        last entry of the run of passed-over entries the scan began with (in `skip`
+        before they were yielded, or after: the caller marks those it passes over), a
+        paced site's backlog: delivery/dispatcher.py starts its next shallow scans there.
         """
         with self._lock, self._env.begin(write=False) as txn:
             given = examined = 0
@@ -567,15 +568,17 @@ class QueueStore:
                 if max_examined is not None and examined > max_examined:
                     break
                 qid = bytes(key[8:]).decode()
-                if qid in skip:
-                    if head and skipped_head is not None:
-                        skipped_head[:] = [bytes(key)]
-                    continue
-                head = False
-                raw = txn.get(bytes(key[8:]), db=self._msgs)
-                if raw is not None:
+                if qid not in skip:
+                    raw = txn.get(bytes(key[8:]), db=self._msgs)
+                    if raw is None:
+                        continue
                     given += 1
                     yield _decode_message(bytes(raw), qid)
+                    if qid not in skip:  # taken (a caller adds what it passes over to skip)
+                        head = False
+                        continue
+                if head and skipped_head is not None:
+                    skipped_head[:] = [bytes(key)]
 
     def fill_ratio(self) -> float:
         """Pages in use over the map size, as of the last few commits (cheap: no I/O).

@@ -4,7 +4,6 @@ each deferred or bounced recipient's category in the event log, the metrics and
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,6 +15,7 @@ import pytest
 
 from tests.support.cli import run_cli
 from tests.support.cluster import FAST_TUNING, Cluster
+from tests.support.events import OUTCOMES, read_events
 from tests.support.smtp import submit
 from tests.support.smtpsink import SinkHost, bind_common_port
 
@@ -39,19 +39,6 @@ REFUSALS = {
     ),
     "zork@x.test": ("554 5.7.1 zork says no", "bounced", "content"),  # the operator's rule
 }
-
-
-OUTCOMES = ("delivered", "deferred", "bounced")
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line still being written
-    return out
 
 
 def test_refusals_carry_their_category(tmp_path: Path) -> None:
@@ -79,7 +66,7 @@ def test_refusals_carry_their_category(tmp_path: Path) -> None:
             def classified() -> tuple[dict[str, dict[str, Any]] | None, str]:
                 got = {
                     e["to"]: e
-                    for e in _events(events)
+                    for e in read_events(events)
                     if e.get("queue_id") == qid and e["event"] in OUTCOMES
                 }
                 return (got if len(got) == len(REFUSALS) + 1 else None), f"{sorted(got)}"
@@ -134,7 +121,7 @@ def test_refusals_carry_their_category(tmp_path: Path) -> None:
             def reclassified() -> tuple[str | None, str]:
                 mine = [
                     e
-                    for e in _events(events)
+                    for e in read_events(events)
                     if e.get("queue_id") == again and e["event"] in OUTCOMES
                 ]
                 return (mine[0]["category"] if mine else None), "no event yet"

@@ -57,6 +57,7 @@ from tests.support.chaos import post_json
 from tests.support.cli import RunCli
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
+from tests.support.events import read_events
 from tests.support.smtp import make_message, submit
 from tests.support.smtpsink import (
     IDLE_TIMEOUT_S,
@@ -922,16 +923,6 @@ def test_kill_leader_during_delivery_every_acked_message_arrives(
 # -- the claim window: claimed ahead of a free slot, re-read when one frees ----------------------
 
 
-def _events(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line another node is still writing
-    return out
-
-
 def test_a_message_held_while_waiting_for_a_slot_is_not_sent(env: Env, tmp_path: Path) -> None:
     """The dispatcher claims up to CLAIM_AHEAD x delivery_concurrency messages, so a freed
     slot finds its next message claimed. One that waits is re-read when its slot frees:
@@ -946,7 +937,7 @@ def test_a_message_held_while_waiting_for_a_slot_is_not_sent(env: Env, tmp_path:
 
         def one_sending_both_claimed() -> tuple[set[str] | None, str]:
             arrived = {d.message_id for d in sink.delivered() if d.message_id in acked}
-            claimed = {e["queue_id"] for e in _events(events) if e["event"] == "claimed"} & qids
+            claimed = {e["queue_id"] for e in read_events(events) if e["event"] == "claimed"} & qids
             ok = len(arrived) == 1 and claimed == qids
             return (arrived if ok else None), f"arrived {arrived}, claimed {claimed}"
 

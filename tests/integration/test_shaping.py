@@ -19,7 +19,7 @@ from tests.support.cli import run_cli
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
 from tests.support.smtp import submit
-from tests.support.smtpsink import Sink, SinkHost, bind_common_port
+from tests.support.smtpsink import Sink, SinkHost, arrival_times, bind_common_port
 
 pytestmark = pytest.mark.integration
 
@@ -121,16 +121,6 @@ def _send(c: Cluster, rcpts: list[str]) -> None:
         assert code == 250, text
 
 
-def _arrivals(sink: Sink, n: int, timeout_s: float) -> list[float]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = sorted(d.at_s for d in sink.datas if d.accepted)
-        if len(got) >= n:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{len(sink.datas)} of {n} arrived in {timeout_s:.0f} s")
-
-
 def _steady_rate(times: list[float], burst: int) -> float:
     """Messages per second after the first second's burst."""
     rest = times[burst:]
@@ -153,7 +143,7 @@ def test_a_site_that_throttles_a_while_gets_its_rate_back(
     c, sinks = shaped
     _apply(c, tmp_path)
     _send(c, [f"u{i}@recover.test" for i in range(40)])
-    _arrivals(sinks["recover"], 40, 60)  # the three throttled ones too, retried
+    arrival_times(sinks["recover"], 40, 60)  # the three throttled ones too, retried
     lead = c.leader()
     log = c.nodes[lead].log_path.read_text(errors="replace")
     halved = re.findall(r"site recovering: throttled .*; rate now (\S+)/s", log)
@@ -170,13 +160,13 @@ def test_rate_rollup_and_throttling(
     _apply(c, tmp_path)
     # One site's rate, at a real receiver: 80 messages at 8/s.
     _send(c, [f"u{i}@rate.test" for i in range(80)])
-    rate = _steady_rate(_arrivals(sinks["rate"], 80, 40), int(RATE))
+    rate = _steady_rate(arrival_times(sinks["rate"], 80, 40), int(RATE))
     # Never above the limit; well below it only if this shared machine stalls the node.
     assert RATE * 0.5 <= rate <= RATE * 1.1, f"{rate:.2f} msg/s for a site limited to {RATE}"
 
     # Two domains whose MX hosts share a suffix: one budget between them.
     _send(c, [f"u{i}@{'one' if i % 2 else 'two'}.test" for i in range(24)])
-    times = _arrivals(sinks["big"], 24, 40)
+    times = arrival_times(sinks["big"], 24, 40)
     rolled = _steady_rate(times, int(ROLLUP_RATE))
     assert rolled <= ROLLUP_RATE * 1.1, f"{rolled:.2f} msg/s for two domains sharing {ROLLUP_RATE}"
     assert {d.rcpts[0].split("@")[1] for d in sinks["big"].datas} == {"one.test", "two.test"}
@@ -213,6 +203,6 @@ def test_rate_rollup_and_throttling(
     assert json.loads(_cli(c, new, "show", "--json").stdout)["text"] == RULES
     before = len(sinks["rate"].datas)
     _send(c, [f"v{i}@rate.test" for i in range(40)])
-    times = _arrivals(sinks["rate"], before + 40, 40)[before:]
+    times = arrival_times(sinks["rate"], before + 40, 40)[before:]
     after = _steady_rate(times, int(RATE))
     assert after <= RATE * 1.1, f"{after:.2f} msg/s after a failover"

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.cli import run_cli
 from tests.support.cluster import FAST_TUNING, Cluster
+from tests.support.events import read_events
 from tests.support.smtp import submit
 from tests.support.smtpsink import SinkHost, bind_common_port
 
@@ -32,16 +33,6 @@ def _cli(c: Cluster, i: int, *args: str) -> Any:
         "--admin-token-file", str(c.admin_token_file),
     )  # fmt: skip
     return proc
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _refused_everywhere(c: Cluster, rcpt: str, sender: str = SENDER) -> None:
@@ -93,7 +84,7 @@ def test_suppressed_recipients_are_refused_and_bounces_suppress(
             def outcome(qid: str, rcpt: str) -> tuple[dict[str, Any] | None, str]:
                 got = [
                     e
-                    for e in _events(events)
+                    for e in read_events(events)
                     if e.get("queue_id") == qid
                     and e.get("to") == rcpt
                     and e["event"] in ("delivered", "deferred", "bounced")
@@ -124,7 +115,7 @@ def test_suppressed_recipients_are_refused_and_bounces_suppress(
             assert code == 250 and gone
             bounced = c.poll("gone's bounce", lambda: outcome(gone, "gone@x.test"), 30)
             assert bounced["event"] == "bounced" and bounced["category"] == "invalid-recipient"
-            added_events = [e for e in _events(events) if e["event"] == "suppression-added"]
+            added_events = [e for e in read_events(events) if e["event"] == "suppression-added"]
             assert [e["to"] for e in added_events] == ["gone@x.test"]
             _refused_everywhere(c, "gone@x.test")
             listed = _cli(c, other, "list", "--source", "bounce", "--json")
@@ -200,7 +191,7 @@ def test_drop_accepts_and_sends_nothing(tmp_path: Path) -> None:
                 for _ in range(100):
                     got = {
                         e["event"]
-                        for e in _events(events)
+                        for e in read_events(events)
                         if e.get("queue_id") == qid and e.get("to") == "bob@x.test"
                     }
                     if got:

@@ -638,3 +638,15 @@ class SinkHost:
             sock=sink.sock,
         )
         self._servers.append(server)
+
+
+def arrival_times(sink: Sink, n: int, timeout_s: float) -> list[float]:
+    """When the accepted messages arrived (time.monotonic(), sorted), once `n` have;
+    TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = sorted(d.at_s for d in sink.datas if d.accepted)
+        if len(got) >= n:
+            return got
+        time.sleep(0.1)
+    raise TimeoutError(f"{len(sink.datas)} of {n} messages arrived in {timeout_s:.0f} s")
