@@ -23,6 +23,7 @@ absolute numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -69,12 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=Path("bench/results"), help="JSON and plot directory"
     )
+    ap.add_argument(
+        "--shaping-backlog",
+        type=int,
+        default=0,
+        metavar="N",
+        help="messages queued for the paced site in the shaping workload (full: 100000)",
+    )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         ap.error(f"unknown workload(s): {', '.join(unknown)} (have: {', '.join(WORKLOADS)})")
     plan = FULL if args.full else QUICK
+    if args.shaping_backlog > 0:
+        plan = dataclasses.replace(plan, shaping_backlog=args.shaping_backlog)
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     meta = report.machine_meta(plan.mode, started)

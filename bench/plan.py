@@ -38,6 +38,7 @@ class Plan:
     session_counts: list[int] = field(default_factory=lambda: [10, 40])
     max_s: float = 90.0
     paired_rounds: int = 2
+    shaping_backlog: int = 0  # the shaping workload's backlog; 0: its default for the mode
 
     def count_for(self, size: int) -> int:
         return max(20, min(self.messages, self.bytes_per_row // max(size, 1)))

@@ -49,7 +49,7 @@ messages_per_second = {RATE}
 
 
 def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
-    backlog = BACKLOG.get(plan.mode, 1000)
+    backlog = plan.shaping_backlog or BACKLOG.get(plan.mode, 1000)
     measured = int(RATE * DRAIN_S.get(plan.mode, 10))
     params = {"size": KIB, "sessions": plan.sessions, "messages": backlog, "rate": RATE}
     params["generator"] = SMTP_SOURCE
@@ -75,8 +75,9 @@ def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
                 _other(smtp, sinks["other"], plan)  # unmeasured: a fresh cluster warms up
                 alone = _other(smtp, sinks["other"], plan)
                 step(f"shaping: {backlog} messages for the bulk site, then other mail")
+                queue_s = max(plan.max_s * 5, backlog / 400)  # bounded: 400 msg/s at least
                 postfix.run_source(
-                    smtp, backlog, plan.sessions, KIB, max_s=plan.max_s * 5, to="u@bulk.bench.test"
+                    smtp, backlog, plan.sessions, KIB, max_s=queue_s, to="u@bulk.bench.test"
                 )
                 during = _other(smtp, sinks["other"], plan)
                 times = _wait(sinks["bulk"], measured, plan.max_s + measured / RATE)[:measured]
