@@ -61,8 +61,14 @@ def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         "mx.other.bench.test": {"A": [HOSTS["other"]]},
     }
     base = tmp / "shaping"
+    queue_s = max(plan.max_s * 5, backlog / 400)  # bounded: 400 msg/s at least
+    # The DNS server and the sinks stop themselves after their lifetime: the whole run's.
+    lifetime_s = queue_s + 4 * plan.max_s + measured / RATE + 600
     try:
-        with DnsServer(zones) as dns, SinkHost(max_lifetime_s=plan.max_s * 10) as host:
+        with (
+            DnsServer(zones, max_lifetime_s=lifetime_s) as dns,
+            SinkHost(max_lifetime_s=lifetime_s) as host,
+        ):
             sinks = {name: host.add(name, socks[ip]) for name, ip in HOSTS.items()}
             args = (*WORKERS, "--delivery-port", str(port))
             with Cluster(
@@ -75,7 +81,6 @@ def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
                 _other(smtp, sinks["other"], plan)  # unmeasured: a fresh cluster warms up
                 alone = _other(smtp, sinks["other"], plan)
                 step(f"shaping: {backlog} messages for the bulk site, then other mail")
-                queue_s = max(plan.max_s * 5, backlog / 400)  # bounded: 400 msg/s at least
                 postfix.run_source(
                     smtp, backlog, plan.sessions, KIB, max_s=queue_s, to="u@bulk.bench.test"
                 )
