@@ -84,7 +84,10 @@ def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
                 postfix.run_source(
                     smtp, backlog, plan.sessions, KIB, max_s=queue_s, to="u@bulk.bench.test"
                 )
-                during = _other(smtp, sinks["other"], plan)
+                try:
+                    during: float | None = _other(smtp, sinks["other"], plan)
+                except postfix.PostfixBenchError as exc:  # reported in its row
+                    during, why = None, str(exc)
                 times = _wait(sinks["bulk"], measured, plan.max_s + measured / RATE)[:measured]
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -94,8 +97,12 @@ def shaping(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     row.acked = row.attempted = backlog
     row.note = f"x configured {drain / RATE:.3f} over its first {len(times)} deliveries"
     other = Row("shaping", "other site while the bulk site drains", {**params, "messages": OTHER})
-    other.rate, other.acked, other.attempted = during, OTHER, OTHER
-    other.note = f"x alone {during / alone:.2f} (alone {alone:.0f} msg/s)" if alone else ""
+    other.rate, other.attempted = during, OTHER
+    if during is None:
+        other.note = f"failed: {why}"
+    else:
+        other.acked = OTHER
+        other.note = f"x alone {during / alone:.2f} (alone {alone:.0f} msg/s)" if alone else ""
     out.rows += [row, other]
 
 
