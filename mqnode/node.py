@@ -76,6 +76,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 STATE_SYNC_S = 10.0
 ANNOUNCE_CHECK_S = 2.0  # see Node._keep_announced
 COMMIT_PROBE_EVERY_S = 1.0  # see Node._probe_commits
+SUPPRESSION_COUNT_S = 0.5  # how stale the suppression list's entry count may be (Node._suppression)
 
 
 async def watch_state_writeback(
@@ -175,6 +176,7 @@ class Node:
         self._store: QueueStore | None = None
         self._signer = DkimSigner(KeySet([]))  # the node's own reports' signer (run builds it)
         self._bounces = BounceClassifier.load()  # run loads the operator's rules too
+        self._suppression_count, self._suppression_count_at = 0, float("-inf")
 
     async def run(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -565,8 +567,18 @@ class Node:
         return view
 
     def _suppression(self, recipient: str, sender_domain: str) -> str | None:
-        """Why mail from `sender_domain` to `recipient` is suppressed, or None."""
+        """Why mail from `sender_domain` to `recipient` is suppressed, or None.
+
+        Asked at every RCPT TO and every delivery: with an empty list (most nodes) no
+        lookup is made, the entry count being read again at most every
+        SUPPRESSION_COUNT_S (as the SMTP workers learn it)."""
         assert self._store is not None
+        now = self.clock.monotonic_s()
+        if now >= self._suppression_count_at + SUPPRESSION_COUNT_S:
+            self._suppression_count = self._store.suppression_count()
+            self._suppression_count_at = now
+        if not self._suppression_count:
+            return None
         entry = self._store.suppressed(recipient, sender_domain, self.clock.wall_ms())
         return None if entry is None else entry.why()
 

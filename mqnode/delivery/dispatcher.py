@@ -503,8 +503,11 @@ class Dispatcher:
             outcome = Outcome.BOUNCED if route.kind == "bounce" else Outcome.DEFERRED
             reply = f"{route.status} {route.reason}"
             return [(i, outcome.value, reply) for i, _ in rcpts], "", none
-        site = self.shaper.site_for_route(dest, tuple(t.name for t in route.targets))
-        why = self.shaper.suspension(site) if self.shaper.active else None
+        site = self.shaper.rules.default  # no limits, without rules
+        why = None
+        if self.shaper.active:
+            site = self.shaper.site_for_route(dest, tuple(t.name for t in route.targets))
+            why = self.shaper.suspension(site)
         if why is not None:
             reply = f"4.4.1 delivery temporarily suspended: site {site.name}: {why}"
             return [(i, Outcome.DEFERRED.value, reply) for i, _ in rcpts], "", none
