@@ -64,24 +64,18 @@ suspensions live in the lease holder's memory: a new leader probes afresh.
 
 Scan depth: a scan reads the due index oldest first, passing over messages
 for destinations at their claim limit (known from an earlier scan: not
-decoded again). Most scans stop after `2 x batch` index entries past those in
-flight; once every DEEP_SCAN_INTERVAL_S one may read DEEP_SCAN_ENTRIES, so
-mail behind a backlog for busy destinations (a newsletter to one domain) goes
-within about a second instead of after the backlog, up to a backlog of that
-many messages (Postfix's active queue has a similar bound: 20,000 messages).
-With a relay host (one destination) scans never run deep. A deep scan costs
-~1.5 us per entry passed over (30 ms for 20,000) and ~11 us per message it
-decodes for the first time, at most DEEP_SCAN_DECODES of them (a new leader
-meeting a backlog of 20,000 blocked its event loop for 0.22 s decoding them
-all in one scan). With traffic shaping rules, a paced site's backlog stays due
-ahead of other mail for as long as it drains, so deep scans come every
-SHAPED_DEEP_SCAN_S instead, or ten times their own duration if that is longer
-(at most a tenth of the leader's time), and claim for the paced sites; the
-shallow scans between them start past the run of entries passed over at the
-head so far (the backlog, due earlier than any new mail), each moving that
-point further while it meets only the backlog (up to SHAPED_SCAN_ENTRIES
-entries, decoding at most `batch` it has not seen), so other mail behind
-even a long backlog is claimed within seconds, and at once after that.
+decoded again), and stops after `2 x batch` index entries past those in
+flight. Once every DEEP_SCAN_INTERVAL_S a deep scan reads the state's due index
+per recipient domain instead (spool/store.py `iter_due_by_domain`): domain by
+domain in name order, round robin from where the last one stopped, a domain
+whose destination is full costing one seek however long its backlog, up to
+DEEP_SCAN_ENTRIES entries and seeks and DEEP_SCAN_DECODES decodes. So mail
+behind a backlog for busy destinations (a newsletter to one domain) goes
+within about a second instead of after the backlog, at any backlog size.
+With a relay host (one destination) scans never run deep. With traffic
+shaping rules every scan goes domain by domain: a paced or suspended site's
+domains are jumped over, and its backlog, due ahead of other mail for as long
+as it drains, never stands in front of other sites' mail.
 """
 
 from __future__ import annotations
@@ -124,11 +118,9 @@ _EXPIRED = re.compile(r"^4\.4\.7 message expired in queue: ")
 RESULTS_PER_COMMAND = 100
 CLAIM_AHEAD = 2  # claimed messages per delivery slot (see the module docstring)
 DESTS_SEEN_MAX = 100_000
-DEEP_SCAN_ENTRIES = 20_000  # due-index entries a deep scan may read (module docstring)
+DEEP_SCAN_ENTRIES = 20_000  # index entries and domain seeks of a deep scan (module docstring)
 DEEP_SCAN_DECODES = 2_000
 DEEP_SCAN_INTERVAL_S = 1.0
-SHAPED_DEEP_SCAN_S = 0.1  # with shaping rules: a deep scan as often as this (at most)
-SHAPED_SCAN_ENTRIES = 5_000  # and a shallow one reads this many entries past the backlog
 SUSPENDED_MAX = 10_000  # destinations remembered as dead; all forgotten beyond
 DESCRIBED_MAX = 20  # destinations of each kind /status lists
 IDLE_WINDOWS_MAX = 10_000  # idle destinations whose window feedback moved; idem
@@ -193,7 +185,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._next_deep_scan_s = 0.0  # monotonic; the first scan may run deep
-        self._past_paced = b""  # the due-index key shallow scans start after (shaping)
+        self._domain_cursor = ""  # where the next scan by domain starts (round robin)
         # Dead destination -> (monotonic time its suspension ends, why).
         self._suspended: dict[str, tuple[float, str]] = {}
         self._retries_seen = -1  # the store's operator retry count at the last scan
@@ -341,14 +333,22 @@ class Dispatcher:
             self._next_deep_scan_s = now_s + DEEP_SCAN_INTERVAL_S
             examined = max(examined, DEEP_SCAN_ENTRIES)
             limit = max(limit, DEEP_SCAN_DECODES)
-        elif self.shaper.active:  # walks on past a paced backlog (module docstring)
-            examined = max(examined, SHAPED_SCAN_ENTRIES)
-        # With shaping rules a shallow scan starts past the run of skipped entries the last
-        # deep scan began with (a paced site's backlog, due ahead of everything else).
-        after = b"" if deep or not self.shaper.active else self._past_paced
-        head: list[bytes] = []
+        if deep or self.shaper.active:  # domain by domain, jumping over full ones
+            nexthop = self._router.nexthop
+            stopped: list[str] = []
+            due = self._store.iter_due_by_domain(
+                now_ms,
+                limit,
+                skip,
+                examined,
+                lambda domain: full((nexthop(domain),)),
+                self._domain_cursor,
+                stopped,
+            )
+        else:
+            due = self._store.iter_due(now_ms, limit, skip, examined)
         # Closed before the first await: it holds the store's lock and a read transaction.
-        with closing(self._store.iter_due(now_ms, limit, skip, examined, after, head)) as due:
+        with closing(due):
             for msg in due:
                 if msg.claim_epoch not in (0, epoch) and not waited_out:
                     continue  # another leader's claim: wait out its lease first
@@ -360,17 +360,8 @@ class Dispatcher:
                     planned[d] = planned.get(d, 0) + 1
                 if len(picked) >= free:
                     break
-        if self.shaper.active:
-            # A paced site's backlog stays due ahead of other mail: scan deep more often (at
-            # most a tenth of the time), and shallow scans start past it, each one further
-            # while they meet only that backlog (module docstring).
-            if deep:
-                cost = self._clock.monotonic_s() - now_s
-                self._next_deep_scan_s = now_s + max(SHAPED_DEEP_SCAN_S, 10 * cost)
-            if head:
-                self._past_paced = max(self._past_paced, head[0])
-            elif deep:
-                self._past_paced = b""  # nothing passed over at the head: no backlog
+        if deep or self.shaper.active:
+            self._domain_cursor = stopped[0] if stopped else ""
         if not picked:
             return
         status, granted = await self._rep.submit(Claim(tuple(picked), self._s.node_id, epoch))

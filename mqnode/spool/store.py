@@ -3,8 +3,9 @@
 Two environments per data dir, each with one job:
 
 * `QueueStore` (`<data>/state`): the replicated state machine's output —
-  messages, bodies, the due-time index, idempotency keys, counters and the
-  last applied Raft index. Writes happen only on the Raft tick thread, in one
+  messages, bodies, the due-time indexes (all mail; and per recipient domain,
+  so a scan can jump over a domain's backlog in one seek), idempotency keys,
+  counters and the last applied Raft index. Writes happen only on the Raft tick thread, in one
   transaction per tick (`apply_txn` / `commit_apply`), so many entries share a
   commit. Reads from other threads go through `reader()`.
 * `LogStore` (`<data>/raft`, raft/logstore.py): the durable Raft journal and
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from mqnode.errors import CorruptDataError, StateMapFullError
-from mqnode.spool.model import MessageState, QueuedMessage
+from mqnode.spool.model import MessageState, QueuedMessage, RcptState
 from mqnode.spool.suppression import Entry, lookup_keys, split_key
 from mqnode.spool.suppression import key as suppression_key
 from mqnode.storage import (
@@ -76,6 +77,8 @@ COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
 OPERATOR_RETRIES = "operator_retries"
 SUPPRESSIONS = "suppressions"  # meta key: entries in the suppression list
 SHAPING = "shaping"  # meta key: the traffic shaping rules applied ({"text", "at_ms"})
+DUE_BY_DOMAIN = "due_by_domain"  # meta key: the per-domain due index is complete (_open)
+DOMAIN_KEY_MAX = 400  # bytes of a domain in that index's keys
 SUPPRESSION_SCAN = 100_000  # entries one list request reads at most
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 # In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
@@ -121,6 +124,8 @@ class StateTxn:
         self._txn.put(msg.queue_id.encode(), with_crc(pack(msg.to_record())), db=self._s._msgs)
         if not msg.hold:
             self._txn.put(_due_key(msg), b"", db=self._s._due)
+            for key in _domain_due_keys(msg):
+                self._txn.put(key, b"", db=self._s._due_by_domain)
         self._bump(msg.state(), +1)
 
     def delete_message(self, msg: QueuedMessage) -> None:
@@ -129,7 +134,10 @@ class StateTxn:
         self.delete_body(msg.body_key, msg.body_chunks)
 
     def _unindex(self, msg: QueuedMessage) -> None:
-        self._txn.delete(_due_key(msg), db=self._s._due)
+        if not msg.hold:
+            self._txn.delete(_due_key(msg), db=self._s._due)
+            for key in _domain_due_keys(msg):
+                self._txn.delete(key, db=self._s._due_by_domain)
         self._bump(msg.state(), -1)
 
     # -- bodies -------------------------------------------------------------
@@ -288,6 +296,26 @@ def _due_key(msg: QueuedMessage) -> bytes:
     return U64.pack(msg.next_attempt_ms) + msg.queue_id.encode()
 
 
+def _domain_due_keys(msg: QueuedMessage) -> set[bytes]:
+    """One key per domain of a pending recipient: domain NUL due-time queue-id.
+
+    Domains come lowercased from the address; one longer than DOMAIN_KEY_MAX bytes is cut
+    there (LMDB keys are at most 511 bytes). The index only finds candidates: the reader
+    decodes the message and takes its destinations from the message itself.
+    """
+    tail = _due_key(msg)
+    return {
+        domain_key(r.address.rpartition("@")[2]) + b"\0" + tail
+        for r in msg.recipients
+        if r.state is RcptState.PENDING
+    }
+
+
+def domain_key(domain: str) -> bytes:
+    """A recipient domain as the per-domain due index spells it."""
+    return domain.lower().encode("utf-8", "surrogateescape")[:DOMAIN_KEY_MAX]
+
+
 def _body_key(body_key: str, seq: int) -> bytes:
     return body_key.encode() + b"\0" + U32.pack(seq)
 
@@ -366,13 +394,31 @@ class QueueStore:
         self._msgs = env.open_db(b"msgs")
         self._body = env.open_db(b"body")
         self._due = env.open_db(b"due")
+        self._due_by_domain = env.open_db(b"due_by_domain")
         self._idem = env.open_db(b"idem")
         self._idem_by_time = env.open_db(b"idem_by_time")
         self._uploads = env.open_db(b"uploads")
         self._uploads_by_time = env.open_db(b"uploads_by_time")
         self._suppress = env.open_db(b"suppress")
         self._suppress_exp = env.open_db(b"suppress_by_expiry")
+        self._index_domains()
         self._fill = self._measure_fill()
+
+    def _index_domains(self) -> None:
+        """Build the per-domain due index of a state (or snapshot) written without it."""
+        with self._env.begin(write=True) as txn:
+            if txn.get(DUE_BY_DOMAIN.encode(), db=self._meta) is not None:
+                return
+            indexed = 0
+            for qid, raw in txn.cursor(db=self._msgs):
+                msg = _decode_message(bytes(raw), bytes(qid).decode())
+                if not msg.hold:
+                    for key in _domain_due_keys(msg):
+                        txn.put(key, b"", db=self._due_by_domain)
+                    indexed += 1
+            txn.put(DUE_BY_DOMAIN.encode(), pack(1), db=self._meta)
+        if indexed:
+            log.info("queue state %s: indexed %d messages by recipient domain", self.path, indexed)
 
     def _write_marker(self, text: str) -> None:
         with open(self.path / UNSYNCED_MARKER, "w", encoding="ascii") as fh:
@@ -535,10 +581,9 @@ class QueueStore:
         limit: int,
         skip: Container[str] = (),
         max_examined: int | None = None,
-        after: bytes = b"",
-        skipped_head: list[bytes] | None = None,
     ) -> Generator[QueuedMessage, None, None]:
-        """Due messages one at a time, decoded only when asked for; ids in `skip` passed over.
+        """Due messages one at a time, oldest due first, decoded only when asked for; ids
+        in `skip` passed over.
 
         The dispatcher skips the messages it is delivering (the oldest due) and
         those it knows to be for a destination with enough claimed, and stops
@@ -546,39 +591,98 @@ class QueueStore:
         a tenth of the leader's CPU in the end-to-end bench. At most `limit`
         messages are yielded and `max_examined` index entries read. Consume it
         without awaiting in between: it holds a read transaction.
-
-        `after`: start past this due-index key. `skipped_head`: set to the key of the
-        last entry of the run of passed-over entries the scan began with (in `skip`
-        before they were yielded, or after: the caller marks those it passes over), a
-        paced site's backlog: delivery/dispatcher.py starts its next shallow scans there.
         """
         with self._lock, self._env.begin(write=False) as txn:
-            given = examined = 0
-            cur = txn.cursor(db=self._due)
-            if after:  # an unpositioned cursor would iterate from the first key
-                if not cur.set_range(after):
-                    return
-                if bytes(cur.key()) == after and not cur.next():
-                    return
-            head = True
-            for key, _ in cur.iternext():
+            given = 0
+            for examined, (key, _) in enumerate(txn.cursor(db=self._due).iternext(), 1):
                 if U64.unpack(key[:8])[0] > now_ms or given >= limit:
                     break
-                examined += 1
                 if max_examined is not None and examined > max_examined:
                     break
                 qid = bytes(key[8:]).decode()
                 if qid not in skip:
                     raw = txn.get(bytes(key[8:]), db=self._msgs)
-                    if raw is None:
-                        continue
-                    given += 1
+                    if raw is not None:
+                        given += 1
+                        yield _decode_message(bytes(raw), qid)
+
+    def iter_due_by_domain(
+        self,
+        now_ms: int,
+        limit: int,
+        skip: Container[str],
+        max_examined: int,
+        passed: Callable[[str], bool],
+        start_after: str = "",
+        stopped_at: list[str] | None = None,
+    ) -> Generator[QueuedMessage, None, None]:
+        """Due messages domain by domain (round robin), each domain's oldest first.
+
+        A domain for which `passed(domain)` holds (its destination has enough claimed, or
+        its shaping site is paced or suspended) costs one seek, however long its backlog:
+        the scan jumps to the next domain. `passed` is asked again after each message
+        yielded (the caller's plan may just have filled that domain). Domains come in name
+        order starting after `start_after`, wrapping around once; `stopped_at` is set to
+        the domain the scan stopped in, for the next scan to start after it (every
+        domain gets its turn however short the scans). A message for several domains is
+        yielded once. Reads at most `max_examined` index entries and domain seeks
+        together; yields at most `limit`. Consume it without awaiting in between.
+        """
+        start = domain_key(start_after) if start_after else b""
+        passes = [(start + b"\x01", None), (b"", start)] if start else [(b"", None)]
+        with self._lock, self._env.begin(write=False) as txn:
+            budget = [max_examined]
+            given: set[str] = set()
+            cur = txn.cursor(db=self._due_by_domain)
+            try:
+                for lo, hi in passes:
+                    for msg in self._domain_pass(txn, cur, lo, hi, now_ms, skip, passed, budget):
+                        if msg.queue_id not in given:
+                            given.add(msg.queue_id)
+                            yield msg
+                            if len(given) >= limit:
+                                return
+                    if budget[0] <= 0:
+                        return
+                cur = None  # every domain seen: the next scan starts at the first
+            finally:
+                if stopped_at is not None:
+                    stopped_at[:] = [] if cur is None else [self._domain_at(cur)]
+
+    @staticmethod
+    def _domain_at(cur: Any) -> str:
+        key = bytes(cur.key()) if cur.key() else b""
+        return key.partition(b"\0")[0].decode("utf-8", "surrogateescape")
+
+    def _domain_pass(
+        self,
+        txn: Any,
+        cur: Any,
+        lo: bytes,
+        hi: bytes | None,
+        now_ms: int,
+        skip: Container[str],
+        passed: Callable[[str], bool],
+        budget: list[int],
+    ) -> Generator[QueuedMessage, None, None]:
+        """One pass of iter_due_by_domain over the domains from `lo` up to `hi` (included)."""
+        found = cur.set_range(lo) if lo else cur.first()
+        while found and budget[0] > 0:
+            key = bytes(cur.key())
+            dkey, _, tail = key.partition(b"\0")
+            if hi is not None and dkey > hi:
+                return
+            budget[0] -= 1
+            domain = dkey.decode("utf-8", "surrogateescape")
+            if passed(domain) or U64.unpack(tail[:8])[0] > now_ms:
+                found = cur.set_range(dkey + b"\x01")  # the next domain
+                continue
+            qid = tail[8:].decode()
+            if qid not in skip:
+                raw = txn.get(tail[8:], db=self._msgs)
+                if raw is not None:
                     yield _decode_message(bytes(raw), qid)
-                    if qid not in skip:  # taken (a caller adds what it passes over to skip)
-                        head = False
-                        continue
-                if head and skipped_head is not None:
-                    skipped_head[:] = [bytes(key)]
+            found = cur.next()
 
     def fill_ratio(self) -> float:
         """Pages in use over the map size, as of the last few commits (cheap: no I/O).
@@ -609,6 +713,7 @@ class QueueStore:
             self._msgs,
             self._body,
             self._due,
+            self._due_by_domain,
             self._idem,
             self._idem_by_time,
             self._uploads,

@@ -22,6 +22,7 @@ DB_NAMES = (
     "msgs",
     "body",
     "due",
+    "due_by_domain",
     "idem",
     "idem_by_time",
     "uploads",

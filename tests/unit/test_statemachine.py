@@ -485,7 +485,7 @@ slots = st.lists(
         body=st.binary(min_size=1, max_size=120),
         chunk_bytes=st.sampled_from([0, 0, 16, 50]),
         rcpts=st.lists(
-            st.sampled_from(["a@x.org", "b@y.org", "c@z.org"]), min_size=0, max_size=3
+            st.sampled_from(["a@x.org", "b@y.org", "c@z.org", "d@X.Org"]), min_size=0, max_size=3
         ).map(tuple),
     ),
     min_size=1,
@@ -495,7 +495,7 @@ slots = st.lists(
 time_steps = st.sampled_from([0, 1, 1000, 300_000, UPLOAD_TTL_MS + 1, IDEM_WINDOW_MS + 1])
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["put", "put", "enq", "enq", "out", "out", "ann", "junk"]),
+        st.sampled_from(["put", "put", "enq", "enq", "out", "out", "ann", "junk", "hold", "rel"]),
         st.integers(0, 4),  # slot
         st.lists(
             st.tuples(st.integers(-1, 3), st.sampled_from(["delivered", "deferred", "bounced"])),
@@ -527,6 +527,8 @@ def _build_entries(plan: list[Slot], steps: list[Any], junk: bytes) -> list[byte
         elif kind == "out":
             results_t = tuple((i, o, o) for i, o in results)
             cmds = [RecordOutcome(slot.queue_id, now, results_t, now, 0, "", b"")]
+        elif kind in ("hold", "rel"):
+            cmds = [QueueOp("hold" if kind == "hold" else "release", (slot.queue_id,), now)]
         elif kind == "ann":
             cmds = [Announce(f"n{slot_i}:7001", f"n{slot_i}", "s:1", "a:1", now - T0)]
         elif kind == "junk":
@@ -561,6 +563,19 @@ def _check_invariants(store: QueueStore) -> None:
     assert store.counts() == counts
     due = sorted(_U64.pack(m.next_attempt_ms) + m.queue_id.encode() for m in msgs if not m.hold)
     assert _keys(store, "due") == due
+    by_domain = sorted(
+        {
+            r.address.rpartition("@")[2].lower().encode()
+            + b"\0"
+            + _U64.pack(m.next_attempt_ms)
+            + m.queue_id.encode()
+            for m in msgs
+            if not m.hold
+            for r in m.recipients
+            if r.state is RcptState.PENDING
+        }
+    )
+    assert _keys(store, "due_by_domain") == by_domain
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
