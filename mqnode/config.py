@@ -199,6 +199,20 @@ class NodeConfig:
     fault_injection: bool = setting(False, "tests only: expose POST /fault/partition")
     event_log: str = setting("", 'JSON line per queue event: a file, "-" for stderr', "FILE")
     event_webhook: str = setting("", "POST the events (JSON arrays) to this URL", "URL")
+    # The HTTP injection API (api/server.py) is always served on admin_addr; here it also
+    # gets a listener of its own, e.g. on an address applications reach and admins do not.
+    api_addr: str = setting(
+        "", "HOST:PORT of the HTTP injection API's own listener; empty: admin_addr only"
+    )
+    api_tls_cert: str = setting("", "certificate (PEM): api_addr speaks HTTPS", "FILE")
+    api_tls_key: str = setting("", "private key (PEM) of api_tls_cert", "FILE")
+    api_max_batch: int = setting(1000, "recipients of one batch request at most (each a message)")
+    # Principals and roles (access/principals.py); the admin token stays an admin principal.
+    principals_file: str = setting(
+        "", "principals (name, hashed key, roles), TOML, mode 600; read again on SIGHUP", "FILE"
+    )
+    public_status: bool = setting(True, "/status and /metrics answer without credentials")
+    audit_keep_days: int = setting(400, "days the audit trail keeps a record")
 
     # --- loading -----------------------------------------------------------
 
@@ -330,6 +344,18 @@ class NodeConfig:
             raise ConfigError(
                 "smtp_users_file: AUTH is only offered over TLS; set smtp_tls_cert and smtp_tls_key"
             )
+        if bool(self.api_tls_cert) != bool(self.api_tls_key):
+            raise ConfigError("api_tls_cert: api_tls_cert and api_tls_key go together")
+        if self.api_tls_cert and not self.api_addr:
+            raise ConfigError("api_tls_cert: needs api_addr (the admin endpoint has no TLS)")
+        if self.api_addr:
+            parse_hostport(self.api_addr, "api_addr")
+            if self.api_addr in (self.smtp_addr, self.admin_addr, self.raft_addr, self.smtps_addr):
+                raise ConfigError("api_addr: must differ from the other listen addresses")
+        if not 1 <= self.api_max_batch <= 100_000:
+            raise ConfigError("api_max_batch: must be 1..100000")
+        if not 1 <= self.audit_keep_days <= 36_500:
+            raise ConfigError("audit_keep_days: must be 1..36500")
         if self.smtps_addr:
             if not self.smtp_tls_cert:
                 raise ConfigError("smtps_addr: needs smtp_tls_cert and smtp_tls_key")

@@ -25,11 +25,15 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
+from mqnode.access.principals import Principals
+from mqnode.admin.audit import Auditor
 from mqnode.admin.endpoint import AdminServer
 from mqnode.admin.metrics import DOMAIN_SCAN_LIMIT, MetricsSnapshot, NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
 from mqnode.admin.shaping import ShapingRoutes
 from mqnode.admin.suppressions import SuppressionRoutes
+from mqnode.api.compose import Limits
+from mqnode.api.server import InjectionApi, api_request_bytes
 from mqnode.clock import Clock, SystemClock
 from mqnode.config import NodeConfig, parse_hostport
 from mqnode.delivery.auto_suppress import AutoSuppress, parse_rules
@@ -40,8 +44,9 @@ from mqnode.delivery.lease import LeaderLease
 from mqnode.delivery.mx import MxResolver
 from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
-from mqnode.errors import ConfigError, CorruptDataError, MqnodeError
+from mqnode.errors import ConfigError, CorruptDataError, MqnodeError, SubmitError
 from mqnode.events import EventLog
+from mqnode.intake import Intake
 from mqnode.raft import RaftNode, RaftSettings, RaftStatus
 from mqnode.raft.commit_pipeline import CommitPipeline, Submitter
 from mqnode.raft.formats import LevelGate, announce_again, announced_level, cluster_level
@@ -56,10 +61,16 @@ from mqnode.signing.keys import KeySet
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
-from mqnode.spool.commands import MEMBERS_LEVEL, READS_LEVEL, SUPPRESS_LEVEL, Announce
+from mqnode.spool.commands import (
+    AUDIT_LEVEL,
+    MEMBERS_LEVEL,
+    READS_LEVEL,
+    SUPPRESS_LEVEL,
+    Announce,
+)
 from mqnode.spool.statemachine import QueueStateMachine
 from mqnode.spool.store import QueueStore, StateTxn
-from mqnode.tls import relay_client_context, required_client_context
+from mqnode.tls import relay_client_context, required_client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +152,8 @@ def check_listen_addrs(cfg: NodeConfig) -> None:
     Checked before anything is written to the data dir. A port taken between this
     check and the real bind still fails the start, with the same kind of message.
     """
-    keys = ["raft_addr", "smtp_addr", "admin_addr"] + (["smtps_addr"] if cfg.smtps_addr else [])
+    keys = ["raft_addr", "smtp_addr", "admin_addr"]
+    keys += [key for key in ("smtps_addr", "api_addr") if getattr(cfg, key)]
     for key in keys:
         addr = getattr(cfg, key)
         host, port = parse_hostport(addr, key)
@@ -177,6 +189,10 @@ class Node:
         self._signer = DkimSigner(KeySet([]))  # the node's own reports' signer (run builds it)
         self._bounces = BounceClassifier.load()  # run loads the operator's rules too
         self._suppression_count, self._suppression_count_at = 0, float("-inf")
+        self._principals = Principals({}, "")  # run loads them (principals_file, admin token)
+        self._api_intake: Intake | None = None
+        self._auditor: Auditor | None = None
+        self._sighup_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -186,6 +202,12 @@ class Node:
         signer = self._signer = DkimSigner.from_config(cfg)  # so does an unusable DKIM key
         self._bounces = BounceClassifier.load(cfg.bounce_rules_file)  # and a bad rules file
         suppress_days = parse_rules(cfg.suppress_bounces, {c.value for c in Category})
+        self._principals = Principals.load(cfg.principals_file, "")  # and these
+        api_tls = (
+            server_context(cfg.api_tls_cert, cfg.api_tls_key, "api_tls_cert/api_tls_key")
+            if cfg.api_tls_cert
+            else None
+        )
         if signer.keys:
             log.info(
                 "dkim: signing for %s (key set %s)",
@@ -250,6 +272,8 @@ class Node:
         shaping = ShapingRoutes(store, pipeline, self.clock, writable, dispatcher.shaper.describe)
         admin.app.add_routes(shaping.routes())
         admin.sign_report = self._sign_report
+        admin.reload_principals = self._reload_principals_audited
+        api = self._build_api(admin, pipeline, store, events)
 
         raft.start()
         pipeline.start()
@@ -266,6 +290,9 @@ class Node:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
         try:
             await admin.start(*parse_hostport(cfg.admin_addr, "admin_addr"))
+            if cfg.api_addr:
+                host, port = parse_hostport(cfg.api_addr, "api_addr")
+                await api.start(host, port, lambda: self._principals, api_tls)
             await front.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
@@ -290,6 +317,7 @@ class Node:
             await agent.close()
             events.close()
             await pipeline.stop()
+            await api.stop()
             await admin.stop()
             await asyncio.to_thread(raft.stop)
             store.close()
@@ -439,6 +467,7 @@ class Node:
         metrics: NodeMetrics,
     ) -> AdminServer:
         cfg = self.cfg
+        self._principals = self._principals.with_admin_token(cfg.admin_token())
         info = {
             "node_id": cfg.node_id,
             "raft_addr": cfg.raft_addr,
@@ -454,8 +483,10 @@ class Node:
             replicator=pipeline,
             clock=self.clock,
             metrics=metrics,
-            token=cfg.admin_token(),
+            principals=lambda: self._principals,
+            public_status=cfg.public_status,
             fault_injection=bool(cfg.fault_injection),
+            max_request_bytes=api_request_bytes(cfg.max_message_bytes),
         )
 
     def _on_raft_status(self, status: RaftStatus) -> None:
@@ -558,6 +589,8 @@ class Node:
         self._signer = signer
         if self._front is not None:
             self._front.set_dkim(settings)
+        if self._api_intake is not None:
+            self._api_intake.signer = self._api_signer()
         view = signer.describe()
         log.info(
             "dkim: reloaded; signing for %s (key set %s)",
@@ -587,6 +620,59 @@ class Node:
         assert self._store is not None
         return self._reads_level(self._store, self._raft) >= SUPPRESS_LEVEL
 
+    def _build_api(
+        self, admin: AdminServer, pipeline: Submitter, store: QueueStore, events: EventLog
+    ) -> InjectionApi:
+        """The injection API (served on the admin endpoint too) and the audit trail."""
+        cfg = self.cfg
+        rng = self._rng.randbytes
+        intake = self._api_intake = Intake(
+            pipeline, self.clock, rng, cfg.node_id, cfg.hostname, self._api_signer()
+        )
+        intake.events = events
+        limits = Limits(
+            cfg.max_message_bytes,
+            cfg.max_recipients,
+            cfg.max_header_count,
+            cfg.api_max_batch,
+            cfg.hostname,
+        )
+        api = InjectionApi(intake, limits, self.clock, rng, store.fill_ratio)
+        if cfg.suppression_action == "refuse":
+            api.suppressed = self._suppression
+        admin.app.add_routes(api.routes())
+        auditor = self._auditor = Auditor(
+            pipeline,
+            self.clock,
+            cfg.node_id,
+            cfg.audit_keep_days,
+            lambda: self._reads_level(store, self._raft) >= AUDIT_LEVEL,
+        )
+        auditor.events = events
+        admin.app.middlewares.append(auditor.middleware())
+        admin.app.add_routes(auditor.routes(store))
+        return api
+
+    def _api_signer(self) -> DkimSigner | None:
+        return self._signer if self._signer.keys else None
+
+    def reload_principals(self) -> int:
+        """Check credentials against the principals file as the settings name it now
+        (SIGHUP, POST /principals/reload); all or nothing. Returns how many there are."""
+        path = self._reload_config().principals_file
+        principals = Principals.load(path, self.cfg.admin_token())
+        self.cfg = dataclasses.replace(self.cfg, principals_file=path)
+        self._principals = principals
+        log.info("principals: reloaded; %d in %s", len(principals), path or "(admin token only)")
+        return len(principals)
+
+    async def _reload_principals_audited(self, principal: str) -> int:
+        """A reload, recorded in the audit trail first (as every administrative write)."""
+        if self._auditor is not None:
+            path = self._reload_config().principals_file
+            await self._auditor.record(principal, "principals/reload", path)
+        return self.reload_principals()
+
     def _classify(self, reply: str, host: str) -> Category:
         return self._bounces.classify(reply, host)  # the rules of the moment (reloads)
 
@@ -601,7 +687,10 @@ class Node:
         return len(classifier.rules)
 
     def _reload_logged(self) -> None:
-        """SIGHUP: the DKIM keys and the bounce rules, each all or nothing."""
+        """SIGHUP: the DKIM keys, the bounce rules and the principals, each all or nothing."""
+        task = asyncio.get_running_loop().create_task(self._sighup_principals())
+        self._sighup_tasks.add(task)
+        task.add_done_callback(self._sighup_tasks.discard)
         try:
             self.reload_dkim()
         except ConfigError as exc:
@@ -610,6 +699,12 @@ class Node:
             self.reload_bounce_rules()
         except ConfigError as exc:
             log.error("bounce rules reload refused, classifying as before: %s", exc)
+
+    async def _sighup_principals(self) -> None:
+        try:
+            await self._reload_principals_audited("signal")
+        except (ConfigError, SubmitError) as exc:
+            log.error("principals reload refused, checking credentials as before: %s", exc)
 
     def _readiness(self) -> Readiness:
         return assess(self._raft.status, self._pipeline.health())

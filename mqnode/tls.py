@@ -26,19 +26,20 @@ import ssl
 from mqnode.errors import ConfigError
 
 
-def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """A server context for `cert_file` (PEM chain) and `key_file`; ConfigError if unusable."""
+def server_context(
+    cert_file: str, key_file: str, settings: str = "smtp_tls_cert/smtp_tls_key"
+) -> ssl.SSLContext:
+    """A server context for `cert_file` (PEM chain) and `key_file`; ConfigError (naming
+    `settings`) if unusable."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_NONE  # submission clients authenticate with AUTH, not certs
     try:
         ctx.load_cert_chain(cert_file, key_file)
     except FileNotFoundError as exc:
-        raise ConfigError(f"smtp_tls_cert/smtp_tls_key: no such file: {exc.filename}") from exc
+        raise ConfigError(f"{settings}: no such file: {exc.filename}") from exc
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"smtp_tls_cert/smtp_tls_key: cannot load {cert_file} / {key_file}: {exc}"
-        ) from exc
+        raise ConfigError(f"{settings}: cannot load {cert_file} / {key_file}: {exc}") from exc
     return ctx
 
 

@@ -33,9 +33,15 @@
     POST /fault/reset      {"peers": ["host:port", ...]}: close the Raft connections
                            with those peers once, as a link reset does (same rule)
 
-Binds to loopback by default. /queue*, /raft*, /dkim* and /fault* need
-`Authorization: Bearer <token>` (the node's admin token, see config.py);
-/status, /metrics, /healthz and /readyz do not (no message data in them).
+    GET  /audit            ?since_ms=&principal=&limit=: the audit trail (admin/audit.py)
+    POST /principals/reload  read the principals file again (as SIGHUP)
+
+Binds to loopback by default. Every route needs a role (access/policy.py
+ROUTE_ROLES), given by `Authorization: Bearer <token>`: the node's admin token
+(role admin) or a principal's key (access/principals.py); /healthz and
+/readyz never do, /status and /metrics only with `public_status = false` (no
+message data in them). Every POST is recorded in the audit trail before it
+runs (admin/audit.py).
 Selections are made from this node's copy of
 the queue and submitted as explicit ids, so apply stays deterministic;
 `MAX_SELECT` ids at most per request.
@@ -44,7 +50,6 @@ the queue and submitted as explicit ids, so apply stays deterministic;
 from __future__ import annotations
 
 import asyncio
-import hmac
 import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -52,8 +57,11 @@ from typing import Any
 
 from aiohttp import web
 
+from mqnode.access.policy import guard, principal_of
+from mqnode.access.principals import Principals
 from mqnode.admin.metrics import NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
+from mqnode.api.problems import refusal
 from mqnode.clock import Clock
 from mqnode.config import parse_hostport
 from mqnode.dsn.notify import report_for
@@ -69,8 +77,6 @@ from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
 MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
-PROTECTED = ("/queue", "/raft", "/fault", "/dkim", "/suppressions", "/shaping")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SELECT = 100_000
 IDS_PER_COMMAND = 500  # keeps each log entry small
 MEMBERSHIP_TIMEOUT_S = 10.0  # default wait for a membership change to commit
@@ -89,10 +95,11 @@ class AdminServer:
         replicator: Replicator,
         clock: Clock,
         metrics: NodeMetrics,
-        token: str,
+        principals: Callable[[], Principals],
+        public_status: bool = True,
         fault_injection: bool = False,
+        max_request_bytes: int = 1024**2,
     ) -> None:
-        self._token = token
         # the node's SMTP worker processes (smtp.worker_pool.WorkerPool.describe); None: none
         self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None
         # suspended destinations and sessions per destination (Dispatcher.describe_destinations)
@@ -103,6 +110,8 @@ class AdminServer:
         self.dkim: Callable[[], dict[str, Any]] = lambda: {}
         self.sign_report: Callable[[bytes, int], bytes] | None = None
         self.reload_dkim: Callable[[], dict[str, Any]] | None = None
+        # read the principals file again, as the named principal asked (audited first)
+        self.reload_principals: Callable[[str], Awaitable[int]] | None = None
         # the bounce category of a reply (delivery/bounce_classes.py), for `queue show`
         self.classify: Callable[[str, str], Any] | None = None
         # readiness.assess over this node's Raft status and commit pipeline (set by Node)
@@ -116,7 +125,7 @@ class AdminServer:
         self._store = store
         self._raft = raft
         self._lease_held = lease_held
-        self.app = web.Application(middlewares=[self._auth])
+        self.app = web.Application(middlewares=[guard(principals, lambda: public_status, _refusal)])
         self.app.add_routes(
             [
                 web.get("/status", self._status),
@@ -129,6 +138,7 @@ class AdminServer:
                 web.post("/queue/{op}", self._operate),
                 web.post("/raft/compact", self._compact),
                 web.post("/dkim/reload", self._reload_dkim),
+                web.post("/principals/reload", self._reload_principals),
                 web.post("/raft/transfer-leadership", self._transfer),
                 web.post("/raft/add-node", self._change_membership),
                 web.post("/raft/remove-node", self._change_membership),
@@ -142,21 +152,6 @@ class AdminServer:
                 ]
             )
         self._runner: web.AppRunner | None = None
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(PROTECTED):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(
-                given.encode("utf-8", "surrogateescape"), f"Bearer {self._token}".encode()
-            ):
-                # Say which: a wrong token (each node has its own) is a different mistake.
-                missing = given.strip() in ("", "Bearer")
-                why = "admin token required" if missing else "admin token refused: wrong token"
-                return web.json_response(
-                    {"error": why}, status=401, headers={"WWW-Authenticate": "Bearer"}
-                )
-        return await handler(request)
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -349,6 +344,17 @@ class AdminServer:
         except ConfigError as exc:
             return web.json_response({"error": str(exc)}, status=400)
 
+    async def _reload_principals(self, request: web.Request) -> web.Response:
+        if self.reload_principals is None:
+            return web.json_response({"error": "principals reload not available"}, status=503)
+        try:
+            count = await self.reload_principals(principal_of(request))
+        except ConfigError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except SubmitError as exc:
+            return web.json_response({"error": str(exc)}, status=503)
+        return web.json_response({"principals": count})
+
     async def _body(self, request: web.Request) -> web.Response:
         msg = self._store.get_message(request.match_info["id"])
         if msg is None:
@@ -454,6 +460,14 @@ class AdminServer:
             return web.json_response({"error": "peers must be a list of host:port"}, status=400)
         self._raft.reset_connections(peers)
         return web.json_response({"reset": peers})
+
+
+def _refusal(
+    request: web.Request, status: int, why: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):  # the injection API's, as on its own listener
+        return refusal(request, status, why, headers)
+    return web.json_response({"error": why}, status=status, headers=headers)
 
 
 async def _accepts_connections(addr: str, timeout_s: float) -> bool:

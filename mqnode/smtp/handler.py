@@ -25,8 +25,9 @@ Session mechanics (STARTTLS, AUTH, command and idle limits) live in
 limits key on the IP address (an IPv6 client on its /64).
 
 Retried submissions are safe: the idempotency key (sha256 of envelope and
-original body) maps a repeat to the first queue id. Bodies above
-`INLINE_BODY_MAX_BYTES` travel as PutChunk entries so no log entry is large.
+original body) maps a repeat to the first queue id. The message then goes
+through intake.py (Message-ID, DKIM, the Received header, the commit), as
+the HTTP API's do.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import asyncio
 import datetime
 import email.utils
 import functools
-import hashlib
 import inspect
 import ipaddress
 import logging
@@ -49,14 +49,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from mqnode.clock import Clock
 from mqnode.errors import SubmitError
 from mqnode.events import EventLog
+from mqnode.intake import Intake, Submission, idempotency_key
 from mqnode.raft.commit_pipeline import Submitter
-from mqnode.signing.dkim_signer import DkimSigner, SigningError
+from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.ratelimit import ClientGate, ClientLimits, LocalGate
 from mqnode.spool import addresses
-from mqnode.spool.commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
-from mqnode.spool.model import find_message_id, make_queue_id
-from mqnode.spool.statemachine import Result, misses_chunks
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +190,7 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 @functools.lru_cache(maxsize=4)
-def _rfc5322_date(second: int) -> str:
+def rfc5322_date(second: int) -> str:
     """The Received header's date; every message of the same second shares one."""
     return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
 
@@ -228,14 +226,6 @@ def client_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return str(ip)
 
 
-def idempotency_key(mail_from: str, rcpts: list[str], body: bytes) -> bytes:
-    h = hashlib.sha256()
-    h.update(mail_from.encode("utf-8", "surrogateescape") + b"\0")
-    h.update("\0".join(rcpts).encode("utf-8", "surrogateescape") + b"\0")
-    h.update(body)
-    return h.digest()
-
-
 class SmtpIngress:
     """aiosmtpd handler; see the module docstring for the reply contract."""
 
@@ -262,11 +252,8 @@ class SmtpIngress:
         gate: ClientGate | None = None,
         signer: DkimSigner | None = None,
     ) -> None:
-        self._rep = submitter
-        self._signer = signer  # None or no keys: nothing is signed
-        self._clock = clock
-        self._random = random_bytes
-        self._node_id = node_id
+        # Message-ID, DKIM, trace header, commit (intake.py); signer None: nothing is signed.
+        self.intake = Intake(submitter, clock, random_bytes, node_id, hostname, signer)
         self._hostname = hostname
         self.hostname = hostname
         self.limits = limits or IngressLimits()
@@ -284,9 +271,6 @@ class SmtpIngress:
         # Never name an attribute auth_* or handle_*: aiosmtpd takes those for AUTH
         # mechanisms and hooks.
         self.failed_logins = 0
-        self.events: EventLog | None = None
-        self.dkim_signed: dict[str, int] = {}  # messages signed, by signing domain
-        self.dkim_failed = 0  # messages refused because signing failed
         # (recipient, sender's domain) -> why it is suppressed, or None (spool/suppression.py);
         # None: no suppression list is consulted.
         self.suppressed: Callable[[str, str], Awaitable[str | None]] | None = None
@@ -294,7 +278,25 @@ class SmtpIngress:
 
     def set_signer(self, signer: DkimSigner | None) -> None:
         """Sign with these keys from the next message on (a DKIM reload)."""
-        self._signer = signer
+        self.intake.signer = signer
+
+    @property
+    def events(self) -> EventLog | None:
+        return self.intake.events
+
+    @events.setter
+    def events(self, events: EventLog | None) -> None:
+        self.intake.events = events
+
+    @property
+    def dkim_signed(self) -> dict[str, int]:
+        """Messages signed, by signing domain."""
+        return self.intake.dkim_signed
+
+    @property
+    def dkim_failed(self) -> int:
+        """Messages refused because signing failed."""
+        return self.intake.dkim_failed
 
     def _allowed(self, session: Session) -> bool:
         if session.authenticated:
@@ -422,67 +424,27 @@ class SmtpIngress:
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def _enqueue(self, session: Session, envelope: Envelope, body: bytes) -> str:
-        now_ms = self._clock.wall_ms()
-        queue_id = make_queue_id(now_ms, self._random(8))
         mail_from = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
-        rcpts = list(envelope.rcpt_tos)
-        idem = idempotency_key(mail_from, rcpts, body)
-        message_id = find_message_id(body)
-        if message_id is None:
-            # Stable across attempts, so receivers can de-duplicate after a failover.
-            message_id = f"<{queue_id}@{self._hostname}>"
-            body = f"Message-ID: {message_id}\r\n".encode() + body
+        rcpts = tuple(envelope.rcpt_tos)
         utf8 = bool(getattr(envelope, "smtp_utf8", False))
-        signatures = b""
-        signed_by: tuple[str, ...] = ()
-        if self._signer is not None:
-            # After the idempotency key (a retry is the same message) and the Message-ID
-            # (which is signed); t= is the receive time this command carries.
-            try:
-                signatures, domains = self._signer.sign(body, now_ms // 1000)
-            except SigningError as exc:
-                self.dkim_failed += 1
-                log.error("refused message from %s: %s", session.peer, exc)
-                raise SubmitError("message not signed; try again later") from exc
-            for domain in domains:
-                self.dkim_signed[domain] = self.dkim_signed.get(domain, 0) + 1
-            signed_by = domains
-        body = signatures + self._received(session, queue_id, rcpts, now_ms, utf8) + body
-        upload_id, chunks = "", 0
-        inline: bytes | None = body
-        parts: list[bytes] = []
-        if len(body) > INLINE_BODY_MAX_BYTES:
-            upload_id, inline = queue_id, None
-            parts = [body[i : i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)]
-            chunks = len(parts)
         peer: Any = session.peer
-        cmd = Enqueue(
-            queue_id=queue_id,
-            received_ms=now_ms,
-            mail_from=mail_from,
-            recipients=tuple(rcpts),
-            body=inline,
-            upload_id=upload_id,
-            chunks=chunks,
-            body_size=len(body),
-            body_sha256=hashlib.sha256(body).digest(),
-            idem_key=idem,
-            message_id=message_id,
-            client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
-            node_id=self._node_id,
-            **(envelope.enqueue_fields() if isinstance(envelope, DsnEnvelope) else {}),
+        accepted = await self.intake.accept(
+            Submission(
+                mail_from=mail_from,
+                rcpts=rcpts,
+                body=body,
+                idem=idempotency_key(mail_from, rcpts, body),
+                client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+                trace=lambda queue_id, now_ms: self._received(
+                    session, queue_id, rcpts, now_ms, utf8
+                ),
+                dsn=envelope.enqueue_fields() if isinstance(envelope, DsnEnvelope) else {},
+            )
         )
-        if self.events is not None:
-            emit_received(self.events, cmd, signed_by)
-        status, value = await self._submit_with_chunks(cmd, parts, now_ms)
-        if status in ("queued", "duplicate"):
-            if self.events is not None:
-                emit_committed(self.events, (status, value))
-            return value
-        raise SubmitError(f"not queued: {value}")
+        return accepted.queue_id
 
     def _received(
-        self, session: Session, queue_id: str, rcpts: list[str], now_ms: int, utf8: bool
+        self, session: Session, queue_id: str, rcpts: Sequence[str], now_ms: int, utf8: bool
     ) -> bytes:
         peer: Any = session.peer
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
@@ -491,7 +453,7 @@ class SmtpIngress:
         # ... SMTPUTF8, RFC 6531's UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA
         proto = ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if session.ssl is not None else "")
         proto += "A" if session.authenticated else ""
-        date = _rfc5322_date(now_ms // 1000)
+        date = rfc5322_date(now_ms // 1000)
         rcpt = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
         return (
             f"Received: from {helo} ([{ip}])\r\n\tby {self._hostname} (mqnode) with {proto} "
@@ -506,74 +468,10 @@ class SmtpIngress:
         log.error("SMTP session error", exc_info=error)
         return "451 4.3.0 Error: internal error, try again later"
 
-    async def _submit_with_chunks(
-        self, cmd: Enqueue, parts: list[bytes], now_ms: int
-    ) -> tuple[str, str]:
-        """Submit the body chunks and the Enqueue together: one commit round, not two.
-
-        The pipeline keeps submission order, so the Enqueue is applied after its
-        chunks; apply rejects it if one is missing (a chunk retried after a leader
-        change lands later). Then the chunks are sent again and, once all of them
-        are committed, the Enqueue once more: the client gets 451 only if that
-        fails too. The Enqueue's result alone decides: once it is queued every
-        chunk was there.
-        """
-        if not parts:  # the common case: no tasks for asyncio.gather to make
-            try:
-                return await self._rep.submit(cmd)
-            except SubmitError:
-                raise
-            except Exception as exc:
-                raise SubmitError(f"submit failed: {exc}") from exc
-        chunk_submits = [
-            self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms)) for i, p in enumerate(parts)
-        ]
-        results = await asyncio.gather(
-            *chunk_submits, self._rep.submit(cmd), return_exceptions=True
-        )
-        last = _result_or_raise(results[-1])
-        if parts and misses_chunks(last):
-            log.info("%s: %s; sending its chunks again", cmd.queue_id, last[1])
-            await asyncio.gather(
-                *(
-                    self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms))
-                    for i, p in enumerate(parts)
-                )
-            )
-            last = _result_or_raise(await self._rep.submit(cmd))
-        return last
-
 
 def _printable(text: str, limit: int = 200) -> str:
     """Text for a reply line: printable ASCII, bounded (an address may carry UTF-8)."""
     return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
-
-
-def emit_received(events: EventLog, cmd: Enqueue, dkim: tuple[str, ...] = ()) -> None:
-    """The `received` event, from the Enqueue about to be submitted (here or by a worker);
-    `dkim`: the domains that signed it."""
-    events.emit(
-        "received",
-        cmd.queue_id,
-        client=cmd.client,
-        sender=cmd.mail_from,
-        nrcpt=len(cmd.recipients),
-        size=cmd.body_size,
-        message_id=cmd.message_id,
-        **({"dkim": list(dkim)} if dkim else {}),
-    )
-
-
-def emit_committed(events: EventLog, result: Result) -> None:
-    events.emit("committed", result[1], duplicate=result[0] == "duplicate")
-
-
-def _result_or_raise(outcome: Result | BaseException) -> Result:
-    if isinstance(outcome, BaseException):
-        if isinstance(outcome, SubmitError):
-            raise outcome
-        raise SubmitError(f"submit failed: {outcome}") from outcome
-    return outcome
 
 
 # aiosmtpd calls inspect.signature() on handle_EHLO for every connection (to tell its

@@ -42,15 +42,19 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, key: str) -> bool:
-        """Take one token for `key`; False (and nothing taken) when its bucket is empty."""
+    @property
+    def per_min(self) -> int:
+        return int(self._capacity)
+
+    def allow(self, key: str, n: int = 1) -> bool:
+        """Take `n` tokens for `key`; False (and nothing taken) when its bucket has fewer."""
         now = self._clock.monotonic_s()
         tokens = self._tokens(key, now)
-        if tokens < 1.0:
+        if tokens < n:
             self._buckets[key] = (tokens, now)
             self._buckets.move_to_end(key)
             return False
-        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - n, now)
         self._buckets.move_to_end(key)
         if len(self._buckets) > self._max_keys:
             self._prune(now)

@@ -41,10 +41,10 @@ from mqnode.clock import Clock
 from mqnode.config import NodeConfig
 from mqnode.errors import CodecError, MqnodeError, SubmitError
 from mqnode.events import EventLog
+from mqnode.intake import emit_committed, emit_received
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.keys import signing_domains
 from mqnode.smtp.front import bind, listen_addrs
-from mqnode.smtp.handler import emit_committed, emit_received
 from mqnode.smtp.ratelimit import ClientLimits
 from mqnode.smtp.worker_link import (
     ALLOWED,

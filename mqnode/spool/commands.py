@@ -38,10 +38,11 @@ FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
 # member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
 # Announce's `reads`, and an entry from a newer version stops the node instead of being
-# skipped; 3, Announce's `members`; 4, Suppress and SetShaping.
-READS_LEVEL = 4
+# skipped; 3, Announce's `members`; 4, Suppress and SetShaping; 5, Audit.
+READS_LEVEL = 5
 MEMBERS_LEVEL = 3  # the level from which an Announce may carry `members`
 SUPPRESS_LEVEL = 4  # the level from which the suppression list may be written
+AUDIT_LEVEL = 5  # the level from which the audit trail may be written
 MAX_ENTRY_BYTES = 56 * 1024
 CHUNK_BYTES = 48 * 1024
 INLINE_BODY_MAX_BYTES = 32 * 1024
@@ -182,6 +183,21 @@ class SetShaping:
     at_ms: int
 
 
+@dataclass(frozen=True)
+class Audit:
+    """One administrative write, recorded before it is carried out (admin/audit.py): who
+    (`principal`), what (`action`, e.g. "queue/delete"), on what (`target`), when, through
+    which node. Records older than `keep_ms` before `at_ms` are dropped as it applies."""
+
+    TAG: ClassVar[int] = 10
+    at_ms: int
+    principal: str
+    action: str
+    target: str
+    node_id: str
+    keep_ms: int
+
+
 Command = (
     Enqueue
     | PutChunk
@@ -192,6 +208,7 @@ Command = (
     | QueueOp
     | Suppress
     | SetShaping
+    | Audit
 )
 
 
@@ -244,6 +261,7 @@ _BY_TAG: dict[int, type[Any]] = {
         QueueOp,
         Suppress,
         SetShaping,
+        Audit,
     )
 }
 _TUPLE_FIELDS = {"recipients", "results", "queue_ids", "dsn_notify", "dsn_orcpt", "members"}

@@ -33,6 +33,7 @@ from mqnode.spool.commands import (
     QUEUE_OPS,
     SUPPRESS_OPS,
     Announce,
+    Audit,
     Claim,
     Command,
     Enqueue,
@@ -66,6 +67,7 @@ def misses_chunks(result: Result) -> bool:
 IDEM_WINDOW_MS = 24 * 3600 * 1000
 UPLOAD_TTL_MS = 3600 * 1000
 GC_BATCH = 16
+MAX_AUDIT_TARGET_CHARS = 4096
 
 
 MAX_ID_CHARS = 64
@@ -115,6 +117,13 @@ def invalid(cmd: Command) -> str | None:
         for item in cmd.entries:
             if problem := invalid_item(item):
                 return f"Suppress: {problem}"
+    elif isinstance(cmd, Audit):
+        if cmd.at_ms < 0 or cmd.keep_ms <= 0:
+            return "Audit: negative time or no retention"
+        if len(cmd.principal) > 200 or len(cmd.action) > 200 or len(cmd.node_id) > 200:
+            return "Audit: name too long"
+        if len(cmd.target) > MAX_AUDIT_TARGET_CHARS:
+            return "Audit: target too long"
     elif isinstance(cmd, Announce):
         if not 0 < len(cmd.raft_addr) <= 255:
             return "Announce: bad address"
@@ -141,6 +150,16 @@ def _dsn_extra(cmd: Enqueue) -> dict[str, Any]:
         return {}  # the common case, without building a request per message
     dsn = DsnRequest(cmd.dsn_ret, cmd.dsn_envid, cmd.dsn_notify, cmd.dsn_orcpt)
     return {"dsn": dsn.to_record()} if dsn else {}
+
+
+def _audit_record(cmd: Audit) -> dict[str, Any]:
+    return {
+        "at_ms": cmd.at_ms,
+        "principal": cmd.principal,
+        "action": cmd.action,
+        "target": cmd.target,
+        "node_id": cmd.node_id,
+    }
 
 
 class QueueStateMachine:
@@ -194,6 +213,10 @@ class QueueStateMachine:
             return self._queue_op(cmd, txn)
         if isinstance(cmd, Suppress):
             return self._suppress(cmd, txn)
+        if isinstance(cmd, Audit):
+            txn.put_audit(cmd.at_ms, _audit_record(cmd))
+            txn.expire_audit(cmd.at_ms - cmd.keep_ms, GC_BATCH)
+            return ("ok", "")
         if isinstance(cmd, SetShaping):
             try:
                 ShapingRules.parse(cmd.text)

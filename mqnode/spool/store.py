@@ -79,6 +79,8 @@ SUPPRESSIONS = "suppressions"  # meta key: entries in the suppression list
 SHAPING = "shaping"  # meta key: the traffic shaping rules applied ({"text", "at_ms"})
 DUE_BY_DOMAIN = "due_by_domain"  # meta key: the per-domain due index is complete (_open)
 DOMAIN_KEY_MAX = 400  # bytes of a domain in that index's keys
+AUDIT_SEQ = "audit_seq"  # meta key: audit records written, the last one's sequence number
+AUDIT_SCAN = 100_000  # records one audit listing reads at most
 SUPPRESSION_SCAN = 100_000  # entries one list request reads at most
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 # In the state dir while its commits skip fsync: the boot id of the kernel that holds them.
@@ -211,6 +213,25 @@ class StateTxn:
         return len(self._expire(self._s._idem_by_time, self._s._idem, older_than_ms, limit))
 
     # -- the suppression list (spool/suppression.py) ----------------------------
+    # -- the audit trail (admin/audit.py) ---------------------------------------
+    def put_audit(self, at_ms: int, record: dict[str, Any]) -> None:
+        """Keyed by time, then a sequence number (several in one millisecond)."""
+        seq = int(self.get_meta(AUDIT_SEQ, 0)) + 1
+        self.put_meta(AUDIT_SEQ, seq)
+        self._txn.put(U64.pack(at_ms) + U64.pack(seq), pack(record), db=self._s._audit)
+
+    def expire_audit(self, older_than_ms: int, limit: int) -> int:
+        if older_than_ms <= 0:
+            return 0
+        cur = self._txn.cursor(db=self._s._audit)
+        dropped = 0
+        while dropped < limit and cur.first():
+            if U64.unpack(bytes(cur.key())[:8])[0] >= older_than_ms:
+                break
+            cur.delete()
+            dropped += 1
+        return dropped
+
     def get_suppression(self, raw_key: bytes) -> Entry | None:
         raw = self._txn.get(raw_key, db=self._s._suppress)
         if raw is None:
@@ -401,6 +422,7 @@ class QueueStore:
         self._uploads_by_time = env.open_db(b"uploads_by_time")
         self._suppress = env.open_db(b"suppress")
         self._suppress_exp = env.open_db(b"suppress_by_expiry")
+        self._audit = env.open_db(b"audit")
         self._index_domains()
         self._fill = self._measure_fill()
 
@@ -543,6 +565,24 @@ class QueueStore:
     def suppression_count(self) -> int:
         with self.reader() as r:
             return int(r.get_meta(SUPPRESSIONS, 0))
+
+    def audit_records(
+        self, since_ms: int, principal: str = "", limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Audit records from `since_ms` on, oldest first; `principal`: that one's only.
+        Reads at most AUDIT_SCAN records."""
+        out: list[dict[str, Any]] = []
+        with self._lock, self._env.begin(write=False) as txn:
+            cur = txn.cursor(db=self._audit)
+            if not cur.set_range(U64.pack(max(0, since_ms))):
+                return out
+            for read, (_, raw) in enumerate(cur.iternext(), 1):
+                if read > AUDIT_SCAN or len(out) >= limit:
+                    break
+                record = unpack(raw)
+                if isinstance(record, dict) and principal in ("", record.get("principal")):
+                    out.append(record)
+        return out
 
     def get_message(self, queue_id: str) -> QueuedMessage | None:
         with self.reader() as r:
@@ -720,6 +760,7 @@ class QueueStore:
             self._uploads_by_time,
             self._suppress,
             self._suppress_exp,
+            self._audit,
         )
 
     # -- snapshots -----------------------------------------------------------

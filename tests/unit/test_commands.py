@@ -19,6 +19,7 @@ from mqnode.errors import CodecError, NewerFormatError
 from mqnode.spool.commands import (
     FORMAT_VERSION,
     Announce,
+    Audit,
     Claim,
     Command,
     Enqueue,
@@ -89,8 +90,17 @@ queue_ops = st.builds(
     queue_ids=st.lists(small_text, max_size=5).map(tuple),
     at_ms=ints,
 )
+audits = st.builds(
+    Audit,
+    at_ms=ints,
+    principal=small_text,
+    action=small_text,
+    target=small_text,
+    node_id=small_text,
+    keep_ms=ints,
+)
 commands: st.SearchStrategy[Command] = st.one_of(
-    enqueues, put_chunks, announces, record_outcomes, lease_renews, claims, queue_ops
+    enqueues, put_chunks, announces, record_outcomes, lease_renews, claims, queue_ops, audits
 )
 batches = st.lists(commands, min_size=1, max_size=20)
 
@@ -129,7 +139,7 @@ def _decodes_or_codec_error(data: bytes) -> None:
     except CodecError:
         return
     assert isinstance(cmds, list)
-    kinds = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp
+    kinds = Enqueue | PutChunk | Announce | RecordOutcome | LeaseRenew | Claim | QueueOp | Audit
     assert all(isinstance(c, kinds) for c in cmds)
 
 
@@ -219,7 +229,7 @@ def test_unknown_tag_raises(tag: Any) -> None:
     assert not isinstance(info.value, NewerFormatError)
 
 
-@pytest.mark.parametrize("tag", [10, 99])
+@pytest.mark.parametrize("tag", [11, 99])
 def test_a_tag_past_the_last_known_is_a_newer_format(tag: int) -> None:
     """A newer mqnode's command: the node must stop, not skip it (statemachine.apply)."""
     with pytest.raises(NewerFormatError, match="newer"):

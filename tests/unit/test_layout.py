@@ -2,8 +2,9 @@
 third-party library that needs an adapter is imported in one place.
 
 Layers, bottom up: the frame's leaves (errors, clock, storage, tls, events,
-config) -> spool/ -> raft/, signing/ -> smtp/, delivery/, dsn/ -> admin/ -> node,
-cli, restore. devtools/ is never imported by the node's code.
+config, passwords) -> spool/, access/ -> raft/, signing/ -> intake -> smtp/,
+delivery/, dsn/ -> api/ -> admin/ -> node, cli, restore. devtools/ is never
+imported by the node's code.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "mqnode"
 
 # What each part may import from mqnode (besides itself).
-LEAVES = {"errors", "clock", "storage", "tls", "events", "config", "eventloop"}
+LEAVES = {"errors", "clock", "storage", "tls", "events", "config", "eventloop", "passwords"}
 ALLOWED: dict[str, set[str]] = {
     "spool": LEAVES,
     "signing": LEAVES | {"spool"},
     "raft": LEAVES | {"spool"},
     "dsn": LEAVES | {"spool", "signing"},
-    "smtp": LEAVES | {"spool", "raft", "signing"},
+    "intake": LEAVES | {"spool", "raft", "signing"},
+    "smtp": LEAVES | {"spool", "raft", "signing", "intake"},
+    "access": LEAVES,
+    "api": LEAVES | {"spool", "raft", "signing", "intake", "access", "smtp"},
     "delivery": LEAVES | {"spool", "raft", "dsn", "signing"},
-    "admin": LEAVES | {"spool", "raft", "dsn", "delivery", "smtp", "signing"},
+    "admin": LEAVES | {"spool", "raft", "dsn", "delivery", "smtp", "signing", "access", "api"},
     "devtools": LEAVES | {"spool", "raft", "dsn", "delivery", "smtp", "admin", "signing"},
 }
 # Libraries reached through one adapter module (or package).
@@ -39,6 +43,8 @@ ADAPTERS: dict[str, str | tuple[str, ...]] = {
     "dkim": "signing/dkim_signer.py",
     "uvloop": "eventloop.py",
     "idna": "spool/addresses.py",
+    "jsonschema": "api/server.py",
+    "referencing": "api/server.py",
 }
 
 

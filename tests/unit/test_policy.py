@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from mqnode.clock import ManualClock
 from mqnode.delivery.retry import RetryPolicy
-from mqnode.smtp.handler import find_message_id, idempotency_key, valid_address
+from mqnode.intake import idempotency_key
+from mqnode.smtp.handler import valid_address
 from mqnode.spool import addresses
-from mqnode.spool.model import make_queue_id
+from mqnode.spool.model import find_message_id, make_queue_id
 
 # -- RetryPolicy ---------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Access: principals, roles, and which role each HTTP route needs."""

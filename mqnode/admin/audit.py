@@ -1,0 +1,133 @@
+"""The audit trail: every administrative write, committed through the log before it runs.
+
+A middleware after the role check (access/policy.py) commits an Audit command
+(spool/commands.py) for every POST of the admin endpoint: the principal, the
+action (the route, e.g. `queue/delete`, `suppressions/add`, `raft/add-node`),
+its target (the request's JSON, cut at MAX_TARGET_CHARS) and the time, taken
+before submit. Only once it is committed does the write run; if it cannot be
+committed the write is refused with 503, so no change goes unrecorded. The
+node's own writes with no request (a principals reload on SIGHUP) are recorded
+the same way with the principal `signal`.
+
+Records are kept `audit_keep_days` (400 by default): each Audit applied drops up
+to 16 older than that before its own time, as the rest of the state's expiry.
+Any node lists them (`GET /audit?since_ms=&principal=&limit=`, `mqnode audit`);
+each is also an `audit` event (event log and webhook) on the node that took the
+request.
+
+While a member runs a version that cannot read Audit (a rolling upgrade; the
+cluster's reads level below AUDIT_LEVEL), records go to this node's log only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from mqnode.access.policy import Handler, principal_of
+from mqnode.clock import Clock
+from mqnode.errors import SubmitError
+from mqnode.events import EventLog
+from mqnode.raft.commit_pipeline import Submitter
+from mqnode.spool.commands import Audit
+from mqnode.spool.store import QueueStore
+
+log = logging.getLogger(__name__)
+
+MAX_TARGET_CHARS = 2000
+MAX_LIST = 10_000
+DAY_MS = 86_400_000
+
+
+class Auditor:
+    def __init__(
+        self,
+        submitter: Submitter,
+        clock: Clock,
+        node_id: str,
+        keep_days: int,
+        writable: Callable[[], bool],
+    ) -> None:
+        self._rep = submitter
+        self._clock = clock
+        self._node_id = node_id
+        self._keep_ms = keep_days * DAY_MS
+        self._writable = writable
+        self.events: EventLog | None = None
+
+    async def record(self, principal: str, action: str, target: str) -> None:
+        """Commit the record; SubmitError if it was not committed (refuse the write)."""
+        at_ms = self._clock.wall_ms()
+        target = target[:MAX_TARGET_CHARS]
+        if self.events is not None:
+            self.events.emit("audit", "", principal=principal, action=action, target=target)
+        if not self._writable():
+            log.warning(
+                "audit (not replicated: a member cannot read it yet): %s %s %s",
+                principal,
+                action,
+                target,
+            )
+            return
+        cmd = Audit(at_ms, principal, action, target, self._node_id, self._keep_ms)
+        status, value = await self._rep.submit(cmd)
+        if status != "ok":
+            raise SubmitError(f"audit record not committed: {value}")
+
+    def middleware(self) -> Any:
+        @web.middleware
+        async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if (
+                request.method != "POST"
+                or request.match_info.route.resource is None
+                or request.path.startswith("/v1/")  # submissions: events, not the audit trail
+            ):
+                return await handler(request)
+            action = _action(request)
+            try:
+                await self.record(principal_of(request), action, await _target(request))
+            except SubmitError as exc:
+                return web.json_response(
+                    {"error": f"not done: {exc}; try again"},
+                    status=503,
+                    headers={"Retry-After": "1"},
+                )
+            return await handler(request)
+
+        return audit
+
+    def routes(self, store: QueueStore) -> list[web.RouteDef]:
+        async def listing(request: web.Request) -> web.Response:
+            q = request.query
+            try:
+                since = int(q.get("since_ms", "0"))
+                limit = min(MAX_LIST, max(1, int(q.get("limit", "1000"))))
+            except ValueError:
+                return web.json_response({"error": "since_ms and limit are numbers"}, status=400)
+            records = store.audit_records(since, q.get("principal", ""), limit)
+            return web.json_response({"records": records})
+
+        return [web.get("/audit", listing)]
+
+
+def _action(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else request.path
+    op = request.match_info.get("op")
+    path = canonical.replace("{op}", op) if op else canonical
+    return path.strip("/")
+
+
+async def _target(request: web.Request) -> str:
+    """The request's JSON, compact (the handler reads the same cached bytes)."""
+    raw = await request.read()
+    if not raw:
+        return ""
+    try:
+        return json.dumps(json.loads(raw), separators=(",", ":"), ensure_ascii=False)
+    except ValueError:
+        return raw[:MAX_TARGET_CHARS].decode("utf-8", "replace")

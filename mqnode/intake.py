@@ -1,0 +1,207 @@
+"""Intake: the one path from a finished message to a committed Enqueue.
+
+SMTP (smtp/handler.py, in the node or in a worker process) and the HTTP
+injection API (api/) hand it an envelope and a body; it adds a Message-ID if
+there is none (stable across attempts, so receivers can de-duplicate after a
+failover), the DKIM signatures and a trace header, stages a large body as
+PutChunk entries, and returns only once the Enqueue is committed by a Raft
+majority and applied here: `("queued", id)`, or `("duplicate", first id)`
+for a submission whose idempotency key was seen in the last 24 hours
+(spool/statemachine.py IDEM_WINDOW_MS). Anything else raises SubmitError
+(the caller answers 451 / 503).
+
+The idempotency key is the caller's: SMTP's is the sha256 of envelope and
+original body (`idempotency_key`), the API's is the client's Idempotency-Key
+with its principal. It is taken before anything is added to the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqnode.clock import Clock
+from mqnode.errors import SubmitError
+from mqnode.events import EventLog
+from mqnode.raft.commit_pipeline import Submitter
+from mqnode.signing.dkim_signer import DkimSigner, SigningError
+from mqnode.spool.commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
+from mqnode.spool.model import find_message_id, make_queue_id
+from mqnode.spool.statemachine import Result, misses_chunks
+
+log = logging.getLogger(__name__)
+
+
+def idempotency_key(mail_from: str, rcpts: Sequence[str], body: bytes) -> bytes:
+    """SMTP's key: the same envelope and original body is the same submission."""
+    h = hashlib.sha256()
+    h.update(mail_from.encode("utf-8", "surrogateescape") + b"\0")
+    h.update("\0".join(rcpts).encode("utf-8", "surrogateescape") + b"\0")
+    h.update(body)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One message as a door hands it over."""
+
+    mail_from: str  # "" for the null sender
+    rcpts: tuple[str, ...]
+    body: bytes  # as the client sent it (before Message-ID, signatures, trace header)
+    idem: bytes
+    client: str  # the client's address, for the log and events
+    # The trace header for this queue id and receive time (SMTP: Received; API: its own).
+    trace: Callable[[str, int], bytes]
+    dsn: dict[str, Any] = field(default_factory=dict)  # Enqueue's dsn_* fields
+
+
+@dataclass(frozen=True)
+class Accepted:
+    status: str  # "queued" | "duplicate"
+    queue_id: str
+    message_id: str
+
+
+class Intake:
+    """See the module docstring. One per door (SMTP ingress, API server)."""
+
+    def __init__(
+        self,
+        submitter: Submitter,
+        clock: Clock,
+        random_bytes: Callable[[int], bytes],
+        node_id: str,
+        hostname: str,
+        signer: DkimSigner | None = None,
+    ) -> None:
+        self._rep = submitter
+        self._clock = clock
+        self._random = random_bytes
+        self._node_id = node_id
+        self._hostname = hostname
+        self.signer = signer  # None or no keys: nothing is signed (a reload replaces it)
+        self.events: EventLog | None = None
+        self.dkim_signed: dict[str, int] = {}  # messages signed, by signing domain
+        self.dkim_failed = 0  # messages refused because signing failed
+
+    async def accept(self, sub: Submission) -> Accepted:
+        now_ms = self._clock.wall_ms()
+        queue_id = make_queue_id(now_ms, self._random(8))
+        body = sub.body
+        message_id = find_message_id(body)
+        if message_id is None:
+            message_id = f"<{queue_id}@{self._hostname}>"
+            body = f"Message-ID: {message_id}\r\n".encode() + body
+        signatures = b""
+        signed_by: tuple[str, ...] = ()
+        if self.signer is not None:
+            # After the idempotency key (a retry is the same message) and the Message-ID
+            # (which is signed); t= is the receive time this command carries.
+            try:
+                signatures, signed_by = self.signer.sign(body, now_ms // 1000)
+            except SigningError as exc:
+                self.dkim_failed += 1
+                log.error("refused message from %s: %s", sub.client, exc)
+                raise SubmitError("message not signed; try again later") from exc
+            for domain in signed_by:
+                self.dkim_signed[domain] = self.dkim_signed.get(domain, 0) + 1
+        body = signatures + sub.trace(queue_id, now_ms) + body
+        upload_id, chunks = "", 0
+        inline: bytes | None = body
+        parts: list[bytes] = []
+        if len(body) > INLINE_BODY_MAX_BYTES:
+            upload_id, inline = queue_id, None
+            parts = [body[i : i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)]
+            chunks = len(parts)
+        cmd = Enqueue(
+            queue_id=queue_id,
+            received_ms=now_ms,
+            mail_from=sub.mail_from,
+            recipients=sub.rcpts,
+            body=inline,
+            upload_id=upload_id,
+            chunks=chunks,
+            body_size=len(body),
+            body_sha256=hashlib.sha256(body).digest(),
+            idem_key=sub.idem,
+            message_id=message_id,
+            client=sub.client,
+            node_id=self._node_id,
+            **sub.dsn,
+        )
+        if self.events is not None:
+            emit_received(self.events, cmd, signed_by)
+        status, value = await self._submit_with_chunks(cmd, parts, now_ms)
+        if status in ("queued", "duplicate"):
+            if self.events is not None:
+                emit_committed(self.events, (status, value))
+            return Accepted(status, value, message_id)
+        raise SubmitError(f"not queued: {value}")
+
+    async def _submit_with_chunks(
+        self, cmd: Enqueue, parts: list[bytes], now_ms: int
+    ) -> tuple[str, str]:
+        """Submit the body chunks and the Enqueue together: one commit round, not two.
+
+        The pipeline keeps submission order, so the Enqueue is applied after its
+        chunks; apply rejects it if one is missing (a chunk retried after a leader
+        change lands later). Then the chunks are sent again and, once all of them
+        are committed, the Enqueue once more: the client gets 451 only if that
+        fails too. The Enqueue's result alone decides: once it is queued every
+        chunk was there.
+        """
+        if not parts:  # the common case: no tasks for asyncio.gather to make
+            try:
+                return await self._rep.submit(cmd)
+            except SubmitError:
+                raise
+            except Exception as exc:
+                raise SubmitError(f"submit failed: {exc}") from exc
+        chunk_submits = [
+            self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms)) for i, p in enumerate(parts)
+        ]
+        results = await asyncio.gather(
+            *chunk_submits, self._rep.submit(cmd), return_exceptions=True
+        )
+        last = _result_or_raise(results[-1])
+        if misses_chunks(last):
+            log.info("%s: %s; sending its chunks again", cmd.queue_id, last[1])
+            await asyncio.gather(
+                *(
+                    self._rep.submit(PutChunk(cmd.upload_id, i, p, now_ms))
+                    for i, p in enumerate(parts)
+                )
+            )
+            last = _result_or_raise(await self._rep.submit(cmd))
+        return last
+
+
+def emit_received(events: EventLog, cmd: Enqueue, dkim: tuple[str, ...] = ()) -> None:
+    """The `received` event, from the Enqueue about to be submitted (here or by a worker);
+    `dkim`: the domains that signed it."""
+    events.emit(
+        "received",
+        cmd.queue_id,
+        client=cmd.client,
+        sender=cmd.mail_from,
+        nrcpt=len(cmd.recipients),
+        size=cmd.body_size,
+        message_id=cmd.message_id,
+        **({"dkim": list(dkim)} if dkim else {}),
+    )
+
+
+def emit_committed(events: EventLog, result: Result) -> None:
+    events.emit("committed", result[1], duplicate=result[0] == "duplicate")
+
+
+def _result_or_raise(outcome: Result | BaseException) -> Result:
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, SubmitError):
+            raise outcome
+        raise SubmitError(f"submit failed: {outcome}") from outcome
+    return outcome
