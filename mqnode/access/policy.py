@@ -23,6 +23,7 @@ from mqnode.access.principals import Principal, Principals
 
 PUBLIC = "public"
 STATUS = "status"
+ANYONE_KNOWN = "any"  # a path no route matches: any valid credentials, then 404
 PRINCIPAL_KEY = "mqnode.principal"  # where the middleware leaves the principal
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,8 +69,8 @@ def required_role(request: web.Request, public_status: bool) -> str | None:
     """The role `request` needs; PUBLIC for none; None when its route has no entry."""
     route = request.match_info.route
     resource = route.resource
-    if resource is None:  # no route matched: the 404 / 405 answers need nothing
-        return PUBLIC
+    if resource is None:  # no route matched: 401 before the 404, as for a real route
+        return ANYONE_KNOWN
     method = "GET" if request.method == "HEAD" else request.method
     rule = ROUTE_ROLES.get((method, resource.canonical))
     if isinstance(rule, dict):
@@ -108,7 +109,7 @@ def guard(
                 "or unknown principal key"
             )
             return refuse(request, 401, why, {"WWW-Authenticate": "Bearer"})
-        if not principal.may(role):
+        if role != ANYONE_KNOWN and not principal.may(role):
             return refuse(
                 request, 403, f"forbidden: principal {principal.name!r} lacks the role {role!r}", {}
             )
@@ -116,6 +117,19 @@ def guard(
         return await handler(request)
 
     return middleware
+
+
+def unassigned(app: web.Application) -> list[str]:
+    """The app's routes without an entry in ROUTE_ROLES ("METHOD path"); a server refuses
+    to start with any (admin/endpoint.py, api/server.py)."""
+    out = []
+    for route in app.router.routes():
+        resource = route.resource
+        if route.method == "HEAD" or resource is None:
+            continue
+        if (route.method, resource.canonical) not in ROUTE_ROLES:
+            out.append(f"{route.method} {resource.canonical}")
+    return out
 
 
 def principal_of(request: web.Request) -> str:

@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
 from aiohttp import web
 
-from mqnode.access.policy import guard, principal_of
+from mqnode.access.policy import guard, unassigned
 from mqnode.access.principals import Principals
 from mqnode.admin.metrics import NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
@@ -110,8 +110,8 @@ class AdminServer:
         self.dkim: Callable[[], dict[str, Any]] = lambda: {}
         self.sign_report: Callable[[bytes, int], bytes] | None = None
         self.reload_dkim: Callable[[], dict[str, Any]] | None = None
-        # read the principals file again, as the named principal asked (audited first)
-        self.reload_principals: Callable[[str], Awaitable[int]] | None = None
+        # read the principals file again (the audit middleware recorded the request)
+        self.reload_principals: Callable[[], int] | None = None
         # the bounce category of a reply (delivery/bounce_classes.py), for `queue show`
         self.classify: Callable[[str, str], Any] | None = None
         # readiness.assess over this node's Raft status and commit pipeline (set by Node)
@@ -154,6 +154,8 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
+        if missing := unassigned(self.app):
+            raise ConfigError(f"admin endpoint: routes without a role: {', '.join(missing)}")
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
@@ -348,11 +350,9 @@ class AdminServer:
         if self.reload_principals is None:
             return web.json_response({"error": "principals reload not available"}, status=503)
         try:
-            count = await self.reload_principals(principal_of(request))
+            count = self.reload_principals()
         except ConfigError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        except SubmitError as exc:
-            return web.json_response({"error": str(exc)}, status=503)
         return web.json_response({"principals": count})
 
     async def _body(self, request: web.Request) -> web.Response:

@@ -43,12 +43,12 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from mqnode.access.policy import PRINCIPAL_KEY, guard, principal_of
+from mqnode.access.policy import PRINCIPAL_KEY, guard, principal_of, unassigned
 from mqnode.access.principals import Principal, Principals
 from mqnode.api.compose import Draft, Limits, compose
 from mqnode.api.problems import Problem, pointer, refusal
 from mqnode.clock import Clock
-from mqnode.errors import SubmitError
+from mqnode.errors import ConfigError, SubmitError
 from mqnode.intake import Intake, Submission
 from mqnode.smtp.handler import rfc5322_date
 from mqnode.smtp.ratelimit import RateLimiter
@@ -125,6 +125,8 @@ class InjectionApi:
             client_max_size=self.max_request_bytes,
         )
         app.add_routes(self.routes())
+        if missing := unassigned(app):
+            raise ConfigError(f"api: routes without a role: {', '.join(missing)}")
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, ssl_context=tls).start()

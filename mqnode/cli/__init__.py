@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
 
-from mqnode.cli import bounces, dkim, remote, shaping, suppress
+from mqnode.cli import access, bounces, dkim, remote, shaping, suppress
 from mqnode.cli import text as views
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError, MembershipError, MqnodeError
@@ -29,7 +29,9 @@ from mqnode.raft.membership_rules import check_addr
 SENDER_HELP = 'from this envelope sender; "<>" for bounces (the null sender)'
 DEFAULT_ADMIN = "127.0.0.1:8025"
 ADMIN_HELP = f"the node's admin endpoint (default: {DEFAULT_ADMIN})"
-TOKEN_HELP = "file with that node's admin token (default: $MQNODE_ADMIN_TOKEN)"
+TOKEN_HELP = (
+    "file with that node's admin token or a principal's NAME.SECRET (default: $MQNODE_ADMIN_TOKEN)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -308,12 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show a node's role, Raft position and queue counts")
     st.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT", help=ADMIN_HELP)
     st.add_argument("--json", action="store_true")
+    st.add_argument("--admin-token-file", metavar="FILE", help=TOKEN_HELP)
     _add_queue(sub)
     _add_cluster(sub)
     dkim.add_parser(sub)
     bounces.add_parser(sub)
     suppress.add_parser(sub, DEFAULT_ADMIN, ADMIN_HELP, TOKEN_HELP)
     shaping.add_parser(sub, DEFAULT_ADMIN, ADMIN_HELP, TOKEN_HELP)
+    access.add_parsers(sub, DEFAULT_ADMIN, ADMIN_HELP, TOKEN_HELP)
     sink = sub.add_parser(
         "dev-sink",
         help="a local SMTP sink that records what it receives, to try mqnode without a mail "
@@ -399,8 +403,12 @@ def main(argv: list[str] | None = None) -> int:
             return suppress.run(args)
         if args.command == "shaping":
             return shaping.run(args)
+        if args.command == "principals":
+            return access.run_principals(args)
+        if args.command == "audit":
+            return access.run_audit(args)
         if args.command == "status":
-            st = remote.fetch(args.admin, "/status")
+            st = remote.fetch(args.admin, "/status", remote.token(args))
             if args.json:
                 print(json.dumps(st, indent=2, sort_keys=True))
             else:
