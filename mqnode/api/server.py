@@ -147,13 +147,8 @@ class InjectionApi:
 
     async def _answer(self, request: web.Request) -> web.Response:
         doc = await self._read(request)
-        errors = list(itertools.islice(self._validator.iter_errors(doc), MAX_SCHEMA_ERRORS))
-        if errors:
-            found = [(pointer(list(e.absolute_path)), e.message) for e in errors]
-            raise Problem(422, f"{found[0][0]}: {found[0][1]}", found)
         key = _idempotency_key(request)
-        now_ms = self._clock.wall_ms()
-        drafts = compose(doc, self._limits, now_ms, self._token)
+        drafts = self.drafts(doc, self._clock.wall_ms())
         principal = request.get(PRINCIPAL_KEY)
         name = principal_of(request)
         self._take(principal, name, len(drafts))
@@ -207,6 +202,14 @@ class InjectionApi:
             self.refused += 1
             return Problem(503, detail, headers=_retry(), extra={"queued": queued}).response()
         return web.json_response({"messages": queued, "refused": refused})
+
+    def drafts(self, doc: Any, now_ms: int) -> list[Draft]:
+        """The messages a decoded request asks for; Problem naming the field if none."""
+        errors = list(itertools.islice(self._validator.iter_errors(doc), MAX_SCHEMA_ERRORS))
+        if errors:
+            found = [(pointer(list(e.absolute_path)), e.message) for e in errors]
+            raise Problem(422, f"{found[0][0]}: {found[0][1]}", found)
+        return compose(doc, self._limits, now_ms, self._token)
 
     async def _read(self, request: web.Request) -> Any:
         if request.content_type != "application/json":
