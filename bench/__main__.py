@@ -32,7 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import paired, paired_dkim, paired_suppression, postfix, report
+from bench import paired, paired_api, paired_dkim, paired_suppression, postfix, report
 from bench.runners import Row
 from bench.workloads import FULL, QUICK, WORKLOADS, Plan, run
 
@@ -52,6 +52,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "paired-dkim": plan.paired_rounds * len(paired_dkim.SYSTEMS),
         "paired-suppression": plan.paired_rounds * len(paired_suppression.SYSTEMS),
         "shaping": 2,
+        "paired-api": plan.paired_rounds * len(paired_api.SYSTEMS),
     }
     return sum(per[n] for n in names)
 

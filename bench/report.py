@@ -77,6 +77,7 @@ TABLE_WORKLOADS = (
     "paired-e2e",
     "paired-dkim",
     "paired-suppression",
+    "paired-api",
     "shaping",
     "latency",
     "sessions",

@@ -18,6 +18,8 @@
              in rounds (bench/paired_suppression.py)
   shaping    a backlog for a rate-limited site drains at its rate while other mail
              goes (bench/shaping_drain.py)
+  paired-api the HTTP injection API's acceptance against SMTP's, single messages and
+             batches of 100, in rounds (bench/paired_api.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -38,6 +40,7 @@ from typing import Any
 
 from bench import postfix
 from bench.paired import mqnode_end_to_end, paired, paired_e2e
+from bench.paired_api import paired_api
 from bench.paired_dkim import paired_dkim
 from bench.paired_suppression import paired_suppression
 from bench.plan import (
@@ -446,6 +449,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "paired-dkim": paired_dkim,
     "paired-suppression": paired_suppression,
     "shaping": shaping,
+    "paired-api": paired_api,
 }
 
 
