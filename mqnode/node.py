@@ -191,6 +191,7 @@ class Node:
         self._suppression_count, self._suppression_count_at = 0, float("-inf")
         self._principals = Principals({}, "")  # run loads them (principals_file, admin token)
         self._api_intake: Intake | None = None
+        self._api: InjectionApi | None = None
         self._auditor: Auditor | None = None
         self._sighup_tasks: set[asyncio.Task[None]] = set()
 
@@ -433,6 +434,13 @@ class Node:
             st = raft.status
             accepted, refused = front.counts()
             signed, sign_failures = front.dkim_counts()
+            api, intake = self._api, self._api_intake
+            if intake is not None:  # the API signs too
+                signed = {
+                    d: signed.get(d, 0) + intake.dkim_signed.get(d, 0)
+                    for d in {*signed, *intake.dkim_signed}
+                }
+                sign_failures += intake.dkim_failed
             return MetricsSnapshot(
                 queue_by_state=store.counts(),
                 queue_by_domain=store.domain_counts(DOMAIN_SCAN_LIMIT),
@@ -454,6 +462,8 @@ class Node:
                 destinations_suspended=dispatcher.suspended_count(),
                 dkim_signed=signed,
                 dkim_failures=sign_failures,
+                api_accepted=api.accepted if api else 0,
+                api_refused=api.refused if api else 0,
             )
 
         return NodeMetrics(snapshot)
@@ -637,7 +647,7 @@ class Node:
             cfg.api_max_batch,
             cfg.hostname,
         )
-        api = InjectionApi(intake, limits, self.clock, rng, store.fill_ratio)
+        api = self._api = InjectionApi(intake, limits, self.clock, rng, store.fill_ratio)
         if cfg.suppression_action == "refuse":
             api.suppressed = self._suppression
         admin.app.add_routes(api.routes())

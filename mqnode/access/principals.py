@@ -133,6 +133,15 @@ class Principals:
         return entry.principal
 
 
+def submit_keys(path: str) -> dict[str, PasswordHash]:
+    """Name -> key of the principals that may submit: SMTP AUTH takes them as logins
+    (the name and the SECRET part of the token as the password)."""
+    if not path:
+        return {}
+    entries = parse(read_owner_only(Path(path), "principals_file"), f"principals_file {path}")
+    return {name: e.key for name, e in entries.items() if e.principal.may("submit")}
+
+
 def parse(text: str, source: str = "principals_file") -> dict[str, _Entry]:
     try:
         doc = tomllib.loads(text)

@@ -47,6 +47,8 @@ class MetricsSnapshot:
     sites: list[dict[str, Any]] = field(default_factory=list)  # Shaper.describe
     suppressed_refused: int = 0  # recipients refused at RCPT TO because suppressed
     suppression_entries: int = 0
+    api_accepted: int = 0  # messages queued through the HTTP API
+    api_refused: int = 0  # API requests refused (4xx, 503)
 
 
 class _SnapshotCollector(Collector):
@@ -77,6 +79,14 @@ class _SnapshotCollector(Collector):
         c = CounterMetricFamily("mqnode_smtp_messages", "SMTP DATA replies", labels=["result"])
         c.add_metric(["accepted"], s.smtp_accepted)
         c.add_metric(["refused"], s.smtp_refused)
+        yield c
+        c = CounterMetricFamily(
+            "mqnode_api_messages",
+            "HTTP API: messages queued, and requests refused",
+            labels=["result"],
+        )
+        c.add_metric(["accepted"], s.api_accepted)
+        c.add_metric(["refused"], s.api_refused)
         yield c
         c = CounterMetricFamily(
             "mqnode_delivery_recipients", "Per-recipient delivery outcomes", labels=["outcome"]

@@ -12,7 +12,10 @@ made with `hashlib.scrypt(password, salt=SALT, n=N, r=r, p=p)` and a random
     python -m mqnode.smtp.auth USER          # asks for the password twice
 
 Only its owner may read the file (mode 600, like every file holding a
-secret: config.read_owner_only); it is read once, at start-up.
+secret: config.read_owner_only); it is read once, at start-up. With TLS, the
+principals that may submit (`principals_file`, access/principals.py) log in
+too: their name, and the SECRET part of their NAME.SECRET token (read at
+start-up, as this file).
 
 `UserDb.verify` costs one scrypt evaluation (about 16 MiB and tens of
 milliseconds at the default N=2**14) whether or not the user exists, and
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mqnode.access.principals import submit_keys
 from mqnode.config import read_owner_only
 from mqnode.errors import ConfigError
 from mqnode.passwords import SALT_BYTES, PasswordHash, hash_password
@@ -86,6 +90,17 @@ class UserDb:
         if not users:
             raise ConfigError(f"{source}: no users in the file")
         return cls(users)
+
+    @classmethod
+    def for_node(cls, users_file: str, principals_file: str) -> UserDb | None:
+        """The users file's logins and the principals that may submit (their name and
+        secret); None when there are none. A name in both is refused."""
+        users = dict(cls.load(users_file)._users) if users_file else {}
+        for name, key in submit_keys(principals_file).items():
+            if name in users:
+                raise ConfigError(f"principals_file: {name!r} is also a login in smtp_users_file")
+            users[name] = key
+        return cls(users) if users else None
 
     @classmethod
     def load(cls, path: str) -> UserDb:

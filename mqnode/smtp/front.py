@@ -48,7 +48,10 @@ def build_ingress(
         cfg.max_recipients,
         fill_ratio,
         limits=ingress_limits(cfg),
-        users=UserDb.load(cfg.smtp_users_file) if cfg.smtp_users_file else None,
+        # AUTH needs TLS: without it principals are for the HTTP API alone.
+        users=UserDb.for_node(
+            cfg.smtp_users_file, cfg.principals_file if cfg.smtp_tls_cert else ""
+        ),
         tls=server_context(cfg.smtp_tls_cert, cfg.smtp_tls_key) if cfg.smtp_tls_cert else None,
         gate=gate,
         signer=DkimSigner.from_config(cfg) if cfg.dkim_keys else None,

@@ -8,6 +8,8 @@ a role and a row here. Every allowed write lands in the audit trail, which any n
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,47 @@ def test_every_role_on_every_route(tmp_path: Path) -> None:
         listed = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
         assert len(listed) == allowed_writes["operator"]
         assert all(r["principal"] == "operator" for r in listed)
+
+
+def test_principals_reload_on_sighup_all_or_nothing_and_a_bad_file_stops_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "principals.toml"
+    tokens = write_principals(path, {"first": ["view"]})
+    args = [*FAST_TUNING, "--principals-file", str(path)]
+    with Cluster(tmp_path / "c", n=1, extra_args=args) as c:
+        base = c.nodes[0].admin_url
+        assert request(base + "/queue", "GET", tokens["first"])[0] == 200
+        # A new principal, then SIGHUP: it is let in, the old one no longer.
+        newer = write_principals(path, {"second": ["operate"]})
+        proc = c.nodes[0].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGHUP)
+
+        def switched() -> tuple[bool | None, str]:
+            status = request(base + "/queue", "GET", newer["second"])[0]
+            return (True if status == 200 else None), f"HTTP {status}"
+
+        c.poll("the new principal to be let in", switched, 20)
+        assert request(base + "/queue", "GET", tokens["first"])[0] == 401
+        # A broken file: the reload is refused in one line, and the principals stay.
+        path.write_text("[[principal]]\nname = 'x'\n", encoding="utf-8")
+        os.kill(proc.pid, signal.SIGHUP)
+        c.poll(
+            "the refused reload to be logged",
+            lambda: (
+                True if "principals reload refused" in c.nodes[0].log_path.read_text() else None,
+                "not yet",
+            ),
+            20,
+        )
+        assert request(base + "/queue", "GET", newer["second"])[0] == 200
+        status, text = request(base + "/principals/reload", "POST", ADMIN_TOKEN, b"{}")
+        assert status == 400 and b"principal 1 (x)" in text, text
+        # The reload by signal is in the audit trail as the principal "signal".
+        records = json.loads(request(base + "/audit", "GET", ADMIN_TOKEN)[1])["records"]
+        assert any(r["principal"] == "signal" for r in records), records
+    # Start-up with the broken file: exit 2, one line naming the entry.
+    proc2 = run_cli(*Cluster(tmp_path / "d", n=1, extra_args=args).command(0)[3:])
+    assert proc2.returncode == 2, proc2.stderr
+    assert "principals_file" in proc2.stderr and len(proc2.stderr.strip().splitlines()) == 1

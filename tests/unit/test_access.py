@@ -116,3 +116,24 @@ def test_audit_records_list_in_order_and_expire_with_their_retention(
     assert tx.one(Audit(T0 + 31 * day, "boss", "dkim/reload", "", "n3", 30 * day))[0] == "ok"
     assert [r["action"] for r in store.audit_records(0)] == ["shaping", "dkim/reload"]
     assert tx.one(Audit(T0, "x", "y", "z" * 5000, "n1", day))[0] == "rejected"
+
+
+def test_principals_that_may_submit_log_in_to_smtp_with_their_secret(tmp_path: Path) -> None:
+    from mqnode.smtp.auth import UserDb
+
+    token, entry = new_principal("app", ["submit"])
+    _, viewer = new_principal("eyes", ["view"])
+    path = _file(tmp_path, entry + "\n" + viewer)
+    users = tmp_path / "users"
+    users.write_text(f"alice:{CHEAP}\n", encoding="utf-8")
+    os.chmod(users, 0o600)
+    db = UserDb.for_node(str(users), path)
+    assert db is not None and len(db) == 2  # alice and app; eyes may not submit
+    secret = token.partition(".")[2].encode()
+    assert db.verify(b"app", secret) == "app"
+    assert db.verify(b"eyes", secret) is None
+    assert db.verify(b"alice", b"s3cret") == "alice"
+    assert UserDb.for_node("", "") is None
+    users.write_text(f"app:{CHEAP}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="also a login"):
+        UserDb.for_node(str(users), path)

@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "raft": LEAVES | {"spool"},
     "dsn": LEAVES | {"spool", "signing"},
     "intake": LEAVES | {"spool", "raft", "signing"},
-    "smtp": LEAVES | {"spool", "raft", "signing", "intake"},
+    "smtp": LEAVES | {"spool", "raft", "signing", "intake", "access"},
     "access": LEAVES,
     "api": LEAVES | {"spool", "raft", "signing", "intake", "access", "smtp"},
     "delivery": LEAVES | {"spool", "raft", "dsn", "signing"},
