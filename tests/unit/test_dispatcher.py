@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import mqnode.delivery.dispatcher as dispatcher_module
 from mqnode.clock import ManualClock
 from mqnode.delivery.client import Attempt, Transaction
 from mqnode.delivery.dispatcher import (
@@ -447,6 +448,31 @@ def test_mail_behind_a_long_backlog_for_a_busy_destination_goes_within_a_deep_sc
         h.advance(DEEP_SCAN_INTERVAL_S)
         await h.d._scan()
         assert second in h.d._in_flight, "the next deep scan did not find it"
+        h.agent.release.set()
+        await h.finish()
+
+    asyncio.run(run())
+
+
+def test_a_deep_scan_jumps_over_a_backlog_longer_than_it_may_read(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deep scan reads at most DEEP_SCAN_ENTRIES entries; a full destination's backlog,
+    however long, costs it one seek in the due index by domain, so the mail behind it is
+    found (the global index would spend the whole budget on the backlog)."""
+    monkeypatch.setattr(dispatcher_module, "DEEP_SCAN_ENTRIES", 50)
+
+    async def run() -> None:
+        h = Harness(store, concurrency=4, per_destination=1)
+        backlog = 6 * h.d._s.batch  # far past 50 entries
+        h.queue(backlog, "slow.test")
+        h.agent.release.clear()
+        await h.d._scan()  # fills slow.test's claims
+        await h.settle()
+        (behind,) = h.queue(1, "zz-fast.test", first=backlog)
+        h.advance(DEEP_SCAN_INTERVAL_S)
+        await h.d._scan()
+        assert behind in h.d._in_flight, "the deep scan did not get past the backlog"
         h.agent.release.set()
         await h.finish()
 
