@@ -56,6 +56,7 @@ from mqnode.raft.member_lists import (
     leader_not_listed,
     unlisted_peer,
 )
+from mqnode.restore import PENDING_AUDIT
 from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.signing.keys import KeySet
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
@@ -287,6 +288,9 @@ class Node:
             asyncio.create_task(self._keep_announced(store, raft), name="keep-announced"),
             asyncio.create_task(self._probe_commits(), name="commit-probe"),
         ]
+        pending = cfg.data_path / PENDING_AUDIT  # left by `mqnode restore`
+        if pending.exists() and self._auditor is not None:
+            tasks.append(asyncio.create_task(self._auditor.commit_pending(pending)))
         if cfg.delivery_enabled:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
         try:
@@ -656,12 +660,22 @@ class Node:
             self.clock,
             cfg.node_id,
             cfg.audit_keep_days,
-            lambda: self._reads_level(store, self._raft) >= AUDIT_LEVEL,
+            lambda: self._audit_readiness(store),
         )
         auditor.events = events
         admin.app.middlewares.append(auditor.middleware())
         admin.app.add_routes(auditor.routes(store))
         return api
+
+    def _audit_readiness(self, store: QueueStore) -> str:
+        """Whether every member reads Audit: "ready", "older" (one cannot: a rolling
+        upgrade) or "unknown" (one has not announced yet)."""
+        with store.reader() as r:
+            nodes = r.get_meta("nodes", {})
+        members = self._raft.status.members
+        if cluster_level(nodes, members) >= AUDIT_LEVEL:
+            return "ready"
+        return "older" if announced_level(nodes, members) < AUDIT_LEVEL else "unknown"
 
     def _api_signer(self) -> DkimSigner | None:
         return self._signer if self._signer.keys else None

@@ -11,6 +11,9 @@ old members, and added nodes would take them from it). Started with no peers, it
 `mqnode cluster add-node` then grows the cluster (new nodes start empty
 with `join = true` and catch up from its snapshot).
 
+The restore goes into the audit trail (admin/audit.py) as the principal
+`restore`: the node commits the record left in PENDING_AUDIT once it can.
+
 What it cannot give back: mail acknowledged after the snapshot was taken
 is not in it, and mail delivered after it is queued again (it will be sent
 again). Refuses a data dir that already holds a queue state or a log.
@@ -18,15 +21,19 @@ again). Refuses a data dir that already holds a queue state or a log.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+from mqnode.clock import Clock, SystemClock
 from mqnode.errors import ConfigError
 from mqnode.raft.journal import DurableJournal
 from mqnode.raft.logstore import LogStore
 from mqnode.raft.snapshot_file import SnapshotHeader, install, read_header, write_snapshot
 from mqnode.spool.store import QueueStore
 from mqnode.storage import fsync_path
+
+PENDING_AUDIT = "audit-pending.json"  # in the data dir: a record for the audit trail
 
 
 def restore_data_dir(
@@ -35,6 +42,7 @@ def restore_data_dir(
     raft_addr: str,
     state_map_size_mb: int,
     raft_map_size_mb: int,
+    clock: Clock | None = None,
 ) -> SnapshotHeader:
     state_dir, raft_dir = data_dir / "state", data_dir / "raft"
     for d in (state_dir, raft_dir):
@@ -62,4 +70,13 @@ def restore_data_dir(
         journal.set_members([raft_addr])
     finally:
         logstore.close()
+    record = {
+        "at_ms": (clock or SystemClock()).wall_ms(),
+        "principal": "restore",
+        "action": "restore",
+        "target": f"{snapshot_file} (index {header.index})",
+    }
+    pending = data_dir / PENDING_AUDIT
+    pending.write_text(json.dumps(record), encoding="utf-8")
+    fsync_path(pending)
     return header

@@ -15,15 +15,23 @@ Any node lists them (`GET /audit?since_ms=&principal=&limit=`, `mqnode audit`);
 each is also an `audit` event (event log and webhook) on the node that took the
 request.
 
+`mqnode restore` leaves its record in the data dir (restore.py PENDING_AUDIT);
+the node commits it once it leads, and then removes the file.
+
 While a member runs a version that cannot read Audit (a rolling upgrade; the
 cluster's reads level below AUDIT_LEVEL), records go to this node's log only.
+So do those made before every member has announced what it reads (the
+first second of a new cluster, or a member that never started): refusing
+them would also refuse the `raft/remove-node` that removes such a member.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -50,24 +58,29 @@ class Auditor:
         clock: Clock,
         node_id: str,
         keep_days: int,
-        writable: Callable[[], bool],
+        readiness: Callable[[], str],
     ) -> None:
         self._rep = submitter
         self._clock = clock
         self._node_id = node_id
         self._keep_ms = keep_days * DAY_MS
-        self._writable = writable
+        # "ready": every member reads Audit; "older": one runs a release that cannot;
+        # "unknown": a member has not announced what it reads yet (just started)
+        self._readiness = readiness
         self.events: EventLog | None = None
 
-    async def record(self, principal: str, action: str, target: str) -> None:
-        """Commit the record; SubmitError if it was not committed (refuse the write)."""
-        at_ms = self._clock.wall_ms()
+    async def record(
+        self, principal: str, action: str, target: str, at_ms: int | None = None
+    ) -> None:
+        """Commit the record; SubmitError if it was not committed (refuse the write).
+        `at_ms`: when it happened, if not now (a restore, recorded at the next start)."""
+        at_ms = self._clock.wall_ms() if at_ms is None else at_ms
         target = target[:MAX_TARGET_CHARS]
         if self.events is not None:
             self.events.emit("audit", "", principal=principal, action=action, target=target)
-        if not self._writable():
+        if self._readiness() != "ready":
             log.warning(
-                "audit (not replicated: a member cannot read it yet): %s %s %s",
+                "audit (not replicated: a member cannot read it, or has not said yet): %s %s %s",
                 principal,
                 action,
                 target,
@@ -77,6 +90,29 @@ class Auditor:
         status, value = await self._rep.submit(cmd)
         if status != "ok":
             raise SubmitError(f"audit record not committed: {value}")
+
+    async def commit_pending(self, path: Path, retry_s: float = 1.0) -> None:
+        """Commit the record a restore left at `path`, retrying until it is committed (or
+        the node stops), then remove the file."""
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            args = (str(doc["principal"]), str(doc["action"]), str(doc["target"]))
+            at_ms = int(doc["at_ms"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("audit: cannot read %s (%s); removing it", path, exc)
+            path.unlink(missing_ok=True)
+            return
+        while True:
+            if self._readiness() == "unknown":  # wait for the announcements
+                await asyncio.sleep(retry_s)
+                continue
+            try:
+                await self.record(*args, at_ms=at_ms)
+                break
+            except SubmitError as exc:
+                log.info("audit: the restore's record is not committed yet: %s", exc)
+                await asyncio.sleep(retry_s)
+        path.unlink(missing_ok=True)
 
     def middleware(self) -> Any:
         @web.middleware

@@ -8,9 +8,12 @@ the snapshot covers and takes new mail, then grow it with `cluster add-node`.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +21,7 @@ from mqnode.raft import snapshot_file
 from tests.support.chaos import post_json
 from tests.support.checks import assert_acked_once, offer_ok
 from tests.support.cli import run_cli
-from tests.support.cluster import Cluster
+from tests.support.cluster import ADMIN_TOKEN, Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -43,6 +46,15 @@ def _snapshot_covering(c: Cluster, i: int, index: int) -> Path:
 def _restore(c: Cluster, backup: Path) -> subprocess.CompletedProcess[str]:
     run_flags = c.command(0)[4:]  # the node's own `run` flags: data dir, raft addr, ...
     return run_cli("restore", "--snapshot", str(backup), *run_flags)
+
+
+def _audit(c: Cluster, i: int) -> list[dict[str, Any]]:
+    req = urllib.request.Request(
+        c.nodes[i].admin_url + "/audit", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        records: list[dict[str, Any]] = json.loads(resp.read())["records"]
+    return records
 
 
 def test_restore_a_cluster_from_one_snapshot(tmp_path: Path) -> None:
@@ -88,6 +100,11 @@ def test_restore_a_cluster_from_one_snapshot(tmp_path: Path) -> None:
         for i in (0, grown):
             assert new.queue_ids(i) == sorted(acked.values()), new.nodes[i].node_id
         assert_acked_once(new, acked)
+        # The restore is in the audit trail, on the node added since too.
+        records = _audit(new, grown)
+        (restored,) = [r for r in records if r["principal"] == "restore"]
+        assert restored["action"] == "restore" and str(backup) in restored["target"]
+        assert "raft/add-node" in [r["action"] for r in records]
     finally:
         new.stop()
 
