@@ -1,7 +1,8 @@
 """The audit trail: every administrative write, committed through the log before it runs.
 
 A middleware after the role check (access/policy.py) commits an Audit command
-(spool/commands.py) for every POST of the admin endpoint: the principal, the
+(spool/commands.py) for every POST of the admin endpoint (but submissions and
+the tests' `/fault/*`, which only `fault_injection = true` serves): the principal, the
 action (the route, e.g. `queue/delete`, `suppressions/add`, `raft/add-node`),
 its target (the request's JSON, cut at MAX_TARGET_CHARS) and the time, taken
 before submit. Only once it is committed does the write run; if it cannot be
@@ -121,6 +122,7 @@ class Auditor:
                 request.method != "POST"
                 or request.match_info.route.resource is None
                 or request.path.startswith("/v1/")  # submissions: events, not the audit trail
+                or request.path.startswith("/fault/")  # tests' fault injection (config)
             ):
                 return await handler(request)
             action = _action(request)
