@@ -53,6 +53,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "paired-suppression": plan.paired_rounds * len(paired_suppression.SYSTEMS),
         "shaping": 2,
         "paired-api": plan.paired_rounds * len(paired_api.SYSTEMS),
+        "cost": 4,
     }
     return sum(per[n] for n in names)
 

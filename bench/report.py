@@ -78,6 +78,7 @@ TABLE_WORKLOADS = (
     "paired-dkim",
     "paired-suppression",
     "paired-api",
+    "cost",
     "shaping",
     "latency",
     "sessions",

@@ -20,6 +20,8 @@
              goes (bench/shaping_drain.py)
   paired-api the HTTP injection API's acceptance against SMTP's, single messages and
              batches of 100, in rounds (bench/paired_api.py)
+  cost       CPU and bytes written per message on the accepting machine, against
+             Postfix's, at 1 KiB and 100 KiB (bench/cost.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import postfix
+from bench.cost import cost
 from bench.paired import mqnode_end_to_end, paired, paired_e2e
 from bench.paired_api import paired_api
 from bench.paired_dkim import paired_dkim
@@ -450,6 +453,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "paired-suppression": paired_suppression,
     "shaping": shaping,
     "paired-api": paired_api,
+    "cost": cost,
 }
 
 

@@ -19,6 +19,7 @@ from mqnode.access.principals import GRANTS
 from tests.support.api import request, write_principals
 from tests.support.cli import run_cli
 from tests.support.cluster import ADMIN_TOKEN, FAST_TUNING, Cluster
+from tests.support.events import read_events
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +94,8 @@ def test_every_role_on_every_route(tmp_path: Path) -> None:
         "--principals-file",
         str(tmp_path / "principals.toml"),
         "--fault-injection",
+        "--event-log",
+        str(tmp_path / "events.jsonl"),
     ]
     with Cluster(tmp_path / "c", n=3, extra_args=args) as c:
         lead = c.leader()
@@ -130,6 +133,10 @@ def test_every_role_on_every_route(tmp_path: Path) -> None:
         assert {"queue/delete", "raft/add-node", "shaping", "principals/reload"} <= {
             r["action"] for r in records if r["principal"] == "boss"
         }
+        # And they are events (log and webhook) on the node that took the request.
+        audited = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "audit"]
+        assert len(audited) == sum(allowed_writes.values())
+        assert {e["node"] for e in audited} == {c.nodes[lead].node_id}
         # The command line lists them too, from any node.
         proc = run_cli(
             "audit", "--principal", "operator", "--json",
