@@ -7,7 +7,7 @@ secret) lists them:
     name = "newsletter"                # letters, digits, '-', '_'; 1..64
     key = "scrypt$16384$8$1$SALT$KEY"  # the hashed secret (mqnode/passwords.py)
     roles = ["submit"]                 # submit | view | operate | admin
-    api_rate_per_min = 6000            # optional: messages per minute over the API
+    api_rate_per_min = 6000            # optional: messages a minute over the API (default)
 
 A client presents `Authorization: Bearer NAME.SECRET` (what `mqnode principals
 add` prints once). Roles:
@@ -18,7 +18,7 @@ add` prints once). Roles:
     admin    everything: delete, bounce, bodies, membership, shaping apply, reloads
 
 The node's admin token (`admin_token_file`) stays valid as the principal
-`admin-token` with the role admin.
+`admin-token` with the role admin, and no API rate limit.
 
 Costs: the first check of a key is one scrypt evaluation (tens of milliseconds,
 in a thread, at most CHECK_SLOTS at once); a key that passed is remembered by its
@@ -65,7 +65,7 @@ DEFAULT_API_RATE_PER_MIN = 6000
 class Principal:
     name: str
     roles: frozenset[str]
-    api_rate_per_min: int = DEFAULT_API_RATE_PER_MIN
+    api_rate_per_min: int = DEFAULT_API_RATE_PER_MIN  # 0: no limit (the admin token)
 
     def may(self, role: str) -> bool:
         return any(role in GRANTS[r] for r in self.roles)
@@ -115,7 +115,7 @@ class Principals:
             return None
         raw = token.encode("utf-8", "surrogateescape")
         if self._admin_token and hmac.compare_digest(raw, self._admin_token):
-            return Principal(ADMIN_TOKEN_PRINCIPAL, frozenset({"admin"}))
+            return Principal(ADMIN_TOKEN_PRINCIPAL, frozenset({"admin"}), api_rate_per_min=0)
         digest = hashlib.sha256(raw).digest()
         known = self._cache.get(digest)
         if known is not None:

@@ -225,6 +225,8 @@ class InjectionApi:
 
     def _take(self, principal: Any, name: str, n: int) -> None:
         per_min = principal.api_rate_per_min if isinstance(principal, Principal) else 6000
+        if per_min == 0:  # unlimited (the admin token)
+            return
         limiter = self._rates.get(name)
         if limiter is None or limiter.per_min != per_min:  # new, or changed by a reload
             limiter = self._rates[name] = RateLimiter(per_min, self._clock, max_keys=1)

@@ -48,7 +48,9 @@ def _cluster(
     tmp_path: Path, port: int, extra: list[str] | None = None
 ) -> tuple[Cluster, dict[str, str]]:
     tokens = write_principals(
-        tmp_path / "principals.toml", {"app": ["submit"], "watcher": ["view"]}
+        tmp_path / "principals.toml",
+        {"app": ["submit"], "watcher": ["view"], "slow": ["submit"]},
+        {"slow": 2},
     )
     args = [*FAST_TUNING, "--principals-file", str(tmp_path / "principals.toml"), *(extra or [])]
     c = Cluster(tmp_path / "c", n=3, extra_args=args, relay_host=f"127.0.0.1:{port}")
@@ -175,7 +177,13 @@ def test_refusals_are_problem_documents_and_queue_nothing(tmp_path: Path) -> Non
                     pointers = [e["pointer"] for e in answer.get("errors", [])]
                     assert where in pointers, (name, answer)
             assert c.queue_ids(0) == [], "a refused request queued something"
-            # The node is fine afterwards.
+            # A principal over its rate: 429 with Retry-After, per principal.
+            for _ in range(2):
+                assert post_json(url, good, tokens["slow"])[0] == 200
+            status, answer, headers = post_json(url, good, tokens["slow"])
+            assert status == 429 and "api_rate_per_min" in answer["detail"], answer
+            assert int(headers["Retry-After"]) > 0
+            # The node is fine afterwards, and other principals unaffected.
             status, answer, _ = post_json(url, good, tokens["app"])
             assert status == 200, answer
 

@@ -61,13 +61,16 @@ def _doc(data: bytes) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {"value": doc}
 
 
-def write_principals(path: Path, roles: dict[str, list[str]], rate: int = 0) -> dict[str, str]:
-    """A principals file (mode 600) with one principal per entry; their tokens by name."""
+def write_principals(
+    path: Path, roles: dict[str, list[str]], rates: dict[str, int] | None = None
+) -> dict[str, str]:
+    """A principals file (mode 600) with one principal per entry (`rates`: their
+    api_rate_per_min, where not the default); their tokens by name."""
     tokens, entries = {}, []
     for name, granted in roles.items():
         token, entry = new_principal(name, granted)
-        if rate:
-            entry += f"api_rate_per_min = {rate}\n"
+        if rates and name in rates:
+            entry += f"api_rate_per_min = {rates[name]}\n"
         tokens[name] = token
         entries.append(entry)
     path.write_text("\n".join(entries), encoding="utf-8")
