@@ -272,15 +272,16 @@ class AdminServer:
         state = MessageState(state_s) if state_s else None
         if not domain and sender is None:
             return self._store.list_messages(limit, state)
-        suffix = "@" + domain.lower() if domain else ""
         wanted = None if sender is None else sender.strip("<>").lower()
 
         def matches(m: QueuedMessage) -> bool:
-            if wanted is not None and m.mail_from.lower() != wanted:
-                return False
-            return not suffix or any(r.address.lower().endswith(suffix) for r in m.recipients)
+            return wanted is None or m.mail_from.lower() == wanted
 
-        return [m for m in self._store.list_messages(MAX_LIST, state) if matches(m)][:limit]
+        if domain:  # the domain's part of the per-domain index: bounded by its own mail
+            found = self._store.messages_for_domain(domain, MAX_LIST, state)
+        else:
+            found = self._store.list_messages(MAX_LIST, state)
+        return [m for m in found if matches(m)][:limit]
 
     async def _list(self, request: web.Request) -> web.Response:
         try:

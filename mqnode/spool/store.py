@@ -77,7 +77,9 @@ COUNT_KEYS = {s: f"count_{s.value}".encode() for s in MessageState}
 OPERATOR_RETRIES = "operator_retries"
 SUPPRESSIONS = "suppressions"  # meta key: entries in the suppression list
 SHAPING = "shaping"  # meta key: the traffic shaping rules applied ({"text", "at_ms"})
-DUE_BY_DOMAIN = "due_by_domain"  # meta key: the per-domain due index is complete (_open)
+DUE_BY_DOMAIN = "due_by_domain"  # meta key: the per-domain index's version, once complete
+DUE_BY_DOMAIN_VERSION = 2  # 2: held messages are in it too (HELD_DUE)
+HELD_DUE = 2**64 - 1  # a held message's due time in the per-domain index: never
 DOMAIN_KEY_MAX = 400  # bytes of a domain in that index's keys
 AUDIT_SEQ = "audit_seq"  # meta key: audit records written, the last one's sequence number
 AUDIT_SCAN = 100_000  # records one audit listing reads at most
@@ -126,8 +128,8 @@ class StateTxn:
         self._txn.put(msg.queue_id.encode(), with_crc(pack(msg.to_record())), db=self._s._msgs)
         if not msg.hold:
             self._txn.put(_due_key(msg), b"", db=self._s._due)
-            for key in _domain_due_keys(msg):
-                self._txn.put(key, b"", db=self._s._due_by_domain)
+        for key in _domain_due_keys(msg):
+            self._txn.put(key, b"", db=self._s._due_by_domain)
         self._bump(msg.state(), +1)
 
     def delete_message(self, msg: QueuedMessage) -> None:
@@ -138,8 +140,8 @@ class StateTxn:
     def _unindex(self, msg: QueuedMessage) -> None:
         if not msg.hold:
             self._txn.delete(_due_key(msg), db=self._s._due)
-            for key in _domain_due_keys(msg):
-                self._txn.delete(key, db=self._s._due_by_domain)
+        for key in _domain_due_keys(msg):
+            self._txn.delete(key, db=self._s._due_by_domain)
         self._bump(msg.state(), -1)
 
     # -- bodies -------------------------------------------------------------
@@ -320,11 +322,13 @@ def _due_key(msg: QueuedMessage) -> bytes:
 def _domain_due_keys(msg: QueuedMessage) -> set[bytes]:
     """One key per domain of a pending recipient: domain NUL due-time queue-id.
 
-    Domains come lowercased from the address; one longer than DOMAIN_KEY_MAX bytes is cut
-    there (LMDB keys are at most 511 bytes). The index only finds candidates: the reader
-    decodes the message and takes its destinations from the message itself.
+    A held message is in it too, never due (HELD_DUE): the index also answers "every
+    message for this domain" (`messages_for_domain`). Domains come lowercased from the
+    address; one longer than DOMAIN_KEY_MAX bytes is cut there (LMDB keys are at most
+    511 bytes). The index only finds candidates: the reader decodes the message and takes
+    its destinations from the message itself.
     """
-    tail = _due_key(msg)
+    tail = U64.pack(HELD_DUE) + msg.queue_id.encode() if msg.hold else _due_key(msg)
     return {
         domain_key(r.address.rpartition("@")[2]) + b"\0" + tail
         for r in msg.recipients
@@ -429,16 +433,17 @@ class QueueStore:
     def _index_domains(self) -> None:
         """Build the per-domain due index of a state (or snapshot) written without it."""
         with self._env.begin(write=True) as txn:
-            if txn.get(DUE_BY_DOMAIN.encode(), db=self._meta) is not None:
+            done = txn.get(DUE_BY_DOMAIN.encode(), db=self._meta)
+            if done is not None and unpack(done) == DUE_BY_DOMAIN_VERSION:
                 return
+            txn.drop(self._due_by_domain, delete=False)
             indexed = 0
             for qid, raw in txn.cursor(db=self._msgs):
                 msg = _decode_message(bytes(raw), bytes(qid).decode())
-                if not msg.hold:
-                    for key in _domain_due_keys(msg):
-                        txn.put(key, b"", db=self._due_by_domain)
-                    indexed += 1
-            txn.put(DUE_BY_DOMAIN.encode(), pack(1), db=self._meta)
+                for key in _domain_due_keys(msg):
+                    txn.put(key, b"", db=self._due_by_domain)
+                indexed += 1
+            txn.put(DUE_BY_DOMAIN.encode(), pack(DUE_BY_DOMAIN_VERSION), db=self._meta)
         if indexed:
             log.info("queue state %s: indexed %d messages by recipient domain", self.path, indexed)
 
@@ -582,6 +587,31 @@ class QueueStore:
                 record = unpack(raw)
                 if isinstance(record, dict) and principal in ("", record.get("principal")):
                     out.append(record)
+        return out
+
+    def messages_for_domain(
+        self, domain: str, limit: int, state: MessageState | None = None
+    ) -> list[QueuedMessage]:
+        """Messages with a pending recipient in `domain` (held ones too), in `state` if
+        given; at most `limit`. Reads that domain's part of the per-domain index only,
+        so a domain's mail is found in time bounded by its own count, not the queue's."""
+        prefix = domain_key(domain) + b"\0"
+        out: list[QueuedMessage] = []
+        with self._lock, self._env.begin(write=False) as txn:
+            cur = txn.cursor(db=self._due_by_domain)
+            if not cur.set_range(prefix):
+                return out
+            for key, _ in cur.iternext():
+                key = bytes(key)
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                qid = key[len(prefix) + 8 :]
+                raw = txn.get(qid, db=self._msgs)
+                if raw is None:
+                    continue
+                msg = _decode_message(bytes(raw), qid.decode())
+                if state is None or msg.state() is state:
+                    out.append(msg)
         return out
 
     def get_message(self, queue_id: str) -> QueuedMessage | None:

@@ -5,6 +5,7 @@ and the per-domain due index it reads, built for a state written without it."""
 from __future__ import annotations
 
 from mqnode.spool.commands import QueueOp
+from mqnode.spool.model import MessageState
 from mqnode.spool.store import DUE_BY_DOMAIN, QueueStore
 
 from .kit import T0, Transcript, dump, enqueue, open_store, outcome
@@ -91,14 +92,21 @@ def test_a_message_for_several_domains_comes_once_and_leaves_a_domain_once_deliv
     assert _scan(store) == ["M"]
 
 
-def test_held_mail_is_not_indexed_and_comes_back_on_release(
+def test_held_mail_is_never_due_but_listed_for_its_domain(
     tx: Transcript, store: QueueStore
 ) -> None:
     tx.one(enqueue("M", at_ms=T0, rcpts=("x@a.test",)))
+    tx.one(enqueue("N", at_ms=T0 + 1, rcpts=("y@a.test", "z@b.test")))
     tx.one(QueueOp("hold", ("M",), T0 + 1))
-    assert _scan(store) == []
+    assert _scan(store) == ["N"]
+    assert [m.queue_id for m in store.messages_for_domain("A.test", 10)] == ["N", "M"]
+    held = store.messages_for_domain("a.test", 10, MessageState.HOLD)
+    assert [m.queue_id for m in held] == ["M"]
+    assert [m.queue_id for m in store.messages_for_domain("b.test", 10)] == ["N"]
+    assert store.messages_for_domain("c.test", 10) == []
+    assert store.messages_for_domain("a.tes", 10) == []  # a prefix is not the domain
     tx.one(QueueOp("release", ("M",), T0 + 2))
-    assert _scan(store) == ["M"]
+    assert _scan(store) == ["N", "M"]  # released: due from the release on
 
 
 def test_a_state_written_without_the_index_gets_it_at_open(
@@ -109,6 +117,7 @@ def test_a_state_written_without_the_index_gets_it_at_open(
     tx.one(enqueue("M2", at_ms=T0 + 1, rcpts=("x@a.test",)))
     tx.one(QueueOp("hold", ("M2",), T0 + 2))
     whole = dump(store)
+    assert len(whole["due_by_domain"]) == 3  # M1 twice, and the held M2
     txn = store.apply_txn()._txn
     txn.drop(store._due_by_domain, delete=False)
     txn.delete(DUE_BY_DOMAIN.encode(), db=store._meta)

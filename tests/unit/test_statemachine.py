@@ -567,10 +567,9 @@ def _check_invariants(store: QueueStore) -> None:
         {
             r.address.rpartition("@")[2].lower().encode()
             + b"\0"
-            + _U64.pack(m.next_attempt_ms)
+            + _U64.pack(2**64 - 1 if m.hold else m.next_attempt_ms)
             + m.queue_id.encode()
             for m in msgs
-            if not m.hold
             for r in m.recipients
             if r.state is RcptState.PENDING
         }
