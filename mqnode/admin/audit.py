@@ -5,8 +5,13 @@ A middleware after the role check (access/policy.py) commits an Audit command
 the tests' `/fault/*`, which only `fault_injection = true` serves): the principal, the
 action (the route, e.g. `queue/delete`, `suppressions/add`, `raft/add-node`),
 its target (the request's JSON, cut at MAX_TARGET_CHARS) and the time, taken
-before submit. Only once it is committed does the write run; if it cannot be
-committed the write is refused with 503, so no change goes unrecorded. The
+before submit. A node-local write (compaction, reloads, a leadership transfer)
+runs only once its record is committed, and is refused with 503 if it cannot
+be. A write that is itself a command in the log (queue operations, suppression,
+shaping, membership) waits for its record up to HEAD_START_S, then goes
+anyway: it is submitted behind its record and commits only with a majority,
+as the record does (so a membership change can still be refused as "another
+change pending" while the cluster has no majority). The
 node's own writes with no request (a principals reload on SIGHUP) are recorded
 the same way with the principal `signal`.
 
@@ -48,7 +53,12 @@ from mqnode.spool.store import QueueStore
 log = logging.getLogger(__name__)
 
 MAX_TARGET_CHARS = 2000
+MAX_NAME_CHARS = 200  # a principal's name or an action (spool/statemachine.py checks)
 MAX_LIST = 10_000
+# Actions that are themselves commands in the log: they may go ahead of a record that has
+# not committed within HEAD_START_S (see the middleware).
+LOGGED = ("queue/", "suppressions/", "shaping", "raft/add-node", "raft/remove-node")
+HEAD_START_S = 0.5
 DAY_MS = 86_400_000
 
 
@@ -69,6 +79,12 @@ class Auditor:
         # "unknown": a member has not announced what it reads yet (just started)
         self._readiness = readiness
         self.events: EventLog | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("audit record not committed: %s", exc)
 
     async def record(
         self, principal: str, action: str, target: str, at_ms: int | None = None
@@ -76,7 +92,12 @@ class Auditor:
         """Commit the record; SubmitError if it was not committed (refuse the write).
         `at_ms`: when it happened, if not now (a restore, recorded at the next start)."""
         at_ms = self._clock.wall_ms() if at_ms is None else at_ms
-        target = target[:MAX_TARGET_CHARS]
+        # Lone surrogates (a JSON "\ud800") cannot be encoded: replaced, never a 500.
+        principal, action, target = (
+            _text(principal, MAX_NAME_CHARS),
+            _text(action, MAX_NAME_CHARS),
+            _text(target, MAX_TARGET_CHARS),
+        )
         if self.events is not None:
             self.events.emit("audit", "", principal=principal, action=action, target=target)
         if self._readiness() != "ready":
@@ -126,11 +147,20 @@ class Auditor:
             ):
                 return await handler(request)
             action = _action(request)
-            try:
-                await self.record(principal_of(request), action, await _target(request))
-            except SubmitError as exc:
+            task = asyncio.create_task(
+                self.record(principal_of(request), action, await _target(request))
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._ended)
+            # A write through the log waits HEAD_START_S at most: after that (no majority
+            # now) it is tried anyway, queued behind its record, and commits only with the
+            # majority the record needs too (a membership change must still be tried
+            # while another is pending, to be refused as such). Any other waits in full.
+            head_start = HEAD_START_S if action.startswith(LOGGED) else None
+            done, _ = await asyncio.wait({task}, timeout=head_start)
+            if task in done and (exc := task.exception()) is not None:
                 return web.json_response(
-                    {"error": f"not done: {exc}; try again"},
+                    {"error": f"not done: the audit record: {exc}; try again"},
                     status=503,
                     headers={"Retry-After": "1"},
                 )
@@ -150,6 +180,10 @@ class Auditor:
             return web.json_response({"records": records})
 
         return [web.get("/audit", listing)]
+
+
+def _text(value: str, limit: int) -> str:
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")
 
 
 def _action(request: web.Request) -> str:

@@ -365,7 +365,7 @@ class AdminServer:
 
     async def _transfer(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json() if request.can_read_body else {}
+            body = await request.json() if request.body_exists else {}
             target = body.get("to") if isinstance(body, dict) else None
             if target is not None:
                 if not isinstance(target, str):
