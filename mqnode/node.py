@@ -651,7 +651,15 @@ class Node:
             cfg.api_max_batch,
             cfg.hostname,
         )
-        api = self._api = InjectionApi(intake, limits, self.clock, rng, store.fill_ratio)
+        api = self._api = InjectionApi(
+            intake,
+            limits,
+            self.clock,
+            rng,
+            store.fill_ratio,
+            max_inflight=max(1, cfg.max_pending_commits // 4),
+            wait_s=cfg.commit_timeout_ms / 1000,
+        )
         if cfg.suppression_action == "refuse":
             api.suppressed = self._suppression
         admin.app.add_routes(api.routes())

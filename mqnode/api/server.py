@@ -48,8 +48,8 @@ from mqnode.access.principals import Principal, Principals
 from mqnode.api.compose import Draft, Limits, compose
 from mqnode.api.problems import Problem, pointer, refusal
 from mqnode.clock import Clock
-from mqnode.errors import ConfigError, SubmitError
-from mqnode.intake import Intake, Submission
+from mqnode.errors import BackpressureError, ConfigError, SubmitError
+from mqnode.intake import Accepted, Intake, Submission
 from mqnode.smtp.handler import rfc5322_date
 from mqnode.smtp.ratelimit import RateLimiter
 
@@ -81,6 +81,8 @@ class InjectionApi:
         random_bytes: Callable[[int], bytes],
         fill_ratio: Callable[[], float],
         full_ratio: float = 0.9,
+        max_inflight: int = 500,
+        wait_s: float = 10.0,
     ) -> None:
         self._intake = intake
         self._limits = limits
@@ -88,6 +90,11 @@ class InjectionApi:
         self._random = random_bytes
         self._fill_ratio = fill_ratio
         self._full_ratio = full_ratio
+        # Messages of API requests in the commit pipeline at once: a batch of 100 is 100
+        # commands, and twenty of them filled `max_pending_commits` (503 for most of a
+        # batch). Past this they wait their turn, up to `wait_s`, and only then 503.
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._wait_s = wait_s
         self._doc = openapi_document()
         registry: Registry[Any] = Registry().with_resource(
             SCHEMA_URI, Resource.from_contents(self._doc, default_specification=DRAFT202012)
@@ -174,9 +181,7 @@ class InjectionApi:
             )
             for i, d in enumerate(drafts)
         ]
-        results = await asyncio.gather(
-            *(self._intake.accept(s) for s in subs), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self._accept(s) for s in subs), return_exceptions=True)
         queued = []
         failed: BaseException | None = None
         for sub, result in zip(subs, results, strict=True):
@@ -210,6 +215,16 @@ class InjectionApi:
             found = [(pointer(list(e.absolute_path)), e.message) for e in errors]
             raise Problem(422, f"{found[0][0]}: {found[0][1]}", found)
         return compose(doc, self._limits, now_ms, self._token)
+
+    async def _accept(self, sub: Submission) -> Accepted:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._wait_s)
+        except TimeoutError as exc:
+            raise BackpressureError("too many API submissions waiting; try later") from exc
+        try:
+            return await self._intake.accept(sub)
+        finally:
+            self._slots.release()
 
     async def _read(self, request: web.Request) -> Any:
         if request.content_type != "application/json":
