@@ -122,27 +122,35 @@ class StateTxn:
         return None if raw is None else _decode_message(bytes(raw), queue_id)
 
     def put_message(self, msg: QueuedMessage, old: QueuedMessage | None) -> None:
-        """Insert or replace, keeping the due index and state counters in step."""
+        """Insert or replace `old` (as stored), keeping the indexes and state counters in
+        step. Only what changed is written: a claim or an outcome that keeps a message's
+        due time and state rewrites neither its index keys nor the counters."""
+        due, by_domain = _index_keys(msg)
         if old is not None:
-            self._unindex(old)
+            old_due, old_by_domain = _index_keys(old)
+            self._unindex(old_due - due, old_by_domain - by_domain)
+            due, by_domain = due - old_due, by_domain - old_by_domain
         self._txn.put(msg.queue_id.encode(), with_crc(pack(msg.to_record())), db=self._s._msgs)
-        if not msg.hold:
-            self._txn.put(_due_key(msg), b"", db=self._s._due)
-        for key in _domain_due_keys(msg):
+        for key in due:
+            self._txn.put(key, b"", db=self._s._due)
+        for key in by_domain:
             self._txn.put(key, b"", db=self._s._due_by_domain)
-        self._bump(msg.state(), +1)
+        if old is None or old.state() is not msg.state():
+            if old is not None:
+                self._bump(old.state(), -1)
+            self._bump(msg.state(), +1)
 
     def delete_message(self, msg: QueuedMessage) -> None:
-        self._unindex(msg)
+        self._unindex(*_index_keys(msg))
+        self._bump(msg.state(), -1)
         self._txn.delete(msg.queue_id.encode(), db=self._s._msgs)
         self.delete_body(msg.body_key, msg.body_chunks)
 
-    def _unindex(self, msg: QueuedMessage) -> None:
-        if not msg.hold:
-            self._txn.delete(_due_key(msg), db=self._s._due)
-        for key in _domain_due_keys(msg):
+    def _unindex(self, due: set[bytes], by_domain: set[bytes]) -> None:
+        for key in due:
+            self._txn.delete(key, db=self._s._due)
+        for key in by_domain:
             self._txn.delete(key, db=self._s._due_by_domain)
-        self._bump(msg.state(), -1)
 
     # -- bodies -------------------------------------------------------------
     def put_body_chunk(self, body_key: str, seq: int, data: bytes) -> None:
@@ -317,6 +325,11 @@ def _decode_message(raw: bytes, queue_id: str) -> QueuedMessage:
 
 def _due_key(msg: QueuedMessage) -> bytes:
     return U64.pack(msg.next_attempt_ms) + msg.queue_id.encode()
+
+
+def _index_keys(msg: QueuedMessage) -> tuple[set[bytes], set[bytes]]:
+    """A message's keys in the due index (none while held) and in the per-domain one."""
+    return (set() if msg.hold else {_due_key(msg)}), _domain_due_keys(msg)
 
 
 def _domain_due_keys(msg: QueuedMessage) -> set[bytes]:
