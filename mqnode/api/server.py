@@ -161,8 +161,10 @@ class InjectionApi:
         self._take(principal, name, len(drafts))
         if self._fill_ratio() >= self._full_ratio:
             raise Problem(503, "storage nearly full; try later", headers=_retry())
-        drafts, refused = self._unsuppressed(drafts)
-        if not drafts:
+        # Keyed by each message's place in the request, before suppression leaves some out:
+        # a retry after the list changed still maps each message to its first id.
+        kept, refused = self._unsuppressed(drafts)
+        if not kept:
             raise Problem(
                 422,
                 "every recipient is suppressed",
@@ -179,7 +181,7 @@ class InjectionApi:
                 client=client,
                 trace=self._trace(request.remote or "?", d.rcpts, secure),
             )
-            for i, d in enumerate(drafts)
+            for i, d in kept
         ]
         results = await asyncio.gather(*(self._accept(s) for s in subs), return_exceptions=True)
         queued = []
@@ -252,12 +254,15 @@ class InjectionApi:
                 headers=_retry(),
             )
 
-    def _unsuppressed(self, drafts: list[Draft]) -> tuple[list[Draft], list[dict[str, str]]]:
+    def _unsuppressed(
+        self, drafts: list[Draft]
+    ) -> tuple[list[tuple[int, Draft]], list[dict[str, str]]]:
+        """(place in the request, draft) of those with a recipient left, and who was not."""
         check = self.suppressed
         if check is None:
-            return drafts, []
+            return list(enumerate(drafts)), []
         kept, refused = [], []
-        for d in drafts:
+        for i, d in enumerate(drafts):
             domain = d.mail_from.rpartition("@")[2]
             ok = []
             for rcpt in d.rcpts:
@@ -267,7 +272,7 @@ class InjectionApi:
                 else:
                     refused.append({"recipient": rcpt, "detail": f"recipient suppressed ({why})"})
             if ok:
-                kept.append(Draft(d.mail_from, tuple(ok), d.body))
+                kept.append((i, Draft(d.mail_from, tuple(ok), d.body)))
         return kept, refused
 
     def _token(self) -> str:
@@ -275,7 +280,7 @@ class InjectionApi:
 
     def _idem(self, principal: str, key: str | None, index: int) -> bytes:
         if key is None:  # no key: every request is new
-            return hashlib.sha256(b"api-unkeyed\0" + self._random(16)).digest()
+            return self._random(32)
         return hashlib.sha256(f"api\0{principal}\0{key}\0{index}".encode()).digest()
 
     def _trace(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.api import post_json, write_principals
-from tests.support.cluster import FAST_TUNING, Cluster
+from tests.support.cluster import ADMIN_TOKEN, FAST_TUNING, Cluster
 from tests.support.smtpsink import Sink, SinkHost, bind_common_port
 
 pytestmark = pytest.mark.integration
@@ -243,3 +243,43 @@ def test_openapi_document_is_served_and_describes_the_route(tmp_path: Path) -> N
                 doc = json.loads(resp.read())
             assert doc["openapi"].startswith("3.1")
             assert "post" in doc["paths"]["/v1/messages"]
+
+
+def test_a_keyed_retry_maps_each_message_to_its_first_id_after_a_suppression(
+    tmp_path: Path,
+) -> None:
+    """Message i of a request is keyed by its place in the request, not among those left
+    after suppression: a recipient suppressed between a request and its retry does not
+    shift the others onto each other's ids."""
+    port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        host.add("receiver", socks["127.0.0.1"])
+        c, tokens = _cluster(tmp_path, port)
+        with c:
+            url = f"{c.nodes[0].admin_url}/v1/messages"
+            doc = {
+                "from": "a@shop.test",
+                "subject": "s",
+                "text": "t",
+                "recipients": [{"to": "first@x.test"}, {"to": "second@x.test"}],
+            }
+            key = {"Idempotency-Key": "k-1"}
+            status, first, _ = post_json(url, doc, tokens["app"], key)
+            assert status == 200, first
+            ids = {m["recipients"][0]: m["queue_id"] for m in first["messages"]}
+            add = {"entries": [{"target": "first@x.test", "reason": "asked"}]}
+            status, answer, _ = post_json(
+                f"{c.nodes[0].admin_url}/suppressions/add", add, ADMIN_TOKEN
+            )
+            assert status == 200, answer
+
+            def retried() -> tuple[dict[str, Any] | None, str]:
+                status, again, _ = post_json(url, doc, tokens["app"], key)
+                done = status == 200 and again["refused"]
+                return (again if done else None), f"HTTP {status}: {again}"
+
+            again = c.poll("the retry to see the suppression", retried, 20)
+            assert [r["recipient"] for r in again["refused"]] == ["first@x.test"]
+            (second,) = again["messages"]
+            assert second["recipients"] == ["second@x.test"] and second["duplicate"]
+            assert second["queue_id"] == ids["second@x.test"]
