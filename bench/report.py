@@ -79,6 +79,7 @@ TABLE_WORKLOADS = (
     "paired-suppression",
     "paired-api",
     "cost",
+    "deep",
     "shaping",
     "latency",
     "sessions",

@@ -22,6 +22,9 @@
              batches of 100, in rounds (bench/paired_api.py)
   cost       CPU and bytes written per message on the accepting machine, against
              Postfix's, at 1 KiB and 100 KiB (bench/cost.py)
+  deep       fresh mail's rates, memory, snapshot and catch-up times and queue
+             commands with 1,000,000 messages deferred for a dead destination,
+             against an empty queue (bench/deep_queue.py)
 
 Nodes run with their production defaults (election timeout 400-1400 ms,
 heartbeat 100 ms), not the short test tuning: failover figures are what an
@@ -42,6 +45,7 @@ from typing import Any
 
 from bench import postfix
 from bench.cost import cost
+from bench.deep_queue import deep
 from bench.paired import mqnode_end_to_end, paired, paired_e2e
 from bench.paired_api import paired_api
 from bench.paired_dkim import paired_dkim
@@ -454,6 +458,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "shaping": shaping,
     "paired-api": paired_api,
     "cost": cost,
+    "deep": deep,
 }
 
 

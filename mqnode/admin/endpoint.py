@@ -7,9 +7,10 @@
     GET  /queue/{id}/body  the stored message as it will be sent (like postcat)
     POST /queue/{op}       op = hold | release | delete | retry | bounce (like postsuper
                            -h/-H/-d, postqueue -i; bounce returns them with a DSN):
-                           {"ids": [...]} or {"state", "domain", "sender"} selects; the
-                           change is committed through the log, so every node applies
-                           it. Answers {"op", "affected": [ids]}.
+                           {"ids": [...]} or {"state", "domain", "sender"} selects
+                           (every match, admin/selection.py); the change is committed
+                           through the log, so every node applies it. Answers {"op",
+                           "count", "affected": [the first AFFECTED_LISTED ids]}.
     GET  /metrics          Prometheus text format (see admin/metrics.py)
     GET  /healthz          200 while the process runs
     GET  /readyz           200 when a submission here would commit now (admin/readiness.py:
@@ -43,8 +44,7 @@ ROUTE_ROLES), given by `Authorization: Bearer <token>`: the node's admin token
 message data in them). Every POST is recorded in the audit trail before it
 runs (admin/audit.py).
 Selections are made from this node's copy of
-the queue and submitted as explicit ids, so apply stays deterministic;
-`MAX_SELECT` ids at most per request.
+the queue and submitted as explicit ids, so apply stays deterministic.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from mqnode.access.policy import guard, unassigned
 from mqnode.access.principals import Principals
 from mqnode.admin.metrics import NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
+from mqnode.admin.selection import Filter, select_ids, select_messages
 from mqnode.api.problems import refusal
 from mqnode.clock import Clock
 from mqnode.config import parse_hostport
@@ -71,14 +72,15 @@ from mqnode.raft.commit_pipeline import PipelineHealth, Replicator
 from mqnode.raft.formats import cluster_level
 from mqnode.signing.keys import signing_domains
 from mqnode.spool.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
-from mqnode.spool.model import MessageState, Outcome, QueuedMessage, RcptState, make_queue_id
+from mqnode.spool.model import Outcome, RcptState, make_queue_id
 from mqnode.spool.statemachine import QueueStateMachine
 from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
 MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
-MAX_SELECT = 100_000
 IDS_PER_COMMAND = 500  # keeps each log entry small
+OPS_IN_FLIGHT = 4  # a queue operation's commands committing at once
+AFFECTED_LISTED = 10_000  # ids an operation's answer lists (its "count" is all of them)
 MEMBERSHIP_TIMEOUT_S = 10.0  # default wait for a membership change to commit
 MEMBERSHIP_MAX_TIMEOUT_S = 120.0
 PROBE_TIMEOUT_S = 2.0  # add-node: something must accept a TCP connection at the address
@@ -241,10 +243,10 @@ class AdminServer:
             try:
                 status, _ = await self._rep.submit(cmd)
             except SubmitError as exc:
-                return web.json_response({"error": str(exc), "affected": affected}, status=503)
+                return _affected("bounce", affected, str(exc), 503)
             if status == "ok":
                 affected.append(qid)
-        return web.json_response({"op": "bounce", "affected": affected})
+        return _affected("bounce", affected)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         body, content_type = self._metrics.render()
@@ -264,32 +266,14 @@ class AdminServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
 
-    def _select(self, state_s: Any, domain: Any, sender: Any, limit: int) -> list[QueuedMessage]:
-        """Messages in `state_s` with a recipient in `domain` and from `sender` (each
-        optional; sender "" or "<>" is the null sender: bounces)."""
-        if not all(isinstance(v, str | None) for v in (state_s, domain, sender)):
-            raise ValueError("state, domain and sender must be strings")
-        state = MessageState(state_s) if state_s else None
-        if not domain and sender is None:
-            return self._store.list_messages(limit, state)
-        wanted = None if sender is None else sender.strip("<>").lower()
-
-        def matches(m: QueuedMessage) -> bool:
-            return wanted is None or m.mail_from.lower() == wanted
-
-        if domain:  # the domain's part of the per-domain index: bounded by its own mail
-            found = self._store.messages_for_domain(domain, MAX_LIST, state)
-        else:
-            found = self._store.list_messages(MAX_LIST, state)
-        return [m for m in found if matches(m)][:limit]
-
     async def _list(self, request: web.Request) -> web.Response:
         try:
             limit = min(int(request.query.get("limit", "1000")), MAX_LIST)
             q = request.query
-            msgs = self._select(q.get("state"), q.get("domain"), q.get("sender"), limit)
+            wanted = Filter.parse(q.get("state"), q.get("domain"), q.get("sender"))
         except ValueError:
             return web.json_response({"error": "bad state or limit"}, status=400)
+        msgs = await asyncio.to_thread(select_messages, self._store, wanted, limit)
         return web.json_response({"messages": [m.summary() for m in msgs]})
 
     async def _operate(self, request: web.Request) -> web.Response:
@@ -302,29 +286,34 @@ class AdminServer:
                 raise ValueError("body must be a JSON object")
             ids = body.get("ids")
             if ids is None:
-                msgs = self._select(
-                    body.get("state"), body.get("domain"), body.get("sender"), MAX_SELECT
-                )
-                ids = [m.queue_id for m in msgs]
+                wanted = Filter.parse(body.get("state"), body.get("domain"), body.get("sender"))
+                ids = await asyncio.to_thread(select_ids, self._store, wanted)
             if not isinstance(ids, list) or not all(
                 isinstance(i, str) and i.isascii() for i in ids
             ):
                 raise ValueError("ids must be a list of queue ids")
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        affected: list[str] = []
         if op == "bounce":
             return await self._bounce(ids)
-        try:
-            for start in range(0, len(ids), IDS_PER_COMMAND):
-                part = tuple(ids[start : start + IDS_PER_COMMAND])
-                status, done = await self._rep.submit(QueueOp(op, part, self._clock.wall_ms()))
+        affected: list[str] = []
+        parts = [tuple(ids[k : k + IDS_PER_COMMAND]) for k in range(0, len(ids), IDS_PER_COMMAND)]
+        for start in range(0, len(parts), OPS_IN_FLIGHT):  # the pipeline keeps their order
+            window = parts[start : start + OPS_IN_FLIGHT]
+            answers = await asyncio.gather(
+                *(self._rep.submit(QueueOp(op, p, self._clock.wall_ms())) for p in window),
+                return_exceptions=True,
+            )
+            for answer in answers:
+                if isinstance(answer, SubmitError):
+                    return _affected(op, affected, str(answer), 503)
+                if isinstance(answer, BaseException):
+                    raise answer
+                status, done = answer
                 if status != "ok":
-                    return web.json_response({"error": done, "affected": affected}, status=400)
+                    return _affected(op, affected, done, 400)
                 affected += [i for i in done.split(",") if i]
-        except SubmitError as exc:
-            return web.json_response({"error": str(exc), "affected": affected}, status=503)
-        return web.json_response({"op": op, "affected": affected})
+        return _affected(op, affected)
 
     async def _show(self, request: web.Request) -> web.Response:
         msg = self._store.get_message(request.match_info["id"])
@@ -482,3 +471,11 @@ async def _accepts_connections(addr: str, timeout_s: float) -> bool:
     with suppress(OSError):
         await writer.wait_closed()
     return True
+
+
+def _affected(op: str, ids: list[str], error: str = "", status: int = 200) -> web.Response:
+    """A queue operation's answer: how many it changed, and the first AFFECTED_LISTED ids."""
+    doc: dict[str, Any] = {"op": op, "count": len(ids), "affected": ids[:AFFECTED_LISTED]}
+    if error:
+        doc["error"] = error
+    return web.json_response(doc, status=status)

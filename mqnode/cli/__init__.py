@@ -28,6 +28,7 @@ from mqnode.raft.membership_rules import check_addr
 
 SENDER_HELP = 'from this envelope sender; "<>" for bounces (the null sender)'
 DEFAULT_ADMIN = "127.0.0.1:8025"
+OPERATION_TIMEOUT_S = 3600.0  # a queue operation on a selection (every match, any count)
 ADMIN_HELP = f"the node's admin endpoint (default: {DEFAULT_ADMIN})"
 TOKEN_HELP = (
     "file with that node's admin token or a principal's NAME.SECRET (default: $MQNODE_ADMIN_TOKEN)"
@@ -370,10 +371,18 @@ def _queue(args: argparse.Namespace) -> int:
         if not args.ids and not filtered:
             raise ConfigError(f"queue {op}: name queue ids, or --all (with optional filters)")
         body = {"ids": args.ids} if args.ids else {"state": args.state, **filters}
-    result = remote.request(args.admin, f"/queue/{op}", remote.token(args), body)
-    print(f"{op}: {len(result['affected'])} message(s)")
-    for qid in result["affected"]:
+    # A selection may be a million messages: committed 500 a command, it takes a while.
+    timeout_s = 60.0 if "ids" in body else OPERATION_TIMEOUT_S
+    result = remote.request(
+        args.admin, f"/queue/{op}", remote.token(args), body, timeout_s=timeout_s
+    )
+    listed = result["affected"]
+    count = result.get("count", len(listed))
+    print(f"{op}: {count} message(s)")
+    for qid in listed:
         print(f"  {qid}")
+    if count > len(listed):
+        print(f"  ... and {count - len(listed)} more")
     return 0
 
 

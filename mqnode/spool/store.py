@@ -336,7 +336,7 @@ def _domain_due_keys(msg: QueuedMessage) -> set[bytes]:
     """One key per domain of a pending recipient: domain NUL due-time queue-id.
 
     A held message is in it too, never due (HELD_DUE): the index also answers "every
-    message for this domain" (`messages_for_domain`). Domains come lowercased from the
+    message for this domain" (`domain_id_page`). Domains come lowercased from the
     address; one longer than DOMAIN_KEY_MAX bytes is cut there (LMDB keys are at most
     511 bytes). The index only finds candidates: the reader decodes the message and takes
     its destinations from the message itself.
@@ -602,34 +602,51 @@ class QueueStore:
                     out.append(record)
         return out
 
-    def messages_for_domain(
-        self, domain: str, limit: int, state: MessageState | None = None
-    ) -> list[QueuedMessage]:
-        """Messages with a pending recipient in `domain` (held ones too), in `state` if
-        given; at most `limit`. Reads that domain's part of the per-domain index only,
-        so a domain's mail is found in time bounded by its own count, not the queue's."""
+    def id_page(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` queue ids after `after` ("" from the start), in id order: keys
+        only, one short read (admin/selection.py pages a whole queue with it)."""
+        out: list[str] = []
+        with self._lock, self._env.begin(write=False) as txn:
+            cur = txn.cursor(db=self._msgs)
+            start = after.encode() + b"\0" if after else b""
+            if not cur.set_range(start):
+                return out
+            for key in cur.iternext(values=False):
+                out.append(bytes(key).decode())
+                if len(out) >= limit:
+                    break
+        return out
+
+    def domain_id_page(self, domain: str, after: bytes, limit: int) -> tuple[list[str], bytes]:
+        """Up to `limit` ids of messages with a pending recipient in `domain`, in the
+        per-domain index's order after its key `after` (b"" from the start), and the
+        last key read (the next page's `after`; b"" when the domain's part ended)."""
         prefix = domain_key(domain) + b"\0"
-        out: list[QueuedMessage] = []
+        out: list[str] = []
+        last = b""
         with self._lock, self._env.begin(write=False) as txn:
             cur = txn.cursor(db=self._due_by_domain)
-            if not cur.set_range(prefix):
-                return out
-            for key, _ in cur.iternext():
+            if not cur.set_range(after + b"\0" if after else prefix):
+                return out, b""
+            for key in cur.iternext(values=False):
                 key = bytes(key)
-                if not key.startswith(prefix) or len(out) >= limit:
-                    break
-                qid = key[len(prefix) + 8 :]
-                raw = txn.get(qid, db=self._msgs)
-                if raw is None:
-                    continue
-                msg = _decode_message(bytes(raw), qid.decode())
-                if state is None or msg.state() is state:
-                    out.append(msg)
-        return out
+                if not key.startswith(prefix):
+                    return out, b""
+                out.append(key[len(prefix) + 8 :].decode())
+                last = key
+                if len(out) >= limit:
+                    return out, last
+        return out, b""
 
     def get_message(self, queue_id: str) -> QueuedMessage | None:
         with self.reader() as r:
             return r.get_message(queue_id)
+
+    def messages(self, queue_ids: list[str]) -> list[QueuedMessage]:
+        """The messages of `queue_ids` still queued, in one read."""
+        with self.reader() as r:
+            found = (r.get_message(qid) for qid in queue_ids)
+            return [m for m in found if m is not None]
 
     def read_body(self, msg: QueuedMessage) -> bytes:
         with self.reader() as r:

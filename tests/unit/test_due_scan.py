@@ -5,7 +5,6 @@ and the per-domain due index it reads, built for a state written without it."""
 from __future__ import annotations
 
 from mqnode.spool.commands import QueueOp
-from mqnode.spool.model import MessageState
 from mqnode.spool.store import DUE_BY_DOMAIN, QueueStore
 
 from .kit import T0, Transcript, dump, enqueue, open_store, outcome
@@ -99,12 +98,15 @@ def test_held_mail_is_never_due_but_listed_for_its_domain(
     tx.one(enqueue("N", at_ms=T0 + 1, rcpts=("y@a.test", "z@b.test")))
     tx.one(QueueOp("hold", ("M",), T0 + 1))
     assert _scan(store) == ["N"]
-    assert [m.queue_id for m in store.messages_for_domain("A.test", 10)] == ["N", "M"]
-    held = store.messages_for_domain("a.test", 10, MessageState.HOLD)
-    assert [m.queue_id for m in held] == ["M"]
-    assert [m.queue_id for m in store.messages_for_domain("b.test", 10)] == ["N"]
-    assert store.messages_for_domain("c.test", 10) == []
-    assert store.messages_for_domain("a.tes", 10) == []  # a prefix is not the domain
+    assert store.domain_id_page("A.test", b"", 10) == (["N", "M"], b"")
+    assert store.domain_id_page("b.test", b"", 10) == (["N"], b"")
+    assert store.domain_id_page("c.test", b"", 10) == ([], b"")
+    assert store.domain_id_page("a.tes", b"", 10) == ([], b"")  # a prefix is not the domain
+    first, after = store.domain_id_page("a.test", b"", 1)
+    assert first == ["N"] and after
+    second, after = store.domain_id_page("a.test", after, 1)
+    assert second == ["M"]
+    assert store.domain_id_page("a.test", after, 1) == ([], b"")
     tx.one(QueueOp("release", ("M",), T0 + 2))
     assert _scan(store) == ["N", "M"]  # released: due from the release on
 

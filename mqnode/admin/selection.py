@@ -1,0 +1,96 @@
+"""Which messages a queue command means (`--state`, `--domain`, `--sender`), at any queue size.
+
+A selection reads the state in pages of `PAGE` entries, each in a read of its
+own: the store's lock, which the apply thread takes too, is held for one page,
+never for a whole queue of a million messages. The admin endpoint runs it off
+the event loop. With a domain it reads that domain's part of the per-domain
+index (time bounded by the domain's mail, not the queue's); otherwise the
+messages in queue id order. A message is decoded only when a state or sender
+filter needs it.
+
+A selection is as of the moment each page is read: mail queued meanwhile may
+or may not be in it, and a message whose due time another command moves
+behind the read position at the same time (a retry or release) may be missed;
+running the command again finds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mqnode.spool.model import MessageState, QueuedMessage
+from mqnode.spool.store import QueueStore
+
+PAGE = 5000
+
+
+@dataclass(frozen=True)
+class Filter:
+    state: MessageState | None = None
+    domain: str = ""
+    sender: str | None = None  # lowercased, without <>; "" is the null sender (bounces)
+
+    @classmethod
+    def parse(cls, state: Any, domain: Any, sender: Any) -> Filter:
+        """From a request's fields; ValueError for anything but strings or a known state."""
+        if not all(isinstance(v, str | None) for v in (state, domain, sender)):
+            raise ValueError("state, domain and sender must be strings")
+        return cls(
+            MessageState(state) if state else None,
+            domain or "",
+            None if sender is None else sender.strip("<>").lower(),
+        )
+
+    @property
+    def decodes(self) -> bool:
+        return self.state is not None or self.sender is not None
+
+    def matches(self, msg: QueuedMessage) -> bool:
+        if self.state is not None and msg.state() is not self.state:
+            return False
+        return self.sender is None or msg.mail_from.lower() == self.sender
+
+
+def _id_pages(store: QueueStore, f: Filter) -> Iterator[list[str]]:
+    if f.domain:
+        after = b""
+        while True:
+            ids, after = store.domain_id_page(f.domain, after, PAGE)
+            yield ids
+            if not after:
+                return
+    else:
+        last = ""
+        while True:
+            ids = store.id_page(last, PAGE)
+            yield ids
+            if len(ids) < PAGE:
+                return
+            last = ids[-1]
+
+
+def select_messages(store: QueueStore, f: Filter, limit: int) -> list[QueuedMessage]:
+    """Up to `limit` matching messages, decoded (a listing)."""
+    out: list[QueuedMessage] = []
+    seen: set[str] = set()  # a message whose due time moved may come round again
+    for ids in _id_pages(store, f):
+        fresh = [i for i in ids if i not in seen]
+        seen.update(fresh)
+        for msg in store.messages(fresh[: max(0, limit - len(out))] if not f.decodes else fresh):
+            if f.matches(msg):
+                out.append(msg)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def select_ids(store: QueueStore, f: Filter) -> list[str]:
+    """Every matching message's id (an operation on them all)."""
+    found: dict[str, None] = {}  # ordered, and a message seen twice counts once
+    for ids in _id_pages(store, f):
+        if f.decodes:
+            ids = [m.queue_id for m in store.messages(ids) if f.matches(m)]
+        found.update(dict.fromkeys(ids))
+    return list(found)
