@@ -57,10 +57,14 @@ suspended for `retry_base_s`: its messages are deferred at once ("4.4.1
 delivery temporarily suspended: <why>") instead of each waiting out its own
 connection timeouts, which held delivery slots and permits for
 `delivery_timeout_s` apiece (Postfix marks such a destination dead the same
-way). A host without the TLS a domain requires is no failure: it may take the
-destination's other mail. An operator's retry (`mqnode queue retry` /
-`flush`) lifts every suspension, as `postqueue -f` does. Windows and
-suspensions live in the lease holder's memory: a new leader probes afresh.
+way). A message all of whose pending recipients go to suspended destinations
+is deferred straight from the scan (`_defer_suspended`): no claim, slot,
+permit or body read, so a dead destination's deep backlog coming due costs
+fresh mail little (bench `deep`). A host without the TLS a domain requires
+is no failure: it may take the destination's other mail. An operator's
+retry (`mqnode queue retry` / `flush`) lifts every suspension, as
+`postqueue -f` does. Windows and suspensions live in the lease holder's
+memory: a new leader probes afresh.
 
 Scan depth: a scan reads the due index oldest first, passing over messages
 for destinations at their claim limit (known from an earlier scan: not
@@ -122,6 +126,7 @@ DEEP_SCAN_ENTRIES = 20_000  # index entries and domain seeks of a deep scan (mod
 DEEP_SCAN_DECODES = 2_000
 DEEP_SCAN_INTERVAL_S = 1.0
 SUSPENDED_MAX = 10_000  # destinations remembered as dead; all forgotten beyond
+SUSPENDED_DEFERS_PER_SCAN = 500  # mail to dead destinations deferred by one scan, at most
 DESCRIBED_MAX = 20  # destinations of each kind /status lists
 IDLE_WINDOWS_MAX = 10_000  # idle destinations whose window feedback moved; idem
 
@@ -177,6 +182,7 @@ class Dispatcher:
         # idle ones beyond that, so a node that has sent to millions of domains keeps few.
         self._dests: dict[str, _Destination] = {}
         self._in_flight: set[str] = set()
+        self._deferring: set[str] = set()  # suspended-only mail being deferred (no claim)
         self._claimed_for: dict[str, int] = {}  # destination -> messages claimed here for it
         # Destinations of due messages seen by scans, so a scan passes over those for a
         # destination at its claim limit without decoding them again (a backlog for one
@@ -321,9 +327,10 @@ class Dispatcher:
 
         if len(self._dests_seen) > DESTS_SEEN_MAX:
             self._dests_seen.clear()
-        skip = _Skip(self._in_flight, self._dests_seen, full)
+        skip = _Skip(self._in_flight | self._deferring, self._dests_seen, full)
+        defer_now: list[QueuedMessage] = []  # every destination suspended: no attempt
         now_ms = self._clock.wall_ms()
-        examined = len(self._in_flight) + 2 * self._s.batch
+        examined = len(self._in_flight) + len(self._deferring) + 2 * self._s.batch
         limit = self._s.batch
         now_s = self._clock.monotonic_s()
         # Past a backlog for busy destinations; pointless with one destination (a relay):
@@ -353,6 +360,11 @@ class Dispatcher:
                 if msg.claim_epoch not in (0, epoch) and not waited_out:
                     continue  # another leader's claim: wait out its lease first
                 dests = self._dests_seen[msg.queue_id] = self._destinations(msg)
+                if len(defer_now) < SUSPENDED_DEFERS_PER_SCAN and self._only_suspended(
+                    msg, dests, now_ms
+                ):
+                    defer_now.append(msg)
+                    continue
                 if full(dests):
                     continue  # that destination has enough waiting here: look further
                 picked[msg.queue_id] = dests
@@ -362,6 +374,11 @@ class Dispatcher:
                     break
         if deep or self.shaper.active:
             self._domain_cursor = stopped[0] if stopped else ""
+        if defer_now:
+            self._deferring.update(m.queue_id for m in defer_now)
+            task = asyncio.create_task(self._defer_suspended(defer_now, epoch), name="defer")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if not picked:
             return
         status, granted = await self._rep.submit(Claim(tuple(picked), self._s.node_id, epoch))
@@ -574,6 +591,59 @@ class Dispatcher:
     def _new_window(self, dest: str) -> ConcurrencyWindow:
         limit = self._s.destination_limits.get(dest, self._s.per_destination)
         return ConcurrencyWindow(self._s.initial_per_destination, limit)
+
+    def _only_suspended(self, msg: QueuedMessage, dests: tuple[str, ...], now_ms: int) -> bool:
+        """Whether every pending recipient goes to a suspended destination, so that the
+        attempt would only defer it: then it is deferred without a claim, a delivery slot,
+        permits or its body (`_defer_suspended`). Not mail that expires now (it bounces,
+        with a DSN) nor a suppressed recipient (bounced or dropped): those take the
+        attempt's path."""
+        now_s = self._clock.monotonic_s()
+        if not dests or any(self._suspended.get(d, (0.0, ""))[0] <= now_s for d in dests):
+            return False
+        if now_ms - msg.received_ms > self._s.max_queue_lifetime_s * 1000:
+            return False
+        sender_domain = domain_of(msg.mail_from) if "@" in msg.mail_from else ""
+        return not any(
+            self.suppressed(r.address, sender_domain) is not None
+            for r in msg.recipients
+            if r.state is RcptState.PENDING
+        )
+
+    async def _defer_suspended(self, msgs: list[QueuedMessage], epoch: int) -> None:
+        """Record "delivery temporarily suspended" for mail to dead destinations.
+
+        A dead destination's backlog comes due all the time (a million deferred messages
+        retried about once an hour: ~280 a second). Through the attempt's path each one
+        took a claim, a delivery slot and permits and read its body only to be deferred,
+        and fresh mail to live destinations waited behind that work. No claim is needed:
+        nothing is sent, and the scan passed over mail claimed by a lease not waited out.
+        """
+        try:
+            recorded = await asyncio.gather(*(self._defer_one(m, epoch) for m in msgs))
+            if any(recorded):
+                self.wake()  # mail behind these in the due index: as after an attempt
+        finally:
+            for m in msgs:
+                self._deferring.discard(m.queue_id)
+                self._dests_seen.pop(m.queue_id, None)
+
+    async def _defer_one(self, msg: QueuedMessage, epoch: int) -> bool:
+        if not self._lease.valid(epoch):
+            return False
+        results: list[RecipientResult] = []
+        for i, r in enumerate(msg.recipients):
+            if r.state is RcptState.PENDING:
+                dest = self._router.nexthop(domain_of(r.address))
+                why = self._suspended.get(dest, (0.0, "destination unreachable"))[1]
+                reply = f"4.4.1 delivery temporarily suspended: {why}"
+                results.append((i, Outcome.DEFERRED.value, reply))
+        try:
+            await self._record(msg, epoch, results, {}, b"")
+        except MqnodeError as exc:
+            log.warning("%s: deferral not recorded: %s", msg.queue_id, exc)
+            return False
+        return True
 
     def _suspend(self, dest: str, why: str) -> None:
         if len(self._suspended) >= SUSPENDED_MAX:

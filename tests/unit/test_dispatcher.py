@@ -32,7 +32,7 @@ from mqnode.delivery.mx import MxAnswer, MxHost
 from mqnode.delivery.retry import RetryPolicy
 from mqnode.delivery.routing import Router
 from mqnode.events import EventLog
-from mqnode.spool.commands import Command, LeaseRenew, QueueOp
+from mqnode.spool.commands import Claim, Command, LeaseRenew, QueueOp
 from mqnode.spool.dsnparams import DsnRequest
 from mqnode.spool.model import Outcome, QueuedMessage
 from mqnode.spool.statemachine import Result
@@ -518,6 +518,70 @@ def test_an_unreachable_destination_is_suspended_until_retry_base_or_an_operator
         await h.scan_rounds(6)
         assert sorted(h.agent.sent[1:]) == [f"Subject: {q}" for q in dead], h.agent.sent
         assert h.d._suspended == {}
+
+    asyncio.run(run())
+
+
+def test_mail_only_for_suspended_destinations_is_deferred_without_a_claim(
+    store: QueueStore,
+) -> None:
+    """A dead destination's backlog coming due: each message is deferred from the scan
+    (one attempt counted, the suspension's reply, a new due time), never claimed nor
+    read, while fresh mail to a live destination is delivered. A message that also has
+    a live recipient, one that expires now, and one with a suppressed recipient take
+    the attempt's path."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=2, initial_per_destination=1)
+        h.agent.unreachable.add("dead.test")
+        (first,) = h.queue(1, "dead.test")
+        await h.scan_rounds(3)  # the first cohort fails: dead.test is suspended
+        assert h.d.suspended_count() == 1
+        backlog = h.queue(30, "dead.test", first=1)
+        fresh = h.queue(3, "live.test", first=40)
+        mixed = "MIXED"
+        cmd = enqueue(mixed, T0, rcpts=("a@dead.test", "b@live.test"))
+        assert h.tx.one(cmd)[0] == "queued"
+        old = "OLD"  # received beyond the queue lifetime: expires at this attempt
+        assert h.tx.one(enqueue(old, T0 - 6 * 86400_000, rcpts=("c@dead.test",)))[0] == "queued"
+        h.log.submitted.clear()
+        await h.scan_rounds(6)
+        claimed = {q for c in h.log.submitted if isinstance(c, Claim) for q in c.queue_ids}
+        assert claimed.isdisjoint(backlog), claimed
+        assert {*fresh, mixed, old} <= claimed
+        dsn = "From: Mail Delivery System <MAILER-DAEMON@n1.test>"  # the expired one's
+        assert sorted(h.agent.sent) == sorted(
+            [f"Subject: {q}" for q in fresh] + ["Subject: hi", dsn]  # + the mixed one's
+        ), h.agent.sent
+        assert h.agent.tried.count("dead.test") == 1  # the first cohort only
+        for qid in backlog:
+            msg = h.message(qid)
+            assert msg is not None and msg.attempts == 1 and msg.claim_epoch == 0
+            assert msg.next_attempt_ms > h.clock.wall_ms()
+            assert msg.recipients[0].last_reply.startswith("4.4.1 delivery temporarily suspended")
+        assert h.message(old) is None  # bounced: expired
+        assert h.message(first) is not None
+        assert h.d._deferring == set()
+
+    asyncio.run(run())
+
+
+def test_a_suppressed_recipient_of_a_dead_destination_takes_the_attempts_path(
+    store: QueueStore,
+) -> None:
+    """Suppressed since it was queued: bounced at the attempt ("5.7.1 recipient
+    suppressed"), not deferred with the dead destination's other mail."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=2, initial_per_destination=1)
+        h.agent.unreachable.add("dead.test")
+        h.queue(1, "dead.test")
+        await h.scan_rounds(3)
+        (listed,) = h.queue(1, "dead.test", first=1)
+        h.d.suppressed = lambda rcpt, sender: "bounced" if rcpt == "rcpt@dead.test" else None
+        await h.scan_rounds(3)
+        assert h.message(listed) is None  # bounced, not deferred
+        assert h.d.counts[Outcome.BOUNCED.value] == 1
 
     asyncio.run(run())
 
