@@ -54,7 +54,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "shaping": 2,
         "paired-api": plan.paired_rounds * len(paired_api.SYSTEMS),
         "cost": 4,
-        "deep": 6,
+        "deep": 7,
     }
     return sum(per[n] for n in names)
 

@@ -24,7 +24,8 @@ run (2 SMTP workers, MX delivery through a real DNS server on loopback):
                         the leader's index (the state comes as a snapshot)
   snapshot              a compaction of the leader asked for through the admin
                         endpoint, until its snapshot.bin covers the applied index
-  queue list            `mqnode queue list` (first page, 1000 messages)
+  queue list            `mqnode queue list` (first page, 1000 messages), and
+                        `--state hold` with nothing held (every message read)
   queue delete          `mqnode queue delete --domain dead.bench.test`: until it
                         returns, and until every node's queue has none left
 
@@ -48,7 +49,7 @@ from bench.plan import KIB, SMTP_SOURCE, WORKERS, Plan, Results, Step
 from bench.runners import Row
 from mqnode.raft import snapshot_file
 from tests.support.cli import run_cli
-from tests.support.cluster import ADMIN_TOKEN, Cluster
+from tests.support.cluster import ADMIN_TOKEN, Cluster, http_get
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import Sink, SinkHost, arrival_times, bind_common_port
 
@@ -59,6 +60,8 @@ LIVE = "live.bench.test"
 HOSTS = {"live": "127.0.0.44", "dead": "127.0.0.45"}  # nothing listens on the dead one
 WORKLOAD = "deep"
 CLI_S = 600.0  # a CLI call's deadline
+STEADY_WINDOW_S = 5.0
+STEADY_MAX_S = 300.0
 
 
 def deep(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
@@ -110,18 +113,21 @@ def deep(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         f"snapshot {built.snapshot_bytes / 2**20:,.0f} MiB"
     )
     (acc, e2e), deep_rss = deep_rows.pop("fresh"), deep_rows.pop("rss")
+    steady = deep_rows.pop("steady")
     for name, empty_v, deep_v in (("accepted", empty[0], acc), ("delivered", empty[1], e2e)):
         rows.append(Row(WORKLOAD, f"fresh mail {name}, empty queue", dict(params), rate=empty_v))
         r = Row(WORKLOAD, f"fresh mail {name}, {label}", dict(params), rate=deep_v)
         r.note = f"x empty queue {deep_v / empty_v:.2f}" if empty_v else ""
+        r.note += f"; measured once the dead mail due meanwhile was deferred ({steady})"
         rows.append(r)
     for r in rows:
         r.acked = r.attempted = fresh
+    info = {"messages": queued, "generator": "-"}  # rows that are no load's rate
     for name, rss in (("empty queue", empty_rss), (label, deep_rss)):
-        rows.append(Row(WORKLOAD, f"RSS per node, {name}", {"messages": queued}, note=rss))
+        rows.append(Row(WORKLOAD, f"RSS per node, {name}", dict(info), note=rss))
     for name, note in deep_rows.items():
-        rows.append(Row(WORKLOAD, name, {"messages": queued}, note=note))
-    built_row = Row(WORKLOAD, "the deep state (bench/deep_state.py)", {"messages": queued})
+        rows.append(Row(WORKLOAD, name, dict(info), note=note))
+    built_row = Row(WORKLOAD, "the deep state (bench/deep_state.py)", dict(info))
     built_row.note = build_note
     rows.append(built_row)
     out.rows += rows
@@ -159,6 +165,8 @@ def _deep(
         found["follower catch-up"] = ", ".join(f"{s:.1f} s" for s in catchup) + (
             " from `cluster add-node` to the leader's applied index (snapshot install)"
         )
+        step("deep: the backlog due meanwhile deferred")
+        found["steady"] = _steady(c, queued / SPREAD_S)
         found["fresh"] = _fresh(c, sink, fresh, plan)
         found["rss"] = _rss(c)
         lead = c.leader()
@@ -170,6 +178,11 @@ def _deep(
         found["queue list, first page"] = (
             f"{time.monotonic() - t0:.2f} s (the command, Python's start included); "
             f"{listed.stdout.strip().splitlines()[-1] if listed.stdout.strip() else listed.stderr}"
+        )
+        t0 = time.monotonic()
+        held = run_cli("queue", "list", "--state", "hold", *admin, timeout_s=CLI_S)
+        found["queue list --state hold (none held: every message read)"] = (
+            f"{time.monotonic() - t0:.1f} s; {(held.stdout or held.stderr).strip()[-60:]}"
         )
         t0 = time.monotonic()
         deleted = run_cli("queue", "delete", "--domain", DEAD, *admin, timeout_s=CLI_S)
@@ -225,6 +238,31 @@ def _add_follower(c: Cluster) -> float:
 
     _until("the added follower's catch-up", caught_up, 1800)
     return time.monotonic() - t0
+
+
+def _steady(c: Cluster, per_s: float) -> str:
+    """Wait (at most STEADY_MAX_S) until the leader defers the dead destination's mail at
+    about the rate it comes due: what came due while the cluster was growing (a member
+    added to one node holds commits until it has the snapshot) is deferred first, so
+    that fresh mail is measured against the steady state, not that catch-up."""
+    t0 = time.monotonic()
+    lead = c.leader()
+    last = _deferred(c, lead)
+    while time.monotonic() - t0 < STEADY_MAX_S:
+        time.sleep(STEADY_WINDOW_S)
+        now = _deferred(c, lead)
+        rate, last = (now - last) / STEADY_WINDOW_S, now
+        if rate <= 2 * per_s:
+            return f"{time.monotonic() - t0:.0f} s; deferring {rate:.0f}/s"
+    return f"not within {STEADY_MAX_S:.0f} s; deferring {rate:.0f}/s"
+
+
+def _deferred(c: Cluster, i: int) -> float:
+    text = http_get(c.nodes[i].admin_url + "/metrics", timeout_s=10).decode()
+    for line in text.splitlines():
+        if line.startswith('mqnode_delivery_recipients_total{outcome="deferred"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _fresh(c: Cluster, sink: Sink, n: int, plan: Plan) -> tuple[float, float]:
