@@ -73,24 +73,38 @@ def _id_pages(store: QueueStore, f: Filter) -> Iterator[list[str]]:
 
 def select_messages(store: QueueStore, f: Filter, limit: int) -> list[QueuedMessage]:
     """Up to `limit` matching messages, decoded (a listing)."""
-    out: list[QueuedMessage] = []
-    seen: set[str] = set()  # a message whose due time moved may come round again
-    for ids in _id_pages(store, f):
-        fresh = [i for i in ids if i not in seen]
-        seen.update(fresh)
-        for msg in store.messages(fresh[: max(0, limit - len(out))] if not f.decodes else fresh):
-            if f.matches(msg):
-                out.append(msg)
-                if len(out) >= limit:
-                    return out
-    return out
+    return list(_matches(store, f, limit))
 
 
 def select_ids(store: QueueStore, f: Filter) -> list[str]:
     """Every matching message's id (an operation on them all)."""
-    found: dict[str, None] = {}  # ordered, and a message seen twice counts once
+    if not f.decodes:  # keys only
+        found: dict[str, None] = {}  # ordered, and a message seen twice counts once
+        for ids in _id_pages(store, f):
+            found.update(dict.fromkeys(ids))
+        return list(found)
+    return [m.queue_id for m in _matches(store, f, None)]
+
+
+def _matches(store: QueueStore, f: Filter, limit: int | None) -> Iterator[QueuedMessage]:
+    """Matching messages, page by page. With a state, the reading stops once as many
+    messages in that state were met as the state's counter held at the start: listing
+    the held mail of a million-message queue holding none reads nothing."""
+    left = None if f.state is None else store.counts()[f.state.value]
+    taken = 0
+    seen: set[str] = set()  # a message whose due time moved may come round again
     for ids in _id_pages(store, f):
-        if f.decodes:
-            ids = [m.queue_id for m in store.messages(ids) if f.matches(m)]
-        found.update(dict.fromkeys(ids))
-    return list(found)
+        if left is not None and left <= 0:
+            return
+        fresh = [i for i in ids if i not in seen]
+        seen.update(fresh)
+        if not f.decodes and limit is not None:
+            fresh = fresh[: limit - taken]
+        for msg in store.messages(fresh):
+            if f.state is not None and msg.state() is f.state:
+                left = (left or 0) - 1
+            if f.matches(msg):
+                yield msg
+                taken += 1
+                if limit is not None and taken >= limit:
+                    return

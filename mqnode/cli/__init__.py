@@ -29,6 +29,7 @@ from mqnode.raft.membership_rules import check_addr
 SENDER_HELP = 'from this envelope sender; "<>" for bounces (the null sender)'
 DEFAULT_ADMIN = "127.0.0.1:8025"
 OPERATION_TIMEOUT_S = 3600.0  # a queue operation on a selection (every match, any count)
+LIST_TIMEOUT_S = 300.0
 ADMIN_HELP = f"the node's admin endpoint (default: {DEFAULT_ADMIN})"
 TOKEN_HELP = (
     "file with that node's admin token or a principal's NAME.SECRET (default: $MQNODE_ADMIN_TOKEN)"
@@ -335,7 +336,10 @@ def _queue(args: argparse.Namespace) -> int:
         query = f"?limit={args.limit}" + (f"&state={args.state}" if args.state else "")
         query += f"&domain={quote(args.domain)}" if args.domain else ""
         query += f"&sender={quote(args.sender)}" if args.sender is not None else ""
-        msgs = remote.fetch(args.admin, "/queue" + query, remote.token(args))["messages"]
+        # With --state or --sender a listing may read the whole queue (seconds at 1M).
+        path = "/queue" + query
+        msgs = remote.request(args.admin, path, remote.token(args), timeout_s=LIST_TIMEOUT_S)
+        msgs = msgs["messages"]
         if args.json:
             print(json.dumps(msgs, indent=2))
         elif not msgs:

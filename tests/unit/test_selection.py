@@ -8,7 +8,7 @@ import pytest
 from mqnode.admin import selection
 from mqnode.admin.selection import Filter, select_ids, select_messages
 from mqnode.spool.commands import QueueOp
-from mqnode.spool.model import MessageState
+from mqnode.spool.model import MessageState, QueuedMessage
 from mqnode.spool.store import QueueStore
 
 from .kit import T0, Transcript, enqueue, outcome
@@ -90,6 +90,28 @@ def test_a_message_whose_key_moves_behind_the_read_position_is_selected_once(
     monkeypatch.setattr(store, "domain_id_page", and_hold)
     ids = select_ids(store, Filter.parse(None, "dead.test", None))
     assert sum(map(len, pages)) > len(ids) == len(set(ids)) == 12
+
+
+def test_a_state_is_read_only_until_its_counter_is_met(
+    tx: Transcript, store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing the held mail of a queue that holds none decodes nothing; with one held
+    message, the reading stops at the page that had it."""
+    _queue(tx)
+    read = store.messages
+    decoded: list[str] = []
+
+    def counting(ids: list[str]) -> list[QueuedMessage]:
+        decoded.extend(ids)
+        return read(ids)
+
+    monkeypatch.setattr(store, "messages", counting)
+    assert select_messages(store, Filter.parse("hold", None, None), 10) == []
+    assert select_ids(store, Filter.parse("hold", "dead.test", None)) == []
+    assert decoded == []
+    tx.one(QueueOp("hold", ("D01",), T0))  # ids: BOTH, BOUNCE, D00 | D01, ...
+    assert select_ids(store, Filter.parse("hold", None, None)) == ["D01"]
+    assert decoded == ["BOTH", "BOUNCE", "D00", "D01", "D02", "D03"]
 
 
 def test_bad_fields_are_refused() -> None:
