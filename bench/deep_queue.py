@@ -36,10 +36,8 @@ data dirs of 5 GB: state, snapshot) and takes about ten minutes.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,8 +47,9 @@ from bench.deep_state import build_snapshot
 from bench.plan import KIB, SMTP_SOURCE, WORKERS, Plan, Results, Step
 from bench.runners import Row
 from mqnode.raft import snapshot_file
+from tests.support.chaos import post_json
 from tests.support.cli import run_cli
-from tests.support.cluster import ADMIN_TOKEN, Cluster, http_get
+from tests.support.cluster import Cluster, http_get
 from tests.support.dnsserver import DnsServer
 from tests.support.smtpsink import Sink, SinkHost, arrival_times, bind_common_port
 
@@ -204,7 +203,7 @@ def _seed(base: Path) -> Path:
     """A fresh one-node cluster's snapshot: the Raft position the deep state starts at."""
     dest = base.parent / "seed.bin"
     with Cluster(base, 1, start_timeout_s=60) as c:
-        _post(c, 0, "/raft/compact", {})
+        post_json(c, 0, "/raft/compact", {})
         path = c.nodes[0].data_dir / "snapshot.bin"
         _until("the seed snapshot", lambda: _header_index(path) is not None, 30)
         shutil.copyfile(path, dest)
@@ -319,7 +318,7 @@ def _compact(c: Cluster, i: int) -> float:
     path = c.nodes[i].data_dir / "snapshot.bin"
     applied = c.status(i)["last_applied"]
     t0 = time.monotonic()
-    _post(c, i, "/raft/compact", {})
+    post_json(c, i, "/raft/compact", {})
     _until("the compaction", lambda: (_header_index(path) or 0) >= applied, CLI_S)
     return time.monotonic() - t0
 
@@ -353,14 +352,3 @@ def _until(what: str, probe: Callable[[], bool], timeout_s: float) -> None:
             return
         time.sleep(0.2)
     raise postfix.PostfixBenchError(f"{what}: not within {timeout_s:.0f} s")
-
-
-def _post(c: Cluster, i: int, path: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(
-        c.nodes[i].admin_url + path,
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
