@@ -2,7 +2,7 @@
 
     python -m bench [--full] [--record]
         [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e,paired-dkim,
-         paired-suppression,shaping,paired-api,cost,deep]
+         paired-suppression,shaping,paired-api,cost,deep,paired-large]
 
 Quick mode (the default) takes about two minutes: 1 KiB messages, one
 recipient, one leader kill. `--full` runs the whole matrix (1/10/100 KiB,
@@ -55,6 +55,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "paired-api": plan.paired_rounds * len(paired_api.SYSTEMS),
         "cost": 4,
         "deep": 7,
+        "paired-large": 3 * 2 * (3 if plan.mode == "full" else 1),
     }
     return sum(per[n] for n in names)
 

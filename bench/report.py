@@ -79,6 +79,7 @@ TABLE_WORKLOADS = (
     "paired-suppression",
     "paired-api",
     "cost",
+    "paired-large",
     "deep",
     "shaping",
     "latency",

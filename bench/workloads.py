@@ -22,6 +22,8 @@
              batches of 100, in rounds (bench/paired_api.py)
   cost       CPU and bytes written per message on the accepting machine, against
              Postfix's, at 1 KiB and 100 KiB (bench/cost.py)
+  paired-large 100 KiB, 1 MiB and 5 MiB through mqnode and Postfix, accepted and
+             delivered, in rounds (bench/paired_large.py)
   deep       fresh mail's rates, memory, snapshot and catch-up times and queue
              commands with 1,000,000 messages deferred for a dead destination,
              against an empty queue (bench/deep_queue.py)
@@ -49,6 +51,7 @@ from bench.deep_queue import deep
 from bench.paired import mqnode_end_to_end, paired, paired_e2e
 from bench.paired_api import paired_api
 from bench.paired_dkim import paired_dkim
+from bench.paired_large import paired_large
 from bench.paired_suppression import paired_suppression
 from bench.plan import (
     FULL,
@@ -459,6 +462,7 @@ WORKLOADS: dict[str, Callable[[Plan, Path, Step, Results], None]] = {
     "paired-api": paired_api,
     "cost": cost,
     "deep": deep,
+    "paired-large": paired_large,
 }
 
 
