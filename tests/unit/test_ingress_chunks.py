@@ -1,12 +1,16 @@
-"""A chunked body whose chunk lands after its Enqueue is sent again, not refused."""
+"""Chunked bodies: a chunk that lands after its Enqueue is sent again, not refused; a big
+body's chunks go a window at a time."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
+from mqnode.errors import BackpressureError
+from mqnode.intake import CHUNKS_IN_FLIGHT
 from mqnode.smtp.handler import SmtpIngress
 from mqnode.spool.commands import CHUNK_BYTES, Command, PutChunk, encode_entry
 from mqnode.spool.statemachine import QueueStateMachine, Result
@@ -77,3 +81,59 @@ def test_enqueue_missing_a_chunk_is_retried_after_its_chunks(store: QueueStore) 
     queued = store.list_messages(10)
     assert len(queued) == 1
     assert store.read_body(queued[0]).endswith(body)
+
+
+class _Bounded(_LosesFirstChunkOnce):
+    """The pipeline's `max_pending_commits`: refuses a submission past `limit` waiting."""
+
+    def __init__(self, store: QueueStore, limit: int) -> None:
+        super().__init__(store)
+        self.dropped_once = True  # nothing held back
+        self.limit = limit
+        self.pending = 0
+        self.most = 0
+
+    async def submit(self, cmd: Command) -> Result:
+        if self.pending >= self.limit:
+            raise BackpressureError(f"too many commits pending ({self.pending})")
+        self.pending += 1
+        self.most = max(self.most, self.pending)
+        try:
+            await asyncio.sleep(0.001)  # a commit round
+            return self._apply(cmd)
+        finally:
+            self.pending -= 1
+
+
+def test_a_big_body_goes_a_window_of_chunks_at_a_time(store: QueueStore) -> None:
+    """Twenty 5 MiB messages at once were 2,160 commands and were refused 451 past
+    max_pending_commits; a body's chunks now wait for room, a window at a time."""
+    rep = _Bounded(store, limit=4 * (CHUNKS_IN_FLIGHT + 1))
+    ing = SmtpIngress(
+        rep,
+        ManualClock(),
+        os.urandom,
+        "n1",
+        "test.local",
+        ["127.0.0.0/8"],
+        10,
+        lambda: 0.0,
+    )
+    body = b"Subject: big\r\n\r\n" + b"y" * (30 * CHUNK_BYTES)
+
+    async def one(k: int) -> str:
+        session = Session(asyncio.get_running_loop())
+        session.peer = ("127.0.0.1", 40000 + k)
+        env = Envelope()
+        env.mail_from = "a@example.org"
+        env.rcpt_tos = [f"b{k}@example.org"]
+        env.content = env.original_content = body
+        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
+        return reply
+
+    async def run() -> list[str]:
+        return list(await asyncio.gather(*(one(k) for k in range(4))))
+
+    assert all(r.startswith("250") for r in asyncio.run(run()))
+    assert rep.most <= 4 * (CHUNKS_IN_FLIGHT + 1)
+    assert len(store.list_messages(10)) == 4
