@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.smtptools import HOST, Sink, run_source, smtp_sink, which
+from bench.smtptools import HOST, Sink, attachment_message, run_source, smtp_sink, which
 from bench.workloads import bench_cluster
 from tests.support.chaos import post_json
 from tests.support.cluster import Cluster, free_ports, http_get
@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument(
+        "--attachment",
+        action="store_true",
+        help="--size bytes of mail with a base64 attachment instead of smtp-source's text",
+    )
     ap.add_argument("--smtp-workers", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
     ap.add_argument("--max-s", type=float, default=120.0)
@@ -166,13 +171,23 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="mqnode-profile-") as tmp,
         bench_cluster(Path(tmp), args.nodes, relay=relay, extra=extra) as c,
     ):
+        args.message_file = (
+            attachment_message(args.size, Path(tmp) / "message.eml") if args.attachment else None
+        )
         lead = c.leader()
         port = c.nodes[lead].smtp_port
         if args.drain:
             window = _drain(c, lead, sink_port, args)
         else:
             with _sink(sink_port if args.e2e else None) as sink:
-                run_source(port, 500, args.sessions, args.size, max_s=args.max_s)  # warm up
+                run_source(  # warm up
+                    port,
+                    500,
+                    args.sessions,
+                    args.size,
+                    max_s=args.max_s,
+                    message_file=args.message_file,
+                )
                 if sink is not None:
                     sink.wait_for(500, args.max_s)
                 window = _accept(c, lead, sink, args)
@@ -186,7 +201,15 @@ def _accept(c: Cluster, lead: int, sink: Sink | None, args: argparse.Namespace) 
     before = 0 if sink is None else sink.received()
     m.start()
     t0 = time.monotonic()
-    run_source(c.nodes[lead].smtp_port, args.messages, args.sessions, args.size, max_s=args.max_s)
+    port = c.nodes[lead].smtp_port
+    run_source(
+        port,
+        args.messages,
+        args.sessions,
+        args.size,
+        max_s=args.max_s,
+        message_file=args.message_file,
+    )
     if sink is None:
         return m.stop()
     accepted_s, during = time.monotonic() - t0, sink.received() - before
@@ -201,7 +224,8 @@ def _accept(c: Cluster, lead: int, sink: Sink | None, args: argparse.Namespace) 
 def _drain(c: Cluster, lead: int, sink_port: int, args: argparse.Namespace) -> Window:
     """Queue everything while the relay is down, then measure delivering it alone."""
     n = args.messages
-    run_source(c.nodes[lead].smtp_port, n, args.sessions, args.size, max_s=args.max_s)
+    port = c.nodes[lead].smtp_port
+    run_source(port, n, args.sessions, args.size, max_s=args.max_s, message_file=args.message_file)
     deadline = time.monotonic() + args.max_s
     while c.status(lead)["queue"].get("deferred", 0) < n:
         if time.monotonic() > deadline:

@@ -21,6 +21,7 @@ are bounded in time; all traffic on 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -31,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO
 
 HOST = "127.0.0.1"
@@ -174,6 +176,7 @@ def run_source(
     max_s: float = 120.0,
     path: str | None = None,
     to: str = RECIPIENT,
+    message_file: Path | None = None,
 ) -> tuple[float, float]:
     """Send `messages` with smtp-source to 127.0.0.1:port; return (elapsed_s, msg/s).
 
@@ -183,7 +186,11 @@ def run_source(
     max_s (it is then killed).
     """
     argv = [which("smtp-source", path), "-4", "-m", str(messages), "-s", str(sessions)]
-    argv += ["-l", str(size), "-r", str(recipients), "-M", "source.bench.test"]
+    if message_file is None:
+        argv += ["-l", str(size)]
+    else:  # this message instead of -l bytes of text
+        argv += ["-F", str(message_file)]
+    argv += ["-r", str(recipients), "-M", "source.bench.test"]
     argv += ["-f", SENDER, "-t", to]
     if keep_session:
         argv.append("-d")
@@ -198,3 +205,21 @@ def run_source(
         err = (res.stderr or res.stdout).decode(errors="replace").strip()
         raise PostfixBenchError(f"smtp-source exited {res.returncode}: {err[-400:]}")
     return elapsed, messages / elapsed
+
+
+def attachment_message(size: int, dest: Path) -> Path:
+    """Write a message of about `size` bytes as mail with an attachment looks, for
+    smtp-source -F: a short HTML part and a base64 file (random bytes, which is what
+    compressed formats such as PDF and images are to deflate). LF line ends
+    (smtp-source sends CRLF)."""
+    b64 = base64.encodebytes(os.urandom(max(1, size * 3 // 4))).decode("ascii")
+    head = (
+        f"From: <{SENDER}>\nTo: <{RECIPIENT}>\nSubject: your statement\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="b1"\n\n--b1\n'
+        "Content-Type: text/html; charset=utf-8\n\n<p>Your statement is attached.</p>\n"
+        '--b1\nContent-Type: application/pdf; name="statement.pdf"\n'
+        "Content-Transfer-Encoding: base64\n\n"
+    )
+    text = head + b64[: max(0, size - len(head) - 8)].rstrip("\n") + "\n--b1--\n"
+    dest.write_text(text, encoding="ascii")
+    return dest
