@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--attachment",
         action="store_true",
-        help="--size bytes of mail with a base64 attachment instead of smtp-source's text",
+        help="--size bytes of mail with a base64 attachment instead of smtp-source's text "
+        "(one message sent again and again: mqnode replicates each copy, then keeps the "
+        "first as their retries; the accept path's cost, nothing to deliver)",
     )
     ap.add_argument("--smtp-workers", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
