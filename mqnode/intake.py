@@ -147,7 +147,8 @@ class Intake:
     async def _submit_with_chunks(
         self, cmd: Enqueue, parts: list[bytes], now_ms: int
     ) -> tuple[str, str]:
-        """Submit the body chunks and the Enqueue together: one commit round, not two.
+        """Submit the body chunks and the Enqueue together: one commit round, not two,
+        for bodies of up to `CHUNKS_IN_FLIGHT` chunks (bigger ones: a round per window).
 
         The pipeline keeps submission order, so the Enqueue is applied after its
         chunks; apply rejects it if one is missing (a chunk retried after a leader
