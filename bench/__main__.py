@@ -55,7 +55,7 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "paired-api": plan.paired_rounds * len(paired_api.SYSTEMS),
         "cost": 4,
         "deep": 7,
-        "paired-large": 3 * 2 * (3 if plan.mode == "full" else 1),
+        "paired-large": 5 * 2 * (3 if plan.mode == "full" else 1),
     }
     return sum(per[n] for n in names)
 

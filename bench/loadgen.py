@@ -20,7 +20,9 @@ ones after `duration_s`; every SMTP call has `timeout_s`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -60,12 +62,26 @@ class LoadResult:
         return min(after) - max(before)
 
 
-def make_body(seq: int, run_id: str, size: int) -> tuple[str, bytes]:
+def make_body(seq: int, run_id: str, size: int, attachment: bool = False) -> tuple[str, bytes]:
+    """A message of about `size` bytes: lines of text, or (`attachment`) a short HTML
+    part and a base64 file of random bytes, as mail with a PDF or an image looks to
+    replication (it does not compress)."""
     msg_id = f"<load-{run_id}-{seq}@mqnode.test>"
     head = (
         f"From: load@example.com\r\nTo: sink@example.org\r\nSubject: load {seq}\r\n"
-        f"Message-ID: {msg_id}\r\n\r\n"
+        f"Message-ID: {msg_id}\r\n"
     )
+    if attachment:
+        head += (
+            'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+            "--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Attached.</p>\r\n"
+            '--b1\r\nContent-Type: application/pdf; name="file.pdf"\r\n'
+            "Content-Transfer-Encoding: base64\r\n\r\n"
+        )
+        fill = max(size - len(head) - 10, 0)
+        b64 = base64.encodebytes(os.urandom(fill * 3 // 4 + 3)).replace(b"\n", b"\r\n")
+        return msg_id, head.encode() + b64[:fill].rstrip(b"\r\n") + b"\r\n--b1--\r\n"
+    head += "\r\n"
     line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.-\r\n"
     fill = max(size - len(head), 0)
     body = (line * (fill // len(line) + 1))[:fill]
@@ -83,8 +99,10 @@ class LoadGen:
         dead_backoff_s: float = 0.5,
         run_id: str | None = None,
         rate_per_s: float | None = None,
+        attachment: bool = False,
     ) -> None:
         self.targets = targets
+        self.attachment = attachment
         self.concurrency = concurrency
         self.size = size
         self.recipients = recipients
@@ -148,7 +166,7 @@ class LoadGen:
 
     async def _one(self, seq: int) -> None:
         target = self._pick()
-        msg_id, body = make_body(seq, self.run_id, self.size)
+        msg_id, body = make_body(seq, self.run_id, self.size, self.attachment)
         rcpts = [f"user{r}@example.org" for r in range(self.recipients)]
         start = time.monotonic()
         code, text, data_s = -1, "", 0.0

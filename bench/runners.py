@@ -79,6 +79,7 @@ def run_load(
     max_s: float = 60.0,
     rate_per_s: float | None = None,
     run_id: str = "bench",
+    attachment: bool = False,
 ) -> tuple[LoadResult, float]:
     gen = LoadGen(
         targets,
@@ -87,6 +88,7 @@ def run_load(
         recipients=recipients,
         run_id=run_id,
         rate_per_s=rate_per_s,
+        attachment=attachment,
     )
     started = time.monotonic()
     result = asyncio.run(gen.run(count, max_s))
