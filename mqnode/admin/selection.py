@@ -78,12 +78,14 @@ def select_messages(store: QueueStore, f: Filter, limit: int) -> list[QueuedMess
 
 def select_ids(store: QueueStore, f: Filter) -> list[str]:
     """Every matching message's id (an operation on them all)."""
-    if not f.decodes:  # keys only
-        found: dict[str, None] = {}  # ordered, and a message seen twice counts once
-        for ids in _id_pages(store, f):
-            found.update(dict.fromkeys(ids))
-        return list(found)
-    return [m.queue_id for m in _matches(store, f, None)]
+    if f.decodes:
+        return [m.queue_id for m in _matches(store, f, None)]
+    if not f.domain:  # queue id order: no id comes twice
+        return [i for ids in _id_pages(store, f) for i in ids]
+    found: dict[str, None] = {}  # ordered, and a message met twice counts once
+    for ids in _id_pages(store, f):
+        found.update(dict.fromkeys(ids))
+    return list(found)
 
 
 def _matches(store: QueueStore, f: Filter, limit: int | None) -> Iterator[QueuedMessage]:
@@ -92,12 +94,16 @@ def _matches(store: QueueStore, f: Filter, limit: int | None) -> Iterator[Queued
     the held mail of a million-message queue holding none reads nothing."""
     left = None if f.state is None else store.counts()[f.state.value]
     taken = 0
-    seen: set[str] = set()  # a message whose due time moved may come round again
+    # In a domain's index a message whose due time moved may come round again; in queue
+    # id order none does, and a full read keeps no set of a million ids.
+    seen: set[str] | None = set() if f.domain else None
     for ids in _id_pages(store, f):
         if left is not None and left <= 0:
             return
-        fresh = [i for i in ids if i not in seen]
-        seen.update(fresh)
+        fresh = ids
+        if seen is not None:
+            fresh = [i for i in ids if i not in seen]
+            seen.update(fresh)
         if not f.decodes and limit is not None:
             fresh = fresh[: limit - taken]
         for msg in store.messages(fresh):
