@@ -6,8 +6,11 @@
 Three nodes start on the checkout at --old-tree (run with PYTHONPATH pointing
 at it: its nodes and SMTP workers import that code). Mail carrying DSN
 parameters (ENVID, NOTIFY=SUCCESS) goes to every node in turn from a
-bounded sender thread, to a sink on loopback that does not offer DSN, found
-through a dnspython server on loopback. Meanwhile the runbook's procedure
+bounded sender thread (every `--large-every`th message with a 300 KiB body:
+chunked into entries the older release can send while it is a member, whole
+in one entry once the cluster reads level 6, spool/commands.py), to a sink
+on loopback that does not offer DSN, found through a dnspython server on
+loopback. Meanwhile the runbook's procedure
 (docs/maintenance.md, section 3) is followed: each follower is stopped with
 SIGTERM and started on this tree, then leadership moves to an upgraded node
 and the old leader is upgraded last.
@@ -65,9 +68,10 @@ class MixedCluster(Cluster):
 class Sender(threading.Thread):
     """Sends `count` messages, one every `every_s`, to the nodes in turn; keeps the 250s."""
 
-    def __init__(self, c: Cluster, count: int, every_s: float) -> None:
+    def __init__(self, c: Cluster, count: int, every_s: float, large_every: int) -> None:
         super().__init__(daemon=True)
         self.c, self.count, self.every_s = c, count, every_s
+        self.large_every = large_every
         self.acked: list[tuple[str, float]] = []  # (Message-ID, when answered)
         self.refused: Counter[int] = Counter()  # reply code (-1: no connection) -> count
         self.stop = threading.Event()
@@ -79,6 +83,8 @@ class Sender(threading.Thread):
             node = self.c.nodes[n % len(self.c.nodes)]
             mid = f"<drill{n}@senders.test>"
             body = f"From: {SENDER}\r\nMessage-ID: {mid}\r\nSubject: {n}\r\n\r\nx\r\n".encode()
+            if self.large_every and n % self.large_every == 0:
+                body += (b"y" * 998 + b"\r\n") * 300
             try:
                 with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=15) as client:
                     client.ehlo()
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=300)
     ap.add_argument("--every-s", type=float, default=0.05)
     ap.add_argument("--max-s", type=float, default=90.0)
+    ap.add_argument("--large-every", type=int, default=10, help="0: no 300 KiB messages")
     args = ap.parse_args(argv)
     pkg = args.old_tree / "mqnode"
     if not ((pkg / "cli.py").is_file() or (pkg / "cli" / "__init__.py").is_file()):
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         dns_addr = f"{dns.host}:{dns.port}"
         c = MixedCluster(Path(tmp), args.old_tree, extra, dns_addr)
         with c:
-            sender = Sender(c, args.messages, args.every_s)
+            sender = Sender(c, args.messages, args.every_s, args.large_every)
             sender.start()
             time.sleep(1.0)
             lead = c.leader()

@@ -29,13 +29,15 @@ from mqnode.errors import BackpressureError, NoLeaderError, SubmitError
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
-from mqnode.spool.commands import CHUNK_BYTES, INLINE_BODY_MAX_BYTES, Enqueue, PutChunk
+from mqnode.spool.commands import SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
 
 log = logging.getLogger(__name__)
 
-CHUNKS_IN_FLIGHT = 8  # a large body's chunks submitted at once (384 KiB; a 5 MiB body: 108)
+# A large body's chunks submitted at once: a 5 MiB body is 6 chunks of the cluster's big
+# entries, 108 of its small ones (spool/commands.py EntrySizes).
+CHUNKS_IN_FLIGHT = 8
 
 
 def idempotency_key(mail_from: str, rcpts: Sequence[str], body: bytes) -> bytes:
@@ -89,6 +91,9 @@ class Intake:
         self.events: EventLog | None = None
         self.dkim_signed: dict[str, int] = {}  # messages signed, by signing domain
         self.dkim_failed = 0  # messages refused because signing failed
+        # The entry sizes the cluster carries now (formats.LevelGate.entry_sizes, or the
+        # level a worker's node last pushed); set by whoever builds the door.
+        self.sizes: Callable[[], EntrySizes] = lambda: SMALL_ENTRIES
 
     async def accept(self, sub: Submission) -> Accepted:
         now_ms = self._clock.wall_ms()
@@ -115,9 +120,11 @@ class Intake:
         upload_id, chunks = "", 0
         inline: bytes | None = body
         parts: list[bytes] = []
-        if len(body) > INLINE_BODY_MAX_BYTES:
+        sizes = self.sizes()
+        if len(body) + _envelope_bytes(sub) > sizes.inline_max:
             upload_id, inline = queue_id, None
-            parts = [body[i : i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)]
+            step = sizes.chunk
+            parts = [body[i : i + step] for i in range(0, len(body), step)]
             chunks = len(parts)
         cmd = Enqueue(
             queue_id=queue_id,
@@ -194,6 +201,11 @@ class Intake:
                 if isinstance(outcome, BackpressureError | NoLeaderError):
                     raise outcome
         return result
+
+
+def _envelope_bytes(sub: Submission) -> int:
+    """About what the envelope adds to an inline Enqueue (with msgpack's framing)."""
+    return 256 + len(sub.mail_from) + sum(len(r) + 8 for r in sub.rcpts)
 
 
 def emit_received(events: EventLog, cmd: Enqueue, dkim: tuple[str, ...] = ()) -> None:

@@ -223,9 +223,13 @@ class Node:
         raft = self._raft = self._build_raft(store, secret, loop)
         _stamp_data_dir(cfg)
         pipeline = self._pipeline = CommitPipeline(
-            raft, self.clock, cfg.max_pending_commits, cfg.commit_timeout_ms / 1000
+            raft,
+            self.clock,
+            cfg.max_pending_commits,
+            cfg.commit_timeout_ms / 1000,
+            entry_bytes=lambda: gate.entry_sizes().max_entry,
         )
-        gate = LevelGate(pipeline, lambda: self._reads_level(store, raft), self.clock)
+        gate = self._gate = LevelGate(pipeline, lambda: self._reads_level(store, raft), self.clock)
         front = self._front = self._build_smtp_front(gate, store)
         if cfg.suppression_action == "refuse":  # else dispatch drops them (Dispatcher)
             front.set_suppression(self._suppression, store.suppression_count)
@@ -368,18 +372,17 @@ class Node:
             nodes = r.get_meta("nodes", {})
         return cluster_level(nodes, raft.status.members)
 
-    def _build_smtp_front(
-        self, pipeline: Submitter, store: QueueStore
-    ) -> InProcessFront | WorkerPool:
+    def _build_smtp_front(self, gate: LevelGate, store: QueueStore) -> InProcessFront | WorkerPool:
         """SMTP sessions in this process, or in a pool of worker processes."""
         cfg = self.cfg
         if not cfg.smtp_workers:
-            rng = self._rng.randbytes
-            return InProcessFront(
-                cfg, build_ingress(cfg, pipeline, self.clock, rng, store.fill_ratio)
-            )
+            ingress = build_ingress(cfg, gate, self.clock, self._rng.randbytes, store.fill_ratio)
+            ingress.intake.sizes = gate.entry_sizes
+            return InProcessFront(cfg, ingress)
         limits = client_limits(ingress_limits(cfg), self.clock)
-        return WorkerPool(cfg, pipeline, limits, store.fill_ratio, self.clock)
+        pool = WorkerPool(cfg, gate, limits, store.fill_ratio, self.clock)
+        pool.level = gate.level
+        return pool
 
     def _build_dispatcher(
         self,
@@ -644,6 +647,7 @@ class Node:
             pipeline, self.clock, rng, cfg.node_id, cfg.hostname, self._api_signer()
         )
         intake.events = events
+        intake.sizes = self._gate.entry_sizes
         limits = Limits(
             cfg.max_message_bytes,
             cfg.max_recipients,

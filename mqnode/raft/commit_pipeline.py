@@ -1,8 +1,8 @@
 """CommitPipeline: group commit between asyncio callers and the Raft log.
 
 Many SMTP sessions finish DATA at once; each awaits `submit(cmd)`. The
-pipeline packs whatever is queued into one log entry (up to
-`MAX_ENTRY_BYTES`) and keeps up to `max_inflight_entries` entries in flight,
+pipeline packs whatever is queued into one log entry (up to the cluster's
+`EntrySizes.max_entry`, spool/commands.py) and keeps up to `max_inflight_entries` entries in flight,
 so concurrent sessions share appends, fsyncs and LMDB transactions.
 
 Limits and failure contract:
@@ -48,10 +48,11 @@ from mqnode.errors import (
     time_out,
 )
 from mqnode.raft import RaftNode
+from mqnode.raft.settings import APPEND_BATCH_BYTES
 from mqnode.spool.commands import (
     ANSWERED_ON_COMMIT,
     ENTRY_OF_ITS_OWN,
-    MAX_ENTRY_BYTES,
+    SMALL_ENTRIES,
     Command,
     RecordOutcome,
     encode_command,
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 # Failures that prove the command was never appended to any log.
 _NOT_APPENDED = {"missing_leader", "not_leader", "queue_full"}
 _RETRY_PAUSE_S = 0.05
+# A command alone in an entry must stay under pysyncobj's batch size (settings.py); intake
+# keeps bodies far below this, so only an envelope of tens of thousands of recipients nears it.
+MAX_COMMAND_BYTES = APPEND_BATCH_BYTES - 64 * 1024
 
 
 class Submitter(Protocol):
@@ -118,8 +122,11 @@ class CommitPipeline:
         max_pending: int,
         commit_timeout_s: float,
         max_inflight_entries: int = 16,
+        entry_bytes: Callable[[], int] = lambda: SMALL_ENTRIES.max_entry,
     ) -> None:
         self._raft = raft
+        # The cluster's entry size (formats.LevelGate.entry_sizes), read per entry packed.
+        self._entry_bytes = entry_bytes
         self._clock = clock
         self._max_pending = max_pending
         self._timeout_s = commit_timeout_s
@@ -168,12 +175,15 @@ class CommitPipeline:
         )
 
     async def submit(self, cmd: Command) -> Result:
+        packed = encode_command(cmd)
+        if len(packed) >= MAX_COMMAND_BYTES:
+            raise SubmitError(f"a command of {len(packed)} bytes is too big for a log entry")
         if self._pending >= self._max_pending:
             raise BackpressureError(f"too many commits pending ({self._pending})")
         self._pending += 1
         started = self._clock.monotonic_s()
         try:
-            result = await self._submit_until(cmd, started + self._timeout_s)
+            result = await self._submit_until(cmd, packed, started + self._timeout_s)
         except CommitTimeoutError:
             # When it began: one that began before the last commit ended says nothing new
             # (a straggler of a fault that has healed since).
@@ -186,9 +196,8 @@ class CommitPipeline:
         finally:
             self._pending -= 1
 
-    async def _submit_until(self, cmd: Command, deadline: float) -> Result:
+    async def _submit_until(self, cmd: Command, packed: bytes, deadline: float) -> Result:
         idempotent = not isinstance(cmd, RecordOutcome)
-        packed = encode_command(cmd)
         early = isinstance(cmd, ANSWERED_ON_COMMIT)
         alone = isinstance(cmd, ENTRY_OF_ITS_OWN)
         loop = asyncio.get_running_loop()
@@ -263,10 +272,9 @@ class CommitPipeline:
         if batch[0].alone:
             return batch
         total = len(batch[0].packed) + 16
+        limit = self._entry_bytes()
         while (
-            self._queue
-            and not self._queue[0].alone
-            and total + len(self._queue[0].packed) < MAX_ENTRY_BYTES
+            self._queue and not self._queue[0].alone and total + len(self._queue[0].packed) < limit
         ):
             item = self._queue.popleft()
             total += len(item.packed)

@@ -8,9 +8,10 @@ count means copying hundreds of MB for every few MB appended. Past
 state's bytes before compacting (the configured count times a power of two,
 so the period stays put while the state grows), so a snapshot's copy is paid
 for by at least as many appended bytes (the LSM habit of a size ratio). Bounds: never
-fewer entries than configured, never more than `LOG_MAP_SHARE` of the Raft
-log's map (a full log map refuses appends; a log already that big gets the
-configured count back, so it compacts at once), and only once the log holds
+more than `LOG_MAP_SHARE` of the Raft log's map, at any state size (a full log
+map refuses appends, and 2,000 entries of 1 MiB are twice the default map; a
+log already that big gets its own length back, so it compacts at once), else
+never fewer entries than configured; scaled only once the log holds
 `SAMPLE_ENTRIES` entries to estimate their average size.
 
 Trade-off: a follower that restarts replays a longer log (still bounded as
@@ -34,22 +35,24 @@ def compaction_min_entries(
     configured: int, log_entries: int, log_bytes: int, state_bytes: int, log_map_bytes: int
 ) -> int | None:
     """Entries before the next snapshot; None: too few entries to judge, keep the last answer."""
-    if state_bytes < SCALE_FROM_BYTES:
-        return configured
     if log_entries < SAMPLE_ENTRIES or log_bytes <= 0:
-        return None
-    if log_bytes >= log_map_bytes * LOG_MAP_SHARE:
-        return configured  # whatever the estimate said: compact now
+        return configured if state_bytes < SCALE_FROM_BYTES else None
     per_entry = log_bytes / log_entries
+    # Entries of up to 1 MiB (spool/commands.py): the configured count alone could be
+    # more than the map holds, whatever the state's size.
+    ceiling = max(SAMPLE_ENTRIES, int(log_map_bytes * LOG_MAP_SHARE / per_entry))
+    if log_bytes >= log_map_bytes * LOG_MAP_SHARE:
+        return min(configured, log_entries)  # whatever the estimate said: compact now
+    if state_bytes < SCALE_FROM_BYTES:
+        return min(configured, ceiling)
     wanted = int(state_bytes / 2 / per_entry)
-    ceiling = int(log_map_bytes * LOG_MAP_SHARE / per_entry)
     # Powers of two of the configured count: the period stays put while the state
     # grows, and all members (whose estimates differ a little) agree on it, which
     # keeps their snapshots staggered (staggered_threshold).
     steps = configured
     while steps < wanted:
         steps *= 2
-    return max(configured, min(steps, ceiling))
+    return min(steps, ceiling)
 
 
 def staggered_threshold(every: int, first_index: int, rank: int, members: int) -> int:

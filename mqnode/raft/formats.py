@@ -15,6 +15,11 @@ skip an entry carrying them (it skips any entry it cannot decode), and its
 queue would diverge from its peers'. So during a rolling upgrade from the
 first release, DSN parameters take effect once the last member runs this one.
 
+The same level sets how big a log entry may be (`commands.entry_sizes`):
+`LevelGate.entry_sizes()` is what intake (intake.py) splits bodies by and the
+commit pipeline packs entries to, here and, pushed with the store's fill
+ratio, in the SMTP workers.
+
 Why here and not by leaving DSN out of EHLO: SMTP workers do not read the
 state, and the members can change between a client's EHLO and its DATA; the
 node that submits is the one place that sees both.
@@ -33,7 +38,7 @@ from typing import Any
 
 from mqnode.clock import Clock
 from mqnode.raft.commit_pipeline import Submitter
-from mqnode.spool.commands import READS_LEVEL, Command, Enqueue
+from mqnode.spool.commands import READS_LEVEL, Command, Enqueue, EntrySizes, entry_sizes
 from mqnode.spool.statemachine import Result
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,9 @@ class LevelGate:
         if now - self._read_at >= LEVEL_CACHE_S:
             self._level, self._read_at = self._read_level(), now
         return self._level
+
+    def entry_sizes(self) -> EntrySizes:
+        return entry_sizes(self.level())
 
     async def submit(self, cmd: Command) -> Result:
         if isinstance(cmd, Enqueue) and _has_dsn(cmd) and self.level() < DSN_LEVEL:

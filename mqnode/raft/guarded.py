@@ -7,7 +7,7 @@ and grows its buffer with `bytes +=` (a copy per read, quadratic): one
 connection announcing a 2 GiB frame and streaming data stalled the tick
 thread for 17-20 s and tripled the node's memory, and the cluster elected
 another leader. This subclass replaces the three private methods of that read
-path (and nothing of the write path):
+path, and the send step of its write path:
 
 * A frame may announce at most `PRE_AUTH_MAX_FRAME_BYTES` until the
   connection is authenticated, `MAX_FRAME_BYTES` after; a longer (or
@@ -20,11 +20,15 @@ path (and nothing of the write path):
   its work.
 * The buffer is a bytearray, consumed from the front (amortised O(1) in
   CPython): growth is linear.
+* The write buffer is a bytearray too. pysyncobj's own copies what is left
+  after every `send()` the kernel takes part of (`buf = buf[sent:]`): with a
+  follower catching up, or an append batch of megabytes, the leader's tick
+  thread copied the pending bytes again per ~128 KiB that left.
 
 Sizes: a legitimate peer's largest frame is an append_entries batch
-(pysyncobj's 64 KiB batch plus one entry under `commands.MAX_ENTRY_BYTES`) or
-a 64 KiB snapshot chunk, well under a megabyte after pickling and framing;
-`MAX_FRAME_BYTES` leaves room for a larger batch setting. Memory per
+(`settings.APPEND_BATCH_BYTES`, 2 MiB, plus one entry under it; an earlier
+release's 64 KiB plus one entry) or a 64 KiB snapshot chunk, under 4.1 MiB
+after pickling and framing; `MAX_FRAME_BYTES` leaves room above that. Memory per
 connection stays under cap + budget. The number of connections that have not
 authenticated, and how long they may take, is bounded by the transport
 (transport.py).
@@ -45,7 +49,7 @@ import pysyncobj.transport as pysyncobj_transport
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.tcp_connection import TcpConnection
 
-from mqnode.raft.internals import ConnectionInternals, install_read_path
+from mqnode.raft.internals import ConnectionInternals, install_read_path, install_write_path
 
 PRE_AUTH_MAX_FRAME_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -153,7 +157,28 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
             return None
         return message
 
+    # -- pysyncobj's private send step, replaced (install_write_path) ----------------------
+    def mq_process_send(self) -> bool:
+        raw = self._mq_raw
+        buf = raw.write_buffer
+        if not buf:
+            return False
+        try:
+            sent = raw.socket.send(buf)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.disconnect()
+            return False
+        if sent < 0:
+            self.disconnect()
+            return False
+        if sent == 0:
+            return False
+        del buf[:sent]  # amortised O(1) at the front of a bytearray
+        return True
 
+
+install_write_path(GuardedConnection, GuardedConnection.mq_process_send)
 install_read_path(
     GuardedConnection,
     GuardedConnection.mq_try_read_buffer,

@@ -5,8 +5,8 @@ index, election deadline, next and match index, waiting callbacks) in
 name-mangled attributes, and the workarounds of docs/design/replication.md
 must read and sometimes write them. They are reached here and nowhere else:
 `SyncInternals` wraps a SyncObj, `ConnectionInternals` a TcpConnection, and
-`READ_PATH_OVERRIDES` names the three private methods of TcpConnection's read
-path that raft/guarded.py replaces. `INTERNALS["TCPTransport"]` names the
+`READ_PATH_OVERRIDES` and `WRITE_PATH_OVERRIDES` name the private methods of
+TcpConnection that raft/guarded.py replaces. `INTERNALS["TCPTransport"]` names the
 protected hooks and state that raft/transport.py's subclass uses. What pysyncobj
 offers publicly
 (`selfNode`, `otherNodes`, `raftLastApplied`, `raftCommitIndex`,
@@ -85,6 +85,8 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "_TcpConnection__tryReadBuffer",
         "_TcpConnection__processRead",
         "_TcpConnection__processParseMessage",
+        "_TcpConnection__writeBuffer",
+        "_TcpConnection__processSend",
     ),
 }
 
@@ -95,6 +97,15 @@ READ_PATH_OVERRIDES = (
     "_TcpConnection__processRead",
     "_TcpConnection__processParseMessage",
 )
+
+
+# TcpConnection's private send step, replaced by GuardedConnection (raft/guarded.py).
+WRITE_PATH_OVERRIDES = ("_TcpConnection__processSend",)
+
+
+def install_write_path(cls: type, process_send: Any) -> None:
+    """Put `cls`'s send step under TcpConnection's private name (raft/guarded.py)."""
+    setattr(cls, WRITE_PATH_OVERRIDES[0], process_send)
 
 
 def install_read_path(cls: type, try_read: Any, process_read: Any, parse: Any) -> None:
@@ -239,3 +250,12 @@ class ConnectionInternals:
     @property
     def recv_buffer_size(self) -> int:
         return int(self._c._TcpConnection__recvBufferSize)
+
+    @property
+    def write_buffer(self) -> bytearray:
+        """What waits to be sent, as a bytearray (pysyncobj resets it to bytes on connect
+        and disconnect; its `send` appends with `+=`, in place on a bytearray)."""
+        buf = self._c._TcpConnection__writeBuffer
+        if not isinstance(buf, bytearray):
+            buf = self._c._TcpConnection__writeBuffer = bytearray(buf)
+        return buf

@@ -28,7 +28,7 @@ from mqnode.raft.logstore import LogStore
 from mqnode.raft.membership import FAIL_NAMES, Membership
 from mqnode.raft.pacing import AppendPacer, StateCommitPacer, follower_waits
 from mqnode.raft.prevote import PreVoteGate
-from mqnode.raft.settings import Done, RaftSettings, RaftStatus
+from mqnode.raft.settings import APPEND_BATCH_BYTES, Done, RaftSettings, RaftStatus
 from mqnode.raft.snapshot_file import SnapshotHeader
 from mqnode.raft.snapshot_writer import SnapshotWriter
 from mqnode.raft.snapshots import CompactionPace, SnapshotHooks, reconcile_startup
@@ -42,6 +42,10 @@ _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 # A follower commits its state at most this often while busy (pacing.StateCommitPacer).
 FOLLOWER_STATE_COMMIT_S = 0.025
 FOLLOWER_STATE_HOLD_MAX_FILL = 0.5  # a fuller state map commits every tick
+# SO_SNDBUF / SO_RCVBUF of the Raft links (pysyncobj sets both, which turns off the
+# kernel's autotuning; its 64 KiB default took a 2 MiB append batch in 16+ sends and
+# held a link to 64 KiB per round trip). The kernel caps it at net.core.[rw]mem_max.
+SOCKET_BUFFER_BYTES = 1024 * 1024
 UNLISTED_FOR_S = 30.0  # how long an unlisted peer's introduction counts (it retries ~2/s)
 _LEADER = _RAFT_STATE.LEADER
 
@@ -217,6 +221,9 @@ class RaftNode(Generic[TxnT]):
             logCompactionMinTime=s.log_compaction_min_time_s,
             commandsWaitLeader=False,
             appendEntriesUseBatch=True,
+            appendEntriesBatchSizeBytes=APPEND_BATCH_BYTES,
+            sendBufferSize=SOCKET_BUFFER_BYTES,
+            recvBufferSize=SOCKET_BUFFER_BYTES,
             dynamicMembershipChange=True,
             maxBindRetries=20,
             bindRetryTime=0.5,

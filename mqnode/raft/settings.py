@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# pysyncobj's appendEntriesBatchSizeBytes: an entry this big or bigger would go out in
+# pieces, whose last-piece test compares against the wrong length (spool/commands.py), so
+# every entry must stay below it; packing stops at the cluster's EntrySizes.max_entry.
+APPEND_BATCH_BYTES = 2 * 1024 * 1024
+
 # Called on the asyncio loop: (what the state machine's apply returned, None) once committed
 # and applied, else (None, reason). raft/ never reads the results (contracts.py).
 Done = Callable[[Any, str | None], None]

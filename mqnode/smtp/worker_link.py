@@ -13,13 +13,15 @@ lists, streamed back to back (msgpack's Unpacker finds the boundaries):
     [COUNTS, accepted, refused, signed by domain, signing failures, suppressed refused]
     [SUPPRESSED, id, [recipient, sender domain]]
                                             [VERDICT, id, why suppressed or None]
-                                            [FILL, store fill ratio, suppression entries]
+                                            [FILL, store fill ratio, suppression entries,
+                                             the cluster's reads level]
                                             [DKIM, the dkim_* settings to sign with now]
 
 Writes made in one event-loop turn leave in one system call: a commit answers a
 batch of submissions at once. Limits: a message over `MAX_MESSAGE_BYTES` (a
-body chunk is 48 KiB) or one that is not a list closes the link; both sides
-treat that like the other's death.
+body chunk or an inline body is at most 960 KiB, spool/commands.py) or one
+that is not a list closes the link; both sides treat that like the other's
+death.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from mqnode.errors import (
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 SUBMIT, RESULT, FAILED, OPEN, OPENED, CLOSE, MESSAGE, ALLOWED, COUNTS, FILL, DKIM = range(1, 12)
 SUPPRESSED, VERDICT = 12, 13

@@ -115,6 +115,8 @@ class WorkerPool:
         # The suppression list (Node._suppression): why a recipient is suppressed, and how
         # many entries there are (pushed with the fill ratio: none, no question asked).
         self.suppression: Callable[[str, str], str | None] = lambda rcpt, sender: None
+        # The cluster's reads level (formats.LevelGate.level): the workers split bodies by it.
+        self.level: Callable[[], int] = lambda: 1
         self.suppression_count: Callable[[], int] = lambda: 0
 
     def set_suppression(
@@ -252,7 +254,7 @@ class WorkerPool:
         link = Link(lambda msg: self._on_message(w, msg), on_closed)
         w.link = link
         await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=parent)
-        link.send([FILL, self._fill_ratio(), self.suppression_count()])
+        link.send(self._fill())
         log.info("smtp worker %d started (pid %d)", w.index, w.proc.pid)
 
     def _reap(self, w: _Worker) -> str:
@@ -280,13 +282,16 @@ class WorkerPool:
         w.dkim = ({}, 0)
         w.link = None
 
+    def _fill(self) -> list[Any]:
+        return [FILL, self._fill_ratio(), self.suppression_count(), self.level()]
+
     async def _push_fill(self) -> None:
         while True:
             await asyncio.sleep(FILL_PUSH_S)
-            ratio, entries = self._fill_ratio(), self.suppression_count()
+            fill = self._fill()
             for w in self._workers:
                 if w.link is not None:
-                    w.link.send([FILL, ratio, entries])
+                    w.link.send(fill)
 
     # --- requests -----------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from mqnode.smtp.worker_link import (
     Link,
     error_from,
 )
-from mqnode.spool.commands import Command, to_wire
+from mqnode.spool.commands import Command, EntrySizes, entry_sizes, to_wire
 from mqnode.spool.statemachine import Result
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,15 @@ class NodeLink:
         self._waiting: dict[int, asyncio.Future[list[Any]]] = {}
         self._fill = 0.0
         self._suppressions = 0  # entries in the suppression list, as the node last said
+        self._level = 1  # the cluster's reads level, as the node last said
         self.gone = asyncio.Event()
         self.on_dkim: Callable[[dict[str, Any]], None] = lambda settings: None
 
     def fill_ratio(self) -> float:
         return self._fill
+
+    def entry_sizes(self) -> EntrySizes:
+        return entry_sizes(self._level)
 
     @property
     def in_flight(self) -> int:
@@ -137,6 +141,7 @@ class NodeLink:
         if msg[0] == FILL:
             self._fill = float(msg[1])
             self._suppressions = int(msg[2]) if len(msg) > 2 else 0
+            self._level = int(msg[3]) if len(msg) > 3 else 1
             return
         if msg[0] == DKIM:
             self.on_dkim(msg[1] if len(msg) > 1 and isinstance(msg[1], dict) else {})
@@ -184,6 +189,7 @@ async def run(spec: dict[str, Any]) -> None:
     rng = random.Random()
     ingress = build_ingress(cfg, node, SystemClock(), rng.randbytes, node.fill_ratio, gate=node)
     ingress.suppressed = node.suppressed
+    ingress.intake.sizes = node.entry_sizes
 
     def reload_dkim(settings: dict[str, Any]) -> None:
         try:

@@ -18,9 +18,14 @@ last; the encoder leaves out a trailing run of them that all hold their
 defaults, so an entry that uses no new feature is byte for byte what the
 previous version wrote (an Enqueue without DSN parameters has 13 fields).
 
-Limits: an entry must stay under `MAX_ENTRY_BYTES` (pysyncobj mishandles
-entries near its 64 KiB append batch size), so bodies above
-`INLINE_BODY_MAX_BYTES` travel as `PutChunk` commands of `CHUNK_BYTES`.
+Limits: an entry stays under its `EntrySizes.max_entry`, so bodies above
+`inline_max` travel as `PutChunk` commands of `chunk` bytes. Which sizes
+apply is the cluster's reads level (`entry_sizes`): `BIG_ENTRIES` (1 MiB)
+once every member reads `BIG_ENTRIES_LEVEL`, else `SMALL_ENTRIES` (56 KiB),
+the sizes a member of an earlier release can send on. pysyncobj sends an
+entry of its append batch size or more in pieces whose last-piece test
+compares against the wrong length; earlier releases keep the 64 KiB batch,
+this one a batch of `raft/node.py` APPEND_BATCH_BYTES, above any entry.
 """
 
 from __future__ import annotations
@@ -38,14 +43,33 @@ FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
 # member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
 # Announce's `reads`, and an entry from a newer version stops the node instead of being
-# skipped; 3, Announce's `members`; 4, Suppress and SetShaping; 5, Audit.
-READS_LEVEL = 5
+# skipped; 3, Announce's `members`; 4, Suppress and SetShaping; 5, Audit; 6, entries of
+# up to 1 MiB (a member of this level sends them whole: module docstring).
+READS_LEVEL = 6
 MEMBERS_LEVEL = 3  # the level from which an Announce may carry `members`
 SUPPRESS_LEVEL = 4  # the level from which the suppression list may be written
 AUDIT_LEVEL = 5  # the level from which the audit trail may be written
-MAX_ENTRY_BYTES = 56 * 1024
-CHUNK_BYTES = 48 * 1024
-INLINE_BODY_MAX_BYTES = 32 * 1024
+BIG_ENTRIES_LEVEL = 6  # the level from which entries may carry up to 1 MiB
+
+
+@dataclass(frozen=True)
+class EntrySizes:
+    """How big a log entry and the body parts in it may be (module docstring)."""
+
+    max_entry: int  # an entry's commands are packed while they stay under this
+    chunk: int  # a staged body's PutChunk data
+    inline_max: int  # a body (with its envelope) up to this travels inside its Enqueue
+
+
+SMALL_ENTRIES = EntrySizes(max_entry=56 * 1024, chunk=48 * 1024, inline_max=32 * 1024)
+# A 1 MiB body is one inline Enqueue, not 22 chunks: each entry costs every node a
+# journal write, an LMDB commit's pages and a replication round of its own.
+BIG_ENTRIES = EntrySizes(max_entry=1024 * 1024, chunk=960 * 1024, inline_max=960 * 1024)
+
+
+def entry_sizes(level: int) -> EntrySizes:
+    """The sizes a cluster whose members read at least `level` can carry."""
+    return BIG_ENTRIES if level >= BIG_ENTRIES_LEVEL else SMALL_ENTRIES
 
 
 @dataclass(frozen=True)

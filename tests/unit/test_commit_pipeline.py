@@ -14,10 +14,20 @@ from typing import Any, cast
 import pytest
 
 from mqnode.clock import SystemClock
-from mqnode.errors import CommitTimeoutError, NoLeaderError
+from mqnode.errors import CommitTimeoutError, NoLeaderError, SubmitError
 from mqnode.raft import RaftNode
-from mqnode.raft.commit_pipeline import CommitPipeline
-from mqnode.spool.commands import READS_LEVEL, Announce, Claim, Command, RecordOutcome, decode_entry
+from mqnode.raft.commit_pipeline import MAX_COMMAND_BYTES, CommitPipeline
+from mqnode.spool.commands import (
+    BIG_ENTRIES,
+    READS_LEVEL,
+    SMALL_ENTRIES,
+    Announce,
+    Claim,
+    Command,
+    PutChunk,
+    RecordOutcome,
+    decode_entry,
+)
 
 from .kit import enqueue
 
@@ -209,6 +219,47 @@ def test_a_straggler_timing_out_after_a_later_commit_is_not_a_wedge() -> None:
         with pytest.raises(CommitTimeoutError):
             await p.submit(claim(2))  # begun after the commit: the path is wedged now
         assert p.health().timing_out
+        await p.stop()
+
+    asyncio.run(run())
+
+
+def test_entries_are_packed_to_the_size_the_cluster_carries() -> None:
+    async def run() -> None:
+        raft = ScriptedRaft()
+        limit = [SMALL_ENTRIES.max_entry]
+        p = CommitPipeline(
+            cast(RaftNode, raft), SystemClock(), 100, 5.0, 1, entry_bytes=lambda: limit[0]
+        )
+        p.start()
+        first = asyncio.ensure_future(p.submit(claim(0)))
+        await _until(lambda: len(raft.entries) == 1)
+        chunks = [PutChunk("U1", i, b"d" * 20_000, 1) for i in range(10)]
+        waiting = [asyncio.ensure_future(p.submit(c)) for c in chunks]
+        await asyncio.sleep(0.01)
+        raft.entries[0][1](["r0"], None)
+        await _until(lambda: len(raft.entries) == 2)
+        assert len(raft.entries[1][0]) == 2, "two 20 KB chunks under 56 KiB"
+        limit[0] = BIG_ENTRIES.max_entry  # every member reads level 6 now
+        raft.entries[1][1](["ok"] * 2, None)
+        await _until(lambda: len(raft.entries) == 3)
+        assert len(raft.entries[2][0]) == 8, "the rest in one entry"
+        raft.entries[2][1](["ok"] * 8, None)
+        await first
+        await asyncio.gather(*waiting)
+        await p.stop()
+
+    asyncio.run(run())
+
+
+def test_a_command_too_big_for_any_entry_is_refused_at_once() -> None:
+    async def run() -> None:
+        raft = ScriptedRaft()
+        p = await _pipeline(raft)
+        huge = PutChunk("U1", 0, b"h" * MAX_COMMAND_BYTES, 1)
+        with pytest.raises(SubmitError, match="too big for a log entry"):
+            await p.submit(huge)
+        assert not raft.entries
         await p.stop()
 
     asyncio.run(run())

@@ -47,6 +47,16 @@ def test_never_beyond_a_third_of_the_log_map() -> None:
     assert got == int(LOG_MAP / 3 / (64 * 1024))
 
 
+def test_big_entries_are_held_to_the_log_map_at_any_state_size() -> None:
+    # 1 MiB entries (spool/commands.py BIG_ENTRIES): 2,000 of them would be twice the map
+    got = compaction_min_entries(2000, 100, 100 * MIB, 10 * MIB, LOG_MAP)
+    assert got == int(LOG_MAP / 3 / MIB)
+
+
+def test_a_log_of_big_entries_past_its_share_compacts_now() -> None:
+    assert compaction_min_entries(2000, 400, 400 * MIB, 10 * MIB, LOG_MAP) == 400
+
+
 @given(
     configured=st.integers(1, 100_000),
     entries=st.integers(SAMPLE_ENTRIES, 10**6),
@@ -55,9 +65,15 @@ def test_never_beyond_a_third_of_the_log_map() -> None:
 )
 def test_bounds(configured: int, entries: int, log_bytes: int, state_bytes: int) -> None:
     got = compaction_min_entries(configured, entries, log_bytes, state_bytes, LOG_MAP)
-    assert got is not None and got >= configured
-    if got > configured:  # scaled: the log it allows stays within a third of the map
-        assert got * (log_bytes / entries) <= LOG_MAP / 3 + log_bytes / entries
+    assert got is not None and got >= 1
+    per_entry = log_bytes / entries
+    if log_bytes >= LOG_MAP / 3:  # past its share: compacts at the log's length or before
+        assert got <= entries
+        return
+    # the log it allows stays within a third of the map (or the sample it was judged by)
+    assert got * per_entry <= LOG_MAP / 3 + per_entry or got == SAMPLE_ENTRIES
+    # and never fewer than configured unless the map says so
+    assert got >= configured or (got + 1) * per_entry > LOG_MAP / 3
 
 
 def _snapshot_indexes(every: int, rank: int, members: int, count: int) -> list[int]:

@@ -10,7 +10,8 @@ import pytest
 
 from mqnode.clock import ManualClock
 from mqnode.raft.formats import LEVEL_CACHE_S, LevelGate, announce_again, cluster_level
-from mqnode.spool.commands import Command
+from mqnode.raft.settings import APPEND_BATCH_BYTES
+from mqnode.spool.commands import BIG_ENTRIES, BIG_ENTRIES_LEVEL, SMALL_ENTRIES, Command
 from mqnode.spool.statemachine import Result
 
 from .kit import enqueue
@@ -75,3 +76,15 @@ def test_a_node_announces_again_when_its_entry_is_wrong_or_another_member_rose()
     # Our own entry lost (a snapshot from a first-release member) or from another release.
     assert announce_again(ok | {"a:1": {"node_id": "n1", "smtp_addr": "s:1"}}, seen, "a:1", mine)[0]
     assert announce_again({k: v for k, v in ok.items() if k != "a:1"}, seen, "a:1", mine)[0]
+
+
+def test_entries_stay_small_until_every_member_reads_big_ones() -> None:
+    level = [BIG_ENTRIES_LEVEL - 1]
+    clock = ManualClock()
+    gate = LevelGate(Recorder(), lambda: level[0], clock)
+    assert gate.entry_sizes() == SMALL_ENTRIES
+    level[0] = BIG_ENTRIES_LEVEL
+    clock.advance(LEVEL_CACHE_S)
+    assert gate.entry_sizes() == BIG_ENTRIES
+    # what an older member can send on: pysyncobj's 64 KiB batch holds the small sizes
+    assert SMALL_ENTRIES.max_entry < 64 * 1024 and BIG_ENTRIES.max_entry < APPEND_BATCH_BYTES

@@ -6,15 +6,26 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
 from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
 from mqnode.errors import BackpressureError
 from mqnode.intake import CHUNKS_IN_FLIGHT
 from mqnode.smtp.handler import SmtpIngress
-from mqnode.spool.commands import CHUNK_BYTES, Command, PutChunk, encode_entry
+from mqnode.spool.commands import (
+    BIG_ENTRIES,
+    SMALL_ENTRIES,
+    Command,
+    Enqueue,
+    EntrySizes,
+    PutChunk,
+    encode_entry,
+)
 from mqnode.spool.statemachine import QueueStateMachine, Result
 from mqnode.spool.store import QueueStore
+
+CHUNK_BYTES = SMALL_ENTRIES.chunk  # intake's sizes until the door is told the cluster's
 
 
 class _LosesFirstChunkOnce:
@@ -137,3 +148,82 @@ def test_a_big_body_goes_a_window_of_chunks_at_a_time(store: QueueStore) -> None
     assert all(r.startswith("250") for r in asyncio.run(run()))
     assert rep.most <= 4 * (CHUNKS_IN_FLIGHT + 1)
     assert len(store.list_messages(10)) == 4
+
+
+class _Recording(_LosesFirstChunkOnce):
+    """Applies every command as it comes and keeps them."""
+
+    def __init__(self, store: QueueStore) -> None:
+        super().__init__(store)
+        self.dropped_once = True
+        self.cmds: list[Command] = []
+
+    async def submit(self, cmd: Command) -> Result:
+        self.cmds.append(cmd)
+        return self._apply(cmd)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "inline"),
+    [(SMALL_ENTRIES, False), (BIG_ENTRIES, True)],
+    ids=["an older member: 48 KiB chunks", "every member reads level 6: inline"],
+)
+def test_a_body_is_split_by_the_entry_sizes_the_cluster_carries(
+    store: QueueStore, sizes: EntrySizes, inline: bool
+) -> None:
+    rep = _Recording(store)
+    ing = SmtpIngress(
+        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
+    )
+    ing.intake.sizes = lambda: sizes
+    body = b"Subject: big\r\n\r\n" + (b"z" * 98 + b"\r\n") * 5000  # ~500 KB
+
+    async def run() -> str:
+        session = Session(asyncio.get_running_loop())
+        session.peer = ("127.0.0.1", 40000)
+        env = Envelope()
+        env.mail_from = "a@example.org"
+        env.rcpt_tos = ["b@example.org"]
+        env.content = env.original_content = body
+        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
+        return reply
+
+    assert asyncio.run(run()).startswith("250")
+    chunks = [c for c in rep.cmds if isinstance(c, PutChunk)]
+    (enqueue,) = [c for c in rep.cmds if isinstance(c, Enqueue)]
+    if inline:
+        assert not chunks and enqueue.body is not None and enqueue.body.endswith(body)
+    else:
+        assert enqueue.body is None and len(chunks) == enqueue.chunks > 10
+        assert max(len(c.data) for c in chunks) == SMALL_ENTRIES.chunk
+    assert all(len(encode_entry([c])) < sizes.max_entry for c in rep.cmds)
+    (queued,) = store.list_messages(10)
+    assert store.read_body(queued).endswith(body)
+
+
+def test_a_body_over_the_big_inline_size_goes_in_chunks_of_the_big_size(
+    store: QueueStore,
+) -> None:
+    rep = _Recording(store)
+    ing = SmtpIngress(
+        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
+    )
+    ing.intake.sizes = lambda: BIG_ENTRIES
+    body = b"Subject: big\r\n\r\n" + (b"w" * 998 + b"\r\n") * 2600  # ~2.5 MiB
+
+    async def run() -> str:
+        session = Session(asyncio.get_running_loop())
+        session.peer = ("127.0.0.1", 40000)
+        env = Envelope()
+        env.mail_from = "a@example.org"
+        env.rcpt_tos = ["b@example.org"]
+        env.content = env.original_content = body
+        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
+        return reply
+
+    assert asyncio.run(run()).startswith("250")
+    chunks = [c for c in rep.cmds if isinstance(c, PutChunk)]
+    assert [len(c.data) for c in chunks[:2]] == [BIG_ENTRIES.chunk] * 2 and len(chunks) == 3
+    assert all(len(encode_entry([c])) < BIG_ENTRIES.max_entry for c in rep.cmds)
+    (queued,) = store.list_messages(10)
+    assert store.read_body(queued).endswith(body)

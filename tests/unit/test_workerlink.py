@@ -29,7 +29,14 @@ from mqnode.smtp.worker_link import (
     error_kind,
 )
 from mqnode.smtp.worker_process import NodeLink
-from mqnode.spool.commands import Enqueue, from_wire
+from mqnode.spool.commands import (
+    BIG_ENTRIES,
+    BIG_ENTRIES_LEVEL,
+    SMALL_ENTRIES,
+    Enqueue,
+    PutChunk,
+    from_wire,
+)
 
 CMD = Enqueue(
     queue_id="Q1",
@@ -184,5 +191,41 @@ def test_fill_ratio_pushed_and_bad_message_closes_the_link() -> None:
         assert node._transport is not None
         node._transport.write(b"\x05")  # a msgpack integer, not a message
         await asyncio.wait_for(worker.gone.wait(), 2)
+
+    _run(test)
+
+
+def test_the_workers_split_bodies_by_the_level_the_node_pushes() -> None:
+    async def test() -> None:
+        worker, node = await _pair(lambda link, msg: None)
+        assert worker.entry_sizes() == SMALL_ENTRIES  # until the node says otherwise
+        node.send([FILL, 0.1, 0, BIG_ENTRIES_LEVEL])
+        for _ in range(100):
+            if worker.entry_sizes() == BIG_ENTRIES:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.entry_sizes() == BIG_ENTRIES
+        node.send([FILL, 0.1, 0, BIG_ENTRIES_LEVEL - 1])  # an older member joined
+        for _ in range(100):
+            if worker.entry_sizes() == SMALL_ENTRIES:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.entry_sizes() == SMALL_ENTRIES
+
+    _run(test)
+
+
+def test_a_whole_big_chunk_crosses_the_link() -> None:
+    got: list[Any] = []
+
+    def node_side(link: Link, msg: list[Any]) -> None:
+        got.append(from_wire(msg[2]))
+        link.send([RESULT, msg[1], "ok", ""])
+
+    async def test() -> None:
+        worker, _node = await _pair(node_side)
+        chunk = PutChunk("Q1", 0, b"c" * BIG_ENTRIES.chunk, 1)
+        assert await worker.submit(chunk) == ("ok", "")
+        assert got == [chunk]
 
     _run(test)
