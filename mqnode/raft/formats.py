@@ -93,9 +93,10 @@ class LevelGate:
         self._read_at = float("-inf")
         self._warned_at = float("-inf")
 
-    def level(self) -> int:
+    def level(self, fresh: bool = False) -> int:
+        """The cluster's level, read again when `fresh` or older than `LEVEL_CACHE_S`."""
         now = self._clock.monotonic_s()
-        if now - self._read_at >= LEVEL_CACHE_S:
+        if fresh or now - self._read_at >= LEVEL_CACHE_S:
             self._level, self._read_at = self._read_level(), now
         return self._level
 
@@ -103,7 +104,14 @@ class LevelGate:
         return entry_sizes(self.level())
 
     async def submit(self, cmd: Command) -> Result:
-        if isinstance(cmd, Enqueue) and _has_dsn(cmd) and self.level() < DSN_LEVEL:
+        # Read again before dropping anything: the pipeline reads the level for every
+        # entry it packs, so the cached one may be from before the last member announced.
+        if (
+            isinstance(cmd, Enqueue)
+            and _has_dsn(cmd)
+            and self.level() < DSN_LEVEL
+            and self.level(fresh=True) < DSN_LEVEL
+        ):
             now = self._clock.monotonic_s()
             if now - self._warned_at >= WARN_EVERY_S:
                 self._warned_at = now
