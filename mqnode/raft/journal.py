@@ -19,6 +19,7 @@ from pysyncobj.journal import Journal
 
 from mqnode.errors import CorruptDataError
 from mqnode.raft.logstore import LogStore
+from mqnode.raft.wire import wire_command
 
 NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP marker
 MEMBERSHIP = b"\x02"  # _COMMAND_TYPE.MEMBERSHIP: pickled [op, node id, node], op "add"/"rem"
@@ -32,7 +33,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
 
     def __init__(self, store: LogStore) -> None:
         self._store = store
-        self._entries: list[Entry] = store.load()
+        # Big commands as WireCommands: deflated once for all followers (wire.py).
+        self._entries: list[Entry] = [(wire_command(c), i, t) for c, i, t in store.load()]
         self._meta: dict[str, Any] = store.get_meta()
         self._ops: list[tuple[str, int, int, bytes]] = []
         self._meta_dirty = False
@@ -60,7 +62,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
             )
         if self._entries and idx != self._entries[-1][1] + 1:
             raise CorruptDataError(f"journal add out of order: {idx} after {self._entries[-1][1]}")
-        self._entries.append((command, idx, term))
+        self._entries.append((wire_command(command), idx, term))
         self._ops.append(("add", idx, term, command))
 
     def clear(self) -> None:

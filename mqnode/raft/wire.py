@@ -22,12 +22,15 @@ unchanged:
   PBKDF2 with our own salt, as pysyncobj derives Fernet's.
 * Messages under `COMPRESS_FROM_BYTES` go as stored (uncompressed) zlib
   streams, which any zlib reader takes; bigger ones are deflated at level 1
-  when samples of them compress (base64 attachments do not: `_Deflate`).
+  when samples of them compress (base64 attachments do not: `_Deflate`). A
+  big entry is deflated on its own, once (`WireCommand`), not once per
+  follower inside each message.
   Not compressing at all was tried: pysyncobj grows its socket buffers with
   `bytes +=` and slices them per message, quadratic in what is pending, and a
   follower catching up (64 KB batches, thousands of entries) stalled its node
   for seconds with 3-4x the bytes (kill-leader rounds: 1 s outages became
-  3-6 s). Catch-up batches are at least 64 KB, so they are still deflated.
+  3-6 s). Catch-up batches are at least 64 KB, so they are still deflated
+  (raft/guarded.py's send buffer is linear now).
 
 Compatibility: the peer protocol changed with AES-GCM. A node of an older
 release (Fernet) and one of this release cannot read each other: the
@@ -133,27 +136,46 @@ class _Deflate:
     size, twice (once per follower), to save a quarter of bytes that cross a LAN.
     `SAMPLES` slices of `SAMPLE_BYTES` spread over the message are deflated first;
     unless they shrink below `DEFLATE_BELOW` of their size the message goes stored.
-
-    The leader sends the same append_entries to every caught-up follower (the same
-    entries, term and commit index: the same pickle), so the last big message's
-    framed form is kept and reused for the next follower. Deflate is deterministic:
-    the bytes are the same either way. The pair is replaced in one assignment.
+    A big entry's command (`WireCommand`) arrives here already deflated, so a batch
+    of them goes stored.
     """
-
-    _last: tuple[bytes, bytes] = (b"", b"")
 
     @classmethod
     def compress(cls, data: bytes, level: int = -1) -> bytes:
-        if len(data) < COMPRESS_FROM_BYTES:
+        if len(data) < COMPRESS_FROM_BYTES or not compressible(data):
             return stored_zlib(data)
-        last = cls._last
-        if last[0] == data:
-            return last[1]
-        packed = zlib.compress(data, 1) if compressible(data) else stored_zlib(data)
-        cls._last = (data, packed)
-        return packed
+        return zlib.compress(data, 1)
 
     decompress = staticmethod(zlib.decompress)
+
+
+class WireCommand(bytes):
+    """A log entry's command that is deflated once, however often it is sent.
+
+    Every follower gets each entry, and a message's pickle differs per connection
+    (pysyncobj puts the connection's random key in front), so deflating whole
+    messages deflated every big entry once per follower, and again for every
+    resend. An entry of `COMPRESS_FROM_BYTES` or more pickles as a call of
+    `zlib.decompress` on its deflated bytes (kept on the object, which the
+    journal holds in memory until compaction), or as plain bytes when samples of
+    it do not compress. Any release unpickles either: the receiver gets `bytes`.
+    """
+
+    def __reduce__(self) -> tuple[object, tuple[bytes]]:
+        packed: bytes | None = self.__dict__.get("deflated")
+        if packed is None:
+            packed = zlib.compress(self, 1) if compressible(self) else b""
+            self.__dict__["deflated"] = packed
+        if packed:
+            return (zlib.decompress, (packed,))
+        return (bytes, (bytes(self),))
+
+
+def wire_command(command: bytes) -> bytes:
+    """`command` as the journal keeps it in memory: a `WireCommand` when it is big."""
+    if len(command) < COMPRESS_FROM_BYTES or type(command) is WireCommand:
+        return command
+    return WireCommand(command)
 
 
 SAMPLES = 4

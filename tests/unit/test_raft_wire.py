@@ -92,16 +92,33 @@ def test_nonces_never_repeat_and_take_a_new_prefix_before_the_counter_wraps() ->
     assert wrapped[:8] != prefix and wrapped[8:] == (1).to_bytes(4, "big")
 
 
-def test_the_same_big_message_to_the_next_follower_is_deflated_once() -> None:
-    """Caught-up followers get the same append_entries: its deflated form is reused,
-    and is what deflating it afresh gives; another message is deflated anew."""
-    one = b"entries for both followers " * 4000
-    other = b"the next round's entries, " * 4000
-    first = wire._Deflate.compress(one, 3)
-    assert wire._Deflate.compress(bytes(bytearray(one)), 3) is first  # equal, another object
-    assert first == zlib.compress(one, 1)
-    assert zlib.decompress(wire._Deflate.compress(other, 3)) == other
-    assert zlib.decompress(wire._Deflate.compress(one, 3)) == one
+def test_a_big_entry_is_deflated_once_for_every_follower_and_read_as_bytes() -> None:
+    """A message's pickle differs per connection (pysyncobj's random key in front), so
+    a big entry deflates itself once, on the object the journal keeps, and any
+    receiver unpickles plain bytes (stock pickle: an older release reads it too)."""
+    wire.install()
+    text = wire.wire_command(b"\x01" + b"entries for both followers " * 4000)
+    assert isinstance(text, wire.WireCommand)
+    msgs = [
+        (key, {"type": "append_entries", "entries": [(text, 7, 2)], "term": 2})
+        for key in (b"follower-1-key", b"follower-2-key")
+    ]
+    framed = [pysyncobj_tcp.zlib.compress(pysyncobj_tcp.pickle.dumps(m), 3) for m in msgs]
+    deflated = text.__dict__["deflated"]
+    assert deflated == zlib.compress(text, 1) and len(deflated) < len(text) // 10
+    for key, data in zip((b"follower-1-key", b"follower-2-key"), framed, strict=True):
+        assert len(data) < len(text) // 10  # the entry went deflated, the message stored
+        got_key, message = pickle.loads(zlib.decompress(data))
+        (command, idx, term) = message["entries"][0]
+        assert got_key == key and (idx, term) == (7, 2)
+        assert type(command) is bytes and command == text
+    assert text.__dict__["deflated"] is deflated  # not deflated again
+    # what does not compress pickles as plain bytes; small commands stay plain bytes
+    attachment = wire.wire_command(base64.encodebytes(os.urandom(80_000)))
+    got = pickle.loads(pickle.dumps(attachment, 5))
+    assert type(got) is bytes and got == attachment and attachment.__dict__["deflated"] == b""
+    small = b"\x01" + b"x" * 100
+    assert wire.wire_command(small) is small
 
 
 def test_what_does_not_compress_goes_stored() -> None:
