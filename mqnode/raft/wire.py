@@ -179,15 +179,25 @@ def wire_command(command: bytes) -> bytes:
 
 
 SAMPLES = 4
-SAMPLE_BYTES = 1024
+SAMPLE_BYTES = 2048
 DEFLATE_BELOW = 0.6
 
 
 def compressible(data: bytes) -> bool:
-    """Whether deflate would take `data` well below its size, judged from samples."""
-    step = max(SAMPLE_BYTES, len(data) // SAMPLES)
-    sample = b"".join(data[i : i + SAMPLE_BYTES] for i in range(0, len(data), step))
-    return len(zlib.compress(sample, 1)) < DEFLATE_BELOW * len(sample)
+    """Whether deflate would take `data` well below its size, judged from samples.
+
+    One sample at the middle of each of `SAMPLES` equal parts, none at the start (an
+    entry starts with a command's envelope and a message's headers: text in front of
+    100 KB of base64), each deflated on its own: an entry of two copies of one body
+    (a newsletter sent as a message per recipient) put two equal samples side by
+    side, and deflate found the second in the first. Either way such entries looked
+    compressible and were deflated at ~2 ms per 100 KB to save a fifth."""
+    if len(data) <= SAMPLES * SAMPLE_BYTES:
+        return len(zlib.compress(data, 1)) < DEFLATE_BELOW * len(data)
+    part = len(data) // SAMPLES
+    starts = [k * part + (part - SAMPLE_BYTES) // 2 for k in range(SAMPLES)]
+    packed = sum(len(zlib.compress(data[i : i + SAMPLE_BYTES], 1)) for i in starts)
+    return packed < DEFLATE_BELOW * SAMPLES * SAMPLE_BYTES
 
 
 def install() -> None:

@@ -131,3 +131,16 @@ def test_what_does_not_compress_goes_stored() -> None:
     mail = b"Subject: report\r\n\r\n" + b"<p>Quarterly figures, as promised.</p>\r\n" * 2500
     assert wire.compressible(mail + attachment[:10_000])
     assert len(wire._Deflate.compress(mail, 3)) < len(mail) // 10
+
+
+def test_copies_of_one_attachment_and_headers_in_front_go_stored() -> None:
+    """A newsletter sent as a message per recipient puts copies of one body in an
+    entry, and every entry starts with an envelope and headers: neither makes 100 KB
+    of base64 look compressible (each was deflated at ~2 ms per 100 KB)."""
+    headers = b"From: <news@shop.test>\r\nSubject: your statement\r\n" * 20
+    body = headers + base64.encodebytes(os.urandom(75_000))
+    assert not wire.compressible(body)
+    assert not wire.compressible(body + body)
+    assert not wire.compressible(b"".join([body] * 10))
+    html = b"<tr><td>Product</td><td>$9.99</td><td><a href='https://x.test/p'>Buy</a></td></tr>\n"
+    assert wire.compressible(html * 3000) and wire.compressible(html * 20)
