@@ -25,7 +25,7 @@ once every member reads `BIG_ENTRIES_LEVEL`, else `SMALL_ENTRIES` (56 KiB),
 the sizes a member of an earlier release can send on. pysyncobj sends an
 entry of its append batch size or more in pieces whose last-piece test
 compares against the wrong length; earlier releases keep the 64 KiB batch,
-this one a batch of `raft/node.py` APPEND_BATCH_BYTES, above any entry.
+this one a batch of `raft/settings.py` APPEND_BATCH_BYTES, above any entry.
 """
 
 from __future__ import annotations

@@ -155,6 +155,7 @@ class StateTxn:
     # -- bodies -------------------------------------------------------------
     def put_body_chunk(self, body_key: str, seq: int, data: bytes) -> None:
         self._txn.put(_body_key(body_key, seq), with_crc(data), db=self._s._body)
+        self._s.body_bytes_written += len(data)
 
     def has_body_chunk(self, body_key: str, seq: int) -> bool:
         return self._txn.get(_body_key(body_key, seq), db=self._s._body) is not None
@@ -372,6 +373,9 @@ class QueueStore:
         self._env_map_size = self._map_size  # grown past it only to apply (grow_for_apply)
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()  # sync_state against close, not against readers
+        # Body bytes applied since the store opened (tick thread): how much a writeback of
+        # the state has to write, for node.watch_state_writeback.
+        self.body_bytes_written = 0
         self._untrusted = False  # a writeback failed: never removes the marker
         self._txn: Any = None
         self._commits = 0

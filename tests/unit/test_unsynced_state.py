@@ -243,3 +243,31 @@ def test_a_node_rebuilds_a_discarded_state_from_snapshot_and_journal(tmp_path: P
             assert sum(store.counts().values()) == len(first) + len(second)
 
     asyncio.run(restarted())
+
+
+def test_the_state_is_written_back_once_enough_bodies_were_applied() -> None:
+    """Not only every interval: a sync of what 10 s of 100 KiB mail dirtied held the disk
+    long enough that the journal's fsyncs waited 250 ms behind it."""
+    written = [0]
+    syncs: list[int] = []
+
+    async def run() -> None:
+        watcher = asyncio.create_task(
+            watch_state_writeback(
+                lambda: syncs.append(written[0]), 3600, lambda e: None, lambda: written[0], 1000
+            )
+        )
+        await asyncio.sleep(0.6)
+        assert syncs == [], "nothing written, the interval far away"
+        written[0] = 999
+        await asyncio.sleep(0.6)
+        assert syncs == []
+        written[0] = 1000
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if syncs:
+                break
+        assert syncs == [1000]
+        watcher.cancel()
+
+    asyncio.run(run())
