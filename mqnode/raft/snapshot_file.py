@@ -15,8 +15,8 @@ A file that fails either check raises `CorruptDataError` and is never applied.
 from __future__ import annotations
 
 import os
+import secrets
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +66,11 @@ def write_snapshot(
     `txn`: a read transaction from `store.snapshot_txn()` taken at last[1]
     (the background writer's case); without it the current state is copied.
     """
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=".state-", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
+    # A name, not a file: `copy_to` creates it. Reopening an existing file with "wb"
+    # truncates it, and ext4 (auto_da_alloc) then writes the data back when the file is
+    # closed, so the next journal commit waited for the whole copy: every node's fsyncs
+    # on the disk stalled 100-150 ms at each snapshot (bench latency, 100 KiB).
+    tmp_path = dest.parent / f".state-{secrets.token_hex(8)}"
     try:
         store.copy_to(tmp_path, txn)
         crc, size = 0, 0

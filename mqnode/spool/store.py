@@ -839,7 +839,9 @@ class QueueStore:
         """
         if txn is None:
             self.commit_apply()
-        with open(dest_file, "wb") as fh:
+        # A new file ("xb"): truncating an existing one would have ext4 write it back at
+        # close (raft/snapshot_file.py).
+        with open(dest_file, "xb") as fh:
             self._env.copyfd(fh.fileno(), compact=True, txn=txn)
 
     def snapshot_txn(self) -> Any:
