@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pysyncobj.config import SERIALIZER_STATE
 
+from mqnode.raft import snapshot_writer
 from mqnode.raft.snapshot_file import install, read_header
 from mqnode.raft.snapshot_writer import SnapshotWriter
 from mqnode.spool.store import QueueStore
@@ -115,3 +116,52 @@ def test_a_failed_rename_is_a_failure_not_an_exception(
     monkeypatch.setattr("mqnode.raft.snapshot_writer.os.replace", no_rename)
     assert writer.status() == SERIALIZER_STATE.FAILED
     assert writer.status() == SERIALIZER_STATE.NOT_SERIALIZING
+
+
+def _wait_gone(path: Path, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not path.exists(), f"{path} still there"
+
+
+def test_the_replaced_snapshot_is_released_a_step_at_a_time_not_while_it_is_read(
+    tmp_path: Path, store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename over the old snapshot frees nothing (it is kept as .retired); it is
+    then shrunk a step at a time, once nothing here reads it (pysyncobj sending it to a
+    follower keeps it open), and removed. A reader that opened it before the rename
+    reads it whole."""
+    monkeypatch.setattr("mqnode.raft.snapshot_writer.RELEASE_STEP_BYTES", 1 << 20)
+    monkeypatch.setattr("mqnode.raft.snapshot_writer.RELEASE_PAUSE_S", 0.001)
+    Transcript(store).one(enqueue("Q1", idem=b"k1"))
+    path = tmp_path / "snapshot.bin"
+    old = b"o" * (5 << 20)
+    path.write_bytes(old)
+    retired = path.with_name("snapshot.bin.retired")
+    sizes: list[int] = []
+    real_ftruncate = snapshot_writer.os.ftruncate
+
+    def ftruncate(fd: int, size: int) -> None:
+        sizes.append(size)
+        real_ftruncate(fd, size)
+
+    monkeypatch.setattr(snapshot_writer.os, "ftruncate", ftruncate)
+    writer = SnapshotWriter(path)
+    with open(path, "rb") as sending:  # pysyncobj streaming the old one
+        writer.start(store, entry(1), entry(0), MEMBERS)
+        assert wait_result(writer) == SERIALIZER_STATE.SUCCESS
+        assert read_header(path).index == 1
+        time.sleep(0.6)
+        assert retired.exists() and not sizes, "shrunk while it was being read"
+        assert sending.read() == old
+    _wait_gone(retired)
+    assert sizes == [4 << 20, 3 << 20, 2 << 20, 1 << 20, 0]
+
+
+def test_a_leftover_retired_snapshot_is_removed_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.bin"
+    retired = path.with_name("snapshot.bin.retired")
+    retired.write_bytes(b"released halfway before a crash")
+    SnapshotWriter(path)
+    assert not retired.exists()
