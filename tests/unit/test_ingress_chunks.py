@@ -163,6 +163,30 @@ class _Recording(_LosesFirstChunkOnce):
         return self._apply(cmd)
 
 
+def _recorded_submission(store: QueueStore, sizes: EntrySizes, body: bytes) -> list[Command]:
+    """One message through SMTP ingress whose intake splits by `sizes`: the commands."""
+    rep = _Recording(store)
+    ing = SmtpIngress(
+        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
+    )
+    ing.intake.sizes = lambda: sizes
+
+    async def run() -> str:
+        session = Session(asyncio.get_running_loop())
+        session.peer = ("127.0.0.1", 40000)
+        env = Envelope()
+        env.mail_from = "a@example.org"
+        env.rcpt_tos = ["b@example.org"]
+        env.content = env.original_content = body
+        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
+        return reply
+
+    assert asyncio.run(run()).startswith("250")
+    (queued,) = store.list_messages(10)
+    assert store.read_body(queued).endswith(body)
+    return rep.cmds
+
+
 @pytest.mark.parametrize(
     ("sizes", "inline"),
     [(SMALL_ENTRIES, False), (BIG_ENTRIES, True)],
@@ -171,59 +195,23 @@ class _Recording(_LosesFirstChunkOnce):
 def test_a_body_is_split_by_the_entry_sizes_the_cluster_carries(
     store: QueueStore, sizes: EntrySizes, inline: bool
 ) -> None:
-    rep = _Recording(store)
-    ing = SmtpIngress(
-        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
-    )
-    ing.intake.sizes = lambda: sizes
     body = b"Subject: big\r\n\r\n" + (b"z" * 98 + b"\r\n") * 5000  # ~500 KB
-
-    async def run() -> str:
-        session = Session(asyncio.get_running_loop())
-        session.peer = ("127.0.0.1", 40000)
-        env = Envelope()
-        env.mail_from = "a@example.org"
-        env.rcpt_tos = ["b@example.org"]
-        env.content = env.original_content = body
-        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
-        return reply
-
-    assert asyncio.run(run()).startswith("250")
-    chunks = [c for c in rep.cmds if isinstance(c, PutChunk)]
-    (enqueue,) = [c for c in rep.cmds if isinstance(c, Enqueue)]
+    cmds = _recorded_submission(store, sizes, body)
+    chunks = [c for c in cmds if isinstance(c, PutChunk)]
+    (enqueue,) = [c for c in cmds if isinstance(c, Enqueue)]
     if inline:
         assert not chunks and enqueue.body is not None and enqueue.body.endswith(body)
     else:
         assert enqueue.body is None and len(chunks) == enqueue.chunks > 10
         assert max(len(c.data) for c in chunks) == SMALL_ENTRIES.chunk
-    assert all(len(encode_entry([c])) < sizes.max_entry for c in rep.cmds)
-    (queued,) = store.list_messages(10)
-    assert store.read_body(queued).endswith(body)
+    assert all(len(encode_entry([c])) < sizes.max_entry for c in cmds)
 
 
 def test_a_body_over_the_big_inline_size_goes_in_chunks_of_the_big_size(
     store: QueueStore,
 ) -> None:
-    rep = _Recording(store)
-    ing = SmtpIngress(
-        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
-    )
-    ing.intake.sizes = lambda: BIG_ENTRIES
     body = b"Subject: big\r\n\r\n" + (b"w" * 998 + b"\r\n") * 2600  # ~2.5 MiB
-
-    async def run() -> str:
-        session = Session(asyncio.get_running_loop())
-        session.peer = ("127.0.0.1", 40000)
-        env = Envelope()
-        env.mail_from = "a@example.org"
-        env.rcpt_tos = ["b@example.org"]
-        env.content = env.original_content = body
-        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
-        return reply
-
-    assert asyncio.run(run()).startswith("250")
-    chunks = [c for c in rep.cmds if isinstance(c, PutChunk)]
+    cmds = _recorded_submission(store, BIG_ENTRIES, body)
+    chunks = [c for c in cmds if isinstance(c, PutChunk)]
     assert [len(c.data) for c in chunks[:2]] == [BIG_ENTRIES.chunk] * 2 and len(chunks) == 3
-    assert all(len(encode_entry([c])) < BIG_ENTRIES.max_entry for c in rep.cmds)
-    (queued,) = store.list_messages(10)
-    assert store.read_body(queued).endswith(body)
+    assert all(len(encode_entry([c])) < BIG_ENTRIES.max_entry for c in cmds)
