@@ -290,36 +290,40 @@ def latency(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         if not peaks:
             step("latency: measuring the peak first")
             peaks = [measure("accept", "peak", target, {**params, "messages": 1500}, 60).rate or 0]
-        peak = peaks[0]
         for frac in (0.5, 0.9):
-            rate = max(peak * frac, 1.0)
-            step(f"latency: {frac:.0%} of peak ({rate:.0f} msg/s)")
-            p = {**params, "messages": int(rate * plan.latency_s), "offered_per_s": round(rate)}
-            result, elapsed = run_load(
-                target, p["messages"], 200, KIB, 1, plan.latency_s * 3, rate, run_id=f"lat{frac}"
-            )
-            row = row_from("latency", f"mqnode 3 nodes at {frac:.0%} of peak", p, result, elapsed)
-            out.rows.append(row)
-            out.series[f"latency_ms_{int(frac * 100)}"] = sorted(
-                a.data_s * 1000 for a in result.attempts if a.code == 250
-            )
+            _latency_at(plan, step, out, target, params, peaks[0], frac, f"{int(frac * 100)}")
         # 100 KiB (the size bulk mail is benchmarked at) at half of its own peak, measured
         # here with the same generator: the generator's CPU is part of what limits it.
         big = {**params, "size": LATENCY_BIG}
         step("latency: the 100 KiB peak")
         peak_row = measure("latency", "mqnode 3 nodes, peak", target, {**big, "messages": 1500}, 90)
         out.rows.append(peak_row)
-        peak = peak_row.rate or 0
-        rate = max(peak * 0.5, 1.0)
-        step(f"latency: 100 KiB at 50% of peak ({rate:.0f} msg/s)")
-        p = {**big, "messages": int(rate * plan.latency_s), "offered_per_s": round(rate)}
-        result, elapsed = run_load(
-            target, p["messages"], 200, LATENCY_BIG, 1, plan.latency_s * 3, rate, run_id="lat100k"
-        )
-        out.rows.append(row_from("latency", "mqnode 3 nodes at 50% of peak", p, result, elapsed))
-        out.series["latency_ms_100k_50"] = sorted(
-            a.data_s * 1000 for a in result.attempts if a.code == 250
-        )
+        _latency_at(plan, step, out, target, big, peak_row.rate or 0, 0.5, "100k_50")
+
+
+def _latency_at(
+    plan: Plan,
+    step: Step,
+    out: Results,
+    target: list[tuple[str, int]],
+    params: dict[str, Any],
+    peak: float,
+    frac: float,
+    series: str,
+) -> None:
+    """An open-loop load at `frac` of `peak`: a row and the sorted DATA-to-250 times."""
+    rate = max(peak * frac, 1.0)
+    size = int(params["size"])
+    step(f"latency: {size // KIB} KiB at {frac:.0%} of peak ({rate:.0f} msg/s)")
+    p = {**params, "messages": int(rate * plan.latency_s), "offered_per_s": round(rate)}
+    result, elapsed = run_load(
+        target, p["messages"], 200, size, 1, plan.latency_s * 3, rate, run_id=f"lat{series}"
+    )
+    row = row_from("latency", f"mqnode 3 nodes at {frac:.0%} of peak", p, result, elapsed)
+    out.rows.append(row)
+    out.series[f"latency_ms_{series}"] = sorted(
+        a.data_s * 1000 for a in result.attempts if a.code == 250
+    )
 
 
 def failover(plan: Plan, tmp: Path, step: Step, out: Results) -> None:

@@ -143,3 +143,20 @@ def test_extra_trailing_bytes_are_detected(snap: Path, target: QueueStore) -> No
 def test_missing_file_is_corrupt_data(tmp_path: Path, target: QueueStore) -> None:
     with pytest.raises(CorruptDataError):
         install(tmp_path / "nope.bin", target)
+
+
+def test_the_state_copy_goes_to_a_new_file_never_a_truncated_one(
+    tmp_path: Path, source: QueueStore
+) -> None:
+    """Reopening an existing file with "wb" truncates it, and ext4 (auto_da_alloc) then
+    writes the whole copy back when it is closed: every journal fsync on the disk stalled
+    100-150 ms at each snapshot. copy_to only creates; write_snapshot leaves no scratch."""
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"x")
+    with pytest.raises(FileExistsError):
+        source.copy_to(existing)
+    path = tmp_path / "snap" / "snapshot.bin"
+    path.parent.mkdir()
+    write_snapshot(path, source, LAST, PREV, CLUSTER)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["snapshot.bin"]
+    assert read_header(path).index == LAST[1]
