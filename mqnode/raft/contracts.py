@@ -18,8 +18,8 @@ The contract, on the implementer's side:
   resumes from. A full map raises an error for which `map_filled` is true;
   `grow_for_apply` may make room so that committed entries still apply.
 * For snapshots, `snapshot_txn` commits the tick's applies and returns a read
-  transaction (with `abort()`) on exactly that state, which `copy_to` may copy
-  from another thread while applies go on; `replace_from` swaps the whole
+  transaction (with `abort()`) on exactly that state, which `copy_into` may
+  copy from another thread while applies go on; `replace_from` swaps the whole
   state for such a copy (a follower installing the leader's snapshot).
 """
 
@@ -66,7 +66,7 @@ class StateStore(Protocol[TxnT_co]):
 
     def snapshot_txn(self) -> Any: ...
 
-    def copy_to(self, dest_file: Path, txn: Any = None) -> None: ...
+    def copy_into(self, fd: int, txn: Any = None) -> None: ...
 
     def replace_from(self, data_file: Path) -> None: ...
 

@@ -828,21 +828,18 @@ class QueueStore:
         )
 
     # -- snapshots -----------------------------------------------------------
-    def copy_to(self, dest_file: Path, txn: Any = None) -> None:
-        """A consistent, compacted copy of the state as one scratch file, not fsynced.
+    def copy_into(self, fd: int, txn: Any = None) -> None:
+        """Write a consistent, compacted copy of the state to `fd` from its current
+        position (a pipe or a file); not synced.
 
         With `txn` (from `snapshot_txn()`), the copy is the state as of that read
-        transaction, and may run on another thread while applies go on. Not
-        synced: the caller streams it into a durable file in slices
-        (raft/snapshot_file.py); one fsync of the whole copy queued every journal fsync
-        on the disk behind it.
+        transaction, and may run on another thread while applies go on (the copy
+        releases the GIL). raft/snapshot_file.py streams it through a pipe into the
+        snapshot, checksumming and syncing it in slices on the way.
         """
         if txn is None:
             self.commit_apply()
-        # A new file ("xb"): truncating an existing one would have ext4 write it back at
-        # close (raft/snapshot_file.py).
-        with open(dest_file, "xb") as fh:
-            self._env.copyfd(fh.fileno(), compact=True, txn=txn)
+        self._env.copyfd(fd, compact=True, txn=txn)
 
     def snapshot_txn(self) -> Any:
         """Commit this tick's applies and open a read transaction on exactly that state.

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from mqnode.errors import CorruptDataError
+from mqnode.raft import snapshot_file
 from mqnode.raft.snapshot_file import MAGIC, install, read_header, write_snapshot
 from mqnode.spool.store import QueueStore
 
@@ -145,18 +149,56 @@ def test_missing_file_is_corrupt_data(tmp_path: Path, target: QueueStore) -> Non
         install(tmp_path / "nope.bin", target)
 
 
-def test_the_state_copy_goes_to_a_new_file_never_a_truncated_one(
+def test_a_snapshot_replaces_an_existing_file_and_leaves_no_scratch(
     tmp_path: Path, source: QueueStore
 ) -> None:
     """Reopening an existing file with "wb" truncates it, and ext4 (auto_da_alloc) then
     writes the whole copy back when it is closed: every journal fsync on the disk stalled
-    100-150 ms at each snapshot. copy_to only creates; write_snapshot leaves no scratch."""
-    existing = tmp_path / "existing"
-    existing.write_bytes(b"x")
-    with pytest.raises(FileExistsError):
-        source.copy_to(existing)
+    100-150 ms at each snapshot. The old file is removed, and nothing else is written."""
     path = tmp_path / "snap" / "snapshot.bin"
     path.parent.mkdir()
+    path.write_bytes(b"x" * 100_000)
     write_snapshot(path, source, LAST, PREV, CLUSTER)
     assert sorted(p.name for p in path.parent.iterdir()) == ["snapshot.bin"]
     assert read_header(path).index == LAST[1]
+
+
+@pytest.mark.parametrize("size,crc", [(0, 0), (2**64 - 1, 2**32 - 1), (300 << 20, 127)])
+@pytest.mark.parametrize("members", [1, 3, 200])
+def test_every_header_fills_its_slot_exactly(size: int, crc: int, members: int) -> None:
+    """The state is streamed in behind a slot reserved before its size and CRC are known."""
+    cluster = [f"node-{i}.example.net:{7000 + i}" for i in range(members)]
+    slot = snapshot_file._header_slot(LAST, PREV, cluster)
+    assert len(snapshot_file._pack_header(LAST, PREV, cluster, size, crc, slot)) == slot
+
+
+class _FakeStore:
+    """Stands in for the state's copy: writes `chunks` MiB, then fails if told to."""
+
+    def __init__(self, chunks: int, fail: bool) -> None:
+        self.chunks, self.fail = chunks, fail
+
+    def copy_into(self, fd: int, txn: object = None) -> None:
+        for _ in range(self.chunks):
+            os.write(fd, bytes(1 << 20))
+        if self.fail:
+            raise RuntimeError("MDB_PANIC")
+
+
+def test_a_failed_copy_fails_the_snapshot(tmp_path: Path) -> None:
+    store = cast(QueueStore, _FakeStore(3, fail=True))
+    with pytest.raises(OSError, match="MDB_PANIC"):
+        write_snapshot(tmp_path / "snapshot.bin", store, LAST, PREV, CLUSTER)
+
+
+def test_a_failed_write_ends_the_copy_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy blocks on a full pipe once nobody reads it: closing the pipe ends it."""
+
+    def broken(src: object, out: object) -> tuple[int, int]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapshot_file, "_copy_synced", broken)
+    store = cast(QueueStore, _FakeStore(64, fail=False))
+    with pytest.raises(OSError, match="No space"):
+        write_snapshot(tmp_path / "snapshot.bin", store, LAST, PREV, CLUSTER)
+    assert not any(t.name == "snapshot-copy" for t in threading.enumerate())
