@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -213,9 +214,7 @@ def plots(directory: Path, prefix: str, series: dict[str, Any]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for key, values in sorted(lat.items()):
             n = len(values)
-            # latency_ms_50, latency_ms_90 (1 KiB), latency_ms_100k_50 (100 KiB)
-            size, _, frac = key[11:].rpartition("_")
-            label = f"{frac}% of peak" + (f", {size[:-1]} KiB" if size else ", 1 KiB")
+            label = _latency_label(key)
             ax.plot(values, [(i + 1) / n for i in range(n)], label=label)
         ax.set_xscale("log")
         ax.set_xlabel("DATA to 250, ms (log)")
@@ -225,6 +224,19 @@ def plots(directory: Path, prefix: str, series: dict[str, Any]) -> list[Path]:
         ax.legend()
         written.append(_save(fig, directory / _name(prefix, "latency-cdf")))
     return written
+
+
+def _latency_label(key: str) -> str:
+    """latency_ms_50, latency_ms_90 (1 KiB), latency_ms_100k_50 (100 KiB, delivering),
+    latency_ms_100k_50_queued (100 KiB, nothing delivered)."""
+    match = re.fullmatch(r"latency_ms_(?:(\d+)k_)?(\d+)(_queued)?", key)
+    if match is None:
+        return key
+    size, frac, queued = match.groups()
+    label = f"{frac}% of peak, {size or 1} KiB"
+    if size:
+        label += ", queue growing" if queued else ", delivering"
+    return label
 
 
 def _name(prefix: str, kind: str) -> str:
