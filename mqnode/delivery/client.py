@@ -170,19 +170,26 @@ def _refused(code: int) -> Outcome:
     return Outcome.BOUNCED if 500 <= code < 600 else Outcome.DEFERRED
 
 
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_DOT_AFTER_LF = re.compile(rb"\n\.")
+
+
 def dot_stuff(body: bytes) -> bytes:
     """CRLF line endings, leading dots doubled, ending in CRLF (RFC 5321 4.5.2).
 
-    Queued bodies nearly always have CRLF line ends already and few lines that start
-    with a dot: counting and searching first (each a C scan) and rewriting only when
-    needed costs a 100 KiB message ~0.25 ms instead of ~0.6 ms (a rewrite of every line
-    end and a regex over every line, a tenth of the leader's CPU at that size)."""
-    crlf = body.count(b"\r\n")
-    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:  # a bare CR or LF
+    Bare CRs and LFs are made CRLF, never sent alone: receivers that end DATA on a bare
+    line end could otherwise be handed a second message (SMTP smuggling). Queued bodies
+    nearly always have CRLF line ends already and few lines that start with a dot, so
+    this checks first (each a C scan) and rewrites only when needed. With no bare CR,
+    as many CRs as LFs means every LF follows a CR; a regex finds "\n." twice as fast
+    as `in` does. 1.7 ms per MiB, against 2.7 ms for counting CRLFs as well: at 1 MiB
+    this was a sixth of the leader's CPU.
+    """
+    if body.count(b"\n") != body.count(b"\r") or _BARE_CR.search(body):
         body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if body.startswith(b"."):
         body = b"." + body
-    if b"\n." in body:
+    if _DOT_AFTER_LF.search(body):
         body = body.replace(b"\n.", b"\n..")
     return body if body.endswith(b"\r\n") else body + b"\r\n"
 

@@ -18,7 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mqnode.smtp.data import unstuff
+from mqnode.smtp.data import has_long_line, unstuff
 from mqnode.smtp.protocol import SubmissionProtocol
 
 SIZE_LIMIT = 3000
@@ -106,3 +106,13 @@ def test_same_transcript_and_message_as_aiosmtpd(
 def test_unstuff_removes_one_leading_dot_per_line() -> None:
     assert unstuff(b"..a\r\n.\r\nb.\r\n...\r\n") == b".a\r\n\r\nb.\r\n..\r\n"
     assert unstuff(b"") == b""
+
+
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"x" * 7, b"\r\r\n"]), max_size=60),
+    st.integers(min_value=0, max_value=40),
+)
+def test_the_long_line_check_equals_splitting_the_lines(pieces: list[bytes], longest: int) -> None:
+    data = b"".join(pieces)
+    expected = any(len(line) > longest for line in data.split(b"\r\n"))
+    assert has_long_line(data, longest) == expected
