@@ -155,7 +155,7 @@ class StateTxn:
     # -- bodies -------------------------------------------------------------
     def put_body_chunk(self, body_key: str, seq: int, data: bytes) -> None:
         self._txn.put(_body_key(body_key, seq), with_crc(data), db=self._s._body)
-        self._s.body_bytes_written += len(data)
+        self._s.body_bytes_held += len(data)
 
     def has_body_chunk(self, body_key: str, seq: int) -> bool:
         return self._txn.get(_body_key(body_key, seq), db=self._s._body) is not None
@@ -171,7 +171,9 @@ class StateTxn:
 
     def delete_body(self, body_key: str, chunks: int) -> None:
         for seq in range(chunks):
-            self._txn.delete(_body_key(body_key, seq), db=self._s._body)
+            gone = self._txn.pop(_body_key(body_key, seq), db=self._s._body)
+            if gone is not None:
+                self._s.body_bytes_held -= len(gone) - 4  # its CRC
 
     # -- staged uploads (large bodies arriving as chunks) --------------------
     def note_upload(self, upload_id: str, created_ms: int) -> None:
@@ -373,9 +375,11 @@ class QueueStore:
         self._env_map_size = self._map_size  # grown past it only to apply (grow_for_apply)
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()  # sync_state against close, not against readers
-        # Body bytes applied since the store opened (tick thread): how much a writeback of
-        # the state has to write, for node.watch_state_writeback.
-        self.body_bytes_written = 0
+        # Body bytes applied less body bytes deleted since the store opened (tick thread):
+        # how much a writeback of the state has to write, for node.watch_state_writeback.
+        # Deleted bodies' pages are reused by later ones before a writeback (LMDB reuses
+        # freed pages), so mail delivered soon after it came costs a writeback little.
+        self.body_bytes_held = 0
         self._untrusted = False  # a writeback failed: never removes the marker
         self._txn: Any = None
         self._commits = 0

@@ -24,7 +24,7 @@ from mqnode.node import watch_state_writeback
 from mqnode.spool.store import UNSYNCED_MARKER, WRITEBACK_FAILED, QueueStore
 from tests.support.chaos import tear_unsynced_state
 
-from .kit import Transcript, enqueue
+from .kit import Transcript, enqueue, open_store, outcome
 from .raftkit import single_node
 
 pytestmark = pytest.mark.timeout(120)
@@ -271,3 +271,19 @@ def test_the_state_is_written_back_once_enough_bodies_were_applied() -> None:
         watcher.cancel()
 
     asyncio.run(run())
+
+
+def test_bodies_held_count_what_is_applied_less_what_is_deleted(tmp_path: Path) -> None:
+    """The writeback trigger counts bodies still held: delivered mail frees its pages for
+    the next, and a sync every 16 MiB applied wrote each 100 KiB body once more."""
+    store = open_store(tmp_path / "state")
+    try:
+        tx = Transcript(store)
+        body = b"Subject: x\r\n\r\n" + b"y" * 100_000
+        tx.one(enqueue("Q1", body=body, idem=b"k1"))
+        tx.one(enqueue("Q2", body=body, idem=b"k2"))
+        assert store.body_bytes_held == 2 * len(body)
+        tx.one(outcome("Q1", [(0, "delivered", "250")]))
+        assert store.body_bytes_held == len(body)
+    finally:
+        store.close()
