@@ -144,7 +144,7 @@ class StateTxn:
         self._unindex(*_index_keys(msg))
         self._bump(msg.state(), -1)
         self._txn.delete(msg.queue_id.encode(), db=self._s._msgs)
-        self.delete_body(msg.body_key, msg.body_chunks)
+        self.delete_body(msg.body_key, msg.body_chunks, msg.size)
 
     def _unindex(self, due: set[bytes], by_domain: set[bytes]) -> None:
         for key in due:
@@ -169,11 +169,11 @@ class StateTxn:
             parts.append(check_crc(bytes(raw), f"body {body_key} chunk {seq}"))
         return b"".join(parts)
 
-    def delete_body(self, body_key: str, chunks: int) -> None:
+    def delete_body(self, body_key: str, chunks: int, size: int = 0) -> None:
+        """`size`: the body's bytes, for `body_bytes_held` (0 where unknown: an estimate)."""
         for seq in range(chunks):
-            gone = self._txn.pop(_body_key(body_key, seq), db=self._s._body)
-            if gone is not None:
-                self._s.body_bytes_held -= len(gone) - 4  # its CRC
+            self._txn.delete(_body_key(body_key, seq), db=self._s._body)
+        self._s.body_bytes_held -= size
 
     # -- staged uploads (large bodies arriving as chunks) --------------------
     def note_upload(self, upload_id: str, created_ms: int) -> None:
