@@ -116,7 +116,7 @@ class NodeConfig:
     log_compaction_min_entries: int = setting(2000, "Raft log entries before a snapshot (at least)")
     log_compaction_min_time_s: int = setting(300, "seconds between snapshots (at least)")
     state_map_size_mb: int = setting(4096, "queue state size limit; ingress refuses when full")
-    raft_map_size_mb: int = setting(1024, "Raft log size limit")
+    raft_map_size_mb: int = setting(4096, "Raft log size limit")
     # Off: a queue-only node, and tests that must not resolve or connect anywhere.
     delivery_enabled: bool = setting(True, "deliver mail (off: accept and replicate only)")
     delivery_concurrency: int = setting(20, "SMTP delivery sessions at once, all destinations")

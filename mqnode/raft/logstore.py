@@ -11,6 +11,7 @@ module that imports lmdb. Limits: `raft_map_size_mb`; a full map raises
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +49,35 @@ class LogStore:
 
     def load(self) -> list[tuple[bytes, int, int]]:
         """All entries in index order; a gap or bad checksum is corruption."""
+        return list(self.iter_entries())
+
+    def iter_entries(self) -> Iterator[tuple[bytes, int, int]]:
+        """Entries in index order, one at a time (a log may be larger than memory should
+        hold); a gap or bad checksum is corruption."""
+        last = None
         try:
-            return self._load()
+            with self._env.begin() as txn:
+                for key, raw in txn.cursor(db=self._log):
+                    idx = U64.unpack(key)[0]
+                    term, cmd = _decode(idx, bytes(raw))
+                    if last is not None and idx != last + 1:
+                        raise CorruptDataError(f"raft log gap: {last} then {idx}")
+                    last = idx
+                    yield cmd, idx, term
         except LmdbError as exc:
             raise CorruptDataError(f"raft log: {exc}") from exc
 
-    def _load(self) -> list[tuple[bytes, int, int]]:
-        out: list[tuple[bytes, int, int]] = []
-        with self._env.begin() as txn:
-            for key, raw in txn.cursor(db=self._log):
-                idx = U64.unpack(key)[0]
-                raw = bytes(raw)
-                if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
-                    raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
-                term, cmd = unpack(raw[4:])
-                if out and idx != out[-1][1] + 1:
-                    raise CorruptDataError(f"raft log gap: {out[-1][1]} then {idx}")
-                out.append((cmd, idx, term))
-        return out
+    def read(self, idx: int) -> tuple[bytes, int]:
+        """(command, term) of the entry at `idx`, which must be in the log."""
+        try:
+            with self._env.begin() as txn:
+                raw = txn.get(U64.pack(idx), db=self._log)
+                if raw is None:
+                    raise CorruptDataError(f"raft log entry {idx} is missing")
+                term, cmd = _decode(idx, bytes(raw))
+        except LmdbError as exc:
+            raise CorruptDataError(f"raft log: {exc}") from exc
+        return cmd, term
 
     def get_meta(self) -> dict[str, Any]:
         with self._env.begin() as txn:
@@ -113,3 +125,10 @@ class LogStore:
 
     def close(self) -> None:
         self._env.close()
+
+
+def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
+    if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+        raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
+    term, cmd = unpack(raw[4:])
+    return int(term), bytes(cmd)

@@ -345,18 +345,18 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         idx = message.get("next_node_idx")
         if not isinstance(idx, int) or len(journal) < 2:
             return message
-        first, last = journal[0][1], journal[-1][1]
+        first, last = journal.index_at(0), journal.index_at(-1)
         if not first < idx <= last:
             return message
-        term = journal[idx - first][2]
+        term = journal.term_at(idx - first)
         pos = idx - first
         # Never below what this node applied: applied entries are committed, so they
         # match the leader's (Log Matching). Asking for them again made pysyncobj
         # truncate and re-append applied entries ("truncating already-applied").
         floor = min(max(journal.applied_index() + 1 - first, 1), pos)
-        while pos > floor and journal[pos - 1][2] == term:
+        while pos > floor and journal.term_at(pos - 1) == term:
             pos -= 1
-        return {**message, "next_node_idx": journal[pos][1]}
+        return {**message, "next_node_idx": journal.index_at(pos)}
 
     def release_deferred(self) -> None:
         deferred, self._mq_deferred = self._mq_deferred, []

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from mqnode.errors import CorruptDataError, StoreFullError
 from mqnode.raft import NO_OP, DurableJournal
+from mqnode.raft.journal import PINNED, RESIDENT_BYTES
 from mqnode.raft.logstore import LogStore
 
 _U64 = struct.Struct(">Q")
@@ -33,10 +34,10 @@ class Journals:
         self.path = path
         self._store: LogStore | None = None
 
-    def open(self) -> DurableJournal:
+    def open(self, resident_bytes: int = RESIDENT_BYTES) -> DurableJournal:
         self.close()
         self._store = LogStore(self.path, map_size_mb=16)
-        return DurableJournal(self._store)
+        return DurableJournal(self._store, resident_bytes)
 
     def close(self) -> None:
         if self._store is not None:
@@ -355,3 +356,54 @@ def test_durable_through_names_what_pending_ops_leave_alone(journals: Journals) 
     j.flush()
     j.clear()
     assert not j.durable_through(0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(journal_ops, st.integers(0, 3))
+def test_a_journal_holding_few_commands_in_memory_reads_the_same(
+    ops: list[tuple[str, int]], reloads: int
+) -> None:
+    """Commands past the memory budget are read back from LMDB: entries, slices (as
+    pysyncobj takes them) and what a reload finds are the same as with all in memory."""
+    with fresh_journals() as full, fresh_journals() as lean:
+        a, b = full.open(), lean.open(resident_bytes=0)
+        term = 1
+        for n, (op, arg) in enumerate(ops):
+            for j in (a, b):
+                if op == "add":
+                    fill(j, arg, term)
+                elif op == "del_from":
+                    j.deleteEntriesFrom(arg)
+                elif op == "del_to":
+                    j.deleteEntriesTo(arg)
+                elif op == "flush":
+                    j.flush()
+                else:
+                    j.setCurrentTerm(term + arg, None)
+            if op == "term":
+                term += arg
+            assert entries(b) == entries(a)
+            for start in range(len(a)):
+                assert list(b[start:]) == list(a[start:])
+                assert list(b[start:][:2]) == list(a[start:][:2])
+            assert [b.term_at(i) for i in range(len(b))] == [e[2] for e in entries(a)]
+            if n == reloads:
+                a.flush(), b.flush()
+                a, b = full.open(), lean.open(resident_bytes=0)
+        b.flush()
+        in_memory = sum(len(c) for c, _i, _t in b._entries if c is not None)
+        assert in_memory == b.resident_bytes
+        assert all(c is None for c, _i, _t in b._entries[PINNED:-1])
+
+
+def test_big_entries_past_the_budget_leave_memory(journals: Journals) -> None:
+    j = journals.open(resident_bytes=1_000_000)
+    for idx in range(2, 52):
+        j.add(bytes([idx]) * 100_000, idx, 1)
+        j.flush()
+    assert j.resident_bytes <= 1_000_000 + PINNED * 100_000
+    assert j[9] == (bytes([10]) * 100_000, 10, 1)  # position 9 (index 1 is the no-op): from disk
+    expected = entries(j)
+    reloaded = journals.open(resident_bytes=1_000_000)
+    assert reloaded.resident_bytes <= 1_000_000 + PINNED * 100_000
+    assert entries(reloaded) == expected
