@@ -31,6 +31,11 @@ class CorruptDataError(MqnodeError):
     """A data file on disk is damaged; never applied silently."""
 
 
+class JournalDamagedError(CorruptDataError):
+    """A Raft log entry read back while the node runs is damaged: the node stops (its
+    next start refuses the log, naming the remedy) instead of retrying every tick."""
+
+
 class CodecError(MqnodeError):
     """A replicated entry could not be decoded."""
 

@@ -21,7 +21,7 @@ from typing import Any, overload
 
 from pysyncobj.journal import Journal
 
-from mqnode.errors import CorruptDataError
+from mqnode.errors import CorruptDataError, JournalDamagedError
 from mqnode.raft.logstore import LogStore
 from mqnode.raft.wire import wire_command
 
@@ -92,8 +92,14 @@ class DurableJournal(Journal):  # type: ignore[misc]
     def _entry(self, pos: int) -> Entry:
         command, idx, term = self._entries[pos]
         if command is None:
-            command = wire_command(self._store.read(idx)[0])
+            command = self._read(idx)
         return command, idx, term
+
+    def _read(self, idx: int) -> bytes:
+        try:
+            return wire_command(self._store.read(idx)[0])
+        except CorruptDataError as exc:
+            raise JournalDamagedError(str(exc)) from exc
 
     def _forget(self, removed: list[Slot]) -> None:
         self._resident_bytes -= sum(len(c) for c, _i, _t in removed if c is not None)
@@ -103,7 +109,7 @@ class DurableJournal(Journal):  # type: ignore[misc]
         for pos in range(min(PINNED, len(self._entries))):
             command, idx, term = self._entries[pos]
             if command is None:
-                command = wire_command(self._store.read(idx)[0])
+                command = self._read(idx)
                 self._entries[pos] = (command, idx, term)
                 self._resident_bytes += len(command)
 

@@ -18,7 +18,7 @@ from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
-from mqnode.errors import ConfigError, MqnodeError, NewerFormatError
+from mqnode.errors import ConfigError, JournalDamagedError, MqnodeError, NewerFormatError
 from mqnode.raft import membership_rules
 from mqnode.raft.contracts import StateMachine, StateStore, TxnT
 from mqnode.raft.guarded import install as install_guarded_connections
@@ -365,6 +365,13 @@ class RaftNode(Generic[TxnT]):
                 # Rolled back, so the entry stays unapplied in the journal: an upgraded
                 # build applies it at the next start. Applying past it would diverge.
                 log.critical("raft: cannot apply a committed entry: %s; upgrade mqnode", exc)
+                self._roll_back()
+                self._stop.set()
+                self._loop.call_soon_threadsafe(self.on_fatal, exc)
+            except JournalDamagedError as exc:
+                # An entry went bad on disk since the start checked them all. Retrying
+                # reads it again every tick; the start refuses the log and says what to do.
+                log.critical("raft: %s", exc)
                 self._roll_back()
                 self._stop.set()
                 self._loop.call_soon_threadsafe(self.on_fatal, exc)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqnode.errors import CorruptDataError, StoreFullError
+from mqnode.errors import CorruptDataError, JournalDamagedError, StoreFullError
 from mqnode.raft import NO_OP, DurableJournal
 from mqnode.raft.journal import PINNED, RESIDENT_BYTES
 from mqnode.raft.logstore import LogStore
@@ -407,3 +407,22 @@ def test_big_entries_past_the_budget_leave_memory(journals: Journals) -> None:
     reloaded = journals.open(resident_bytes=1_000_000)
     assert reloaded.resident_bytes <= 1_000_000 + PINNED * 100_000
     assert entries(reloaded) == expected
+
+
+def test_a_command_damaged_on_disk_after_the_start_is_a_journal_error(
+    journals: Journals,
+) -> None:
+    """Read back while the node runs, a damaged entry stops the node (RaftNode treats
+    JournalDamagedError as fatal) instead of failing every tick."""
+    j = journals.open(resident_bytes=0)
+    fill(j, 5)
+    j.flush()
+    assert j[3][0] == b"cmd-4"  # read back from disk
+    env = j._store._env  # the running node's own env: LMDB opens a file once per process
+    log = env.open_db(b"log")
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(_U64.pack(4), db=log))
+        raw[-1] ^= 0xFF
+        txn.put(_U64.pack(4), bytes(raw), db=log)
+    with pytest.raises(JournalDamagedError, match="checksum"):
+        j[3]
