@@ -80,6 +80,7 @@ MAX_LIST = 100_000
 MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
 IDS_PER_COMMAND = 500  # keeps each log entry small
 OPS_IN_FLIGHT = 4  # a queue operation's commands committing at once
+BOUNCES_IN_FLIGHT = 32  # bounce's commands (one per message, with its DSN) committing at once
 AFFECTED_LISTED = 10_000  # ids an operation's answer lists (its "count" is all of them)
 MEMBERSHIP_TIMEOUT_S = 10.0  # default wait for a membership change to commit
 MEMBERSHIP_MAX_TIMEOUT_S = 120.0
@@ -216,37 +217,54 @@ class AdminServer:
         """Return messages to their senders (postsuper -r-like bounce): a DSN per message.
 
         Recorded as an outcome in the current lease epoch, so it is fenced like any
-        delivery result; a message being delivered right now may still arrive too.
+        delivery result; a message being delivered right now may still arrive too. A
+        message's DSN carries its own text, so each is a command of its own, and
+        `BOUNCES_IN_FLIGHT` of them commit at once: one at a time, each waiting for its
+        own commit, a dead destination's backlog took as many commit round trips as it
+        had messages.
         """
         affected: list[str] = []
         with self._store.reader() as r:
             epoch = QueueStateMachine.lease_epoch(r)
-        for qid in ids:
-            msg = self._store.get_message(qid)
-            if msg is None:
-                continue
-            now_ms = self._clock.wall_ms()
-            reply = "5.0.0 returned to sender by the mail administrator"
-            results = [
-                (i, Outcome.BOUNCED.value, reply)
-                for i, rcpt in enumerate(msg.recipients)
-                if rcpt.state is RcptState.PENDING
+        # Once each: two outcomes built before either committed would queue two DSNs.
+        ids = list(dict.fromkeys(ids))
+        for start in range(0, len(ids), BOUNCES_IN_FLIGHT):
+            window = [
+                self._bounce_command(qid, epoch) for qid in ids[start : start + BOUNCES_IN_FLIGHT]
             ]
-            dsn_id = make_queue_id(now_ms, secrets.token_bytes(4))
-            body = self._store.read_body(msg)
-            hostname = self._info["hostname"]
-            sign = self.sign_report
-            dsn = report_for(msg, results, {}, body, now_ms, hostname, dsn_id, sign=sign)
-            cmd = RecordOutcome(
-                qid, now_ms, tuple(results), now_ms, epoch, dsn_id if dsn else "", dsn
+            commands = [c for c in window if c is not None]
+            answers = await asyncio.gather(
+                *(self._rep.submit(cmd) for cmd in commands), return_exceptions=True
             )
-            try:
-                status, _ = await self._rep.submit(cmd)
-            except SubmitError as exc:
-                return _affected("bounce", affected, str(exc), 503)
-            if status == "ok":
-                affected.append(qid)
+            failed = ""
+            for cmd, answer in zip(commands, answers, strict=True):
+                if isinstance(answer, SubmitError):
+                    failed = failed or str(answer)
+                elif isinstance(answer, BaseException):
+                    raise answer
+                elif answer[0] == "ok":
+                    affected.append(cmd.queue_id)
+            if failed:
+                return _affected("bounce", affected, failed, 503)
         return _affected("bounce", affected)
+
+    def _bounce_command(self, qid: str, epoch: int) -> RecordOutcome | None:
+        """The outcome that bounces `qid`'s pending recipients, with its DSN; None if gone."""
+        msg = self._store.get_message(qid)
+        if msg is None:
+            return None
+        now_ms = self._clock.wall_ms()
+        reply = "5.0.0 returned to sender by the mail administrator"
+        results = [
+            (i, Outcome.BOUNCED.value, reply)
+            for i, rcpt in enumerate(msg.recipients)
+            if rcpt.state is RcptState.PENDING
+        ]
+        dsn_id = make_queue_id(now_ms, secrets.token_bytes(4))
+        body = self._store.read_body(msg)
+        hostname = self._info["hostname"]
+        dsn = report_for(msg, results, {}, body, now_ms, hostname, dsn_id, sign=self.sign_report)
+        return RecordOutcome(qid, now_ms, tuple(results), now_ms, epoch, dsn_id if dsn else "", dsn)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         body, content_type = self._metrics.render()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chaos import post_json
 from tests.support.cli import run_cli
 from tests.support.cluster import FAST_TUNING, Cluster, free_ports
 from tests.support.smtp import make_message, submit
@@ -171,6 +172,22 @@ def test_bounce_returns_messages_to_their_senders(tmp_path: Path) -> None:
         assert "delete: 1 message(s)" in out, out
         _wait_states(c, [dsns[0]["id"]], None)
         assert c.queue_entry(0, ids[1]) is not None
+
+
+def test_bounce_of_many_returns_each_once(tmp_path: Path) -> None:
+    """A selection's bounces commit a window at a time: every message returned, one DSN
+    each, even when the request names a message twice."""
+    dead = free_ports(1)[0]
+    args = (*FAST_TUNING, "--retry-base-s", "3600", "--retry-max-s", "3600")
+    with Cluster(tmp_path, extra_args=args, relay_host=f"127.0.0.1:{dead}") as c:
+        ids = _submit(c, 70, "many.test")
+        _wait_states(c, ids, "deferred", timeout_s=60)
+        lead = c.wait_for_leader(20)
+        answer = post_json(c, lead, "/queue/bounce", {"ids": [*ids, ids[0], ids[5], "NOPE"]})
+        assert answer["count"] == 70, answer
+        _wait_states(c, ids, None, timeout_s=60)
+        dsns = [m for m in c.queue_messages(lead) if m["mail_from"] == ""]
+        assert len(dsns) == 70, len(dsns)
 
 
 def test_select_by_sender_and_cat_a_message(deferring_cluster: Cluster) -> None:
