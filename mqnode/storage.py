@@ -3,7 +3,7 @@
 Both LMDB environments of a data dir are opened here (`open_env`): the queue
 state (spool/store.py) and the Raft journal (raft/logstore.py). What they
 share lives here too: record codecs (msgpack), a CRC32 in front of records
-(LMDB has none), the mapping of lmdb's errors to ours (`storage_error`: a full
+(LMDB has none; `crc32`), the mapping of lmdb's errors to ours (`storage_error`: a full
 disk or map is `StoreFullError`, retryable; anything else `CorruptDataError`)
 and `fsync_path` for files and directories.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import msgpack
+from isal import isal_zlib
 
 from mqnode.errors import CorruptDataError, StoreFullError
 
@@ -65,13 +65,20 @@ def open_env(path: Path, map_size: int, max_dbs: int, what: str, sync: bool = Tr
     return env
 
 
+def crc32(data: bytes, value: int = 0) -> int:
+    """zlib's CRC-32 (the same values), computed by ISA-L with carry-less multiplication:
+    ~3 us per 100 KiB where the system zlib takes ~40. Every message body is checksummed
+    in the journal and the state on every node, and again when it is read."""
+    return isal_zlib.crc32(data, value)
+
+
 def with_crc(data: bytes) -> bytes:
-    return U32.pack(zlib.crc32(data)) + data
+    return U32.pack(crc32(data)) + data
 
 
 def check_crc(raw: bytes, what: str) -> bytes:
     """LMDB has no record checksums: every queue record carries a CRC32 in front."""
-    if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+    if len(raw) < 4 or U32.unpack(raw[:4])[0] != crc32(raw[4:]):
         raise CorruptDataError(f"{what}: checksum mismatch")
     return raw[4:]
 

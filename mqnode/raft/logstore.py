@@ -10,7 +10,6 @@ module that imports lmdb. Limits: `raft_map_size_mb`; a full map raises
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from mqnode.storage import (
     U64,
     LmdbError,
     LmdbMapFullError,
+    crc32,
     open_env,
     pack,
     storage_error,
@@ -99,7 +99,7 @@ class LogStore:
                 for op, idx, term, cmd in ops:
                     if op == "add":
                         body = pack([term, cmd])
-                        txn.put(U64.pack(idx), U32.pack(zlib.crc32(body)) + body, db=self._log)
+                        txn.put(U64.pack(idx), U32.pack(crc32(body)) + body, db=self._log)
                     elif op == "clear":
                         txn.drop(self._log, delete=False)
                     else:
@@ -128,7 +128,7 @@ class LogStore:
 
 
 def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
-    if len(raw) < 4 or U32.unpack(raw[:4])[0] != zlib.crc32(raw[4:]):
+    if len(raw) < 4 or U32.unpack(raw[:4])[0] != crc32(raw[4:]):
         raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
     term, cmd = unpack(raw[4:])
     return int(term), bytes(cmd)

@@ -23,7 +23,6 @@ import fcntl
 import os
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +31,7 @@ import msgpack
 
 from mqnode.errors import CorruptDataError
 from mqnode.raft.contracts import StateStore
+from mqnode.storage import crc32
 
 MAGIC = b"MQSNAP01"
 _U32 = struct.Struct(">I")
@@ -90,7 +90,7 @@ def write_snapshot(
         out.write(bytes(16 + slot))
         crc, size = _stream_state(store, txn, out)  # flushed and synced
         header = _pack_header(last, prev, cluster, size, crc, slot)
-        os.pwrite(out.fileno(), MAGIC + _U32.pack(slot) + _U32.pack(zlib.crc32(header)) + header, 0)
+        os.pwrite(out.fileno(), MAGIC + _U32.pack(slot) + _U32.pack(crc32(header)) + header, 0)
         os.fsync(out.fileno())
 
 
@@ -164,7 +164,7 @@ def _copy_synced(src: BinaryIO, out: BinaryIO) -> tuple[int, int]:
     """Copy the rest of `src` to `out`, durable when it returns; (crc32, bytes copied)."""
     crc, size, unsynced = 0, 0, 0
     while chunk := src.read(_COPY_BYTES):
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32(chunk, crc)
         size += len(chunk)
         out.write(chunk)
         unsynced += len(chunk)
@@ -188,7 +188,7 @@ def read_header(path: Path) -> SnapshotHeader:
             raw = fh.read(hlen)
     except OSError as exc:
         raise CorruptDataError(f"{path}: unreadable snapshot: {exc.strerror}") from exc
-    if len(raw) != hlen or zlib.crc32(raw) != hcrc:
+    if len(raw) != hlen or crc32(raw) != hcrc:
         raise CorruptDataError(f"{path}: snapshot header checksum mismatch")
     h: dict[str, Any] = msgpack.unpackb(raw, raw=False)
     return SnapshotHeader(
