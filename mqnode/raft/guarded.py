@@ -136,7 +136,7 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
         end = _LENGTH.size + length
         if len(buf) < end:
             return None
-        data = bytes(buf[_LENGTH.size : end])
+        data = bytes(memoryview(buf)[_LENGTH.size : end])  # one copy of a frame, not two
         del buf[:end]
         try:
             if self.encryptor:

@@ -98,8 +98,7 @@ class LogStore:
             with self._env.begin(write=True) as txn:
                 for op, idx, term, cmd in ops:
                     if op == "add":
-                        body = pack([term, cmd])
-                        txn.put(U64.pack(idx), U32.pack(crc32(body)) + body, db=self._log)
+                        txn.put(U64.pack(idx), _record(term, cmd), db=self._log)
                     elif op == "clear":
                         txn.drop(self._log, delete=False)
                     else:
@@ -127,8 +126,28 @@ class LogStore:
         self._env.close()
 
 
+def _record(term: int, cmd: bytes) -> bytes:
+    """crc32 || msgpack([term, cmd]), with one copy of `cmd` (entries carry whole bodies):
+    msgpack's framing of the pair is packed apart from the command and joined once."""
+    head = _PAIR + pack(term) + _bin_header(len(cmd))
+    return b"".join([U32.pack(crc32(cmd, crc32(head))), head, cmd])
+
+
+_PAIR = b"\x92"  # msgpack: an array of two
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's bin 8/16/32 header for `size` bytes (what `pack` writes before bytes)."""
+    if size < 0x100:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
 def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
-    if len(raw) < 4 or U32.unpack(raw[:4])[0] != crc32(raw[4:]):
+    view = memoryview(raw)[4:]  # no copies of a body-sized entry to check it
+    if len(raw) < 4 or U32.unpack_from(raw)[0] != crc32(view):
         raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
-    term, cmd = unpack(raw[4:])
+    term, cmd = unpack(view)
     return int(term), bytes(cmd)

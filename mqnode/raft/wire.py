@@ -97,14 +97,16 @@ class AeadEncryptor:
         return self._aead.decrypt(nonce, sealed, header)
 
 
-def _split(token: bytes) -> tuple[bytes, int, bytes, bytes]:
+def _split(token: bytes) -> tuple[memoryview, int, memoryview, memoryview]:
+    """(header, timestamp, nonce, sealed): views, as a catch-up batch is megabytes."""
     start = _HEADER.size + _NONCE_BYTES
     if len(token) < start + 16:
         raise ValueError("peer message too short")
     version, at = _HEADER.unpack_from(token)
     if version != TOKEN_VERSION:
         raise ValueError("not an mqnode peer message of this release")
-    return token[: _HEADER.size], at, token[_HEADER.size : start], token[start:]
+    view = memoryview(token)
+    return view[: _HEADER.size], at, view[_HEADER.size : start], view[start:]
 
 
 def aead_encryptor(password: str | bytes) -> AeadEncryptor:

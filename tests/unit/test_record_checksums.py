@@ -1,17 +1,19 @@
-"""Record checksums (storage.crc32, ISA-L) are zlib's CRC-32: data written by any release reads.
+"""Records on disk are what every release wrote and reads: zlib's CRC-32 (computed by ISA-L),
+the journal's framing.
 
-Journal entries, state records and snapshot files written before the checksum moved
-to ISA-L carry zlib.crc32 values; a differing value would make every one of them
-"corrupt" after an upgrade.
+Every journal entry, state record and snapshot file on disk carries a zlib.crc32 value;
+a checksum that differed from it would call all of them "corrupt" after an upgrade.
 """
 
 from __future__ import annotations
 
 import zlib
 
+import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mqnode.raft import logstore
 from mqnode.storage import check_crc, crc32, with_crc
 
 
@@ -31,3 +33,19 @@ def test_a_record_checksummed_by_zlib_reads_back() -> None:
     old = zlib.crc32(body).to_bytes(4, "big") + body  # as an earlier release wrote it
     assert check_crc(old, "msg") == body
     assert with_crc(body) == old
+
+
+@given(
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from([255, 256, 65535, 65536, 70_000]).map(lambda n: b"c" * n),
+    ),
+)
+def test_a_journal_record_is_crc_and_msgpack_of_term_and_command(term: int, cmd: bytes) -> None:
+    """The journal frames an entry itself, so as not to copy a body twice: the bytes must
+    be what crc32 || msgpack([term, cmd]) always were (earlier releases read them)."""
+    record = logstore._record(term, cmd)
+    packed = msgpack.packb([term, cmd], use_bin_type=True)
+    assert record == zlib.crc32(packed).to_bytes(4, "big") + packed
+    assert logstore._decode(7, record) == (term, cmd)
