@@ -42,13 +42,13 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-import pysyncobj.pickle as pysyncobj_pickle
 import pysyncobj.tcp_connection as pysyncobj_tcp
 import pysyncobj.tcp_server as pysyncobj_tcp_server
 import pysyncobj.transport as pysyncobj_transport
 from pysyncobj.monotonic import monotonic as _pysyncobj_now
 from pysyncobj.tcp_connection import TcpConnection
 
+from mqnode.raft import wire
 from mqnode.raft.internals import ConnectionInternals, install_read_path, install_write_path
 
 PRE_AUTH_MAX_FRAME_BYTES = 64 * 1024
@@ -146,7 +146,7 @@ class GuardedConnection(TcpConnection):  # type: ignore[misc]
                 self.recvLastTimestamp = stamp
                 data = self.encryptor.decrypt(data)
             # pysyncobj's tcp_connection module global, which wire.py swaps for its codec.
-            message = pysyncobj_pickle.loads(pysyncobj_tcp.zlib.decompress(data))
+            message = wire.loads(pysyncobj_tcp.zlib.decompress(data))
             if self.recvRandKey:
                 rand_key, message = message
                 if rand_key != self.recvRandKey:

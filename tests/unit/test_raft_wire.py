@@ -11,6 +11,7 @@ import base64
 import os
 import pickle
 import zlib
+from unittest import mock
 
 import pysyncobj.pickle as pysyncobj_pickle
 import pysyncobj.tcp_connection as pysyncobj_tcp
@@ -144,3 +145,23 @@ def test_copies_of_one_attachment_and_headers_in_front_go_stored() -> None:
     assert not wire.compressible(b"".join([body] * 10))
     html = b"<tr><td>Product</td><td>$9.99</td><td><a href='https://x.test/p'>Buy</a></td></tr>\n"
     assert wire.compressible(html * 3000) and wire.compressible(html * 20)
+
+
+def test_our_loader_reads_what_stock_pickle_reads_and_inflates_in_isal() -> None:
+    """Peer messages are read by `wire.loads`, which runs a deflated entry's
+    `zlib.decompress` in ISA-L: same objects as stock pickle, of either kind of entry."""
+    wire.install()
+    text = wire.wire_command(b"\x01" + b"text that deflates well " * 5000)
+    attachment = wire.wire_command(b"\x01" + os.urandom(60_000))
+    message = (b"key", {"type": "append_entries", "entries": [(text, 3, 1), (attachment, 4, 1)]})
+    data = pysyncobj_tcp.pickle.dumps(message)
+    assert wire.loads(data) == pickle.loads(data) == message
+    inflated: list[bytes] = []
+
+    def inflate(packed: bytes) -> bytes:
+        inflated.append(packed)
+        return zlib.decompress(packed)
+
+    with mock.patch.object(wire.isal_zlib, "decompress", inflate):
+        assert wire.loads(data) == message
+    assert inflated == [text.__dict__["deflated"]]
