@@ -25,16 +25,16 @@ unchanged:
   when samples of them compress (base64 attachments do not: `_Deflate`). A
   big entry is deflated on its own, once (`WireCommand`), not once per
   follower inside each message.
-* Deflate, inflate and the streams' Adler-32 run in ISA-L (`isal_zlib`), whose
-  output is an ordinary zlib stream: 100 KiB of text deflates in ~15 us
-  where the system zlib at level 1 takes ~250 us, and inflates in half the
-  time.
   Not compressing at all was tried: pysyncobj grows its socket buffers with
   `bytes +=` and slices them per message, quadratic in what is pending, and a
   follower catching up (64 KB batches, thousands of entries) stalled its node
   for seconds with 3-4x the bytes (kill-leader rounds: 1 s outages became
   3-6 s). Catch-up batches are at least 64 KB, so they are still deflated
-  (raft/guarded.py's send buffer is linear now).
+  (raft/guarded.py's send buffer is linear).
+* Deflate, inflate and the streams' Adler-32 run in ISA-L (`isal_zlib`), whose
+  output is an ordinary zlib stream: 100 KiB of text deflates in ~15 us
+  where the system zlib at level 1 takes ~250 us. Received messages are read
+  by `loads`, which inflates a big entry in ISA-L too (half the time).
 
 Compatibility: the peer protocol changed with AES-GCM. A node of an older
 release (Fernet) and one of this release cannot read each other: the
