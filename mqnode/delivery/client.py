@@ -91,6 +91,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
 
@@ -516,8 +517,12 @@ class DeliveryAgent:
         if not gate():
             client.close()  # no final ".": the server must discard the message
             raise LeaseLost("dispatch lease lost before the end of DATA")
-        # Body and final "." in one write, with no await between the gate and it.
-        protocol.write(dot_stuff(body) + b".\r\n")
+        # Body and final "." in one write, with no await between the gate and it; a
+        # gathered write (writev), not a copy of the body with the dot joined on.
+        transport = cast(asyncio.WriteTransport | None, protocol.transport)
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        transport.writelines([dot_stuff(body), b".\r\n"])
         resp = await protocol.read_response(timeout=self._timeout_s)
         return _outcome_for(resp.code), f"{resp.code} {resp.message}", True
 
