@@ -76,11 +76,18 @@ def with_crc(data: bytes) -> bytes:
     return U32.pack(crc32(data)) + data
 
 
+def checked_view(raw: bytes, what: str) -> memoryview:
+    """What follows the CRC32 in front of a record, as a view (a record may be a body of
+    a few MiB, and a slice would copy it); CorruptDataError if the CRC does not match."""
+    view = memoryview(raw)[4:]
+    if len(raw) < 4 or U32.unpack_from(raw)[0] != crc32(view):
+        raise CorruptDataError(f"{what}: checksum mismatch")
+    return view
+
+
 def check_crc(raw: bytes, what: str) -> bytes:
     """LMDB has no record checksums: every queue record carries a CRC32 in front."""
-    # The CRC over a view: a body chunk is up to a few MiB, and `raw[4:]` is a copy.
-    if len(raw) < 4 or U32.unpack_from(raw)[0] != crc32(memoryview(raw)[4:]):
-        raise CorruptDataError(f"{what}: checksum mismatch")
+    checked_view(raw, what)
     return raw[4:]
 
 

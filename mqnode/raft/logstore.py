@@ -20,6 +20,7 @@ from mqnode.storage import (
     U64,
     LmdbError,
     LmdbMapFullError,
+    checked_view,
     crc32,
     open_env,
     pack,
@@ -146,8 +147,5 @@ def _bin_header(size: int) -> bytes:
 
 
 def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
-    view = memoryview(raw)[4:]  # no copies of a body-sized entry to check it
-    if len(raw) < 4 or U32.unpack_from(raw)[0] != crc32(view):
-        raise CorruptDataError(f"raft log entry {idx}: checksum mismatch")
-    term, cmd = unpack(view)
+    term, cmd = unpack(checked_view(raw, f"raft log entry {idx}"))
     return int(term), bytes(cmd)
