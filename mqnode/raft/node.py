@@ -22,6 +22,7 @@ from mqnode.errors import ConfigError, JournalDamagedError, MqnodeError, NewerFo
 from mqnode.raft import membership_rules
 from mqnode.raft.contracts import StateMachine, StateStore, TxnT
 from mqnode.raft.guarded import install as install_guarded_connections
+from mqnode.raft.handover import AppendHold, retry_while_behind
 from mqnode.raft.internals import SyncInternals
 from mqnode.raft.journal import DurableJournal
 from mqnode.raft.logstore import LogStore
@@ -47,6 +48,11 @@ FOLLOWER_STATE_HOLD_MAX_FILL = 0.5  # a fuller state map commits every tick
 # held a link to 64 KiB per round trip). The kernel caps it at net.core.[rw]mem_max.
 SOCKET_BUFFER_BYTES = 1024 * 1024
 UNLISTED_FOR_S = 30.0  # how long an unlisted peer's introduction counts (it retries ~2/s)
+# A leadership transfer to a follower that is not caught up is asked again this often, for
+# this long (RaftNode.transfer_leadership); new entries wait meanwhile (handover.py), so a
+# reachable follower catches up within a round trip and a fsync.
+TRANSFER_PAUSE_S = 0.05
+TRANSFER_RETRY_S = 1.0
 _LEADER = _RAFT_STATE.LEADER
 
 
@@ -140,6 +146,7 @@ class RaftNode(Generic[TxnT]):
         )
         self._completions: deque[tuple[Done, Any, int, bool]] = deque()
         self._tick_actions: deque[Callable[[], None]] = deque()  # run on the tick thread
+        self._hold: AppendHold[tuple[bytes, Done, bool]] = AppendHold()  # during a handover
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._applied_written = store.applied_index()
@@ -265,6 +272,9 @@ class RaftNode(Generic[TxnT]):
         again.
         """
 
+        if self._hold.offer((entry, done, early)):
+            return  # a leadership handover runs: submitted when it ends (_after_tick)
+
         def on_result(result: Any, err: int) -> None:
             self._completions.append((done, result, err, early))
 
@@ -290,9 +300,47 @@ class RaftNode(Generic[TxnT]):
     async def transfer_leadership(self, target: str | None) -> str:
         """Ask pysyncobj to hand leadership to `target` (or the most caught-up follower).
 
-        Runs on the tick thread (pysyncobj is not thread-safe). Returns "requested",
-        "denied" (not leader, target unknown or not caught up) or "timeout".
+        Returns "requested", "denied" (not leader, target unknown or not caught up) or
+        "timeout". New entries are held (handover.py) from the first request until another
+        node leads or an election timeout has passed, so the target catches up and stays
+        as long as the log it is elected on; a target still behind after
+        `TRANSFER_RETRY_S` (down, cut off) is denied and the entries go on at once.
         """
+        loop = asyncio.get_running_loop()
+        now = _pysyncobj_now
+        elect_s = self._settings.election_timeout_max_ms / 1000
+        self._hold.hold_until(now() + TRANSFER_RETRY_S + 10.0 + elect_s)  # a bound, whatever
+        result = "denied"
+        try:
+            # One tick after the hold began, pysyncobj has appended what came before it.
+            await self._ask_on_tick(lambda answer: answer("behind"))
+            result = await retry_while_behind(
+                lambda: self._ask_transfer(target), loop.time, TRANSFER_RETRY_S, TRANSFER_PAUSE_S
+            )
+        finally:
+            self._hold.hold_until(now() + elect_s if result == "requested" else 0.0)
+            self.wake()
+        return result
+
+    async def _ask_transfer(self, target: str | None) -> str:
+        """One request: "requested", "behind" (pysyncobj's REQUEST_DENIED), "denied"
+        (anything else) or "timeout"."""
+
+        def request(answer: Callable[[str], None]) -> None:
+            def callback(_res: Any, err: int) -> None:
+                result = {FAIL_REASON.SUCCESS: "requested", FAIL_REASON.REQUEST_DENIED: "behind"}
+                answer(result.get(err, "denied"))
+
+            try:
+                self._sync.transferLeadership(target, callback)
+            except ValueError:  # pysyncobj parses the address; never let it break the tick
+                answer("denied")
+
+        return await self._ask_on_tick(request)
+
+    async def _ask_on_tick(self, request: Callable[[Callable[[str], None]], None]) -> str:
+        """Run `request` on the tick thread (pysyncobj is not thread-safe); it calls the
+        answer it is given, from that thread, now or later. "timeout" if it never does."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[str] = loop.create_future()
 
@@ -300,17 +348,10 @@ class RaftNode(Generic[TxnT]):
             if not done.done():
                 done.set_result(result)
 
-        def in_tick() -> None:
-            def callback(_res: Any, err: int) -> None:
-                ok = err == FAIL_REASON.SUCCESS
-                loop.call_soon_threadsafe(answer, "requested" if ok else "denied")
+        def reply(result: str) -> None:
+            loop.call_soon_threadsafe(answer, result)
 
-            try:
-                self._sync.transferLeadership(target, callback)
-            except ValueError:  # pysyncobj parses the address; never let it break the tick
-                loop.call_soon_threadsafe(answer, "denied")
-
-        self._run_on_tick(in_tick)
+        self._run_on_tick(lambda: request(reply))
         try:
             return await asyncio.wait_for(done, 5.0)
         except TimeoutError:
@@ -434,6 +475,11 @@ class RaftNode(Generic[TxnT]):
                 action()
             except Exception:  # an operator request must never cost a tick's flush
                 log.exception("admin action on the tick thread failed")
+        leader = sync._getLeader()
+        for entry, done, early in self._hold.due(
+            _pysyncobj_now(), other_leads=not (leader is None or sync._isLeader())
+        ):
+            self.submit_entry(entry, done, early)  # pysyncobj forwards them to a new leader
         transport = self._raw.transport
         transport.keep_alive(self._keepalive_s)
         last_applied = sync.raftLastApplied

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.cli import run_cli
-from tests.support.cluster import FAST_TUNING, Cluster
+from tests.support.cluster import FAST_TUNING, HOST, Cluster
+from tests.support.smtp import make_message, submit
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +35,33 @@ def test_cluster_status_and_leadership_transfer(tmp_path: Path) -> None:
 
         old = c.leader()
         target = c.nodes[follower].raft_addr
-        proc = run_cli(
-            "cluster",
-            "transfer-leadership",
-            "--to",
-            target,
-            "--admin",
-            c.nodes[follower].admin_addr,
-            *token,
-        )
+        # Mail arriving meanwhile keeps the log growing, so the target is often a few
+        # entries behind at the instant the leader looks: the handover must still happen.
+        stop = threading.Event()
+
+        def keep_submitting() -> None:
+            for _ in range(300):
+                if stop.is_set():
+                    return
+                msg = make_message(1024)
+                submit(HOST, c.nodes[old].smtp_port, "a@client.test", ["r@example.test"], msg.data)
+
+        feeder = threading.Thread(target=keep_submitting, daemon=True)
+        feeder.start()
+        try:
+            time.sleep(0.3)
+            proc = run_cli(
+                "cluster",
+                "transfer-leadership",
+                "--to",
+                target,
+                "--admin",
+                c.nodes[follower].admin_addr,
+                *token,
+            )
+        finally:
+            stop.set()
+            feeder.join(timeout=60)
         assert proc.returncode == 0, proc.stderr
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
