@@ -18,6 +18,19 @@ _LINUX_DEFAULT = (32768, 60999)
 # Each process starts at its own place and moves on, so concurrent runs rarely probe
 # the same ports and a just-killed node's port is not handed out again at once.
 _next = FIXED_LO + (os.getpid() * 7919) % 8000
+# (k, n): this process probes only the k-th of n equal slices of the range (take_share).
+_share = (0, 1)
+
+
+def take_share(k: int, n: int) -> None:
+    """Probe only the k-th of n slices from now on: processes that allocate ports at the
+    same time (the test suite's parallel workers) then never pick the same free port.
+    Probing and binding are two steps, so without this two of them could both find a
+    port free and one node would fail to bind it."""
+    global _share
+    if not 0 <= k < n:
+        raise ValueError(f"share {k} of {n}")
+    _share = (k, n)
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -32,12 +45,15 @@ def ephemeral_range() -> tuple[int, int]:
 def free_loopback_ports(count: int) -> list[int]:
     """`count` distinct TCP ports on 127.0.0.1, free now and below the ephemeral range."""
     global _next
-    span = ephemeral_range()[0] - FIXED_LO
+    k, n = _share
+    span = (ephemeral_range()[0] - FIXED_LO) // n
     if span < 1000:
         return _kernel_ports(count)  # no room below the range: take the kernel's choice
+    lo = FIXED_LO + k * span
     ports: list[int] = []
     for _ in range(span):
-        port, _next = _next, FIXED_LO + (_next + 1 - FIXED_LO) % span
+        port = lo + (_next - lo) % span
+        _next = lo + (port + 1 - lo) % span
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((HOST, port))
@@ -46,7 +62,7 @@ def free_loopback_ports(count: int) -> list[int]:
         ports.append(port)
         if len(ports) == count:
             return ports
-    raise RuntimeError(f"fewer than {count} free ports between {FIXED_LO} and {FIXED_LO + span}")
+    raise RuntimeError(f"fewer than {count} free ports between {lo} and {lo + span}")
 
 
 def _kernel_ports(count: int) -> list[int]:

@@ -32,6 +32,8 @@ from mqnode.spool.store import UNSYNCED_MARKER
 
 from .cluster import ADMIN_TOKEN, Cluster
 
+FIRST_250_WAIT_S = 30.0  # run_scenario: how long a fault waits for the load's first 250
+
 FaultScript = Callable[["FaultContext"], None]
 
 
@@ -96,6 +98,7 @@ def run_scenario(
     async def drive() -> LoadResult:
         load = asyncio.create_task(gen.run(max_messages, load_s))
         try:
+            await _first_250(gen, load, FIRST_250_WAIT_S)
             await asyncio.to_thread(fault, ctx)
         finally:
             result = await load
@@ -113,6 +116,17 @@ def run_scenario(
     fault_at = ctx.marks.get("fault")
     report = check(name, cluster, result, fault_at)
     return report, result, ctx
+
+
+async def _first_250(gen: LoadGen, load: asyncio.Task[LoadResult], wait_s: float) -> None:
+    """Hold the fault until the load has had a 250 (or ended, or `wait_s` passed): on a
+    busy machine a cluster with SMTP workers can take seconds to answer its first
+    message, and a fault before that leaves no failover to measure."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not load.done():
+        if any(a.code == 250 for a in gen.result.attempts):
+            return
+        await asyncio.sleep(0.05)
 
 
 def check(name: str, cluster: Cluster, result: LoadResult, fault_at: float | None) -> Report:

@@ -34,3 +34,18 @@ def test_a_port_in_use_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_calls_move_on() -> None:
     a, b = free_loopback_ports(1), free_loopback_ports(1)
     assert a != b
+
+
+def test_shares_never_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel test workers each take a share: their probes never meet."""
+    lo, _hi = ephemeral_range()
+    seen: list[set[int]] = []
+    for k in range(2):
+        monkeypatch.setattr(localports, "_share", (0, 1))
+        localports.take_share(k, 2)
+        seen.append(set(free_loopback_ports(20)))
+    span = (lo - FIXED_LO) // 2
+    assert all(FIXED_LO <= p < FIXED_LO + span for p in seen[0])
+    assert all(FIXED_LO + span <= p < FIXED_LO + 2 * span for p in seen[1])
+    with pytest.raises(ValueError):
+        localports.take_share(2, 2)
