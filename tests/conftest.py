@@ -1,4 +1,4 @@
-"""Suite-wide: how pytest-xdist splits the suite between its workers (scripts/test runs two).
+"""Suite-wide: how pytest-xdist splits the suite (`scripts/test -n 2 --dist loadgroup`).
 
 A test file stays on one worker (classes share a cluster, and some files' tests build on
 each other's mail); the fault tests all run one after another on one worker, so two

@@ -384,6 +384,10 @@ class RaftNode(Generic[TxnT]):
         """Tick thread (the transport's receive path): a pre-vote request or grant."""
         self._prevote.on_message(node, message)
 
+    def _on_older_leader(self, node: Any, term: int) -> None:
+        """Tick thread (the transport's receive path): append_entries of an older term."""
+        self._prevote.on_older_leader(node, term)
+
     def _on_snapshot_installed(self, header: SnapshotHeader) -> None:
         self._applied_written = header.index
         self.membership.on_snapshot_installed(header.cluster, header.index)

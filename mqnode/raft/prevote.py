@@ -30,6 +30,16 @@ cluster rarely stand together) instead of after a whole election timeout:
 `PreVoteGate.on_leader_link_lost`. Pre-vote keeps this safe: while the
 leader lives, the members still connected to it refuse.
 
+A member whose term is ahead of a live leader's (its pre-vote passed but its election
+did not reach the others, say on a lossy link) would be stuck: pysyncobj ignores
+append_entries of an older term without a word (its replies carry no term), so the
+leader never learns the newer term, and the members that hear the leader refuse every
+pre-vote. Such a member answers the leader's next append_entries with a `request_vote`
+of its own term and log (`PreVoteGate.on_older_leader`, at most once per minimum
+election timeout per peer): the leader takes the term and steps down, the up-to-date
+members stand, and the stuck one follows the winner. It costs one election, which is
+what etcd does for the same case (a response carrying the higher term).
+
 Not gated: a leadership transfer (the leader asked for it with timeout_now,
 and the others still hear it, so they would refuse). A joining node never
 times out. Mixed releases: a node of an earlier release ignores
@@ -143,6 +153,7 @@ class PreVoteGate:
         self._rng = rng or random.Random()
         self._prevote = PreVote()
         self._told_leader: tuple[str, float] | None = None  # (address, when) from a refusal
+        self._reminded: dict[Any, float] = {}  # peer -> when on_older_leader last wrote it
 
     def leader_named_by_others(self) -> str | None:
         """The leader a member named when it refused our pre-vote lately, if any."""
@@ -165,6 +176,38 @@ class PreVoteGate:
                 "unless the others still hear it",
                 EARLY_STAND_MAX_S * 1000,
             )
+
+    def on_older_leader(self, node: Any, message_term: int) -> None:
+        """Tick thread (the transport): append_entries from `node` in a term older than ours."""
+        sync, raw = self._sync, self._raw
+        term = sync.raftCurrentTerm
+        if not 0 <= message_term < term or raw.state == _LEADER or node not in raw.other_nodes:
+            return
+        if self._joining():
+            return
+        now = _pysyncobj_now()
+        if now - self._reminded.get(node, -self._alive_s) < self._alive_s:
+            return
+        if len(self._reminded) >= 64:  # members come and go: stay bounded
+            self._reminded.clear()
+        self._reminded[node] = now
+        log.warning(
+            "raft: %s still leads term %d, older than ours (%d), and cannot learn ours from "
+            "pysyncobj's replies; asking it for a vote in term %d so it steps down",
+            getattr(node, "address", node),
+            message_term,
+            term,
+            term,
+        )
+        raw.transport.send(
+            node,
+            {
+                "type": "request_vote",
+                "term": term,
+                "last_log_index": raw.last_log_index(),
+                "last_log_term": raw.last_log_term(),
+            },
+        )
 
     def until_election_s(self, now: float) -> float:
         """Seconds until this node's election timer runs out (inf while leading).
