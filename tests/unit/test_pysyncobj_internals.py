@@ -1,6 +1,7 @@
 """The canary for mqnode/raft/internals.py: every pysyncobj private name we use still exists.
 
-A real SyncObj and a real TcpConnection are built (no tick runs, nothing binds);
+A real SyncObj and a real TcpConnection are built (no tick runs; the SyncObj binds a
+free loopback port: a fixed one was taken by a parallel test run's other worker);
 each name of `INTERNALS` must be there, and a missing one fails naming it, so a
 pysyncobj upgrade that renames anything stops here instead of in production.
 """
@@ -15,8 +16,13 @@ from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
+from mqnode.devtools.localports import free_loopback_ports
 from mqnode.raft import internals
 from mqnode.raft.guarded import GuardedConnection
+
+
+def _free_addr() -> str:
+    return f"127.0.0.1:{free_loopback_ports(1)[0]}"
 
 
 def test_the_pinned_version_is_installed() -> None:
@@ -25,7 +31,7 @@ def test_the_pinned_version_is_installed() -> None:
 
 @pytest.mark.parametrize("name", internals.INTERNALS["SyncObj"])
 def test_syncobj_still_has(name: str) -> None:
-    sync = SyncObj("127.0.0.1:1", [], SyncObjConf(autoTick=False))
+    sync = SyncObj(_free_addr(), [], SyncObjConf(autoTick=False))
     try:
         assert hasattr(sync, name), f"pysyncobj.SyncObj has no {name} any more"
     finally:
@@ -40,7 +46,7 @@ def test_tcp_connection_still_has(name: str) -> None:
 
 @pytest.mark.parametrize("name", internals.INTERNALS["TCPTransport"])
 def test_tcp_transport_still_has(name: str) -> None:
-    sync = SyncObj("127.0.0.1:1", [], SyncObjConf(autoTick=False))
+    sync = SyncObj(_free_addr(), [], SyncObjConf(autoTick=False))
     try:
         transport = internals.SyncInternals(sync).transport
         assert isinstance(transport, TCPTransport)
@@ -57,7 +63,7 @@ def test_the_guarded_read_path_is_what_tcp_connection_calls() -> None:
 
 
 def test_the_accessors_read_a_real_syncobj() -> None:
-    sync = SyncObj("127.0.0.1:1", ["127.0.0.1:2"], SyncObjConf(autoTick=False))
+    sync = SyncObj(_free_addr(), ["127.0.0.1:2"], SyncObjConf(autoTick=False))
     try:
         raw = internals.SyncInternals(sync)
         assert raw.state == 0 and raw.leader is None  # a follower that knows no leader
