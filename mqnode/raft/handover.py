@@ -64,12 +64,14 @@ class AppendHold(Generic[T]):
             self._held.append(item)
             return True
 
-    def due(self, now: float, other_leads: bool) -> list[T]:
-        """The held items to submit now, in order; empty while the hold still runs."""
+    def due(self, now: float, other_leads: Callable[[], bool]) -> list[T]:
+        """The held items to submit now, in order; empty while the hold still runs.
+
+        `other_leads` is asked only while a hold runs (the tick calls this every time)."""
         if self._until == 0.0:
             return []
         with self._lock:
-            if not (other_leads or now >= self._until):
+            if not (now >= self._until or other_leads()):
                 return []
             items, self._held, self._until = self._held, [], 0.0
             return items

@@ -479,10 +479,11 @@ class RaftNode(Generic[TxnT]):
                 action()
             except Exception:  # an operator request must never cost a tick's flush
                 log.exception("admin action on the tick thread failed")
-        leader = sync._getLeader()
-        for entry, done, early in self._hold.due(
-            _pysyncobj_now(), other_leads=not (leader is None or sync._isLeader())
-        ):
+
+        def other_leads() -> bool:
+            return sync._getLeader() is not None and not sync._isLeader()
+
+        for entry, done, early in self._hold.due(_pysyncobj_now(), other_leads):
             self.submit_entry(entry, done, early)  # pysyncobj forwards them to a new leader
         transport = self._raw.transport
         transport.keep_alive(self._keepalive_s)

@@ -295,11 +295,12 @@ class DeferringTransport(TCPTransport):  # type: ignore[misc]
         if kind in PREVOTE_TYPES:
             self._syncObj._mq_owner._on_prevote_message(node, message)
             return
-        term = message.get("term", -1) if kind == "append_entries" else -1
-        if kind == "append_entries" and term >= self._syncObj.raftCurrentTerm:
-            self.mq_leader_heard_at = _pysyncobj_now()  # a leader of our term or later
-        elif kind == "append_entries" and isinstance(term, int):
-            self._syncObj._mq_owner._on_older_leader(node, term)  # prevote.py
+        if kind == "append_entries":
+            term = message.get("term", -1)
+            if term >= self._syncObj.raftCurrentTerm:
+                self.mq_leader_heard_at = _pysyncobj_now()  # a leader of our term or later
+            elif isinstance(term, int):
+                self._syncObj._mq_owner._on_older_leader(node, term)  # prevote.py
         next_index = SyncInternals(self._syncObj).next_index
         sent_up_to = next_index.get(node)
         message = commit_unverified_no_further(message, self._syncObj.raftCommitIndex)

@@ -64,15 +64,15 @@ def test_other_answers_are_not_retried() -> None:
 def test_nothing_is_held_without_a_hold() -> None:
     hold: AppendHold[int] = AppendHold()
     assert not hold.offer(1)
-    assert hold.due(0.0, other_leads=False) == []
+    assert hold.due(0.0, other_leads=lambda: False) == []
 
 
 def test_held_entries_go_on_in_order_when_another_node_leads() -> None:
     hold: AppendHold[int] = AppendHold()
     hold.hold_until(10.0)
     assert hold.offer(1) and hold.offer(2)
-    assert hold.due(5.0, other_leads=False) == []
-    assert hold.due(5.0, other_leads=True) == [1, 2]
+    assert hold.due(5.0, other_leads=lambda: False) == []
+    assert hold.due(5.0, other_leads=lambda: True) == [1, 2]
     assert not hold.offer(3)  # the hold is over
 
 
@@ -80,8 +80,8 @@ def test_a_hold_ends_at_its_time_whatever_else_happens() -> None:
     hold: AppendHold[int] = AppendHold()
     hold.hold_until(10.0)
     assert hold.offer(1)
-    assert hold.due(9.9, other_leads=False) == []
-    assert hold.due(10.0, other_leads=False) == [1]
+    assert hold.due(9.9, other_leads=lambda: False) == []
+    assert hold.due(10.0, other_leads=lambda: False) == [1]
 
 
 def test_moving_the_end_into_the_past_releases_at_the_next_look() -> None:
@@ -90,5 +90,5 @@ def test_moving_the_end_into_the_past_releases_at_the_next_look() -> None:
     assert hold.offer(1)
     hold.hold_until(0.0)  # the transfer was denied
     assert hold.offer(2)  # still held until the tick looks
-    assert hold.due(1.0, other_leads=False) == [1, 2]
+    assert hold.due(1.0, other_leads=lambda: False) == [1, 2]
     assert not hold.offer(3)
