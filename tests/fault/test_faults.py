@@ -105,9 +105,9 @@ def test_full_cluster_kill_and_restart(tmp_path: Path, staggered: bool) -> None:
         report, _, _ = run_scenario(
             f"full-restart-{'staggered' if staggered else 'together'}",
             c,
-            full_restart(rounds=3, every_s=2.0, staggered=staggered),
+            full_restart(rounds=2, every_s=2.0, staggered=staggered),
             SEED,
-            load_s=12,
+            load_s=9,
         )
     _assert_promise(report)
 

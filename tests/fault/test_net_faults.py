@@ -65,9 +65,9 @@ def _assert_live(report: NetReport) -> None:
     assert report.ok(), f"{report.scenario}: {report.problems()}\n{report.as_dict()}"
 
 
-@pytest.mark.parametrize("away_s", [3.0, 6.0, 10.0])
+@pytest.mark.parametrize("away_s", [3.0, 10.0])
 def test_isolated_leader_heals_and_every_node_accepts(tmp_path: Path, away_s: float) -> None:
-    """The leader alone under load, three times; the longest isolation leaves it so far
+    """The leader alone under load, briefly and for long; the long isolation leaves it so far
     behind the compacted log that it must catch up from a snapshot."""
     script = isolate_leader(1.5, away_s)
     report = _run(tmp_path, f"isolate-leader-{away_s:g}s", script, away_s + 4, SEED + int(away_s))
@@ -76,7 +76,7 @@ def test_isolated_leader_heals_and_every_node_accepts(tmp_path: Path, away_s: fl
 
 
 def test_follower_cut_from_the_leader_only_heals_with_the_same_leader(tmp_path: Path) -> None:
-    _run(tmp_path, "cut-follower-from-leader", cut_follower_from_leader(1.5, 10.0), 14)
+    _run(tmp_path, "cut-follower-from-leader", cut_follower_from_leader(1.5, 6.0), 10)
 
 
 def test_followers_cut_from_each_other(tmp_path: Path) -> None:
@@ -86,11 +86,11 @@ def test_followers_cut_from_each_other(tmp_path: Path) -> None:
 @pytest.mark.parametrize("from_leader", [True, False])
 def test_one_way_partition(tmp_path: Path, from_leader: bool) -> None:
     name = "one-way-from-leader" if from_leader else "one-way-to-leader"
-    _run(tmp_path, name, one_way(1.5, 8.0, from_leader), 12)
+    _run(tmp_path, name, one_way(1.5, 5.0, from_leader), 9)
 
 
 def test_flapping_links(tmp_path: Path) -> None:
-    _run(tmp_path, "flapping", flapping(1.0, 20.0), 22)
+    _run(tmp_path, "flapping", flapping(1.0, 12.0), 14)
 
 
 def test_slow_lossy_links(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_partition_during_a_leadership_transfer(tmp_path: Path) -> None:
 
 
 def test_cut_again_while_catching_up_from_a_snapshot(tmp_path: Path) -> None:
-    _run(tmp_path, "cut-during-catch-up", cut_during_catch_up(1.5, 9.0, 2.0), 14)
+    _run(tmp_path, "cut-during-catch-up", cut_during_catch_up(1.5, 7.0, 2.0), 12)
 
 
 def test_partition_during_a_membership_change(tmp_path: Path) -> None:
