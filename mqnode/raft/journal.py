@@ -127,7 +127,8 @@ class DurableJournal(Journal):  # type: ignore[misc]
         if self._entries and idx != self._entries[-1][1] + 1:
             raise CorruptDataError(f"journal add out of order: {idx} after {self._entries[-1][1]}")
         self._append(command, idx, term)
-        self._ops.append(("add", idx, term, command))
+        # The object kept in memory, so a big entry is stored deflated as it was sent.
+        self._ops.append(("add", idx, term, self._entries[-1][0] or command))
 
     def clear(self) -> None:
         self._entries = []

@@ -2,9 +2,14 @@
 
 Entries (index -> term, command) and the term/vote/commit metadata, each
 batch in one synced transaction. Record format: crc32 (4 bytes, over the
-rest) || msgpack([term, command]); a gap or a bad checksum on load is
-`CorruptDataError`. The env is opened by mqnode/storage.py (`open_env`), the only
-module that imports lmdb. Limits: `raft_map_size_mb`; a full map raises
+rest) || msgpack([term, command]), or msgpack([term, deflated command,
+DEFLATED]) for a big entry that went to followers deflated (raft/wire.py
+`WireCommand`): stored as sent, it is not deflated again, and a message body
+of text is written in a fraction of its bytes on every node. A gap, a bad
+checksum or a command that does not inflate on load is `CorruptDataError`.
+A journal with deflated records is not readable by releases before them.
+The env is opened by mqnode/storage.py (`open_env`), the only module that
+imports lmdb. Limits: `raft_map_size_mb`; a full map raises
 `StoreFullError` and the batch is rolled back.
 """
 
@@ -12,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from isal import isal_zlib
 
 from mqnode.errors import CorruptDataError, StoreFullError
+from mqnode.raft.wire import WireCommand
 from mqnode.storage import (
     U32,
     U64,
@@ -32,7 +40,8 @@ from mqnode.storage import (
 class LogStore:
     """Durable Raft journal: entries (index -> term, command) and term/vote/commit metadata.
 
-    Record format: crc32(4 bytes, over the rest) || msgpack([term, command]).
+    Record format: crc32(4 bytes, over the rest) || msgpack([term, command]) or
+    msgpack([term, deflated command, DEFLATED]).
     """
 
     def __init__(self, path: Path, map_size_mb: int) -> None:
@@ -128,13 +137,23 @@ class LogStore:
 
 
 def _record(term: int, cmd: bytes) -> bytes:
-    """crc32 || msgpack([term, cmd]), with one copy of `cmd` (entries carry whole bodies):
-    msgpack's framing of the pair is packed apart from the command and joined once."""
+    """crc32 || msgpack([term, cmd]) or msgpack([term, deflated cmd, DEFLATED]), with one
+    copy of the command (entries carry whole bodies): msgpack's framing is packed apart
+    from the command and joined once."""
+    packed = cmd.deflate_once() if type(cmd) is WireCommand else b""
+    if packed:
+        head = _TRIPLE + pack(term) + _bin_header(len(packed))
+        crc = crc32(_DEFLATED_TAIL, crc32(packed, crc32(head)))
+        return b"".join([U32.pack(crc), head, packed, _DEFLATED_TAIL])
     head = _PAIR + pack(term) + _bin_header(len(cmd))
     return b"".join([U32.pack(crc32(cmd, crc32(head))), head, cmd])
 
 
 _PAIR = b"\x92"  # msgpack: an array of two
+_TRIPLE = b"\x93"  # msgpack: an array of three
+DEFLATED = 1  # the third item of a record whose command is a zlib stream
+_DEFLATED_TAIL = pack(DEFLATED)
+_INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # typed as an object in isal's stubs
 
 
 def _bin_header(size: int) -> bytes:
@@ -147,5 +166,13 @@ def _bin_header(size: int) -> bytes:
 
 
 def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
-    term, cmd = unpack(checked_view(raw, f"raft log entry {idx}"))
-    return int(term), bytes(cmd)
+    what = f"raft log entry {idx}"
+    item = unpack(checked_view(raw, what))
+    if len(item) == 2:
+        return int(item[0]), bytes(item[1])
+    if len(item) != 3 or item[2] != DEFLATED:
+        raise CorruptDataError(f"{what}: not a record of this release")
+    try:
+        return int(item[0]), WireCommand.from_deflated(bytes(item[1]))
+    except _INFLATE_ERROR as exc:
+        raise CorruptDataError(f"{what}: the command does not inflate: {exc}") from exc

@@ -6,14 +6,18 @@ directory, as a restarted node does.
 
 from __future__ import annotations
 
+import os
+import pickle
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lmdb
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +26,7 @@ from mqnode.errors import CorruptDataError, JournalDamagedError, StoreFullError
 from mqnode.raft import NO_OP, DurableJournal
 from mqnode.raft.journal import PINNED, RESIDENT_BYTES
 from mqnode.raft.logstore import LogStore
+from mqnode.raft.wire import WireCommand, loads
 
 _U64 = struct.Struct(">Q")
 Entry = tuple[bytes, int, int]
@@ -209,13 +214,98 @@ def test_failed_flush_keeps_ops_pending(tmp_path: Path) -> None:
     store = LogStore(tmp_path / "small", map_size_mb=1)
     try:
         j = DurableJournal(store)
-        j.add(b"x" * (2 * 1024 * 1024), 2, 1)
+        j.add(os.urandom(2 * 1024 * 1024), 2, 1)  # random: stored as it is, not deflated
         with pytest.raises(StoreFullError):
             j.flush()
         assert j.dirty  # acks stay held: nothing claims the entry is durable
         assert store.load() == [(NO_OP, 1, 0)]
     finally:
         store.close()
+
+
+# -- big entries: stored as they went to followers -------------------------------------------
+
+BIG_TEXT = b"\x03" + b"<p>A newsletter paragraph, line after line.</p>\r\n" * 3000
+
+
+def _raw_record(path: Path, idx: int) -> bytes:
+    env = lmdb.open(str(path), map_size=16 * 1024 * 1024, max_dbs=4, readonly=True)
+    try:
+        with env.begin() as txn:
+            return bytes(txn.get(_U64.pack(idx), db=env.open_db(b"log", txn=txn)))
+    finally:
+        env.close()
+
+
+def test_a_big_entry_of_text_is_stored_deflated_and_reads_back_whole(journals: Journals) -> None:
+    j = journals.open()
+    j.add(BIG_TEXT, 2, 1)
+    j.flush()
+    journals.close()
+    assert len(_raw_record(journals.path, 2)) < len(BIG_TEXT) // 10
+    j = journals.open(resident_bytes=0)  # read back from LMDB, not from memory
+    command, idx, term = j[1]
+    assert (command, idx, term) == (BIG_TEXT, 2, 1)
+    assert type(command) is WireCommand and zlib.decompress(command.deflate_once()) == BIG_TEXT
+
+
+def test_a_follower_stores_the_deflated_bytes_it_received(journals: Journals) -> None:
+    """The pickle names zlib.decompress on the deflated command: this release unpickles it
+    into a WireCommand that keeps them, and the journal writes those, not deflating again."""
+    sent = WireCommand(BIG_TEXT)
+    got = loads(pickle.dumps([(sent, 2, 1)], protocol=5))[0][0]
+    assert type(got) is WireCommand and got == BIG_TEXT
+    assert got.__dict__["deflated"] == sent.deflate_once()
+    j = journals.open()
+    j.add(got, 2, 1)
+    j.flush()
+    journals.close()
+    record = _raw_record(journals.path, 2)
+    assert sent.deflate_once() in record and len(record) < len(sent.deflate_once()) + 32
+
+
+def test_a_big_entry_that_does_not_compress_is_stored_as_it_is(journals: Journals) -> None:
+    random_body = b"\x03" + os.urandom(200_000)
+    # as a follower gets it: sent stored, known not to compress (not sampled again)
+    got = loads(pickle.dumps([(WireCommand(random_body), 2, 1)], protocol=5))[0][0]
+    assert type(got) is WireCommand and got.__dict__["deflated"] == b""
+    assert loads(pickle.dumps(bytes, protocol=5))(b"abc") == b"abc"  # other bytes() calls
+    j = journals.open()
+    j.add(got, 2, 1)
+    j.flush()
+    journals.close()
+    assert random_body in _raw_record(journals.path, 2)
+    assert entries(journals.open(resident_bytes=0))[1] == (random_body, 2, 1)
+
+
+def test_a_deflated_record_that_does_not_inflate_is_corruption(journals: Journals) -> None:
+    j = journals.open()
+    j.add(BIG_TEXT, 2, 1)
+    j.flush()
+    journals.close()
+
+    def break_stream(txn: Any, db: Any) -> None:
+        # a valid checksum over a stream cut short: only inflating can tell
+        record = bytearray(txn.get(_U64.pack(2), db=db))
+        term, packed, codec = msgpack.unpackb(bytes(record[4:]))
+        body = msgpack.packb([term, packed[: len(packed) // 2], codec], use_bin_type=True)
+        txn.put(_U64.pack(2), struct.pack(">I", zlib.crc32(body)) + body, db=db)
+
+    _tamper(journals.path, break_stream)
+    with pytest.raises(CorruptDataError, match=r"entry 2.*inflate"):
+        journals.open()
+
+
+def test_a_record_of_an_unknown_encoding_is_corruption(journals: Journals) -> None:
+    j = journals.open()
+    fill(j, 2)
+    j.flush()
+    journals.close()
+    body = msgpack.packb([1, b"cmd", 7], use_bin_type=True)
+    record = struct.pack(">I", zlib.crc32(body)) + body
+    _tamper(journals.path, lambda txn, db: txn.put(_U64.pack(2), record, db=db))
+    with pytest.raises(CorruptDataError, match="entry 2"):
+        journals.open()
 
 
 # -- corruption -------------------------------------------------------------------------------
