@@ -23,6 +23,7 @@ import asyncio
 import base64
 import itertools
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -62,16 +63,25 @@ class LoadResult:
         return min(after) - max(before)
 
 
-def make_body(seq: int, run_id: str, size: int, attachment: bool = False) -> tuple[str, bytes]:
-    """A message of about `size` bytes: lines of text, or (`attachment`) a short HTML
-    part and a base64 file of random bytes, as mail with a PDF or an image looks to
-    replication (it does not compress)."""
+TEXT, ATTACHMENT, NEWSLETTER = "text", "attachment", "newsletter"
+CONTENTS = (TEXT, ATTACHMENT, NEWSLETTER)
+
+
+def make_body(seq: int, run_id: str, size: int, content: str = TEXT) -> tuple[str, bytes]:
+    """A message of about `size` bytes, distinct per `seq`.
+
+    `content`: TEXT, one line repeated (deflates to ~1%, as smtp-source's text does);
+    ATTACHMENT, a short HTML part and a base64 file of random bytes, as mail with a PDF
+    or an image looks to replication (it does not compress); NEWSLETTER, HTML paragraphs
+    of words with tracking links, a slice of a pool at an offset of its own, which
+    deflates at level 1 to about a third, as HTML and text mail do (`newsletter_pool`).
+    """
     msg_id = f"<load-{run_id}-{seq}@mqnode.test>"
     head = (
         f"From: load@example.com\r\nTo: sink@example.org\r\nSubject: load {seq}\r\n"
         f"Message-ID: {msg_id}\r\n"
     )
-    if attachment:
+    if content == ATTACHMENT:
         head += (
             'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n\r\n'
             "--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Attached.</p>\r\n"
@@ -81,11 +91,54 @@ def make_body(seq: int, run_id: str, size: int, attachment: bool = False) -> tup
         fill = max(size - len(head) - 10, 0)
         b64 = base64.encodebytes(os.urandom(fill * 3 // 4 + 3)).replace(b"\n", b"\r\n")
         return msg_id, head.encode() + b64[:fill].rstrip(b"\r\n") + b"\r\n--b1--\r\n"
+    if content == NEWSLETTER:
+        head += "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        fill = max(size - len(head), 0)
+        pool = newsletter_pool(fill)
+        start = pool.index(b"\r\n", (seq * 7919) % (len(pool) - fill - 256)) + 2
+        return msg_id, head.encode() + pool[start : start + fill].rstrip(b"\r\n") + b"\r\n"
     head += "\r\n"
     line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.-\r\n"
     fill = max(size - len(head), 0)
     body = (line * (fill // len(line) + 1))[:fill]
     return msg_id, (head + body).encode()
+
+
+_POOL: list[bytes] = []
+
+
+def newsletter_pool(fill: int) -> bytes:
+    """HTML lines of at most 78 bytes, at least 2 * `fill` + 64 KiB of them: paragraphs of
+    words drawn from 3,000 made-up ones (Zipf-like: a few are most of the text) with a
+    tracking link of random hex in each. Built once (seeded) and grown when asked for more.
+    """
+    want = 2 * fill + 65536
+    if _POOL and len(_POOL[0]) >= want:
+        return _POOL[0]
+    rnd = random.Random(1953)
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    vocab = [
+        "".join(rnd.choice(letters[: 8 + k % 18]) for _ in range(2 + k % 9)) for k in range(3000)
+    ]
+    weights = [1 / (rank + 1) for rank in range(len(vocab))]
+    lines: list[str] = []
+    size = 0
+    while size < want:
+        words = rnd.choices(vocab, weights, k=rnd.randint(40, 120))
+        link = f'<a href="https://news.example.com/t/{rnd.getrandbits(96):024x}">more</a>'
+        para = '<p style="margin:0 0 12px;font-family:Arial">' + " ".join(words) + f" {link}</p>"
+        line = ""
+        for word in para.split(" "):
+            if line and len(line) + 1 + len(word) > 76:
+                lines.append(line)
+                size += len(line) + 2
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+        size += len(line) + 2
+    _POOL[:] = [("\r\n".join(lines) + "\r\n").encode()]
+    return _POOL[0]
 
 
 class LoadGen:
@@ -99,10 +152,10 @@ class LoadGen:
         dead_backoff_s: float = 0.5,
         run_id: str | None = None,
         rate_per_s: float | None = None,
-        attachment: bool = False,
+        content: str = TEXT,
     ) -> None:
         self.targets = targets
-        self.attachment = attachment
+        self.content = content
         self.concurrency = concurrency
         self.size = size
         self.recipients = recipients
@@ -166,7 +219,7 @@ class LoadGen:
 
     async def _one(self, seq: int) -> None:
         target = self._pick()
-        msg_id, body = make_body(seq, self.run_id, self.size, self.attachment)
+        msg_id, body = make_body(seq, self.run_id, self.size, self.content)
         rcpts = [f"user{r}@example.org" for r in range(self.recipients)]
         start = time.monotonic()
         code, text, data_s = -1, "", 0.0

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import LoadGen, LoadResult
+from bench.loadgen import TEXT, LoadGen, LoadResult
 from bench.smtptools import stop_process
 
 HOST = "127.0.0.1"
@@ -79,7 +79,7 @@ def run_load(
     max_s: float = 60.0,
     rate_per_s: float | None = None,
     run_id: str = "bench",
-    attachment: bool = False,
+    content: str = TEXT,
 ) -> tuple[LoadResult, float]:
     gen = LoadGen(
         targets,
@@ -88,7 +88,7 @@ def run_load(
         recipients=recipients,
         run_id=run_id,
         rate_per_s=rate_per_s,
-        attachment=attachment,
+        content=content,
     )
     started = time.monotonic()
     result = asyncio.run(gen.run(count, max_s))
