@@ -96,6 +96,7 @@ from typing import cast
 import aiosmtplib
 
 from mqnode.delivery.feedback import Contact
+from mqnode.delivery.pipelining import lend_transport
 from mqnode.spool.addresses import ascii_form
 from mqnode.spool.dsnparams import DsnRequest
 from mqnode.spool.model import Outcome, RecipientResult
@@ -479,11 +480,20 @@ class DeliveryAgent:
             options.append("BODY=8BITMIME")  # RFC 6152: declare 8-bit content where offered
         if dsn is not None:
             options += dsn.mail_options()
-        # MAIL and RCPT go straight to execute_command: the addresses were checked at
-        # ingress, and aiosmtplib's mail()/rcpt() re-parse each with email.utils.
-        args = [b"FROM:<" + mail_from.encode(encoding) + b">", *(o.encode() for o in options)]
+        # MAIL and RCPT are written as they are: the addresses were checked at ingress, and
+        # aiosmtplib's mail()/rcpt() re-parse each with email.utils.
+        mail_args = [b"FROM:<" + mail_from.encode(encoding) + b">", *(o.encode() for o in options)]
+        rcpt_args = [
+            [
+                b"TO:<" + addr.encode(encoding) + b">",
+                *(o.encode() for o in (dsn.rcpt_options(idx) if dsn is not None else [])),
+            ]
+            for idx, addr in sent
+        ]
+        if client.supports_extension("pipelining"):
+            return await self._pipelined(client, mail_args, rcpt_args, rcpts, body, tx.gate)
         try:
-            resp = await client.execute_command(b"MAIL", *args)
+            resp = await client.execute_command(b"MAIL", *mail_args)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             raise _Stale(str(exc)) from exc
         if resp.code != 250:
@@ -491,10 +501,8 @@ class DeliveryAgent:
             return [(i, out, f"MAIL: {resp.code} {resp.message}") for i, _ in rcpts], False
         results: dict[int, RecipientResult] = {}
         accepted: list[int] = []
-        for idx, addr in sent:
-            path = b"TO:<" + addr.encode(encoding) + b">"
-            extra = [o.encode() for o in dsn.rcpt_options(idx)] if dsn is not None else []
-            resp = await client.execute_command(b"RCPT", path, *extra)
+        for (idx, _addr), args in zip(sent, rcpt_args, strict=True):
+            resp = await client.execute_command(b"RCPT", *args)
             if resp.code in (250, 251):
                 accepted.append(idx)
             else:
@@ -505,6 +513,69 @@ class DeliveryAgent:
             for idx in accepted:
                 results[idx] = (idx, outcome.value, reply)
         return [results[i] for i, _ in rcpts], ended
+
+    async def _pipelined(
+        self,
+        client: aiosmtplib.SMTP,
+        mail_args: list[bytes],
+        rcpt_args: list[list[bytes]],
+        rcpts: list[tuple[int, str]],
+        body: bytes,
+        gate: Callable[[], bool],
+    ) -> tuple[list[RecipientResult], bool]:
+        """MAIL, every RCPT and DATA in one write, their replies read in order (RFC 2920),
+        then the body; as `_transaction` otherwise. DATA goes even when every RCPT was
+        refused (the host then refuses DATA; a host that answers 354 anyway gets a bare
+        "." and delivers nothing)."""
+        commands = [_line(b"MAIL", mail_args), *(_line(b"RCPT", a) for a in rcpt_args)]
+        timeout = self._timeout_s
+        with lend_transport(client) as (transport, replies):
+            transport.writelines([*commands, b"DATA\r\n"])
+            try:
+                mail = await replies.read(timeout)
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                raise _Stale(str(exc)) from exc  # a parked session the host had closed
+            try:
+                answers = [await replies.read(timeout) for _ in rcpt_args]
+                data = await replies.read(timeout)
+            except aiosmtplib.SMTPServerDisconnected:
+                if mail.code == 250:
+                    raise
+                out = _refused(mail.code).value  # "421 closing" to MAIL, then gone
+                return [(i, out, f"MAIL: {mail.code} {mail.message}") for i, _ in rcpts], False
+            results: dict[int, RecipientResult] = {}
+            accepted: list[int] = []
+            for (idx, _addr), resp in zip(rcpts, answers, strict=True):
+                if mail.code != 250:
+                    out = _refused(mail.code).value
+                    results[idx] = (idx, out, f"MAIL: {mail.code} {mail.message}")
+                elif resp.code in (250, 251):
+                    accepted.append(idx)
+                else:
+                    results[idx] = (idx, _refused(resp.code).value, f"{resp.code} {resp.message}")
+            if data.code != 354:
+                for idx in accepted:
+                    results[idx] = (
+                        idx,
+                        _refused(data.code).value,
+                        f"DATA: {data.code} {data.message}",
+                    )
+                return [results[i] for i, _ in rcpts], False
+            if not accepted:
+                transport.write(b".\r\n")  # nothing to deliver: end the empty message
+                await replies.read(timeout)
+                return [results[i] for i, _ in rcpts], True
+            if not gate():
+                raise LeaseLost("dispatch lease lost before the end of DATA")  # no "."
+            transport.writelines([dot_stuff(body), b".\r\n"])
+            final = await replies.read(timeout)
+            for idx in accepted:
+                results[idx] = (
+                    idx,
+                    _outcome_for(final.code).value,
+                    f"{final.code} {final.message}",
+                )
+            return [results[i] for i, _ in rcpts], True
 
     async def _gated_data(
         self, client: aiosmtplib.SMTP, body: bytes, gate: Callable[[], bool]
@@ -525,6 +596,11 @@ class DeliveryAgent:
         transport.writelines([dot_stuff(body), b".\r\n"])
         resp = await protocol.read_response(timeout=self._timeout_s)
         return _outcome_for(resp.code), f"{resp.code} {resp.message}", True
+
+
+def _line(command: bytes, args: list[bytes]) -> bytes:
+    """A command line as aiosmtplib's execute_command writes it."""
+    return b" ".join([command, *args]) + b"\r\n"
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:
