@@ -36,6 +36,15 @@ with 5.6.7 without being offered (Postfix does the same). A body with 8-bit
 bytes is declared `BODY=8BITMIME` to a host that offers it (RFC 6152); to
 one that does not it goes as it is (no MIME downgrade).
 
+PIPELINING (RFC 2920): to a host that offers it, MAIL, every RCPT and DATA
+go in one write and their replies are read in order (pipelining.py: the
+transport is lent to a reply reader for the transaction, since aiosmtplib
+reads one reply per command); then the body and the final ".". One round
+trip where a host without it takes two plus one per recipient. DATA goes
+even when every RCPT was refused (the host refuses it; one that answers 354
+anyway gets a bare "." and delivers nothing). A session whose replies did not
+pair up (a timeout, a malformed or unread reply) is closed, not parked.
+
 DSN (RFC 3461): a message whose client gave DSN parameters carries them to a
 host that offers DSN (RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT);
 `deliver` reports which recipients such a host took, for which that host now
