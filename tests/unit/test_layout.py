@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
 ADAPTERS: dict[str, str | tuple[str, ...]] = {
     "pysyncobj": "raft/",
     "lmdb": "storage.py",
-    "aiosmtplib": "delivery/client.py",
+    "aiosmtplib": ("delivery/client.py", "delivery/pipelining.py"),  # its transport, lent
     "dns": "delivery/mx.py",
     "prometheus_client": "admin/metrics.py",
     "cryptography": ("raft/wire.py", "signing/keys.py"),
