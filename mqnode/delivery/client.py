@@ -563,28 +563,28 @@ class DeliveryAgent:
                 else:
                     results[idx] = (idx, _refused(resp.code).value, f"{resp.code} {resp.message}")
             if data.code != 354:
-                for idx in accepted:
-                    results[idx] = (
-                        idx,
-                        _refused(data.code).value,
-                        f"DATA: {data.code} {data.message}",
-                    )
-                return [results[i] for i, _ in rcpts], False
-            if not accepted:
+                outcome, reply, ended = (
+                    _refused(data.code),
+                    f"DATA: {data.code} {data.message}",
+                    False,
+                )
+            elif not accepted:
                 transport.write(b".\r\n")  # nothing to deliver: end the empty message
                 await replies.read(timeout)
                 return [results[i] for i, _ in rcpts], True
-            if not gate():
+            elif not gate():
                 raise LeaseLost("dispatch lease lost before the end of DATA")  # no "."
-            transport.writelines([dot_stuff(body), b".\r\n"])
-            final = await replies.read(timeout)
-            for idx in accepted:
-                results[idx] = (
-                    idx,
-                    _outcome_for(final.code).value,
+            else:
+                transport.writelines([dot_stuff(body), b".\r\n"])
+                final = await replies.read(timeout)
+                outcome, reply, ended = (
+                    _outcome_for(final.code),
                     f"{final.code} {final.message}",
+                    True,
                 )
-            return [results[i] for i, _ in rcpts], True
+            for idx in accepted:
+                results[idx] = (idx, outcome.value, reply)
+            return [results[i] for i, _ in rcpts], ended
 
     async def _gated_data(
         self, client: aiosmtplib.SMTP, body: bytes, gate: Callable[[], bool]
