@@ -168,6 +168,8 @@ def _bin_header(size: int) -> bytes:
 def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
     what = f"raft log entry {idx}"
     item = unpack(checked_view(raw, what))
+    if not isinstance(item, list):
+        raise CorruptDataError(f"{what}: not a record of this release")
     if len(item) == 2:
         return int(item[0]), bytes(item[1])
     if len(item) != 3 or item[2] != DEFLATED:

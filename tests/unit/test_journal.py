@@ -296,12 +296,13 @@ def test_a_deflated_record_that_does_not_inflate_is_corruption(journals: Journal
         journals.open()
 
 
-def test_a_record_of_an_unknown_encoding_is_corruption(journals: Journals) -> None:
+@pytest.mark.parametrize("item", [[1, b"cmd", 7], 5, {"a": 1}], ids=["codec", "int", "map"])
+def test_a_record_of_an_unknown_encoding_is_corruption(journals: Journals, item: object) -> None:
     j = journals.open()
     fill(j, 2)
     j.flush()
     journals.close()
-    body = msgpack.packb([1, b"cmd", 7], use_bin_type=True)
+    body = msgpack.packb(item, use_bin_type=True)
     record = struct.pack(">I", zlib.crc32(body)) + body
     _tamper(journals.path, lambda txn, db: txn.put(_U64.pack(2), record, db=db))
     with pytest.raises(CorruptDataError, match="entry 2"):
