@@ -76,7 +76,7 @@ def with_crc(data: bytes) -> bytes:
     return U32.pack(crc32(data)) + data
 
 
-def checked_view(raw: bytes, what: str) -> memoryview:
+def checked_view(raw: bytes | memoryview, what: str) -> memoryview:
     """What follows the CRC32 in front of a record, as a view (a record may be a body of
     a few MiB, and a slice would copy it); CorruptDataError if the CRC does not match."""
     view = memoryview(raw)[4:]

@@ -181,6 +181,12 @@ def _refused(code: int) -> Outcome:
     return Outcome.BOUNCED if 500 <= code < 600 else Outcome.DEFERRED
 
 
+# Every byte but CR and LF: `translate` deletes them in one C pass (~0.5 ms per MiB).
+_NOT_CR_LF = bytes(b for b in range(256) if b not in (10, 13))
+# What a CRLF-only body with no leading dots still has to be checked for: a CR not
+# followed by LF, or a line that starts with a dot. One search; sre finds the "\r"
+# prefix of both alternatives with a fast scan.
+_CR_NOT_LF_OR_DOT_LINE = re.compile(rb"\r[^\n]|\r\n\.")
 _CR_NOT_LF = re.compile(rb"\r[^\n]")  # a look-ahead (\r(?!\n)) scans 1.5x slower
 _DOT_AFTER_LF = re.compile(rb"\n\.")
 
@@ -190,12 +196,27 @@ def dot_stuff(body: bytes) -> bytes:
 
     Bare CRs and LFs are made CRLF, never sent alone: receivers that end DATA on a bare
     line end could otherwise be handed a second message (SMTP smuggling). Queued bodies
-    nearly always have CRLF line ends already and few lines that start with a dot, so
-    this checks first (each a C scan) and rewrites only when needed. With no bare CR,
-    as many CRs as LFs means every LF follows a CR; a regex finds "\n." twice as fast
-    as `in` does. 1.7 ms per MiB, against 2.7 ms for counting CRLFs as well: at 1 MiB
-    this was a sixth of the leader's CPU.
+    nearly always have CRLF line ends already and no line that starts with a dot, so
+    this first checks for that in two C scans and returns such a body as it is: there
+    are as many CRs as LFs (counted among the CRs and LFs alone, which `translate`
+    keeps), no CR is followed by anything but LF (so every LF follows a CR), and no
+    CRLF by a dot. ~1.1 ms per MiB, where counting CRs and LFs and then
+    searching for both cases took 1.6: at 1 MiB this check is the leader's largest
+    single cost after the SMTP workers.
     """
+    ends = body.translate(None, _NOT_CR_LF)
+    if (
+        len(ends) == 2 * ends.count(b"\r")
+        and not body.startswith(b".")
+        and not body.endswith(b"\r")
+        and _CR_NOT_LF_OR_DOT_LINE.search(body) is None
+    ):
+        return body if body.endswith(b"\r\n") else body + b"\r\n"
+    return _rewrite(body)
+
+
+def _rewrite(body: bytes) -> bytes:
+    """`dot_stuff` of a body that needs some of it (each step only where needed)."""
     if body.count(b"\n") != body.count(b"\r") or _CR_NOT_LF.search(body) or body.endswith(b"\r"):
         body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if body.startswith(b"."):

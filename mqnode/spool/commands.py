@@ -418,7 +418,8 @@ def decode_entry(data: bytes) -> list[Command]:
     if data[0] != FORMAT_VERSION:
         raise CodecError(f"entry format version {data[0]} is not {FORMAT_VERSION}")
     try:
-        items = msgpack.unpackb(data[1:], raw=False, strict_map_key=True)
+        # A view: an entry may hold a body chunk of a MiB, and a slice would copy it.
+        items = msgpack.unpackb(memoryview(data)[1:], raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise CodecError(f"undecodable entry: {exc}") from exc
     if not isinstance(items, list):

@@ -58,6 +58,7 @@ from mqnode.storage import (
     LmdbError,
     LmdbMapFullError,
     check_crc,
+    checked_view,
     fsync_path,
     open_env,
     pack,
@@ -158,15 +159,19 @@ class StateTxn:
         self._s.body_bytes_held += len(data)
 
     def has_body_chunk(self, body_key: str, seq: int) -> bool:
-        return self._txn.get(_body_key(body_key, seq), db=self._s._body) is not None
+        # A cursor finds the key without copying the value (a chunk of up to a MiB).
+        with self._txn.cursor(db=self._s._body) as cur:
+            return bool(cur.set_key(_body_key(body_key, seq)))
 
     def read_body(self, body_key: str, chunks: int) -> bytes:
+        """The body, copied once: each chunk's CRC is checked on a view of it (in a
+        `buffers` transaction, a view of the map itself) and the views are joined."""
         parts = []
         for seq in range(chunks):
             raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
             if raw is None:
                 raise CorruptDataError(f"body {body_key} chunk {seq} missing")
-            parts.append(check_crc(bytes(raw), f"body {body_key} chunk {seq}"))
+            parts.append(checked_view(raw, f"body {body_key} chunk {seq}"))
         return b"".join(parts)
 
     def delete_body(self, body_key: str, chunks: int, size: int = 0) -> None:
@@ -657,8 +662,9 @@ class QueueStore:
             return [m for m in found if m is not None]
 
     def read_body(self, msg: QueuedMessage) -> bytes:
-        with self.reader() as r:
-            return r.read_body(msg.body_key, msg.body_chunks)
+        # buffers: the chunks are views of the map until joined (valid in the txn only).
+        with self._lock, self._env.begin(write=False, buffers=True) as txn:
+            return StateTxn(self, txn).read_body(msg.body_key, msg.body_chunks)
 
     def list_messages(self, limit: int, state: MessageState | None = None) -> list[QueuedMessage]:
         out: list[QueuedMessage] = []
