@@ -36,6 +36,16 @@ def unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
+def bin_header(size: int) -> bytes:
+    """msgpack's bin 8/16/32 header for `size` bytes (what `pack` writes before bytes):
+    with it, bytes of a MiB can be framed and joined with the rest in one copy."""
+    if size < 0x100:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (its entries: a rename or unlink in it)."""
     fd = os.open(path, os.O_RDONLY)

@@ -108,7 +108,8 @@ class PipelineHealth:
 
 @dataclass
 class _Item:
-    packed: bytes  # the command encoded once, as the entry will hold it
+    packed: list[bytes]  # the command encoded once, as the entry will hold it (pieces)
+    size: int  # its bytes
     future: asyncio.Future[Result] = field(repr=False)
     early: bool  # may be answered before the state commit (ANSWERED_ON_COMMIT)
     alone: bool = False  # in an entry of its own (ENTRY_OF_ITS_OWN)
@@ -176,14 +177,15 @@ class CommitPipeline:
 
     async def submit(self, cmd: Command) -> Result:
         packed = encode_command(cmd)
-        if len(packed) >= MAX_COMMAND_BYTES:
-            raise SubmitError(f"a command of {len(packed)} bytes is too big for a log entry")
+        size = sum(map(len, packed))
+        if size >= MAX_COMMAND_BYTES:
+            raise SubmitError(f"a command of {size} bytes is too big for a log entry")
         if self._pending >= self._max_pending:
             raise BackpressureError(f"too many commits pending ({self._pending})")
         self._pending += 1
         started = self._clock.monotonic_s()
         try:
-            result = await self._submit_until(cmd, packed, started + self._timeout_s)
+            result = await self._submit_until(cmd, packed, size, started + self._timeout_s)
         except CommitTimeoutError:
             # When it began: one that began before the last commit ended says nothing new
             # (a straggler of a fault that has healed since).
@@ -196,13 +198,15 @@ class CommitPipeline:
         finally:
             self._pending -= 1
 
-    async def _submit_until(self, cmd: Command, packed: bytes, deadline: float) -> Result:
+    async def _submit_until(
+        self, cmd: Command, packed: list[bytes], size: int, deadline: float
+    ) -> Result:
         idempotent = not isinstance(cmd, RecordOutcome)
         early = isinstance(cmd, ANSWERED_ON_COMMIT)
         alone = isinstance(cmd, ENTRY_OF_ITS_OWN)
         loop = asyncio.get_running_loop()
         while True:
-            item = _Item(packed, loop.create_future(), early, alone)
+            item = _Item(packed, size, loop.create_future(), early, alone)
             self._queue.append(item)
             self._wake.set()
             remaining = deadline - self._clock.monotonic_s()
@@ -271,13 +275,11 @@ class CommitPipeline:
         batch = [self._queue.popleft()]
         if batch[0].alone:
             return batch
-        total = len(batch[0].packed) + 16
+        total = batch[0].size + 16
         limit = self._entry_bytes()
-        while (
-            self._queue and not self._queue[0].alone and total + len(self._queue[0].packed) < limit
-        ):
+        while self._queue and not self._queue[0].alone and total + self._queue[0].size < limit:
             item = self._queue.popleft()
-            total += len(item.packed)
+            total += item.size
             batch.append(item)
         return batch
 

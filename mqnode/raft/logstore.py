@@ -28,6 +28,7 @@ from mqnode.storage import (
     U64,
     LmdbError,
     LmdbMapFullError,
+    bin_header,
     checked_view,
     crc32,
     open_env,
@@ -142,10 +143,10 @@ def _record(term: int, cmd: bytes) -> bytes:
     from the command and joined once."""
     packed = cmd.deflate_once() if type(cmd) is WireCommand else b""
     if packed:
-        head = _TRIPLE + pack(term) + _bin_header(len(packed))
+        head = _TRIPLE + pack(term) + bin_header(len(packed))
         crc = crc32(_DEFLATED_TAIL, crc32(packed, crc32(head)))
         return b"".join([U32.pack(crc), head, packed, _DEFLATED_TAIL])
-    head = _PAIR + pack(term) + _bin_header(len(cmd))
+    head = _PAIR + pack(term) + bin_header(len(cmd))
     return b"".join([U32.pack(crc32(cmd, crc32(head))), head, cmd])
 
 
@@ -154,15 +155,6 @@ _TRIPLE = b"\x93"  # msgpack: an array of three
 DEFLATED = 1  # the third item of a record whose command is a zlib stream
 _DEFLATED_TAIL = pack(DEFLATED)
 _INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # typed as an object in isal's stubs
-
-
-def _bin_header(size: int) -> bytes:
-    """msgpack's bin 8/16/32 header for `size` bytes (what `pack` writes before bytes)."""
-    if size < 0x100:
-        return b"\xc4" + size.to_bytes(1, "big")
-    if size < 0x10000:
-        return b"\xc5" + size.to_bytes(2, "big")
-    return b"\xc6" + size.to_bytes(4, "big")
 
 
 def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:

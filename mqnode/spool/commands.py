@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from mqnode.errors import CodecError, NewerFormatError
+from mqnode.storage import bin_header
 
 FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
@@ -396,18 +397,40 @@ def encode_entry(commands: list[Command]) -> bytes:
     return encode_packed_entry([encode_command(c) for c in commands])
 
 
-def encode_command(cmd: Command) -> bytes:
-    """One command as an entry holds it; `encode_packed_entry` joins such pieces."""
-    out: bytes = msgpack.packb(_to_list(cmd), use_bin_type=True)
-    return out
+# A bytes field this big is a piece of its own in `encode_command`.
+_OWN_PIECE_BYTES = 64 * 1024
 
 
-def encode_packed_entry(packed: list[bytes]) -> bytes:
+def encode_command(cmd: Command) -> list[bytes]:
+    """One command as an entry holds it, in pieces that `encode_packed_entry` joins.
+
+    A body chunk (a bytes field of 64 KiB or more) is a piece of its own, framed by
+    msgpack's bin header before it: the entry's join is then its only copy, where
+    `packb` would copy it into its buffer and again into the bytes it returns.
+    """
+    values = _to_list(cmd)
+    if not any(type(v) is bytes and len(v) >= _OWN_PIECE_BYTES for v in values):
+        return [msgpack.packb(values, use_bin_type=True)]
+    pieces: list[bytes] = []
+    head = [_ARRAY_HEADER.pack_array_header(len(values))]
+    for value in values:
+        if type(value) is bytes and len(value) >= _OWN_PIECE_BYTES:
+            head.append(bin_header(len(value)))
+            pieces += [b"".join(head), value]
+            head = []
+        else:
+            head.append(msgpack.packb(value, use_bin_type=True))
+    if head:
+        pieces.append(b"".join(head))
+    return pieces
+
+
+def encode_packed_entry(packed: list[list[bytes]]) -> bytes:
     """`encode_entry` of commands already encoded by `encode_command` (no second encoding)."""
     if not packed:
         raise CodecError("an entry needs at least one command")
     header: bytes = _ARRAY_HEADER.pack_array_header(len(packed))
-    return b"".join([_VERSION_BYTE, header, *packed])
+    return b"".join([_VERSION_BYTE, header, *(piece for pieces in packed for piece in pieces)])
 
 
 def decode_entry(data: bytes) -> list[Command]:

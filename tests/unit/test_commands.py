@@ -167,7 +167,7 @@ def test_decoded_sequences_are_tuples(cmd: Command) -> None:
 @given(batches)
 def test_encode_command_sizes_bound_the_entry(cmds: list[Command]) -> None:
     # The commit pipeline packs entries by summing encode_command sizes plus 16 bytes.
-    assert len(encode_entry(cmds)) <= sum(len(encode_command(c)) for c in cmds) + 16
+    assert len(encode_entry(cmds)) <= sum(len(b"".join(encode_command(c))) for c in cmds) + 16
 
 
 @given(st.lists(commands, min_size=1, max_size=70))
@@ -175,6 +175,35 @@ def test_an_entry_of_packed_commands_is_the_same_entry(cmds: list[Command]) -> N
     # The commit pipeline encodes each command once and joins them (up to 16 and past:
     # msgpack's array header grows at 16 items).
     assert encode_packed_entry([encode_command(c) for c in cmds]) == encode_entry(cmds)
+
+
+big_blobs = st.sampled_from([0, 1, 0x100, 0xFFFF, 0x10000, 0x10001, 1 << 20]).map(
+    lambda n: bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+)
+
+
+@given(
+    st.one_of(
+        st.builds(PutChunk, upload_id=small_text, seq=ints, data=big_blobs, created_ms=ints),
+        enqueues,
+        st.builds(lambda c, b: replace(c, body=b), enqueues, big_blobs),
+        st.builds(lambda c, b: replace(c, dsn_body=b), record_outcomes, big_blobs),
+    )
+)
+def test_a_command_in_pieces_is_msgpack_of_its_fields(cmd: Command) -> None:
+    # Body chunks are pieces of their own (no copy by packb); joined, the pieces are
+    # exactly what msgpack makes of the command's list, and the entry decodes back.
+    pieces = encode_command(cmd)
+    fields_list = msgpack.unpackb(b"".join(pieces), raw=False)
+    assert b"".join(pieces) == msgpack.packb(fields_list, use_bin_type=True)
+    assert decode_entry(encode_packed_entry([pieces, pieces])) == [cmd, cmd]
+
+
+def test_a_body_chunk_is_its_own_piece_not_a_copy() -> None:
+    data = b"y" * (1 << 20)
+    pieces = encode_command(PutChunk("up", 3, data, 7))
+    assert any(p is data for p in pieces)
+    assert len(encode_command(PutChunk("up", 3, b"y" * 1000, 7))) == 1
 
 
 def test_encode_of_no_commands_raises() -> None:
