@@ -36,6 +36,48 @@ def unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
+# Bytes this big are a piece of their own in `pack_pieces`.
+OWN_PIECE_BYTES = 64 * 1024
+
+
+def pack_pieces(obj: Any) -> list[bytes]:
+    """`pack(obj)` in pieces to be joined or written out with `writelines`: bytes of
+    `OWN_PIECE_BYTES` or more (a body chunk), in lists at any depth, are pieces of
+    their own behind msgpack's bin header. `packb` would copy such bytes into its
+    buffer and again into the bytes it returns; this copies none of them."""
+    if not _has_big_bytes(obj):
+        return [pack(obj)]
+    pieces: list[bytes] = []
+    head: list[bytes] = []
+    _pack_into(obj, head, pieces)
+    if head:
+        pieces.append(b"".join(head))
+    return pieces
+
+
+def _has_big_bytes(obj: Any) -> bool:
+    if type(obj) is bytes:
+        return len(obj) >= OWN_PIECE_BYTES
+    return type(obj) is list and any(map(_has_big_bytes, obj))
+
+
+def _pack_into(obj: Any, head: list[bytes], pieces: list[bytes]) -> None:
+    if type(obj) is bytes and len(obj) >= OWN_PIECE_BYTES:
+        head.append(bin_header(len(obj)))
+        pieces.append(b"".join(head))
+        pieces.append(obj)
+        head.clear()
+    elif type(obj) is list and _has_big_bytes(obj):
+        head.append(_HEADERS.pack_array_header(len(obj)))
+        for item in obj:
+            _pack_into(item, head, pieces)
+    else:
+        head.append(pack(obj))
+
+
+_HEADERS = msgpack.Packer(use_bin_type=True)
+
+
 def bin_header(size: int) -> bytes:
     """msgpack's bin 8/16/32 header for `size` bytes (what `pack` writes before bytes):
     with it, bytes of a MiB can be framed and joined with the rest in one copy."""

@@ -40,6 +40,7 @@ from mqnode.errors import (
     StoreFullError,
     SubmitError,
 )
+from mqnode.storage import pack_pieces
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Link(asyncio.Protocol):
     def send(self, msg: list[Any]) -> None:
         if self._transport is None or self._loop is None:
             return
-        self._out.append(msgpack.packb(msg, use_bin_type=True))
+        self._out += pack_pieces(msg)  # a body chunk is not copied (writelines below)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

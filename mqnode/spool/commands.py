@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from mqnode.errors import CodecError, NewerFormatError
-from mqnode.storage import bin_header
+from mqnode.storage import pack_pieces
 
 FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
@@ -397,32 +397,13 @@ def encode_entry(commands: list[Command]) -> bytes:
     return encode_packed_entry([encode_command(c) for c in commands])
 
 
-# A bytes field this big is a piece of its own in `encode_command`.
-_OWN_PIECE_BYTES = 64 * 1024
-
-
 def encode_command(cmd: Command) -> list[bytes]:
     """One command as an entry holds it, in pieces that `encode_packed_entry` joins.
 
-    A body chunk (a bytes field of 64 KiB or more) is a piece of its own, framed by
-    msgpack's bin header before it: the entry's join is then its only copy, where
-    `packb` would copy it into its buffer and again into the bytes it returns.
+    A body chunk (a bytes field of 64 KiB or more) is a piece of its own
+    (`storage.pack_pieces`): the entry's join is then its only copy on the leader.
     """
-    values = _to_list(cmd)
-    if not any(type(v) is bytes and len(v) >= _OWN_PIECE_BYTES for v in values):
-        return [msgpack.packb(values, use_bin_type=True)]
-    pieces: list[bytes] = []
-    head = [_ARRAY_HEADER.pack_array_header(len(values))]
-    for value in values:
-        if type(value) is bytes and len(value) >= _OWN_PIECE_BYTES:
-            head.append(bin_header(len(value)))
-            pieces += [b"".join(head), value]
-            head = []
-        else:
-            head.append(msgpack.packb(value, use_bin_type=True))
-    if head:
-        pieces.append(b"".join(head))
-    return pieces
+    return pack_pieces(_to_list(cmd))
 
 
 def encode_packed_entry(packed: list[list[bytes]]) -> bytes:

@@ -32,6 +32,7 @@ from mqnode.spool.commands import (
     encode_entry,
     encode_packed_entry,
 )
+from mqnode.storage import pack_pieces
 
 from .kit import enqueue
 
@@ -400,3 +401,15 @@ def test_fuzz_byte_flips_of_valid_entries(cmds: list[Command], data: st.DataObje
     for pos, mask in flips:
         raw[pos] ^= mask
     _decodes_or_codec_error(bytes(raw))
+
+
+@given(
+    st.recursive(
+        st.none() | st.integers(0, 2**32) | small_text | blobs | big_blobs,
+        lambda inner: st.lists(inner, max_size=4),
+        max_leaves=12,
+    )
+)
+def test_pack_pieces_is_pack_at_any_depth(obj: Any) -> None:
+    # What the SMTP workers' link sends too: [kind, request id, [tag, ...fields]].
+    assert b"".join(pack_pieces(obj)) == msgpack.packb(obj, use_bin_type=True)
