@@ -100,12 +100,14 @@ class Intake:
         queue_id = make_queue_id(now_ms, self._random(8))
         body = sub.body
         message_id = find_message_id(body)
+        added = b""  # a Message-ID header, in front of the body (not joined to it here)
         if message_id is None:
             message_id = f"<{queue_id}@{self._hostname}>"
-            body = f"Message-ID: {message_id}\r\n".encode() + body
+            added = f"Message-ID: {message_id}\r\n".encode()
         signatures = b""
         signed_by: tuple[str, ...] = ()
         if self.signer is not None:
+            body, added = added + body, b""
             # After the idempotency key (a retry is the same message) and the Message-ID
             # (which is signed); t= is the receive time this command carries.
             try:
@@ -116,16 +118,20 @@ class Intake:
                 raise SubmitError("message not signed; try again later") from exc
             for domain in signed_by:
                 self.dkim_signed[domain] = self.dkim_signed.get(domain, 0) + 1
-        body = signatures + sub.trace(queue_id, now_ms) + body
+        head = signatures + sub.trace(queue_id, now_ms) + added
+        size = len(head) + len(body)
+        digest = hashlib.sha256(head)
+        digest.update(body)
         upload_id, chunks = "", 0
-        inline: bytes | None = body
+        inline: bytes | None = None
         parts: list[bytes] = []
         sizes = self.sizes()
-        if len(body) + _envelope_bytes(sub) > sizes.inline_max:
-            upload_id, inline = queue_id, None
-            step = sizes.chunk
-            parts = [body[i : i + step] for i in range(0, len(body), step)]
+        if size + _envelope_bytes(sub) > sizes.inline_max:
+            upload_id = queue_id
+            parts = _chunks(head, body, sizes.chunk)
             chunks = len(parts)
+        else:
+            inline = head + body
         cmd = Enqueue(
             queue_id=queue_id,
             received_ms=now_ms,
@@ -134,8 +140,8 @@ class Intake:
             body=inline,
             upload_id=upload_id,
             chunks=chunks,
-            body_size=len(body),
-            body_sha256=hashlib.sha256(body).digest(),
+            body_size=size,
+            body_sha256=digest.digest(),
             idem_key=sub.idem,
             message_id=message_id,
             client=sub.client,
@@ -201,6 +207,18 @@ class Intake:
                 if isinstance(outcome, BackpressureError | NoLeaderError):
                     raise outcome
         return result
+
+
+def _chunks(head: bytes, body: bytes, step: int) -> list[bytes]:
+    """`head + body` cut into pieces of `step` bytes, each byte copied once (not into
+    the whole first and then into its piece)."""
+    if not head or len(head) >= step:  # a chunk is 48 KiB or more: not with our headers
+        whole = head + body
+        return [whole[i : i + step] for i in range(0, len(whole), step)]
+    first = step - len(head)
+    parts = [b"".join([head, memoryview(body)[:first]])]
+    parts += [body[i : i + step] for i in range(first, len(body), step)]
+    return parts
 
 
 def _envelope_bytes(sub: Submission) -> int:

@@ -8,10 +8,12 @@ import os
 
 import pytest
 from aiosmtpd.smtp import Envelope, Session
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mqnode.clock import ManualClock
 from mqnode.errors import BackpressureError
-from mqnode.intake import CHUNKS_IN_FLIGHT
+from mqnode.intake import CHUNKS_IN_FLIGHT, _chunks
 from mqnode.smtp.handler import SmtpIngress
 from mqnode.spool.commands import (
     BIG_ENTRIES,
@@ -215,3 +217,15 @@ def test_a_body_over_the_big_inline_size_goes_in_chunks_of_the_big_size(
     chunks = [c for c in cmds if isinstance(c, PutChunk)]
     assert [len(c.data) for c in chunks[:2]] == [BIG_ENTRIES.chunk] * 2 and len(chunks) == 3
     assert all(len(encode_entry([c])) < BIG_ENTRIES.max_entry for c in cmds)
+
+
+@given(
+    head=st.binary(max_size=300),
+    body_len=st.integers(0, 5 * 1000 + 7),
+    step=st.sampled_from([1, 7, 299, 300, 301, 1000]),
+)
+def test_chunks_are_head_and_body_cut_at_every_step(head: bytes, body_len: int, step: int) -> None:
+    # Intake cuts `head + body` without joining them first; the cuts are the same.
+    body = bytes(i % 251 for i in range(body_len))
+    whole = head + body
+    assert _chunks(head, body, step) == [whole[i : i + step] for i in range(0, len(whole), step)]
