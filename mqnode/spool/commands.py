@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
@@ -274,6 +274,18 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
         isinstance(v, list) and all(map(_is_suppression, v))
     ),
 }
+# The exact types msgpack gives for a field that passes its check; a container field
+# (None here) is checked by its function. `_from_list` checks a command's types at once
+# against the combinations seen to pass (`_Schema.passing`), the rest field by field.
+_EXACT: dict[str, frozenset[type] | None] = {
+    "str": frozenset({str}),
+    "int": frozenset({int}),
+    "bytes": frozenset({bytes}),
+    "bytes | None": frozenset({bytes, type(None)}),
+    "tuple[str, ...]": None,
+    "tuple[tuple[int, str, str], ...]": None,
+    "tuple[tuple[str, str, str, str, int, int], ...]": None,
+}
 _BY_TAG: dict[int, type[Any]] = {
     c.TAG: c
     for c in (
@@ -315,6 +327,25 @@ class _Schema:
     fields: tuple[tuple[str, Callable[[Any], bool], Callable[[Any], Any] | None], ...]
     required: int  # the fields without a default: the first release's
     defaults: tuple[Any, ...]  # of the optional fields after them, as encoded
+    exact: tuple[frozenset[type] | None, ...]  # per field: `_EXACT`
+    containers: tuple[tuple[int, Callable[[Any], bool]], ...]  # (index, check) of the rest
+    converts: tuple[tuple[int, Callable[[Any], Any]], ...]  # (index, convert)
+    # The field types (`type` of each value) that passed, so that a command of such
+    # types needs only its containers checked. Bounded: each field has one or two exact
+    # types, and most commands have no optional ones.
+    passing: set[tuple[type, ...]] = field(default_factory=set)
+
+    def types_pass(self, types: tuple[type, ...]) -> bool:
+        """Whether values of exactly these types pass their fields' checks (containers
+        apart). The answer for a combination never changes, so a passing one is kept."""
+        if types in self.passing:
+            return True
+        ok = all(
+            allowed is None or t in allowed for t, allowed in zip(types, self.exact, strict=False)
+        )
+        if ok:
+            self.passing.add(types)
+        return ok
 
 
 def _schema(cls: type[Any]) -> _Schema:
@@ -335,7 +366,17 @@ def _schema(cls: type[Any]) -> _Schema:
             raise TypeError(f"{cls.__name__}.{f.name}: a field after an optional one needs one")
     getter = operator.attrgetter(*(name for name, _, _ in spec))
     values = getter if len(spec) > 1 else (lambda cmd: (getter(cmd),))
-    return _Schema(cls, values, tuple(spec), len(spec) - len(defaults), tuple(defaults))
+    exact = tuple(_EXACT[str(f.type)] for f in fields(cls))
+    return _Schema(
+        cls,
+        values,
+        tuple(spec),
+        len(spec) - len(defaults),
+        tuple(defaults),
+        exact,
+        tuple((i, check) for i, (_, check, _) in enumerate(spec) if exact[i] is None),
+        tuple((i, conv) for i, (_, _, conv) in enumerate(spec) if conv is not None),
+    )
 
 
 _SCHEMAS: dict[int, _Schema] = {tag: _schema(cls) for tag, cls in _BY_TAG.items()}
@@ -367,7 +408,16 @@ def _from_list(item: Any) -> Command:
         raise NewerFormatError(f"{name} has {len(item) - 1} fields; this version knows {len(spec)}")
     if len(item) - 1 < schema.required:
         raise CodecError(f"{name}: expected {schema.required} fields, got {len(item) - 1}")
-    values = []
+    values = item[1:]
+    if schema.types_pass(tuple(map(type, values))) and all(
+        check(values[i]) for i, check in schema.containers if i < len(values)
+    ):
+        for i, to_tuple in schema.converts:
+            if i < len(values):
+                values[i] = to_tuple(values[i])
+        fast: Command = schema.cls(*values)
+        return fast
+    values = []  # field by field, to say which one is wrong
     for (field_name, check, convert), value in zip(spec, item[1:], strict=False):
         if not check(value):
             raise CodecError(f"{name}.{field_name}: wrong type {type(value).__name__}")

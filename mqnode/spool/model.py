@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -117,7 +117,17 @@ class QueuedMessage:
         return MessageState.DEFERRED if self.attempts > 0 else MessageState.ACTIVE
 
     def with_changes(self, **changes: Any) -> QueuedMessage:
-        return replace(self, **changes)
+        """A copy with `changes` (what `dataclasses.replace` does, without running the
+        generated __init__ and reading the fields again: 11 us a call, twice per message
+        on every node)."""
+        if not changes.keys() <= _MESSAGE_FIELDS:
+            raise TypeError(
+                f"not fields of QueuedMessage: {sorted(changes.keys() - _MESSAGE_FIELDS)}"
+            )
+        new = object.__new__(QueuedMessage)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -189,3 +199,6 @@ class QueuedMessage:
             "claim_node": self.claim_node,
             **({"dsn": self.dsn.to_record()} if "dsn" in self.extra else {}),
         }
+
+
+_MESSAGE_FIELDS = frozenset(f.name for f in fields(QueuedMessage))

@@ -413,3 +413,54 @@ def test_fuzz_byte_flips_of_valid_entries(cmds: list[Command], data: st.DataObje
 def test_pack_pieces_is_pack_at_any_depth(obj: Any) -> None:
     # What the SMTP workers' link sends too: [kind, request id, [tag, ...fields]].
     assert b"".join(pack_pieces(obj)) == msgpack.packb(obj, use_bin_type=True)
+
+
+_EXAMPLES: list[Command] = [
+    enqueue("Q1"),
+    replace(enqueue("Q2", body=None), upload_id="Q2", chunks=2, dsn_notify=("SUCCESS",)),
+    PutChunk("Q1", 0, b"d", 1),
+    Announce("a:1", "n", "s:2", "d:3", 1),
+    RecordOutcome("Q1", 1, ((0, "delivered", "ok"),), 2, 1, "", b""),
+    LeaseRenew("n1", "a:1", 1, 3000),
+    Claim(("Q1", "Q2"), "n1", 1),
+]
+# A value of each shape msgpack can give: for every field, all but the right ones.
+_SHAPES: list[Any] = [True, 7, -1, "s", b"b", None, 1.5, [], ["s"], [[0, "a", "b"]], {"k": 1}]
+
+
+def _accepts(annotation: str, value: Any) -> bool:
+    """What a field of this annotation takes, written out for the test."""
+    if annotation == "str":
+        return type(value) is str
+    if annotation == "int":
+        return type(value) is int
+    if annotation == "bytes":
+        return type(value) is bytes
+    if annotation == "bytes | None":
+        return value is None or type(value) is bytes
+    if annotation == "tuple[str, ...]":
+        return type(value) is list and all(type(x) is str for x in value)
+    if annotation == "tuple[tuple[int, str, str], ...]":
+        return type(value) is list and all(
+            type(r) is list and [type(x) for x in r] == [int, str, str] for r in value
+        )
+    raise AssertionError(annotation)
+
+
+@pytest.mark.parametrize("good", _EXAMPLES, ids=lambda c: type(c).__name__)
+def test_every_field_of_a_wrong_shape_is_refused_every_time(good: Command) -> None:
+    # Decoding checks a command's field types at once against combinations seen to
+    # pass before; a wrong shape in any field must still be refused, before and after
+    # the right shapes have been seen.
+    cmd = msgpack.unpackb(encode_entry([good])[1:], raw=False)[0]
+    annotations = [str(f.type) for f in fields(type(good))]
+    for _ in range(2):
+        assert decode_entry(_entry_of([cmd])) == [good]
+        for i in range(1, len(cmd)):
+            for shape in _SHAPES:
+                changed = [*cmd[:i], shape, *cmd[i + 1 :]]
+                if _accepts(annotations[i - 1], shape):
+                    decode_entry(_entry_of([changed]))
+                else:
+                    with pytest.raises(CodecError, match="wrong type"):
+                        decode_entry(_entry_of([changed]))
