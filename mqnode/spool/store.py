@@ -126,12 +126,22 @@ class StateTxn:
         """Insert or replace `old` (as stored), keeping the indexes and state counters in
         step. Only what changed is written: a claim or an outcome that keeps a message's
         due time and state rewrites neither its index keys nor the counters."""
+        record = with_crc(pack(msg.to_record()))
+        if (
+            old is not None
+            and msg.recipients is old.recipients
+            and (msg.queue_id, msg.hold, msg.next_attempt_ms, msg.attempts)
+            == (old.queue_id, old.hold, old.next_attempt_ms, old.attempts)
+        ):
+            # A claim: the index keys and the state depend on nothing it changed.
+            self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
+            return
         due, by_domain = _index_keys(msg)
         if old is not None:
             old_due, old_by_domain = _index_keys(old)
             self._unindex(old_due - due, old_by_domain - by_domain)
             due, by_domain = due - old_due, by_domain - old_by_domain
-        self._txn.put(msg.queue_id.encode(), with_crc(pack(msg.to_record())), db=self._s._msgs)
+        self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
         for key in due:
             self._txn.put(key, b"", db=self._s._due)
         for key in by_domain:

@@ -30,7 +30,7 @@ from mqnode.spool.commands import (
     encode_entry,
     to_wire,
 )
-from mqnode.spool.model import MessageState, RcptState
+from mqnode.spool.model import MessageState, QueuedMessage, RcptState, Recipient
 from mqnode.spool.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
 from mqnode.spool.store import QueueStore
 
@@ -495,7 +495,9 @@ slots = st.lists(
 time_steps = st.sampled_from([0, 1, 1000, 300_000, UPLOAD_TTL_MS + 1, IDEM_WINDOW_MS + 1])
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["put", "put", "enq", "enq", "out", "out", "ann", "junk", "hold", "rel"]),
+        st.sampled_from(
+            ["put", "put", "enq", "enq", "out", "out", "ann", "junk", "hold", "rel", "claim"]
+        ),
         st.integers(0, 4),  # slot
         st.lists(
             st.tuples(st.integers(-1, 3), st.sampled_from(["delivered", "deferred", "bounced"])),
@@ -529,6 +531,8 @@ def _build_entries(plan: list[Slot], steps: list[Any], junk: bytes) -> list[byte
             cmds = [RecordOutcome(slot.queue_id, now, results_t, now, 0, "", b"")]
         elif kind in ("hold", "rel"):
             cmds = [QueueOp("hold" if kind == "hold" else "release", (slot.queue_id,), now)]
+        elif kind == "claim":  # epoch 0: no lease renewed in these transcripts
+            cmds = [Claim((slot.queue_id,), "n1", 0)]
         elif kind == "ann":
             cmds = [Announce(f"n{slot_i}:7001", f"n{slot_i}", "s:1", "a:1", now - T0)]
         elif kind == "junk":
@@ -711,3 +715,48 @@ def test_iter_due_skips_in_flight_ids_and_stops_when_closed(
     gen.close()
     tx.apply(enqueue("Q5", T0 + 5, ("a@example.com",), b"x\r\n", idem=b"Q5"))
     assert [m.queue_id for m in store.due_messages(T0 + 10, 10)][-1] == "Q5"
+
+
+_BASE = QueuedMessage(
+    queue_id="Q1",
+    received_ms=T0,
+    mail_from="s@x.org",
+    recipients=(Recipient("a@x.org"), Recipient("b@y.org", attempts=1)),
+    size=1,
+    message_id="<m>",
+    body_key="Q1",
+    body_chunks=1,
+    body_sha256=b"",
+    client="",
+    accepted_by="n1",
+    attempts=1,
+    next_attempt_ms=T0,
+)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"claim_epoch": 3, "claim_node": "n2"},  # a claim: the record alone is rewritten
+        {"recipients": (Recipient("a@x.org", RcptState.DELIVERED, 1), _BASE.recipients[1])},
+        {"recipients": (Recipient("a@x.org"), Recipient("b@y.org", attempts=1))},  # equal, new
+        {"next_attempt_ms": T0 + 5},
+        {"hold": True},
+        {"attempts": 0},
+    ],
+    ids=["claim", "recipient-done", "equal-recipients", "due-later", "hold", "attempts"],
+)
+def test_a_replaced_message_has_the_indexes_and_counts_of_one_put_fresh(
+    changes: dict[str, Any],
+) -> None:
+    # put_message(new, old) writes only what changed; the indexes and the state counts
+    # must come out as if `new` had been put into an empty store.
+    new = _BASE.with_changes(**changes)
+    with fresh_store() as replaced, fresh_store() as fresh:
+        for store, steps in ((replaced, [(_BASE, None), (new, _BASE)]), (fresh, [(new, None)])):
+            txn = store.apply_txn()
+            for msg, old in steps:
+                txn.put_message(msg, old)
+            store.commit_apply()
+        assert _without_meta(replaced) == _without_meta(fresh)
+        assert replaced.counts() == fresh.counts()
