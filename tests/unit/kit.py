@@ -11,8 +11,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mqnode.spool.commands import Command, Enqueue, PutChunk, RecordOutcome, encode_entry
+from mqnode.spool.model import QueuedMessage, Recipient
 from mqnode.spool.statemachine import QueueStateMachine, Result
 from mqnode.spool.store import QueueStore
 
@@ -87,6 +89,26 @@ def enqueue(
         client="127.0.0.1",
         node_id="n1",
     )
+
+
+def queued_message(
+    queue_id: str = "Q1", rcpts: tuple[str | Recipient, ...] = ("rcpt@example.com",), **fields: Any
+) -> QueuedMessage:
+    """A message as the state holds it, built directly; `fields` override the defaults."""
+    values: dict[str, Any] = {
+        "queue_id": queue_id,
+        "received_ms": T0,
+        "mail_from": "sender@example.com",
+        "recipients": tuple(Recipient(r) if isinstance(r, str) else r for r in rcpts),
+        "size": 1,
+        "message_id": f"<{queue_id}@test>",
+        "body_key": queue_id,
+        "body_chunks": 1,
+        "body_sha256": b"",
+        "client": "127.0.0.1",
+        "accepted_by": "n1",
+    }
+    return QueuedMessage(**{**values, **fields})
 
 
 def chunked(

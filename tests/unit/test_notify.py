@@ -13,7 +13,9 @@ from mqnode.dsn.notify import report_for
 from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.signing.keys import ED25519, KeySet, keygen
 from mqnode.spool.dsnparams import DsnRequest
-from mqnode.spool.model import Outcome, QueuedMessage, Recipient
+from mqnode.spool.model import Outcome, QueuedMessage
+
+from .kit import queued_message
 
 BODY = b"Message-ID: <m@a.org>\r\nSubject: hi\r\n\r\nthe body\r\n"
 OK = Outcome.DELIVERED.value
@@ -22,18 +24,13 @@ DEFERRED = Outcome.DEFERRED.value
 
 
 def message(dsn: DsnRequest | None = None, sender: str = "alice@a.org") -> QueuedMessage:
-    return QueuedMessage(
-        queue_id="0ABC",
+    return queued_message(
+        "0ABC",
+        tuple(f"r{i}@x.org" for i in range(4)),
         received_ms=1_700_000_000_000,
         mail_from=sender,
-        recipients=tuple(Recipient(f"r{i}@x.org") for i in range(4)),
         size=len(BODY),
         message_id="<m@a.org>",
-        body_key="0ABC",
-        body_chunks=1,
-        body_sha256=b"",
-        client="127.0.0.1",
-        accepted_by="n1",
         extra={"dsn": dsn.to_record()} if dsn else {},
     )
 

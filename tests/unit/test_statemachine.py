@@ -30,11 +30,11 @@ from mqnode.spool.commands import (
     encode_entry,
     to_wire,
 )
-from mqnode.spool.model import MessageState, QueuedMessage, RcptState, Recipient
+from mqnode.spool.model import MessageState, RcptState, Recipient
 from mqnode.spool.statemachine import GC_BATCH, IDEM_WINDOW_MS, UPLOAD_TTL_MS, QueueStateMachine
 from mqnode.spool.store import QueueStore
 
-from .kit import T0, Transcript, chunked, dump, enqueue, fresh_store, outcome
+from .kit import T0, Transcript, chunked, dump, enqueue, fresh_store, outcome, queued_message
 
 _U64 = struct.Struct(">Q")
 NO_COUNTS = {"active": 0, "deferred": 0, "hold": 0}
@@ -717,18 +717,10 @@ def test_iter_due_skips_in_flight_ids_and_stops_when_closed(
     assert [m.queue_id for m in store.due_messages(T0 + 10, 10)][-1] == "Q5"
 
 
-_BASE = QueuedMessage(
-    queue_id="Q1",
-    received_ms=T0,
+_BASE = queued_message(
+    "Q1",
+    ("a@x.org", Recipient("b@y.org", attempts=1)),
     mail_from="s@x.org",
-    recipients=(Recipient("a@x.org"), Recipient("b@y.org", attempts=1)),
-    size=1,
-    message_id="<m>",
-    body_key="Q1",
-    body_chunks=1,
-    body_sha256=b"",
-    client="",
-    accepted_by="n1",
     attempts=1,
     next_attempt_ms=T0,
 )
