@@ -68,7 +68,7 @@ def _pack_into(obj: Any, head: list[bytes], pieces: list[bytes]) -> None:
         pieces.append(obj)
         head.clear()
     elif type(obj) is list and _has_big_bytes(obj):
-        head.append(_HEADERS.pack_array_header(len(obj)))
+        head.append(array_header(len(obj)))
         for item in obj:
             _pack_into(item, head, pieces)
     else:
@@ -76,6 +76,12 @@ def _pack_into(obj: Any, head: list[bytes], pieces: list[bytes]) -> None:
 
 
 _HEADERS = msgpack.Packer(use_bin_type=True)
+
+
+def array_header(size: int) -> bytes:
+    """msgpack's header of an array of `size` items (its items follow, packed apart)."""
+    out: bytes = _HEADERS.pack_array_header(size)
+    return out
 
 
 def bin_header(size: int) -> bytes:

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from mqnode.errors import CodecError, NewerFormatError
-from mqnode.storage import pack_pieces
+from mqnode.storage import array_header, pack_pieces
 
 FORMAT_VERSION = 1
 # What this build decodes, as a level its Announce carries (raft/formats.py keeps fields a
@@ -440,7 +440,6 @@ def from_wire(item: Any) -> Command:
 
 
 _VERSION_BYTE = bytes([FORMAT_VERSION])
-_ARRAY_HEADER = msgpack.Packer(use_bin_type=True)
 
 
 def encode_entry(commands: list[Command]) -> bytes:
@@ -460,7 +459,7 @@ def encode_packed_entry(packed: list[list[bytes]]) -> bytes:
     """`encode_entry` of commands already encoded by `encode_command` (no second encoding)."""
     if not packed:
         raise CodecError("an entry needs at least one command")
-    header: bytes = _ARRAY_HEADER.pack_array_header(len(packed))
+    header = array_header(len(packed))
     return b"".join([_VERSION_BYTE, header, *(piece for pieces in packed for piece in pieces)])
 
 
