@@ -50,6 +50,7 @@ from typing import Any
 
 from mqnode.errors import CorruptDataError, StateMapFullError
 from mqnode.spool.model import MessageState, QueuedMessage, RcptState
+from mqnode.spool.record_memo import RecordMemo
 from mqnode.spool.suppression import Entry, lookup_keys, split_key
 from mqnode.spool.suppression import key as suppression_key
 from mqnode.storage import (
@@ -120,7 +121,7 @@ class StateTxn:
     # -- messages -----------------------------------------------------------
     def get_message(self, queue_id: str) -> QueuedMessage | None:
         raw = self._txn.get(queue_id.encode(), db=self._s._msgs)
-        return None if raw is None else _decode_message(bytes(raw), queue_id)
+        return None if raw is None else self._s.decoded(bytes(raw), queue_id)
 
     def put_message(self, msg: QueuedMessage, old: QueuedMessage | None) -> None:
         """Insert or replace `old` (as stored), keeping the indexes and state counters in
@@ -135,6 +136,7 @@ class StateTxn:
         ):
             # A claim: the index keys and the state depend on nothing it changed.
             self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
+            self._s.memo.put(msg.queue_id, record, msg)
             return
         due, by_domain = _index_keys(msg)
         if old is not None:
@@ -142,6 +144,7 @@ class StateTxn:
             self._unindex(old_due - due, old_by_domain - by_domain)
             due, by_domain = due - old_due, by_domain - old_by_domain
         self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
+        self._s.memo.put(msg.queue_id, record, msg)
         for key in due:
             self._txn.put(key, b"", db=self._s._due)
         for key in by_domain:
@@ -155,6 +158,7 @@ class StateTxn:
         self._unindex(*_index_keys(msg))
         self._bump(msg.state(), -1)
         self._txn.delete(msg.queue_id.encode(), db=self._s._msgs)
+        self._s.memo.drop(msg.queue_id)
         self.delete_body(msg.body_key, msg.body_chunks, msg.size)
 
     def _unindex(self, due: set[bytes], by_domain: set[bytes]) -> None:
@@ -395,6 +399,7 @@ class QueueStore:
         # Deleted bodies' pages are reused by later ones before a writeback (LMDB reuses
         # freed pages), so mail delivered soon after it came costs a writeback little.
         self.body_bytes_held = 0
+        self.memo = RecordMemo()  # messages by their record's bytes: decoded once
         self._untrusted = False  # a writeback failed: never removes the marker
         self._txn: Any = None
         self._commits = 0
@@ -576,6 +581,15 @@ class QueueStore:
         """The map's size now: the configured size, or more after `grow_for_apply`."""
         return self._env_map_size
 
+    def decoded(self, raw: bytes, queue_id: str) -> QueuedMessage:
+        """The message of the record `raw` (as stored), decoded only when `memo` does
+        not hold exactly these bytes (any thread)."""
+        msg = self.memo.get(queue_id, raw)
+        if msg is None:
+            msg = _decode_message(raw, queue_id)
+            self.memo.put(queue_id, raw, msg)
+        return msg
+
     # -- readers (any thread) ------------------------------------------------
     @contextmanager
     def reader(self) -> Iterator[StateTxn]:
@@ -728,7 +742,7 @@ class QueueStore:
                     raw = txn.get(bytes(key[8:]), db=self._msgs)
                     if raw is not None:
                         given += 1
-                        yield _decode_message(bytes(raw), qid)
+                        yield self.decoded(bytes(raw), qid)
 
     def iter_due_by_domain(
         self,
@@ -805,7 +819,7 @@ class QueueStore:
             if qid not in skip:
                 raw = txn.get(tail[8:], db=self._msgs)
                 if raw is not None:
-                    yield _decode_message(bytes(raw), qid)
+                    yield self.decoded(bytes(raw), qid)
             found = cur.next()
 
     def fill_ratio(self) -> float:
