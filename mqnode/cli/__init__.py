@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from dataclasses import fields
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
 
+from mqnode import logsetup
 from mqnode.cli import access, bounces, dkim, remote, shaping, suppress
 from mqnode.cli import text as views
 from mqnode.config import NodeConfig
@@ -430,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = setting_overrides(args)
         cfg = NodeConfig.load(args.config, overrides)
         cfg.read_secret()
-        logging.basicConfig(
-            level=cfg.log_level.upper(),
-            format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s",
-        )
-        # aiosmtpd logs every SMTP command at INFO: far too much for a queue under load.
-        logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
+        logsetup.configure(cfg.log_level, cfg.node_id)
         from mqnode.node import Node
 
         def reload_config() -> NodeConfig:

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from mqnode import logsetup
 from mqnode.clock import SystemClock
 from mqnode.config import NodeConfig
 from mqnode.errors import ConfigError, NoLeaderError, time_out
@@ -234,12 +235,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = json.loads(argv[1])
     cfg = spec["config"]
-    logging.basicConfig(
-        level=str(cfg.get("log_level", "INFO")).upper(),
-        format=f"%(asctime)s {cfg.get('node_id')}/smtp{spec['index']} %(levelname)s "
-        "%(name)s: %(message)s",
+    logsetup.configure(
+        str(cfg.get("log_level", "INFO")), f"{cfg.get('node_id')}/smtp{spec['index']}"
     )
-    logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
     run_event_loop(run(spec))
     return 0
 
