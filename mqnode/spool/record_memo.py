@@ -13,10 +13,13 @@ are decoded (and checked) as ever. What it hands back is the object decoding
 those bytes gives, equal field for field (`QueuedMessage` is frozen; tests
 check that a record decodes to the message it was packed from).
 
-Bounded by the bytes of the records it holds (`MAX_BYTES`; Python's objects
-for a message are a few times its record), oldest put first out. Shared by
-the tick thread and readers on other threads: a lookup is one dict read; a
-put or a drop takes the lock.
+Bounded by count and by the bytes of the records it holds (`MAX_RECORDS`,
+`MAX_BYTES`), oldest put first out: a message is read back within seconds
+of a write, and 4,096 cover several seconds at the rates a node takes. The
+objects of a message take about five times its record (4,096 messages of
+one recipient: 0.9 MB of records, 4.4 MB of objects), so a few MB of a
+node's heap. Shared by the tick thread and readers on other threads: a
+lookup is one dict read; a put or a drop takes the lock.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import threading
 
 from mqnode.spool.model import QueuedMessage
 
-MAX_BYTES = 4 * 1024 * 1024  # ~15,000 records of a 1 KiB message with one recipient
+MAX_RECORDS = 4096
+MAX_BYTES = 1024 * 1024
 
 
 class RecordMemo:
-    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = MAX_BYTES, max_records: int = MAX_RECORDS) -> None:
         self._max = max_bytes
+        self._max_records = max_records
         self._held: dict[str, tuple[bytes, QueuedMessage]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -53,7 +58,7 @@ class RecordMemo:
                 self._bytes -= len(old[0])
             self._held[queue_id] = (record, msg)
             self._bytes += len(record)
-            while self._bytes > self._max:
+            while self._bytes > self._max or len(self._held) > self._max_records:
                 first = next(iter(self._held))
                 self._bytes -= len(self._held.pop(first)[0])
 

@@ -28,6 +28,15 @@ def test_only_the_same_bytes_get_the_message() -> None:
     assert memo.get("Q1", record) is None
 
 
+def test_bounded_by_count_oldest_out_first() -> None:
+    memo = RecordMemo(max_records=2)
+    for i in range(4):
+        memo.put(f"Q{i}", _record(f"Q{i}"), queued_message(f"Q{i}"))
+    assert len(memo) == 2
+    assert memo.get("Q1", _record("Q1")) is None
+    assert memo.get("Q3", _record("Q3")) is not None
+
+
 def test_bounded_by_the_bytes_of_its_records_oldest_out_first() -> None:
     size = len(_record("Q0"))
     memo = RecordMemo(max_bytes=3 * size)
@@ -46,9 +55,7 @@ def _lmdb_put(store: QueueStore, queue_id: str, raw: bytes) -> None:
         txn.put(queue_id.encode(), raw, db=store._msgs)
 
 
-def test_a_changed_record_is_decoded_and_checked(
-    tx: Transcript, store: QueueStore
-) -> None:
+def test_a_changed_record_is_decoded_and_checked(tx: Transcript, store: QueueStore) -> None:
     tx.apply(enqueue("Q1", T0, ("a@x.org",), b"body"))
     held = store.get_message("Q1")
     assert held is not None and store.get_message("Q1") is held  # decoded once
