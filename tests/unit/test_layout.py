@@ -1,7 +1,7 @@
 """The package layout's rules (docs: README "Module map"): imports point one way, and each
 third-party library that needs an adapter is imported in one place.
 
-Layers, bottom up: the frame's leaves (errors, clock, storage, tls, events,
+Layers, bottom up: the frame's leaves (errors, clock, storage, tls, events, logsetup,
 config, passwords) -> spool/, access/ -> raft/, signing/ -> intake -> smtp/,
 delivery/, dsn/ -> api/ -> admin/ -> node, cli, restore. devtools/ is never
 imported by the node's code.
@@ -18,7 +18,17 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "mqnode"
 
 # What each part may import from mqnode (besides itself).
-LEAVES = {"errors", "clock", "storage", "tls", "events", "config", "eventloop", "passwords"}
+LEAVES = {
+    "errors",
+    "clock",
+    "storage",
+    "tls",
+    "events",
+    "config",
+    "eventloop",
+    "logsetup",
+    "passwords",
+}
 ALLOWED: dict[str, set[str]] = {
     "spool": LEAVES,
     "signing": LEAVES | {"spool"},
