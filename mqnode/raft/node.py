@@ -48,6 +48,7 @@ FOLLOWER_STATE_HOLD_MAX_FILL = 0.5  # a fuller state map commits every tick
 # held a link to 64 KiB per round trip). The kernel caps it at net.core.[rw]mem_max.
 SOCKET_BUFFER_BYTES = 1024 * 1024
 UNLISTED_FOR_S = 30.0  # how long an unlisted peer's introduction counts (it retries ~2/s)
+STATUS_SLOW_EVERY_S = 0.05  # RaftStatus's operator fields: see _publish_status
 # A leadership transfer to a follower that is not caught up is asked again this often, for
 # this long (RaftNode.transfer_leadership); new entries wait meanwhile (handover.py), so a
 # reachable follower catches up within a round trip and a fsync.
@@ -151,6 +152,8 @@ class RaftNode(Generic[TxnT]):
         self._thread: threading.Thread | None = None
         self._applied_written = store.applied_index()
         self.status = RaftStatus("follower", None, 0, 0, 0, False, len(self._journal))
+        self._status_slow_due = float("-inf")
+        self._status_peers = -1
         self._sent_commit = 0
         self._sent_upto = 0
         # Called on the event loop after the state moved on and is readable (e.g. wake
@@ -608,37 +611,54 @@ class RaftNode(Generic[TxnT]):
             self._loop.call_soon_threadsafe(_run_completions, items)
 
     def _publish_status(self) -> None:
-        sync = self._sync
+        """`status` as of this tick, for readers on other threads (admin, readiness, ingress).
+
+        Every tick (hundreds a second under load): role, leader, term, indexes. The
+        rest (peer timings, member list, quorum, unlisted peers: ~25 us of a ~35 us
+        build) at most every `STATUS_SLOW_EVERY_S`, and at once when the role, leader,
+        term or number of members changes. Those fields are for operators and
+        readiness, which count in seconds.
+        """
+        sync, raw, journal = self._sync, self._raw, self._journal
         leader = sync._getLeader()
-        now = _pysyncobj_now()
-        raw = self._raw
-        heard_at = None if sync._isLeader() else raw.transport.mq_leader_heard_at
-        status = RaftStatus(
-            role=_ROLES.get(raw.state, "unknown"),
-            leader_addr=None if leader is None else leader.address,
-            term=sync.raftCurrentTerm,
-            commit_index=sync.raftCommitIndex,
-            last_applied=self._applied_written,  # in the state readers see (a follower's lags)
-            has_quorum=sync.hasQuorum,
-            log_len=len(self._journal),
-            match_index={node.address: int(idx) for node, idx in raw.match_index.items()}
-            if sync._isLeader()
+        is_leader = sync._isLeader()
+        old = self.status
+        fields: dict[str, Any] = {
+            "role": _ROLES.get(raw.state, "unknown"),
+            "leader_addr": None if leader is None else leader.address,
+            "term": sync.raftCurrentTerm,
+            "commit_index": sync.raftCommitIndex,
+            "last_applied": self._applied_written,  # in the state readers see
+            "log_len": len(journal),
+            "match_index": {node.address: int(idx) for node, idx in raw.match_index.items()}
+            if is_leader
             else {},
-            members=tuple(self.membership.current()),
-            peer_last_heard_s=raw.transport.last_heard(raw.other_nodes),
-            snapshot_after_entries=self._compaction.every,
-            log_first_index=int(self._journal[0][1]),
-            log_last_index=int(self._journal[-1][1]),
-            leader_heard_s=None if heard_at is None else round(now - heard_at, 3),
-            unlisted_peers=raw.transport.unlisted_peers(UNLISTED_FOR_S),
-            leader_named_by_others=self._prevote.leader_named_by_others(),
-        )
-        old, self.status = self.status, status
+            "log_first_index": int(journal.index_at(0)),
+            "log_last_index": int(journal.index_at(-1)),
+        }
         changed = (old.role, old.leader_addr, old.term) != (
-            status.role,
-            status.leader_addr,
-            status.term,
+            fields["role"],
+            fields["leader_addr"],
+            fields["term"],
         )
+        now = _pysyncobj_now()
+        peers = len(sync.otherNodes)
+        if changed or peers != self._status_peers or now >= self._status_slow_due:
+            self._status_slow_due, self._status_peers = now + STATUS_SLOW_EVERY_S, peers
+            heard_at = None if is_leader else raw.transport.mq_leader_heard_at
+            fields.update(
+                has_quorum=sync.hasQuorum,
+                members=tuple(self.membership.current()),
+                peer_last_heard_s=raw.transport.last_heard(raw.other_nodes),
+                snapshot_after_entries=self._compaction.every,
+                leader_heard_s=None if heard_at is None else round(now - heard_at, 3),
+                unlisted_peers=raw.transport.unlisted_peers(UNLISTED_FOR_S),
+                leader_named_by_others=self._prevote.leader_named_by_others(),
+            )
+        status = object.__new__(RaftStatus)  # a frozen dataclass's __init__ costs ~8 us
+        status.__dict__.update(old.__dict__)
+        status.__dict__.update(fields)
+        self.status = status
         if changed and self._on_status_change is not None:
             self._loop.call_soon_threadsafe(self._on_status_change, status)
 
