@@ -29,6 +29,7 @@ from mqnode.signing.keys import (
     keygen,
     load_key,
     parse_spec,
+    signing_domains,
     zone_lines,
 )
 from mqnode.spool.addresses import ascii_domain
@@ -287,3 +288,12 @@ def test_the_from_domain_of_common_fields() -> None:
         (b" Alice <a@b.example", "b.example"),
     ]:
         assert from_domain(value) == domain, value
+
+
+def test_signing_domains_reads_the_header_only() -> None:
+    sig = b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\td=Example.ORG; s=s1; b=x\r\n"
+    head = sig + b"dkim-signature: v=1; d=second.example; s=s2; b=y\r\nSubject: hi\r\n"
+    body = b"DKIM-Signature: v=1; d=in-the-body.example; b=z\r\n"
+    assert signing_domains(head + b"\r\n" + body) == ["example.org", "second.example"]
+    assert signing_domains(head) == ["example.org", "second.example"]  # no blank line
+    assert signing_domains(b"Subject: x\r\n\r\n" + sig) == []
