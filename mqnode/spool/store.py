@@ -128,30 +128,36 @@ class StateTxn:
         step. Only what changed is written: a claim or an outcome that keeps a message's
         due time and state rewrites neither its index keys nor the counters."""
         record = with_crc(pack(msg.to_record()))
-        if (
-            old is not None
-            and msg.recipients is old.recipients
-            and (msg.queue_id, msg.hold, msg.next_attempt_ms, msg.attempts)
-            == (old.queue_id, old.hold, old.next_attempt_ms, old.attempts)
-        ):
+        if old is None:  # a new message (an Enqueue): every key is new, nothing to compare
+            self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
+            self._s.memo.put(msg.queue_id, record, msg)
+            if not msg.hold:
+                self._txn.put(_due_key(msg), b"", db=self._s._due)
+            for key in _domain_due_keys(msg):
+                self._txn.put(key, b"", db=self._s._due_by_domain)
+            self._bump(msg.state(), +1)
+            return
+        if msg.recipients is old.recipients and (
+            msg.queue_id,
+            msg.hold,
+            msg.next_attempt_ms,
+            msg.attempts,
+        ) == (old.queue_id, old.hold, old.next_attempt_ms, old.attempts):
             # A claim: the index keys and the state depend on nothing it changed.
             self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
             self._s.memo.put(msg.queue_id, record, msg)
             return
         due, by_domain = _index_keys(msg)
-        if old is not None:
-            old_due, old_by_domain = _index_keys(old)
-            self._unindex(old_due - due, old_by_domain - by_domain)
-            due, by_domain = due - old_due, by_domain - old_by_domain
+        old_due, old_by_domain = _index_keys(old)
+        self._unindex(old_due - due, old_by_domain - by_domain)
         self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
         self._s.memo.put(msg.queue_id, record, msg)
-        for key in due:
+        for key in due - old_due:
             self._txn.put(key, b"", db=self._s._due)
-        for key in by_domain:
+        for key in by_domain - old_by_domain:
             self._txn.put(key, b"", db=self._s._due_by_domain)
-        if old is None or old.state() is not msg.state():
-            if old is not None:
-                self._bump(old.state(), -1)
+        if old.state() is not msg.state():
+            self._bump(old.state(), -1)
             self._bump(msg.state(), +1)
 
     def delete_message(self, msg: QueuedMessage) -> None:
