@@ -25,6 +25,7 @@ lookup is one dict read; a put or a drop takes the lock.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 from mqnode.spool.model import QueuedMessage
 
@@ -36,7 +37,7 @@ class RecordMemo:
     def __init__(self, max_bytes: int = MAX_BYTES, max_records: int = MAX_RECORDS) -> None:
         self._max = max_bytes
         self._max_records = max_records
-        self._held: dict[str, tuple[bytes, QueuedMessage]] = {}
+        self._held: OrderedDict[str, tuple[bytes, QueuedMessage]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -49,18 +50,17 @@ class RecordMemo:
 
     def put(self, queue_id: str, record: bytes, msg: QueuedMessage) -> None:
         """Hold `msg` as what `record` (its packed record, as stored) decodes to."""
-        if len(record) > self._max:
+        size = len(record)
+        if size > self._max:
             self.drop(queue_id)
             return
         with self._lock:
-            old = self._held.pop(queue_id, None)
-            if old is not None:
-                self._bytes -= len(old[0])
-            self._held[queue_id] = (record, msg)
-            self._bytes += len(record)
-            while self._bytes > self._max or len(self._held) > self._max_records:
-                first = next(iter(self._held))
-                self._bytes -= len(self._held.pop(first)[0])
+            held = self._held
+            old = held.pop(queue_id, None)
+            held[queue_id] = (record, msg)
+            self._bytes += size if old is None else size - len(old[0])
+            while self._bytes > self._max or len(held) > self._max_records:
+                self._bytes -= len(held.popitem(last=False)[1][0])
 
     def drop(self, queue_id: str) -> None:
         with self._lock:

@@ -79,3 +79,14 @@ def test_an_aborted_write_is_not_read_back(tx: Transcript, store: QueueStore) ->
     assert store.memo.get("Q1", with_crc(pack(held.to_record()))) is held
     store.abort_apply()
     assert store.get_message("Q1") == committed
+
+
+def test_a_message_put_again_counts_once() -> None:
+    size = len(_record("Q0"))
+    memo = RecordMemo(max_bytes=3 * size)
+    for _ in range(10):
+        memo.put("Q0", _record("Q0"), queued_message("Q0"))
+    memo.put("Q1", _record("Q1"), queued_message("Q1"))
+    memo.put("Q2", _record("Q2"), queued_message("Q2"))
+    assert len(memo) == 3  # Q0 counted once: nothing had to go
+    assert memo.get("Q0", _record("Q0")) is not None
