@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
 LmdbError = lmdb.Error
 LmdbMapFullError = lmdb.MapFullError
+READ_ALL_TIMEOUT_S = 600.0  # reading a state of several GB back once (open_env)
 
 
 def pack(obj: Any) -> bytes:
@@ -112,15 +115,53 @@ def open_env(path: Path, map_size: int, max_dbs: int, what: str, sync: bool = Tr
         env = lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, sync=sync)
     except lmdb.Error as exc:
         raise CorruptDataError(f"cannot open {what} {path}: {exc}") from exc
+    data_file = path / "data.mdb"
     needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    actual = os.path.getsize(path / "data.mdb")
+    actual = os.path.getsize(data_file)
     if actual < needed:
-        env.close()
-        raise CorruptDataError(
-            f"{what} {path / 'data.mdb'} is truncated ({actual} bytes, needs {needed}); "
-            "restore it or move the data dir away to resync this node from its peers"
-        )
+        # A transaction that allocated pages and freed them again before it committed
+        # (puts and deletes in one) leaves LMDB's last page number past the end of the
+        # file: those pages are free and were never written. Only a file whose used
+        # pages all lie within it is whole: a child process reads every record of
+        # every database (a page past the end kills it with SIGBUS, not us).
+        if not _reads_whole(path, max_dbs, map_size):
+            env.close()
+            raise CorruptDataError(
+                f"{what} {data_file} is truncated ({actual} bytes, needs {needed}); "
+                "restore it or move the data dir away to resync this node from its peers"
+            )
+        os.truncate(data_file, needed)  # the free tail, sparse: nothing past it is read
     return env
+
+
+_READ_ALL = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=int(sys.argv[2]),
+                map_size=int(sys.argv[3]))
+with env.begin(buffers=True) as txn:
+    names = [bytes(k) for k in txn.cursor().iternext(values=False)]
+    for name in names:
+        try:
+            db = env.open_db(name, txn=txn, create=False)
+        except lmdb.Error:
+            continue  # a plain key of the main database, not a database's name
+        for _key, value in txn.cursor(db=db):
+            bytes(value[-1:])  # touch the value's last page (overflow pages included)
+"""
+
+
+def _reads_whole(path: Path, max_dbs: int, map_size: int) -> bool:
+    """Whether every record of the LMDB env at `path` reads back (in a child process)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _READ_ALL, str(path), str(max_dbs), str(map_size)],
+            capture_output=True,
+            timeout=READ_ALL_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False  # not shown whole: refused as truncated
+    return done.returncode == 0
 
 
 def crc32(data: bytes | memoryview, value: int = 0) -> int:
