@@ -129,8 +129,7 @@ class StateTxn:
         due time and state rewrites neither its index keys nor the counters."""
         record = with_crc(pack(msg.to_record()))
         if old is None:  # a new message (an Enqueue): every key is new, nothing to compare
-            self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
-            self._s.memo.put(msg.queue_id, record, msg)
+            self._put_record(msg, record)
             if not msg.hold:
                 self._txn.put(_due_key(msg), b"", db=self._s._due)
             for key in _domain_due_keys(msg):
@@ -144,14 +143,12 @@ class StateTxn:
             msg.attempts,
         ) == (old.queue_id, old.hold, old.next_attempt_ms, old.attempts):
             # A claim: the index keys and the state depend on nothing it changed.
-            self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
-            self._s.memo.put(msg.queue_id, record, msg)
+            self._put_record(msg, record)
             return
         due, by_domain = _index_keys(msg)
         old_due, old_by_domain = _index_keys(old)
         self._unindex(old_due - due, old_by_domain - by_domain)
-        self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
-        self._s.memo.put(msg.queue_id, record, msg)
+        self._put_record(msg, record)
         for key in due - old_due:
             self._txn.put(key, b"", db=self._s._due)
         for key in by_domain - old_by_domain:
@@ -159,6 +156,10 @@ class StateTxn:
         if old.state() is not msg.state():
             self._bump(old.state(), -1)
             self._bump(msg.state(), +1)
+
+    def _put_record(self, msg: QueuedMessage, record: bytes) -> None:
+        self._txn.put(msg.queue_id.encode(), record, db=self._s._msgs)
+        self._s.memo.put(msg.queue_id, record, msg)
 
     def delete_message(self, msg: QueuedMessage) -> None:
         self._unindex(*_index_keys(msg))
