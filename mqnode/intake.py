@@ -3,8 +3,9 @@
 SMTP (smtp/handler.py, in the node or in a worker process) and the HTTP
 injection API (api/) hand it an envelope and a body; it adds a Message-ID if
 there is none (stable across attempts, so receivers can de-duplicate after a
-failover), the DKIM signatures and a trace header, stages a large body as
-PutChunk entries, and returns only once the Enqueue is committed by a Raft
+failover), the DKIM signatures and a trace header, deflates a body that
+compresses (mqnode/compression.py) or stages a large one as PutChunk entries,
+and returns only once the Enqueue is committed by a Raft
 majority and applied here: `("queued", id)`, or `("duplicate", first id)`
 for a submission whose idempotency key was seen in the last 24 hours
 (spool/statemachine.py IDEM_WINDOW_MS). Anything else raises SubmitError
@@ -25,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqnode.clock import Clock
+from mqnode.compression import DEFLATE_BELOW, DEFLATE_FROM_BYTES, deflate, sampled_ratio
 from mqnode.errors import BackpressureError, NoLeaderError, SubmitError
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
-from mqnode.spool.commands import SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
+from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
 
@@ -123,14 +125,16 @@ class Intake:
         digest = hashlib.sha256(head)
         digest.update(body)
         upload_id, chunks = "", 0
-        inline: bytes | None = None
         parts: list[bytes] = []
         sizes = self.sizes()
-        if size + _envelope_bytes(sub) > sizes.inline_max:
+        envelope = _envelope_bytes(sub)
+        inline = _deflated(head, body, sizes.inline_max - envelope, sizes)
+        encoding = "" if inline is None else DEFLATE
+        if inline is None and size + envelope > sizes.inline_max:
             upload_id = queue_id
             parts = _chunks(head, body, sizes.chunk)
             chunks = len(parts)
-        else:
+        elif inline is None:
             inline = head + body
         cmd = Enqueue(
             queue_id=queue_id,
@@ -147,6 +151,7 @@ class Intake:
             client=sub.client,
             node_id=self._node_id,
             **sub.dsn,
+            body_encoding=encoding,
         )
         if self.events is not None:
             emit_received(self.events, cmd, signed_by)
@@ -207,6 +212,25 @@ class Intake:
                 if isinstance(outcome, BackpressureError | NoLeaderError):
                     raise outcome
         return result
+
+
+# Deflate only when samples promise a stream this far under the room an inline body has
+# (a body that deflates to more goes as it is, in chunks: its deflate was wasted).
+DEFLATE_ROOM_MARGIN = 1.25
+
+
+def _deflated(head: bytes, body: bytes, room: int, sizes: EntrySizes) -> bytes | None:
+    """`head + body` deflated (compression.py) when the cluster reads deflated bodies,
+    the body is big enough and compresses, and the stream fits in an inline Enqueue
+    (`room` bytes); else None."""
+    size = len(head) + len(body)
+    if not sizes.deflate_bodies or size < DEFLATE_FROM_BYTES:
+        return None
+    ratio = sampled_ratio(body)
+    if ratio >= DEFLATE_BELOW or size * ratio * DEFLATE_ROOM_MARGIN > room:
+        return None
+    stream = deflate(head, body)
+    return stream if len(stream) <= room else None
 
 
 def _chunks(head: bytes, body: bytes, step: int) -> list[bytes]:

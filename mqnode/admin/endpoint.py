@@ -70,14 +70,13 @@ from mqnode.errors import ConfigError, MembershipError, SubmitError
 from mqnode.raft import RaftNode, membership_rules
 from mqnode.raft.commit_pipeline import PipelineHealth, Replicator
 from mqnode.raft.formats import cluster_level
-from mqnode.signing.keys import signing_domains
+from mqnode.signing.keys import HEADER_SCAN_BYTES, signing_domains
 from mqnode.spool.commands import QUEUE_OPS, READS_LEVEL, QueueOp, RecordOutcome
 from mqnode.spool.model import Outcome, RcptState, make_queue_id
 from mqnode.spool.statemachine import QueueStateMachine
 from mqnode.spool.store import QueueStore
 
 MAX_LIST = 100_000
-MAX_HEADER_SCAN_BYTES = 256 * 1024  # where `queue show` looks for DKIM signatures
 IDS_PER_COMMAND = 500  # keeps each log entry small
 OPS_IN_FLIGHT = 4  # a queue operation's commands committing at once
 BOUNCES_IN_FLIGHT = 32  # bounce's commands (one per message, with its DSN) committing at once
@@ -338,7 +337,7 @@ class AdminServer:
         if msg is None:
             return web.json_response({"error": "no such message"}, status=404)
         # Which domains signed it (DKIM-Signature d=), read from the stored header.
-        signed = signing_domains(self._store.read_body(msg)[:MAX_HEADER_SCAN_BYTES])
+        signed = signing_domains(self._store.read_body(msg)[:HEADER_SCAN_BYTES])
         view = {**msg.summary(), "dkim_domains": signed}
         if self.classify is not None:  # what each recipient's last failure means
             for r in view["recipients"]:

@@ -14,6 +14,8 @@ submit. The mail is queued; the client's RET/ENVID/NOTIFY/ORCPT are not kept
 skip an entry carrying them (it skips any entry it cannot decode), and its
 queue would diverge from its peers'. So during a rolling upgrade from the
 first release, DSN parameters take effect once the last member runs this one.
+An Enqueue whose body is deflated (level 7) is inflated back before submit
+below that level.
 
 The same level sets how big a log entry may be (`commands.entry_sizes`):
 `LevelGate.entry_sizes()` is what intake (intake.py) splits bodies by and the
@@ -37,8 +39,18 @@ from dataclasses import replace
 from typing import Any
 
 from mqnode.clock import Clock
+from mqnode.compression import inflate
+from mqnode.errors import CorruptDataError, SubmitError
 from mqnode.raft.commit_pipeline import Submitter
-from mqnode.spool.commands import READS_LEVEL, Command, Enqueue, EntrySizes, entry_sizes
+from mqnode.spool.commands import (
+    DEFLATE,
+    DEFLATED_BODY_LEVEL,
+    READS_LEVEL,
+    Command,
+    Enqueue,
+    EntrySizes,
+    entry_sizes,
+)
 from mqnode.spool.statemachine import Result
 
 log = logging.getLogger(__name__)
@@ -104,6 +116,15 @@ class LevelGate:
         return entry_sizes(self.level())
 
     async def submit(self, cmd: Command) -> Result:
+        # A worker deflates by the level its node last pushed; a member of an older
+        # release may have joined since (a rare path: the body is inflated again here).
+        if (
+            isinstance(cmd, Enqueue)
+            and cmd.body_encoding
+            and self.level() < DEFLATED_BODY_LEVEL
+            and self.level(fresh=True) < DEFLATED_BODY_LEVEL
+        ):
+            cmd = _inflated(cmd)
         # Read again before dropping anything: the pipeline reads the level for every
         # entry it packs, so the cached one may be from before the last member announced.
         if (
@@ -123,6 +144,17 @@ class LevelGate:
                 )
             cmd = replace(cmd, dsn_ret="", dsn_envid="", dsn_notify=(), dsn_orcpt=())
         return await self._submitter.submit(cmd)
+
+
+def _inflated(cmd: Enqueue) -> Enqueue:
+    """`cmd` with its deflated body as it is (SubmitError if it does not inflate)."""
+    if cmd.body is None or cmd.body_encoding != DEFLATE:
+        raise SubmitError(f"{cmd.queue_id}: body encoding {cmd.body_encoding[:20]!r} unknown")
+    try:
+        body = inflate(cmd.body, cmd.body_size, f"{cmd.queue_id}: deflated body")
+    except CorruptDataError as exc:
+        raise SubmitError(str(exc)) from exc
+    return replace(cmd, body=body, body_encoding="")
 
 
 def _has_dsn(cmd: Enqueue) -> bool:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from isal import isal_zlib
-
+from mqnode.compression import INFLATE_ERROR
 from mqnode.errors import CorruptDataError, StoreFullError
 from mqnode.raft.wire import WireCommand
 from mqnode.storage import (
@@ -154,7 +153,6 @@ _PAIR = b"\x92"  # msgpack: an array of two
 _TRIPLE = b"\x93"  # msgpack: an array of three
 DEFLATED = 1  # the third item of a record whose command is a zlib stream
 _DEFLATED_TAIL = pack(DEFLATED)
-_INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # typed as an object in isal's stubs
 
 
 def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
@@ -168,5 +166,5 @@ def _decode(idx: int, raw: bytes) -> tuple[int, bytes]:
         raise CorruptDataError(f"{what}: not a record of this release")
     try:
         return int(item[0]), WireCommand.from_deflated(bytes(item[1]))
-    except _INFLATE_ERROR as exc:
+    except INFLATE_ERROR as exc:
         raise CorruptDataError(f"{what}: the command does not inflate: {exc}") from exc

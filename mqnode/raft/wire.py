@@ -60,9 +60,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from isal import isal_zlib
 
+from mqnode.compression import DEFLATE_FROM_BYTES, compressible
+
 # Fixed, not HIGHEST_PROTOCOL: a newer Python's highest could not be read by older ones.
 PICKLE_PROTOCOL = 5
-COMPRESS_FROM_BYTES = 32 * 1024
+COMPRESS_FROM_BYTES = DEFLATE_FROM_BYTES
 TOKEN_VERSION = 0xA1  # a Fernet token starts with "g" (0x67): never mistaken for ours
 _HEADER = struct.Struct(">BQ")  # version, pysyncobj's timestamp; authenticated, not secret
 _NONCE_BYTES = 12
@@ -232,28 +234,6 @@ def wire_command(command: bytes) -> bytes:
     if len(command) < COMPRESS_FROM_BYTES or type(command) is WireCommand:
         return command
     return WireCommand(command)
-
-
-SAMPLES = 4
-SAMPLE_BYTES = 2048
-DEFLATE_BELOW = 0.6
-
-
-def compressible(data: bytes) -> bool:
-    """Whether deflate would take `data` well below its size, judged from samples.
-
-    One sample at the middle of each of `SAMPLES` equal parts, none at the start (an
-    entry starts with a command's envelope and a message's headers: text in front of
-    100 KB of base64), each deflated on its own: an entry of two copies of one body
-    (a newsletter sent as a message per recipient) put two equal samples side by
-    side, and deflate found the second in the first. Either way such entries looked
-    compressible, and were deflated (and inflated on every follower) to save a fifth."""
-    if len(data) <= SAMPLES * SAMPLE_BYTES:
-        return len(isal_zlib.compress(data, 1)) < DEFLATE_BELOW * len(data)
-    part = len(data) // SAMPLES
-    starts = [k * part + (part - SAMPLE_BYTES) // 2 for k in range(SAMPLES)]
-    packed = sum(len(isal_zlib.compress(data[i : i + SAMPLE_BYTES], 1)) for i in starts)
-    return packed < DEFLATE_BELOW * SAMPLES * SAMPLE_BYTES
 
 
 def install() -> None:

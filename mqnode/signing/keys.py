@@ -207,6 +207,7 @@ def keygen(domain: str, selector: str, algorithm: str, bits: int, out_dir: Path)
     return DkimKey(domain, selector, algorithm, private, str(path))
 
 
+HEADER_SCAN_BYTES = 256 * 1024  # where signatures are looked for (`queue show`, queue events)
 _SIGNATURE = re.compile(rb"(?im)^DKIM-Signature:((?:[^\r\n]*\r?\n[ \t])*[^\r\n]*)")
 _D_TAG = re.compile(rb"(?:^|;)\s*d\s*=\s*([^;\s]+)")
 

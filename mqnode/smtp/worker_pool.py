@@ -38,12 +38,13 @@ from typing import Any
 
 import mqnode
 from mqnode.clock import Clock
+from mqnode.compression import inflate_prefix
 from mqnode.config import NodeConfig
 from mqnode.errors import CodecError, MqnodeError, SubmitError
 from mqnode.events import EventLog
 from mqnode.intake import emit_committed, emit_received
 from mqnode.raft.commit_pipeline import Submitter
-from mqnode.signing.keys import signing_domains
+from mqnode.signing.keys import HEADER_SCAN_BYTES, signing_domains
 from mqnode.smtp.front import bind, listen_addrs
 from mqnode.smtp.ratelimit import ClientLimits
 from mqnode.smtp.worker_link import (
@@ -64,7 +65,7 @@ from mqnode.smtp.worker_link import (
     error_kind,
 )
 from mqnode.smtp.worker_process import DRAIN_S
-from mqnode.spool.commands import Enqueue, from_wire
+from mqnode.spool.commands import DEFLATE, Enqueue, from_wire
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ class WorkerPool:
             return
         enqueue = cmd if isinstance(cmd, Enqueue) else None
         if enqueue is not None and self.events is not None:
-            signed = tuple(signing_domains(enqueue.body)) if enqueue.body else ()
+            signed = tuple(signing_domains(_header_part(enqueue))) if enqueue.body else ()
             emit_received(self.events, enqueue, signed)
         try:
             result = await self._submitter.submit(cmd)
@@ -351,3 +352,11 @@ class WorkerPool:
         if queued and self.events is not None:
             emit_committed(self.events, result)
         link.send([RESULT, rid, result[0], result[1]])
+
+
+def _header_part(enqueue: Enqueue) -> bytes:
+    """Where an inline body's signatures are: the body, or its first inflated bytes."""
+    body = enqueue.body or b""
+    if enqueue.body_encoding == DEFLATE:
+        return inflate_prefix(body, HEADER_SCAN_BYTES)
+    return body

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import msgpack
@@ -45,21 +45,27 @@ FORMAT_VERSION = 1
 # member cannot read out of the log): 1, the first release; 2, Enqueue's DSN fields and
 # Announce's `reads`, and an entry from a newer version stops the node instead of being
 # skipped; 3, Announce's `members`; 4, Suppress and SetShaping; 5, Audit; 6, entries of
-# up to 1 MiB (a member of this level sends them whole: module docstring).
-READS_LEVEL = 6
+# up to 1 MiB (a member of this level sends them whole: module docstring); 7, Enqueue's
+# `body_encoding` (a body deflated where it was accepted: compression.py).
+READS_LEVEL = 7
 MEMBERS_LEVEL = 3  # the level from which an Announce may carry `members`
 SUPPRESS_LEVEL = 4  # the level from which the suppression list may be written
 AUDIT_LEVEL = 5  # the level from which the audit trail may be written
 BIG_ENTRIES_LEVEL = 6  # the level from which entries may carry up to 1 MiB
+DEFLATED_BODY_LEVEL = 7  # the level from which an Enqueue's body may travel deflated
+DEFLATE = "deflate"  # Enqueue.body_encoding: `body` is a zlib stream of `body_size` bytes
+BODY_ENCODINGS = ("", DEFLATE)
 
 
 @dataclass(frozen=True)
 class EntrySizes:
-    """How big a log entry and the body parts in it may be (module docstring)."""
+    """How big a log entry and the body parts in it may be (module docstring), and
+    whether an inline body may travel deflated."""
 
     max_entry: int  # an entry's commands are packed while they stay under this
     chunk: int  # a staged body's PutChunk data
     inline_max: int  # a body (with its envelope) up to this travels inside its Enqueue
+    deflate_bodies: bool = False  # Enqueue.body_encoding DEFLATE may be used
 
 
 SMALL_ENTRIES = EntrySizes(max_entry=56 * 1024, chunk=48 * 1024, inline_max=32 * 1024)
@@ -68,8 +74,13 @@ SMALL_ENTRIES = EntrySizes(max_entry=56 * 1024, chunk=48 * 1024, inline_max=32 *
 BIG_ENTRIES = EntrySizes(max_entry=1024 * 1024, chunk=960 * 1024, inline_max=960 * 1024)
 
 
+BIG_DEFLATED_ENTRIES = replace(BIG_ENTRIES, deflate_bodies=True)
+
+
 def entry_sizes(level: int) -> EntrySizes:
     """The sizes a cluster whose members read at least `level` can carry."""
+    if level >= DEFLATED_BODY_LEVEL:
+        return BIG_DEFLATED_ENTRIES
     return BIG_ENTRIES if level >= BIG_ENTRIES_LEVEL else SMALL_ENTRIES
 
 
@@ -96,6 +107,9 @@ class Enqueue:
     dsn_envid: str = ""
     dsn_notify: tuple[str, ...] = ()  # per recipient, or () when none gave NOTIFY
     dsn_orcpt: tuple[str, ...] = ()  # per recipient, or () when none gave ORCPT
+    # How `body` is carried (level 7): "" as it is, DEFLATE as a zlib stream of `body_size`
+    # bytes (compression.py); the state keeps it so. Staged bodies are never deflated.
+    body_encoding: str = ""
 
 
 @dataclass(frozen=True)

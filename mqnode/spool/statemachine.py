@@ -30,6 +30,8 @@ from typing import Any
 
 from mqnode.errors import CodecError, ConfigError, NewerFormatError
 from mqnode.spool.commands import (
+    BODY_ENCODINGS,
+    DEFLATE,
     QUEUE_OPS,
     SUPPRESS_OPS,
     Announce,
@@ -94,6 +96,8 @@ def invalid(cmd: Command) -> str | None:
             return "Enqueue: bad upload reference"
         if cmd.received_ms < 0 or cmd.body_size < 0:
             return "Enqueue: negative time or size"
+        if cmd.body_encoding not in BODY_ENCODINGS or (cmd.body_encoding and cmd.body is None):
+            return f"Enqueue: body encoding {cmd.body_encoding[:20]!r} unknown or without a body"
         return _invalid_dsn(cmd)
     elif isinstance(cmd, PutChunk):
         if _bad_id(cmd.upload_id) or not 0 <= cmd.seq < MAX_CHUNKS or cmd.created_ms < 0:
@@ -311,7 +315,10 @@ class QueueStateMachine:
             return ("rejected", "no recipients")
         if cmd.body is not None:
             body_key, chunks = cmd.queue_id, 1
-            txn.put_body_chunk(body_key, 0, cmd.body)
+            if cmd.body_encoding == DEFLATE:
+                txn.put_deflated_body(body_key, cmd.body, cmd.body_size)
+            else:
+                txn.put_body_chunk(body_key, 0, cmd.body)
         else:
             body_key, chunks = cmd.upload_id, cmd.chunks
             missing = [s for s in range(chunks) if not txn.has_body_chunk(body_key, s)]

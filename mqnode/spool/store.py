@@ -34,7 +34,9 @@ deletes that would free space either), so the state map may grow past its
 configured size, a quarter at a time up to twice it (`grow_for_apply`);
 ingress measures its fill against the configured size and keeps refusing.
 Log records carry a CRC32 because LMDB has none; a mismatch raises
-`CorruptDataError`.
+`CorruptDataError`. A body is kept as the chunks it came in, or, deflated where
+it was accepted (mqnode/compression.py), as one record whose CRC32 is stored
+inverted: the mark that it is inflated when read.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mqnode.compression import inflate
 from mqnode.errors import CorruptDataError, StateMapFullError
 from mqnode.spool.model import MessageState, QueuedMessage, RcptState
 from mqnode.spool.record_memo import RecordMemo
@@ -59,7 +62,7 @@ from mqnode.storage import (
     LmdbError,
     LmdbMapFullError,
     check_crc,
-    checked_view,
+    crc32,
     fsync_path,
     open_env,
     pack,
@@ -179,20 +182,42 @@ class StateTxn:
         self._txn.put(_body_key(body_key, seq), with_crc(data), db=self._s._body)
         self._s.body_bytes_held += len(data)
 
+    def put_deflated_body(self, body_key: str, stream: bytes, size: int) -> None:
+        """A whole body kept as the zlib `stream` of its `size` bytes (compression.py).
+
+        Its record's CRC is stored inverted: that marks it deflated, and a release that
+        does not know the mark refuses the record as corrupt instead of sending the
+        stream as mail. `body_bytes_held` counts the body's `size`, as its delete does.
+        """
+        record = U32.pack(crc32(stream) ^ _INVERTED) + stream
+        self._txn.put(_body_key(body_key, 0), record, db=self._s._body)
+        self._s.body_bytes_held += size
+
     def has_body_chunk(self, body_key: str, seq: int) -> bool:
         # A cursor finds the key without copying the value (a chunk of up to a MiB).
         with self._txn.cursor(db=self._s._body) as cur:
             return bool(cur.set_key(_body_key(body_key, seq)))
 
-    def read_body(self, body_key: str, chunks: int) -> bytes:
-        """The body, copied once: each chunk's CRC is checked on a view of it (in a
-        `buffers` transaction, a view of the map itself) and the views are joined."""
+    def read_body(self, body_key: str, chunks: int, size: int) -> bytes:
+        """The body of `size` bytes, copied once: each chunk's CRC is checked on a view of
+        it (in a `buffers` transaction, a view of the map itself) and the views are
+        joined; a deflated body (`put_deflated_body`) is inflated instead, bounded by
+        `size`."""
         parts = []
         for seq in range(chunks):
+            what = f"body {body_key} chunk {seq}"
             raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
             if raw is None:
-                raise CorruptDataError(f"body {body_key} chunk {seq} missing")
-            parts.append(checked_view(raw, f"body {body_key} chunk {seq}"))
+                raise CorruptDataError(f"{what} missing")
+            if len(raw) < 4:
+                raise CorruptDataError(f"{what}: truncated")
+            view = memoryview(raw)[4:]
+            stored, crc = U32.unpack_from(raw)[0], crc32(view)
+            if stored == crc ^ _INVERTED and chunks == 1:
+                return inflate(view, size, what)
+            if stored != crc:
+                raise CorruptDataError(f"{what}: checksum mismatch")
+            parts.append(view)
         return b"".join(parts)
 
     def delete_body(self, body_key: str, chunks: int, size: int = 0) -> None:
@@ -381,6 +406,10 @@ def _domain_due_keys(msg: QueuedMessage) -> set[bytes]:
 def domain_key(domain: str) -> bytes:
     """A recipient domain as the per-domain due index spells it."""
     return domain.lower().encode("utf-8", "surrogateescape")[:DOMAIN_KEY_MAX]
+
+
+# XORed into a body record's CRC: the record holds a deflated body (put_deflated_body).
+_INVERTED = 0xFFFFFFFF
 
 
 def _body_key(body_key: str, seq: int) -> bytes:
@@ -695,7 +724,7 @@ class QueueStore:
     def read_body(self, msg: QueuedMessage) -> bytes:
         # buffers: the chunks are views of the map until joined (valid in the txn only).
         with self._lock, self._env.begin(write=False, buffers=True) as txn:
-            return StateTxn(self, txn).read_body(msg.body_key, msg.body_chunks)
+            return StateTxn(self, txn).read_body(msg.body_key, msg.body_chunks, msg.size)
 
     def list_messages(self, limit: int, state: MessageState | None = None) -> list[QueuedMessage]:
         out: list[QueuedMessage] = []

@@ -1,7 +1,8 @@
 """The snapshot threshold grows with the queue state (raft/compaction.py) on real nodes.
 
 A cluster configured to snapshot every 50 entries is loaded past 64 MiB of
-queue state with 100 KiB messages; /status then reports a larger
+queue state with 100 KiB messages (base64 attachments: text would be kept
+deflated, a fraction of that); /status then reports a larger
 `snapshot_after_entries` on every node, and every message is still queued
 once on each (the log and snapshots it crossed on the way agree).
 """
@@ -16,7 +17,7 @@ import pytest
 from mqnode.raft.compaction import SCALE_FROM_BYTES
 from tests.support.checks import assert_acked_once
 from tests.support.cluster import FAST_TUNING, Cluster
-from tests.support.smtp import make_message, submit
+from tests.support.smtp import make_attachment, make_message, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -32,7 +33,7 @@ def test_snapshot_threshold_follows_the_state_size(tmp_path: Path) -> None:
         port = c.nodes[c.leader()].smtp_port
 
         def one(k: int) -> tuple[str, str | None]:
-            msg = make_message(SIZE)
+            msg = make_attachment(SIZE)
             code, text, qid = submit("127.0.0.1", port, "a@client.test", ["r@x.test"], msg.data)
             assert code == 250, (k, code, text)
             return msg.message_id, qid

@@ -8,7 +8,10 @@ problems (refused, reset, timeout) come back as code -1 with the error text.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
+import random
 import re
 import smtplib
 import uuid
@@ -126,3 +129,32 @@ def make_message(
     data = head + b"".join(lines)
     assert len(data) == size, (len(data), size)
     return TestMessage(data=data, message_id=message_id)
+
+
+def make_attachment(size: int, mail_from: str = "a@client.test") -> TestMessage:
+    """A message of about `size` bytes that does not compress: random bytes in base64."""
+    message_id = f"<attachment-{uuid.uuid4().hex}@mqnode.test>"
+    head = (
+        f"From: {mail_from}\r\nTo: r@example.test\r\nMessage-ID: {message_id}\r\n"
+        "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    b64 = base64.encodebytes(os.urandom(max(size - len(head), 0) * 3 // 4))
+    return TestMessage(data=head + b64.replace(b"\n", CRLF), message_id=message_id)
+
+
+_WORDS = [bytes(random.Random(w).choices(_ALPHABET[:26], k=3 + w % 7)) for w in range(2000)]
+
+
+def make_prose(size: int, mail_from: str = "a@client.test") -> TestMessage:
+    """A message of about `size` bytes of words drawn at random: it deflates to about
+    two fifths, as prose does (`make_message`'s text deflates to a few percent)."""
+    message_id = f"<prose-{uuid.uuid4().hex}@mqnode.test>"
+    head = f"From: {mail_from}\r\nTo: r@example.test\r\nMessage-ID: {message_id}\r\n\r\n"
+    rng = random.Random(message_id)
+    lines: list[bytes] = []
+    total = len(head)
+    while total < size:
+        line = b" ".join(rng.choices(_WORDS, k=10)) + CRLF
+        lines.append(line)
+        total += len(line)
+    return TestMessage(data=head.encode() + b"".join(lines), message_id=message_id)

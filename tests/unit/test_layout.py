@@ -2,7 +2,7 @@
 third-party library that needs an adapter is imported in one place.
 
 Layers, bottom up: the frame's leaves (errors, clock, storage, tls, events, logsetup,
-config, passwords) -> spool/, access/ -> raft/, signing/ -> intake -> smtp/,
+compression, config, passwords) -> spool/, access/ -> raft/, signing/ -> intake -> smtp/,
 delivery/, dsn/ -> api/ -> admin/ -> node, cli, restore. devtools/ is never
 imported by the node's code.
 """
@@ -27,6 +27,7 @@ LEAVES = {
     "config",
     "eventloop",
     "logsetup",
+    "compression",
     "passwords",
 }
 ALLOWED: dict[str, set[str]] = {

@@ -318,7 +318,7 @@ def test_undecodable_entry_is_rejected_and_advances(
     [
         b"\x02" + encode_entry([enqueue()])[1:],
         b"\x01" + msgpack.packb([[99, "x"]]),
-        b"\x01" + msgpack.packb([[*to_wire(enqueue()), "", "", [], [], "a newer field"]]),
+        b"\x01" + msgpack.packb([[*to_wire(enqueue()), "", "", [], [], "", "a newer field"]]),
     ],
     ids=["format-byte", "command-tag", "more-fields"],
 )
