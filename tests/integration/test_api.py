@@ -117,6 +117,18 @@ def test_structured_raw_and_batch_messages_are_delivered_as_built(tmp_path: Path
             assert b"Message-ID:" in last.content  # added: none was given
             assert len(delivered) == 2
 
+            # A big text body: deflated where the API takes it, delivered as it was.
+            words = "".join(f"line {i} of a long newsletter, said again\n" for i in range(5000))
+            doc3 = {
+                "raw": f"From: a@shop.test\nTo: y@x.test\nSubject: big\n\n{words}",
+                "envelope": {"from": "bounce@shop.test", "to": ["y@x.test"]},
+            }
+            status, answer, _ = post_json(api, doc3, tokens["app"])
+            assert status == 200, answer
+            _delivered(c, sink, 3)
+            big = next(d for d in sink.delivered() if d.rcpts == ("y@x.test",))
+            assert big.content.endswith(b"\r\n\r\n" + words.replace("\n", "\r\n").encode())
+
             # A batch: one message per recipient, its own substitutions.
             batch = {
                 "from": "news@shop.test",
@@ -130,7 +142,7 @@ def test_structured_raw_and_batch_messages_are_delivered_as_built(tmp_path: Path
             status, answer, _ = post_json(api, batch, tokens["app"])
             assert status == 200, answer
             assert len({m["queue_id"] for m in answer["messages"]}) == 5
-            _delivered(c, sink, 7)
+            _delivered(c, sink, 8)
             for i in range(5):
                 d = next(d for d in sink.delivered() if d.rcpts == (f"r{i}@x.test",))
                 m = email.message_from_bytes(d.content, policy=email.policy.default)
