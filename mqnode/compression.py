@@ -77,10 +77,21 @@ def inflate(stream: bytes | memoryview, size: int, what: str) -> bytes:
     return out
 
 
-def inflate_prefix(stream: bytes | memoryview, limit: int) -> bytes:
-    """Up to the first `limit` bytes `stream` inflates to (b"" if it does not inflate):
-    enough to read a header without inflating the whole body."""
+def inflate_head(stream: bytes | memoryview, limit: int) -> bytes:
+    """The first bytes `stream` inflates to, up to a mail header's end (its blank line) or
+    `limit` bytes, whichever comes first (b"" if it does not inflate): enough to read a
+    header without inflating the whole body. Inflated in growing steps from 4 KiB."""
+    unpacker = isal_zlib.decompressobj()
+    out = b""
+    data, step = stream, 4096
     try:
-        return isal_zlib.decompressobj().decompress(stream, limit)
+        while len(out) < limit:
+            piece = unpacker.decompress(data, min(step, limit - len(out)))
+            searched_from = max(len(out) - 3, 0)
+            out += piece
+            if not piece or unpacker.eof or out.find(b"\r\n\r\n", searched_from) >= 0:
+                break
+            data, step = unpacker.unconsumed_tail, step * 4
     except INFLATE_ERROR:
         return b""
+    return out

@@ -38,7 +38,7 @@ from typing import Any
 
 import mqnode
 from mqnode.clock import Clock
-from mqnode.compression import inflate_prefix
+from mqnode.compression import inflate_head
 from mqnode.config import NodeConfig
 from mqnode.errors import CodecError, MqnodeError, SubmitError
 from mqnode.events import EventLog
@@ -358,5 +358,5 @@ def _header_part(enqueue: Enqueue) -> bytes:
     """Where an inline body's signatures are: the body, or its first inflated bytes."""
     body = enqueue.body or b""
     if enqueue.body_encoding == DEFLATE:
-        return inflate_prefix(body, HEADER_SCAN_BYTES)
+        return inflate_head(body, HEADER_SCAN_BYTES)
     return body

@@ -14,7 +14,7 @@ import pytest
 from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
-from mqnode.compression import DEFLATE_FROM_BYTES, deflate, inflate, inflate_prefix
+from mqnode.compression import DEFLATE_FROM_BYTES, deflate, inflate, inflate_head
 from mqnode.errors import CorruptDataError
 from mqnode.raft.formats import LevelGate
 from mqnode.signing.keys import signing_domains
@@ -75,8 +75,16 @@ def test_inflating_gives_exactly_the_size_or_refuses() -> None:
     bomb = deflate(b"\0" * 50_000_000)
     with pytest.raises(CorruptDataError):
         inflate(bomb, 1000, "b")  # stops at 1,001 bytes, never inflates 50 MB
-    assert inflate_prefix(stream, 20) == body[:20]
-    assert inflate_prefix(b"junk", 20) == b""
+    assert inflate_head(stream, 20) == body[:20]
+    assert inflate_head(b"junk", 20) == b""
+
+
+@pytest.mark.parametrize("header_bytes", [100, 4093, 4096, 30_000])
+def test_a_header_is_read_without_inflating_the_whole_body(header_bytes: int) -> None:
+    header = b"X-Pad: " + b"p" * (header_bytes - 9) + b"\r\n"
+    body = header + b"\r\n" + _text(300_000)
+    head = inflate_head(deflate(body), 256 * 1024)
+    assert head.startswith(header + b"\r\n") and len(head) < len(header) + 64 * 1024
 
 
 class _Recording:
