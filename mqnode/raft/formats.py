@@ -49,6 +49,7 @@ from mqnode.spool.commands import (
     Command,
     Enqueue,
     EntrySizes,
+    encode_command,
     entry_sizes,
 )
 from mqnode.spool.statemachine import Result
@@ -117,14 +118,16 @@ class LevelGate:
 
     async def submit(self, cmd: Command) -> Result:
         # A worker deflates by the level its node last pushed; a member of an older
-        # release may have joined since (a rare path: the body is inflated again here).
+        # release may have joined since (a rare path: the body is inflated again here,
+        # and refused with a 451 if it is then too big for one entry at this level: the
+        # client's retry is split into chunks by the level the worker is told next).
         if (
             isinstance(cmd, Enqueue)
             and cmd.body_encoding
             and self.level() < DEFLATED_BODY_LEVEL
             and self.level(fresh=True) < DEFLATED_BODY_LEVEL
         ):
-            cmd = _inflated(cmd)
+            cmd = _inflated(cmd, self.entry_sizes().max_entry)
         # Read again before dropping anything: the pipeline reads the level for every
         # entry it packs, so the cached one may be from before the last member announced.
         if (
@@ -146,15 +149,20 @@ class LevelGate:
         return await self._submitter.submit(cmd)
 
 
-def _inflated(cmd: Enqueue) -> Enqueue:
-    """`cmd` with its deflated body as it is (SubmitError if it does not inflate)."""
+def _inflated(cmd: Enqueue, max_entry: int) -> Enqueue:
+    """`cmd` with its deflated body as it is; SubmitError if it does not inflate, or if it
+    no longer fits an entry of `max_entry` bytes."""
     if cmd.body is None or cmd.body_encoding != DEFLATE:
         raise SubmitError(f"{cmd.queue_id}: body encoding {cmd.body_encoding[:20]!r} unknown")
     try:
         body = inflate(cmd.body, cmd.body_size, f"{cmd.queue_id}: deflated body")
     except CorruptDataError as exc:
         raise SubmitError(str(exc)) from exc
-    return replace(cmd, body=body, body_encoding="")
+    plain = replace(cmd, body=body, body_encoding="")
+    size = sum(map(len, encode_command(plain)))
+    if size > max_entry:
+        raise SubmitError(f"{cmd.queue_id}: {size} bytes do not fit one entry; try again")
+    return plain
 
 
 def _has_dsn(cmd: Enqueue) -> bool:

@@ -15,7 +15,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
 from mqnode.compression import DEFLATE_FROM_BYTES, deflate, inflate, inflate_head
-from mqnode.errors import CorruptDataError
+from mqnode.errors import CorruptDataError, SubmitError
 from mqnode.raft.formats import LevelGate
 from mqnode.signing.keys import signing_domains
 from mqnode.smtp.handler import SmtpIngress
@@ -211,6 +211,33 @@ def test_a_member_below_the_level_is_sent_the_body_inflated() -> None:
     level[0] = DEFLATED_BODY_LEVEL
     asyncio.run(gate.submit(cmd))
     assert rec.got[-1] == cmd, "read again before inflating anything"
+
+
+@pytest.mark.parametrize(
+    ("level", "size"),
+    [(DEFLATED_BODY_LEVEL - 1, 2_000_000), (BIG_ENTRIES_LEVEL - 1, 100_000)],
+    ids=["2 MB at level 6", "100 KB below level 6"],
+)
+def test_a_body_inflated_for_an_older_member_that_no_longer_fits_is_refused(
+    level: int, size: int
+) -> None:
+    """Never an entry bigger than the level allows: a 451, and the retry is chunked."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.got: list[Command] = []
+
+        async def submit(self, cmd: Command) -> Result:
+            self.got.append(cmd)
+            return ("queued", "Q1")
+
+    body = _text(size)
+    cmd = replace(enqueue("Q1", body=deflate(body)), body_size=len(body), body_encoding=DEFLATE)
+    rec = Recorder()
+    gate = LevelGate(rec, lambda: level, ManualClock())
+    with pytest.raises(SubmitError, match="do not fit one entry"):
+        asyncio.run(gate.submit(cmd))
+    assert rec.got == []
 
 
 def test_the_node_finds_signatures_in_a_deflated_body() -> None:
