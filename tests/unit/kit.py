@@ -6,14 +6,27 @@ them inside a `fresh_store()` context without function-scoped fixtures.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mqnode.spool.commands import Command, Enqueue, PutChunk, RecordOutcome, encode_entry
+from aiosmtpd.smtp import Envelope, Session
+
+from mqnode.clock import ManualClock
+from mqnode.smtp.handler import SmtpIngress
+from mqnode.spool.commands import (
+    Command,
+    Enqueue,
+    EntrySizes,
+    PutChunk,
+    RecordOutcome,
+    encode_entry,
+)
 from mqnode.spool.model import QueuedMessage, Recipient
 from mqnode.spool.statemachine import QueueStateMachine, Result
 from mqnode.spool.store import QueueStore
@@ -162,3 +175,69 @@ class Transcript:
         results = self.apply(cmd)
         assert results is not None and len(results) == 1, results
         return results[0]
+
+
+class Applies:
+    """A submitter that applies each command through the real state machine, one entry
+    each, as the leader would, and keeps the commands it was given."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self.store = store
+        self.machine = QueueStateMachine()
+        self.index = 0
+        self.cmds: list[Command] = []
+
+    def apply(self, cmd: Command) -> Result:
+        self.index += 1
+        results = self.machine.apply(self.index, encode_entry([cmd]), self.store.apply_txn())
+        self.store.commit_apply()
+        assert results is not None
+        return results[0]
+
+    async def submit(self, cmd: Command) -> Result:
+        self.cmds.append(cmd)
+        return self.apply(cmd)
+
+    def is_leader(self) -> bool:
+        return True
+
+
+class Recorder:
+    """A submitter that keeps each command and answers that it was queued."""
+
+    def __init__(self) -> None:
+        self.got: list[Command] = []
+
+    async def submit(self, cmd: Command) -> Result:
+        self.got.append(cmd)
+        return ("queued", "Q")
+
+
+def smtp_data(
+    ing: SmtpIngress, body: bytes, rcpt: str = "b@example.org", mail_from: str = "a@example.org"
+) -> str:
+    """One message handed to SMTP ingress as after DATA; its reply."""
+
+    async def run() -> str:
+        session = Session(asyncio.get_running_loop())
+        session.peer = ("127.0.0.1", 40000)
+        env = Envelope()
+        env.mail_from = mail_from
+        env.rcpt_tos = [rcpt]
+        env.content = env.original_content = body
+        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
+        return reply
+
+    return asyncio.run(run())
+
+
+def commands_of_one_message(store: QueueStore, sizes: EntrySizes, body: bytes) -> list[Command]:
+    """One message through SMTP ingress whose intake goes by `sizes`: the commands it
+    submitted (each applied to `store`)."""
+    rep = Applies(store)
+    ing = SmtpIngress(
+        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
+    )
+    ing.intake.sizes = lambda: sizes
+    assert smtp_data(ing, body).startswith("250")
+    return rep.cmds

@@ -11,14 +11,12 @@ import zlib
 from dataclasses import replace
 
 import pytest
-from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
 from mqnode.compression import DEFLATE_FROM_BYTES, deflate, inflate, inflate_head
 from mqnode.errors import CorruptDataError, SubmitError
 from mqnode.raft.formats import LevelGate
 from mqnode.signing.keys import signing_domains
-from mqnode.smtp.handler import SmtpIngress
 from mqnode.smtp.worker_pool import _header_part
 from mqnode.spool.commands import (
     BIG_ENTRIES,
@@ -26,17 +24,15 @@ from mqnode.spool.commands import (
     DEFLATE,
     DEFLATED_BODY_LEVEL,
     READS_LEVEL,
-    Command,
     Enqueue,
     EntrySizes,
     PutChunk,
     encode_entry,
     entry_sizes,
 )
-from mqnode.spool.statemachine import QueueStateMachine, Result
 from mqnode.spool.store import QueueStore
 
-from .kit import Transcript, enqueue
+from .kit import Recorder, Transcript, commands_of_one_message, enqueue
 
 SIZES = entry_sizes(READS_LEVEL)
 PROSE = b"".join(
@@ -87,48 +83,6 @@ def test_a_header_is_read_without_inflating_the_whole_body(header_bytes: int) ->
     assert head.startswith(header + b"\r\n") and len(head) < len(header) + 64 * 1024
 
 
-class _Recording:
-    """Applies each command through the real state machine, one entry each; keeps them."""
-
-    def __init__(self, store: QueueStore) -> None:
-        self.store = store
-        self.machine = QueueStateMachine()
-        self.index = 0
-        self.cmds: list[Command] = []
-
-    async def submit(self, cmd: Command) -> Result:
-        self.cmds.append(cmd)
-        self.index += 1
-        results = self.machine.apply(self.index, encode_entry([cmd]), self.store.apply_txn())
-        self.store.commit_apply()
-        assert results is not None
-        return results[0]
-
-    def is_leader(self) -> bool:
-        return True
-
-
-def _submit(store: QueueStore, sizes: EntrySizes, body: bytes) -> list[Command]:
-    rep = _Recording(store)
-    ing = SmtpIngress(
-        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
-    )
-    ing.intake.sizes = lambda: sizes
-
-    async def run() -> str:
-        session = Session(asyncio.get_running_loop())
-        session.peer = ("127.0.0.1", 40000)
-        env = Envelope()
-        env.mail_from = "a@example.org"
-        env.rcpt_tos = ["b@example.org"]
-        env.content = env.original_content = body
-        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
-        return reply
-
-    assert asyncio.run(run()).startswith("250")
-    return rep.cmds
-
-
 @pytest.mark.parametrize(
     ("body", "sizes", "deflated", "chunked"),
     [
@@ -144,7 +98,7 @@ def _submit(store: QueueStore, sizes: EntrySizes, body: bytes) -> list[Command]:
 def test_intake_deflates_what_compresses_and_the_state_gives_it_back(
     store: QueueStore, body: bytes, sizes: EntrySizes, deflated: bool, chunked: bool
 ) -> None:
-    cmds = _submit(store, sizes, body)
+    cmds = commands_of_one_message(store, sizes, body)
     (cmd,) = [c for c in cmds if isinstance(c, Enqueue)]
     assert (cmd.body_encoding == DEFLATE) is deflated
     assert any(isinstance(c, PutChunk) for c in cmds) is chunked
@@ -193,14 +147,6 @@ def test_an_unknown_encoding_or_one_without_a_body_is_rejected(
 
 
 def test_a_member_below_the_level_is_sent_the_body_inflated() -> None:
-    class Recorder:
-        def __init__(self) -> None:
-            self.got: list[Command] = []
-
-        async def submit(self, cmd: Command) -> Result:
-            self.got.append(cmd)
-            return ("queued", "Q1")
-
     body = _text(100_000)
     cmd = replace(enqueue("Q1", body=deflate(body)), body_size=len(body), body_encoding=DEFLATE)
     level = [DEFLATED_BODY_LEVEL - 1]
@@ -222,14 +168,6 @@ def test_a_body_inflated_for_an_older_member_that_no_longer_fits_is_refused(
     level: int, size: int
 ) -> None:
     """Never an entry bigger than the level allows: a 451, and the retry is chunked."""
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.got: list[Command] = []
-
-        async def submit(self, cmd: Command) -> Result:
-            self.got.append(cmd)
-            return ("queued", "Q1")
 
     body = _text(size)
     cmd = replace(enqueue("Q1", body=deflate(body)), body_size=len(body), body_encoding=DEFLATE)

@@ -11,10 +11,9 @@ import pytest
 from mqnode.clock import ManualClock
 from mqnode.raft.formats import LEVEL_CACHE_S, LevelGate, announce_again, cluster_level
 from mqnode.raft.settings import APPEND_BATCH_BYTES
-from mqnode.spool.commands import BIG_ENTRIES, BIG_ENTRIES_LEVEL, SMALL_ENTRIES, Command
-from mqnode.spool.statemachine import Result
+from mqnode.spool.commands import BIG_ENTRIES, BIG_ENTRIES_LEVEL, SMALL_ENTRIES
 
-from .kit import enqueue
+from .kit import Recorder, enqueue
 
 MEMBERS = ("a:1", "b:1", "c:1")
 
@@ -26,15 +25,6 @@ def test_the_lowest_member_counts_and_one_that_never_said_is_the_first_release()
     # a removed member's old entry does not hold the cluster back
     nodes = {m: {"reads": 2} for m in MEMBERS} | {"old:1": {"reads": 1}}
     assert cluster_level(nodes, MEMBERS) == 2
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.got: list[Command] = []
-
-    async def submit(self, cmd: Command) -> Result:
-        self.got.append(cmd)
-        return ("queued", "Q")
 
 
 def test_dsn_fields_are_dropped_below_level_two_and_kept_from_it(

@@ -24,41 +24,31 @@ from mqnode.spool.commands import (
     PutChunk,
     encode_entry,
 )
-from mqnode.spool.statemachine import QueueStateMachine, Result
+from mqnode.spool.statemachine import Result
 from mqnode.spool.store import QueueStore
+
+from .kit import Applies, commands_of_one_message, smtp_data
 
 CHUNK_BYTES = SMALL_ENTRIES.chunk  # intake's sizes until the door is told the cluster's
 
 
-class _LosesFirstChunkOnce:
+class _LosesFirstChunkOnce(Applies):
     """Applies each command through the real state machine, as one Raft entry each,
     except that the first PutChunk it sees is held back until after the next
     command: what a chunk retried across a leader change looks like."""
 
     def __init__(self, store: QueueStore) -> None:
-        self.store = store
-        self.machine = QueueStateMachine()
-        self.index = 0
+        super().__init__(store)
         self.dropped_once = False
         self.submitted: list[str] = []
-
-    def _apply(self, cmd: Command) -> Result:
-        self.index += 1
-        results = self.machine.apply(self.index, encode_entry([cmd]), self.store.apply_txn())
-        self.store.commit_apply()
-        assert results is not None
-        return results[0]
 
     async def submit(self, cmd: Command) -> Result:
         self.submitted.append(type(cmd).__name__)
         if isinstance(cmd, PutChunk) and not self.dropped_once:
             self.dropped_once = True
             await asyncio.sleep(0.01)  # applied late, after the Enqueue
-            return self._apply(cmd)
-        return self._apply(cmd)
-
-    def is_leader(self) -> bool:
-        return True
+            return self.apply(cmd)
+        return self.apply(cmd)
 
 
 def test_enqueue_missing_a_chunk_is_retried_after_its_chunks(store: QueueStore) -> None:
@@ -74,19 +64,7 @@ def test_enqueue_missing_a_chunk_is_retried_after_its_chunks(store: QueueStore) 
         lambda: 0.0,
     )
     body = b"Subject: big\r\nMessage-ID: <big@test>\r\n\r\n" + b"x" * (2 * CHUNK_BYTES)
-
-    async def run() -> str:
-        session = Session(asyncio.get_running_loop())
-        session.peer = ("127.0.0.1", 40000)
-        env = Envelope()
-        env.mail_from = "a@example.org"
-        env.rcpt_tos = ["b@example.org"]
-        env.content = body
-        env.original_content = body
-        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
-        return reply
-
-    reply = asyncio.run(run())
+    reply = smtp_data(ing, body)
     assert reply.startswith("250"), reply
     # First round: chunks and Enqueue together (the Enqueue refused); then the chunks
     # again, and the Enqueue only after them.
@@ -113,7 +91,7 @@ class _Bounded(_LosesFirstChunkOnce):
         self.most = max(self.most, self.pending)
         try:
             await asyncio.sleep(0.001)  # a commit round
-            return self._apply(cmd)
+            return self.apply(cmd)
         finally:
             self.pending -= 1
 
@@ -152,41 +130,12 @@ def test_a_big_body_goes_a_window_of_chunks_at_a_time(store: QueueStore) -> None
     assert len(store.list_messages(10)) == 4
 
 
-class _Recording(_LosesFirstChunkOnce):
-    """Applies every command as it comes and keeps them."""
-
-    def __init__(self, store: QueueStore) -> None:
-        super().__init__(store)
-        self.dropped_once = True
-        self.cmds: list[Command] = []
-
-    async def submit(self, cmd: Command) -> Result:
-        self.cmds.append(cmd)
-        return self._apply(cmd)
-
-
 def _recorded_submission(store: QueueStore, sizes: EntrySizes, body: bytes) -> list[Command]:
     """One message through SMTP ingress whose intake splits by `sizes`: the commands."""
-    rep = _Recording(store)
-    ing = SmtpIngress(
-        rep, ManualClock(), os.urandom, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0
-    )
-    ing.intake.sizes = lambda: sizes
-
-    async def run() -> str:
-        session = Session(asyncio.get_running_loop())
-        session.peer = ("127.0.0.1", 40000)
-        env = Envelope()
-        env.mail_from = "a@example.org"
-        env.rcpt_tos = ["b@example.org"]
-        env.content = env.original_content = body
-        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
-        return reply
-
-    assert asyncio.run(run()).startswith("250")
+    cmds = commands_of_one_message(store, sizes, body)
     (queued,) = store.list_messages(10)
     assert store.read_body(queued).endswith(body)
-    return rep.cmds
+    return cmds
 
 
 @pytest.mark.parametrize(

@@ -3,48 +3,25 @@ unsigned message; a retry of the same message is the same queue entry."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import dkim
-from aiosmtpd.smtp import Envelope, Session
 
 from mqnode.clock import ManualClock
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.keys import ED25519, KeySet, keygen
 from mqnode.smtp.handler import SmtpIngress
-from mqnode.spool.commands import Command, encode_entry
-from mqnode.spool.statemachine import QueueStateMachine, Result
 from mqnode.spool.store import QueueStore
+
+from .kit import Applies, smtp_data
 
 BODY = b"From: A <a@example.org>\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
-class _Applies:
-    """Each command through the real state machine, one entry each."""
-
-    def __init__(self, store: QueueStore) -> None:
-        self.store = store
-        self.machine = QueueStateMachine()
-        self.index = 0
-        self.submitted = 0
-
-    async def submit(self, cmd: Command) -> Result:
-        self.submitted += 1
-        self.index += 1
-        results = self.machine.apply(self.index, encode_entry([cmd]), self.store.apply_txn())
-        self.store.commit_apply()
-        assert results is not None
-        return results[0]
-
-    def is_leader(self) -> bool:
-        return True
-
-
 def _ingress(
     store: QueueStore, signer: DkimSigner, clock: ManualClock
-) -> tuple[SmtpIngress, _Applies]:
-    rep = _Applies(store)
+) -> tuple[SmtpIngress, Applies]:
+    rep = Applies(store)
     ing = SmtpIngress(
         rep, clock, lambda n: b"\1" * n, "n1", "test.local", ["127.0.0.0/8"], 10, lambda: 0.0,
         signer=signer,
@@ -53,18 +30,7 @@ def _ingress(
 
 
 def _data(ing: SmtpIngress, body: bytes = BODY) -> str:
-    async def run() -> str:
-        session = Session(asyncio.get_running_loop())
-        session.peer = ("127.0.0.1", 40000)
-        env = Envelope()
-        env.mail_from = "a@example.org"
-        env.rcpt_tos = ["b@example.net"]
-        env.content = body
-        env.original_content = body
-        reply: str = await ing.handle_DATA(None, session, env)  # type: ignore[arg-type]
-        return reply
-
-    return asyncio.run(run())
+    return smtp_data(ing, body, rcpt="b@example.net")
 
 
 def test_the_queued_bytes_carry_a_signature_with_t_the_receive_time(
@@ -98,5 +64,5 @@ def test_a_message_that_cannot_be_signed_is_refused_with_451_not_sent_unsigned(
     ing, rep = _ingress(store, _Broken(KeySet([key])), ManualClock())
     reply = _data(ing)
     assert reply.startswith("451 4.3.0") and "not signed" in reply
-    assert rep.submitted == 0 and store.list_messages(10) == []
+    assert rep.cmds == [] and store.list_messages(10) == []
     assert ing.dkim_failed == 1 and ing.refused == 1
