@@ -6,8 +6,9 @@ samples compress (text and HTML: to a tenth or a third; base64 attachments do
 not). It travels, is journalled and is kept in every node's queue state so,
 and is inflated only when read (delivery, `queue show`, DSNs). Every node
 writes each body into its state, and LMDB copies it twice on the way (into a
-dirty page, then with `writev` into the page cache); a follower also inflated
-each deflated entry before applying it. Deflating at the door saves both.
+dirty page, then with `writev` into the page cache); and an entry deflated
+only for the wire is inflated by every follower before it applies it.
+Deflating at the door spares both.
 The peer messages' framing (raft/wire.py) deflates what is left by the same
 samples.
 
