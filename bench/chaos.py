@@ -86,7 +86,13 @@ def scenarios(quick: bool) -> list[tuple[str, FaultScript, float, tuple[str, ...
     return [(name, f, s, WORKERS if name.endswith("smtp-workers") else ()) for name, f, s in out]
 
 
-def run(quick: bool, seed: int, only: str | None, progress: Callable[[str], None]) -> list[Report]:
+def run(
+    quick: bool,
+    seed: int,
+    only: str | None,
+    progress: Callable[[str], None],
+    size: int = 1024,
+) -> list[Report]:
     reports: list[Report] = []
     for name, script, load_s, extra in scenarios(quick):
         if only and only not in name:
@@ -97,7 +103,9 @@ def run(quick: bool, seed: int, only: str | None, progress: Callable[[str], None
             tempfile.TemporaryDirectory(prefix=f"chaos-{name}-") as tmp,
             Cluster(Path(tmp), extra_args=(*ARGS, *extra)) as cluster,
         ):
-            report, result, ctx = run_scenario(name, cluster, script, seed, load_s=load_s)
+            report, result, ctx = run_scenario(
+                name, cluster, script, seed, load_s=load_s, size=size
+            )
         if name == "kill-two":
             bad = acked_in_window(result, ctx.marks["fault"] + 0.05, ctx.marks["heal"])
             report.no_majority_acks = len(bad)
@@ -183,11 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/reliability.md"))
     ap.add_argument("--json", type=Path, help="also write the raw reports as JSON")
     ap.add_argument("--only", help="run only the scenarios whose name contains this")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=1024,
+        help="message size in bytes (the load is text: from 32 KiB it is kept deflated)",
+    )
     args = ap.parse_args(argv)
     command = "python -m bench.chaos" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
     if args.only:
         command += f" --only {args.only}"
-    reports = run(args.quick, args.seed, args.only, lambda s: print(s, file=sys.stderr, flush=True))
+    if args.size != 1024:
+        command += f" --size {args.size}"
+    reports = run(
+        args.quick,
+        args.seed,
+        args.only,
+        lambda s: print(s, file=sys.stderr, flush=True),
+        args.size,
+    )
     write_markdown(reports, command, args.out)
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in reports], indent=2))
