@@ -30,6 +30,9 @@ LEVEL = 1  # ISA-L's level 1: ~0.2 ms per 100 KiB of prose, a tenth of that for 
 SAMPLES = 4
 SAMPLE_BYTES = 2048
 DEFLATE_BELOW = 0.6
+# Deflate gives at most ~1032 bytes for each byte of its stream (a 258-byte match in ~2
+# bits): a size claimed beyond that cannot be what the stream holds.
+MAX_RATIO = 1032
 INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # typed as an object in isal's stubs
 
 
@@ -76,6 +79,11 @@ def inflate(stream: bytes | memoryview, size: int, what: str) -> bytes:
     if len(out) != size or not unpacker.eof or unpacker.unconsumed_tail:
         raise CorruptDataError(f"{what}: inflates to other than its {size} bytes")
     return out
+
+
+def could_hold(stream_bytes: int, size: int) -> bool:
+    """Whether a deflate stream of `stream_bytes` can inflate to `size` bytes at all."""
+    return 0 <= size <= MAX_RATIO * stream_bytes + 64
 
 
 def inflate_head(stream: bytes | memoryview, limit: int) -> bytes:

@@ -28,6 +28,7 @@ import hashlib
 import logging
 from typing import Any
 
+from mqnode.compression import could_hold
 from mqnode.errors import CodecError, ConfigError, NewerFormatError
 from mqnode.spool.commands import (
     BODY_ENCODINGS,
@@ -98,6 +99,8 @@ def invalid(cmd: Command) -> str | None:
             return "Enqueue: negative time or size"
         if cmd.body_encoding not in BODY_ENCODINGS or (cmd.body_encoding and cmd.body is None):
             return f"Enqueue: body encoding {cmd.body_encoding[:20]!r} unknown or without a body"
+        if cmd.body_encoding and not could_hold(len(cmd.body or b""), cmd.body_size):
+            return "Enqueue: a deflated body cannot hold its stated size"
         return _invalid_dsn(cmd)
     elif isinstance(cmd, PutChunk):
         if _bad_id(cmd.upload_id) or not 0 <= cmd.seq < MAX_CHUNKS or cmd.created_ms < 0:

@@ -146,6 +146,19 @@ def test_an_unknown_encoding_or_one_without_a_body_is_rejected(
     assert store.list_messages(10) == []
 
 
+def test_a_size_no_deflate_stream_of_that_length_can_hold_is_rejected(
+    tx: Transcript, store: QueueStore
+) -> None:
+    """So that reading never inflates more than about a thousand times an entry."""
+    stream = deflate(b"\0" * 1_000_000)  # about a thousand times smaller: as far as it goes
+    ok = replace(enqueue("Q1", body=stream), body_size=1_000_000, body_encoding=DEFLATE)
+    assert tx.one(ok) == ("queued", "Q1")
+    absurd = replace(ok, queue_id="Q2", idem_key=b"k2", body_size=2000 * len(stream))
+    status, why = tx.one(absurd)
+    assert status == "rejected" and "cannot hold" in why
+    assert [m.queue_id for m in store.list_messages(10)] == ["Q1"]
+
+
 def test_a_member_below_the_level_is_sent_the_body_inflated() -> None:
     body = _text(100_000)
     cmd = replace(enqueue("Q1", body=deflate(body)), body_size=len(body), body_encoding=DEFLATE)
