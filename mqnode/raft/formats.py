@@ -154,6 +154,8 @@ def _inflated(cmd: Enqueue, max_entry: int) -> Enqueue:
     no longer fits an entry of `max_entry` bytes."""
     if cmd.body is None or cmd.body_encoding != DEFLATE:
         raise SubmitError(f"{cmd.queue_id}: body encoding {cmd.body_encoding[:20]!r} unknown")
+    if cmd.body_size > max_entry:  # would not fit: not inflated at all
+        raise SubmitError(f"{cmd.queue_id}: {cmd.body_size} bytes do not fit one entry; try again")
     try:
         body = inflate(cmd.body, cmd.body_size, f"{cmd.queue_id}: deflated body")
     except CorruptDataError as exc:
