@@ -171,15 +171,34 @@ def crc32(data: bytes | memoryview, value: int = 0) -> int:
     return isal_zlib.crc32(data, value)
 
 
-def with_crc(data: bytes) -> bytes:
-    return U32.pack(crc32(data)) + data
+# XORed into a record's CRC32: the record is marked (it holds its data in another form,
+# which a reader must know: spool/store.py's deflated bodies). A reader of plain records
+# refuses a marked one as corrupt.
+_MARK = 0xFFFFFFFF
+
+
+def with_crc(data: bytes, marked: bool = False) -> bytes:
+    return U32.pack(crc32(data) ^ (_MARK if marked else 0)) + data
+
+
+def crc_view(raw: bytes | memoryview, what: str) -> tuple[memoryview, bool]:
+    """What follows the CRC32 in front of a record, as a view (a record may be a body of
+    a few MiB, and a slice would copy it), and whether the record is marked
+    (`with_crc`); CorruptDataError if the CRC matches neither way."""
+    view = memoryview(raw)[4:]
+    if len(raw) >= 4:
+        stored, crc = U32.unpack_from(raw)[0], crc32(view)
+        if stored == crc:
+            return view, False
+        if stored == crc ^ _MARK:
+            return view, True
+    raise CorruptDataError(f"{what}: checksum mismatch")
 
 
 def checked_view(raw: bytes | memoryview, what: str) -> memoryview:
-    """What follows the CRC32 in front of a record, as a view (a record may be a body of
-    a few MiB, and a slice would copy it); CorruptDataError if the CRC does not match."""
-    view = memoryview(raw)[4:]
-    if len(raw) < 4 or U32.unpack_from(raw)[0] != crc32(view):
+    """`crc_view` of a record that is never marked."""
+    view, marked = crc_view(raw, what)
+    if marked:
         raise CorruptDataError(f"{what}: checksum mismatch")
     return view
 

@@ -116,26 +116,20 @@ class LevelGate:
     def entry_sizes(self) -> EntrySizes:
         return entry_sizes(self.level())
 
+    def _below(self, level: int) -> bool:
+        """Whether the cluster reads below `level`, read again before acting on a yes: the
+        pipeline reads the level for every entry it packs, so the cached one may be from
+        before the last member announced."""
+        return self.level() < level and self.level(fresh=True) < level
+
     async def submit(self, cmd: Command) -> Result:
         # A worker deflates by the level its node last pushed; a member of an older
         # release may have joined since (a rare path: the body is inflated again here,
         # and refused with a 451 if it is then too big for one entry at this level: the
         # client's retry is split into chunks by the level the worker is told next).
-        if (
-            isinstance(cmd, Enqueue)
-            and cmd.body_encoding
-            and self.level() < DEFLATED_BODY_LEVEL
-            and self.level(fresh=True) < DEFLATED_BODY_LEVEL
-        ):
+        if isinstance(cmd, Enqueue) and cmd.body_encoding and self._below(DEFLATED_BODY_LEVEL):
             cmd = _inflated(cmd, self.entry_sizes().max_entry)
-        # Read again before dropping anything: the pipeline reads the level for every
-        # entry it packs, so the cached one may be from before the last member announced.
-        if (
-            isinstance(cmd, Enqueue)
-            and _has_dsn(cmd)
-            and self.level() < DSN_LEVEL
-            and self.level(fresh=True) < DSN_LEVEL
-        ):
+        if isinstance(cmd, Enqueue) and _has_dsn(cmd) and self._below(DSN_LEVEL):
             now = self._clock.monotonic_s()
             if now - self._warned_at >= WARN_EVERY_S:
                 self._warned_at = now

@@ -62,7 +62,7 @@ from mqnode.storage import (
     LmdbError,
     LmdbMapFullError,
     check_crc,
-    crc32,
+    crc_view,
     fsync_path,
     open_env,
     pack,
@@ -185,12 +185,11 @@ class StateTxn:
     def put_deflated_body(self, body_key: str, stream: bytes, size: int) -> None:
         """A whole body kept as the zlib `stream` of its `size` bytes (compression.py).
 
-        Its record's CRC is stored inverted: that marks it deflated, and a release that
+        Its record is marked (`storage.with_crc`, the CRC stored inverted): a release that
         does not know the mark refuses the record as corrupt instead of sending the
         stream as mail. `body_bytes_held` counts the body's `size`, as its delete does.
         """
-        record = U32.pack(crc32(stream) ^ _INVERTED) + stream
-        self._txn.put(_body_key(body_key, 0), record, db=self._s._body)
+        self._txn.put(_body_key(body_key, 0), with_crc(stream, marked=True), db=self._s._body)
         self._s.body_bytes_held += size
 
     def has_body_chunk(self, body_key: str, seq: int) -> bool:
@@ -209,14 +208,11 @@ class StateTxn:
             raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
             if raw is None:
                 raise CorruptDataError(f"{what} missing")
-            if len(raw) < 4:
-                raise CorruptDataError(f"{what}: truncated")
-            view = memoryview(raw)[4:]
-            stored, crc = U32.unpack_from(raw)[0], crc32(view)
-            if stored == crc ^ _INVERTED and chunks == 1:
+            view, deflated = crc_view(raw, what)
+            if deflated and chunks == 1:
                 return inflate(view, size, what)
-            if stored != crc:
-                raise CorruptDataError(f"{what}: checksum mismatch")
+            if deflated:
+                raise CorruptDataError(f"{what}: a deflated chunk of a staged body")
             parts.append(view)
         return b"".join(parts)
 
@@ -406,10 +402,6 @@ def _domain_due_keys(msg: QueuedMessage) -> set[bytes]:
 def domain_key(domain: str) -> bytes:
     """A recipient domain as the per-domain due index spells it."""
     return domain.lower().encode("utf-8", "surrogateescape")[:DOMAIN_KEY_MAX]
-
-
-# XORed into a body record's CRC: the record holds a deflated body (put_deflated_body).
-_INVERTED = 0xFFFFFFFF
 
 
 def _body_key(body_key: str, seq: int) -> bytes:

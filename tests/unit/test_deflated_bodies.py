@@ -31,6 +31,7 @@ from mqnode.spool.commands import (
     entry_sizes,
 )
 from mqnode.spool.store import QueueStore
+from mqnode.storage import checked_view, crc_view, with_crc
 
 from .kit import Recorder, Transcript, commands_of_one_message, enqueue
 
@@ -128,6 +129,14 @@ def test_a_deflated_body_is_held_as_its_size_and_a_flipped_bit_is_corruption(
         txn.put(key, bytes(raw))
     with pytest.raises(CorruptDataError):
         store.read_body(msg)
+
+
+def test_a_marked_record_is_refused_where_only_plain_ones_are_read() -> None:
+    marked = with_crc(b"a deflated body", marked=True)
+    assert crc_view(marked, "r") == (memoryview(b"a deflated body"), True)
+    assert crc_view(with_crc(b"plain"), "r")[1] is False
+    with pytest.raises(CorruptDataError):
+        checked_view(marked, "r")
 
 
 @pytest.mark.parametrize(
