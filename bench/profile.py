@@ -4,6 +4,7 @@
     python -m bench.profile --sessions=40 --smtp-workers 2
     python -m bench.profile --e2e                 # relay to smtp-sink, until it has all
     python -m bench.profile --drain               # queue first, then time delivery alone
+    python -m bench.profile --warm-up 0 --size 5242880 --messages 80   # a cold cluster
     python -m bench.profile --nodes 1 --smtp-workers 2   # no replication: what consensus costs
 
 Prints the rate, the leader's submit-to-commit latency (the
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
     ap.add_argument("--max-s", type=float, default=120.0)
     ap.add_argument(
+        "--warm-up", type=int, default=500, help="messages sent before measuring (0: a cold run)"
+    )
+    ap.add_argument(
         "--node-args", default="", help='more flags for every node, e.g. "--lease-ms 5000"'
     )
     mode = ap.add_mutually_exclusive_group()
@@ -182,16 +186,17 @@ def main(argv: list[str] | None = None) -> int:
             window = _drain(c, lead, sink_port, args)
         else:
             with _sink(sink_port if args.e2e else None) as sink:
-                run_source(  # warm up
-                    port,
-                    500,
-                    args.sessions,
-                    args.size,
-                    max_s=args.max_s,
-                    message_file=args.message_file,
-                )
-                if sink is not None:
-                    sink.wait_for(500, args.max_s)
+                if args.warm_up:
+                    run_source(
+                        port,
+                        args.warm_up,
+                        args.sessions,
+                        args.size,
+                        max_s=args.max_s,
+                        message_file=args.message_file,
+                    )
+                    if sink is not None:
+                        sink.wait_for(args.warm_up, args.max_s)
                 window = _accept(c, lead, sink, args)
     _report(window, args)
     return 0

@@ -769,7 +769,8 @@ class Node:
             log.error("principals reload refused, checking credentials as before: %s", exc)
 
     def _readiness(self) -> Readiness:
-        return assess(self._raft.status, self._pipeline.health())
+        workers = self._front.up() if self._front is not None else (0, 0)
+        return assess(self._raft.status, self._pipeline.health(), workers)
 
     async def _probe_commits(self) -> None:
         """While the last commit here timed out, try one again every COMMIT_PROBE_EVERY_S.

@@ -14,7 +14,10 @@ all of these hold:
 * no submission begun after the last commit here has timed out; while one
   has, the node probes the commit path (`Node._probe_commits`) and is ready
   again as soon as a probe commits;
-* no entry has waited for its commit longer than `STALLED_COMMIT_S`.
+* no entry has waited for its commit longer than `STALLED_COMMIT_S`;
+* with `smtp_workers`, one of them accepts connections (until then a client
+  waits in the listening socket's backlog, after a start about half a second
+  of a worker's imports).
 
 Pure: the caller passes what it knows; `assess` reads no clock.
 """
@@ -36,7 +39,10 @@ class Readiness:
     reasons: tuple[str, ...]  # why not, for /readyz and logs; empty when ready
 
 
-def assess(status: RaftStatus, health: PipelineHealth) -> Readiness:
+def assess(
+    status: RaftStatus, health: PipelineHealth, smtp_workers: tuple[int, int] = (0, 0)
+) -> Readiness:
+    """`smtp_workers`: (accepting connections, configured); (0, 0) without workers."""
     reasons: list[str] = []
     if status.leader_addr is None:
         reasons.append("no leader known")
@@ -61,4 +67,7 @@ def assess(status: RaftStatus, health: PipelineHealth) -> Readiness:
         reasons.append("the last commit timed out (probing)")
     if health.oldest_inflight_s is not None and health.oldest_inflight_s > STALLED_COMMIT_S:
         reasons.append(f"a commit has waited {health.oldest_inflight_s:.1f} s")
+    up, configured = smtp_workers
+    if configured and not up:
+        reasons.append(f"no SMTP worker accepting connections yet (0 of {configured})")
     return Readiness(not reasons, tuple(reasons))

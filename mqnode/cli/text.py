@@ -185,9 +185,10 @@ def _smtp_workers(workers: dict[str, Any] | None) -> str:
     if not workers:
         return "sessions in the node's process"
     pids = ", ".join(str(p) for p in workers["pids"]) or "none"
+    up = f", {workers['up']} accepting" if "up" in workers else ""  # an older node: no "up"
     return (
         f"{len(workers['pids'])} of {workers['configured']} worker processes running "
-        f"(pids {pids}), {workers['restarts']} restarts"
+        f"(pids {pids}){up}, {workers['restarts']} restarts"
     )
 
 

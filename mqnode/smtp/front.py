@@ -168,3 +168,7 @@ class InProcessFront:
 
     def describe(self) -> dict[str, Any] | None:
         return None  # /status: no worker processes
+
+    def up(self) -> tuple[int, int]:
+        """(workers accepting, workers configured): none, sessions run in this process."""
+        return 0, 0

@@ -5,6 +5,7 @@ the other's death (even kill -9) as end-of-file at once. Messages are msgpack
 lists, streamed back to back (msgpack's Unpacker finds the boundaries):
 
     worker -> node                          node -> worker
+    [UP] (accepting on the listening sockets)
     [SUBMIT, id, command as list]           [RESULT, id, status, value]
                                             [FAILED, id, error kind, text]
     [OPEN, id, client key]                  [OPENED, id, client key, refusal or None]
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 SUBMIT, RESULT, FAILED, OPEN, OPENED, CLOSE, MESSAGE, ALLOWED, COUNTS, FILL, DKIM = range(1, 12)
-SUPPRESSED, VERDICT = 12, 13
+SUPPRESSED, VERDICT, UP = 12, 13, 14
 
 # SubmitError subclasses by name on the wire, so the worker answers the SMTP client
 # exactly what the node would have (451 4.3.0, 452 4.3.1, ...).

@@ -60,6 +60,7 @@ from mqnode.smtp.worker_link import (
     RESULT,
     SUBMIT,
     SUPPRESSED,
+    UP,
     VERDICT,
     Link,
     error_kind,
@@ -87,6 +88,7 @@ class _Worker:
     counts: tuple[int, int] = (0, 0)
     dkim: tuple[dict[str, int], int] = ({}, 0)  # what its ingress signed, failures
     suppressed: int = 0  # recipients refused at RCPT because they are suppressed
+    up: bool = False  # accepting SMTP connections (it said UP; false again once it exits)
 
 
 class WorkerPool:
@@ -158,9 +160,21 @@ class WorkerPool:
                 w.link.send([DKIM, settings])
 
     def describe(self) -> dict[str, Any]:
-        """For /status: the workers running now (by PID) and how often one was restarted."""
+        """For /status: the workers running now (by PID), how many of them accept
+        connections, and how often one was restarted."""
         running = [w.proc.pid for w in self._workers if w.proc and w.proc.poll() is None]
-        return {"configured": len(self._workers), "pids": running, "restarts": self.restarts}
+        return {
+            "configured": len(self._workers),
+            "pids": running,
+            "up": self.up()[0],
+            "restarts": self.restarts,
+        }
+
+    def up(self) -> tuple[int, int]:
+        """(workers accepting connections, workers configured). A worker is up from its
+        UP, sent once its sockets accept, until it exits; before, connections wait in
+        the listening socket's backlog (~0.5 s of imports after a start)."""
+        return sum(1 for w in self._workers if w.up), len(self._workers)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -282,6 +296,7 @@ class WorkerPool:
         w.suppressed = 0
         w.dkim = ({}, 0)
         w.link = None
+        w.up = False
 
     def _fill(self) -> list[Any]:
         return [FILL, self._fill_ratio(), self.suppression_count(), self.level()]
@@ -319,6 +334,9 @@ class WorkerPool:
             link.send([ALLOWED, msg[1], self._limits.allow_message(str(msg[2]))])
         elif kind == SUPPRESSED and isinstance(msg[2], list) and len(msg[2]) == 2:
             link.send([VERDICT, msg[1], self.suppression(str(msg[2][0]), str(msg[2][1]))])
+        elif kind == UP:
+            w.up = True
+            log.info("smtp worker %d accepting (pid %s)", w.index, w.proc and w.proc.pid)
         elif kind == COUNTS:
             w.counts = (int(msg[1]), int(msg[2]))
             if len(msg) >= 5 and isinstance(msg[3], dict):

@@ -58,6 +58,7 @@ from mqnode.smtp.worker_link import (
     RESULT,
     SUBMIT,
     SUPPRESSED,
+    UP,
     VERDICT,
     Link,
     error_from,
@@ -203,6 +204,7 @@ async def run(spec: dict[str, Any]) -> None:
     node.on_dkim = reload_dkim
     socks = [socket.socket(fileno=int(fd)) for fd in spec["listen_fds"]]
     servers = await serve(ingress, listen_addrs(cfg), socks)
+    node.link.send([UP])
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     counts = loop.create_task(_push_counts(node, ingress))

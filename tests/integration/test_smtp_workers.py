@@ -113,12 +113,14 @@ def test_killed_worker_is_replaced_and_mail_goes_on(tmp_path: Path, run_cli: Run
 
         def reported() -> tuple[dict[str, object] | None, str]:
             st = c.get(lead, "/status")["smtp_workers"]
-            return (st if sorted(st["pids"]) == after else None), str(st)
+            ok = sorted(st["pids"]) == after and st["up"] == 2
+            return (st if ok else None), str(st)
 
-        st = c.poll("/status to show the new worker", reported, 10.0)
+        st = c.poll("/status to show the new worker accepting", reported, 10.0)
         assert st["configured"] == 2 and st["restarts"] == 1, st
         table = run_cli("status", "--admin", c.nodes[lead].admin_addr).stdout
         assert "2 of 2 worker processes running" in table and "1 restarts" in table, table
+        assert "2 accepting" in table, table
         acked: dict[str, str] = {}
         for _ in range(6):
             offer_ok(c, lead, acked)

@@ -540,6 +540,20 @@ class Cluster:
         names = [self.nodes[i].node_id for i in idx]
         self.poll(f"admin endpoints of {names}", probe, timeout_s, idx)
 
+    def wait_smtp_workers_up(self, timeout_s: float) -> None:
+        """Until every live node's SMTP workers all accept connections (/status
+        `smtp_workers.up`; nodes without workers count as up)."""
+
+        def probe() -> tuple[bool | None, str]:
+            starting = {}
+            for i, s in self._statuses().items():
+                workers = (s or {}).get("smtp_workers", {"up": 0, "configured": 1})
+                if workers is not None and workers["up"] < workers["configured"]:
+                    starting[self.nodes[i].node_id] = f"{workers['up']} of {workers['configured']}"
+            return (True if not starting else None), f"workers accepting: {starting}"
+
+        self.poll("every node's SMTP workers to accept", probe, timeout_s)
+
     def _statuses(self, among: Sequence[int] | None = None) -> dict[int, dict[str, Any] | None]:
         idx = self.live_indexes() if among is None else [i for i in among if self.nodes[i].live]
         return {i: self.try_get(i, "/status") for i in idx}

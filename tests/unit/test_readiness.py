@@ -34,6 +34,13 @@ def test_knowing_a_leader_is_not_enough() -> None:
     assert not assess(_status(heard=None), HEALTHY).ready  # the link to it closed
 
 
+def test_a_node_with_smtp_workers_is_ready_once_one_accepts() -> None:
+    starting = assess(_status(), HEALTHY, smtp_workers=(0, 2))
+    assert not starting.ready and "no SMTP worker accepting" in starting.reasons[0]
+    assert assess(_status(), HEALTHY, smtp_workers=(1, 2)).ready  # one serves; one restarts
+    assert assess(_status(), HEALTHY, smtp_workers=(0, 0)).ready  # sessions in the node
+
+
 def test_commits_timing_out_make_a_node_unready_until_one_commits() -> None:
     timing_out = PipelineHealth(10.0, 12.0, 3, None)
     r = assess(_status(), timing_out)
