@@ -19,7 +19,9 @@ to 0.18-0.43) what text and HTML mail gets. One run gives both figures:
 
 Rows are medians over rounds, with the ratio to Postfix's taken within each
 round (median and range) and MiB/s. No warm-up: its backlog would still be
-relaying during the measured run; both systems start cold.
+relaying during the measured run; both systems start cold, measured once
+started: Postfix once it answers its banner, the cluster once every node's
+SMTP workers accept (bench_cluster).
 """
 
 from __future__ import annotations
