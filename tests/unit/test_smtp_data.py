@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import tracemalloc
 from typing import Any
 
+import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mqnode.smtp.data import has_long_line, unstuff
+from mqnode.smtp.data import NOMINAL, TOO_MUCH, has_long_line, read_data, unstuff
 from mqnode.smtp.protocol import SubmissionProtocol
 
 SIZE_LIMIT = 3000
@@ -116,3 +118,101 @@ def test_the_long_line_check_equals_splitting_the_lines(pieces: list[bytes], lon
     data = b"".join(pieces)
     expected = any(len(line) > longest for line in data.split(b"\r\n"))
     assert has_long_line(data, longest) == expected
+
+
+# -- read_data on its own: a StreamReader fed in pieces, against a plain model ----------
+
+
+def _model(stream: bytes) -> tuple[bytes, bytes]:
+    """(message before unstuffing, what follows the lone-dot line) of a DATA stream."""
+    end = (b"\r\n" + stream).index(b"\r\n.\r\n")
+    return stream[:end], stream[end + 3 :]
+
+
+class _Counting(asyncio.StreamReader):
+    """Counts the reads read_data makes (each is an event-loop step at worst)."""
+
+    calls = 0
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        self.calls += 1
+        return await super().readuntil(separator)
+
+    async def readexactly(self, n: int) -> bytes:
+        self.calls += 1
+        return await super().readexactly(n)
+
+
+async def _read_fed(
+    chunks: list[bytes], size_limit: int | None = None
+) -> tuple[bytes, str, bytes, int]:
+    """Feed `chunks` one per loop turn while read_data reads: (message, verdict, what is
+    left in the reader, reads made)."""
+    reader = _Counting(limit=2**16)
+
+    async def feed() -> None:
+        for chunk in chunks:
+            reader.feed_data(chunk)
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeding = asyncio.ensure_future(feed())
+    message, verdict = await read_data(reader, size_limit, 10**9)
+    await feeding
+    return message, verdict, await reader.read(), reader.calls
+
+
+_STREAM = st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b".\r\n"]), max_size=40)
+
+
+@settings(max_examples=600, deadline=None)
+@given(body=_STREAM, cuts=st.lists(st.integers(0, 200), max_size=8))
+def test_reads_to_the_first_lone_dot_line_and_not_a_byte_further(
+    body: list[bytes], cuts: list[int]
+) -> None:
+    # whatever the body, the first CRLF.CRLF (or a lone dot as the first line) ends it;
+    # what follows (a pipelined command) stays unread
+    stream = b"".join(body) + b"\r\n.\r\nQUIT\r\n"
+    message, rest = _model(stream)
+    got, verdict, left, _ = asyncio.run(_read_fed(_split(stream, cuts)))
+    assert verdict == NOMINAL
+    assert (got, left) == (unstuff(message), rest)
+
+
+def test_a_line_ending_in_a_full_stop_does_not_cost_a_read() -> None:
+    prose = b"A sentence that ends here.\r\nAnd one more that does too.\r\n" * 2000
+    stream = prose + b".\r\n"
+    got, verdict, left, calls = asyncio.run(_read_fed(_split(stream, list(range(0, 10**6, 4096)))))
+    assert (got, verdict, left) == (prose, NOMINAL, b"")
+    assert calls <= 1 + len(stream) // (256 * 1024), calls  # one search per piece
+
+
+def test_a_lone_dot_first_is_an_empty_message_and_the_next_command_stays() -> None:
+    for chunks in ([b".\r\nQUIT\r\n"], [b".", b"\r", b"\nQU", b"IT\r\n"]):
+        assert asyncio.run(_read_fed(chunks))[:3] == (b"", NOMINAL, b"QUIT\r\n")
+
+
+@pytest.mark.parametrize("line", [b"a.\r\n", b"\r\n", b"a\r\n", b".\r\r\n", b"\r\n.\r", b"..\r\n"])
+def test_hostile_short_lines_cost_memory_like_their_bytes(line: bytes) -> None:
+    # Lines that each could end DATA: a list of one object per piece took ~10 times
+    # the message in memory (a 25 MiB message: ~300 MB).
+    body = line * (2 * 1024 * 1024 // len(line))
+    stream = body + b"\r\n.\r\n"
+    tracemalloc.start()
+    try:
+        got, verdict, left, _ = asyncio.run(_read_fed([stream]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (got, verdict, left) == (unstuff(_model(stream)[0]), NOMINAL, b"")
+    assert peak < 6 * len(stream), (peak, len(stream))  # fed, read, kept, joined, unstuffed
+
+
+def test_past_the_size_limit_nothing_more_is_kept() -> None:
+    stream = b"x.\r\n" * 100_000 + b".\r\nQUIT\r\n"
+    got, verdict, left, _ = asyncio.run(_read_fed([stream], size_limit=1000))
+    assert (got, verdict, left) == (b"", TOO_MUCH, b"QUIT\r\n")
+    exact = b"y" * 998 + b"\r\n"  # 1,000 bytes: at the limit, not over it
+    assert asyncio.run(_read_fed([exact + b".\r\n"], size_limit=1000))[:2] == (exact, NOMINAL)
+    over = b"y" * 999 + b"\r\n"
+    assert asyncio.run(_read_fed([over + b".\r\n"], size_limit=1000))[:2] == (b"", TOO_MUCH)
