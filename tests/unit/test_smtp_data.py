@@ -110,6 +110,7 @@ def test_unstuff_removes_one_leading_dot_per_line() -> None:
     assert unstuff(b"") == b""
 
 
+@settings(max_examples=500)
 @given(
     st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"x" * 7, b"\r\r\n"]), max_size=60),
     st.integers(min_value=0, max_value=40),
@@ -206,6 +207,20 @@ def test_hostile_short_lines_cost_memory_like_their_bytes(line: bytes) -> None:
         tracemalloc.stop()
     assert (got, verdict, left) == (unstuff(_model(stream)[0]), NOMINAL, b"")
     assert peak < 6 * len(stream), (peak, len(stream))  # fed, read, kept, joined, unstuffed
+
+
+def test_the_long_line_check_keeps_no_list_of_lines() -> None:
+    # one line past the half-way block size among millions of short ones
+    data = b"ab\r\n" * (1024 * 1024) + b"x" * 600 + b"\r\n" + b"cd\r\n" * 1000
+    longer = data + b"z" * 999
+    tracemalloc.start()
+    try:
+        found = has_long_line(data, 998), has_long_line(longer, 998)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found == (False, True)
+    assert peak < 64 * 1024, peak
 
 
 def test_past_the_size_limit_nothing_more_is_kept() -> None:
