@@ -285,7 +285,8 @@ def _digest(items: Iterable[str | bytes | int]) -> str:
         if isinstance(item, int):
             item = str(item)
         data = item.encode("utf-8", "surrogatepass") if isinstance(item, str) else item
-        h.update(len(data).to_bytes(8, "big") + data)
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)  # not joined first: that copied the whole original
     return h.hexdigest()
 
 
@@ -444,10 +445,15 @@ def _returned_part(
     `utf8`: an SMTPUTF8 message goes back as message/global, or its header block as
     message/global-headers (RFC 6533 6.3, 6.4), in 8bit.
     """
-    lines = original.splitlines()
-    whole = b"\r\n".join(lines)
-    if not headers_only and len(whole) <= max_bytes and _eight_bit_safe(lines):
-        return ("message/global" if utf8 else "message/rfc822"), _cte(whole), whole
+    if headers_only or len(original) > max_bytes + 2:  # CRLF-joined, it would be longer
+        # Only lines that start within max_bytes + 3 can be kept (each counts its length
+        # and 2): a list of every line of a big message of short ones took ~10 times it.
+        lines = original[: max_bytes + 3].splitlines()
+    else:
+        lines = original.splitlines()
+        whole = b"\r\n".join(lines)
+        if len(whole) <= max_bytes and _eight_bit_safe(lines):
+            return ("message/global" if utf8 else "message/rfc822"), _cte(whole), whole
     head = _header_block(lines, max_bytes)
     block = b"\r\n".join(head)
     if not _eight_bit_safe(head):

@@ -6,6 +6,7 @@ import email
 import email.parser
 import email.policy
 import re
+import tracemalloc
 from dataclasses import replace
 from email.message import EmailMessage, Message
 from email.utils import parsedate_to_datetime
@@ -239,6 +240,19 @@ def test_large_original_returns_headers_only() -> None:
     assert "See you at noon." not in headers
     assert b"See you at noon." not in raw
     assert "returned message's headers" in parts_of(parse(raw))[0].get_content()
+
+
+def test_a_big_original_of_short_lines_costs_no_list_of_its_lines() -> None:
+    # 16 MB in 4-byte lines: splitting it whole made ~4 million line objects (~10x it)
+    big = ORIGINAL + b"ab\r\n" * (4 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        raw = build(original=big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert parts_of(parse(raw))[2].get_content_type() == "text/rfc822-headers"
+    assert peak < 4 * 1024 * 1024, peak
 
 
 def test_oversized_header_block_keeps_whole_fields() -> None:
