@@ -337,7 +337,7 @@ class AdminServer:
         if msg is None:
             return web.json_response({"error": "no such message"}, status=404)
         # Which domains signed it (DKIM-Signature d=), read from the stored header.
-        signed = signing_domains(self._store.read_body(msg)[:HEADER_SCAN_BYTES])
+        signed = signing_domains(self._store.read_head(msg, HEADER_SCAN_BYTES))
         view = {**msg.summary(), "dkim_domains": signed}
         if self.classify is not None:  # what each recipient's last failure means
             for r in view["recipients"]:

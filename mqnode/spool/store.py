@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mqnode.compression import inflate
+from mqnode.compression import inflate, inflate_head
 from mqnode.errors import CorruptDataError, StateMapFullError
 from mqnode.spool.model import MessageState, QueuedMessage, RcptState
 from mqnode.spool.record_memo import RecordMemo
@@ -214,6 +214,27 @@ class StateTxn:
             if deflated:
                 raise CorruptDataError(f"{what}: a deflated chunk of a staged body")
             parts.append(view)
+        return b"".join(parts)
+
+    def read_head(self, body_key: str, chunks: int, size: int, limit: int) -> bytes:
+        """The body's first bytes, up to its header's end or `limit` (at least those): only
+        the chunks that hold them are read, and a deflated body is inflated that far."""
+        parts: list[bytes | memoryview] = []
+        held = 0
+        for seq in range(chunks):
+            what = f"body {body_key} chunk {seq}"
+            raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
+            if raw is None:
+                raise CorruptDataError(f"{what} missing")
+            view, deflated = crc_view(raw, what)
+            if deflated and chunks == 1:
+                return inflate_head(view, min(limit, size))
+            if deflated:
+                raise CorruptDataError(f"{what}: a deflated chunk of a staged body")
+            parts.append(view)
+            held += len(view)
+            if held >= limit:
+                break
         return b"".join(parts)
 
     def delete_body(self, body_key: str, chunks: int, size: int = 0) -> None:
@@ -717,6 +738,11 @@ class QueueStore:
         # buffers: the chunks are views of the map until joined (valid in the txn only).
         with self._lock, self._env.begin(write=False, buffers=True) as txn:
             return StateTxn(self, txn).read_body(msg.body_key, msg.body_chunks, msg.size)
+
+    def read_head(self, msg: QueuedMessage, limit: int) -> bytes:
+        """`StateTxn.read_head`: what `queue show` reads a header from, not the body."""
+        with self._lock, self._env.begin(write=False, buffers=True) as txn:
+            return StateTxn(self, txn).read_head(msg.body_key, msg.body_chunks, msg.size, limit)
 
     def list_messages(self, limit: int, state: MessageState | None = None) -> list[QueuedMessage]:
         out: list[QueuedMessage] = []

@@ -320,6 +320,14 @@ def test_signatures_survive_a_leader_kill_mid_delivery(
                 lambda: (True if sink.in_progress else None, f"{len(sink.datas)} recorded"),
                 30,
             )
+            # `queue show` reads the signing domains from the stored header alone (the
+            # 5 MiB body is kept deflated); an earlier hop's signature comes after ours
+            shown = {
+                m["message_id"]: c.get(leader, f"/queue/{m['id']}")["dkim_domains"]
+                for m in c.queue_messages(leader)
+            }
+            assert shown[f"<5mib@{DOMAIN}>"][0] == DOMAIN, shown
+            assert shown[f"<signed@{DOMAIN}>"][-1] == "list.example", shown
             c.kill(leader)
             new = c.wait_for_leader(among=[i for i in range(3) if i != leader])
 

@@ -110,6 +110,11 @@ def test_intake_deflates_what_compresses_and_the_state_gives_it_back(
     stored = store.read_body(msg)
     assert stored.endswith(body) and len(stored) == msg.size == cmd.body_size
     assert hashlib.sha256(stored).digest() == msg.body_sha256, "over the body, not the stream"
+    # `queue show` reads the header only: inflated as far as its end, or the first chunk
+    head = store.read_head(msg, 4096)
+    assert stored.startswith(head) and b"\r\n\r\n" in head
+    if deflated or chunked:
+        assert len(head) < min(len(stored), SIZES.chunk + 1), len(head)
 
 
 def test_a_deflated_body_is_held_as_its_size_and_a_flipped_bit_is_corruption(
