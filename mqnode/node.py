@@ -786,7 +786,7 @@ class Node:
             now = self._readiness()
             if was is not None and now.ready != was.ready:
                 if now.ready:
-                    log.info("ready: submissions commit again")
+                    log.info("ready (was not: %s)", "; ".join(was.reasons))
                 else:
                     log.warning("not ready: %s", "; ".join(now.reasons))
             was = now
