@@ -97,15 +97,25 @@ class Replies(asyncio.Protocol):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
-            self._waiter = loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._waiter, remaining)
+            # A timer that ends the wait, not asyncio.wait_for (which wraps the future in
+            # another and adds callbacks both ways): one wait per reply a message gets.
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(remaining, _stop_waiting, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
         return self._replies.popleft()
 
     @property
     def idle(self) -> bool:
         """Nothing unread, nothing half-received and no error: the session may go on."""
         return not (self._replies or self._buffer or self._lines or self._error or self.lost)
+
+
+def _stop_waiting(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)  # the loop in `read` sees the deadline passed
 
 
 def _malformed(text: str) -> aiosmtplib.SMTPResponseException:

@@ -206,3 +206,54 @@ def test_pipelining_over_starttls(tmp_path: Path, uvloop: bool) -> None:
         assert _outcomes(attempt) == [DELIVERED, BOUNCED], attempt
     assert versions and versions[0] in ("TLSv1.2", "TLSv1.3")
     assert connects == 1
+
+
+@LOOPS
+def test_a_host_that_never_answers_the_final_dot_is_given_up_at_the_timeout(
+    uvloop: bool,
+) -> None:
+    silent = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mx ESMTP\r\n")
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-mx\r\n250 PIPELINING\r\n")
+                elif verb == b"MAIL":
+                    while not line.endswith(b"DATA\r\n"):
+                        line += await reader.read(4096)
+                    writer.write(b"250 ok\r\n250 ok\r\n354 go ahead\r\n")
+                    await reader.readuntil(b"\r\n.\r\n")
+                    silent.set()
+                    await asyncio.sleep(30)  # no reply to the end of the message
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def run() -> tuple[Attempt, float]:
+        async with minismtp.serving(serve) as port:
+            agent = DeliveryAgent("client.test", timeout_s=0.5)
+            try:
+                target = Target("mx.x.test", "127.0.0.1", port)
+                tx = Transaction((target,), "a@client.test", RCPTS[:1], BODY, lambda: True)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                attempt = await asyncio.wait_for(agent.deliver(tx), 20)
+                return attempt, loop.time() - started
+            finally:
+                await agent.close()
+
+    if uvloop:
+        import uvloop as uv
+
+        with asyncio.Runner(loop_factory=uv.new_event_loop) as runner:
+            attempt, took = runner.run(run())
+    else:
+        attempt, took = asyncio.run(run())
+    assert silent.is_set()
+    assert _outcomes(attempt) == [DEFERRED], attempt
+    assert took < 15, took  # the 0.5 s read timeout, not the host's 30 s
