@@ -187,19 +187,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with _sink(sink_port if args.e2e else None) as sink:
                 if args.warm_up:
-                    run_source(
-                        port,
-                        args.warm_up,
-                        args.sessions,
-                        args.size,
-                        max_s=args.max_s,
-                        message_file=args.message_file,
-                    )
+                    _send(port, args.warm_up, args)
                     if sink is not None:
                         sink.wait_for(args.warm_up, args.max_s)
                 window = _accept(c, lead, sink, args)
     _report(window, args)
     return 0
+
+
+def _send(port: int, messages: int, args: argparse.Namespace) -> None:
+    """`messages` from smtp-source into `port`, as the arguments say."""
+    run_source(
+        port,
+        messages,
+        args.sessions,
+        args.size,
+        max_s=args.max_s,
+        message_file=args.message_file,
+    )
 
 
 def _accept(c: Cluster, lead: int, sink: Sink | None, args: argparse.Namespace) -> Window:
@@ -208,15 +213,7 @@ def _accept(c: Cluster, lead: int, sink: Sink | None, args: argparse.Namespace) 
     before = 0 if sink is None else sink.received()
     m.start()
     t0 = time.monotonic()
-    port = c.nodes[lead].smtp_port
-    run_source(
-        port,
-        args.messages,
-        args.sessions,
-        args.size,
-        max_s=args.max_s,
-        message_file=args.message_file,
-    )
+    _send(c.nodes[lead].smtp_port, args.messages, args)
     if sink is None:
         return m.stop()
     accepted_s, during = time.monotonic() - t0, sink.received() - before
@@ -232,7 +229,7 @@ def _drain(c: Cluster, lead: int, sink_port: int, args: argparse.Namespace) -> W
     """Queue everything while the relay is down, then measure delivering it alone."""
     n = args.messages
     port = c.nodes[lead].smtp_port
-    run_source(port, n, args.sessions, args.size, max_s=args.max_s, message_file=args.message_file)
+    _send(port, n, args)
     deadline = time.monotonic() + args.max_s
     while c.status(lead)["queue"].get("deferred", 0) < n:
         if time.monotonic() > deadline:

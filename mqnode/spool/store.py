@@ -203,39 +203,38 @@ class StateTxn:
         joined; a deflated body (`put_deflated_body`) is inflated instead, bounded by
         `size`."""
         parts = []
-        for seq in range(chunks):
-            what = f"body {body_key} chunk {seq}"
-            raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
-            if raw is None:
-                raise CorruptDataError(f"{what} missing")
-            view, deflated = crc_view(raw, what)
-            if deflated and chunks == 1:
-                return inflate(view, size, what)
+        for view, deflated, what in self._body_views(body_key, chunks):
             if deflated:
-                raise CorruptDataError(f"{what}: a deflated chunk of a staged body")
+                return inflate(view, size, what)
             parts.append(view)
         return b"".join(parts)
 
     def read_head(self, body_key: str, chunks: int, size: int, limit: int) -> bytes:
         """The body's first bytes, up to its header's end or `limit` (at least those): only
         the chunks that hold them are read, and a deflated body is inflated that far."""
-        parts: list[bytes | memoryview] = []
+        parts = []
         held = 0
+        for view, deflated, _ in self._body_views(body_key, chunks):
+            if deflated:
+                return inflate_head(view, min(limit, size))
+            parts.append(view)
+            held += len(view)
+            if held >= limit:
+                break
+        return b"".join(parts)
+
+    def _body_views(self, body_key: str, chunks: int) -> Iterator[tuple[memoryview, bool, str]]:
+        """(CRC-checked view, deflated?, what it is) of each chunk in order; only a body
+        of one chunk may be deflated."""
         for seq in range(chunks):
             what = f"body {body_key} chunk {seq}"
             raw = self._txn.get(_body_key(body_key, seq), db=self._s._body)
             if raw is None:
                 raise CorruptDataError(f"{what} missing")
             view, deflated = crc_view(raw, what)
-            if deflated and chunks == 1:
-                return inflate_head(view, min(limit, size))
-            if deflated:
+            if deflated and chunks != 1:
                 raise CorruptDataError(f"{what}: a deflated chunk of a staged body")
-            parts.append(view)
-            held += len(view)
-            if held >= limit:
-                break
-        return b"".join(parts)
+            yield view, deflated, what
 
     def delete_body(self, body_key: str, chunks: int, size: int = 0) -> None:
         """`size`: the body's bytes, for `body_bytes_held` (0 where unknown: an estimate)."""
