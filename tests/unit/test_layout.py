@@ -2,9 +2,9 @@
 third-party library that needs an adapter is imported in one place.
 
 Layers, bottom up: the frame's leaves (errors, clock, storage, tls, events, logsetup,
-compression, config, passwords) -> spool/, access/ -> raft/, signing/ -> intake -> smtp/,
-delivery/, dsn/ -> api/ -> admin/ -> node, cli, restore. devtools/ is never
-imported by the node's code.
+eventloop, allocator, compression, config, passwords) -> spool/, access/ -> raft/,
+signing/ -> intake -> smtp/, delivery/, dsn/ -> api/ -> admin/ -> node, cli, restore.
+devtools/ is never imported by the node's code.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ LEAVES = {
     "events",
     "config",
     "eventloop",
+    "allocator",
     "logsetup",
     "compression",
     "passwords",
