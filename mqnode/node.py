@@ -33,7 +33,7 @@ from mqnode.admin.readiness import Readiness, assess
 from mqnode.admin.shaping import ShapingRoutes
 from mqnode.admin.suppressions import SuppressionRoutes
 from mqnode.api.compose import Limits
-from mqnode.api.server import InjectionApi, api_request_bytes
+from mqnode.api.server import InjectionApi
 from mqnode.clock import Clock, SystemClock
 from mqnode.config import NodeConfig, parse_hostport
 from mqnode.delivery.auto_suppress import AutoSuppress, parse_rules
@@ -528,7 +528,6 @@ class Node:
             principals=lambda: self._principals,
             public_status=cfg.public_status,
             fault_injection=bool(cfg.fault_injection),
-            max_request_bytes=api_request_bytes(cfg.max_message_bytes),
         )
 
     def _on_raft_status(self, status: RaftStatus) -> None:

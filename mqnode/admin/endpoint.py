@@ -100,7 +100,6 @@ class AdminServer:
         principals: Callable[[], Principals],
         public_status: bool = True,
         fault_injection: bool = False,
-        max_request_bytes: int = 1024**2,
     ) -> None:
         # the node's SMTP worker processes (smtp.worker_pool.WorkerPool.describe); None: none
         self.smtp_workers: Callable[[], dict[str, Any] | None] = lambda: None

@@ -45,6 +45,7 @@ from referencing.jsonschema import DRAFT202012
 
 from mqnode.access.policy import PRINCIPAL_KEY, guard, principal_of, unassigned
 from mqnode.access.principals import Principal, Principals
+from mqnode.api.bounded_json import TooManyValues, loads_bounded
 from mqnode.api.compose import Draft, Limits, compose
 from mqnode.api.problems import Problem, pointer, refusal
 from mqnode.clock import Clock
@@ -112,6 +113,14 @@ class InjectionApi:
     @property
     def max_request_bytes(self) -> int:
         return api_request_bytes(self._limits.max_message_bytes)
+
+    @property
+    def max_json_values(self) -> int:
+        """The most values a request's JSON may hold (api/bounded_json.py): a batch's
+        recipients with 100 vars each, three address lists of 1,000, every header field,
+        and room for the rest; the schema then checks each list's own limit."""
+        lim = self._limits
+        return 110 * lim.max_batch + 9 * 1000 + lim.max_header_count + 2000
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -231,14 +240,28 @@ class InjectionApi:
     async def _read(self, request: web.Request) -> Any:
         if request.content_type != "application/json":
             raise Problem(415, "send application/json")
+        raw = await self._body(request)
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            raise Problem(413, f"request larger than {self.max_request_bytes} bytes") from exc
-        try:
-            return json.loads(raw)
+            return loads_bounded(raw, self.max_json_values)
+        except TooManyValues as exc:
+            raise Problem(413, str(exc)) from exc
         except (ValueError, RecursionError) as exc:
             raise Problem(400, f"malformed JSON: {str(exc)[:200]}") from exc
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request's bytes, at most `max_request_bytes`, read here rather than by
+        aiohttp's `read`, whose limit is the application's: the admin endpoint's (1 MiB,
+        for its own routes) where the API is served there too."""
+        limit = self.max_request_bytes
+        too_large = Problem(413, f"request larger than {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
 
     def _take(self, principal: Any, name: str, n: int) -> None:
         per_min = principal.api_rate_per_min if isinstance(principal, Principal) else 6000

@@ -295,3 +295,35 @@ def test_a_keyed_retry_maps_each_message_to_its_first_id_after_a_suppression(
             (second,) = again["messages"]
             assert second["recipients"] == ["second@x.test"] and second["duplicate"]
             assert second["queue_id"] == ids["second@x.test"]
+
+
+def test_a_request_of_millions_of_json_values_is_refused_and_the_leader_keeps_leading(
+    tmp_path: Path,
+) -> None:
+    # 20 MiB of [[],[],...]: json.loads built ~7 million lists in C for three seconds
+    # without letting the Raft thread run, and the leader lost its leadership to it.
+    port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        sink = host.add("receiver", socks["127.0.0.1"])
+        c, tokens = _cluster(tmp_path, port)
+        api_ports = [_free_port() for _ in c.nodes]
+        for node, api_port in zip(c.nodes, api_ports, strict=True):
+            node.extra_args += ["--api-addr", f"127.0.0.1:{api_port}"]
+        with c:
+            lead = c.leader()
+            term = c.status(lead)["term"]
+            hostile = b"[" + b"[]," * (20 * 1024 * 1024 // 3) + b"[]]"
+            api = f"http://127.0.0.1:{api_ports[lead]}/v1/messages"
+            status, answer, _ = post_json(api, None, tokens["app"], raw=hostile, timeout_s=60)
+            assert status == 413 and "values" in answer["detail"], (status, answer)
+            # A big message fits on the admin endpoint too (its own routes take 1 MiB).
+            words = "lorem ipsum, dolor sit amet\n" * 80_000  # 2.2 MB
+            doc = {
+                "raw": f"From: a@shop.test\nSubject: big\n\n{words}",
+                "envelope": {"from": "a@shop.test", "to": ["z@x.test"]},
+            }
+            admin_api = f"{c.nodes[lead].admin_url}/v1/messages"
+            status, answer, _ = post_json(admin_api, doc, tokens["app"], timeout_s=60)
+            assert status == 200, answer
+            assert (c.leader(), c.status(lead)["term"]) == (lead, term)
+            _delivered(c, sink, 1)
