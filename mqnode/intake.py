@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from mqnode.errors import BackpressureError, NoLeaderError, SubmitError
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
+from mqnode.signing.signing_process import AWAY_FROM_BYTES
 from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
@@ -90,6 +91,10 @@ class Intake:
         self._node_id = node_id
         self._hostname = hostname
         self.signer = signer  # None or no keys: nothing is signed (a reload replaces it)
+        # Where a body of AWAY_FROM_BYTES or more is signed instead, with the same keys:
+        # the node's child process (signing/signing_process.py); None: here.
+        self.sign_away: Callable[[bytes, int], Awaitable[tuple[bytes, tuple[str, ...]]]] | None
+        self.sign_away = None
         self.events: EventLog | None = None
         self.dkim_signed: dict[str, int] = {}  # messages signed, by signing domain
         self.dkim_failed = 0  # messages refused because signing failed
@@ -113,7 +118,10 @@ class Intake:
             # After the idempotency key (a retry is the same message) and the Message-ID
             # (which is signed); t= is the receive time this command carries.
             try:
-                signatures, signed_by = self.signer.sign(body, now_ms // 1000)
+                if self.sign_away is not None and len(body) >= AWAY_FROM_BYTES:
+                    signatures, signed_by = await self.sign_away(body, now_ms // 1000)
+                else:
+                    signatures, signed_by = self.signer.sign(body, now_ms // 1000)
             except SigningError as exc:
                 self.dkim_failed += 1
                 log.error("refused message from %s: %s", sub.client, exc)

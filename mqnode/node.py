@@ -59,6 +59,7 @@ from mqnode.raft.member_lists import (
 from mqnode.restore import PENDING_AUDIT
 from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.signing.keys import KeySet
+from mqnode.signing.signing_process import SigningProcess
 from mqnode.smtp.front import InProcessFront, build_ingress, ingress_limits
 from mqnode.smtp.handler import client_limits
 from mqnode.smtp.worker_pool import WorkerPool
@@ -208,6 +209,8 @@ class Node:
         self._lists = ListWatch()  # member lists that disagree with the leader's
         self._store: QueueStore | None = None
         self._signer = DkimSigner(KeySet([]))  # the node's own reports' signer (run builds it)
+        # Big messages accepted in this process are signed in a child (a reload renews it).
+        self._signing = SigningProcess(self.cfg)
         self._bounces = BounceClassifier.load()  # run loads the operator's rules too
         self._suppression_count, self._suppression_count_at = 0, float("-inf")
         self._principals = Principals({}, "")  # run loads them (principals_file, admin token)
@@ -352,6 +355,7 @@ class Node:
             events.close()
             await pipeline.stop()
             await api.stop()
+            self._signing.close()
             await admin.stop()
             await asyncio.to_thread(raft.stop)
             store.close()
@@ -403,6 +407,7 @@ class Node:
         if not cfg.smtp_workers:
             ingress = build_ingress(cfg, gate, self.clock, self._rng.randbytes, store.fill_ratio)
             ingress.intake.sizes = gate.entry_sizes
+            ingress.intake.sign_away = self._signing.sign
             return InProcessFront(cfg, ingress)
         limits = client_limits(ingress_limits(cfg), self.clock)
         pool = WorkerPool(cfg, gate, limits, store.fill_ratio, self.clock)
@@ -628,6 +633,7 @@ class Node:
         signer = DkimSigner.from_config(dataclasses.replace(self.cfg, **settings))
         self.cfg = dataclasses.replace(self.cfg, **settings)
         self._signer = signer
+        self._signing.reload(self.cfg)
         if self._front is not None:
             self._front.set_dkim(settings)
         if self._api_intake is not None:
@@ -672,6 +678,7 @@ class Node:
         )
         intake.events = events
         intake.sizes = self._gate.entry_sizes
+        intake.sign_away = self._signing.sign
         limits = Limits(
             cfg.max_message_bytes,
             cfg.max_recipients,
