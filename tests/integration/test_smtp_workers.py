@@ -21,34 +21,11 @@ import pytest
 from tests.support.checks import assert_acked_once, offer_ok
 from tests.support.cli import RunCli
 from tests.support.cluster import FAST_TUNING, Cluster, http_get
+from tests.support.procs import alive, children
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 WORKERS = ("--smtp-workers", "2")
-
-
-def children(pid: int) -> list[int]:
-    """PIDs whose parent is `pid` (the node's SMTP workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def node_pid(c: Cluster, i: int) -> int:

@@ -20,6 +20,7 @@ from mqnode.config import NodeConfig
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.keys import DkimKey, keygen
 from mqnode.signing.signing_process import SigningProcess
+from tests.support.procs import alive
 
 LINE = b"The quick brown fox jumps over the lazy dog, again and again.  \r\n"
 
@@ -134,17 +135,9 @@ def test_the_child_exits_with_the_node(key: DkimKey, tmp_path: Path) -> None:
             parent.kill()  # kill -9: no chance to stop its child
             parent.wait(timeout=10)
             deadline = time.monotonic() + 10
-            while _alive(child) and time.monotonic() < deadline:
+            while alive(child) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert not _alive(child), "the signing process outlived the node"
+            assert not alive(child), "the signing process outlived the node"
         finally:
             if parent.poll() is None:
                 parent.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
