@@ -256,12 +256,14 @@ class InjectionApi:
         too_large = Problem(413, f"request larger than {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             raise too_large
-        body = bytearray()
+        chunks: list[bytes] = []
+        held = 0
         async for chunk in request.content.iter_chunked(256 * 1024):
-            body += chunk
-            if len(body) > limit:
+            chunks.append(chunk)
+            held += len(chunk)
+            if held > limit:
                 raise too_large
-        return bytes(body)
+        return b"".join(chunks)  # one copy of the body, not two
 
     def _take(self, principal: Any, name: str, n: int) -> None:
         per_min = principal.api_rate_per_min if isinstance(principal, Principal) else 6000
