@@ -59,6 +59,7 @@ from aiohttp import web
 
 from mqnode.access.policy import guard, unassigned
 from mqnode.access.principals import Principals
+from mqnode.admin.json_body import json_body
 from mqnode.admin.metrics import NodeMetrics
 from mqnode.admin.readiness import Readiness, assess
 from mqnode.admin.selection import Filter, select_ids, select_messages
@@ -297,7 +298,7 @@ class AdminServer:
         if op not in (*QUEUE_OPS, "bounce"):
             return web.json_response({"error": f"unknown operation {op!r}"}, status=404)
         try:
-            body = await request.json()
+            body = await json_body(request)
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
             ids = body.get("ids")
@@ -370,7 +371,7 @@ class AdminServer:
 
     async def _transfer(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json() if request.body_exists else {}
+            body = await json_body(request) if request.body_exists else {}
             target = body.get("to") if isinstance(body, dict) else None
             if target is not None:
                 if not isinstance(target, str):
@@ -406,7 +407,7 @@ class AdminServer:
     async def _change_membership(self, request: web.Request) -> web.Response:
         op = membership_rules.ADD if request.path.endswith("/add-node") else membership_rules.REMOVE
         try:
-            body = await request.json()
+            body = await json_body(request)
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
             addr = membership_rules.check_addr(body.get("addr"))
@@ -452,15 +453,21 @@ class AdminServer:
         return web.json_response({"ok": True})
 
     async def _partition(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        blocked = body.get("block", [])
+        try:
+            body = await json_body(request)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        blocked = body.get("block", []) if isinstance(body, dict) else None
         if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
             return web.json_response({"error": "block must be a list of host:port"}, status=400)
         self._raft.set_partition(blocked)
         return web.json_response({"blocked": blocked})
 
     async def _reset(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = await json_body(request)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         peers = body.get("peers", []) if isinstance(body, dict) else None
         if not isinstance(peers, list) or not all(isinstance(b, str) for b in peers):
             return web.json_response({"error": "peers must be a list of host:port"}, status=400)

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mqnode.admin.json_body import json_body
 from mqnode.clock import Clock
 from mqnode.errors import ConfigError, SubmitError
 from mqnode.raft.commit_pipeline import Replicator
@@ -60,7 +61,7 @@ class ShapingRoutes:
 
     async def _apply(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
+            body = await json_body(request)
             text = body.get("text") if isinstance(body, dict) else None
             if not isinstance(text, str) or len(text.encode()) > MAX_RULES_BYTES:
                 raise ValueError(

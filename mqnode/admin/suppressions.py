@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mqnode.admin.json_body import json_body
 from mqnode.clock import Clock
 from mqnode.errors import SubmitError
 from mqnode.raft.commit_pipeline import Replicator
@@ -131,7 +132,7 @@ class SuppressionRoutes:
         self, request: web.Request, op: str, build: Callable[[dict[str, Any]], Entry]
     ) -> web.Response:
         try:
-            body = await request.json()
+            body = await json_body(request)
             items = body.get("entries") if isinstance(body, dict) else None
             if not isinstance(items, list) or len(items) > MAX_ENTRIES_PER_REQUEST:
                 raise ValueError(

@@ -270,3 +270,27 @@ def test_transfer_leadership_to_a_malformed_address_is_a_client_error(target: Ta
     assert c.wait_for_leader() == lead  # no transfer happened
     log = c.nodes[lead].log_path.read_text(errors="replace")
     assert "raft tick failed" not in log, c.nodes[lead].log_tail(40)
+
+
+def test_a_body_of_too_many_json_values_is_refused_and_the_leader_keeps_leading(
+    target: Target,
+) -> None:
+    """Under the 1 MiB body limit, 340,000 empty lists: refused with 400 before they are
+    built (admin/json_body.py), on every route that reads JSON; the term does not move."""
+    c = target.cluster
+    lead = c.wait_for_leader()
+    term = int(c.status(lead)["term"])
+    port = c.nodes[lead].admin_port
+    many = b"[" + b",".join([b"[]"] * 340_000) + b"]"
+    bodies = {
+        "/queue/hold": b'{"ids": ' + many + b"}",
+        "/suppressions/add": b'{"entries": ' + many + b"}",
+        "/raft/add-node": b'{"addr": ' + many + b"}",
+        "/shaping": b'{"text": ' + many + b"}",
+    }
+    for path, body in bodies.items():
+        assert len(body) < 1024 * 1024
+        status, text = _request(port, "POST", path, _auth_header("valid"), body)
+        assert status == 400 and b"values" in text, (path, status, text[:200])
+    assert c.wait_for_leader() == lead
+    assert int(c.status(lead)["term"]) == term
