@@ -35,7 +35,7 @@ from tests.support.chaos import (
     power_loss,
     run_scenario,
 )
-from tests.support.cluster import FAST_TUNING, Cluster, free_ports
+from tests.support.cluster import FAST_TUNING, STEADY_TUNING, Cluster, free_ports
 
 pytestmark = pytest.mark.fault
 
@@ -139,7 +139,7 @@ def test_a_cut_off_follower_comes_back_without_an_election(tmp_path: Path, cut: 
     it, the follower came back at term 9 and deposed a healthy leader ("from-all"), or won
     an election through the other follower while the old leader still led ("from-leader-
     only"): an election, and 451s to SMTP clients, each time."""
-    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection")) as c:
+    with Cluster(tmp_path, extra_args=(*STEADY_TUNING, "--fault-injection")) as c:
         lead = c.leader()
         term = int(c.status(lead)["term"])
         cut_off, other = [i for i in range(3) if i != lead]
@@ -149,7 +149,7 @@ def test_a_cut_off_follower_comes_back_without_an_election(tmp_path: Path, cut: 
             post_json(c, j, "/fault/partition", {"block": [c.nodes[cut_off].raft_addr]})
         seen = []
         try:
-            for _ in range(12):  # 2.4 s: four to eight election timeouts of FAST_TUNING
+            for _ in range(25):  # 5 s: two and a half to five election timeouts
                 time.sleep(0.2)
                 seen.append([(s["role"], int(s["term"])) for s in map(c.status, range(3))])
         finally:
@@ -171,7 +171,7 @@ def test_a_flapping_link_to_the_leader_causes_no_election(tmp_path: Path) -> Non
     again and again while the leader lives (15 resets in ~4.5 s, under load) must cost
     no election: pre-vote makes the other follower and the leader refuse, so the term
     never moves and every message offered is answered 250 (staged)."""
-    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--fault-injection")) as c:
+    with Cluster(tmp_path, extra_args=(*STEADY_TUNING, "--fault-injection")) as c:
         lead = c.leader()
         term = int(c.status(lead)["term"])
         flapping = next(i for i in range(3) if i != lead)

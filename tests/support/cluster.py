@@ -64,6 +64,20 @@ FAST_TUNING: tuple[str, ...] = (
     "3000",
 )
 
+# For tests that assert no election happens: a leader whose process is starved of CPU
+# for a third of a second (two cores shared with a parallel test run) would otherwise
+# lose a legitimate election under FAST_TUNING and fail a test about something else.
+STEADY_TUNING: tuple[str, ...] = (
+    "--election-timeout-min-ms",
+    "1000",
+    "--election-timeout-max-ms",
+    "2000",
+    "--heartbeat-ms",
+    "100",
+    "--commit-timeout-ms",
+    "3000",
+)
+
 # Small limits, so 552/452 are cheap to provoke (the 5 MiB test body still fits).
 TEST_MAX_MESSAGE_BYTES = 5 * 1024 * 1024 + 64 * 1024
 TEST_MAX_RECIPIENTS = 5
