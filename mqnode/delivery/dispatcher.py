@@ -249,12 +249,15 @@ class Dispatcher:
 
     async def run(self) -> None:
         renew = asyncio.create_task(self._renew_loop(), name="lease-renew")
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                # A timer that wakes the loop, not asyncio.wait_for (a task per scan).
+                timer = loop.call_later(self._s.scan_interval_s, self._wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self._s.scan_interval_s)
-                except TimeoutError:
-                    pass
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
                 self._wake.clear()
                 try:
                     await self._scan()
@@ -318,12 +321,25 @@ class Dispatcher:
         waited_out = lease.waited_out()
         picked: dict[str, tuple[str, ...]] = {}  # queue id -> its destinations
         planned: dict[str, int] = {}
+        known_full: set[tuple[str, ...]] = set()  # full stays full for the rest of the scan
 
         def full(dests: tuple[str, ...]) -> bool:
-            return any(
+            if dests in known_full:
+                return True
+            if any(
                 self._claimed_for.get(d, 0) + planned.get(d, 0) >= room or self.shaper.blocked(d)
                 for d in dests
-            )
+            ):
+                known_full.add(dests)
+                return True
+            return False
+
+        # With a relay host all mail has one destination: once it is full (and not
+        # suspended, whose mail the scan defers) no message in the index can be taken, and
+        # reading on (the claimed ones at its head, then `examined` more) is wasted.
+        relay = (self._router.nexthop(""),) if self._router.one_destination else None
+        if relay is not None and full(relay) and relay[0] not in self._suspended:
+            return
 
         if len(self._dests_seen) > DESTS_SEEN_MAX:
             self._dests_seen.clear()
@@ -366,11 +382,13 @@ class Dispatcher:
                     defer_now.append(msg)
                     continue
                 if full(dests):
+                    if relay is not None:
+                        break  # the one destination: nothing further can be taken
                     continue  # that destination has enough waiting here: look further
                 picked[msg.queue_id] = dests
                 for d in dests:
                     planned[d] = planned.get(d, 0) + 1
-                if len(picked) >= free:
+                if len(picked) >= free or (relay is not None and full(relay)):
                     break
         if deep or self.shaper.active:
             self._domain_cursor = stopped[0] if stopped else ""

@@ -783,16 +783,21 @@ class QueueStore:
         messages are yielded and `max_examined` index entries read. Consume it
         without awaiting in between: it holds a read transaction.
         """
+        # Keys only, and the time compared as the key's first 8 bytes (big-endian, so
+        # they sort as the number): the dispatcher's scans pass over the messages it has
+        # in flight at the index's head every time.
+        end = U64.pack(now_ms + 1)
         with self._lock, self._env.begin(write=False) as txn:
             given = 0
-            for examined, (key, _) in enumerate(txn.cursor(db=self._due).iternext(), 1):
-                if U64.unpack(key[:8])[0] > now_ms or given >= limit:
+            keys = txn.cursor(db=self._due).iternext(keys=True, values=False)
+            for examined, key in enumerate(keys, 1):
+                if key >= end or given >= limit:
                     break
                 if max_examined is not None and examined > max_examined:
                     break
-                qid = bytes(key[8:]).decode()
+                qid = key[8:].decode()
                 if qid not in skip:
-                    raw = txn.get(bytes(key[8:]), db=self._msgs)
+                    raw = txn.get(key[8:], db=self._msgs)
                     if raw is not None:
                         given += 1
                         yield self.decoded(bytes(raw), qid)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -700,6 +701,41 @@ def test_with_a_relay_host_scans_never_run_deep(store: QueueStore) -> None:
         assert len(h.d._dests_seen) <= len(h.d._in_flight) + 2 * h.d._s.batch
         h.agent.release.set()
         await h.finish()
+
+    asyncio.run(run())
+
+
+def test_with_a_relay_host_a_scan_stops_once_the_relay_is_full(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One destination: once its claim window is full nothing further in the index can be
+    taken. The scan stops there, and while it stays full the next scan reads nothing
+    (each read on over the claimed head and a batch more, every time a slot freed)."""
+
+    async def run() -> None:
+        h = Harness(store, concurrency=4, per_destination=1, relay=True)
+        backlog = 3 * h.d._s.batch
+        h.queue(backlog, "a.test")
+        h.agent.release.clear()
+        await h.d._scan()
+        await h.settle()
+        room = h.d._s.concurrency * CLAIM_AHEAD
+        assert len(h.d._in_flight) == room
+        assert len(h.d._dests_seen) == room, "read on past the full relay"
+        reads: list[int] = []
+        real = store.iter_due
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            reads.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(store, "iter_due", counting)
+        await h.d._scan()
+        assert reads == [], "scanned the index while the relay was full"
+        h.agent.release.set()
+        await h.drain(2 * backlog // room)
+        assert len(h.agent.sent) == backlog
+        assert reads, "no scan once the relay had room again"
 
     asyncio.run(run())
 
