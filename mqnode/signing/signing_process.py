@@ -1,4 +1,4 @@
-"""SigningProcess: DKIM signing of big messages in a child process of the node.
+"""SigningProcess: DKIM signing of big messages in a child process.
 
 dkimpy canonicalizes a body with regular expressions over all of it, and
 Python's `re` keeps the GIL through each call: signing 25 MiB took 2.1 s, in
@@ -9,12 +9,13 @@ cost the leader its leadership, and its event loop stood still throughout.
 
 So the node signs bodies of `AWAY_FROM_BYTES` or more in one child process,
 with the same dkim_* settings (read again at a reload), and smaller ones in
-place (1 MiB: ~90 ms, its longest hold of the GIL ~50 ms). The child is
-spawned, not forked (the node has threads, whose locks a fork would copy),
-when the first big message comes; it exits when the node does (it watches its
-parent), and a child that dies is replaced at the next message, the message
-in hand refused with 451 (SigningError). SMTP workers sign in place: they are
-processes of their own, with no Raft thread.
+place (1 MiB: ~90 ms, its longest hold of the GIL ~50 ms). An SMTP worker has
+no Raft thread, but in place a 25 MiB body held its event loop, and so every
+session on it, for the whole two seconds: each worker has a child of its own.
+The child is spawned, not forked (the node has threads, whose locks a fork
+would copy), when the first big message comes; it exits when its parent does
+(it watches it), and a child that dies is replaced at the next message, the
+message in hand refused with 451 (SigningError).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ with the key looked up in that DNS server.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from tests.support.chaos import post_json
 from tests.support.cli import run_cli
 from tests.support.cluster import ADMIN_TOKEN, FAST_TUNING, Cluster
 from tests.support.dnsserver import DnsServer
+from tests.support.procs import children
 from tests.support.smtp import submit
 from tests.support.smtpsink import SinkHost, bind_common_port
 
@@ -117,9 +119,10 @@ def test_delivered_mail_verifies_with_both_keys(
                 "Message-ID: <8bit@signer.test>\r\n\r\ncafé crème\r\n".encode(),
                 "large": b"From: A <a@signer.test>\r\nTo: r@example.net\r\nSubject: big\r\n"
                 b"Message-ID: <large@signer.test>\r\n\r\n" + b"0123456789" * 7 + b"\r\n" * 1
-                + base64.encodebytes(os.urandom(760_000)).replace(b"\n", b"\r\n"),
-                # ~1 MiB that does not compress: replicated as chunks (the 5 MiB of text
-                # in the leader-kill test below is deflated where it is accepted)
+                + base64.encodebytes(os.urandom(800_000)).replace(b"\n", b"\r\n"),
+                # Over 1 MiB that does not compress: replicated as chunks (the 5 MiB of
+                # text in the leader-kill test below is deflated where it is accepted),
+                # and signed in a child process (signing/signing_process.py)
                 "unsigned": b"From: B <b@other.test>\r\nTo: r@example.net\r\nSubject: no\r\n"
                 b"Message-ID: <unsigned@other.test>\r\n\r\nno key for this domain\r\n",
             }  # fmt: skip
@@ -129,6 +132,8 @@ def test_delivered_mail_verifies_with_both_keys(
                     node.host, node.smtp_port, "a@signer.test", ["r@example.net"], body
                 )
                 assert code == 250, text
+            if workers:  # the large one was signed in its worker's child
+                assert _workers_signing_children(c), "no SMTP worker has a signing process"
             # The HTTP API signs with the same keys (intake.py, as SMTP).
             api = {
                 "from": "a@signer.test",
@@ -186,6 +191,19 @@ def test_delivered_mail_verifies_with_both_keys(
     for name in ("api", "api-big"):
         d = dkim.DKIM(by_id[f"<{name}@signer.test>"])
         assert [d.verify(idx=i, dnsfunc=verify) for i in range(2)] == [True, True], name
+
+
+def _workers_signing_children(c: Cluster) -> list[int]:
+    """Processes that multiprocessing spawned for the nodes' SMTP workers."""
+    found = []
+    for node in c.nodes:
+        assert node.proc is not None
+        for worker in children(node.proc.pid):
+            for child in children(worker):
+                with contextlib.suppress(OSError):
+                    if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        found.append(child)
+    return found
 
 
 def _status_key_sets(c: Cluster) -> set[str]:
