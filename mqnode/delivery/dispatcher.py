@@ -76,7 +76,8 @@ whose destination is full costing one seek however long its backlog, up to
 DEEP_SCAN_ENTRIES entries and seeks and DEEP_SCAN_DECODES decodes. So mail
 behind a backlog for busy destinations (a newsletter to one domain) goes
 within about a second instead of after the backlog, at any backlog size.
-With a relay host (one destination) scans never run deep. With traffic
+With a relay host (one destination) scans never run deep, and read nothing
+while the relay has its claim window's worth claimed. With traffic
 shaping rules every scan goes domain by domain: a paced or suspended site's
 domains are jumped over, and its backlog, due ahead of other mail for as long
 as it drains, never stands in front of other sites' mail.
