@@ -4,7 +4,8 @@ The admin endpoint takes at most 1 MiB (aiohttp's `client_max_size`), which
 `json.loads` could still turn into some 350,000 values in one C call that holds
 the GIL (api/bounded_json.py says why that matters to Raft's tick thread). The
 largest legitimate admin body is a suppression write of 10,000 entries (about
-70,000 values), so the bound sits above it.
+70,000 values with the fields the route reads), so the bound leaves room for
+entries carrying twice as many fields besides.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from mqnode.api.bounded_json import loads_bounded
 
-MAX_VALUES = 100_000
+MAX_VALUES = 200_000
 
 
 async def json_body(request: web.Request) -> Any:

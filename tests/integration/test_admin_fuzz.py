@@ -294,3 +294,12 @@ def test_a_body_of_too_many_json_values_is_refused_and_the_leader_keeps_leading(
         assert status == 400 and b"values" in text, (path, status, text[:200])
     assert c.wait_for_leader() == lead
     assert int(c.status(lead)["term"]) == term
+    # The largest legitimate body stays well under the bound: 10,000 suppression entries.
+    entries = [
+        {"target": f"s{k}@x.test", "reason": "r", "source": "import", "expires_ms": 0}
+        for k in range(10_000)
+    ]
+    body = json.dumps({"entries": entries}).encode()
+    assert len(body) < 1024 * 1024
+    status, text = _request(port, "POST", "/suppressions/add", _auth_header("valid"), body)
+    assert status == 200, (status, text[:200])
