@@ -795,9 +795,10 @@ class QueueStore:
                     break
                 if max_examined is not None and examined > max_examined:
                     break
-                qid = key[8:].decode()
+                raw_id = key[8:]
+                qid = raw_id.decode()
                 if qid not in skip:
-                    raw = txn.get(key[8:], db=self._msgs)
+                    raw = txn.get(raw_id, db=self._msgs)
                     if raw is not None:
                         given += 1
                         yield self.decoded(bytes(raw), qid)
