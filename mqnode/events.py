@@ -56,6 +56,11 @@ class EventLog:
             self._out = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
             self._owned = True
 
+    @property
+    def active(self) -> bool:
+        """Whether events go anywhere: callers skip work spent only on an event's fields."""
+        return self._out is not None or bool(self._webhook_url)
+
     def emit(self, event: str, queue_id: str, **fields: Any) -> None:
         if self._out is None and not self._webhook_url:
             return

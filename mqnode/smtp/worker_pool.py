@@ -354,9 +354,11 @@ class WorkerPool:
             link.send([FAILED, rid, "submit", f"bad command from worker: {exc}"])
             return
         enqueue = cmd if isinstance(cmd, Enqueue) else None
-        if enqueue is not None and self.events is not None:
+        events = self.events if self.events is not None and self.events.active else None
+        if enqueue is not None and events is not None:
+            # The header is searched (a deflated body's inflated) for the event alone.
             signed = tuple(signing_domains(_header_part(enqueue))) if enqueue.body else ()
-            emit_received(self.events, enqueue, signed)
+            emit_received(events, enqueue, signed)
         try:
             result = await self._submitter.submit(cmd)
         except SubmitError as exc:
@@ -367,8 +369,8 @@ class WorkerPool:
             link.send([FAILED, rid, "submit", "internal error, try again later"])
             return
         queued = enqueue is not None and result[0] in ("queued", "duplicate")
-        if queued and self.events is not None:
-            emit_committed(self.events, result)
+        if queued and events is not None:
+            emit_committed(events, result)
         link.send([RESULT, rid, result[0], result[1]])
 
 
