@@ -1,6 +1,6 @@
 """The bench suite: mqnode against Postfix and the Python SMTP ceiling, side by side in one run.
 
-    python -m bench [--full] [--record]
+    python -m bench [--full] [--record] [--baseline-tree DIR]
         [--only accept,e2e,latency,failover,sessions,scaling,paired,paired-e2e,paired-dkim,
          paired-suppression,shaping,paired-api,cost,deep,paired-large]
 
@@ -17,7 +17,8 @@ paired-dkim's reference the `opendkim` daemon; without them they are skipped
 with the reason in the table. Everything runs on
 127.0.0.1; every load is bounded in count and time; every process started is
 stopped by PID. The machines are shared and noisy: read the ratios, not the
-absolute numbers.
+absolute numbers. `--baseline-tree` adds an older checkout to the paired
+rounds: a regression check that does not move with the machine.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench import paired, paired_api, paired_dkim, paired_suppression, postfix, report
+from bench.plan import Baseline
 from bench.runners import Row
 from bench.workloads import FULL, QUICK, WORKLOADS, Plan, run
 
@@ -47,8 +49,8 @@ def planned_steps(plan: Plan, names: list[str]) -> int:
         "failover": plan.failover_rounds,
         "sessions": 2 + len(plan.session_counts),
         "scaling": len(plan.scaling_sizes) + len(plan.node_counts),
-        "paired": plan.paired_rounds * len(paired.SYSTEMS),
-        "paired-e2e": plan.paired_rounds * len(paired.E2E_SYSTEMS),
+        "paired": plan.paired_rounds * len(paired.systems(plan)),
+        "paired-e2e": plan.paired_rounds * len(paired.e2e_systems(plan)),
         "paired-dkim": plan.paired_rounds * len(paired_dkim.SYSTEMS),
         "paired-suppression": plan.paired_rounds * len(paired_suppression.SYSTEMS),
         "shaping": 2,
@@ -81,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="messages queued for the paced site in the shaping workload (full: 100000)",
     )
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        metavar="DIR",
+        help="an older mqnode checkout (git worktree) that paired and paired-e2e also measure "
+        "in every round, each ratio to it taken within the round",
+    )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
@@ -89,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = FULL if args.full else QUICK
     if args.shaping_backlog > 0:
         plan = dataclasses.replace(plan, shaping_backlog=args.shaping_backlog)
+    if args.baseline_tree is not None:
+        plan = dataclasses.replace(plan, baseline=Baseline.at(args.baseline_tree.resolve()))
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     meta = report.machine_meta(plan.mode, started)

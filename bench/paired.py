@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import postfix
-from bench.plan import KIB, SMTP_SOURCE, WORKERS, Plan, Results, Step, bench_cluster
+from bench.plan import KIB, SMTP_SOURCE, WORKERS, Baseline, Plan, Results, Step, bench_cluster
 from bench.runners import HOST, Row, null_server
 from tests.support.cluster import free_ports
 
@@ -44,6 +44,9 @@ IN_WORKERS = "mqnode 3 nodes, 2 smtp workers, to leader"
 SINGLE = "mqnode 1 node, no replication, 2 smtp workers"
 POSTFIX = "Postfix accept"
 SYSTEMS = (NULL, IN_NODE, IN_WORKERS, SINGLE, POSTFIX)
+# With --baseline-tree, a sixth: that older checkout with 2 smtp workers (Baseline).
+BASELINE = "mqnode {commit}, 3 nodes, 2 smtp workers, to leader"
+E2E_BASELINE = "mqnode {commit}, 3 nodes, 2 smtp workers, delivered to sink"
 E2E_IN_NODE = "mqnode 3 nodes, delivered to sink"
 E2E_IN_WORKERS = "mqnode 3 nodes, 2 smtp workers, delivered to sink"
 POSTFIX_E2E = "Postfix end to end"
@@ -58,13 +61,36 @@ E2E_SYSTEMS = (E2E_IN_NODE, E2E_IN_WORKERS, POSTFIX_E2E)
 WARMUP_CHUNKS = 2
 
 
+def systems(plan: Plan) -> tuple[str, ...]:
+    """paired's systems: with a baseline tree, that checkout's row too."""
+    if plan.baseline is None:
+        return SYSTEMS
+    return (*SYSTEMS, BASELINE.format(commit=plan.baseline.commit))
+
+
+def e2e_systems(plan: Plan) -> tuple[str, ...]:
+    """paired-e2e's systems: with a baseline tree, that checkout's row too."""
+    if plan.baseline is None:
+        return E2E_SYSTEMS
+    return (*E2E_SYSTEMS, E2E_BASELINE.format(commit=plan.baseline.commit))
+
+
+def _baseline_refs(plan: Plan, name: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The baseline row as a reference of its own ("x <commit>"), if there is one."""
+    if plan.baseline is None:
+        return (), {}
+    row = name.format(commit=plan.baseline.commit)
+    return (row,), {row: f"x {plan.baseline.commit}"}
+
+
 def paired(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
     def measure(name: str, messages: int, row: Row, base: Path) -> float:
         if name == POSTFIX:  # the disk it fsyncs every queue file to, for the record
             row.extra["fsync/s, 20 threads"] = round(fsync_rate())
         return _measure(name, plan, base, messages)
 
-    rounds("paired", SYSTEMS, measure, plan, tmp, step, out, (POSTFIX, NULL))
+    refs, labels = _baseline_refs(plan, BASELINE)
+    rounds("paired", systems(plan), measure, plan, tmp, step, out, (POSTFIX, NULL, *refs), labels)
 
 
 def paired_e2e(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
@@ -72,15 +98,23 @@ def paired_e2e(plan: Plan, tmp: Path, step: Step, out: Results) -> None:
         if name == POSTFIX_E2E:
             _, e2e = postfix.measure_postfix(messages, plan.sessions, KIB, max_s=plan.max_s)
             return e2e.rate
-        workers = name == E2E_IN_WORKERS
+        old = name not in E2E_SYSTEMS  # the baseline's row
+        workers = old or name == E2E_IN_WORKERS
         got, span = mqnode_end_to_end(
-            base / ("workers" if workers else "node"), messages, plan, workers
+            base / ("baseline" if old else "workers" if workers else "node"),
+            messages,
+            plan,
+            workers,
+            plan.baseline if old else None,
         )
         if got < messages:
             raise postfix.PostfixBenchError(f"smtp-sink got {got} of {messages} in time")
         return got / span
 
-    rounds("paired-e2e", E2E_SYSTEMS, measure, plan, tmp, step, out, (POSTFIX_E2E,))
+    refs, labels = _baseline_refs(plan, E2E_BASELINE)
+    rounds(
+        "paired-e2e", e2e_systems(plan), measure, plan, tmp, step, out, (POSTFIX_E2E, *refs), labels
+    )
 
 
 Measure = Callable[[str, int, Row, Path], float]
@@ -123,8 +157,11 @@ def rounds(
     out.rows += summary(rates, params, workload, refs, labels)
 
 
-def mqnode_end_to_end(base: Path, messages: int, plan: Plan, workers: bool) -> tuple[int, float]:
-    """smtp-source into a fresh 3-node cluster's leader, relay host a loopback smtp-sink.
+def mqnode_end_to_end(
+    base: Path, messages: int, plan: Plan, workers: bool, baseline: Baseline | None = None
+) -> tuple[int, float]:
+    """smtp-source into a fresh 3-node cluster's leader (on `baseline`'s code if given),
+    relay host a loopback smtp-sink.
 
     Returns (messages the sink got, seconds from smtp-source's start until it had
     them all, or until `plan.max_s` after smtp-source ended). Raises
@@ -134,7 +171,7 @@ def mqnode_end_to_end(base: Path, messages: int, plan: Plan, workers: bool) -> t
     extra = WORKERS if workers else ()
     with (
         postfix.smtp_sink(port) as sink,
-        bench_cluster(base, 3, relay=f"{HOST}:{port}", extra=extra) as c,
+        bench_cluster(base, 3, relay=f"{HOST}:{port}", extra=extra, baseline=baseline) as c,
     ):
         before = sink.received()
         t0 = time.monotonic()
@@ -188,9 +225,11 @@ def _measure(name: str, plan: Plan, base: Path, messages: int) -> float:
         port = free_ports(1)[0]
         with null_server(port, uvloop=True):
             return through(port)
-    extra = WORKERS if name in (IN_WORKERS, SINGLE) else ()
+    old = plan.baseline if name not in SYSTEMS else None
+    extra = WORKERS if name in (IN_WORKERS, SINGLE) or old is not None else ()
     nodes = 1 if name == SINGLE else 3
-    with bench_cluster(base / name.replace(" ", "-").replace(",", ""), nodes, extra=extra) as c:
+    where = base / name.replace(" ", "-").replace(",", "")
+    with bench_cluster(where, nodes, extra=extra, baseline=old) as c:
         return through(c.nodes[c.leader()].smtp_port)
 
 
