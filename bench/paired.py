@@ -61,25 +61,28 @@ E2E_SYSTEMS = (E2E_IN_NODE, E2E_IN_WORKERS, POSTFIX_E2E)
 WARMUP_CHUNKS = 2
 
 
+def _baseline_row(plan: Plan, template: str) -> str | None:
+    """The name of the baseline checkout's row (`template` with its commit), if any."""
+    return None if plan.baseline is None else template.format(commit=plan.baseline.commit)
+
+
 def systems(plan: Plan) -> tuple[str, ...]:
     """paired's systems: with a baseline tree, that checkout's row too."""
-    if plan.baseline is None:
-        return SYSTEMS
-    return (*SYSTEMS, BASELINE.format(commit=plan.baseline.commit))
+    row = _baseline_row(plan, BASELINE)
+    return SYSTEMS if row is None else (*SYSTEMS, row)
 
 
 def e2e_systems(plan: Plan) -> tuple[str, ...]:
     """paired-e2e's systems: with a baseline tree, that checkout's row too."""
-    if plan.baseline is None:
-        return E2E_SYSTEMS
-    return (*E2E_SYSTEMS, E2E_BASELINE.format(commit=plan.baseline.commit))
+    row = _baseline_row(plan, E2E_BASELINE)
+    return E2E_SYSTEMS if row is None else (*E2E_SYSTEMS, row)
 
 
-def _baseline_refs(plan: Plan, name: str) -> tuple[tuple[str, ...], dict[str, str]]:
+def _baseline_refs(plan: Plan, template: str) -> tuple[tuple[str, ...], dict[str, str]]:
     """The baseline row as a reference of its own ("x <commit>"), if there is one."""
-    if plan.baseline is None:
+    row = _baseline_row(plan, template)
+    if row is None or plan.baseline is None:
         return (), {}
-    row = name.format(commit=plan.baseline.commit)
     return (row,), {row: f"x {plan.baseline.commit}"}
 
 

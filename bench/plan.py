@@ -106,10 +106,9 @@ class BaselineCluster(Cluster):
 
     def command(self, i: int) -> list[str]:
         cmd = super().command(i)
-        if not self.baseline.negated_flags:
-            at = cmd.index("--no-delivery-enabled") if "--no-delivery-enabled" in cmd else -1
-            if at >= 0:
-                cmd[at : at + 1] = ["--delivery-enabled", "0"]
+        if not self.baseline.negated_flags and "--no-delivery-enabled" in cmd:
+            at = cmd.index("--no-delivery-enabled")
+            cmd[at : at + 1] = ["--delivery-enabled", "0"]
         return ["env", f"PYTHONPATH={self.baseline.tree}", *cmd]
 
 

@@ -62,7 +62,7 @@ class EventLog:
         return self._out is not None or bool(self._webhook_url)
 
     def emit(self, event: str, queue_id: str, **fields: Any) -> None:
-        if self._out is None and not self._webhook_url:
+        if not self.active:
             return
         record = {
             "ts_ms": self._clock.wall_ms(),

@@ -562,9 +562,11 @@ class Cluster:
             starting = {}
             for i, s in self._statuses().items():
                 workers = (s or {}).get("smtp_workers", {"up": 0, "configured": 1})
+                if workers is None:
+                    continue
                 # A release that does not count its workers up (bench baselines) is up.
-                up = None if workers is None else workers.get("up", workers["configured"])
-                if workers is not None and up < workers["configured"]:
+                up = workers.get("up", workers["configured"])
+                if up < workers["configured"]:
                     starting[self.nodes[i].node_id] = f"{up} of {workers['configured']}"
             return (True if not starting else None), f"workers accepting: {starting}"
 
