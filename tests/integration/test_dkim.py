@@ -353,6 +353,9 @@ def test_signatures_survive_a_leader_kill_mid_delivery(
                 m["message_id"]: c.get(leader, f"/queue/{m['id']}")["dkim_domains"]
                 for m in c.queue_messages(leader)
             }
+            # (a listing without the message would otherwise fail as a bare KeyError)
+            listed = {m["message_id"]: m["state"] for m in c.queue_messages(leader)}
+            assert f"<5mib@{DOMAIN}>" in shown, (listed, c.leader(), len(sink.datas))
             assert shown[f"<5mib@{DOMAIN}>"][0] == DOMAIN, shown
             assert shown[f"<signed@{DOMAIN}>"][-1] == "list.example", shown
             c.kill(leader)
