@@ -50,7 +50,7 @@ import pickle
 import struct
 import threading
 import zlib
-from typing import Any
+from typing import Any, SupportsIndex
 
 import pysyncobj.pickle as pysyncobj_pickle
 import pysyncobj.syncobj as pysyncobj_syncobj
@@ -124,11 +124,15 @@ def aead_encryptor(password: str | bytes) -> AeadEncryptor:
 
 
 def stored_zlib(data: bytes) -> bytes:
-    """`data` as a zlib stream of stored (uncompressed) blocks: no deflate set-up cost."""
-    parts = [b"\x78\x01"]
+    """`data` as a zlib stream of stored (uncompressed) blocks: no deflate set-up cost.
+
+    The blocks are views joined once (slices of `data` copied each block first: 0.2 ms
+    more per MiB, on the leader for every big batch to every follower)."""
+    view = memoryview(data)
+    parts: list[bytes | memoryview] = [b"\x78\x01"]
     pos = 0
     while True:
-        block = data[pos : pos + 0xFFFF]
+        block = view[pos : pos + 0xFFFF]
         pos += len(block)
         final = pos >= len(data)
         parts.append(struct.pack("<BHH", int(final), len(block), len(block) ^ 0xFFFF))
@@ -190,10 +194,12 @@ class WireCommand(bytes):
             self.__dict__["deflated"] = packed
         return packed
 
-    def __reduce__(self) -> tuple[object, tuple[bytes]]:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[object, tuple[Any]]:
         packed = self.deflate_once()
         if packed:
             return (zlib.decompress, (packed,))
+        if int(protocol) >= 5:  # the bytes `bytes(self)` pickles as, without that copy
+            return (bytes, (pickle.PickleBuffer(self),))
         return (bytes, (bytes(self),))
 
 
