@@ -1,27 +1,33 @@
-"""The snapshot threshold grows with the queue state (raft/compaction.py) on real nodes.
+"""The snapshot threshold follows the queue state (raft/compaction.py) on real nodes.
 
 A cluster configured to snapshot every 50 entries is loaded past 64 MiB of
 queue state with 100 KiB messages (base64 attachments: text would be kept
 deflated, a fraction of that); /status then reports a larger
 `snapshot_after_entries` on every node, and every message is still queued
-once on each (the log and snapshots it crossed on the way agree).
+once on each (the log and snapshots it crossed on the way agree). A cluster
+at the default count that delivers big messages as fast as it takes them
+holds its log to about 64 MiB instead.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from mqnode.raft.compaction import SCALE_FROM_BYTES
+from mqnode.raft.compaction import SCALE_FROM_BYTES, SMALL_STATE_LOG_BYTES
 from tests.support.checks import assert_acked_once
 from tests.support.cluster import FAST_TUNING, Cluster
 from tests.support.smtp import make_attachment, make_message, submit
+from tests.support.smtpsink import SinkHost, bind_common_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 CONFIGURED = 50
+DEFAULT_COUNT = 2000  # --log-compaction-min-entries
+RCPTS = ["r@x.test"]
 SIZE = 100 * 1024
 COUNT = SCALE_FROM_BYTES // SIZE * 5 // 4  # a quarter more than the state needs to scale
 
@@ -78,3 +84,43 @@ def test_members_snapshot_at_their_own_phase(tmp_path: Path) -> None:
             off = (firsts[i] - every * rank // 3) % every
             assert min(off, every - off) <= 3, (rank, firsts)
         assert_acked_once(c, acked)
+
+
+def test_a_small_queue_of_big_messages_keeps_a_short_log(tmp_path: Path) -> None:
+    """900 KiB attachments (an entry each), relayed as fast as they come: the state stays
+    small, so each node's log is held to about SMALL_STATE_LOG_BYTES, not the default
+    2,000 entries (1.7 GB of them): every node has compacted its log, which the count
+    alone (or the 300 s minimum time) would not have had it do yet, and the sink got
+    every message once."""
+    size = 900 * 1024
+    count = SMALL_STATE_LOG_BYTES // size * 2
+    port, socks = bind_common_port(["127.0.0.1"])
+    with SinkHost() as host:
+        sink = host.add("relay", socks["127.0.0.1"])
+        with Cluster(tmp_path, extra_args=FAST_TUNING, relay_host=f"127.0.0.1:{port}") as c:
+            node = c.nodes[c.leader()]
+
+            def one(k: int) -> str:
+                msg = make_attachment(size)
+                code, text, _ = submit(node.host, node.smtp_port, "a@c.test", RCPTS, msg.data)
+                assert code == 250, (k, code, text)
+                return msg.message_id
+
+            with ThreadPoolExecutor(4) as pool:
+                sent = set(pool.map(one, range(count)))
+
+            def all_delivered() -> tuple[bool | None, str]:
+                got = {d.message_id for d in sink.delivered()}
+                return (True if got >= sent else None), f"{len(got & sent)} of {len(sent)}"
+
+            c.poll("the sink to get every message", all_delivered, 120.0)
+
+            def held() -> tuple[list[int] | None, str]:
+                firsts = [int(c.status(i)["log_first_index"]) for i in range(3)]
+                entries = [int(c.status(i)["last_applied"]) for i in range(3)]
+                assert max(entries) < DEFAULT_COUNT, entries  # the count never came into it
+                return (firsts if min(firsts) > 1 else None), f"first indexes {firsts}"
+
+            c.poll("every node to have compacted its log", held, 60.0)
+        copies = Counter(d.message_id for d in sink.delivered())
+        assert all(copies[mid] == 1 for mid in sent), copies

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from mqnode.raft.compaction import (
     SAMPLE_ENTRIES,
     SCALE_FROM_BYTES,
+    SMALL_STATE_LOG_BYTES,
     compaction_min_entries,
     staggered_threshold,
 )
@@ -17,7 +18,7 @@ LOG_MAP = 1024 * MIB
 
 
 def test_small_state_keeps_the_configured_count() -> None:
-    assert compaction_min_entries(2000, 5000, 300 * MIB, SCALE_FROM_BYTES - 1, LOG_MAP) == 2000
+    assert compaction_min_entries(2000, 5000, 30 * MIB, SCALE_FROM_BYTES - 1, LOG_MAP) == 2000
 
 
 def test_too_few_entries_to_judge() -> None:
@@ -49,8 +50,18 @@ def test_never_beyond_a_third_of_the_log_map() -> None:
 
 def test_big_entries_are_held_to_the_log_map_at_any_state_size() -> None:
     # 1 MiB entries (spool/commands.py BIG_ENTRIES): 2,000 of them would be twice the map
-    got = compaction_min_entries(2000, 100, 100 * MIB, 10 * MIB, LOG_MAP)
+    got = compaction_min_entries(2000, 100, 100 * MIB, 200 * MIB, LOG_MAP)
     assert got == int(LOG_MAP / 3 / MIB)
+
+
+def test_a_small_states_big_entries_are_held_to_its_log_bytes() -> None:
+    # 1 MiB entries, a queue of 10 MiB: 64 entries, not 2,000 (or the map's third)
+    got = compaction_min_entries(2000, 100, 100 * MIB, 10 * MIB, LOG_MAP)
+    assert got == SMALL_STATE_LOG_BYTES // MIB
+    # small entries: the configured count, which holds less than that
+    assert compaction_min_entries(2000, 5000, 10 * MIB, 10 * MIB, LOG_MAP) == 2000
+    # entries bigger than a tenth of it: still a sample's worth
+    assert compaction_min_entries(2000, 10, 100 * MIB, MIB, 10 * LOG_MAP) == SAMPLE_ENTRIES
 
 
 def test_a_log_of_big_entries_past_its_share_compacts_now() -> None:
@@ -72,8 +83,12 @@ def test_bounds(configured: int, entries: int, log_bytes: int, state_bytes: int)
         return
     # the log it allows stays within a third of the map (or the sample it was judged by)
     assert got * per_entry <= LOG_MAP / 3 + per_entry or got == SAMPLE_ENTRIES
-    # and never fewer than configured unless the map says so
-    assert got >= configured or (got + 1) * per_entry > LOG_MAP / 3
+    small = state_bytes < SCALE_FROM_BYTES
+    if small:  # and within SMALL_STATE_LOG_BYTES for a small state
+        assert got * per_entry <= SMALL_STATE_LOG_BYTES + per_entry or got == SAMPLE_ENTRIES
+    # never fewer than configured unless the map or a small state's bytes say so
+    held = LOG_MAP / 3 if not small else min(LOG_MAP / 3, SMALL_STATE_LOG_BYTES)
+    assert got >= configured or (got + 1) * per_entry > held
 
 
 def _snapshot_indexes(every: int, rank: int, members: int, count: int) -> list[int]:
