@@ -3,7 +3,8 @@
 SMTP (smtp/handler.py, in the node or in a worker process) and the HTTP
 injection API (api/) hand it an envelope and a body; it adds a Message-ID if
 there is none (stable across attempts, so receivers can de-duplicate after a
-failover), the DKIM signatures and a trace header, deflates a body that
+failover), the DKIM signatures (over the body with the CRLF line ends it will
+be sent with: line_ends.py) and a trace header, deflates a body that
 compresses (mqnode/compression.py) or stages a large one as PutChunk entries,
 and returns only once the Enqueue is committed by a Raft
 majority and applied here: `("queued", id)`, or `("duplicate", first id)`
@@ -29,6 +30,7 @@ from mqnode.clock import Clock
 from mqnode.compression import DEFLATE_BELOW, DEFLATE_FROM_BYTES, deflate, sampled_ratio
 from mqnode.errors import BackpressureError, NoLeaderError, SubmitError
 from mqnode.events import EventLog
+from mqnode.line_ends import crlf_line_ends
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.signing_process import AWAY_FROM_BYTES
@@ -114,7 +116,8 @@ class Intake:
         signatures = b""
         signed_by: tuple[str, ...] = ()
         if self.signer is not None:
-            body, added = added + body, b""
+            # Signed as it will be sent: delivery makes bare CRs and LFs CRLF (line_ends.py)
+            body, added = added + crlf_line_ends(body), b""
             # After the idempotency key (a retry is the same message) and the Message-ID
             # (which is signed); t= is the receive time this command carries.
             try:

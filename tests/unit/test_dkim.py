@@ -19,7 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mqnode.clock import ManualClock
+from mqnode.delivery.client import dot_stuff
 from mqnode.errors import ConfigError
+from mqnode.line_ends import only_crlf
 from mqnode.signing.dkim_signer import DkimSigner, from_domain
 from mqnode.signing.keys import (
     ED25519,
@@ -32,7 +35,12 @@ from mqnode.signing.keys import (
     signing_domains,
     zone_lines,
 )
+from mqnode.smtp.data import unstuff
+from mqnode.smtp.handler import SmtpIngress
 from mqnode.spool.addresses import ascii_domain
+from mqnode.spool.store import QueueStore
+
+from .kit import Applies, smtp_data
 
 AT = 1_796_540_000
 MESSAGE = (
@@ -297,3 +305,31 @@ def test_signing_domains_reads_the_header_only() -> None:
     assert signing_domains(head + b"\r\n" + body) == ["example.org", "second.example"]
     assert signing_domains(head) == ["example.org", "second.example"]  # no blank line
     assert signing_domains(b"Subject: x\r\n\r\n" + sig) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"line one\rline two\r\n",  # a bare CR
+        b"line one\nline two\n",  # bare LFs
+        b"a\r\nb\rc\nd\r\n.dot line\r\nend",  # all of it, a dot line, no final line end
+    ],
+)
+def test_a_body_with_bare_line_ends_verifies_as_delivered(
+    rsa_key: DkimKey, store: QueueStore, body: bytes
+) -> None:
+    """Delivery sends bare CRs and LFs as CRLF (dot_stuff); intake signs the body so, and
+    keeps it so. (dkimpy reads a bare CR as part of its line: a signature over the body
+    as received failed at the receiver.)"""
+    rep = Applies(store)
+    ing = SmtpIngress(
+        rep, ManualClock(), lambda n: b"\1" * n, "n1", "mx.example.org", ["127.0.0.0/8"], 10,
+        lambda: 0.0, signer=DkimSigner(KeySet([rsa_key])),
+    )  # fmt: skip
+    reply = smtp_data(ing, MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + body)
+    assert reply.startswith("250"), reply
+    (queued,) = store.list_messages(10)
+    stored = store.read_body(queued)
+    received = unstuff(dot_stuff(stored))  # on the wire, then as the receiver reads it
+    assert _verify(received, rsa_key) == [True]
+    assert only_crlf(stored)  # what is kept is what is signed and sent (but for dots)
