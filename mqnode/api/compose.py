@@ -3,7 +3,8 @@
 Three forms (the OpenAPI document, api/openapi.json, has the fields):
 
 * `raw` / `raw_base64` with an `envelope` (`from`, `to`): the message as given,
-  line ends made CRLF;
+  line ends made CRLF; a line over 998 bytes (RFC 5322 2.1.1) is refused, as
+  SMTP's DATA refuses it;
 * structured fields (`from`, `to`/`cc`/`bcc`, `reply_to`, `subject`, `text`,
   `html`, `headers`, `attachments`) built into MIME by Python's `email` package
   with a Date and a Message-ID; the envelope defaults to From and every
@@ -33,6 +34,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from mqnode.api.problems import Problem
+from mqnode.smtp.data import has_long_line
 from mqnode.smtp.handler import header_count
 from mqnode.spool import addresses
 
@@ -56,6 +58,7 @@ _MIME_TYPE = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
 )
 _EOL = re.compile(rb"\r?\n|\r")
+MAX_LINE_BYTES = 998  # without its CRLF
 STRUCTURED = ("from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers")
 
 
@@ -145,7 +148,14 @@ def _raw(doc: dict[str, Any], limits: Limits) -> Draft:
     body = _EOL.sub(b"\r\n", body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    return _checked(Draft(sender, rcpts, body), limits, "/raw")
+    at = "/raw" if "raw" in doc else "/raw_base64"
+    if has_long_line(body, MAX_LINE_BYTES):  # as SMTP's DATA refuses it (500 5.5.2)
+        raise Problem(
+            422,
+            f"a line longer than {MAX_LINE_BYTES} bytes (RFC 5322 2.1.1)",
+            [(at, "line too long")],
+        )
+    return _checked(Draft(sender, rcpts, body), limits, at)
 
 
 def _build(

@@ -4,6 +4,7 @@ back as what was asked for."""
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 from typing import Any
@@ -72,7 +73,7 @@ fields = {
         st.fixed_dictionaries({"filename": texts, "content": st.sampled_from(["aGk=", "@@", ""])}),
         max_size=2,
     ),
-    "raw": texts,
+    "raw": texts | st.integers(990, 1010).map(lambda n: "S: x\r\n\r\n" + "a" * n),
     "envelope": st.fixed_dictionaries({"from": addresses, "to": st.lists(addresses, max_size=2)}),
     "recipients": st.lists(
         st.fixed_dictionaries(
@@ -99,6 +100,7 @@ def test_any_request_gives_messages_or_a_problem_naming_a_field(doc: Any) -> Non
     for d in drafts:
         assert d.rcpts and len(d.body) <= LIMITS.max_message_bytes
         assert d.body.endswith(b"\r\n") and b"\n" not in d.body.replace(b"\r\n", b"")
+        assert max(len(line) for line in d.body.split(b"\r\n")) <= 998  # RFC 5322 2.1.1
         if "raw" not in doc:
             parsed = email.message_from_bytes(d.body, policy=email.policy.default)
             assert parsed["Message-ID"] and parsed["Date"] and parsed["From"]
@@ -118,3 +120,21 @@ def test_batch_substitutions_land_where_asked(values: dict[str, str]) -> None:
     body = str(parsed.get_content()).replace("\r\n", "\n")
     for k in sorted(values):
         assert f"[{values[k]}]" in body or not values[k].isprintable()
+
+
+def test_a_raw_message_with_a_line_over_998_bytes_is_refused() -> None:
+    """As SMTP's DATA refuses it (500 5.5.2): a receiver may refuse or break such a line."""
+    env = {"from": "a@x.test", "to": ["b@x.test"]}
+    ok = API.drafts({"raw": "Subject: x\n\n" + "a" * 998, "envelope": env}, T0)
+    assert ok[0].body.endswith(b"a" * 998 + b"\r\n")
+    for doc in (
+        {"raw": "Subject: x\r\n\r\n" + "a" * 999 + "\r\n", "envelope": env},
+        {"raw_base64": base64.b64encode(b"Subject: " + b"x" * 999).decode(), "envelope": env},
+    ):
+        try:
+            API.drafts(doc, T0)
+        except Problem as problem:
+            assert problem.status == 422 and "998" in problem.detail
+            assert problem.errors == [("/raw" if "raw" in doc else "/raw_base64", "line too long")]
+        else:
+            raise AssertionError("accepted")
