@@ -1,10 +1,11 @@
 """Intake: the one path from a finished message to a committed Enqueue.
 
 SMTP (smtp/handler.py, in the node or in a worker process) and the HTTP
-injection API (api/) hand it an envelope and a body; it adds a Message-ID if
+injection API (api/) hand it an envelope and a body; it ends a header section
+that ends without its empty line with one (spool/header_section.py), adds a Message-ID if
 there is none (stable across attempts, so receivers can de-duplicate after a
 failover), the DKIM signatures (over the body with the CRLF line ends it will
-be sent with: line_ends.py) and a trace header, deflates a body that
+be sent with: spool/line_ends.py) and a trace header, deflates a body that
 compresses (mqnode/compression.py) or stages a large one as PutChunk entries,
 and returns only once the Enqueue is committed by a Raft
 majority and applied here: `("queued", id)`, or `("duplicate", first id)`
@@ -30,11 +31,12 @@ from mqnode.clock import Clock
 from mqnode.compression import DEFLATE_BELOW, DEFLATE_FROM_BYTES, deflate, sampled_ratio
 from mqnode.errors import BackpressureError, NoLeaderError, SubmitError
 from mqnode.events import EventLog
-from mqnode.line_ends import crlf_line_ends
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.signing_process import AWAY_FROM_BYTES
 from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
+from mqnode.spool.header_section import separated
+from mqnode.spool.line_ends import crlf_line_ends
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
 
@@ -107,7 +109,7 @@ class Intake:
     async def accept(self, sub: Submission) -> Accepted:
         now_ms = self._clock.wall_ms()
         queue_id = make_queue_id(now_ms, self._random(8))
-        body = sub.body
+        body = separated(sub.body)  # our fields go on top of a header section that ends
         message_id = find_message_id(body)
         added = b""  # a Message-ID header, in front of the body (not joined to it here)
         if message_id is None:
@@ -116,7 +118,7 @@ class Intake:
         signatures = b""
         signed_by: tuple[str, ...] = ()
         if self.signer is not None:
-            # Signed as it will be sent: delivery makes bare CRs and LFs CRLF (line_ends.py)
+            # Signed as it will be sent: delivery makes bare CRs and LFs CRLF (spool/line_ends.py)
             body, added = added + crlf_line_ends(body), b""
             # After the idempotency key (a retry is the same message) and the Message-ID
             # (which is signed); t= is the receive time this command carries.

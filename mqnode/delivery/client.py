@@ -106,9 +106,9 @@ import aiosmtplib
 
 from mqnode.delivery.feedback import Contact
 from mqnode.delivery.pipelining import lend_transport
-from mqnode.line_ends import NOT_CR_LF, crlf_line_ends
 from mqnode.spool.addresses import ascii_form
 from mqnode.spool.dsnparams import DsnRequest
+from mqnode.spool.line_ends import NOT_CR_LF, crlf_line_ends
 from mqnode.spool.model import Outcome, RecipientResult
 from mqnode.tls import opportunistic_client_context, required_client_context
 

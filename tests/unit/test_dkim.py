@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from mqnode.clock import ManualClock
 from mqnode.delivery.client import dot_stuff
 from mqnode.errors import ConfigError
-from mqnode.line_ends import only_crlf
 from mqnode.signing.dkim_signer import DkimSigner, from_domain
 from mqnode.signing.keys import (
     ED25519,
@@ -38,6 +37,7 @@ from mqnode.signing.keys import (
 from mqnode.smtp.data import unstuff
 from mqnode.smtp.handler import SmtpIngress
 from mqnode.spool.addresses import ascii_domain
+from mqnode.spool.line_ends import only_crlf
 from mqnode.spool.store import QueueStore
 
 from .kit import Applies, smtp_data
@@ -333,3 +333,27 @@ def test_a_body_with_bare_line_ends_verifies_as_delivered(
     received = unstuff(dot_stuff(stored))  # on the wire, then as the receiver reads it
     assert _verify(received, rsa_key) == [True]
     assert only_crlf(stored)  # what is kept is what is signed and sent (but for dots)
+
+
+def test_a_header_section_without_its_empty_line_is_ended_and_signed(
+    rsa_key: DkimKey, store: QueueStore
+) -> None:
+    """Headers, then a line that is no header field: the header section ends there with
+    an empty line put in (as Postfix's cleanup does), and the message is signed. Without
+    it dkimpy refused the message, which the client got as 451 on every retry."""
+    rep = Applies(store)
+    ids = iter(range(1, 100))
+    ing = SmtpIngress(
+        rep, ManualClock(), lambda n: bytes([next(ids)]) * n, "n1", "mx.example.org",
+        ["127.0.0.0/8"], 10, lambda: 0.0, signer=DkimSigner(KeySet([rsa_key])),
+    )  # fmt: skip
+    sent = b"From: Alice <alice@example.org>\r\nSubject: hi\r\nhello world\r\n"
+    reply = smtp_data(ing, sent)
+    assert reply.startswith("250"), reply
+    no_header = smtp_data(ing, b"hello world\r\n")  # nothing to sign for, queued unsigned
+    assert no_header.startswith("250"), no_header
+    first, second = sorted(store.list_messages(10), key=lambda m: m.queue_id)
+    stored = store.read_body(first)
+    assert stored.endswith(b"Subject: hi\r\n\r\nhello world\r\n")
+    assert _verify(unstuff(dot_stuff(stored)), rsa_key) == [True]
+    assert store.read_body(second).endswith(b"\r\n\r\nhello world\r\n")

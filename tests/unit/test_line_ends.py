@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqnode.line_ends import crlf_line_ends, only_crlf
+from mqnode.spool.line_ends import crlf_line_ends, only_crlf
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 texts = st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\xff"]), max_size=40)
