@@ -23,8 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from mqnode.clock import ManualClock
+from mqnode.delivery.client import dot_stuff
 from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.signing.keys import ED25519, RSA, DkimKey, KeySet, keygen
+from mqnode.smtp.data import unstuff
+from mqnode.smtp.handler import SmtpIngress
+from tests.unit.kit import Applies, open_store, smtp_data
 
 pytestmark = pytest.mark.interop
 
@@ -124,3 +129,36 @@ def test_both_signatures_and_one_that_was_there(namespace: str, keys: list[DkimK
     ours, _ = DkimSigner(KeySet(keys)).sign(first + message, AT)
     assert ours.count(b"DKIM-Signature:") == 2
     assert _opendkim(namespace, ours + first + message) == (0, "")
+
+
+ODD_SHAPES = {
+    "bare-cr": HEAD + b"\r\nline one\rline two\r\n",
+    "bare-lf": HEAD.replace(b"\r\n", b"\n") + b"\nline one\nline two\n",
+    "no-empty-line": HEAD + b"hello, no empty line before me\r\n",
+    "dot-lines": HEAD + b"\r\n.a dot line\r\n..two dots\r\n.\r\nend",
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_SHAPES))
+def test_opendkim_verifies_odd_shapes_as_delivered(
+    namespace: str, keys: list[DkimKey], name: str, tmp_path: Path
+) -> None:
+    """Through intake (SmtpIngress with a signer, the real state machine and LMDB store)
+    and out as delivery sends it (dot_stuff), then un-stuffed as the receiver reads it:
+    a bare CR, bare LFs, headers with no empty line after them, dot lines."""
+    store = open_store(tmp_path / "state")
+    try:
+        ids = iter(range(1, 100))
+        ing = SmtpIngress(
+            Applies(store), ManualClock(), lambda n: bytes([next(ids)]) * n, "n1",
+            "mx.example.org", ["127.0.0.0/8"], 10, lambda: 0.0,
+            signer=DkimSigner(KeySet([keys[0]])),
+        )  # fmt: skip
+        reply = smtp_data(ing, ODD_SHAPES[name])
+        assert reply.startswith("250"), reply
+        (queued,) = store.list_messages(10)
+        received = unstuff(dot_stuff(store.read_body(queued)))
+    finally:
+        store.close()
+    assert received.count(b"DKIM-Signature:") == 1
+    assert _opendkim(namespace, received) == (0, "")
