@@ -1,13 +1,13 @@
 """Intake: the one path from a finished message to a committed Enqueue.
 
 SMTP (smtp/handler.py, in the node or in a worker process) and the HTTP
-injection API (api/) hand it an envelope and a body; it ends a header section
-that ends without its empty line with one (spool/header_section.py), adds a Message-ID if
-there is none (stable across attempts, so receivers can de-duplicate after a
-failover), the DKIM signatures (over the body with the CRLF line ends it will
-be sent with: spool/line_ends.py) and a trace header, deflates a body that
-compresses (mqnode/compression.py) or stages a large one as PutChunk entries,
-and returns only once the Enqueue is committed by a Raft
+injection API (api/) hand it an envelope and a body; it puts the empty line
+after a header section that lacks it (spool/header_section.py), adds a
+Message-ID if there is none (stable across attempts, so receivers can
+de-duplicate after a failover), the DKIM signatures (over the body with the
+CRLF line ends it will be sent with: spool/line_ends.py) and a trace header,
+deflates a body that compresses (mqnode/compression.py) or stages a large one
+as PutChunk entries, and returns only once the Enqueue is committed by a Raft
 majority and applied here: `("queued", id)`, or `("duplicate", first id)`
 for a submission whose idempotency key was seen in the last 24 hours
 (spool/statemachine.py IDEM_WINDOW_MS). Anything else raises SubmitError
@@ -109,7 +109,7 @@ class Intake:
     async def accept(self, sub: Submission) -> Accepted:
         now_ms = self._clock.wall_ms()
         queue_id = make_queue_id(now_ms, self._random(8))
-        body = separated(sub.body)  # our fields go on top of a header section that ends
+        body = separated(sub.body)  # our fields go on top of its header section
         message_id = find_message_id(body)
         added = b""  # a Message-ID header, in front of the body (not joined to it here)
         if message_id is None:
