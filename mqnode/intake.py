@@ -2,13 +2,14 @@
 
 SMTP (smtp/handler.py, in the node or in a worker process) and the HTTP
 injection API (api/) hand it an envelope and a body; it puts the empty line
-after a header section that lacks it (spool/header_section.py), adds a
-Message-ID if there is none (stable across attempts, so receivers can
-de-duplicate after a failover), the DKIM signatures (over the body with the
-CRLF line ends it will be sent with: spool/line_ends.py) and a trace header,
-deflates a body that compresses (mqnode/compression.py) or stages a large one
-as PutChunk entries, and returns only once the Enqueue is committed by a Raft
-majority and applied here: `("queued", id)`, or `("duplicate", first id)`
+after a header section that lacks it and removes the Bcc fields (as Postfix's
+cleanup does: spool/header_section.py), adds a Message-ID if there is none
+(stable across attempts, so receivers can de-duplicate after a failover), the
+DKIM signatures (over the body with the CRLF line ends it will be sent with:
+spool/line_ends.py) and a trace header, deflates a body that compresses
+(mqnode/compression.py) or stages a large one as PutChunk entries, and
+returns only once the Enqueue is committed by a Raft majority and applied
+here: `("queued", id)`, or `("duplicate", first id)`
 for a submission whose idempotency key was seen in the last 24 hours
 (spool/statemachine.py IDEM_WINDOW_MS). Anything else raises SubmitError
 (the caller answers 451 / 503).
@@ -35,7 +36,7 @@ from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.signing_process import AWAY_FROM_BYTES
 from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
-from mqnode.spool.header_section import separated
+from mqnode.spool.header_section import cleaned
 from mqnode.spool.line_ends import crlf_line_ends
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
@@ -109,7 +110,7 @@ class Intake:
     async def accept(self, sub: Submission) -> Accepted:
         now_ms = self._clock.wall_ms()
         queue_id = make_queue_id(now_ms, self._random(8))
-        body = separated(sub.body)  # our fields go on top of its header section
+        body = cleaned(sub.body)  # our fields go on top of its header section
         message_id = find_message_id(body)
         added = b""  # a Message-ID header, in front of the body (not joined to it here)
         if message_id is None:

@@ -1,30 +1,51 @@
-"""header_section: a message's header fields end with an empty line (RFC 5322 2.1).
+"""header_section: a message's header section as Postfix's cleanup leaves it.
 
-A client may send a message whose header section ends without the empty line:
-text with no header at all, or headers followed by a line that is no field
-("name: value") and no folded continuation of one. Receivers then read that
-line as a malformed header field, and DKIM signing (dkimpy) refuses the
-message. Postfix's cleanup ends the header section at that line and puts an
-empty line in front of it; `separated` does the same, before intake adds its
-own fields on top (intake.py).
+Two things Postfix's cleanup always does to a message, and intake does too
+(intake.py, for SMTP and the API, before its own fields go on top):
+
+* The header fields end with an empty line (RFC 5322 2.1). A client may send
+  text with no header at all, or headers followed by a line that is no field
+  ("name: value") and no folded continuation of one. Receivers then read that
+  line as a malformed header field, and DKIM signing (dkimpy) refuses the
+  message. The header section ends at that line, with an empty line put in
+  front of it.
+* Bcc and Resent-Bcc fields are removed: the blind recipients are in the
+  envelope, and in the header every recipient would read them. So are
+  Return-Path (the final delivery writes it from the envelope sender) and
+  Content-Length.
+
+A line ends at CRLF, or at a bare CR or LF, which delivery sends as CRLF
+(line_ends.py).
 """
 
 from __future__ import annotations
 
 import re
 
-# Fields (a name of printable ASCII but ":", with the obsolete blanks before the colon),
-# each with its folded continuation lines, from the start of the message. A line ends
-# at CRLF, or at a bare CR or LF, which delivery sends as CRLF (line_ends.py).
 _EOL = rb"(?:\r\n|\r|\n|\Z)"
-_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*%s(?:[ \t][^\r\n]*%s)*)*" % (_EOL, _EOL))
+# A field: a name of printable ASCII but ":" (with the obsolete blanks before the
+# colon), and its folded continuation lines; `_FIELD` is what follows the name.
+_FIELD = rb"[ \t]*:[^\r\n]*%s(?:[ \t][^\r\n]*%s)*" % (_EOL, _EOL)
+_FIELDS = re.compile(rb"(?:[!-9;-~]+%s)*" % _FIELD)
+_ONE_FIELD = re.compile(rb"([!-9;-~]+)%s" % _FIELD)  # with its name
+DROPPED = frozenset({b"bcc", b"resent-bcc", b"return-path", b"content-length"})
 
 
-def separated(message: bytes) -> bytes:
-    """`message` with an empty line where its header section ends without one.
+def cleaned(message: bytes) -> bytes:
+    """`message` with an empty line where its header section ends without one, and
+    without the fields in DROPPED.
 
-    One match from the start (~2 us for 10 fields, 4 for 20)."""
+    One match from the start and three searches of the header (~2 us for 10 fields);
+    the fields are taken apart only when a name to drop occurs in it at all."""
     end = _FIELDS.match(message).end()  # type: ignore[union-attr]  # matches b"" at least
-    if end == len(message) or message.startswith((b"\r", b"\n"), end):
+    ended = end == len(message) or message.startswith((b"\r", b"\n"), end)
+    head = message[:end]
+    low = head.lower()
+    if b"bcc" in low or b"return-path" in low or b"content-length" in low:
+        kept = b"".join(
+            m.group(0) for m in _ONE_FIELD.finditer(head) if m.group(1).lower() not in DROPPED
+        )
+        return kept + (b"" if ended else b"\r\n") + message[end:]
+    if ended:
         return message
-    return message[:end] + b"\r\n" + message[end:]
+    return head + b"\r\n" + message[end:]

@@ -349,3 +349,46 @@ def test_postfix_passes_dsn_parameters_through_to_mqnode(
     text = str(e)
     assert "interop-42" in text and "HDRS" in text.upper(), e
     assert "SUCCESS" in text.upper(), e
+
+
+# What Postfix's cleanup always does to a message's header section, checked side by side.
+SHAPES = {
+    "blind": b"From: app@sender.test\r\nTo: a@x.test\r\nBcc: hidden@x.test,\r\n other@x.test\r\n"
+    b"Return-Path: <forged@x.test>\r\nContent-Length: 3\r\nSubject: s\r\n\r\nhello\r\n",
+    "no-empty-line": b"From: app@sender.test\r\nSubject: s\r\nhello, a body line\r\n",
+    "no-header": b"hello, no header at all\r\n",
+}
+BODIES = {
+    "blind": b"hello\r\n",
+    "no-empty-line": b"hello, a body line\r\n",
+    "no-header": b"hello, no header at all\r\n",
+}
+
+
+def test_header_sections_come_out_as_postfix_sends_them(sinkhost: SinkHost) -> None:
+    """The same messages into a Postfix and into mqnode, each relaying to a sink: both
+    send them without Bcc, Return-Path and Content-Length fields, and with the body
+    after an empty line where the client's header section ended without one."""
+    by_postfix, by_mqnode = _sink(sinkhost, "postfix-shapes"), _sink(sinkhost, "mqnode-shapes")
+    with _reachable_dir("shapes") as tmp:
+        port = free_ports(1)[0]
+        with (
+            pf.throwaway_postfix(tmp, port, by_postfix.address[1]),
+            Cluster(tmp / "mq", n=1, extra_args=FAST_TUNING,
+                    relay_host=f"127.0.0.1:{by_mqnode.address[1]}") as c,
+        ):  # fmt: skip
+            for name, data in SHAPES.items():
+                for into in (port, c.nodes[0].smtp_port):
+                    rcpt = f"{name}@x.test"
+                    code, text, _ = submit("127.0.0.1", into, SENDER, [rcpt], data)
+                    assert code == 250, (name, code, text)
+            for sink in (by_postfix, by_mqnode):
+                _poll(f"{sink} to get every shape", lambda s=sink: len(s.delivered()) >= 3 or None)
+    for sink in (by_postfix, by_mqnode):
+        for name in SHAPES:
+            (event,) = [d for d in sink.delivered() if f"{name}@x.test" in d.rcpts]
+            msg = email.message_from_bytes(event.content, policy=email.policy.compat32)
+            for field in ("Bcc", "Return-Path", "Content-Length"):
+                assert msg.get_all(field) is None, (sink, name, field, event.content)
+            assert msg.defects == [], (sink, name, msg.defects)
+            assert event.content.split(b"\r\n\r\n", 1)[1] == BODIES[name], (sink, name)
