@@ -4,15 +4,15 @@ SMTP (smtp/handler.py, in the node or in a worker process) and the HTTP
 injection API (api/) hand it an envelope and a body; it puts the empty line
 after a header section that lacks it and removes the Bcc fields (as Postfix's
 cleanup does: spool/header_section.py), adds a Message-ID if there is none
-(stable across attempts, so receivers can de-duplicate after a failover), the
-DKIM signatures (over the body with the CRLF line ends it will be sent with:
-spool/line_ends.py) and a trace header, deflates a body that compresses
-(mqnode/compression.py) or stages a large one as PutChunk entries, and
-returns only once the Enqueue is committed by a Raft majority and applied
-here: `("queued", id)`, or `("duplicate", first id)`
-for a submission whose idempotency key was seen in the last 24 hours
-(spool/statemachine.py IDEM_WINDOW_MS). Anything else raises SubmitError
-(the caller answers 451 / 503).
+(stable across attempts, so receivers can de-duplicate after a failover) and
+a Date if there is none (the receive time), the DKIM signatures (over the
+body with the CRLF line ends it will be sent with: spool/line_ends.py) and a
+trace header, deflates a body that compresses (mqnode/compression.py) or
+stages a large one as PutChunk entries, and returns only once the Enqueue is
+committed by a Raft majority and applied here: `("queued", id)`, or
+`("duplicate", first id)` for a submission whose idempotency key was seen in
+the last 24 hours (spool/statemachine.py IDEM_WINDOW_MS). Anything else raises
+SubmitError (the caller answers 451 / 503).
 
 The idempotency key is the caller's: SMTP's is the sha256 of envelope and
 original body (`idempotency_key`), the API's is the client's Idempotency-Key
@@ -22,6 +22,8 @@ with its principal. It is taken before anything is added to the body.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,7 +38,7 @@ from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.signing_process import AWAY_FROM_BYTES
 from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
-from mqnode.spool.header_section import cleaned
+from mqnode.spool.header_section import cleaned, has_date
 from mqnode.spool.line_ends import crlf_line_ends
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
@@ -46,6 +48,12 @@ log = logging.getLogger(__name__)
 # A large body's chunks submitted at once: a 5 MiB body is 6 chunks of the cluster's big
 # entries, 108 of its small ones (spool/commands.py EntrySizes).
 CHUNKS_IN_FLIGHT = 8
+
+
+def _date(now_ms: int) -> bytes:
+    """An RFC 5322 date-time of `now_ms`, in UTC."""
+    when = datetime.datetime.fromtimestamp(now_ms / 1000, datetime.UTC)
+    return email.utils.format_datetime(when).encode()
 
 
 def idempotency_key(mail_from: str, rcpts: Sequence[str], body: bytes) -> bytes:
@@ -112,10 +120,12 @@ class Intake:
         queue_id = make_queue_id(now_ms, self._random(8))
         body = cleaned(sub.body)  # our fields go on top of its header section
         message_id = find_message_id(body)
-        added = b""  # a Message-ID header, in front of the body (not joined to it here)
+        added = b""  # Message-ID and Date fields, in front of the body (not joined to it here)
         if message_id is None:
             message_id = f"<{queue_id}@{self._hostname}>"
             added = f"Message-ID: {message_id}\r\n".encode()
+        if not has_date(body):  # RFC 5322 asks for one; a submission server adds it (RFC 6409)
+            added += b"Date: " + _date(now_ms) + b"\r\n"
         signatures = b""
         signed_by: tuple[str, ...] = ()
         if self.signer is not None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqnode.spool.header_section import DROPPED, cleaned
+from mqnode.spool.header_section import DROPPED, cleaned, has_date
 
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 
@@ -73,3 +73,17 @@ def test_cleaned_is_the_line_model(lines: list[tuple[bytes, bytes]]) -> None:
 )
 def test_shapes(sent: bytes, kept: bytes | None) -> None:
     assert cleaned(sent) == (sent if kept is None else kept)
+
+
+@pytest.mark.parametrize(
+    ("message", "found"),
+    [
+        (b"From: a@x.test\r\nDate: Tue, 8 Dec 2026 01:00:00 +0000\r\n\r\nb", True),
+        (b"DATE : x\r\n\r\nb", True),
+        (b"From: a@x.test\r\nDated: x\r\nX-Date: y\r\n\r\nDate: in the body\r\n", False),
+        (b"Subject: s\nDate: x\n\nb", True),
+        (b"", False),
+    ],
+)
+def test_has_date(message: bytes, found: bool) -> None:
+    assert has_date(message) is found
