@@ -176,6 +176,8 @@ class NodeConfig:
     )
     # Per session: 552 5.3.4 / 421 4.7.0 / 421 4.4.2 beyond these.
     max_header_count: int = setting(1000, "header fields per message")
+    # 554 5.4.6 for a message with this many Received fields or more, as Postfix.
+    hopcount_limit: int = setting(50, "refuse a message with this many Received fields (a loop)")
     max_commands_per_session: int = setting(10_000, "SMTP commands per session")
     smtp_idle_timeout_s: int = setting(300, "close an SMTP session idle this long")
     # Each worker is an interpreter of its own: set it to the cores the node may use
@@ -327,6 +329,7 @@ class NodeConfig:
             "client_message_rate_per_min",
             "client_max_connections",
             "max_header_count",
+            "hopcount_limit",
             "max_commands_per_session",
             "smtp_idle_timeout_s",
         ):

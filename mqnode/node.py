@@ -685,6 +685,7 @@ class Node:
             cfg.max_header_count,
             cfg.api_max_batch,
             cfg.hostname,
+            cfg.hopcount_limit,
         )
         api = self._api = InjectionApi(
             intake,

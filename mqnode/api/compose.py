@@ -3,8 +3,9 @@
 Three forms (the OpenAPI document, api/openapi.json, has the fields):
 
 * `raw` / `raw_base64` with an `envelope` (`from`, `to`): the message as given,
-  line ends made CRLF; a line over 998 bytes (RFC 5322 2.1.1) is refused, as
-  SMTP's DATA refuses it;
+  line ends made CRLF; a line over 998 bytes (RFC 5322 2.1.1), or
+  `hopcount_limit` Received fields (a mail loop), is refused, as SMTP's DATA
+  refuses it;
 * structured fields (`from`, `to`/`cc`/`bcc`, `reply_to`, `subject`, `text`,
   `html`, `headers`, `attachments`) built into MIME by Python's `email` package
   with a Date and a Message-ID; the envelope defaults to From and every
@@ -37,6 +38,7 @@ from mqnode.api.problems import Problem
 from mqnode.smtp.data import has_long_line
 from mqnode.smtp.handler import header_count
 from mqnode.spool import addresses
+from mqnode.spool.header_section import received_count
 
 # Set by their own fields; `headers` may not set them.
 RESERVED_HEADERS = frozenset(
@@ -69,6 +71,7 @@ class Limits:
     max_header_count: int
     max_batch: int
     hostname: str
+    hopcount_limit: int = 50  # Received fields that make a raw message a mail loop
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,8 @@ def _raw(doc: dict[str, Any], limits: Limits) -> Draft:
             f"a line longer than {MAX_LINE_BYTES} bytes (RFC 5322 2.1.1)",
             [(at, "line too long")],
         )
+    if received_count(body) >= limits.hopcount_limit:  # as SMTP refuses it (554 5.4.6)
+        raise Problem(422, "too many Received fields: a mail loop", [(at, "too many hops")])
     return _checked(Draft(sender, rcpts, body), limits, at)
 
 

@@ -62,6 +62,7 @@ def ingress_limits(cfg: NodeConfig) -> IngressLimits:
     return IngressLimits(
         max_message_bytes=cfg.max_message_bytes,
         max_header_count=cfg.max_header_count,
+        hopcount_limit=cfg.hopcount_limit,
         max_commands_per_session=cfg.max_commands_per_session,
         idle_timeout_s=cfg.smtp_idle_timeout_s,
         connection_rate_per_min=cfg.client_connection_rate_per_min,

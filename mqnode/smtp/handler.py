@@ -11,6 +11,8 @@ command is committed by a Raft majority and applied to LMDB on this node
                (the envelope travels in one small log entry; RFC 5321 4.5.3.1.10)
     552 5.3.4  more than `max_message_bytes` (aiosmtpd enforces SIZE/DATA), or
                more than `max_header_count` header fields
+    554 5.4.6  `hopcount_limit` Received fields or more: a mail loop (Postfix
+               answers 554 5.4.0 at 50)
     (the two per-client limits below skip `client_limit_exceptions`, loopback by
     default, like Postfix's smtpd_client_event_limit_exceptions)
     450 4.7.1  this client IP started more than `client_message_rate_per_min`
@@ -55,6 +57,7 @@ from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.ratelimit import ClientGate, ClientLimits, LocalGate
 from mqnode.spool import addresses
+from mqnode.spool.header_section import received_count
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class IngressLimits:
 
     max_message_bytes: int = 25 * 1024 * 1024
     max_header_count: int = 1000
+    hopcount_limit: int = 50
     max_commands_per_session: int = 10_000
     idle_timeout_s: float = 300.0
     connection_rate_per_min: int = 600
@@ -414,6 +418,10 @@ class SmtpIngress:
         if header_count(body, max_headers) > max_headers:
             self.refused += 1
             return f"552 5.3.4 Error: too many header fields (max {max_headers})"
+        if received_count(body) >= self.limits.hopcount_limit:
+            self.refused += 1
+            log.warning("refused message from %s: too many hops (a mail loop?)", session.peer)
+            return "554 5.4.6 Error: too many hops"
         try:
             queue_id = await self._enqueue(session, envelope, body)
         except SubmitError as exc:

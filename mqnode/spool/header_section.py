@@ -70,3 +70,15 @@ def has_date(message: bytes) -> bool:
             return True
         pos = low.find(b"\ndate", pos + 5)
     return False
+
+
+def received_count(message: bytes) -> int:
+    """Received fields in the header section (up to the first empty line): the hops the
+    message has made. A message that has made too many is in a mail loop (Postfix's
+    `hopcount_limit`). Counted in the header lowercased once (~1 us for 10 fields); a
+    field with blanks before its colon (obsolete syntax) is not counted."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        end = message.find(b"\n\n")
+    low = (message if end < 0 else message[: end + 1]).lower()
+    return low.count(b"\nreceived:") + low.startswith(b"received:")

@@ -189,3 +189,25 @@ def test_the_relay_host_is_one_destination_for_every_recipient_domain(tmp_path: 
     assert all(copies[m] == 1 for m in sent), copies
     assert {d.message_id: d.rcpts for d in sink.delivered()} == sent
     assert 1 <= sink.most_in_progress <= per_destination, sink.most_in_progress
+
+
+def test_a_node_that_relays_to_itself_ends_the_loop(tmp_path: Path) -> None:
+    """A relay host that is the node itself (a mail loop): each pass adds a Received
+    field, and at `hopcount_limit` the node refuses the message (554 5.4.6); it bounces,
+    the bounce (null sender) loops the same way until it is refused and dropped (a
+    bounce is never bounced), and nothing is left queued."""
+    c = Cluster(tmp_path, n=1, extra_args=(*FAST_TUNING, "--hopcount-limit", "8"))
+    node = c.nodes[0]
+    c.relay_host = f"127.0.0.1:{node.smtp_port}"
+    with c:
+        msg = make_message(300)
+        code, text, _ = submit("127.0.0.1", node.smtp_port, "a@c.test", ["r@x.test"], msg.data)
+        assert code == 250, text
+
+        def drained() -> tuple[bool | None, str]:
+            left = c.queue_messages(0)
+            return (True if not left else None), f"{len(left)} queued"
+
+        c.poll("the loop to end", drained, 60.0)
+        log = node.log_path.read_text()
+    assert log.count("too many hops (a mail loop?)") == 2, log[-3000:]  # message, its bounce

@@ -138,3 +138,15 @@ def test_a_raw_message_with_a_line_over_998_bytes_is_refused() -> None:
             assert problem.errors == [("/raw" if "raw" in doc else "/raw_base64", "line too long")]
         else:
             raise AssertionError("accepted")
+
+
+def test_a_raw_message_that_made_too_many_hops_is_refused() -> None:
+    env = {"from": "a@x.test", "to": ["b@x.test"]}
+    hops = "".join(f"Received: from h{i} by h{i}; date\r\n" for i in range(LIMITS.hopcount_limit))
+    try:
+        API.drafts({"raw": hops + "Subject: s\r\n\r\nbody\r\n", "envelope": env}, T0)
+    except Problem as problem:
+        assert problem.status == 422 and problem.errors == [("/raw", "too many hops")]
+    else:
+        raise AssertionError("accepted")
+    assert API.drafts({"raw": hops[hops.index("\n") + 1 :] + "\r\nb", "envelope": env}, T0)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqnode.spool.header_section import DROPPED, cleaned, has_date
+from mqnode.spool.header_section import DROPPED, cleaned, has_date, received_count
 
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 
@@ -87,3 +87,10 @@ def test_shapes(sent: bytes, kept: bytes | None) -> None:
 )
 def test_has_date(message: bytes, found: bool) -> None:
     assert has_date(message) is found
+
+
+def test_received_count() -> None:
+    hops = b"".join(b"Received: from h%d\r\n\tby h%d; date\r\n" % (i, i) for i in range(7))
+    assert received_count(hops + b"Received-SPF: pass\r\nSubject: s\r\n\r\nReceived: x\r\n") == 7
+    assert received_count(b"RECEIVED: a\nreceived: b\n\nbody") == 2
+    assert received_count(b"Subject: no hops\r\n\r\n") == 0

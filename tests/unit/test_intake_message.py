@@ -48,3 +48,18 @@ def test_bcc_and_a_missing_empty_line(store: QueueStore) -> None:
     )
     head, body = queued.split(b"\r\n\r\n", 1)
     assert b"hidden@" not in head and body == b"body line\r\n"
+
+
+def test_a_message_that_made_too_many_hops_is_refused(store: QueueStore) -> None:
+    """50 Received fields (`hopcount_limit`): a mail loop, refused as Postfix refuses it."""
+    ing = SmtpIngress(
+        Applies(store), ManualClock(NOW_MS), lambda n: b"\1" * n, "n1", "mx.example.org",
+        ["127.0.0.0/8"], 10, lambda: 0.0,
+    )  # fmt: skip
+    hops = [
+        b"Received: from h%d by h%d; Tue, 8 Dec 2026 00:00:00 +0000\r\n" % (i, i) for i in range(50)
+    ]
+    looped = b"".join(hops) + b"Subject: s\r\n\r\nbody\r\n"
+    assert smtp_data(ing, looped) == "554 5.4.6 Error: too many hops"
+    assert smtp_data(ing, looped.split(b"\r\n", 1)[1]).startswith("250")  # 49 of them
+    assert len(store.list_messages(10)) == 1
