@@ -84,6 +84,13 @@ class BackpressureError(SubmitError):
     """Too many commits in flight; the client should retry later."""
 
 
+class MailLoopError(SubmitError):
+    """The message has made `hopcount_limit` hops already: a mail loop (a refusal, final)."""
+
+    smtp_code = 554
+    smtp_status = "5.4.6"
+
+
 class StoreFullError(SubmitError):
     """Storage is full; nothing new is accepted until space returns."""
 

@@ -11,8 +11,9 @@ trace header, deflates a body that compresses (mqnode/compression.py) or
 stages a large one as PutChunk entries, and returns only once the Enqueue is
 committed by a Raft majority and applied here: `("queued", id)`, or
 `("duplicate", first id)` for a submission whose idempotency key was seen in
-the last 24 hours (spool/statemachine.py IDEM_WINDOW_MS). Anything else raises
-SubmitError (the caller answers 451 / 503).
+the last 24 hours (spool/statemachine.py IDEM_WINDOW_MS). A message with
+`hopcount_limit` Received fields is in a mail loop: MailLoopError (554 5.4.6).
+Anything else raises SubmitError (the caller answers 451 / 503).
 
 The idempotency key is the caller's: SMTP's is the sha256 of envelope and
 original body (`idempotency_key`), the API's is the client's Idempotency-Key
@@ -32,13 +33,13 @@ from typing import Any
 
 from mqnode.clock import Clock
 from mqnode.compression import DEFLATE_BELOW, DEFLATE_FROM_BYTES, deflate, sampled_ratio
-from mqnode.errors import BackpressureError, NoLeaderError, SubmitError
+from mqnode.errors import BackpressureError, MailLoopError, NoLeaderError, SubmitError
 from mqnode.events import EventLog
 from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.signing_process import AWAY_FROM_BYTES
 from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
-from mqnode.spool.header_section import cleaned, has_date
+from mqnode.spool.header_section import inspect
 from mqnode.spool.line_ends import crlf_line_ends
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
@@ -114,17 +115,22 @@ class Intake:
         # The entry sizes the cluster carries now (formats.LevelGate.entry_sizes, or the
         # level a worker's node last pushed); set by whoever builds the door.
         self.sizes: Callable[[], EntrySizes] = lambda: SMALL_ENTRIES
+        # A message with this many Received fields is refused (MailLoopError, 554 5.4.6).
+        self.hopcount_limit = 50
 
     async def accept(self, sub: Submission) -> Accepted:
         now_ms = self._clock.wall_ms()
         queue_id = make_queue_id(now_ms, self._random(8))
-        body = cleaned(sub.body)  # our fields go on top of its header section
+        header = inspect(sub.body)
+        if header.received >= self.hopcount_limit:
+            raise MailLoopError("Error: too many hops")
+        body = header.message  # our fields go on top of its header section
         message_id = find_message_id(body)
         added = b""  # Message-ID and Date fields, in front of the body (not joined to it here)
         if message_id is None:
             message_id = f"<{queue_id}@{self._hostname}>"
             added = f"Message-ID: {message_id}\r\n".encode()
-        if not has_date(body):  # RFC 5322 asks for one; a submission server adds it (RFC 6409)
+        if not header.has_date:  # RFC 5322 asks for one; a submission server adds it (RFC 6409)
             added += b"Date: " + _date(now_ms) + b"\r\n"
         signatures = b""
         signed_by: tuple[str, ...] = ()

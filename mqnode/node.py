@@ -679,6 +679,7 @@ class Node:
         intake.events = events
         intake.sizes = self._gate.entry_sizes
         intake.sign_away = self._signing.sign
+        intake.hopcount_limit = cfg.hopcount_limit
         limits = Limits(
             cfg.max_message_bytes,
             cfg.max_recipients,

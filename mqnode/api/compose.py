@@ -158,9 +158,10 @@ def _raw(doc: dict[str, Any], limits: Limits) -> Draft:
             f"a line longer than {MAX_LINE_BYTES} bytes (RFC 5322 2.1.1)",
             [(at, "line too long")],
         )
+    draft = _checked(Draft(sender, rcpts, body), limits, at)  # the header count first
     if received_count(body) >= limits.hopcount_limit:  # as SMTP refuses it (554 5.4.6)
         raise Problem(422, "too many Received fields: a mail loop", [(at, "too many hops")])
-    return _checked(Draft(sender, rcpts, body), limits, at)
+    return draft
 
 
 def _build(

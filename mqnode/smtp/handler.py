@@ -57,7 +57,6 @@ from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.ratelimit import ClientGate, ClientLimits, LocalGate
 from mqnode.spool import addresses
-from mqnode.spool.header_section import received_count
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +260,7 @@ class SmtpIngress:
         self._hostname = hostname
         self.hostname = hostname
         self.limits = limits or IngressLimits()
+        self.intake.hopcount_limit = self.limits.hopcount_limit
         self.users = users  # None: no AUTH offered
         self.tls = tls  # None: no STARTTLS offered
         self._gate = gate or LocalGate(client_limits(self.limits, clock))
@@ -418,10 +418,6 @@ class SmtpIngress:
         if header_count(body, max_headers) > max_headers:
             self.refused += 1
             return f"552 5.3.4 Error: too many header fields (max {max_headers})"
-        if received_count(body) >= self.limits.hopcount_limit:
-            self.refused += 1
-            log.warning("refused message from %s: too many hops (a mail loop?)", session.peer)
-            return "554 5.4.6 Error: too many hops"
         try:
             queue_id = await self._enqueue(session, envelope, body)
         except SubmitError as exc:
