@@ -23,8 +23,6 @@ with its principal. It is taken before anything is added to the body.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import email.utils
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,7 +37,7 @@ from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.signing_process import AWAY_FROM_BYTES
 from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
-from mqnode.spool.header_section import inspect
+from mqnode.spool.header_section import inspect, rfc5322_date
 from mqnode.spool.line_ends import crlf_line_ends
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
@@ -49,12 +47,6 @@ log = logging.getLogger(__name__)
 # A large body's chunks submitted at once: a 5 MiB body is 6 chunks of the cluster's big
 # entries, 108 of its small ones (spool/commands.py EntrySizes).
 CHUNKS_IN_FLIGHT = 8
-
-
-def _date(now_ms: int) -> bytes:
-    """An RFC 5322 date-time of `now_ms`, in UTC."""
-    when = datetime.datetime.fromtimestamp(now_ms / 1000, datetime.UTC)
-    return email.utils.format_datetime(when).encode()
 
 
 def idempotency_key(mail_from: str, rcpts: Sequence[str], body: bytes) -> bytes:
@@ -131,7 +123,7 @@ class Intake:
             message_id = f"<{queue_id}@{self._hostname}>"
             added = f"Message-ID: {message_id}\r\n".encode()
         if not header.has_date:  # RFC 5322 asks for one; a submission server adds it (RFC 6409)
-            added += b"Date: " + _date(now_ms) + b"\r\n"
+            added += f"Date: {rfc5322_date(now_ms // 1000)}\r\n".encode()
         signatures = b""
         signed_by: tuple[str, ...] = ()
         if self.signer is not None:

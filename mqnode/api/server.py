@@ -51,8 +51,8 @@ from mqnode.api.problems import Problem, pointer, refusal
 from mqnode.clock import Clock
 from mqnode.errors import BackpressureError, ConfigError, SubmitError
 from mqnode.intake import Accepted, Intake, Submission
-from mqnode.smtp.handler import rfc5322_date
 from mqnode.smtp.ratelimit import RateLimiter
+from mqnode.spool.header_section import rfc5322_date
 
 log = logging.getLogger(__name__)
 

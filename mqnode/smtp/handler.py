@@ -35,8 +35,6 @@ the HTTP API's do.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import email.utils
 import functools
 import inspect
 import ipaddress
@@ -57,6 +55,7 @@ from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.ratelimit import ClientGate, ClientLimits, LocalGate
 from mqnode.spool import addresses
+from mqnode.spool.header_section import rfc5322_date
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +189,6 @@ def peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Parsed once per address: clients reconnect for every message (ValueError is not cached)."""
     return ipaddress.ip_address(text)
-
-
-@functools.lru_cache(maxsize=4)
-def rfc5322_date(second: int) -> str:
-    """The Received header's date; every message of the same second shares one."""
-    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
 
 
 class NetworkSet:

@@ -20,6 +20,9 @@ A line ends at CRLF, or at a bare CR or LF, which delivery sends as CRLF
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import functools
 import re
 from typing import NamedTuple
 
@@ -89,3 +92,9 @@ def has_date(message: bytes) -> bool:
 
 def received_count(message: bytes) -> int:
     return inspect(message).received
+
+
+@functools.lru_cache(maxsize=4)
+def rfc5322_date(second: int) -> str:
+    """A Date or Received field's date-time, in UTC; messages of one second share one."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
