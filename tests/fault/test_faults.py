@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,14 +37,12 @@ from tests.support.chaos import (
     run_scenario,
 )
 from tests.support.cluster import FAST_TUNING, STEADY_TUNING, Cluster, free_ports
-from tests.support.smtp import make_attachment
-from tests.support.smtp import submit as smtp_submit
+from tests.support.smtp import submit_attachments
 from tests.support.smtpsink import SinkHost, bind_common_port
 
 pytestmark = pytest.mark.fault
 
 SEED = 20261123
-RCPTS = ["r@x.test"]
 # Compaction active: snapshots every 150 entries, so restarts cross snapshot + log.
 COMPACTING = (*FAST_TUNING, "--log-compaction-min-entries", "150", "--fault-injection")
 
@@ -384,15 +381,7 @@ def test_follower_catches_up_from_snapshot_after_big_messages(tmp_path: Path) ->
             victim = c.followers()[0]
             c.kill(victim)
             node = c.nodes[c.leader()]
-
-            def one(k: int) -> str:
-                msg = make_attachment(size)
-                code, text, _ = smtp_submit(node.host, node.smtp_port, "a@c.test", RCPTS, msg.data)
-                assert code == 250, (k, code, text)
-                return msg.message_id
-
-            with ThreadPoolExecutor(4) as pool:
-                sent = set(pool.map(one, range(count)))
+            sent = submit_attachments(node.host, node.smtp_port, count, size)
             c.poll(
                 "the live nodes to compact their logs",
                 lambda: (

@@ -20,14 +20,13 @@ import pytest
 from mqnode.raft.compaction import SCALE_FROM_BYTES, SMALL_STATE_LOG_BYTES
 from tests.support.checks import assert_acked_once
 from tests.support.cluster import FAST_TUNING, Cluster
-from tests.support.smtp import make_attachment, make_message, submit
+from tests.support.smtp import make_attachment, make_message, submit, submit_attachments
 from tests.support.smtpsink import SinkHost, bind_common_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 CONFIGURED = 50
 DEFAULT_COUNT = 2000  # --log-compaction-min-entries
-RCPTS = ["r@x.test"]
 SIZE = 100 * 1024
 COUNT = SCALE_FROM_BYTES // SIZE * 5 // 4  # a quarter more than the state needs to scale
 
@@ -99,15 +98,7 @@ def test_a_small_queue_of_big_messages_keeps_a_short_log(tmp_path: Path) -> None
         sink = host.add("relay", socks["127.0.0.1"])
         with Cluster(tmp_path, extra_args=FAST_TUNING, relay_host=f"127.0.0.1:{port}") as c:
             node = c.nodes[c.leader()]
-
-            def one(k: int) -> str:
-                msg = make_attachment(size)
-                code, text, _ = submit(node.host, node.smtp_port, "a@c.test", RCPTS, msg.data)
-                assert code == 250, (k, code, text)
-                return msg.message_id
-
-            with ThreadPoolExecutor(4) as pool:
-                sent = set(pool.map(one, range(count)))
+            sent = submit_attachments(node.host, node.smtp_port, count, size)
 
             def all_delivered() -> tuple[bool | None, str]:
                 got = {d.message_id for d in sink.delivered()}

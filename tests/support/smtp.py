@@ -15,6 +15,7 @@ import random
 import re
 import smtplib
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 _QUEUED_AS = re.compile(r"queued as (\S+)")
@@ -158,3 +159,17 @@ def make_prose(size: int, mail_from: str = "a@client.test") -> TestMessage:
         lines.append(line)
         total += len(line)
     return TestMessage(data=head.encode() + b"".join(lines), message_id=message_id)
+
+
+def submit_attachments(host: str, port: int, count: int, size: int, threads: int = 4) -> set[str]:
+    """`count` distinct messages of ~`size` bytes that do not compress, over `threads`
+    sessions at once, each answered 250; their Message-IDs."""
+
+    def one(k: int) -> str:
+        msg = make_attachment(size)
+        code, text, _ = submit(host, port, "a@c.test", ["r@x.test"], msg.data)
+        assert code == 250, (k, code, text)
+        return msg.message_id
+
+    with ThreadPoolExecutor(threads) as pool:
+        return set(pool.map(one, range(count)))
