@@ -49,6 +49,34 @@ log = logging.getLogger(__name__)
 CHUNKS_IN_FLIGHT = 8
 
 
+def _distinct(
+    rcpts: tuple[str, ...], dsn: dict[str, Any]
+) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The recipients without repeats, and their DSN fields to match.
+
+    A client that names one recipient twice (RCPT TO twice, or To and Cc alike in the
+    API) gets one copy delivered, as Postfix's cleanup makes it: a repeat is the same
+    address but for case, with the same NOTIFY and ORCPT (RFC 3461), which Postfix
+    compares too. Both have been answered 250."""
+    notify: tuple[str, ...] = dsn.get("dsn_notify", ())
+    orcpt: tuple[str, ...] = dsn.get("dsn_orcpt", ())
+    seen: set[tuple[str, str, str]] = set()
+    keep: list[int] = []
+    for i, rcpt in enumerate(rcpts):
+        key = (rcpt.lower(), notify[i] if notify else "", orcpt[i] if orcpt else "")
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) == len(rcpts):
+        return rcpts, dsn
+    out = dict(dsn)
+    if notify:
+        out["dsn_notify"] = tuple(notify[i] for i in keep)
+    if orcpt:
+        out["dsn_orcpt"] = tuple(orcpt[i] for i in keep)
+    return tuple(rcpts[i] for i in keep), out
+
+
 def idempotency_key(mail_from: str, rcpts: Sequence[str], body: bytes) -> bytes:
     """SMTP's key: the same envelope and original body is the same submission."""
     h = hashlib.sha256()
@@ -158,11 +186,12 @@ class Intake:
             chunks = len(parts)
         elif inline is None:
             inline = head + body
+        rcpts, dsn = _distinct(sub.rcpts, sub.dsn)
         cmd = Enqueue(
             queue_id=queue_id,
             received_ms=now_ms,
             mail_from=sub.mail_from,
-            recipients=sub.rcpts,
+            recipients=rcpts,
             body=inline,
             upload_id=upload_id,
             chunks=chunks,
@@ -172,7 +201,7 @@ class Intake:
             message_id=message_id,
             client=sub.client,
             node_id=self._node_id,
-            **sub.dsn,
+            **dsn,
             body_encoding=encoding,
         )
         if self.events is not None:

@@ -392,3 +392,26 @@ def test_header_sections_come_out_as_postfix_sends_them(sinkhost: SinkHost) -> N
                 assert msg.get_all(field) is None, (sink, name, field, event.content)
             assert msg.defects == [], (sink, name, msg.defects)
             assert event.content.split(b"\r\n\r\n", 1)[1] == BODIES[name], (sink, name)
+
+
+def test_a_recipient_named_twice_goes_once_as_postfix_sends_it(sinkhost: SinkHost) -> None:
+    """RCPT TO the same address four times (in other cases too) and another once: Postfix
+    and mqnode each send one transaction to the two addresses."""
+    by_postfix, by_mqnode = _sink(sinkhost, "postfix-dups"), _sink(sinkhost, "mqnode-dups")
+    rcpts = ["b@x.test", "b@x.test", "B@x.test", "b@X.TEST", "c@x.test"]
+    with _reachable_dir("dups") as tmp:
+        port = free_ports(1)[0]
+        with (
+            pf.throwaway_postfix(tmp, port, by_postfix.address[1]),
+            Cluster(tmp / "mq", n=1, extra_args=FAST_TUNING,
+                    relay_host=f"127.0.0.1:{by_mqnode.address[1]}") as c,
+        ):  # fmt: skip
+            for into in (port, c.nodes[0].smtp_port):
+                code, text, _ = submit("127.0.0.1", into, SENDER, rcpts, make_message(200).data)
+                assert code == 250, text
+            for sink in (by_postfix, by_mqnode):
+                _poll(f"{sink} to get the message", lambda s=sink: s.delivered() or None)
+            time.sleep(1.0)  # a second copy would come at once
+    for sink in (by_postfix, by_mqnode):
+        (event,) = sink.delivered()
+        assert sorted(r.lower() for r in event.rcpts) == ["b@x.test", "c@x.test"], (sink, event)
