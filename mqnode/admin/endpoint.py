@@ -290,6 +290,7 @@ class AdminServer:
             wanted = Filter.parse(q.get("state"), q.get("domain"), q.get("sender"))
         except ValueError:
             return web.json_response({"error": "bad state or limit"}, status=400)
+        await self._raft.answered_readable()  # what was answered 250 is listed
         msgs = await asyncio.to_thread(select_messages, self._store, wanted, limit)
         return web.json_response({"messages": [m.summary() for m in msgs]})
 
@@ -301,6 +302,7 @@ class AdminServer:
             body = await json_body(request)
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
+            await self._raft.answered_readable()  # mail answered 250 is selected and found
             ids = body.get("ids")
             if ids is None:
                 wanted = Filter.parse(body.get("state"), body.get("domain"), body.get("sender"))
@@ -333,6 +335,7 @@ class AdminServer:
         return _affected(op, affected)
 
     async def _show(self, request: web.Request) -> web.Response:
+        await self._raft.answered_readable()
         msg = self._store.get_message(request.match_info["id"])
         if msg is None:
             return web.json_response({"error": "no such message"}, status=404)
@@ -363,6 +366,7 @@ class AdminServer:
         return web.json_response({"principals": count})
 
     async def _body(self, request: web.Request) -> web.Response:
+        await self._raft.answered_readable()
         msg = self._store.get_message(request.match_info["id"])
         if msg is None:
             return web.json_response({"error": "no such message"}, status=404)

@@ -36,7 +36,9 @@ What it promises
   With `early=True` (SMTP ingress, which never reads the state after the
   answer) `done` runs once the entry is committed and on disk in this node's
   journal, before the state's commit; `on_applied` runs after each state
-  commit that moved on (the dispatcher's wake-up).
+  commit that moved on (the dispatcher's wake-up). Readers that must see what
+  was answered (the admin endpoint's queue reads) await `answered_readable`
+  first: at most the rest of a tick.
 * An entry counts toward commit on a follower only after it is fsynced there:
   acknowledgements (`next_node_idx`) are held back until the journal flush,
   which a follower does before each tick, so acks do not wait for applies.

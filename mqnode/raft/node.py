@@ -42,6 +42,9 @@ log = logging.getLogger("mqnode.raft")
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 # A follower commits its state at most this often while busy (pacing.StateCommitPacer).
 FOLLOWER_STATE_COMMIT_S = 0.025
+# answered_readable: how long a read waits for the state's commit, and how often it looks.
+STATE_READ_WAIT_S = 1.0
+STATE_READ_POLL_S = 0.002
 FOLLOWER_STATE_HOLD_MAX_FILL = 0.5  # a fuller state map commits every tick
 # SO_SNDBUF / SO_RCVBUF of the Raft links (pysyncobj sets both, which turns off the
 # kernel's autotuning; its 64 KiB default took a 2 MiB append batch in 16+ sends and
@@ -283,6 +286,22 @@ class RaftNode(Generic[TxnT]):
 
         self._sync.mq_apply(entry, callback=on_result)
         self.wake()
+
+    async def answered_readable(self, timeout_s: float = STATE_READ_WAIT_S) -> None:
+        """Return once the state's last commit covers every entry applied when called, so
+        that a submission already answered (SMTP's are answered before the state's
+        commit: `submit_entry`'s `early`) reads as queued; at most `timeout_s`.
+
+        The gap is the rest of one tick: a few ms, more while the leader sends a big
+        entry to its followers. Polled, not signalled: it waits on no callback.
+        """
+        target = self._sync.raftLastApplied
+        if self._applied_written >= target:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._applied_written < target and loop.time() < deadline:
+            await asyncio.sleep(STATE_READ_POLL_S)
 
     async def change_membership(
         self, op: str, addr: str, timeout_s: float, target_up: bool = False

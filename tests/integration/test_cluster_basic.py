@@ -29,7 +29,7 @@ from tests.support.cluster import (
     TEST_MAX_RECIPIENTS,
     Cluster,
 )
-from tests.support.smtp import TestMessage, make_message, submit
+from tests.support.smtp import TestMessage, make_attachment, make_message, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -429,3 +429,21 @@ def test_bad_bounce_rules_file_exit_2(
         rules.write_text(text, encoding="utf-8")
     args = dict(node_args, **{"bounce-rules-file": str(rules)})
     _assert_one_line_exit_2(run_cli("run", *flags(args)), *keywords)
+
+
+def test_a_message_answered_250_reads_as_queued_at_once(tmp_path: Path) -> None:
+    """The node answers SMTP once the entry is committed and in its journal, before its
+    state's commit (raft/node.py `early`); its queue reads wait for that commit
+    (`answered_readable`), so `queue show` and `queue list` right after a 250 find the
+    message. Big messages (the leader is longest between the answer and the commit while
+    it sends them to its followers) and small ones, to the leader and to a follower."""
+    with Cluster(tmp_path, extra_args=(*FAST_TUNING, "--smtp-workers", "2")) as c:
+        leader = c.leader()
+        for k in range(24):
+            i = leader if k % 2 == 0 else c.followers()[0]
+            msg = make_attachment(MIB) if k % 3 == 0 else make_message(KIB)
+            qid = offer_ok(c, i, msg)
+            shown = c.try_get(i, f"/queue/{qid}")
+            assert shown is not None and shown["id"] == qid, (k, c.nodes[i].node_id, qid)
+            listed = {m["id"] for m in c.get(i, "/queue")["messages"]}
+            assert qid in listed, (k, c.nodes[i].node_id, qid)
