@@ -365,26 +365,33 @@ BODIES = {
 }
 
 
+@contextlib.contextmanager
+def _side_by_side(host: SinkHost, name: str) -> Iterator[tuple[list[int], list[Sink]]]:
+    """A throwaway Postfix and a 1-node mqnode, each relaying to a sink of its own:
+    ([Postfix's SMTP port, mqnode's], [Postfix's sink, mqnode's])."""
+    sinks = [_sink(host, f"postfix-{name}"), _sink(host, f"mqnode-{name}")]
+    with _reachable_dir(name) as tmp:
+        port = free_ports(1)[0]
+        with (
+            pf.throwaway_postfix(tmp, port, sinks[0].address[1]),
+            Cluster(tmp / "mq", n=1, extra_args=FAST_TUNING,
+                    relay_host=f"127.0.0.1:{sinks[1].address[1]}") as c,
+        ):  # fmt: skip
+            yield [port, c.nodes[0].smtp_port], sinks
+
+
 def test_header_sections_come_out_as_postfix_sends_them(sinkhost: SinkHost) -> None:
     """The same messages into a Postfix and into mqnode, each relaying to a sink: both
     send them without Bcc, Return-Path and Content-Length fields, and with the body
     after an empty line where the client's header section ended without one."""
-    by_postfix, by_mqnode = _sink(sinkhost, "postfix-shapes"), _sink(sinkhost, "mqnode-shapes")
-    with _reachable_dir("shapes") as tmp:
-        port = free_ports(1)[0]
-        with (
-            pf.throwaway_postfix(tmp, port, by_postfix.address[1]),
-            Cluster(tmp / "mq", n=1, extra_args=FAST_TUNING,
-                    relay_host=f"127.0.0.1:{by_mqnode.address[1]}") as c,
-        ):  # fmt: skip
-            for name, data in SHAPES.items():
-                for into in (port, c.nodes[0].smtp_port):
-                    rcpt = f"{name}@x.test"
-                    code, text, _ = submit("127.0.0.1", into, SENDER, [rcpt], data)
-                    assert code == 250, (name, code, text)
-            for sink in (by_postfix, by_mqnode):
-                _poll(f"{sink} to get every shape", lambda s=sink: len(s.delivered()) >= 3 or None)
-    for sink in (by_postfix, by_mqnode):
+    with _side_by_side(sinkhost, "shapes") as (ports, sinks):
+        for name, data in SHAPES.items():
+            for into in ports:
+                code, text, _ = submit("127.0.0.1", into, SENDER, [f"{name}@x.test"], data)
+                assert code == 250, (name, code, text)
+        for sink in sinks:
+            _poll(f"{sink} to get every shape", lambda s=sink: len(s.delivered()) >= 3 or None)
+    for sink in sinks:
         for name in SHAPES:
             (event,) = [d for d in sink.delivered() if f"{name}@x.test" in d.rcpts]
             msg = email.message_from_bytes(event.content, policy=email.policy.compat32)
@@ -397,21 +404,14 @@ def test_header_sections_come_out_as_postfix_sends_them(sinkhost: SinkHost) -> N
 def test_a_recipient_named_twice_goes_once_as_postfix_sends_it(sinkhost: SinkHost) -> None:
     """RCPT TO the same address four times (in other cases too) and another once: Postfix
     and mqnode each send one transaction to the two addresses."""
-    by_postfix, by_mqnode = _sink(sinkhost, "postfix-dups"), _sink(sinkhost, "mqnode-dups")
     rcpts = ["b@x.test", "b@x.test", "B@x.test", "b@X.TEST", "c@x.test"]
-    with _reachable_dir("dups") as tmp:
-        port = free_ports(1)[0]
-        with (
-            pf.throwaway_postfix(tmp, port, by_postfix.address[1]),
-            Cluster(tmp / "mq", n=1, extra_args=FAST_TUNING,
-                    relay_host=f"127.0.0.1:{by_mqnode.address[1]}") as c,
-        ):  # fmt: skip
-            for into in (port, c.nodes[0].smtp_port):
-                code, text, _ = submit("127.0.0.1", into, SENDER, rcpts, make_message(200).data)
-                assert code == 250, text
-            for sink in (by_postfix, by_mqnode):
-                _poll(f"{sink} to get the message", lambda s=sink: s.delivered() or None)
-            time.sleep(1.0)  # a second copy would come at once
-    for sink in (by_postfix, by_mqnode):
+    with _side_by_side(sinkhost, "dups") as (ports, sinks):
+        for into in ports:
+            code, text, _ = submit("127.0.0.1", into, SENDER, rcpts, make_message(200).data)
+            assert code == 250, text
+        for sink in sinks:
+            _poll(f"{sink} to get the message", lambda s=sink: s.delivered() or None)
+        time.sleep(1.0)  # a second copy would come at once
+    for sink in sinks:
         (event,) = sink.delivered()
         assert sorted(r.lower() for r in event.rcpts) == ["b@x.test", "c@x.test"], (sink, event)
