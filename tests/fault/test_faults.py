@@ -377,9 +377,10 @@ def test_follower_catches_up_from_snapshot_after_big_messages(tmp_path: Path) ->
     port, socks = bind_common_port(["127.0.0.1"])
     with SinkHost() as host:
         sink = host.add("relay", socks["127.0.0.1"])
-        with Cluster(tmp_path, extra_args=FAST_TUNING, relay_host=f"127.0.0.1:{port}") as c:
+        with Cluster(tmp_path, extra_args=STEADY_TUNING, relay_host=f"127.0.0.1:{port}") as c:
             victim = c.followers()[0]
             c.kill(victim)
+            term = c.status(c.leader())["term"]
             node = c.nodes[c.leader()]
             sent = submit_attachments(node.host, node.smtp_port, count, size)
             c.poll(
@@ -400,6 +401,9 @@ def test_follower_catches_up_from_snapshot_after_big_messages(tmp_path: Path) ->
                 return (True if got >= sent else None), f"{len(got & sent)} of {len(sent)}"
 
             c.poll("the sink to get every message", all_delivered, 120.0)
+            failed_over = c.status(c.leader())["term"] != term
         copies = Counter(d.message_id for d in sink.delivered())
     assert "installed snapshot" in log, "the lagging node did not take a snapshot"
-    assert all(copies[mid] == 1 for mid in sent), copies
+    # A leader change (a starved leader, the suite running beside it) may send again
+    # what the old leader sent but had not recorded (docs/design/dispatch.md).
+    assert failed_over or all(copies[mid] == 1 for mid in sent), copies
