@@ -37,7 +37,7 @@ from mqnode.raft.commit_pipeline import Submitter
 from mqnode.signing.dkim_signer import DkimSigner, SigningError
 from mqnode.signing.signing_process import AWAY_FROM_BYTES
 from mqnode.spool.commands import DEFLATE, SMALL_ENTRIES, Enqueue, EntrySizes, PutChunk
-from mqnode.spool.header_section import inspect, rfc5322_date
+from mqnode.spool.header_section import HOPCOUNT_LIMIT, inspect, rfc5322_date
 from mqnode.spool.line_ends import crlf_line_ends
 from mqnode.spool.model import find_message_id, make_queue_id
 from mqnode.spool.statemachine import Result, misses_chunks
@@ -58,6 +58,8 @@ def _distinct(
     API) gets one copy delivered, as Postfix's cleanup makes it: a repeat is the same
     address but for case, with the same NOTIFY and ORCPT (RFC 3461), which Postfix
     compares too. Both have been answered 250."""
+    if len(rcpts) < 2:
+        return rcpts, dsn
     notify: tuple[str, ...] = dsn.get("dsn_notify", ())
     orcpt: tuple[str, ...] = dsn.get("dsn_orcpt", ())
     seen: set[tuple[str, str, str]] = set()
@@ -136,7 +138,7 @@ class Intake:
         # level a worker's node last pushed); set by whoever builds the door.
         self.sizes: Callable[[], EntrySizes] = lambda: SMALL_ENTRIES
         # A message with this many Received fields is refused (MailLoopError, 554 5.4.6).
-        self.hopcount_limit = 50
+        self.hopcount_limit = HOPCOUNT_LIMIT
 
     async def accept(self, sub: Submission) -> Accepted:
         now_ms = self._clock.wall_ms()

@@ -38,7 +38,7 @@ from mqnode.api.problems import Problem
 from mqnode.smtp.data import has_long_line
 from mqnode.smtp.handler import header_count
 from mqnode.spool import addresses
-from mqnode.spool.header_section import received_count
+from mqnode.spool.header_section import HOPCOUNT_LIMIT, received_count
 
 # Set by their own fields; `headers` may not set them.
 RESERVED_HEADERS = frozenset(
@@ -71,7 +71,7 @@ class Limits:
     max_header_count: int
     max_batch: int
     hostname: str
-    hopcount_limit: int = 50  # Received fields that make a raw message a mail loop
+    hopcount_limit: int = HOPCOUNT_LIMIT  # Received fields that make a raw message a loop
 
 
 @dataclass(frozen=True)

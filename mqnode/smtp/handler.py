@@ -55,7 +55,7 @@ from mqnode.signing.dkim_signer import DkimSigner
 from mqnode.smtp.auth import UserDb
 from mqnode.smtp.ratelimit import ClientGate, ClientLimits, LocalGate
 from mqnode.spool import addresses
-from mqnode.spool.header_section import rfc5322_date
+from mqnode.spool.header_section import HOPCOUNT_LIMIT, rfc5322_date
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class IngressLimits:
 
     max_message_bytes: int = 25 * 1024 * 1024
     max_header_count: int = 1000
-    hopcount_limit: int = 50
+    hopcount_limit: int = HOPCOUNT_LIMIT
     max_commands_per_session: int = 10_000
     idle_timeout_s: float = 300.0
     connection_rate_per_min: int = 600

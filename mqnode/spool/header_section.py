@@ -15,7 +15,8 @@ Two things Postfix's cleanup always does to a message, and intake does too
   Content-Length.
 
 A line ends at CRLF, or at a bare CR or LF, which delivery sends as CRLF
-(line_ends.py).
+(line_ends.py). The same read tells intake whether the message has a Date
+field and how many Received fields (hops) it has.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _FIELD = rb"[ \t]*+:[^\r\n]*+%s(?:[ \t][^\r\n]*+%s)*+" % (_EOL, _EOL)
 _FIELDS = re.compile(rb"(?:[!-9;-~]++%s)*+" % _FIELD)
 _ONE_FIELD = re.compile(rb"([!-9;-~]++)%s" % _FIELD)  # with its name
 DROPPED = frozenset({b"bcc", b"resent-bcc", b"return-path", b"content-length"})
+HOPCOUNT_LIMIT = 50  # Received fields that make a message a mail loop (Postfix's default)
 
 
 class Header(NamedTuple):
@@ -53,7 +55,7 @@ def inspect(message: bytes) -> Header:
     ended = end == len(message) or message.startswith((b"\r", b"\n"), end)
     head = message[:end]
     low = head.lower()
-    received = low.count(b"\nreceived:") + low.startswith(b"received:")
+    received = _at_line_starts(low, b"received:")
     if b"bcc" in low or b"return-path" in low or b"content-length" in low:
         kept = b"".join(
             m.group(0) for m in _ONE_FIELD.finditer(head) if m.group(1).lower() not in DROPPED
@@ -68,16 +70,22 @@ def inspect(message: bytes) -> Header:
 _COLON = re.compile(rb"[ \t]*:")
 
 
+def _at_line_starts(low: bytes, text: bytes) -> int:
+    """How many lines of `low` start with `text` (after LF, or a bare CR)."""
+    return low.startswith(text) + low.count(b"\n" + text) + low.count(b"\r" + text)
+
+
 def _has_date(low: bytes) -> bool:
     """Whether a lowercased header section has a Date field."""
-    if low.startswith(b"date") and _COLON.match(low, 4):
+    if _at_line_starts(low, b"date:"):
         return True
-    pos = low.find(b"\ndate")
-    while pos >= 0:
-        if _COLON.match(low, pos + 5):
-            return True
-        pos = low.find(b"\ndate", pos + 5)
-    return False
+    for start in (b"\ndate", b"\rdate"):  # obsolete syntax: blanks before the colon
+        pos = low.find(start)
+        while pos >= 0:
+            if _COLON.match(low, pos + 5):
+                return True
+            pos = low.find(start, pos + 5)
+    return low.startswith(b"date") and _COLON.match(low, 4) is not None
 
 
 def cleaned(message: bytes) -> bytes:
